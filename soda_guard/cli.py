@@ -15,13 +15,14 @@ from typing import Any, Optional
 import typer
 
 from soda_guard.bench.cli import register as register_bench
+from soda_guard.eval.cli import register as register_eval
 from soda_guard.converters import from_openai_messages
 from soda_guard.errors import ModelLoadError, PolicyError, TrajectoryError
 from soda_guard.guard import Guard
 from soda_guard.judges.base import Judge
 from soda_guard.judges.qwen3guard_gen import Qwen3GuardGenJudge
 from soda_guard.judges.soda import SodaJudge
-from soda_guard.policy import JudgeConfig, Policy
+from soda_guard.policy import Policy, resolve_policy
 from soda_guard.trajectory import Trajectory
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
@@ -83,24 +84,10 @@ def prompt(
 def _policy_for(
     policy_path: str | None, judge: str, model: str | None, window: str, device: str
 ) -> tuple[Policy, str]:
-    if policy_path is None:
-        if model is None:
-            raise fail("--model is required without --policy")
-        if judge not in ("soda", "qwen3guard"):
-            raise fail(f"unknown judge {judge!r}: use soda or qwen3guard")
-        config = JudgeConfig(kind=judge, model=model, window=window, device=device)  # type: ignore[arg-type]
-        return Policy(judges={judge: config}), judge
     try:
-        policy = Policy.from_yaml(policy_path)
+        return resolve_policy(policy_path, judge, model, window=window, device=device)  # type: ignore[arg-type]
     except PolicyError as error:
         raise fail(str(error)) from None
-    name = judge if judge in policy.judges else policy.defaults.judge
-    if name is None:
-        raise fail(f"judge {judge!r} is not declared in {policy_path}")
-    if model is not None:
-        policy.judges[name] = policy.judges[name].model_copy(update={"model": model})
-    policy.defaults.judge = name
-    return policy, name
 
 
 @app.command("judge")
@@ -133,6 +120,7 @@ def judge_command(
 
 
 register_bench(app)
+register_eval(app)
 
 
 def main() -> None:

@@ -170,6 +170,36 @@ class Policy(_Strict):
         return cls.from_dict(data, source=source)
 
 
+def resolve_policy(
+    policy_path: str | Path | None,
+    judge: str,
+    model: str | None,
+    *,
+    window: Literal["latest", "full"] = "latest",
+    device: str = "auto",
+) -> tuple[Policy, str]:
+    """The policy a command line runs and the judge it uses: a one-judge policy built from
+    `judge`/`model`, or the YAML file with `judge` (if declared there, else its default judge)
+    made the default and `model` overriding that judge's weights."""
+    if policy_path is None:
+        if model is None:
+            raise PolicyError("--model is required without --policy")
+        if judge not in ("soda", "qwen3guard"):
+            raise PolicyError(f"unknown judge {judge!r}: use soda or qwen3guard")
+        config = JudgeConfig(kind=judge, model=model, window=window, device=device)  # type: ignore[arg-type]
+        return Policy(judges={judge: config}), judge
+    policy = Policy.from_yaml(Path(policy_path))
+    name = judge if judge in policy.judges else policy.defaults.judge
+    if name is None:
+        if len(policy.judges) != 1:
+            raise PolicyError(f"judge {judge!r} is not declared in {policy_path}")
+        name = next(iter(policy.judges))
+    if model is not None:
+        policy.judges[name] = policy.judges[name].model_copy(update={"model": model})
+    policy.defaults.judge = name
+    return policy, name
+
+
 def _describe(error: ValidationError, source: str) -> str:
     lines = []
     for problem in error.errors():
