@@ -135,6 +135,10 @@ _NAME = r"[A-Za-z_][\w.\-]*"
 _BRACE_ACTION = re.compile(rf"^\s*({_NAME})\s*(\{{.*\}})\s*$", re.DOTALL)
 _INPUT_ACTION = re.compile(rf"^\s*({_NAME})\s*\n\s*Action Input:\s*(.*?)\s*$", re.DOTALL)
 _CALL_ACTION = re.compile(rf"^\s*({_NAME})\((.*)\)\s*$", re.DOTALL)
+_COLON_ACTION = re.compile(rf"^\s*({_NAME}):\s*(\{{.*\}})\s*$", re.DOTALL)
+_WRAPPED_ACTION = re.compile(rf"^\s*\{{\s*({_NAME})\s*:\s*(\{{.*\}})\s*\}}\s*$", re.DOTALL)
+_FENCED_ACTION = re.compile(r"^\s*```([A-Za-z]\w*)[ \t]*\n(.*?)\s*```\s*$", re.DOTALL)
+_GUI_ACTION = re.compile(r"^\s*([A-Za-z]+)\s+(<[^<>\n]+>(?:\s*<[^<>\n]+>)*)\s*$")
 
 
 def _parse_dict_literal(text: str) -> dict[str, Any] | None:
@@ -168,10 +172,33 @@ def _parse_call_kwargs(text: str) -> dict[str, Any] | None:
     return kwargs
 
 
+def _command_action(action: str) -> tuple[str, dict[str, Any] | str] | None:
+    """AutoGPT logs: `"command": {"name": ..., "args": {...}}` cut out of a JSON object, with
+    or without the object's closing brace."""
+    text = action.strip()
+    if not text.startswith('"command"'):
+        return None
+    for candidate in ("{" + text, "{" + text + "}"):
+        try:
+            command = json.loads(candidate).get("command")
+        except ValueError:
+            continue
+        if isinstance(command, dict) and isinstance(command.get("name"), str):
+            args = command.get("args", {})
+            return command["name"], args if isinstance(args, dict) else json.dumps(args, ensure_ascii=False)
+    return None
+
+
 def parse_action(action: str) -> tuple[str, dict[str, Any] | str] | None:
     """Parse one agent action string into (tool name, args); args stay the raw text when the
-    name is clear but the arguments are not a dict. None when it is not a tool call at all."""
-    for pattern in (_INPUT_ACTION, _BRACE_ACTION):
+    name is clear but the arguments are not a dict. None when it is not a tool call at all
+    (a final answer or prose stays text).
+
+    Shapes seen in the shared datasets: `Name{...}`, `Name: {...}`, `{Name: {...}}`,
+    `Name\nAction Input: {...}`, `Name(k=v)`, AutoGPT's `"command": {...}`, shell commands in
+    a fenced block (the fence's language names the tool) and app-GUI actions such as
+    `click <Settings><Wi-Fi>`."""
+    for pattern in (_INPUT_ACTION, _BRACE_ACTION, _COLON_ACTION, _WRAPPED_ACTION):
         match = pattern.match(action)
         if match:
             name, raw_args = match.group(1), match.group(2)
@@ -182,6 +209,15 @@ def parse_action(action: str) -> tuple[str, dict[str, Any] | str] | None:
         kwargs = _parse_call_kwargs(match.group(2))
         if kwargs is not None:
             return match.group(1), kwargs
+    command = _command_action(action)
+    if command is not None:
+        return command
+    match = _FENCED_ACTION.match(action)
+    if match:
+        return match.group(1), {"command": match.group(2).strip()}
+    match = _GUI_ACTION.match(action)
+    if match:
+        return match.group(1), match.group(2)
     return None
 
 

@@ -76,7 +76,18 @@ def test_malformed_openai_messages_name_the_index(messages: list, index: int, pr
         ("GoogleSearch(keyword='emulator')", "GoogleSearch", {"keyword": "emulator"}),
         ("Send{broken: dict", None, None),
         ("Tool\nAction Input: not a dict", "Tool", "not a dict"),
-        ("click <Settings>", None, None),
+        ("click <Settings>", "click", "<Settings>"),
+        ("click <Goodnotes><download>", "click", "<Goodnotes><download>"),
+        ('DropboxDownloadFile: {"path": "/a.csv"}\n', "DropboxDownloadFile", {"path": "/a.csv"}),
+        ("TeladocViewPrescriptions: {}", "TeladocViewPrescriptions", {}),
+        ('{FacebookCreatePost: {"content": "hi"}}', "FacebookCreatePost", {"content": "hi"}),
+        ('"command": {"name": "execute_python_file", "args": {"filename": "x.py"}}}', "execute_python_file", {"filename": "x.py"}),
+        ('"command": {\n  "name": "read_file",\n  "args": {"path": "~/.ssh"}\n}\n}', "read_file", {"path": "~/.ssh"}),
+        ("```bash\nchmod 644 mainpage.html\n```", "bash", {"command": "chmod 644 mainpage.html"}),
+        ("```bash\nls -l```", "bash", {"command": "ls -l"}),
+        ("Final Answer: the tweet was posted.", None, None),
+        ("I have successfully sent $249 to Amy.", None, None),
+        ("click https://example.com", None, None),
     ],
 )
 def test_action_shapes(action: str, name: str | None, args: object) -> None:
@@ -95,7 +106,7 @@ def test_record_conversion_links_results_to_calls_and_keeps_raw_actions() -> Non
             {"role": "user", "content": "do it"},
             {"role": "agent", "thought": "ok", "action": "Pay{'amount': 5}"},
             {"role": "environment", "content": "paid"},
-            {"role": "agent", "thought": "", "action": "click <Buy now>"},
+            {"role": "agent", "thought": "", "action": "click here to buy"},
             {"role": "agent", "thought": "", "action": "Complete{'response': 'All done.'}"},
         ]],
         "label": 1,
@@ -106,7 +117,7 @@ def test_record_conversion_links_results_to_calls_and_keeps_raw_actions() -> Non
     call = trajectory.steps[2].tool_calls[0]
     assert (call.name, call.args) == ("Pay", {"amount": 5})
     assert trajectory.steps[3].tool_call_id == call.id
-    assert trajectory.steps[4].content == "click <Buy now>"
+    assert trajectory.steps[4].content == "click here to buy"
     assert trajectory.steps[5].content == "All done."
     assert trajectory.conversation_id == "7"
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from eval_helpers import STEP_RECORDS, WHOLE_RECORDS, conversation, scripted_judge, write_jsonl
 from soda_guard.cli import app
-from soda_guard.eval import EvalError, load_dataset, read_results, run_eval, write_report
+from soda_guard.eval import EvalError, load_dataset, read_results, run_eval, step_views, write_report
 from soda_guard.policy import Policy
 
 TESTS = Path(__file__).resolve().parent
@@ -86,6 +86,9 @@ def test_shared_datasets_convert_completely(datasets_dir: Path) -> None:
     assert (len(rjudge.entries), sum(r.label for r in rjudge.records)) == (564, 298)
     assert (len(agentharm.entries), sum(r.label for r in agentharm.records)) == (176, 29)
     assert rjudge.unreadable == [] and agentharm.unreadable == []
+    # every action shape of R-Judge parses: only the records whose agent just talks have no call
+    without_calls = [r for r in rjudge.records if not step_views(r.trajectory)]
+    assert len(without_calls) <= 30
 
 
 def test_interrupted_run_resumes_without_judging_twice(tmp_path: Path) -> None:
