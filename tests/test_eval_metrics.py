@@ -81,7 +81,9 @@ def test_per_step_mode_reports_when_unsafe_runs_are_caught(tmp_path: Path) -> No
     assert policy["decisions"] == {"allow": 7, "block": 2, "escalate": 1, "log": 0}
     assert policy["safe_records"] == {"allow": 3, "block": 0, "escalate": 1, "log": 0}
     assert report["classification"]["confusion_matrix"] == [[1, 1], [2, 2]]
-    assert report["threshold_sweep"]["roc_auc"] == pytest.approx(5 / 6)
+    # p4 had nothing to judge: it enters the sweep at score 0, as the guard let it through
+    assert report["threshold_sweep"]["records"] == 6
+    assert report["threshold_sweep"]["roc_auc"] == pytest.approx(5 / 8)
     assert report["tokens_per_record"] == pytest.approx(220)
 
 

@@ -3,8 +3,9 @@
 Baseline: render the full prompt and call `model.generate` for every judgment, as the judges'
 model cards do. Ours: `TransformersBackend` (prefix KV reuse + micro-batching + lean decode).
 Both generate a fixed number of tokens (EOS ignored) so random weights do not change the work.
-Workloads: one 20-step agent trajectory judged at every tool call, and 8 concurrent judgments of
-different conversations. On CUDA the model has Qwen3-4B's exact shape in bf16 and the roofline
+Workloads: one 20-step agent trajectory judged at every tool call, 8 concurrent judgments of
+different conversations, and 8 parallel tool calls of one agent turn judged together (each in its
+own view, as `Guard` does: the views share the conversation and differ only in the pending call). On CUDA the model has Qwen3-4B's exact shape in bf16 and the roofline
 floor is printed next to the measurement.
 """
 
@@ -35,6 +36,8 @@ QWEN3_4B_SHAPE = dict(
 GPU_PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
 STEPS = 20
 CONCURRENT = 8
+PARALLEL_HISTORY = 6
+"""Tool calls before the turn of parallel calls: mid-range of the concurrent workload's 4-8."""
 
 
 def datasets_dir() -> Path | None:
@@ -74,6 +77,21 @@ def judgment(name: str, steps: int, results: Sequence[str], tokens: int) -> Gene
     return GenerationRequest(judge.render(trajectory).messages, tokens, judge.score_spec, trajectory.conversation_id)
 
 
+def parallel_call_judgments(name: str, history: int, results: Sequence[str], tokens: int) -> list[GenerationRequest]:
+    """One judgment per call of an assistant turn of `CONCURRENT` parallel calls after `history`
+    answered ones, each rendered from `Trajectory.with_only_pending_call` with the conversation
+    id as cache key, exactly as `Guard` plans and `JudgeRunner` prepares them."""
+    judge = SodaJudge()
+    messages = agent_messages(name, history + 1, results)
+    messages[-1] = {"role": "assistant", "content": "Fetching every table at once.", "tool_calls": [
+        {"id": f"{name}-p{n}", "function": {"name": "query_db", "arguments": json.dumps({"table": f"cards{n}", "user": name})}}
+        for n in range(CONCURRENT)
+    ]}
+    trajectory = Trajectory.from_openai(messages, conversation_id=name)
+    views = [trajectory.with_only_pending_call(call.id) for call in trajectory.pending_tool_calls()]
+    return [GenerationRequest(judge.render(view).messages, tokens, judge.score_spec, view.conversation_id) for view in views]
+
+
 def _percentile(values: Sequence[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
@@ -107,6 +125,15 @@ def _concurrently(backend: TransformersBackend, requests: Sequence[GenerationReq
     for thread in threads:
         thread.join()
     return latencies, time.perf_counter() - begin
+
+
+def _together(backend: TransformersBackend, requests: Sequence[GenerationRequest]) -> tuple[list[float], float]:
+    """One `generate` call for all requests, as `JudgeRunner.verdicts` makes for a turn's calls;
+    every call's decision waits for the whole list, so each latency is the call's."""
+    begin = time.perf_counter()
+    backend.generate(requests)
+    elapsed = time.perf_counter() - begin
+    return [elapsed] * len(requests), elapsed
 
 
 def _row(workload: str, mode: str, latencies: Sequence[float], elapsed: float, prefilled: float | None) -> dict[str, Any]:
@@ -188,10 +215,20 @@ def measure(target: torch.device, real_tokenizer: bool, steps: int, tokens: int)
         workload = f"{name}: {CONCURRENT} concurrent, each conversation judged one step earlier (steady state)"
         rows.append(_row(workload, "naive, one at a time", naive_w, naive_ws, _prompt_tokens(tokenizer, steady)))
         rows.append(_row(workload, "engine, threads", ours_w, ours_ws, None) | {"speedup": naive_ws / ours_ws})
+        parallel = parallel_call_judgments("fanout", PARALLEL_HISTORY, results, tokens)
+        naive_p, naive_ps = _timed(baseline, parallel)
+        backend.clear_cache()
+        before = backend.stats.prefilled_tokens
+        ours_p, ours_ps = _together(backend, parallel)
+        parallel_prefilled = (backend.stats.prefilled_tokens - before) / len(parallel)
+        workload = f"{name}: {CONCURRENT} parallel tool calls of one new turn, each in its own view, judged together"
+        rows.append(_row(workload, "naive, one at a time", naive_p, naive_ps, _prompt_tokens(tokenizer, parallel)))
+        rows.append(_row(workload, "engine, one generate call", ours_p, ours_ps, parallel_prefilled) | {"speedup": naive_ps / ours_ps})
         figures: dict[str, Any] = {
             "incremental_speedup": naive_s / ours_s,
             "batch_speedup": naive_cs / ours_cs,
             "batch_speedup_steady_state": naive_ws / ours_ws,
+            "batch_speedup_parallel_calls": naive_ps / ours_ps,
             "model": name,
         }
         if target.type == "cuda":
@@ -226,6 +263,7 @@ def run(quick: bool, device: str = "cpu") -> BenchSection:
         section.figures[f"incremental_speedup{suffix}"] = figures["incremental_speedup"]
         section.figures[f"batch_speedup{suffix}"] = figures["batch_speedup"]
         section.figures[f"batch_speedup_steady_state{suffix}"] = figures["batch_speedup_steady_state"]
+        section.figures[f"batch_speedup_parallel_calls{suffix}"] = figures["batch_speedup_parallel_calls"]
         if "measured_over_floor_p50" in figures:
             section.figures["judging_measured_over_floor_p50"] = figures["measured_over_floor_p50"]
         if index == 0:

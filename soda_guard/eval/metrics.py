@@ -42,6 +42,15 @@ def first_step(judgments: Sequence[dict[str, Any]], *, blocked: bool) -> int | N
     return None
 
 
+def sweep_score(result: dict[str, Any]) -> float | None:
+    """The record's score for the threshold sweep: its highest P(unsafe); 0.0 when there was
+    nothing to judge (the guard let it through, as the prediction says); None when the judge
+    gave no score."""
+    if not result["judgments"]:
+        return 0.0
+    return result["score"]
+
+
 def _ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator if denominator else None
 
@@ -178,7 +187,7 @@ def build_report(
     judgments = [j for r in results for j in r["judgments"]]
     judged = [j for j in judgments if j["judged"]]
     predicted = [(r["label"], r["prediction"]) for r in results if r["prediction"] is not None]
-    scored = [(r["label"], r["score"]) for r in results if r["score"] is not None]
+    scored = [(r["label"], score) for r in results if (score := sweep_score(r)) is not None]
     tokens = [
         sum((j["prompt_tokens"] or 0) + (j["generated_tokens"] or 0) for j in r["judgments"])
         for r in results
