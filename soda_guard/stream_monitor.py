@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from soda_guard.backends.chat_tokens import encode_chat, special_token_strings
+from soda_guard.backends.chat_tokens import encode_chat, special_token_strings, tokenize
 from soda_guard.judges.base import render_assistant
 from soda_guard.judges.qwen3guard_gen import tool_response_text
 from soda_guard.judges.stream import QUERY_CATEGORIES, RESPONSE_CATEGORIES, Qwen3GuardStream
@@ -98,8 +98,7 @@ class TextTokenBuffer:
         self.pending += text
         if not self.pending:
             return []
-        encoding = self.tokenizer(self.pending, add_special_tokens=False, split_special_tokens=True,
-                                  return_offsets_mapping=True)
+        encoding = tokenize(self.tokenizer, self.pending, split_special=True, return_offsets_mapping=True)
         ids, offsets, words = encoding["input_ids"], encoding["offset_mapping"], encoding.word_ids()
         limit = len(self.pending) - self._added_prefix_tail()
         hold = next(i for i, (word, (_, end)) in enumerate(zip(words, offsets)) if word == words[-1] or end > limit)
@@ -114,7 +113,7 @@ class TextTokenBuffer:
         """The held-back tail, at the end of the text."""
         if not self.pending:
             return []
-        ids = self.tokenizer(self.pending, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        ids = tokenize(self.tokenizer, self.pending, split_special=True)["input_ids"]
         self.pending = ""
         return list(ids)
 
@@ -168,7 +167,7 @@ def encode_stream_prompt(tokenizer: Any, trajectory: Trajectory) -> PromptTokens
     marker = "SODAGUARDSTREAMEND"
     rendered = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": marker}], tokenize=False,
                                              add_generation_prompt=False, enable_thinking=False)
-    closing = tokenizer(rendered[rendered.index(marker) + len(marker):], add_special_tokens=False)["input_ids"]
+    closing = tokenize(tokenizer, rendered[rendered.index(marker) + len(marker):])["input_ids"]
     ids = encode_chat(tokenizer, messages + [{"role": "assistant", "content": ""}], add_generation_prompt=False)
     if closing and ids[-len(closing):] != closing:
         raise ValueError("chat template renders an empty assistant turn in an unexpected way")
@@ -180,7 +179,7 @@ def encode_stream_prompt(tokenizer: Any, trajectory: Trajectory) -> PromptTokens
 def _query_end(tokenizer: Any, ids: list[int], user_turns: int) -> int:
     start = tokenizer.convert_tokens_to_ids("<|im_start|>")
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    role = tokenizer("user", add_special_tokens=False)["input_ids"]
+    role = tokenize(tokenizer, "user")["input_ids"]
     seen = 0
     for position, token in enumerate(ids):
         if token == start and ids[position + 1 : position + 1 + len(role)] == role:

@@ -6,12 +6,26 @@ as the end-of-turn token, or the content could close its own block and forge a n
 content holds a special-token string (the normal case) the whole prompt is tokenised at once,
 exactly as the judge's authors did; otherwise the template's own text and the content are
 tokenised separately and content gets `split_special_tokens=True`.
+
+Every tokenizer call of this package goes through `tokenize`, under one lock: a fast tokenizer
+implements `split_special_tokens=True` by flipping shared state (`encode_special_tokens`) for the
+length of the call, so a concurrent call on another thread could read `<|im_end|>` typed in a
+tool result as the control token, or a template's own `<|im_end|>` as text.
 """
 
 from __future__ import annotations
 
+import threading
 import uuid
 from typing import Any
+
+_TOKENIZER_LOCK = threading.Lock()
+
+
+def tokenize(tokenizer: Any, text: str, *, split_special: bool = False, **kwargs: Any) -> Any:
+    """`tokenizer(text, add_special_tokens=False, ...)`, safe to call from several threads."""
+    with _TOKENIZER_LOCK:
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=split_special, **kwargs)
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
@@ -34,7 +48,7 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_p
     specials = special_token_strings(tokenizer)
     if not any(_contains_special(m.get("content", ""), specials) for m in messages):
         prompt = render_chat(tokenizer, messages, add_generation_prompt)
-        return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return list(tokenize(tokenizer, prompt)["input_ids"])
     sentinel = f"SODAGUARD{uuid.uuid4().hex}"
     masked = [{**m, "content": f"{sentinel}{i}{sentinel}"} for i, m in enumerate(messages)]
     template_text = render_chat(tokenizer, masked, add_generation_prompt)
@@ -44,7 +58,7 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_p
     for position, piece in enumerate(pieces):
         if position % 2 == 1:
             content = messages[int(piece)].get("content", "")
-            ids.extend(tokenizer(content, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+            ids.extend(tokenize(tokenizer, content, split_special=True)["input_ids"])
         elif piece:
-            ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+            ids.extend(tokenize(tokenizer, piece)["input_ids"])
     return ids

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
+from soda_guard.backends.chat_tokens import tokenize
 from soda_guard.judges.base import ScoreSpec
 
 
@@ -27,7 +28,7 @@ class LabelTokens:
 def _first_ids(tokenizer: Any, words: Sequence[str], with_space: bool) -> set[int]:
     ids = set()
     for word in words:
-        encoded = tokenizer((" " if with_space else "") + word, add_special_tokens=False)["input_ids"]
+        encoded = tokenize(tokenizer, (" " if with_space else "") + word)["input_ids"]
         if encoded:
             ids.add(int(encoded[0]))
     return ids
