@@ -13,7 +13,7 @@ checkpointer, reads the verdict back instead of judging again.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Any, Generator, Literal, Mapping
 
 from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.runnables import RunnableLambda
@@ -129,7 +129,9 @@ class GuardNode:
             return Command(update=update, goto=sends)
         return Command(update=update, goto=self.model if self.on_block == "model" else END)
 
-    def invoke(self, state: Mapping[str, Any]) -> Command[Any]:
+    def _steps(self, state: Mapping[str, Any]) -> Generator[tuple[Trajectory, list[ToolCall]], list[Decision], Command[Any]]:
+        """The node's logic once for both paths: it yields (trajectory, calls) whenever it needs
+        decisions and is sent them back; `invoke` judges with the sync guard, `ainvoke` awaits."""
         last_ai, trajectory, records = self._view(state)
         pending = trajectory.pending_tool_calls()
         if last_ai is None or not last_ai.tool_calls:
@@ -138,7 +140,7 @@ class GuardNode:
             return Command(goto=self.model)
         unjudged = [call for call in pending if call.id not in records]
         if unjudged:
-            decisions = self.judging.calls(trajectory, unjudged)
+            decisions = yield trajectory, unjudged
             if any(d.action is Action.ESCALATE for d in decisions):
                 return self._judged(decisions)
             records = merge_records(records, {d.tool_call.id: {"decision": record_of(d)} for d in decisions if d.tool_call})
@@ -146,30 +148,29 @@ class GuardNode:
         call = self._next_review(pending, records)
         if call is not None:
             review = ask_reviewer(call, records[call.id])
-            edit = self.judging.calls(trajectory, [call.model_copy(update={"args": review["args"]})])[0] if review["type"] == "edit" else None
+            edit = None
+            if review["type"] == "edit":
+                edit = (yield trajectory, [call.model_copy(update={"args": review["args"]})])[0]
             return Command(update={self.state_key: {call.id: apply_review(records[call.id], call, review, edit)}}, goto=self.name)
         return self._route(last_ai, pending, records)
 
+    def invoke(self, state: Mapping[str, Any]) -> Command[Any]:
+        steps = self._steps(state)
+        try:
+            request = next(steps)
+            while True:
+                request = steps.send(self.judging.calls(*request))
+        except StopIteration as done:
+            return done.value
+
     async def ainvoke(self, state: Mapping[str, Any]) -> Command[Any]:
-        last_ai, trajectory, records = self._view(state)
-        pending = trajectory.pending_tool_calls()
-        if last_ai is None or not last_ai.tool_calls:
-            return Command(goto=END)
-        if not pending:
-            return Command(goto=self.model)
-        unjudged = [call for call in pending if call.id not in records]
-        if unjudged:
-            decisions = await self.judging.acalls(trajectory, unjudged)
-            if any(d.action is Action.ESCALATE for d in decisions):
-                return self._judged(decisions)
-            records = merge_records(records, {d.tool_call.id: {"decision": record_of(d)} for d in decisions if d.tool_call})
-            return self._with_records(self._route(last_ai, pending, records), decisions)
-        call = self._next_review(pending, records)
-        if call is not None:
-            review = ask_reviewer(call, records[call.id])
-            edit = (await self.judging.acalls(trajectory, [call.model_copy(update={"args": review["args"]})]))[0] if review["type"] == "edit" else None
-            return Command(update={self.state_key: {call.id: apply_review(records[call.id], call, review, edit)}}, goto=self.name)
-        return self._route(last_ai, pending, records)
+        steps = self._steps(state)
+        try:
+            request = next(steps)
+            while True:
+                request = steps.send(await self.judging.acalls(*request))
+        except StopIteration as done:
+            return done.value
 
     def _with_records(self, command: Command[Any], decisions: list[Decision]) -> Command[Any]:
         update = dict(command.update or {})

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
-import torch
+# The suite is offline by contract: a hub id that is not on disk must fail at once, not after
+# the hub client's network retries (set before transformers / huggingface_hub are imported).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from soda_guard.testing import make_tiny_judge, shared_tokenizer_dir
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from soda_guard.testing import make_tiny_judge, shared_tokenizer_dir  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
