@@ -17,6 +17,7 @@ from soda_guard.backends.base import GenerationRequest, GenerationResult
 from soda_guard.backends.transformers_backend import TransformersBackend
 from soda_guard.engine.decode import Engine, marker_literal
 from soda_guard.engine.naive import naive_generate
+from soda_guard.engine.prefix_cache import common_prefix
 from soda_guard.judges.base import ScoreSpec
 from soda_guard.judges.qwen3guard_gen import Qwen3GuardGenJudge
 from soda_guard.judges.soda import parse_soda_output
@@ -56,6 +57,19 @@ def request(name: str, steps: int, spec: ScoreSpec = EARLY, max_new_tokens: int 
     return GenerationRequest(SodaJudge().render(trajectory).messages, max_new_tokens, spec, key if key is not None else name)
 
 
+def parallel_call_requests(name: str, steps: int, tools: tuple[str, ...]) -> list[GenerationRequest]:
+    """One judgment per call of a turn of parallel calls, each in its own view sharing the
+    conversation id as cache key, as `Guard` plans them. Tool names start with different letters
+    so every two views part at the same token."""
+    messages = conversation(name, steps)
+    messages[-1] = {"role": "assistant", "content": "All at once.", "tool_calls": [
+        {"id": f"{name}-{tool}", "function": {"name": tool, "arguments": f'{{"path": "/share/{name}"}}'}} for tool in tools
+    ]}
+    trajectory = from_openai_messages(messages, conversation_id=name)
+    views = [trajectory.with_only_pending_call(call.id) for call in trajectory.pending_tool_calls()]
+    return [GenerationRequest(SodaJudge().render(view).messages, 10, EARLY, view.conversation_id) for view in views]
+
+
 def assert_same(ours: list[GenerationResult], reference: list[GenerationResult]) -> None:
     for got, want in zip(ours, reference, strict=True):
         assert (got.text, got.generated_tokens, got.prompt_tokens) == (want.text, want.generated_tokens, want.prompt_tokens)
@@ -85,6 +99,17 @@ def test_mixed_batch_of_hits_misses_and_lengths_matches_the_baseline(backend: Tr
     mixed = [request("alice", 2), request("bob", 3), request("carol", 0, LATE, 14), request("dave", 6, max_new_tokens=5)]
     assert_same(backend.generate(mixed), naive(backend, mixed))
     assert backend.stats.batches == 2
+
+
+def test_parallel_calls_in_one_batch_prefill_their_shared_prefix_once(backend: TransformersBackend) -> None:
+    requests = parallel_call_requests("alice", 3, ("copy_file", "delete_file", "move_file", "wipe_disk"))
+    ids = [backend.engine.job(r).ids for r in requests]
+    shared = min(common_prefix(ids[0], other) for other in ids[1:])
+    assert all(len(row) - shared > 10 for row in ids) and shared > 3 * max(len(row) - shared for row in ids)
+    ours = backend.generate(requests)
+    assert backend.stats.batches == 1
+    assert backend.stats.prefilled_tokens == shared + sum(len(row) - shared for row in ids)
+    assert_same(ours, naive(backend, requests))
 
 
 def test_evictions_keep_results_and_the_budget(model_dir: Path) -> None:
