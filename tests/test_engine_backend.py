@@ -15,7 +15,9 @@ import torch
 from soda_guard import SodaJudge, from_openai_messages
 from soda_guard.backends.base import GenerationRequest, GenerationResult
 from soda_guard.backends.transformers_backend import TransformersBackend
+from soda_guard.engine import qwen3_step
 from soda_guard.engine.decode import Engine, marker_literal
+from soda_guard.engine.kv_buffer import in_place_cache
 from soda_guard.engine.naive import naive_generate
 from soda_guard.engine.prefix_cache import common_prefix
 from soda_guard.judges.base import ScoreSpec
@@ -165,6 +167,34 @@ def test_prefill_logits_equal_a_full_forward(backend: TransformersBackend) -> No
             full = backend.model(input_ids=job.ids[None]).logits[0, -1].float()
             assert torch.allclose(logits[row], full, atol=1e-4)
     assert engine.stats.prefilled_tokens < engine.stats.prompt_tokens
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_lean_qwen3_step_gives_the_models_exact_logits_and_grows_the_buffers_in_place(
+    backend: TransformersBackend, padded: bool
+) -> None:
+    model = backend.model
+    assert qwen3_step.supports(model)
+    config = model.config
+    torch.manual_seed(0)
+    length, shape = 40, (3, config.num_key_value_heads, 44, config.head_dim)
+    layers = [(torch.randn(shape), torch.randn(shape)) for _ in range(config.num_hidden_layers)]
+    mask = torch.ones((3, length + 1), dtype=torch.long)
+    if padded:
+        mask[1, :9] = 0
+    tokens = torch.randint(0, 200, (3, 1))
+    positions = mask.sum(dim=1, keepdim=True) - 1
+    with torch.inference_mode():
+        theirs_cache = in_place_cache([(k.clone(), v.clone()) for k, v in layers], length)
+        theirs = model(
+            input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=theirs_cache, use_cache=True
+        )
+        ours_cache = in_place_cache([(k.clone(), v.clone()) for k, v in layers], length)
+        ours = qwen3_step.decode_step(model, tokens, positions, ours_cache, mask if padded else None)
+    assert torch.equal(ours, theirs.logits[:, -1])
+    for mine, reference in zip(ours_cache.layers, theirs_cache.layers):
+        assert mine.keys.shape[2] == length + 1 and torch.equal(mine.keys, reference.keys)
+        assert mine.keys.data_ptr() == mine._key_buffer.data_ptr()
 
 
 def test_stop_at_verdict_ends_the_row_after_the_label(model_dir: Path, backend: TransformersBackend) -> None:

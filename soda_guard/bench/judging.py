@@ -5,8 +5,9 @@ model cards do. Ours: `TransformersBackend` (prefix KV reuse + micro-batching + 
 Both generate a fixed number of tokens (EOS ignored) so random weights do not change the work.
 Workloads: one 20-step agent trajectory judged at every tool call, 8 concurrent judgments of
 different conversations, and 8 parallel tool calls of one agent turn judged together (each in its
-own view, as `Guard` does: the views share the conversation and differ only in the pending call). On CUDA the model has Qwen3-4B's exact shape in bf16 and the roofline
-floor is printed next to the measurement.
+own view, as `Guard` does: the views share the conversation and differ only in the pending call).
+On CUDA the model has Qwen3-4B's exact shape in bf16 and the roofline floor is printed next to
+the measurement.
 """
 
 from __future__ import annotations

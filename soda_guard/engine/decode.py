@@ -4,8 +4,9 @@ that stops each row as soon as it can, and the verdict score read on the fly.
 Each row is prefilled alone on top of its cached prefix; rows are then left-padded into one
 decode batch whose pads are masked out and whose position ids count only real tokens. Rotary
 positions are baked into cached keys, so moving them to another column changes nothing. Cached
-tensors are never written: `DynamicCache` concatenates into new tensors and the padded batch is
-a copy.
+tensors are never written: `DynamicCache` concatenates into new tensors during prefill and the
+decode batch is a copy, in buffers that each step writes in place (`kv_buffer`). For Qwen3 the
+decode step skips `transformers`' per-call machinery (`qwen3_step`), with the same logits.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache
 
 from soda_guard.backends.base import GenerationRequest, GenerationResult
 from soda_guard.backends.chat_tokens import encode_chat
 from soda_guard.backends.scoring import label_tokens, score_from_logits
+from soda_guard.engine import qwen3_step
+from soda_guard.engine.kv_buffer import in_place_cache
 from soda_guard.engine.prefix_cache import CachedPrefix, PrefixCache
 from soda_guard.judges.base import ScoreSpec
 
@@ -107,6 +111,7 @@ class Engine:
         if compile_decode and device.type != "cuda":
             raise ValueError("compile_decode needs a CUDA device")
         self._decode_forward = torch.compile(model, dynamic=True) if compile_decode else model
+        self._lean_step = not compile_decode and qwen3_step.supports(model)
 
     def job(self, request: GenerationRequest) -> Job:
         ids = encode_chat(self.tokenizer, request.messages)
@@ -129,30 +134,34 @@ class Engine:
             return
         self._decode(jobs, logits, cache, mask, positions, answer)
 
-    def _prefill(self, jobs: Sequence[Job]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
+    def _prefill(self, jobs: Sequence[Job]) -> tuple[torch.Tensor, Cache, torch.Tensor, torch.Tensor]:
         """Prefill each row on its own (prefill is compute-bound, so batching it gains little and
-        padding long prompts costs a lot), then left-pad the rows into one decode batch."""
+        padding long prompts costs a lot), then left-pad the rows into one decode batch whose
+        cache and mask already have room for every token still to generate. Rows go in order and
+        each stores its prefix before the next looks one up, so the parallel calls of one turn
+        (views that differ only in the pending call) prefill their shared prefix once."""
         rows = [self._prefill_one(job) for job in jobs]
         logits = torch.cat([row_logits for row_logits, _ in rows])
         lengths = [len(job.ids) for job in jobs]
         longest = max(lengths)
+        capacity = longest + max(job.request.max_new_tokens for job in jobs)
         positions = torch.tensor(lengths, device=self.device) - 1
-        mask = torch.zeros((len(jobs), longest), dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(jobs), capacity), dtype=torch.long, device=self.device)
         for row, length in enumerate(lengths):
-            mask[row, longest - length :] = 1
-        if len(jobs) == 1:
-            return logits, rows[0][1], mask, positions
+            mask[row, longest - length : longest] = 1
         layers = []
         for layer in range(len(rows[0][1].layers)):
-            padded = []
+            buffers = []
             for kind in ("keys", "values"):
                 first = getattr(rows[0][1].layers[layer], kind)
-                tensor = first.new_zeros((len(jobs), first.shape[1], longest, first.shape[3]))
+                # Zeros, not empty: pad columns are masked, but a NaN there would still reach
+                # the output through its zero attention weight.
+                buffer = first.new_zeros((len(jobs), first.shape[1], capacity, first.shape[3]))
                 for row, (_, cache) in enumerate(rows):
-                    tensor[row, :, longest - lengths[row] :] = getattr(cache.layers[layer], kind)[0]
-                padded.append(tensor)
-            layers.append((padded[0], padded[1]))
-        return logits, DynamicCache(ddp_cache_data=layers), mask, positions
+                    buffer[row, :, longest - lengths[row] : longest] = getattr(cache.layers[layer], kind)[0]
+                buffers.append(buffer)
+            layers.append((buffers[0], buffers[1]))
+        return logits, in_place_cache(layers, longest), mask, positions
 
     def _prefill_one(self, job: Job) -> tuple[torch.Tensor, DynamicCache]:
         reused, entry = self.cache.lookup(job.key, job.ids) if self.cache else (0, None)
@@ -177,13 +186,15 @@ class Engine:
         self,
         jobs: Sequence[Job],
         logits: torch.Tensor,
-        cache: DynamicCache,
+        cache: Cache,
         mask: torch.Tensor,
         positions: torch.Tensor,
         answer: Callable[[int, GenerationResult], None],
     ) -> None:
         rows = [_Row(job) for job in jobs]
         active = list(range(len(jobs)))
+        length = cache.get_seq_length()
+        padded = not bool(mask[:, :length].all())
         eos = torch.tensor(self.eos, device=self.device)
         while True:
             if self.ignore_eos:
@@ -208,16 +219,22 @@ class Engine:
                 cache.batch_select_indices(selected)
                 mask, positions, tokens = mask[selected], positions[selected], tokens[selected]
                 active = [active[slot] for slot in keep]
-            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+                padded = not bool(mask[:, :length].all())
+            mask[:, length] = 1
+            length += 1
             positions = positions + 1
-            output = self._decode_forward(
-                input_ids=tokens[:, None],
-                attention_mask=mask,
-                position_ids=positions[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            logits = output.logits[:, -1].float()
+            logits = self._step(tokens[:, None], positions[:, None], cache, mask[:, :length], padded)
+
+    def _step(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache, mask: torch.Tensor, padded: bool
+    ) -> torch.Tensor:
+        """Next-token logits of every row; the lean Qwen3 step where it reproduces the model."""
+        if self._lean_step:
+            return qwen3_step.decode_step(self.model, tokens, positions, cache, mask if padded else None).float()
+        output = self._decode_forward(
+            input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        )
+        return output.logits[:, -1].float()
 
     def _track_verdict(self, row: _Row, logits: torch.Tensor) -> None:
         """Keep the logits of the step right after the score marker, the position the naive
