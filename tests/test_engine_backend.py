@@ -103,15 +103,23 @@ def test_mixed_batch_of_hits_misses_and_lengths_matches_the_baseline(backend: Tr
     assert backend.stats.batches == 2
 
 
-def test_parallel_calls_in_one_batch_prefill_their_shared_prefix_once(backend: TransformersBackend) -> None:
-    requests = parallel_call_requests("alice", 3, ("copy_file", "delete_file", "move_file", "wipe_disk"))
-    ids = [backend.engine.job(r).ids for r in requests]
-    shared = min(common_prefix(ids[0], other) for other in ids[1:])
-    assert all(len(row) - shared > 10 for row in ids) and shared > 3 * max(len(row) - shared for row in ids)
-    ours = backend.generate(requests)
-    assert backend.stats.batches == 1
-    assert backend.stats.prefilled_tokens == shared + sum(len(row) - shared for row in ids)
-    assert_same(ours, naive(backend, requests))
+@pytest.mark.parametrize("prefix_cache_bytes", [1 << 30, 0])
+def test_parallel_calls_in_one_batch_prefill_their_shared_prefix_once(model_dir: Path, prefix_cache_bytes: int) -> None:
+    """With the prefix cache off too: rows of one batch build on each other regardless."""
+    made = TransformersBackend(
+        str(model_dir), device="cpu", dtype="float32", max_wait_ms=50.0, prefix_cache_bytes=prefix_cache_bytes
+    )
+    try:
+        requests = parallel_call_requests("alice", 3, ("copy_file", "delete_file", "move_file", "wipe_disk"))
+        ids = [made.engine.job(r).ids for r in requests]
+        shared = min(common_prefix(ids[0], other) for other in ids[1:])
+        assert all(len(row) - shared > 10 for row in ids) and shared > 3 * max(len(row) - shared for row in ids)
+        ours = made.generate(requests)
+        assert made.stats.batches == 1
+        assert made.stats.prefilled_tokens == shared + sum(len(row) - shared for row in ids)
+        assert_same(ours, naive(made, requests))
+    finally:
+        made.close()
 
 
 def test_evictions_keep_results_and_the_budget(model_dir: Path) -> None:

@@ -23,7 +23,8 @@ class TransformersBackend:
 
     Keyword options (prefix reuse, batching and compile leave every output as it was; the other
     three change what is generated):
-    - `prefix_cache_bytes`: LRU budget for reused prefix keys/values; 0 turns reuse off.
+    - `prefix_cache_bytes`: LRU budget for prefix keys/values reused across batches; 0 turns
+      that off (rows of one batch, such as a turn's parallel calls, still share their prefix).
     - `max_batch_size`, `max_wait_ms`: how many concurrent judgments one forward takes and how
       long the first of them waits for company.
     - `stop_at_verdict`: end a row once `<marker> <label>` is written (SODA: `[Verdict] X`;

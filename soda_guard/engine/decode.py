@@ -24,7 +24,7 @@ from soda_guard.backends.chat_tokens import encode_chat
 from soda_guard.backends.scoring import label_tokens, score_from_logits
 from soda_guard.engine import qwen3_step
 from soda_guard.engine.kv_buffer import in_place_cache
-from soda_guard.engine.prefix_cache import CachedPrefix, PrefixCache
+from soda_guard.engine.prefix_cache import CachedPrefix, PrefixCache, common_prefix
 from soda_guard.judges.base import ScoreSpec
 
 VERDICT_ONLY_REASON = "[Reason] not generated (verdict-only mode)"
@@ -138,9 +138,12 @@ class Engine:
         """Prefill each row on its own (prefill is compute-bound, so batching it gains little and
         padding long prompts costs a lot), then left-pad the rows into one decode batch whose
         cache and mask already have room for every token still to generate. Rows go in order and
-        each stores its prefix before the next looks one up, so the parallel calls of one turn
-        (views that differ only in the pending call) prefill their shared prefix once."""
-        rows = [self._prefill_one(job) for job in jobs]
+        each may build on any earlier row of the batch, so the parallel calls of one turn (views
+        that differ only in the pending call) prefill their shared prefix once, whether or not the
+        prefix cache is on or has room for it."""
+        rows: list[tuple[torch.Tensor, DynamicCache]] = []
+        for job in jobs:
+            rows.append(self._prefill_one(job, [(earlier.ids, cache) for earlier, (_, cache) in zip(jobs, rows)]))
         logits = torch.cat([row_logits for row_logits, _ in rows])
         lengths = [len(job.ids) for job in jobs]
         longest = max(lengths)
@@ -163,13 +166,22 @@ class Engine:
             layers.append((buffers[0], buffers[1]))
         return logits, in_place_cache(layers, longest), mask, positions
 
-    def _prefill_one(self, job: Job) -> tuple[torch.Tensor, DynamicCache]:
+    def _prefill_one(
+        self, job: Job, batch: Sequence[tuple[torch.Tensor, DynamicCache]]
+    ) -> tuple[torch.Tensor, DynamicCache]:
+        """Prefill `job` on top of the longest prefix held by the prefix cache or by a row of
+        `batch` (ids, cache) already prefilled in this batch."""
         reused, entry = self.cache.lookup(job.key, job.ids) if self.cache else (0, None)
+        layers = None if entry is None else [(k[None], v[None]) for k, v in entry.layers]
+        for ids, earlier in batch:
+            shared = min(common_prefix(ids, job.ids), len(job.ids) - 1)
+            if shared > reused:
+                reused, layers = shared, [(layer.keys, layer.values) for layer in earlier.layers]
         self.stats.prompt_tokens += len(job.ids)
         self.stats.prefilled_tokens += len(job.ids) - reused
         cache = DynamicCache()
-        if entry is not None and reused:
-            cache = DynamicCache(ddp_cache_data=[(k[None, :, :reused], v[None, :, :reused]) for k, v in entry.layers])
+        if layers is not None and reused:
+            cache = DynamicCache(ddp_cache_data=[(k[:, :, :reused], v[:, :, :reused]) for k, v in layers])
         output = self.model(
             input_ids=job.ids[None, reused:].to(self.device),
             position_ids=torch.arange(reused, len(job.ids), device=self.device)[None],
@@ -178,8 +190,8 @@ class Engine:
             logits_to_keep=1,
         )
         if self.cache is not None:
-            layers = tuple((layer.keys[0], layer.values[0]) for layer in cache.layers)
-            self.cache.store(job.key, CachedPrefix(job.ids, layers))
+            stored = tuple((layer.keys[0], layer.values[0]) for layer in cache.layers)
+            self.cache.store(job.key, CachedPrefix(job.ids, stored))
         return output.logits[:, -1].float(), cache
 
     def _decode(
