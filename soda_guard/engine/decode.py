@@ -20,7 +20,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
 from soda_guard.backends.base import GenerationRequest, GenerationResult
-from soda_guard.backends.chat_tokens import encode_chat
+from soda_guard.backends.chat_tokens import encode_chat, tokenize
 from soda_guard.backends.scoring import label_tokens, score_from_logits
 from soda_guard.engine import qwen3_step
 from soda_guard.engine.kv_buffer import in_place_cache
@@ -119,7 +119,7 @@ class Engine:
         if self.verdict_only:
             if request.score is None:
                 raise ValueError("verdict-only mode needs a request with a score spec")
-            ids += self.tokenizer(marker_literal(request.score), add_special_tokens=False)["input_ids"]
+            ids += tokenize(self.tokenizer, marker_literal(request.score))["input_ids"]
         return Job(request, torch.tensor(ids, dtype=torch.long), prompt_tokens)
 
     @torch.inference_mode()
@@ -292,7 +292,7 @@ class Engine:
         probs = torch.softmax(logits, dim=-1)
         side = spec.positive if score is not None and score >= 0.5 else spec.negative
         prefix = " " if with_space else ""
-        word = max(side, key=lambda w: float(probs[self.tokenizer(prefix + w, add_special_tokens=False)["input_ids"][0]]))
+        word = max(side, key=lambda w: float(probs[tokenize(self.tokenizer, prefix + w)["input_ids"][0]]))
         return GenerationResult(
             text=f"{VERDICT_ONLY_REASON}\n{literal} {word}",
             score=score,
