@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Any, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Generator, Mapping
 
 from langchain_core.messages import ToolMessage
 from langchain_core.runnables import RunnableLambda
@@ -37,6 +38,27 @@ from soda_guard.integrations._convert import (
 
 Handler = Callable[[ToolCallRequest], "ToolMessage | Command[Any]"]
 AsyncHandler = Callable[[ToolCallRequest], Awaitable["ToolMessage | Command[Any]"]]
+
+
+@dataclass(frozen=True)
+class _Judge:
+    trajectory: Trajectory
+    call: ToolCall
+
+
+@dataclass(frozen=True)
+class _Run:
+    request: ToolCallRequest
+
+
+@dataclass(frozen=True)
+class _Moderate:
+    trajectory: Trajectory
+    call: ToolCall
+    message: ToolMessage
+
+
+_Need = _Judge | _Run | _Moderate
 RUN_NAME = "soda_guard"
 
 
@@ -297,12 +319,15 @@ class ToolCallEnforcer:
             return request
         return request.override(tool_call={**request.tool_call, "args": call.args})
 
-    def wrap(self, request: ToolCallRequest, handler: Handler) -> ToolMessage | Command[Any]:
+    def _steps(self, request: ToolCallRequest) -> Generator[_Need, Any, ToolMessage | Command[Any]]:
+        """One tool call's enforcement once for both paths: it yields what it needs (decisions
+        for calls, the tool's run, the result's moderation) and is sent the answer; `wrap`
+        answers with sync calls, `awrap` awaits them."""
         call = to_tool_call(request.tool_call)
         base = self.trajectory(request.state)
         record = self._known(request.state, call.id)
         if record is None:
-            record = {"decision": record_of(self.judging.calls(base, [call])[0])}
+            record = {"decision": record_of((yield _Judge(base, call))[0])}
             self._remember(call.id, record)
         outcome = resolve_fixed(record, call)
         if outcome is None:
@@ -310,7 +335,7 @@ class ToolCallEnforcer:
             edit_decision = None
             if review["type"] == "edit":
                 edited = call.model_copy(update={"args": review["args"]})
-                edit_decision = self.judging.calls(base, [edited])[0]
+                edit_decision = (yield _Judge(base, edited))[0]
             record = apply_review(record, call, review, edit_decision)
             outcome = resolve_fixed(record, call)
             assert outcome is not None
@@ -318,37 +343,39 @@ class ToolCallEnforcer:
         if kind == "refuse":
             return self._finish(request, call, record, self._refusal(request, call, str(detail)))
         assert isinstance(detail, ToolCall)
-        result = handler(self._run_request(request, detail))
+        result = yield _Run(self._run_request(request, detail))
         if not isinstance(result, ToolMessage):
             return result
-        record, result = self._moderated(record, detail, result, self.judging.result(base, detail, result))
+        verdict = yield _Moderate(base, detail, result)
+        record, result = self._moderated(record, detail, result, verdict)
         return self._finish(request, call, record, result)
 
+    def wrap(self, request: ToolCallRequest, handler: Handler) -> ToolMessage | Command[Any]:
+        steps = self._steps(request)
+        answer: Any = None
+        while True:
+            try:
+                need = steps.send(answer)
+            except StopIteration as done:
+                return done.value
+            if isinstance(need, _Judge):
+                answer = self.judging.calls(need.trajectory, [need.call])
+            elif isinstance(need, _Run):
+                answer = handler(need.request)
+            else:
+                answer = self.judging.result(need.trajectory, need.call, need.message)
+
     async def awrap(self, request: ToolCallRequest, handler: AsyncHandler) -> ToolMessage | Command[Any]:
-        call = to_tool_call(request.tool_call)
-        base = self.trajectory(request.state)
-        record = self._known(request.state, call.id)
-        if record is None:
-            record = {"decision": record_of((await self.judging.acalls(base, [call]))[0])}
-            self._remember(call.id, record)
-        outcome = resolve_fixed(record, call)
-        if outcome is None:
-            review = ask_reviewer(call, record)
-            edit_decision = None
-            if review["type"] == "edit":
-                edited = call.model_copy(update={"args": review["args"]})
-                edit_decision = (await self.judging.acalls(base, [edited]))[0]
-            record = apply_review(record, call, review, edit_decision)
-            outcome = resolve_fixed(record, call)
-            assert outcome is not None
-        kind, detail = outcome
-        if kind == "refuse":
-            return self._finish(request, call, record, self._refusal(request, call, str(detail)))
-        assert isinstance(detail, ToolCall)
-        result = await handler(self._run_request(request, detail))
-        if not isinstance(result, ToolMessage):
-            return result
-        record, result = self._moderated(
-            record, detail, result, await self.judging.aresult(base, detail, result)
-        )
-        return self._finish(request, call, record, result)
+        steps = self._steps(request)
+        answer: Any = None
+        while True:
+            try:
+                need = steps.send(answer)
+            except StopIteration as done:
+                return done.value
+            if isinstance(need, _Judge):
+                answer = await self.judging.acalls(need.trajectory, [need.call])
+            elif isinstance(need, _Run):
+                answer = await handler(need.request)
+            else:
+                answer = await self.judging.aresult(need.trajectory, need.call, need.message)
