@@ -23,7 +23,7 @@ from soda_guard.engine.prefix_cache import common_prefix
 from soda_guard.judges.base import ScoreSpec
 from soda_guard.judges.qwen3guard_gen import Qwen3GuardGenJudge
 from soda_guard.judges.soda import parse_soda_output
-from soda_guard.testing import make_tiny_judge
+from soda_guard.testing import make_tiny_judge, tiny_qwen3_config
 
 EARLY = ScoreSpec(marker=r"^[\s\S]{2,30}$", positive=("UNSAFE", "harm"), negative=("SAFE", "ok"))
 LATE = ScoreSpec(marker=r"[\s\S]{6}$", positive=("UNSAFE",), negative=("SAFE",))
@@ -203,6 +203,26 @@ def test_lean_qwen3_step_gives_the_models_exact_logits_and_grows_the_buffers_in_
     for mine, reference in zip(ours_cache.layers, theirs_cache.layers):
         assert mine.keys.shape[2] == length + 1 and torch.equal(mine.keys, reference.keys)
         assert mine.keys.data_ptr() == mine._key_buffer.data_ptr()
+
+
+@pytest.mark.parametrize(("start", "new"), [(120, 180), (1, 299), (299, 1)])
+def test_split_prefill_on_a_cached_prefix_matches_the_model(start: int, new: int) -> None:
+    from transformers import DynamicCache, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(tiny_qwen3_config(256, initializer_range=0.3)).eval()
+    assert qwen3_step.supports_split_prefill(model)
+    ids = torch.randint(0, 256, (1, start + new))
+    with torch.inference_mode():
+        whole = DynamicCache()
+        reference = model(input_ids=ids, past_key_values=whole, use_cache=True).logits[:, -1]
+        cache = DynamicCache()
+        model(input_ids=ids[:, :start], past_key_values=cache, use_cache=True)
+        ours = qwen3_step.prefill_on_prefix(model, ids[:, start:], start, cache)
+    assert torch.allclose(ours, reference, atol=1e-5)
+    for mine, theirs in zip(cache.layers, whole.layers):
+        assert mine.keys.shape == theirs.keys.shape == (1, model.config.num_key_value_heads, start + new, model.config.head_dim)
+        assert torch.allclose(mine.keys, theirs.keys, atol=1e-5) and torch.allclose(mine.values, theirs.values, atol=1e-5)
 
 
 def test_stop_at_verdict_ends_the_row_after_the_label(model_dir: Path, backend: TransformersBackend) -> None:

@@ -112,6 +112,7 @@ class Engine:
             raise ValueError("compile_decode needs a CUDA device")
         self._decode_forward = torch.compile(model, dynamic=True) if compile_decode else model
         self._lean_step = not compile_decode and qwen3_step.supports(model)
+        self._split_prefill = qwen3_step.supports_split_prefill(model)
 
     def job(self, request: GenerationRequest) -> Job:
         ids = encode_chat(self.tokenizer, request.messages)
@@ -182,17 +183,21 @@ class Engine:
         cache = DynamicCache()
         if layers is not None and reused:
             cache = DynamicCache(ddp_cache_data=[(k[:, :, :reused], v[:, :, :reused]) for k, v in layers])
-        output = self.model(
-            input_ids=job.ids[None, reused:].to(self.device),
-            position_ids=torch.arange(reused, len(job.ids), device=self.device)[None],
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        tokens = job.ids[None, reused:].to(self.device)
+        if reused and self._split_prefill:
+            logits = qwen3_step.prefill_on_prefix(self.model, tokens, reused, cache)
+        else:
+            logits = self.model(
+                input_ids=tokens,
+                position_ids=torch.arange(reused, len(job.ids), device=self.device)[None],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
         if self.cache is not None:
             stored = tuple((layer.keys[0], layer.values[0]) for layer in cache.layers)
             self.cache.store(job.key, CachedPrefix(job.ids, stored))
-        return output.logits[:, -1].float(), cache
+        return logits.float(), cache
 
     def _decode(
         self,
