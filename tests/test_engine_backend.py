@@ -198,7 +198,7 @@ def test_lean_qwen3_step_gives_the_models_exact_logits_and_grows_the_buffers_in_
             input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=theirs_cache, use_cache=True
         )
         ours_cache = in_place_cache([(k.clone(), v.clone()) for k, v in layers], length)
-        ours = qwen3_step.decode_step(model, tokens, positions, ours_cache, mask if padded else None)
+        ours = qwen3_step.LeanQwen3(model).decode_step(tokens, positions, ours_cache, mask if padded else None)
     assert torch.equal(ours, theirs.logits[:, -1])
     for mine, reference in zip(ours_cache.layers, theirs_cache.layers):
         assert mine.keys.shape[2] == length + 1 and torch.equal(mine.keys, reference.keys)
@@ -218,7 +218,7 @@ def test_split_prefill_on_a_cached_prefix_matches_the_model(start: int, new: int
         reference = model(input_ids=ids, past_key_values=whole, use_cache=True).logits[:, -1]
         cache = DynamicCache()
         model(input_ids=ids[:, :start], past_key_values=cache, use_cache=True)
-        ours = qwen3_step.prefill_on_prefix(model, ids[:, start:], start, cache)
+        ours = qwen3_step.LeanQwen3(model).prefill_on_prefix(ids[:, start:], start, cache)
     assert torch.allclose(ours, reference, atol=1e-5)
     for mine, theirs in zip(cache.layers, whole.layers):
         assert mine.keys.shape == theirs.keys.shape == (1, model.config.num_key_value_heads, start + new, model.config.head_dim)

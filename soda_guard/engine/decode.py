@@ -111,8 +111,9 @@ class Engine:
         if compile_decode and device.type != "cuda":
             raise ValueError("compile_decode needs a CUDA device")
         self._decode_forward = torch.compile(model, dynamic=True) if compile_decode else model
-        self._lean_step = not compile_decode and qwen3_step.supports(model)
-        self._split_prefill = qwen3_step.supports_split_prefill(model)
+        lean = qwen3_step.LeanQwen3(model) if qwen3_step.supports(model) else None
+        self._lean_step = None if compile_decode else lean
+        self._split_prefill = lean if qwen3_step.supports_split_prefill(model) else None
 
     def job(self, request: GenerationRequest) -> Job:
         ids = encode_chat(self.tokenizer, request.messages)
@@ -184,8 +185,8 @@ class Engine:
         if layers is not None and reused:
             cache = DynamicCache(ddp_cache_data=[(k[:, :, :reused], v[:, :, :reused]) for k, v in layers])
         tokens = job.ids[None, reused:].to(self.device)
-        if reused and self._split_prefill:
-            logits = qwen3_step.prefill_on_prefix(self.model, tokens, reused, cache)
+        if reused and self._split_prefill is not None:
+            logits = self._split_prefill.prefill_on_prefix(tokens, reused, cache)
         else:
             logits = self.model(
                 input_ids=tokens,
@@ -246,8 +247,8 @@ class Engine:
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache, mask: torch.Tensor, padded: bool
     ) -> torch.Tensor:
         """Next-token logits of every row; the lean Qwen3 step where it reproduces the model."""
-        if self._lean_step:
-            return qwen3_step.decode_step(self.model, tokens, positions, cache, mask if padded else None).float()
+        if self._lean_step is not None:
+            return self._lean_step.decode_step(tokens, positions, cache, mask if padded else None).float()
         output = self._decode_forward(
             input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
         )
