@@ -205,12 +205,15 @@ def test_lean_qwen3_step_gives_the_models_exact_logits_and_grows_the_buffers_in_
         assert mine.keys.data_ptr() == mine._key_buffer.data_ptr()
 
 
-@pytest.mark.parametrize(("start", "new"), [(120, 180), (1, 299), (299, 1)])
-def test_split_prefill_on_a_cached_prefix_matches_the_model(start: int, new: int) -> None:
+@pytest.mark.parametrize(("start", "new", "dtype", "atol"), [
+    (120, 180, torch.float32, 1e-5), (1, 299, torch.float32, 1e-5), (299, 1, torch.float32, 1e-5),
+    (120, 180, torch.bfloat16, 0.1),
+])
+def test_split_prefill_on_a_cached_prefix_matches_the_model(start: int, new: int, dtype: torch.dtype, atol: float) -> None:
     from transformers import DynamicCache, Qwen3ForCausalLM
 
     torch.manual_seed(0)
-    model = Qwen3ForCausalLM(tiny_qwen3_config(256, initializer_range=0.3)).eval()
+    model = Qwen3ForCausalLM(tiny_qwen3_config(256, initializer_range=0.3)).eval().to(dtype)
     assert qwen3_step.supports_split_prefill(model)
     ids = torch.randint(0, 256, (1, start + new))
     with torch.inference_mode():
@@ -219,10 +222,11 @@ def test_split_prefill_on_a_cached_prefix_matches_the_model(start: int, new: int
         cache = DynamicCache()
         model(input_ids=ids[:, :start], past_key_values=cache, use_cache=True)
         ours = qwen3_step.LeanQwen3(model).prefill_on_prefix(ids[:, start:], start, cache)
-    assert torch.allclose(ours, reference, atol=1e-5)
+    assert ours.dtype == reference.dtype and torch.allclose(ours.float(), reference.float(), atol=atol)
     for mine, theirs in zip(cache.layers, whole.layers):
         assert mine.keys.shape == theirs.keys.shape == (1, model.config.num_key_value_heads, start + new, model.config.head_dim)
-        assert torch.allclose(mine.keys, theirs.keys, atol=1e-5) and torch.allclose(mine.values, theirs.values, atol=1e-5)
+        assert torch.allclose(mine.keys.float(), theirs.keys.float(), atol=atol)
+        assert torch.allclose(mine.values.float(), theirs.values.float(), atol=atol)
 
 
 def test_stop_at_verdict_ends_the_row_after_the_label(model_dir: Path, backend: TransformersBackend) -> None:

@@ -162,7 +162,8 @@ class LeanQwen3:
             new, new_lse = flash(query, key[:, :, start:], value[:, :, start:], 0.0, True, scale=scale)
             top = torch.maximum(old_lse, new_lse)
             old_weight, new_weight = (old_lse - top).exp()[..., None], (new_lse - top).exp()[..., None]
-            return (old * old_weight + new * new_weight) / (old_weight + new_weight)
+            merged = (old * old_weight + new * new_weight) / (old_weight + new_weight)
+            return merged.to(query.dtype)
 
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
         return self._last_logits(tokens, positions, cache, attend)
