@@ -24,7 +24,7 @@ import httpx
 from soda_guard.backends.base import Backend, GenerationRequest
 from soda_guard.backends.openai_backend import OpenAIBackend
 from soda_guard.backends.scripted import ScriptedBackend, keyword_responder
-from soda_guard.bench.report import BenchSection
+from soda_guard.bench.report import BenchSection, percentile, time_each
 from soda_guard.judges.soda import SodaJudge
 from soda_guard.testing_server import LOOPBACK
 from soda_guard.trajectory import Trajectory
@@ -55,19 +55,9 @@ def _requests(count: int, max_new_tokens: int) -> list[GenerationRequest]:
     return requests
 
 
-def _percentile(values: Sequence[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
-
-
-def _sequential(call: Callable[[GenerationRequest], object], requests: Sequence[GenerationRequest]) -> tuple[list[float], float]:
-    latencies = []
-    begin = time.perf_counter()
-    for request in requests:
-        start = time.perf_counter()
-        call(request)
-        latencies.append((time.perf_counter() - start) * 1000.0)
-    return latencies, time.perf_counter() - begin
+def _sequential_ms(call: Callable[[GenerationRequest], object], requests: Sequence[GenerationRequest]) -> tuple[list[float], float]:
+    latencies, elapsed = time_each(call, requests)
+    return [seconds * 1000.0 for seconds in latencies], elapsed
 
 
 def _row(mode: str, latencies: Sequence[float], elapsed_s: float, count: int) -> dict[str, object]:
@@ -76,7 +66,7 @@ def _row(mode: str, latencies: Sequence[float], elapsed_s: float, count: int) ->
         "judgments": count,
         "judgments_per_s": count / elapsed_s if elapsed_s > 0 else None,
         "p50_ms": statistics.median(latencies) if latencies else None,
-        "p95_ms": _percentile(latencies, 0.95) if latencies else None,
+        "p95_ms": percentile(latencies, 0.95) if latencies else None,
     }
 
 
@@ -114,22 +104,22 @@ def _compare(
     rows = []
     for request in requests[:warmup]:
         backend.generate([request])
-    local, local_s = _sequential(lambda r: backend.generate([r]), requests)
+    local, local_s = _sequential_ms(lambda r: backend.generate([r]), requests)
     rows.append(_row(f"{label} in-process", local, local_s, len(requests)))
     with _server_process(model_dir) as base_url:
         with OpenAIBackend(backend.model_id, base_url=base_url, max_concurrency=16, timeout_s=60) as client:
             for request in requests[:warmup]:
                 client.generate([request])
-            remote, remote_s = _sequential(lambda r: client.generate([r]), requests)
+            remote, remote_s = _sequential_ms(lambda r: client.generate([r]), requests)
             rows.append(_row(f"{label} http", remote, remote_s, len(requests)))
             with httpx.Client(base_url=base_url, timeout=60) as bare:
-                raw, raw_s = _sequential(lambda r: bare.post("/chat/completions", json=client.body(r)).json(), requests)
+                raw, raw_s = _sequential_ms(lambda r: bare.post("/chat/completions", json=client.body(r)).json(), requests)
             rows.append(_row(f"{label} bare httpx POST (reference)", raw, raw_s, len(requests)))
             concurrent_s = asyncio.run(_concurrent(client, requests))
             rows.append(_row(f"{label} http, 16 in flight", [], concurrent_s, len(requests)))
     figures = {
         "overhead_p50": statistics.median(remote) - statistics.median(local),
-        "overhead_p95": _percentile(remote, 0.95) - _percentile(local, 0.95),
+        "overhead_p95": percentile(remote, 0.95) - percentile(local, 0.95),
         "client_p50": statistics.median(remote) - statistics.median(raw),
     }
     return rows, figures

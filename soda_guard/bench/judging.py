@@ -17,13 +17,13 @@ import statistics
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from soda_guard.backends.base import GenerationRequest, GenerationResult
+from soda_guard.backends.base import GenerationRequest
 from soda_guard.backends.transformers_backend import TransformersBackend
-from soda_guard.bench.report import BenchSection
+from soda_guard.bench.report import BenchSection, percentile, time_each
 from soda_guard.engine.naive import naive_generate
 from soda_guard.judges.soda import SodaJudge
 from soda_guard.testing import load_test_tokenizer, shared_tokenizer_dir, tiny_qwen3_config
@@ -93,21 +93,6 @@ def parallel_call_judgments(name: str, history: int, results: Sequence[str], tok
     return [GenerationRequest(judge.render(view).messages, tokens, judge.score_spec, view.conversation_id) for view in views]
 
 
-def _percentile(values: Sequence[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
-
-
-def _timed(call: Callable[[GenerationRequest], GenerationResult], requests: Sequence[GenerationRequest]) -> tuple[list[float], float]:
-    latencies = []
-    begin = time.perf_counter()
-    for request in requests:
-        start = time.perf_counter()
-        call(request)
-        latencies.append(time.perf_counter() - start)
-    return latencies, time.perf_counter() - begin
-
-
 def _concurrently(backend: TransformersBackend, requests: Sequence[GenerationRequest]) -> tuple[list[float], float]:
     latencies = [0.0] * len(requests)
     gate = threading.Barrier(len(requests) + 1)
@@ -144,7 +129,7 @@ def _row(workload: str, mode: str, latencies: Sequence[float], elapsed: float, p
         "judgments": len(latencies),
         "judgments_per_s": len(latencies) / elapsed,
         "p50_ms": statistics.median(latencies) * 1000,
-        "p95_ms": _percentile(latencies, 0.95) * 1000,
+        "p95_ms": percentile(latencies, 0.95) * 1000,
         "prefilled_tokens_per_judgment": prefilled,
     }
 
@@ -191,18 +176,18 @@ def measure(target: torch.device, real_tokenizer: bool, steps: int, tokens: int)
         baseline = lambda r: naive_generate(model, tokenizer, r, ignore_eos=True)  # noqa: E731
         ours = lambda r: backend.generate([r])[0]  # noqa: E731
         for call in (baseline, ours):
-            _timed(call, [judgment("warmup", 3, results, tokens)])
+            time_each(call, [judgment("warmup", 3, results, tokens)])
         trajectory = [judgment("agent", k, results, tokens) for k in range(1, steps + 1)]
-        naive_lat, naive_s = _timed(baseline, trajectory)
+        naive_lat, naive_s = time_each(baseline, trajectory)
         before = backend.stats.prefilled_tokens
-        ours_lat, ours_s = _timed(ours, trajectory)
+        ours_lat, ours_s = time_each(ours, trajectory)
         ours_prefilled = (backend.stats.prefilled_tokens - before) / len(trajectory)
         workload = f"{name}: {steps}-step trajectory, judged at every call"
         rows.append(_row(workload, "naive", naive_lat, naive_s, _prompt_tokens(tokenizer, trajectory)))
         rows.append(_row(workload, "engine", ours_lat, ours_s, ours_prefilled) | {"speedup": naive_s / ours_s})
 
         concurrent = [judgment(f"user{n}", 4 + n % 5, results, tokens) for n in range(CONCURRENT)]
-        naive_c, naive_cs = _timed(baseline, concurrent)
+        naive_c, naive_cs = time_each(baseline, concurrent)
         backend.clear_cache()
         before = backend.stats.prefilled_tokens
         ours_c, ours_cs = _concurrently(backend, concurrent)
@@ -211,13 +196,13 @@ def measure(target: torch.device, real_tokenizer: bool, steps: int, tokens: int)
         batch_prefilled = (backend.stats.prefilled_tokens - before) / len(concurrent)
         rows.append(_row(workload, "engine, threads", ours_c, ours_cs, batch_prefilled) | {"speedup": naive_cs / ours_cs})
         steady = [judgment(f"user{n}", 5 + n % 5, results, tokens) for n in range(CONCURRENT)]
-        naive_w, naive_ws = _timed(baseline, steady)
+        naive_w, naive_ws = time_each(baseline, steady)
         ours_w, ours_ws = _concurrently(backend, steady)
         workload = f"{name}: {CONCURRENT} concurrent, each conversation judged one step earlier (steady state)"
         rows.append(_row(workload, "naive, one at a time", naive_w, naive_ws, _prompt_tokens(tokenizer, steady)))
         rows.append(_row(workload, "engine, threads", ours_w, ours_ws, None) | {"speedup": naive_ws / ours_ws})
         parallel = parallel_call_judgments("fanout", PARALLEL_HISTORY, results, tokens)
-        naive_p, naive_ps = _timed(baseline, parallel)
+        naive_p, naive_ps = time_each(baseline, parallel)
         backend.clear_cache()
         before = backend.stats.prefilled_tokens
         ours_p, ours_ps = _together(backend, parallel)

@@ -3,11 +3,14 @@ section and merge all figures into one JSON object."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence, TypeVar
 
 from rich.console import Console
 from rich.table import Table
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -33,3 +36,19 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "" if value is None else str(value)
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def time_each(call: Callable[[T], object], items: Sequence[T]) -> tuple[list[float], float]:
+    """Seconds per call, one after another (so no queueing hides in them), and the total."""
+    latencies = []
+    begin = time.perf_counter()
+    for item in items:
+        start = time.perf_counter()
+        call(item)
+        latencies.append(time.perf_counter() - start)
+    return latencies, time.perf_counter() - begin

@@ -1,0 +1,56 @@
+"""The benchmark still runs and reports what it claims: a shortened judging workload, the HTTP
+comparison against a real loopback server process, and the CLI's JSON. Figures are ratios of
+timings and are not asserted, only that they exist and are measurements."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from typer.testing import CliRunner
+
+from soda_guard.backends.scripted import ScriptedBackend, keyword_responder
+from soda_guard.bench import http, judging
+from soda_guard.bench.report import percentile, time_each
+from soda_guard.cli import app
+
+
+def test_percentile_and_time_each() -> None:
+    assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 0.5) == 3.0
+    assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 0.95) == 5.0
+    seen: list[int] = []
+    latencies, total = time_each(seen.append, [1, 2, 3])
+    assert seen == [1, 2, 3] and len(latencies) == 3 and total >= sum(latencies) >= 0
+
+
+def test_judging_bench_measures_both_sides_on_the_same_requests() -> None:
+    rows, figures = judging.measure(torch.device("cpu"), False, steps=3, tokens=4)
+    for key in ("incremental_speedup", "batch_speedup", "batch_speedup_steady_state", "batch_speedup_parallel_calls"):
+        assert math.isfinite(figures[key]) and figures[key] > 0
+    by_mode = {(row["workload"], row["mode"]): row for row in rows}
+    trajectory = next(w for w, _ in by_mode if "trajectory" in w)
+    naive, ours = by_mode[(trajectory, "naive")], by_mode[(trajectory, "engine")]
+    assert naive["judgments"] == ours["judgments"] == 3
+    assert ours["prefilled_tokens_per_judgment"] < naive["prefilled_tokens_per_judgment"]
+    parallel = next(w for w, _ in by_mode if "parallel" in w)
+    assert by_mode[(parallel, "engine, one generate call")]["prefilled_tokens_per_judgment"] < (
+        by_mode[(parallel, "naive, one at a time")]["prefilled_tokens_per_judgment"] / 2
+    )
+
+
+def test_http_bench_runs_against_a_server_process() -> None:
+    scripted = ScriptedBackend(keyword_responder([r"transfer_money"]))
+    rows, figures = http._compare("scripted", scripted, None, http._requests(12, 16), warmup=2)
+    assert [row["mode"] for row in rows] == [
+        "scripted in-process", "scripted http", "scripted bare httpx POST (reference)", "scripted http, 16 in flight",
+    ]
+    assert all(row["judgments"] == 12 for row in rows)
+    assert all(math.isfinite(value) for value in figures.values())
+
+
+def test_cli_prints_one_json_object_of_figures() -> None:
+    result = CliRunner().invoke(app, ["bench", "--quick", "--json", "--section", "stream"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output.strip().splitlines()[-1])
+    assert figures["stream_speedup_256"] > 0
