@@ -10,6 +10,7 @@ failing a judgment without sending it anywhere.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ class Server:
 
 
 class ServerPool:
-    """Not thread-safe on purpose: every caller lives on the backend's one event loop thread."""
+    """Thread-safe: the backend's worker threads choose, check out and report on servers at once."""
 
     def __init__(
         self,
@@ -46,10 +47,27 @@ class ServerPool:
         self._max_sticky = max_sticky
         self._clock = clock
         self._turn = 0
+        self._lock = threading.RLock()
+
+    def checkout(self, cache_key: str | None, avoid: Server | None = None) -> Server:
+        """`choose` and count the request as in flight on the chosen server, in one step, so two
+        threads choosing at once see each other's load."""
+        with self._lock:
+            server = self.choose(cache_key, avoid)
+            server.outstanding += 1
+            return server
+
+    def checkin(self, server: Server) -> None:
+        with self._lock:
+            server.outstanding -= 1
 
     def choose(self, cache_key: str | None, avoid: Server | None = None) -> Server:
         """`avoid` is the server that just failed this same judgment: a retry goes elsewhere
         when anywhere else is available."""
+        with self._lock:
+            return self._choose(cache_key, avoid)
+
+    def _choose(self, cache_key: str | None, avoid: Server | None) -> Server:
         now = self._clock()
         candidates = [s for s in self.servers if s.available(now) and s is not avoid]
         if not candidates:
@@ -73,9 +91,11 @@ class ServerPool:
         return chosen
 
     def failed(self, server: Server) -> None:
-        server.failures += 1
-        server.down_until = self._clock() + self.cooldown_s
+        with self._lock:
+            server.failures += 1
+            server.down_until = self._clock() + self.cooldown_s
 
     def succeeded(self, server: Server) -> None:
-        server.failures = 0
-        server.down_until = 0.0
+        with self._lock:
+            server.failures = 0
+            server.down_until = 0.0
