@@ -296,3 +296,29 @@ def test_clip_never_exceeds_its_limit() -> None:
 def test_budget_below_the_fixed_prompt_is_refused() -> None:
     with pytest.raises(ValueError):
         ContextBudget(max_prompt_chars=1_000)
+
+
+@pytest.mark.parametrize("path", ["sync", "async"])
+def test_a_prompt_past_the_models_positions_fails_to_on_error(tmp_path: Path, path: str) -> None:
+    import asyncio
+
+    from soda_guard.testing import make_tiny_judge
+
+    model = make_tiny_judge(tmp_path / "judge", max_position_embeddings=2048)
+    policy = Policy.from_yaml(
+        f"version: 1\njudges:\n  soda: {{kind: soda, model: {str(model)!r}, backend: transformers, device: cpu}}\n"
+        "defaults: {on_error: escalate}\n"
+    )
+    guard = Guard(policy)
+    try:
+        trajectory = long_trajectory(30, 800)
+        if path == "sync":
+            decision = guard.check_tool_calls(trajectory)[0]
+        else:
+            decision = asyncio.run(guard.acheck_tool_calls(trajectory))[0]
+        assert decision.action is Action.ESCALATE
+        assert "exceeds the model's 2048 positions" in decision.why
+        short = guard.check_tool_calls(long_trajectory(1, 50))[0]
+        assert "positions" not in short.why
+    finally:
+        guard.close()

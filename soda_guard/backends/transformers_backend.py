@@ -104,6 +104,7 @@ class TransformersBackend:
         return [future.result() for future in futures]
 
     async def agenerate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        jobs = [self.engine.job(request) for request in requests]
+        # tokenising a long prompt takes milliseconds: not on the caller's event loop
+        jobs = await asyncio.to_thread(lambda: [self.engine.job(request) for request in requests])
         futures = self._batcher.submit(jobs)
         return list(await asyncio.gather(*(asyncio.wrap_future(future) for future in futures)))

@@ -25,6 +25,7 @@ from soda_guard.backends.scoring import label_tokens, score_from_logits
 from soda_guard.engine import qwen3_step
 from soda_guard.engine.kv_buffer import in_place_cache
 from soda_guard.engine.prefix_cache import CachedPrefix, PrefixCache, common_prefix
+from soda_guard.errors import JudgeError
 from soda_guard.judges.base import ScoreSpec
 
 VERDICT_ONLY_REASON = "[Reason] not generated (verdict-only mode)"
@@ -108,6 +109,7 @@ class Engine:
         self.eos = eos_ids(model, tokenizer)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
         self.stats = EngineStats()
+        self.max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
         if compile_decode and device.type != "cuda":
             raise ValueError("compile_decode needs a CUDA device")
         self._decode_forward = torch.compile(model, dynamic=True) if compile_decode else model
@@ -116,12 +118,21 @@ class Engine:
         self._split_prefill = lean if qwen3_step.supports_split_prefill(model) else None
 
     def job(self, request: GenerationRequest) -> Job:
+        """Tokenise a request, refusing one the model cannot attend over: past its trained
+        positions a judge still answers, but from positions it never saw, so the verdict would
+        be noise (the prompt budget is in characters; this is the check in tokens)."""
         ids = encode_chat(self.tokenizer, request.messages)
         prompt_tokens = len(ids)
         if self.verdict_only:
             if request.score is None:
                 raise ValueError("verdict-only mode needs a request with a score spec")
             ids += tokenize(self.tokenizer, marker_literal(request.score))["input_ids"]
+        needed = len(ids) + (0 if self.verdict_only else request.max_new_tokens)
+        if self.max_positions is not None and needed > self.max_positions:
+            raise JudgeError(
+                f"judge prompt of {prompt_tokens} tokens plus {needed - prompt_tokens} to generate exceeds the "
+                f"model's {self.max_positions} positions; lower the judge's max_prompt_chars"
+            )
         return Job(request, torch.tensor(ids, dtype=torch.long), prompt_tokens)
 
     @torch.inference_mode()
