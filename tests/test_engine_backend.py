@@ -23,15 +23,22 @@ from soda_guard.engine.prefix_cache import common_prefix
 from soda_guard.judges.base import ScoreSpec
 from soda_guard.judges.qwen3guard_gen import Qwen3GuardGenJudge
 from soda_guard.judges.soda import parse_soda_output
-from soda_guard.testing import make_tiny_judge, tiny_qwen3_config
+from soda_guard.testing import make_tiny_judge, shared_tokenizer_dir, tiny_qwen3_config
 
 EARLY = ScoreSpec(marker=r"^[\s\S]{2,30}$", positive=("UNSAFE", "harm"), negative=("SAFE", "ok"))
 LATE = ScoreSpec(marker=r"[\s\S]{6}$", positive=("UNSAFE",), negative=("SAFE",))
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, qwen_tokenizer_dir: Path) -> Path:
-    return make_tiny_judge(tmp_path_factory.mktemp("engine-judge"), tokenizer_dir=qwen_tokenizer_dir, seed=3, initializer_range=0.3)
+@pytest.fixture(scope="module", params=["qwen", "bytes"])
+def model_dir(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    """Every engine test runs with the real Qwen3 tokenizer (where the fixture exists) and with
+    the in-process byte tokenizer (everywhere, so an outside contributor runs them too)."""
+    tokenizer_dir = None
+    if request.param == "qwen":
+        tokenizer_dir = shared_tokenizer_dir()
+        if tokenizer_dir is None:
+            pytest.skip("real Qwen3 tokenizer fixture (../shared/fixtures/qwen3-tokenizer) not present")
+    return make_tiny_judge(tmp_path_factory.mktemp("engine-judge"), tokenizer_dir=tokenizer_dir, seed=3, initializer_range=0.3)
 
 
 @pytest.fixture
@@ -54,7 +61,7 @@ def conversation(name: str, steps: int) -> list[dict[str, object]]:
     return messages
 
 
-def request(name: str, steps: int, spec: ScoreSpec = EARLY, max_new_tokens: int = 10, key: str | None = None) -> GenerationRequest:
+def judgment(name: str, steps: int, spec: ScoreSpec = EARLY, max_new_tokens: int = 10, key: str | None = None) -> GenerationRequest:
     trajectory = from_openai_messages(conversation(name, steps))
     return GenerationRequest(SodaJudge().render(trajectory).messages, max_new_tokens, spec, key if key is not None else name)
 
@@ -73,9 +80,32 @@ def parallel_call_requests(name: str, steps: int, tools: tuple[str, ...]) -> lis
 
 
 def assert_same(ours: list[GenerationResult], reference: list[GenerationResult]) -> None:
+    """Same text and token counts; the same score to 1e-4, or none on both sides (the byte
+    tokenizer cannot score: see `test_scores_are_read_wherever_the_labels_differ_at_their_first_token`)."""
     for got, want in zip(ours, reference, strict=True):
         assert (got.text, got.generated_tokens, got.prompt_tokens) == (want.text, want.generated_tokens, want.prompt_tokens)
-        assert want.score is not None and got.score == pytest.approx(want.score, abs=1e-4)
+        if want.score is None:
+            assert got.score is None
+        else:
+            assert got.score == pytest.approx(want.score, abs=1e-4)
+
+
+def tokenizer_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.node.callspec.params["model_dir"])
+
+
+def test_scores_are_read_wherever_the_labels_differ_at_their_first_token(
+    backend: TransformersBackend, request: pytest.FixtureRequest
+) -> None:
+    """With the Qwen3 tokenizer every request of these tests gets a score, so `assert_same`
+    compares scores there. With the byte tokenizer " UNSAFE" and " SAFE" both start with the
+    token " ", so no score can be read and both sides must say so rather than guess."""
+    requests = [judgment(name, steps) for name, steps in (("alice", 1), ("bob", 3), ("carol", 5))]
+    scores = [result.score for result in naive(backend, requests)]
+    if tokenizer_kind(request) == "qwen":
+        assert all(score is not None for score in scores)
+    else:
+        assert scores == [None, None, None]
 
 
 def naive(backend: TransformersBackend, requests: list[GenerationRequest]) -> list[GenerationResult]:
@@ -83,12 +113,12 @@ def naive(backend: TransformersBackend, requests: list[GenerationRequest]) -> li
 
 
 def test_greedy_text_varies_so_equality_means_something(backend: TransformersBackend) -> None:
-    texts = {r.text for r in naive(backend, [request("alice", 0), request("bob", 1)])}
+    texts = {r.text for r in naive(backend, [judgment("alice", 0), judgment("bob", 1)])}
     assert len(texts) == 2 and all(len(set(text)) > 3 for text in texts)
 
 
 def test_incremental_judgments_reuse_the_prefix_and_match_the_baseline(backend: TransformersBackend) -> None:
-    requests = [request("alice", steps, LATE if steps % 2 else EARLY) for steps in range(5)]
+    requests = [judgment("alice", steps, LATE if steps % 2 else EARLY) for steps in range(5)]
     ours = [backend.generate([r])[0] for r in requests]
     assert_same(ours, naive(backend, requests))
     stats = backend.stats
@@ -97,8 +127,8 @@ def test_incremental_judgments_reuse_the_prefix_and_match_the_baseline(backend: 
 
 
 def test_mixed_batch_of_hits_misses_and_lengths_matches_the_baseline(backend: TransformersBackend) -> None:
-    backend.generate([request("alice", 1), request("bob", 3)])
-    mixed = [request("alice", 2), request("bob", 3), request("carol", 0, LATE, 14), request("dave", 6, max_new_tokens=5)]
+    backend.generate([judgment("alice", 1), judgment("bob", 3)])
+    mixed = [judgment("alice", 2), judgment("bob", 3), judgment("carol", 0, LATE, 14), judgment("dave", 6, max_new_tokens=5)]
     assert_same(backend.generate(mixed), naive(backend, mixed))
     assert backend.stats.batches == 2
 
@@ -123,9 +153,15 @@ def test_parallel_calls_in_one_batch_prefill_their_shared_prefix_once(model_dir:
 
 
 def test_evictions_keep_results_and_the_budget(model_dir: Path) -> None:
-    small = TransformersBackend(str(model_dir), device="cpu", dtype="float32", prefix_cache_bytes=300_000)
+    requests = [judgment(name, steps) for steps in (1, 2) for name in ("alice", "bob", "carol")]
+    probe = TransformersBackend(str(model_dir), device="cpu", dtype="float32", prefix_cache_bytes=0)
+    longest = max(len(probe.engine.job(r).ids) for r in requests)
+    config = probe.model.config
+    probe.close()
+    bytes_per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * 4
+    # room for two of the three conversations' prompts, not three
+    small = TransformersBackend(str(model_dir), device="cpu", dtype="float32", prefix_cache_bytes=int(2.5 * longest * bytes_per_token))
     try:
-        requests = [request(name, steps) for steps in (1, 2) for name in ("alice", "bob", "carol")]
         ours = [small.generate([r])[0] for r in requests]
         cache = small.engine.cache
         assert cache is not None and 0 < len(cache) < 3 and cache.nbytes <= cache.max_bytes
@@ -135,15 +171,15 @@ def test_evictions_keep_results_and_the_budget(model_dir: Path) -> None:
 
 
 def test_a_reused_key_never_leaks_another_conversations_state(backend: TransformersBackend) -> None:
-    first = request("alice", 4, key="shared")
-    other = request("mallory", 4, key="shared")
+    first = judgment("alice", 4, key="shared")
+    other = judgment("mallory", 4, key="shared")
     backend.generate([first])
     assert_same(backend.generate([other]), naive(backend, [other]))
     assert_same(backend.generate([first]), naive(backend, [first]))
 
 
 def test_concurrent_threads_and_asyncio_tasks_are_batched_and_answered_each(backend: TransformersBackend) -> None:
-    requests = [request(f"user{n}", n % 4, EARLY if n % 2 else LATE) for n in range(8)]
+    requests = [judgment(f"user{n}", n % 4, EARLY if n % 2 else LATE) for n in range(8)]
     results: dict[int, GenerationResult] = {}
     start = threading.Barrier(4)
 
@@ -167,8 +203,8 @@ def test_concurrent_threads_and_asyncio_tasks_are_batched_and_answered_each(back
 
 def test_prefill_logits_equal_a_full_forward(backend: TransformersBackend) -> None:
     engine = Engine(backend.model, backend.tokenizer, backend.device)
-    engine.run([engine.job(request("alice", 1)), engine.job(request("bob", 0))], lambda i, r: None)
-    jobs = [engine.job(r) for r in (request("alice", 3), request("bob", 0), request("carol", 2))]
+    engine.run([engine.job(judgment("alice", 1)), engine.job(judgment("bob", 0))], lambda i, r: None)
+    jobs = [engine.job(r) for r in (judgment("alice", 3), judgment("bob", 0), judgment("carol", 2))]
     logits = torch.inference_mode()(engine._prefill)(jobs)[0]
     with torch.inference_mode():
         for row, job in enumerate(jobs):
@@ -229,8 +265,12 @@ def test_split_prefill_on_a_cached_prefix_matches_the_model(start: int, new: int
         assert torch.allclose(mine.values.float(), theirs.values.float(), atol=atol)
 
 
-def test_stop_at_verdict_ends_the_row_after_the_label(model_dir: Path, backend: TransformersBackend) -> None:
-    probe = request("alice", 1, max_new_tokens=16)
+def test_stop_at_verdict_ends_the_row_after_the_label(
+    model_dir: Path, backend: TransformersBackend, request: pytest.FixtureRequest
+) -> None:
+    if tokenizer_kind(request) == "bytes":
+        pytest.skip("needs labels that differ at their first token, which byte tokens do not")
+    probe = judgment("alice", 1, max_new_tokens=16)
     text = naive(backend, [probe])[0].text
     tokens = backend.tokenizer(text, add_special_tokens=False)["input_ids"]
     head = backend.tokenizer.decode(tokens[:3])
@@ -247,10 +287,14 @@ def test_stop_at_verdict_ends_the_row_after_the_label(model_dir: Path, backend: 
     assert stopped.score == pytest.approx(full.score, abs=1e-4)
 
 
-def test_verdict_only_reads_the_score_after_the_written_marker(model_dir: Path, backend: TransformersBackend) -> None:
+def test_verdict_only_reads_the_score_after_the_written_marker(
+    model_dir: Path, backend: TransformersBackend, request: pytest.FixtureRequest
+) -> None:
+    if tokenizer_kind(request) == "bytes":
+        pytest.skip("needs labels that differ at their first token, which byte tokens do not")
     fast = TransformersBackend(str(model_dir), device="cpu", dtype="float32", verdict_only=True)
     try:
-        requests = [request(name, 2, SodaJudge.score_spec) for name in ("alice", "bob")]
+        requests = [judgment(name, 2, SodaJudge.score_spec) for name in ("alice", "bob")]
         results = fast.generate(requests)
     finally:
         fast.close()
@@ -278,7 +322,7 @@ def test_compiled_decode_matches_eager_on_cuda(model_dir: Path) -> None:
     eager = TransformersBackend(str(model_dir), device="cuda", dtype="float32")
     compiled = TransformersBackend(str(model_dir), device="cuda", dtype="float32", compile_decode=True)
     try:
-        requests = [request(name, 2) for name in ("alice", "bob")]
+        requests = [judgment(name, 2) for name in ("alice", "bob")]
         assert_same(compiled.generate(requests), eager.generate(requests))
     finally:
         eager.close()
