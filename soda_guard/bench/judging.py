@@ -17,7 +17,7 @@ import statistics
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -167,6 +167,32 @@ def roofline(model: Any, prefilled: float, tokens: int, peaks: tuple[float, floa
     return 2 * params * prefilled / flops + tokens * weight_bytes / bandwidth
 
 
+def _compare(
+    rows: list[dict[str, Any]],
+    workload: str,
+    requests: Sequence[GenerationRequest],
+    baseline: Callable[[GenerationRequest], object],
+    engine: Callable[[Sequence[GenerationRequest]], tuple[list[float], float]],
+    backend: TransformersBackend,
+    tokenizer: Any,
+    *,
+    modes: tuple[str, str],
+    cold: bool,
+) -> tuple[float, list[float], float]:
+    """The baseline, then the engine (from an empty prefix cache when `cold`), on the same
+    requests: both rows appended; returns the speedup, the engine's latencies and its prefilled
+    tokens per judgment."""
+    naive_lat, naive_s = time_each(baseline, requests)
+    if cold:
+        backend.clear_cache()
+    before = backend.stats.prefilled_tokens
+    ours_lat, ours_s = engine(requests)
+    prefilled = (backend.stats.prefilled_tokens - before) / len(requests)
+    rows.append(_row(workload, modes[0], naive_lat, naive_s, _prompt_tokens(tokenizer, requests)))
+    rows.append(_row(workload, modes[1], ours_lat, ours_s, prefilled) | {"speedup": naive_s / ours_s})
+    return naive_s / ours_s, ours_lat, prefilled
+
+
 def measure(target: torch.device, real_tokenizer: bool, steps: int, tokens: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     model, tokenizer, name = build_model(target, real_tokenizer)
     results = tool_results()
@@ -177,44 +203,33 @@ def measure(target: torch.device, real_tokenizer: bool, steps: int, tokens: int)
         ours = lambda r: backend.generate([r])[0]  # noqa: E731
         for call in (baseline, ours):
             time_each(call, [judgment("warmup", 3, results, tokens)])
-        trajectory = [judgment("agent", k, results, tokens) for k in range(1, steps + 1)]
-        naive_lat, naive_s = time_each(baseline, trajectory)
-        before = backend.stats.prefilled_tokens
-        ours_lat, ours_s = time_each(ours, trajectory)
-        ours_prefilled = (backend.stats.prefilled_tokens - before) / len(trajectory)
-        workload = f"{name}: {steps}-step trajectory, judged at every call"
-        rows.append(_row(workload, "naive", naive_lat, naive_s, _prompt_tokens(tokenizer, trajectory)))
-        rows.append(_row(workload, "engine", ours_lat, ours_s, ours_prefilled) | {"speedup": naive_s / ours_s})
-
-        concurrent = [judgment(f"user{n}", 4 + n % 5, results, tokens) for n in range(CONCURRENT)]
-        naive_c, naive_cs = time_each(baseline, concurrent)
-        backend.clear_cache()
-        before = backend.stats.prefilled_tokens
-        ours_c, ours_cs = _concurrently(backend, concurrent)
-        workload = f"{name}: {CONCURRENT} concurrent judgments"
-        rows.append(_row(workload, "naive, one at a time", naive_c, naive_cs, _prompt_tokens(tokenizer, concurrent)))
-        batch_prefilled = (backend.stats.prefilled_tokens - before) / len(concurrent)
-        rows.append(_row(workload, "engine, threads", ours_c, ours_cs, batch_prefilled) | {"speedup": naive_cs / ours_cs})
-        steady = [judgment(f"user{n}", 5 + n % 5, results, tokens) for n in range(CONCURRENT)]
-        naive_w, naive_ws = time_each(baseline, steady)
-        ours_w, ours_ws = _concurrently(backend, steady)
-        workload = f"{name}: {CONCURRENT} concurrent, each conversation judged one step earlier (steady state)"
-        rows.append(_row(workload, "naive, one at a time", naive_w, naive_ws, _prompt_tokens(tokenizer, steady)))
-        rows.append(_row(workload, "engine, threads", ours_w, ours_ws, None) | {"speedup": naive_ws / ours_ws})
-        parallel = parallel_call_judgments("fanout", PARALLEL_HISTORY, results, tokens)
-        naive_p, naive_ps = time_each(baseline, parallel)
-        backend.clear_cache()
-        before = backend.stats.prefilled_tokens
-        ours_p, ours_ps = _together(backend, parallel)
-        parallel_prefilled = (backend.stats.prefilled_tokens - before) / len(parallel)
-        workload = f"{name}: {CONCURRENT} parallel tool calls of one new turn, each in its own view, judged together"
-        rows.append(_row(workload, "naive, one at a time", naive_p, naive_ps, _prompt_tokens(tokenizer, parallel)))
-        rows.append(_row(workload, "engine, one generate call", ours_p, ours_ps, parallel_prefilled) | {"speedup": naive_ps / ours_ps})
+        threads = lambda requests: _concurrently(backend, requests)  # noqa: E731
+        incremental, ours_lat, ours_prefilled = _compare(
+            rows, f"{name}: {steps}-step trajectory, judged at every call",
+            [judgment("agent", k, results, tokens) for k in range(1, steps + 1)],
+            baseline, lambda requests: time_each(ours, requests), backend, tokenizer, modes=("naive", "engine"), cold=False,
+        )
+        batch, _, _ = _compare(
+            rows, f"{name}: {CONCURRENT} concurrent judgments",
+            [judgment(f"user{n}", 4 + n % 5, results, tokens) for n in range(CONCURRENT)],
+            baseline, threads, backend, tokenizer, modes=("naive, one at a time", "engine, threads"), cold=True,
+        )
+        steady, _, _ = _compare(
+            rows, f"{name}: {CONCURRENT} concurrent, each conversation judged one step earlier (steady state)",
+            [judgment(f"user{n}", 5 + n % 5, results, tokens) for n in range(CONCURRENT)],
+            baseline, threads, backend, tokenizer, modes=("naive, one at a time", "engine, threads"), cold=False,
+        )
+        parallel, _, _ = _compare(
+            rows, f"{name}: {CONCURRENT} parallel tool calls of one new turn, each in its own view, judged together",
+            parallel_call_judgments("fanout", PARALLEL_HISTORY, results, tokens),
+            baseline, lambda requests: _together(backend, requests), backend, tokenizer,
+            modes=("naive, one at a time", "engine, one generate call"), cold=True,
+        )
         figures: dict[str, Any] = {
-            "incremental_speedup": naive_s / ours_s,
-            "batch_speedup": naive_cs / ours_cs,
-            "batch_speedup_steady_state": naive_ws / ours_ws,
-            "batch_speedup_parallel_calls": naive_ps / ours_ps,
+            "incremental_speedup": incremental,
+            "batch_speedup": batch,
+            "batch_speedup_steady_state": steady,
+            "batch_speedup_parallel_calls": parallel,
             "model": name,
         }
         if target.type == "cuda":
