@@ -54,3 +54,10 @@ def test_cli_prints_one_json_object_of_figures() -> None:
     assert result.exit_code == 0, result.output
     figures = json.loads(result.output.strip().splitlines()[-1])
     assert figures["stream_speedup_256"] > 0
+
+
+def test_roofline_floor_is_prefill_flops_at_peak_plus_one_weight_read_per_token() -> None:
+    layer = torch.nn.Linear(100, 10, bias=False).to(torch.bfloat16)
+    params, weight_bytes = 1000, 2000
+    floor = judging.roofline(layer, prefilled=500, tokens=24, peaks=(1e12, 1e9))
+    assert floor == 2 * params * 500 / 1e12 + 24 * weight_bytes / 1e9
