@@ -4,12 +4,11 @@
 On CPU with a small judge, the decorated `forward` (output capture, config merging, mask
 building, keyword plumbing through every layer) and even plain `nn.Module` calls cost more than
 the arithmetic of one token (benchmarks/RESULTS.md). `LeanQwen3` holds the model's own weights
-and runs the arithmetic of `Qwen3ForCausalLM.forward` with SDPA attention as functional ops,
-one fused kernel per RMSNorm. The decode step takes the same SDPA branch
-for the same mask, so its logits equal the model's; the prefill computes the same attention
-another way (see `prefill_on_prefix`), equal to float rounding (tests/test_engine_backend.py
-checks both). `supports` says when the model is one they reproduce, and the engine calls the
-model itself otherwise.
+and runs the arithmetic of `Qwen3ForCausalLM.forward` with SDPA attention as functional ops. The
+decode step takes the same SDPA branch for the same mask, so its logits equal the model's; the
+prefill computes the same attention another way (see `prefill_on_prefix`), equal to float
+rounding (tests/test_engine_backend.py checks both). `supports` says when the model is one they
+reproduce, and the engine calls the model itself otherwise.
 """
 
 from __future__ import annotations
