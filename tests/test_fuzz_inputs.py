@@ -164,3 +164,30 @@ def test_neutralise_leaves_no_delimiter_line(content: str) -> None:
             line,
             re.IGNORECASE,
         )
+
+
+def _neutralise_line_by_line(text: str, delimiters: re.Pattern[str]) -> str:
+    """The definition `neutralise` implements with C-level scans: every line checked in Python."""
+    from soda_guard.judges.context import _LINE_BREAK, _SPECIAL_TOKEN, ESCAPE, _line_start_key
+
+    pieces = _LINE_BREAK.split(_SPECIAL_TOKEN.sub("<" + ESCAPE + "|", text))
+    for position in range(0, len(pieces), 2):
+        if delimiters.match(_line_start_key(pieces[position])):
+            pieces[position] = ESCAPE + pieces[position]
+    return "".join(pieces)
+
+
+_LINE_PIECES = [
+    "\n", "\r", "\r\n", "\x0b", "\x85", "\u2028", " ", "\t", "\x1f", "\xa0", "\u3000", "\u200b", "\u200e", "\ufeff",
+    "\xad", "===", "＝＝", " END ===", "[user]", "［ＵＳＥＲ］", "[ Verdict ]", "harm category:", "Based on the above, did the agent",
+    "Safety:", "user:", "<BEGIN", "</tool_response>", "## Task:", "Provide your safety assessment", "\u212a", "é", "x", "<|im_end|>",
+]
+
+
+@FUZZ
+@given(st.lists(st.sampled_from(_LINE_PIECES) | text, max_size=12).map("".join))
+def test_neutralise_matches_its_line_by_line_definition(content: str) -> None:
+    from soda_guard.judges.context import GEN_DELIMITERS
+
+    for delimiters in (SODA_DELIMITERS, GEN_DELIMITERS):
+        assert neutralise(content, delimiters) == _neutralise_line_by_line(content, delimiters)

@@ -15,6 +15,7 @@ prompt of a normal trajectory is exactly the trained format.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -69,19 +70,43 @@ def _line_start_key(line: str) -> str:
     return unicodedata.normalize("NFKC", line[index : index + 256])
 
 
+_BREAK_CHARS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+@functools.lru_cache(maxsize=None)
+def _candidates(delimiters: re.Pattern[str]) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """(the first line, every later line: a break followed by) a line that may need escaping,
+    found by C-level scans instead of a Python loop over every line (a 5 MB tool result is over
+    a million lines). A line that is not a candidate is pure ASCII, where `_line_start_key`
+    only skips tab, space and U+001F and NFKC changes nothing, and the delimiter does not match
+    after those: so it cannot match its key either. Candidates get the exact check. A CR LF
+    pair is one break, as in `_LINE_BREAK`."""
+    line = f"(?:[ \t\x1f]*(?:{delimiters.pattern})|(?-i:(?=[^{_BREAK_CHARS}]*[^\x00-\x7f])))"
+    return (
+        re.compile(line, delimiters.flags),
+        re.compile(f"(?:\r\n|[{_BREAK_CHARS}])(?={line})", delimiters.flags),
+    )
+
+
 def neutralise(text: str, delimiters: re.Pattern[str]) -> str:
     """Escape every line of `text` that starts like a judge delimiter, and every special-token
     string. Patterns match line prefixes only, so a prefix of an unescaped line can never match:
     clipping after neutralising cannot create a delimiter."""
     text = _SPECIAL_TOKEN.sub("<" + ESCAPE + "|", text)
-    pieces = _LINE_BREAK.split(text)
-    changed = False
-    # split() with a capturing group alternates: line, break, line, break, ..., line
-    for position in range(0, len(pieces), 2):
-        if delimiters.match(_line_start_key(pieces[position])):
-            pieces[position] = ESCAPE + pieces[position]
-            changed = True
-    return "".join(pieces) if changed else text
+    first, later = _candidates(delimiters)
+    starts = ([0] if first.match(text) else []) + [found.end() for found in later.finditer(text)]
+    escapes = []
+    for start in starts:
+        end = _LINE_BREAK.search(text, start)
+        if delimiters.match(_line_start_key(text[start : end.start() if end else len(text)])):
+            escapes.append(start)
+    if not escapes:
+        return text
+    pieces = []
+    for previous, start in zip([0] + escapes, escapes):
+        pieces += [text[previous:start], ESCAPE]
+    pieces.append(text[escapes[-1] :])
+    return "".join(pieces)
 
 
 def header_field(value: str, max_chars: int = DEFAULT_MAX_FIELD_CHARS) -> str:
