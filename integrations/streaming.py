@@ -1,7 +1,7 @@
 """Moderating a LangChain model's output while it streams (Qwen3Guard-Stream).
 
     monitor = StreamMonitor.load("Qwen/Qwen3Guard-Stream-4B")
-    handler = StreamGuardCallbackHandler(monitor, policy)
+    handler = AsyncStreamGuardCallbackHandler(monitor, policy)   # StreamGuardCallbackHandler for sync runs
     async for event in agent.astream_events(inputs, config={"callbacks": [handler]}): ...
 
 Each model run opens its own `GuardStream` on the run's input messages; streamed text and
@@ -14,6 +14,7 @@ and so stops generation (nobody can approve a half-written answer, hence escalat
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
-from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.messages import BaseMessage
 from langchain_core.outputs import LLMResult
 
@@ -32,7 +33,7 @@ from soda_guard.stream_monitor import GuardStream, StreamMonitor
 from soda_guard.trajectory import Trajectory, UserStep
 from soda_guard.verdict import Action, Decision, Label, Verdict
 
-__all__ = ["AssistantTextRenderer", "StreamFlaggedError", "StreamGuardCallbackHandler"]
+__all__ = ["AssistantTextRenderer", "AsyncStreamGuardCallbackHandler", "StreamFlaggedError", "StreamGuardCallbackHandler"]
 
 logger = logging.getLogger("soda_guard.stream")
 
@@ -98,32 +99,25 @@ class _Run:
     decided: bool = False
 
 
-class StreamGuardCallbackHandler(BaseCallbackHandler):
-    """Feeds every streamed chat-model run to a `StreamMonitor` and enforces the policy.
+class _StreamGuard:
+    """One handler's state and logic, whichever callback API (sync or async) drives it."""
 
-    `raise_error` makes LangChain re-raise `StreamFlaggedError` instead of logging it;
-    `run_inline` keeps the handler on the event loop in async runs, so tokens are fed in
-    order and the error surfaces in the awaiting task."""
-
-    raise_error = True
-    run_inline = True
-
-    def __init__(self, monitor: StreamMonitor, policy: Policy | None = None, *, conversation_id: str | None = None) -> None:
+    def __init__(self, monitor: StreamMonitor, policy: Policy | None, conversation_id: str | None) -> None:
         self.monitor = monitor
         self.policy = policy or Policy()
         self.conversation_id = conversation_id
         self.decisions: list[Decision] = []
-        self._runs: dict[UUID, _Run] = {}
+        self.runs: dict[UUID, _Run] = {}
         self._lock = threading.Lock()
 
-    def on_chat_model_start(self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *, run_id: UUID, **kwargs: Any) -> None:
-        self._open(run_id, to_trajectory(messages[0], conversation_id=self.conversation_id))
+    def open_chat(self, run_id: UUID, messages: list[BaseMessage]) -> None:
+        self._open(run_id, to_trajectory(messages, conversation_id=self.conversation_id))
 
-    def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID, **kwargs: Any) -> None:
-        self._open(run_id, Trajectory(steps=[UserStep(content=prompts[0])], conversation_id=self.conversation_id))
+    def open_prompt(self, run_id: UUID, prompt: str) -> None:
+        self._open(run_id, Trajectory(steps=[UserStep(content=prompt)], conversation_id=self.conversation_id))
 
-    def on_llm_new_token(self, token: str, *, chunk: Any = None, run_id: UUID, **kwargs: Any) -> None:
-        run = self._runs.get(run_id)
+    def token(self, run_id: UUID, token: str, chunk: Any) -> None:
+        run = self.runs.get(run_id)
         if run is None or run.decided:
             return
         message = getattr(chunk, "message", None)
@@ -133,9 +127,9 @@ class StreamGuardCallbackHandler(BaseCallbackHandler):
         run.stream.feed(text)
         self._enforce(run)
 
-    def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
+    def end(self, run_id: UUID) -> None:
         with self._lock:
-            run = self._runs.pop(run_id, None)
+            run = self.runs.pop(run_id, None)
         if run is None:
             return
         try:
@@ -148,9 +142,9 @@ class StreamGuardCallbackHandler(BaseCallbackHandler):
         finally:
             run.stream.close()
 
-    def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+    def error(self, run_id: UUID) -> None:
         with self._lock:
-            run = self._runs.pop(run_id, None)
+            run = self.runs.pop(run_id, None)
         if run is not None:
             run.stream.close()
 
@@ -159,7 +153,7 @@ class StreamGuardCallbackHandler(BaseCallbackHandler):
             return
         stream = self.monitor.open(trajectory)
         with self._lock:
-            self._runs[run_id] = _Run(stream)
+            self.runs[run_id] = _Run(stream)
 
     def _enforce(self, run: _Run) -> None:
         flagged = run.stream.flagged
@@ -183,3 +177,70 @@ class StreamGuardCallbackHandler(BaseCallbackHandler):
             raise StreamFlaggedError(decision, "".join(run.text))
         if action == Action.LOG:
             logger.warning("%s", decision.why)
+
+
+class _Handler:
+    """What both handlers share: the state, and what a user reads back from it."""
+
+    raise_error = True
+    run_inline = True
+
+    def __init__(self, monitor: StreamMonitor, policy: Policy | None = None, *, conversation_id: str | None = None) -> None:
+        self._guard = _StreamGuard(monitor, policy, conversation_id)
+
+    @property
+    def decisions(self) -> list[Decision]:
+        """Every decision taken on a flagged stream, in order."""
+        return self._guard.decisions
+
+    @property
+    def active_runs(self) -> int:
+        """Model runs being monitored now; 0 once every run has ended or failed."""
+        return len(self._guard.runs)
+
+
+class StreamGuardCallbackHandler(_Handler, BaseCallbackHandler):
+    """Feeds every streamed chat-model run to a `StreamMonitor` and enforces the policy.
+
+    `raise_error` makes LangChain re-raise `StreamFlaggedError` instead of logging it;
+    `run_inline` keeps the handler in the caller's thread, so tokens are fed in order and the
+    error surfaces in the caller. In async runs that thread is the event loop's, which each
+    token's model step then holds: use `AsyncStreamGuardCallbackHandler` there."""
+
+    def on_chat_model_start(self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *, run_id: UUID, **kwargs: Any) -> None:
+        self._guard.open_chat(run_id, messages[0])
+
+    def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID, **kwargs: Any) -> None:
+        self._guard.open_prompt(run_id, prompts[0])
+
+    def on_llm_new_token(self, token: str, *, chunk: Any = None, run_id: UUID, **kwargs: Any) -> None:
+        self._guard.token(run_id, token, chunk)
+
+    def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
+        self._guard.end(run_id)
+
+    def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._guard.error(run_id)
+
+
+class AsyncStreamGuardCallbackHandler(_Handler, AsyncCallbackHandler):
+    """`StreamGuardCallbackHandler` for `astream` / `astream_events` runs: each callback awaits
+    its work (tokenising, the monitor's model step) on a worker thread, so the event loop stays
+    free while tokens are still fed one after another, in order."""
+
+    async def on_chat_model_start(
+        self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *, run_id: UUID, **kwargs: Any
+    ) -> None:
+        await asyncio.to_thread(self._guard.open_chat, run_id, messages[0])
+
+    async def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID, **kwargs: Any) -> None:
+        await asyncio.to_thread(self._guard.open_prompt, run_id, prompts[0])
+
+    async def on_llm_new_token(self, token: str, *, chunk: Any = None, run_id: UUID, **kwargs: Any) -> None:
+        await asyncio.to_thread(self._guard.token, run_id, token, chunk)
+
+    async def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
+        await asyncio.to_thread(self._guard.end, run_id)
+
+    async def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        await asyncio.to_thread(self._guard.error, run_id)

@@ -6,6 +6,8 @@ timing are recorded the same way whichever backend or framework is in play.
 
 from __future__ import annotations
 
+import asyncio
+
 import time
 from typing import Sequence
 
@@ -141,7 +143,9 @@ class JudgeRunner:
         return self._finish(prepared, results, start)
 
     async def averdicts(self, trajectories: Sequence[Trajectory]) -> list[Verdict]:
-        prepared = [self.prepare(t) for t in trajectories]
+        # rendering neutralises every line of every message: seconds for a trajectory of large
+        # tool results, which must not stall the caller's event loop
+        prepared = await asyncio.to_thread(lambda: [self.prepare(t) for t in trajectories])
         start = time.perf_counter()
         results = await self.backend.agenerate([request for _, request in prepared])
         return self._finish(prepared, results, start)

@@ -187,7 +187,14 @@ _LINE_PIECES = [
 @FUZZ
 @given(st.lists(st.sampled_from(_LINE_PIECES) | text, max_size=12).map("".join))
 def test_neutralise_matches_its_line_by_line_definition(content: str) -> None:
-    from soda_guard.judges.context import GEN_DELIMITERS
+    """Also with 1- and 3-character scan spans, so span boundaries fall on every kind of break."""
+    from unittest import mock
 
-    for delimiters in (SODA_DELIMITERS, GEN_DELIMITERS):
-        assert neutralise(content, delimiters) == _neutralise_line_by_line(content, delimiters)
+    from soda_guard.judges import context
+
+    for delimiters in (SODA_DELIMITERS, context.GEN_DELIMITERS):
+        expected = _neutralise_line_by_line(content, delimiters)
+        assert neutralise(content, delimiters) == expected
+        for span in (1, 3):
+            with mock.patch.object(context, "_SCAN_CHUNK", span):
+                assert neutralise(content, delimiters) == expected

@@ -11,6 +11,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import pytest
+
 from soda_guard import Action, Guard, Policy, ScriptedBackend, Trajectory, from_openai_messages, read_audit
 from soda_guard.backends.base import GenerationRequest, GenerationResult
 from soda_guard.backends.scripted import soda_reply
@@ -132,3 +134,27 @@ def test_guard_memory_does_not_grow_with_conversations(tmp_path: Path) -> None:
     while guard.judge_threads.threads and time.monotonic() < deadline:
         time.sleep(0.02)
     assert guard.judge_threads.threads == 0
+
+
+def test_async_checks_render_prompts_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rendering neutralises every line of every message (seconds for megabytes of tool
+    output), so the async path must not do it on the caller's loop."""
+    from soda_guard.judges import SodaJudge
+
+    rendered_on: list[threading.Thread] = []
+    render = SodaJudge.render
+
+    def recording(self: SodaJudge, trajectory: Trajectory) -> object:
+        rendered_on.append(threading.current_thread())
+        return render(self, trajectory)
+
+    monkeypatch.setattr(SodaJudge, "render", recording)
+    guard = Guard(Policy.from_yaml("version: 1\njudges:\n  soda: {kind: soda, model: m}\n"), backends={"soda": ScriptedBackend(respond)})
+    try:
+        async def check() -> tuple[list[object], threading.Thread]:
+            return await guard.acheck_tool_calls(conversation(1, 0)), threading.current_thread()
+
+        decisions, loop_thread = asyncio.run(check())
+    finally:
+        guard.close()
+    assert decisions and rendered_on and loop_thread not in rendered_on

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -13,7 +14,12 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, Huma
 from langchain_core.outputs import ChatGenerationChunk
 from torch import nn
 
-from soda_guard.integrations.streaming import AssistantTextRenderer, StreamFlaggedError, StreamGuardCallbackHandler
+from soda_guard.integrations.streaming import (
+    AssistantTextRenderer,
+    AsyncStreamGuardCallbackHandler,
+    StreamFlaggedError,
+    StreamGuardCallbackHandler,
+)
 from soda_guard.judges.base import render_assistant
 from soda_guard.judges.stream import make_tiny_stream_guard
 from soda_guard.policy import Policy
@@ -64,13 +70,17 @@ def test_flag_stops_sync_stream(stream_dir: Path) -> None:
     assert error.decision.why.endswith("at token 1")
     assert error.verdict.generated_tokens == len("Here")  # the first stable word, fed as one chunk
     assert ANSWER.startswith(error.partial_text)
-    assert handler.decisions == [error.decision] and not handler._runs
+    assert handler.decisions == [error.decision] and handler.active_runs == 0
 
 
-async def test_flag_stops_astream_events_agent(stream_dir: Path) -> None:
+ASYNC_HANDLERS = [AsyncStreamGuardCallbackHandler, StreamGuardCallbackHandler]
+
+
+@pytest.mark.parametrize("handler_class", ASYNC_HANDLERS)
+async def test_flag_stops_astream_events_agent(stream_dir: Path, handler_class: type) -> None:
     from langchain.agents import create_agent
 
-    handler = StreamGuardCallbackHandler(_monitor(stream_dir, 2))
+    handler = handler_class(_monitor(stream_dir, 2))
     agent = create_agent(_fake(), tools=[])
     streamed: list[str] = []
     with pytest.raises(StreamFlaggedError) as caught:
@@ -81,10 +91,37 @@ async def test_flag_stops_astream_events_agent(stream_dir: Path) -> None:
     assert len("".join(streamed)) < len(ANSWER)
 
 
-async def test_safe_stream_runs_to_the_end(stream_dir: Path) -> None:
-    handler = StreamGuardCallbackHandler(_monitor(stream_dir, 0))
+@pytest.mark.parametrize("handler_class", ASYNC_HANDLERS)
+async def test_safe_stream_runs_to_the_end(stream_dir: Path, handler_class: type) -> None:
+    handler = handler_class(_monitor(stream_dir, 0))
     chunks = [chunk.content async for chunk in _fake().astream([HumanMessage(content="hi")], config={"callbacks": [handler]})]
-    assert "".join(chunks) == ANSWER and handler.decisions == [] and not handler._runs
+    assert "".join(chunks) == ANSWER and handler.decisions == [] and handler.active_runs == 0
+
+
+async def test_async_handler_feeds_in_order_off_the_event_loop(stream_dir: Path) -> None:
+    """Each token's model step runs on a worker thread, and the monitor still sees the text in
+    the order it streamed."""
+    monitor = _monitor(stream_dir, 0)
+    fed: list[tuple[str, threading.Thread]] = []
+    open_stream = monitor.open
+
+    def recording_open(*args: Any, **kwargs: Any) -> Any:
+        stream = open_stream(*args, **kwargs)
+        feed = stream.feed
+
+        def recording_feed(piece: Any) -> Any:
+            fed.append((piece, threading.current_thread()))
+            return feed(piece)
+
+        stream.feed = recording_feed  # type: ignore[method-assign]
+        return stream
+
+    monitor.open = recording_open  # type: ignore[method-assign]
+    handler = AsyncStreamGuardCallbackHandler(monitor)
+    chunks = [chunk.content async for chunk in _fake().astream([HumanMessage(content="hi")], config={"callbacks": [handler]})]
+    assert "".join(chunks) == ANSWER == "".join(piece for piece, _ in fed)
+    assert fed and threading.current_thread() not in {thread for _, thread in fed}
+    assert handler.active_runs == 0
 
 
 def test_log_policy_lets_the_stream_finish(stream_dir: Path, caplog: pytest.LogCaptureFixture) -> None:

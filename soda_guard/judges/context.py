@@ -88,13 +88,35 @@ def _candidates(delimiters: re.Pattern[str]) -> tuple[re.Pattern[str], re.Patter
     )
 
 
+_SCAN_CHUNK = 1 << 16
+
+
+def _chunks(text: str) -> list[tuple[int, int]]:
+    """Spans of about 64k characters that end just before a line break, so every line (and
+    the break before it) lies in one span. One regex call holds the GIL for its whole span; in
+    spans, a multi-megabyte message rendered on a worker thread leaves the event loop and other
+    threads a turn every few milliseconds."""
+    spans = []
+    begin = 0
+    while len(text) - begin > _SCAN_CHUNK:
+        found = _LINE_BREAK.search(text, begin + _SCAN_CHUNK)
+        if found is None:
+            break
+        spans.append((begin, found.start()))
+        begin = found.start()
+    spans.append((begin, len(text)))
+    return spans
+
+
 def neutralise(text: str, delimiters: re.Pattern[str]) -> str:
     """Escape every line of `text` that starts like a judge delimiter, and every special-token
     string. Patterns match line prefixes only, so a prefix of an unescaped line can never match:
     clipping after neutralising cannot create a delimiter."""
     text = _SPECIAL_TOKEN.sub("<" + ESCAPE + "|", text)
     first, later = _candidates(delimiters)
-    starts = ([0] if first.match(text) else []) + [found.end() for found in later.finditer(text)]
+    starts = [0] if first.match(text) else []
+    for begin, end in _chunks(text):
+        starts += [found.end() for found in later.finditer(text, begin, end)]
     escapes = []
     for start in starts:
         end = _LINE_BREAK.search(text, start)
