@@ -25,7 +25,11 @@ from soda_guard.judges.soda import SodaJudge
 from soda_guard.policy import Policy, resolve_policy
 from soda_guard.trajectory import Trajectory
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Guard tool-calling agents with local safety judges. Exit codes: 0 allow, 1 block or escalate, 2 usage or load error.",
+)
 
 JudgeKind = typer.Option("soda", "--judge", help="soda or qwen3guard (with --policy: a judge name)")
 Window = typer.Option("latest", "--window", help="latest: from the latest user request on; full: everything")
@@ -99,8 +103,7 @@ def judge_command(
     window: str = Window,
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
 ) -> None:
-    """Judge the conversation's pending tool calls (or the whole conversation when none is
-    pending) and print the decisions as JSON."""
+    """Judge the conversation's pending tool calls (or the whole conversation when none is pending) and print the decisions as JSON."""
     trajectory = read_conversation(file)
     loaded_policy, name = _policy_for(policy, judge, model, window, device)
     guard = Guard(loaded_policy)
