@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
 import unicodedata
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -108,10 +110,61 @@ def _chunks(text: str) -> list[tuple[int, int]]:
     return spans
 
 
+class _Memo:
+    """`neutralise` results for long texts, least recently used first out, bounded by the total
+    length of the texts held. An agent's history is judged again at every tool call and once
+    per parallel call, so its long tool results are neutralised once, not at every judgment;
+    the text objects are usually the agent's own, and a text without delimiters is its own
+    result, so holding them costs little beyond keeping them alive."""
+
+    def __init__(self, max_chars: int) -> None:
+        self.max_chars = max_chars
+        self.chars = 0
+        self._entries: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str]) -> str | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+            return found
+
+    def put(self, key: tuple[str, str], value: str) -> None:
+        size = len(key[1])
+        if size > self.max_chars:
+            return
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key] = value
+            self.chars += size
+            while self.chars > self.max_chars:
+                (_, evicted), _ = self._entries.popitem(last=False)
+                self.chars -= len(evicted)
+
+
+_MEMO_MIN_CHARS = 4096
+"""Shorter texts neutralise in microseconds: not worth a slot."""
+
+_MEMO = _Memo(max_chars=16 << 20)
+
+
 def neutralise(text: str, delimiters: re.Pattern[str]) -> str:
     """Escape every line of `text` that starts like a judge delimiter, and every special-token
     string. Patterns match line prefixes only, so a prefix of an unescaped line can never match:
     clipping after neutralising cannot create a delimiter."""
+    if len(text) < _MEMO_MIN_CHARS:
+        return _neutralise(text, delimiters)
+    key = (delimiters.pattern, text)
+    found = _MEMO.get(key)
+    if found is None:
+        found = _neutralise(text, delimiters)
+        _MEMO.put(key, found)
+    return found
+
+
+def _neutralise(text: str, delimiters: re.Pattern[str]) -> str:
     text = _SPECIAL_TOKEN.sub("<" + ESCAPE + "|", text)
     first, later = _candidates(delimiters)
     starts = [0] if first.match(text) else []
