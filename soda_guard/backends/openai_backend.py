@@ -172,7 +172,10 @@ class OpenAIBackend:
                 self.pool.checkin(server)
             return parse_completion(payload, request.score, where=server.base_url)
 
-    def _timed_out(self, attempts: int, last: _Retryable | None) -> JudgeError:
+    def _timed_out(self, attempts: int | None, last: _Retryable | None) -> JudgeError:
+        """`attempts` is None where the caller stopped waiting for a worker still sending."""
+        if attempts is None:
+            return JudgeError(f"judgment timed out after {self.timeout_s}s (no answer from the worker by then)")
         cause = f"; last: {last}" if last is not None else ""
         return JudgeError(f"judgment timed out after {self.timeout_s}s ({attempts} attempt(s){cause})")
 
@@ -192,7 +195,7 @@ class OpenAIBackend:
         try:
             return [future.result(timeout=max(0.0, deadline - time.monotonic()) + _DEADLINE_GRACE_S) for future in futures]
         except FutureTimeout:
-            raise self._timed_out(0, None) from None
+            raise self._timed_out(None, None) from None
         finally:
             for future in futures:
                 future.cancel()
@@ -204,7 +207,7 @@ class OpenAIBackend:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic()) + _DEADLINE_GRACE_S):
                 return list(await asyncio.gather(*waiting))
         except TimeoutError:
-            raise self._timed_out(0, None) from None
+            raise self._timed_out(None, None) from None
         finally:
             for future in futures:
                 future.cancel()
