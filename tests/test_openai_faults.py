@@ -155,3 +155,31 @@ async def test_a_server_dying_mid_run_is_replaced_without_losing_answers() -> No
         survivor.stop()
     assert [a.text for a in answers] == [soda_reply(False, f"judgment-{n}") for n in range(60)]
     assert 5 <= doomed.app.state.stats.served < 60 and survivor.app.state.stats.served > 0
+
+
+async def _trickling_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers 200 and then one byte every 0.1 s for 2 s: no single read ever times out, so
+    only the judgment's deadline can end the wait."""
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    for _ in range(20):
+        await send({"type": "http.response.body", "body": b" ", "more_body": True})
+        await asyncio.sleep(0.1)
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_trickling_server_cannot_hold_the_caller_past_the_deadline(mode: str) -> None:
+    import time
+
+    with LoopbackServer(_trickling_app) as server, backend(server.base_url, timeout_s=0.3) as client:
+        started = time.monotonic()
+        with pytest.raises(JudgeError, match=r"timed out after 0.3s \(no answer from the worker by then\)"):
+            if mode == "sync":
+                client.generate([REQUEST])
+            else:
+                asyncio.run(client.agenerate([REQUEST]))
+        assert time.monotonic() - started < 1.5
