@@ -76,14 +76,17 @@ _BREAK_CHARS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 
 
 @functools.lru_cache(maxsize=None)
-def _candidates(delimiters: re.Pattern[str]) -> tuple[re.Pattern[str], re.Pattern[str]]:
+def _candidates(delimiters: re.Pattern[str], ascii_text: bool) -> tuple[re.Pattern[str], re.Pattern[str]]:
     """(the first line, every later line: a break followed by) a line that may need escaping,
     found by C-level scans instead of a Python loop over every line (a 5 MB tool result is over
     a million lines). A line that is not a candidate is pure ASCII, where `_line_start_key`
     only skips tab, space and U+001F and NFKC changes nothing, and the delimiter does not match
     after those: so it cannot match its key either. Candidates get the exact check. A CR LF
-    pair is one break, as in `_LINE_BREAK`."""
-    line = f"(?:[ \t\x1f]*(?:{delimiters.pattern})|(?-i:(?=[^{_BREAK_CHARS}]*[^\x00-\x7f])))"
+    pair is one break, as in `_LINE_BREAK`. In an all-ASCII text no line can contain anything
+    else, and the scan for it (half the work) is left out."""
+    line = f"[ \t\x1f]*(?:{delimiters.pattern})"
+    if not ascii_text:
+        line = f"(?:{line}|(?-i:(?=[^{_BREAK_CHARS}]*[^\x00-\x7f])))"
     return (
         re.compile(line, delimiters.flags),
         re.compile(f"(?:\r\n|[{_BREAK_CHARS}])(?={line})", delimiters.flags),
@@ -166,7 +169,7 @@ def neutralise(text: str, delimiters: re.Pattern[str]) -> str:
 
 def _neutralise(text: str, delimiters: re.Pattern[str]) -> str:
     text = _SPECIAL_TOKEN.sub("<" + ESCAPE + "|", text)
-    first, later = _candidates(delimiters)
+    first, later = _candidates(delimiters, text.isascii())
     starts = [0] if first.match(text) else []
     for begin, end in _chunks(text):
         starts += [found.end() for found in later.finditer(text, begin, end)]
