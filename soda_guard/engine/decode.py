@@ -140,24 +140,30 @@ class Engine:
         """Judge `jobs` as one batch, calling `answer(index, result)` as soon as each row ends."""
         self.stats.batches += 1
         self.stats.judgments += len(jobs)
-        logits, cache, mask, positions = self._prefill(jobs)
+        logits, caches = self._prefill(jobs)
         if self.verdict_only:
             for index, job in enumerate(jobs):
                 answer(index, self._verdict_only_result(job, logits[index]))
             return
+        cache, mask, positions = self._decode_batch(jobs, caches)
         self._decode(jobs, logits, cache, mask, positions, answer)
 
-    def _prefill(self, jobs: Sequence[Job]) -> tuple[torch.Tensor, Cache, torch.Tensor, torch.Tensor]:
+    def _prefill(self, jobs: Sequence[Job]) -> tuple[torch.Tensor, list[DynamicCache]]:
         """Prefill each row on its own (prefill is compute-bound, so batching it gains little and
-        padding long prompts costs a lot), then left-pad the rows into one decode batch whose
-        cache and mask already have room for every token still to generate. Rows go in order and
-        each may build on any earlier row of the batch, so the parallel calls of one turn (views
-        that differ only in the pending call) prefill their shared prefix once, whether or not the
-        prefix cache is on or has room for it."""
+        padding long prompts costs a lot). Rows go in order and each may build on any earlier row
+        of the batch, so the parallel calls of one turn (views that differ only in the pending
+        call) prefill their shared prefix once, whether or not the prefix cache is on or has room
+        for it."""
         rows: list[tuple[torch.Tensor, DynamicCache]] = []
         for job in jobs:
             rows.append(self._prefill_one(job, [(earlier.ids, cache) for earlier, (_, cache) in zip(jobs, rows)]))
-        logits = torch.cat([row_logits for row_logits, _ in rows])
+        return torch.cat([row_logits for row_logits, _ in rows]), [cache for _, cache in rows]
+
+    def _decode_batch(
+        self, jobs: Sequence[Job], caches: Sequence[DynamicCache]
+    ) -> tuple[Cache, torch.Tensor, torch.Tensor]:
+        """Left-pad the prefilled rows into one decode batch whose cache and mask already have
+        room for every token still to generate."""
         lengths = [len(job.ids) for job in jobs]
         longest = max(lengths)
         capacity = longest + max(job.request.max_new_tokens for job in jobs)
@@ -166,18 +172,18 @@ class Engine:
         for row, length in enumerate(lengths):
             mask[row, longest - length : longest] = 1
         layers = []
-        for layer in range(len(rows[0][1].layers)):
+        for layer in range(len(caches[0].layers)):
             buffers = []
             for kind in ("keys", "values"):
-                first = getattr(rows[0][1].layers[layer], kind)
+                first = getattr(caches[0].layers[layer], kind)
                 # Zeros, not empty: pad columns are masked, but a NaN there would still reach
                 # the output through its zero attention weight.
                 buffer = first.new_zeros((len(jobs), first.shape[1], capacity, first.shape[3]))
-                for row, (_, cache) in enumerate(rows):
+                for row, cache in enumerate(caches):
                     buffer[row, :, longest - lengths[row] : longest] = getattr(cache.layers[layer], kind)[0]
                 buffers.append(buffer)
             layers.append((buffers[0], buffers[1]))
-        return logits, in_place_cache(layers, longest), mask, positions
+        return in_place_cache(layers, longest), mask, positions
 
     def _prefill_one(
         self, job: Job, batch: Sequence[tuple[torch.Tensor, DynamicCache]]
