@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Generator, Mapping
+from typing import Any, Awaitable, Callable, Generator, Mapping, TypeVar
 
 from langchain_core.messages import ToolMessage
 from langchain_core.runnables import RunnableLambda
@@ -59,6 +59,32 @@ class _Moderate:
 
 
 _Need = _Judge | _Run | _Moderate
+
+Need = TypeVar("Need")
+Answer = TypeVar("Answer")
+Result = TypeVar("Result")
+
+
+def run_steps(steps: Generator[Need, Answer, Result], answer: Callable[[Need], Answer]) -> Result:
+    """Drive logic written once as a generator (it yields what it needs, is sent the answer,
+    returns its result) with sync answers; `arun_steps` is the same with awaited ones."""
+    reply: Any = None
+    while True:
+        try:
+            need = steps.send(reply)
+        except StopIteration as done:
+            return done.value
+        reply = answer(need)
+
+
+async def arun_steps(steps: Generator[Need, Answer, Result], answer: Callable[[Need], Awaitable[Answer]]) -> Result:
+    reply: Any = None
+    while True:
+        try:
+            need = steps.send(reply)
+        except StopIteration as done:
+            return done.value
+        reply = await answer(need)
 RUN_NAME = "soda_guard"
 
 
@@ -351,31 +377,21 @@ class ToolCallEnforcer:
         return self._finish(request, call, record, result)
 
     def wrap(self, request: ToolCallRequest, handler: Handler) -> ToolMessage | Command[Any]:
-        steps = self._steps(request)
-        answer: Any = None
-        while True:
-            try:
-                need = steps.send(answer)
-            except StopIteration as done:
-                return done.value
+        def answer(need: _Need) -> Any:
             if isinstance(need, _Judge):
-                answer = self.judging.calls(need.trajectory, [need.call])
-            elif isinstance(need, _Run):
-                answer = handler(need.request)
-            else:
-                answer = self.judging.result(need.trajectory, need.call, need.message)
+                return self.judging.calls(need.trajectory, [need.call])
+            if isinstance(need, _Run):
+                return handler(need.request)
+            return self.judging.result(need.trajectory, need.call, need.message)
+
+        return run_steps(self._steps(request), answer)
 
     async def awrap(self, request: ToolCallRequest, handler: AsyncHandler) -> ToolMessage | Command[Any]:
-        steps = self._steps(request)
-        answer: Any = None
-        while True:
-            try:
-                need = steps.send(answer)
-            except StopIteration as done:
-                return done.value
+        async def answer(need: _Need) -> Any:
             if isinstance(need, _Judge):
-                answer = await self.judging.acalls(need.trajectory, [need.call])
-            elif isinstance(need, _Run):
-                answer = await handler(need.request)
-            else:
-                answer = await self.judging.aresult(need.trajectory, need.call, need.message)
+                return await self.judging.acalls(need.trajectory, [need.call])
+            if isinstance(need, _Run):
+                return await handler(need.request)
+            return await self.judging.aresult(need.trajectory, need.call, need.message)
+
+        return await arun_steps(self._steps(request), answer)

@@ -41,9 +41,11 @@ from soda_guard.integrations._enforce import (
     Judging,
     ToolCallEnforcer,
     apply_review,
-    ask_reviewer,
+    arun_steps,
     as_guard,
+    ask_reviewer,
     resolve_fixed,
+    run_steps,
     thread_id,
 )
 
@@ -155,22 +157,10 @@ class GuardNode:
         return self._route(last_ai, pending, records)
 
     def invoke(self, state: Mapping[str, Any]) -> Command[Any]:
-        steps = self._steps(state)
-        try:
-            request = next(steps)
-            while True:
-                request = steps.send(self.judging.calls(*request))
-        except StopIteration as done:
-            return done.value
+        return run_steps(self._steps(state), lambda need: self.judging.calls(*need))
 
     async def ainvoke(self, state: Mapping[str, Any]) -> Command[Any]:
-        steps = self._steps(state)
-        try:
-            request = next(steps)
-            while True:
-                request = steps.send(await self.judging.acalls(*request))
-        except StopIteration as done:
-            return done.value
+        return await arun_steps(self._steps(state), lambda need: self.judging.acalls(*need))
 
     def _with_records(self, command: Command[Any], decisions: list[Decision]) -> Command[Any]:
         update = dict(command.update or {})
