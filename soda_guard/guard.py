@@ -234,14 +234,14 @@ class Guard:
             return self._failure_verdicts(judge_name, count, JudgeError(f"judge returned {size} verdicts for {count} calls"), start)
         return results
 
-    def _judge_group(self, judge_name: str, views: list[Trajectory], start: float) -> list[Verdict]:
+    def _judge_group(self, judge_name: str, views: list[Trajectory], start: float, deadline: float) -> list[Verdict]:
         try:
             runner = self.runner(judge_name)
         except Exception as error:  # a model that cannot load is a judge failure too
             return self._load_failure(judge_name, len(views), error, start)
-        return runner.verdicts(views)
+        return runner.verdicts(views, deadline)
 
-    async def _ajudge_group(self, judge_name: str, views: list[Trajectory], start: float) -> list[Verdict]:
+    async def _ajudge_group(self, judge_name: str, views: list[Trajectory], start: float, deadline: float) -> list[Verdict]:
         runner = self._runners.get(judge_name)
         if runner is None:
             loading = self.judge_threads.submit(lambda: self.runner(judge_name))
@@ -250,7 +250,7 @@ class Guard:
             except Exception as error:
                 return self._load_failure(judge_name, len(views), error, start)
         try:
-            return await runner.averdicts(views)
+            return await runner.averdicts(views, deadline)
         except (Exception, asyncio.CancelledError):
             raise
         except BaseException as error:  # SystemExit from a judge would otherwise stop the event loop
@@ -264,12 +264,13 @@ class Guard:
         so the call returns within `timeout_s` however many judges it needs or hang."""
         start = time.perf_counter()
         deadline = start + self.policy.defaults.timeout_s
+        gives_up = time.monotonic() + self.policy.defaults.timeout_s  # the backends' clock
         submitted: list[tuple[str, list[int], concurrent.futures.Future[Any] | BaseException]] = []
         for judge_name, indexes in self._groups(items).items():
             views = [items[i].view for i in indexes]
             try:
                 future: concurrent.futures.Future[Any] | BaseException = self.judge_threads.submit(
-                    lambda name=judge_name, views=views: self._judge_group(name, views, start)  # type: ignore[misc]
+                    lambda name=judge_name, views=views: self._judge_group(name, views, start, gives_up)  # type: ignore[misc]
                 )
             except JudgeError as error:
                 future = error
@@ -291,9 +292,10 @@ class Guard:
         """`asyncio.wait` rather than `wait_for`: a judge coroutine that swallows its
         cancellation must not hold the caller past the deadline."""
         start = time.perf_counter()
+        gives_up = time.monotonic() + self.policy.defaults.timeout_s
         groups = list(self._groups(items).items())
         tasks = [
-            asyncio.ensure_future(self._ajudge_group(name, [items[i].view for i in indexes], start))
+            asyncio.ensure_future(self._ajudge_group(name, [items[i].view for i in indexes], start, gives_up))
             for name, indexes in groups
         ]
         verdicts: dict[int, Verdict] = {}

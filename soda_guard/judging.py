@@ -72,13 +72,14 @@ class JudgeRunner:
     def model_id(self) -> str:
         return self.backend.model_id
 
-    def prepare(self, trajectory: Trajectory) -> tuple[RenderedPrompt, GenerationRequest]:
+    def prepare(self, trajectory: Trajectory, deadline: float | None = None) -> tuple[RenderedPrompt, GenerationRequest]:
         rendered = self.judge.render(trajectory)
         request = GenerationRequest(
             messages=rendered.messages,
             max_new_tokens=self.max_new_tokens,
             score=self.judge.score_spec,
             cache_key=trajectory.conversation_id,
+            deadline=deadline,
         )
         return rendered, request
 
@@ -135,17 +136,19 @@ class JudgeRunner:
             for (rendered, _), result in zip(prepared, results)
         ]
 
-    def verdicts(self, trajectories: Sequence[Trajectory]) -> list[Verdict]:
-        """One batched backend call; errors propagate so the caller applies its fail mode."""
-        prepared = [self.prepare(t) for t in trajectories]
+    def verdicts(self, trajectories: Sequence[Trajectory], deadline: float | None = None) -> list[Verdict]:
+        """One batched backend call; errors propagate so the caller applies its fail mode.
+        `deadline` (`time.monotonic()`) travels on each request so a backend can stop working
+        on judgments the caller has given up on."""
+        prepared = [self.prepare(t, deadline) for t in trajectories]
         start = time.perf_counter()
         results = self.backend.generate([request for _, request in prepared])
         return self._finish(prepared, results, start)
 
-    async def averdicts(self, trajectories: Sequence[Trajectory]) -> list[Verdict]:
+    async def averdicts(self, trajectories: Sequence[Trajectory], deadline: float | None = None) -> list[Verdict]:
         # rendering neutralises every line of every message: seconds for a trajectory of large
         # tool results, which must not stall the caller's event loop
-        prepared = await asyncio.to_thread(lambda: [self.prepare(t) for t in trajectories])
+        prepared = await asyncio.to_thread(lambda: [self.prepare(t, deadline) for t in trajectories])
         start = time.perf_counter()
         results = await self.backend.agenerate([request for _, request in prepared])
         return self._finish(prepared, results, start)

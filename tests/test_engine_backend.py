@@ -205,7 +205,7 @@ def test_prefill_logits_equal_a_full_forward(backend: TransformersBackend) -> No
     engine = Engine(backend.model, backend.tokenizer, backend.device)
     engine.run([engine.job(judgment("alice", 1)), engine.job(judgment("bob", 0))], lambda i, r: None)
     jobs = [engine.job(r) for r in (judgment("alice", 3), judgment("bob", 0), judgment("carol", 2))]
-    logits = torch.inference_mode()(engine._prefill)(jobs)[0]
+    logits = torch.inference_mode()(engine._prefill)(jobs, lambda i, r: None)[1]
     with torch.inference_mode():
         for row, job in enumerate(jobs):
             full = backend.model(input_ids=job.ids[None]).logits[0, -1].float()

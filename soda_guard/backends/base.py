@@ -19,6 +19,9 @@ class GenerationRequest:
     max_new_tokens: int = 128
     score: ScoreSpec | None = None
     cache_key: str | None = None
+    deadline: float | None = None
+    """`time.monotonic()` value after which nobody waits for the answer any more: in-process
+    work on it is dropped (before it starts, or between decode steps) instead of finished."""
 
 
 @dataclass

@@ -10,6 +10,9 @@ concurrent judgments share one forward batch. Greedy text and scores are those o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
+from concurrent.futures import Future
 from typing import Any, Sequence
 
 from soda_guard.backends.base import GenerationRequest, GenerationResult
@@ -36,6 +39,8 @@ class TransformersBackend:
       the amount of work.
     - `compile_decode`: torch.compile the decode step (CUDA only; unmeasured, see
       benchmarks/RESULTS.md).
+    - `timeout_s`: the deadline of a request that brings none (`GenerationRequest.deadline`),
+      so no caller waits on the engine without one.
     """
 
     def __init__(
@@ -73,7 +78,9 @@ class TransformersBackend:
         verdict_only: bool = False,
         ignore_eos: bool = False,
         compile_decode: bool = False,
+        timeout_s: float = 300.0,
     ) -> None:
+        self.timeout_s = timeout_s
         self.engine = Engine(
             self.model,
             self.tokenizer,
@@ -85,7 +92,10 @@ class TransformersBackend:
             compile_decode=compile_decode,
         )
         self._batcher: MicroBatcher[Job, GenerationResult] = MicroBatcher(
-            self.engine.run, max_batch_size=max_batch_size, max_wait_s=max_wait_ms / 1000.0
+            self.engine.run,
+            max_batch_size=max_batch_size,
+            max_wait_s=max_wait_ms / 1000.0,
+            expired=lambda job: job.expired(time.monotonic()),
         )
 
     @property
@@ -99,12 +109,30 @@ class TransformersBackend:
     def close(self) -> None:
         self._batcher.close()
 
+    def _with_deadline(self, request: GenerationRequest) -> GenerationRequest:
+        if request.deadline is not None:
+            return request
+        return dataclasses.replace(request, deadline=time.monotonic() + self.timeout_s)
+
+    def _submit(self, requests: Sequence[GenerationRequest]) -> tuple[list[Future[GenerationResult]], float]:
+        jobs = [self.engine.job(self._with_deadline(request)) for request in requests]
+        deadline = max((job.request.deadline for job in jobs if job.request.deadline is not None), default=time.monotonic())
+        return self._batcher.submit(jobs), deadline
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        futures = self._batcher.submit([self.engine.job(request) for request in requests])
-        return [future.result() for future in futures]
+        futures, deadline = self._submit(requests)
+        try:
+            return [future.result(timeout=max(0.0, deadline - time.monotonic())) for future in futures]
+        finally:
+            for future in futures:
+                future.cancel()  # a no-op once running: the engine then drops it at its deadline
 
     async def agenerate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         # tokenising a long prompt takes milliseconds: not on the caller's event loop
-        jobs = await asyncio.to_thread(lambda: [self.engine.job(request) for request in requests])
-        futures = self._batcher.submit(jobs)
-        return list(await asyncio.gather(*(asyncio.wrap_future(future) for future in futures)))
+        futures, deadline = await asyncio.to_thread(self._submit, requests)
+        try:
+            waiting = asyncio.gather(*(asyncio.wrap_future(future) for future in futures))
+            return list(await asyncio.wait_for(waiting, timeout=max(0.0, deadline - time.monotonic())))
+        finally:
+            for future in futures:
+                future.cancel()

@@ -3,7 +3,9 @@
 Parallel tool calls, many agents, threads and asyncio tasks all submit here; one worker thread
 takes whatever is queued, waits at most `max_wait_s` for more (up to `max_batch_size`), runs
 the batch and answers each caller's future as soon as its row ends. A model forward is not
-re-entrant, so the single worker is also the lock.
+re-entrant, so the single worker is also the lock. An item whose caller has given up
+(`expired`) is failed with `TimeoutError` instead of run, so abandoned work never queues ahead
+of live calls.
 """
 
 from __future__ import annotations
@@ -23,15 +25,17 @@ _STOP = object()
 class MicroBatcher(Generic[Item, Result]):
     def __init__(
         self,
-        run_batch: Callable[[Sequence[Item], Callable[[int, Result], None]], None],
+        run_batch: Callable[[Sequence[Item], Callable[[int, Result | BaseException], None]], None],
         *,
         max_batch_size: int = 8,
         max_wait_s: float = 0.002,
         name: str = "soda-guard-batcher",
+        expired: Callable[[Item], bool] = lambda item: False,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         self._run_batch = run_batch
+        self._expired = expired
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self._name = name
@@ -81,16 +85,26 @@ class MicroBatcher(Generic[Item, Result]):
             if first is _STOP:
                 return
             batch, stop = self._gather(first)  # type: ignore[arg-type]
-            self._run([entry for entry in batch if entry[1].set_running_or_notify_cancel()])
+            self._run([entry for entry in batch if entry[1].set_running_or_notify_cancel() and self._live(entry)])
             if stop:
                 return
+
+    def _live(self, entry: tuple[Item, Future[Result]]) -> bool:
+        item, future = entry
+        if self._expired(item):
+            future.set_exception(TimeoutError("judgment abandoned: its deadline passed before it started"))
+            return False
+        return True
 
     def _run(self, batch: list[tuple[Item, Future[Result]]]) -> None:
         if not batch:
             return
 
-        def answer(index: int, result: Result) -> None:
-            batch[index][1].set_result(result)
+        def answer(index: int, result: Result | BaseException) -> None:
+            if isinstance(result, BaseException):
+                batch[index][1].set_exception(result)
+            else:
+                batch[index][1].set_result(result)
 
         try:
             self._run_batch([item for item, _ in batch], answer)

@@ -12,6 +12,7 @@ decode step skips `transformers`' per-call machinery (`qwen3_step`), with the sa
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -61,6 +62,9 @@ class Job:
     prompt_tokens: int
     """The chat prompt's length; `ids` also holds the marker that verdict-only mode writes."""
 
+    def expired(self, now: float) -> bool:
+        return self.request.deadline is not None and now >= self.request.deadline
+
     @property
     def key(self) -> object:
         return self.request.cache_key if self.request.cache_key is not None else ("prompt", hash(tuple(self.ids.tolist())))
@@ -70,6 +74,7 @@ class Job:
 class _Row:
     """Decode state of one request: tokens so far and the logits at the verdict position."""
 
+    index: int
     job: Job
     generated: list[int] = field(default_factory=list)
     verdict: tuple[int, bool, torch.Tensor] | None = None
@@ -82,6 +87,17 @@ class EngineStats:
     batches: int = 0
     prompt_tokens: int = 0
     prefilled_tokens: int = 0
+    row_steps: int = 0
+    """Decode steps summed over rows: the work a dropped row stops costing."""
+    abandoned: int = 0
+    """Rows dropped because their deadline passed (before prefill or between decode steps)."""
+
+
+Answer = Callable[[int, "GenerationResult | BaseException"], None]
+
+
+def abandoned() -> TimeoutError:
+    return TimeoutError("judgment abandoned: its deadline passed")
 
 
 class Engine:
@@ -98,7 +114,9 @@ class Engine:
         verdict_only: bool = False,
         ignore_eos: bool = False,
         compile_decode: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.clock = clock
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -136,28 +154,42 @@ class Engine:
         return Job(request, torch.tensor(ids, dtype=torch.long), prompt_tokens)
 
     @torch.inference_mode()
-    def run(self, jobs: Sequence[Job], answer: Callable[[int, GenerationResult], None]) -> None:
-        """Judge `jobs` as one batch, calling `answer(index, result)` as soon as each row ends."""
+    def run(self, jobs: Sequence[Job], answer: Answer) -> None:
+        """Judge `jobs` as one batch, calling `answer(index, result)` as soon as each row ends,
+        or `answer(index, TimeoutError)` once its deadline has passed."""
         self.stats.batches += 1
         self.stats.judgments += len(jobs)
-        logits, caches = self._prefill(jobs)
-        if self.verdict_only:
-            for index, job in enumerate(jobs):
-                answer(index, self._verdict_only_result(job, logits[index]))
+        indexes, logits, caches = self._prefill(jobs, answer)
+        if not indexes:
             return
-        cache, mask, positions = self._decode_batch(jobs, caches)
-        self._decode(jobs, logits, cache, mask, positions, answer)
+        live = [jobs[index] for index in indexes]
+        if self.verdict_only:
+            for row, (index, job) in enumerate(zip(indexes, live)):
+                answer(index, self._verdict_only_result(job, logits[row]))
+            return
+        cache, mask, positions = self._decode_batch(live, caches)
+        self._decode([_Row(index, job) for index, job in zip(indexes, live)], logits, cache, mask, positions, answer)
 
-    def _prefill(self, jobs: Sequence[Job]) -> tuple[torch.Tensor, list[DynamicCache]]:
-        """Prefill each row on its own (prefill is compute-bound, so batching it gains little and
-        padding long prompts costs a lot). Rows go in order and each may build on any earlier row
-        of the batch, so the parallel calls of one turn (views that differ only in the pending
-        call) prefill their shared prefix once, whether or not the prefix cache is on or has room
-        for it."""
+    def _prefill(self, jobs: Sequence[Job], answer: Answer) -> tuple[list[int], torch.Tensor, list[DynamicCache]]:
+        """Prefill each live row on its own (prefill is compute-bound, so batching it gains little
+        and padding long prompts costs a lot); a row whose deadline has passed is answered with
+        `TimeoutError` and skipped. Rows go in order and each may build on any earlier row of
+        the batch, so the parallel calls of one turn (views that differ only in the pending call)
+        prefill their shared prefix once, whether or not the prefix cache is on or has room for
+        it."""
+        indexes: list[int] = []
         rows: list[tuple[torch.Tensor, DynamicCache]] = []
-        for job in jobs:
-            rows.append(self._prefill_one(job, [(earlier.ids, cache) for earlier, (_, cache) in zip(jobs, rows)]))
-        return torch.cat([row_logits for row_logits, _ in rows]), [cache for _, cache in rows]
+        for index, job in enumerate(jobs):
+            if job.expired(self.clock()):
+                self.stats.abandoned += 1
+                answer(index, abandoned())
+                continue
+            earlier = [(jobs[i].ids, cache) for i, (_, cache) in zip(indexes, rows)]
+            rows.append(self._prefill_one(job, earlier))
+            indexes.append(index)
+        if not rows:
+            return [], torch.empty(0), []
+        return indexes, torch.cat([row_logits for row_logits, _ in rows]), [cache for _, cache in rows]
 
     def _decode_batch(
         self, jobs: Sequence[Job], caches: Sequence[DynamicCache]
@@ -219,15 +251,16 @@ class Engine:
 
     def _decode(
         self,
-        jobs: Sequence[Job],
+        rows: list[_Row],
         logits: torch.Tensor,
         cache: Cache,
         mask: torch.Tensor,
         positions: torch.Tensor,
-        answer: Callable[[int, GenerationResult], None],
+        answer: Answer,
     ) -> None:
-        rows = [_Row(job) for job in jobs]
-        active = list(range(len(jobs)))
+        """Greedy steps over the batch; a row leaves it at its end or, checked between steps,
+        once its deadline has passed (nobody reads its answer, and it would hold back the rest)."""
+        active = list(rows)
         length = cache.get_seq_length()
         padded = not bool(mask[:, :length].all())
         eos = torch.tensor(self.eos, device=self.device)
@@ -235,16 +268,20 @@ class Engine:
             if self.ignore_eos:
                 logits[:, eos] = float("-inf")
             tokens = logits.argmax(dim=-1)
+            now = self.clock()
             keep = []
-            for slot, (index, token) in enumerate(zip(active, tokens.tolist())):
-                row = rows[index]
+            for slot, (row, token) in enumerate(zip(active, tokens.tolist())):
+                if row.job.expired(now):
+                    self.stats.abandoned += 1
+                    answer(row.index, abandoned())
+                    continue
                 if token in self.eos and not self.ignore_eos:
-                    answer(index, self._result(row))
+                    answer(row.index, self._result(row))
                     continue
                 self._track_verdict(row, logits[slot])
                 row.generated.append(token)
                 if len(row.generated) >= row.job.request.max_new_tokens or self._verdict_complete(row):
-                    answer(index, self._result(row))
+                    answer(row.index, self._result(row))
                     continue
                 keep.append(slot)
             if not keep:
@@ -258,6 +295,7 @@ class Engine:
             mask[:, length] = 1
             length += 1
             positions = positions + 1
+            self.stats.row_steps += len(active)
             logits = self._step(tokens[:, None], positions[:, None], cache, mask[:, :length], padded)
 
     def _step(

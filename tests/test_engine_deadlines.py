@@ -1,0 +1,128 @@
+"""Abandoned in-process judgments stop costing work (issue 15): the deadline travels on the
+request, the batcher fails an expired request before it starts, the decode loop drops a row
+between steps once its deadline passes, and the backend never waits without one. The engine's
+clock is a counter advanced by decode steps, so what is checked is which step dropped a row,
+not how long anything took."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from soda_guard import SodaJudge, from_openai_messages
+from soda_guard.backends.base import GenerationRequest, GenerationResult
+from soda_guard.backends.transformers_backend import TransformersBackend
+from soda_guard.engine.decode import Engine
+from soda_guard.engine.naive import naive_generate
+from soda_guard.testing import make_tiny_judge
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_judge(tmp_path_factory.mktemp("deadline-judge"), seed=3, initializer_range=0.3)
+
+
+def request(name: str, max_new_tokens: int = 12, deadline: float | None = None) -> GenerationRequest:
+    trajectory = from_openai_messages([{"role": "user", "content": f"{name}: wipe the shared drive"}])
+    return GenerationRequest(SodaJudge().render(trajectory).messages, max_new_tokens, None, name, deadline)
+
+
+class StepClock:
+    """Time is the number of decode steps taken so far."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_decode_loop_drops_an_abandoned_row_at_the_step_its_deadline_passes(model_dir: Path) -> None:
+    backend = TransformersBackend(str(model_dir), device="cpu", dtype="float32", ignore_eos=True)
+    clock = StepClock()
+    engine = Engine(backend.model, backend.tokenizer, backend.device, ignore_eos=True, clock=clock)
+    step = engine._step
+
+    def counted_step(*args: object) -> object:
+        clock.now += 1
+        return step(*args)  # type: ignore[arg-type]
+
+    engine._step = counted_step  # type: ignore[method-assign]
+    live, given_up = request("alice", 20), request("bob", 20, deadline=3.0)
+    answers: dict[int, GenerationResult | BaseException] = {}
+    engine.run([engine.job(live), engine.job(given_up)], answers.__setitem__)
+    try:
+        assert isinstance(answers[1], TimeoutError)
+        assert isinstance(answers[0], GenerationResult) and answers[0].generated_tokens == 20
+        assert answers[0].text == naive_generate(backend.model, backend.tokenizer, live, ignore_eos=True).text
+        # 19 steps for the live row; the abandoned one was decoded in steps 1..3 only, not 19
+        assert engine.stats.row_steps == 19 + 3
+        assert engine.stats.abandoned == 1
+    finally:
+        backend.close()
+
+
+def test_an_expired_request_is_never_prefilled_and_the_caller_hears_at_once(model_dir: Path) -> None:
+    backend = TransformersBackend(str(model_dir), device="cpu", dtype="float32")
+    try:
+        backend.generate([request("warmup", 2)])
+        before = backend.stats.prompt_tokens
+        with pytest.raises(TimeoutError):
+            backend.generate([request("late", deadline=time.monotonic() - 1.0)])
+        with pytest.raises(TimeoutError):
+            asyncio.run(backend.agenerate([request("late-async", deadline=time.monotonic() - 1.0)]))
+        assert backend.stats.prompt_tokens == before and backend.stats.row_steps > 0
+        assert backend.engine.stats.abandoned == 0  # the batcher dropped them, not the engine
+    finally:
+        backend.close()
+
+
+def test_a_request_without_a_deadline_gets_the_backends_own(model_dir: Path) -> None:
+    backend = TransformersBackend(str(model_dir), device="cpu", dtype="float32", timeout_s=0.0)
+    try:
+        with pytest.raises(TimeoutError):
+            backend.generate([request("no-deadline")])
+        assert backend.stats.prompt_tokens == 0
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_the_guard_puts_its_deadline_on_every_request(mode: str) -> None:
+    from soda_guard import Guard, Policy, ScriptedBackend
+    from soda_guard.backends.scripted import soda_reply
+
+    policy = Policy.from_yaml(POLICY)
+    backend = ScriptedBackend([soda_reply(False)])
+    guard = Guard(policy, backends={"soda": backend})
+    trajectory = from_openai_messages([
+        {"role": "user", "content": "tidy up"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "a", "function": {"name": "delete_file", "arguments": "{}"}},
+            {"id": "b", "function": {"name": "copy_file", "arguments": "{}"}},
+        ]},
+    ])
+    before = time.monotonic()
+    if mode == "sync":
+        guard.check_tool_calls(trajectory)
+    else:
+        asyncio.run(guard.acheck_tool_calls(trajectory))
+    after = time.monotonic()
+    guard.close()
+    assert len(backend.requests) == 2
+    for sent in backend.requests:
+        assert sent.deadline is not None
+        assert before + policy.defaults.timeout_s <= sent.deadline <= after + policy.defaults.timeout_s
+
+
+POLICY = """
+version: 1
+judges:
+  soda: {kind: soda, model: scripted-judge}
+defaults: {on_unsafe: block, on_error: block, timeout_s: 7}
+rules:
+  - {tools: ["*"]}
+"""
