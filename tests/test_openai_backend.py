@@ -21,7 +21,7 @@ from soda_guard.judges.base import ScoreSpec
 from soda_guard.judges.soda import SodaJudge
 from soda_guard.judging import JudgeRunner, make_backend
 from soda_guard.policy import Policy
-from soda_guard.testing_server import LoopbackServer, ScriptedHTTPApp, chat_reply, create_app
+from soda_guard.testing.server import LoopbackServer, ScriptedHTTPApp, chat_reply, create_app
 from soda_guard.trajectory import Trajectory
 from soda_guard.verdict import Action, Label
 

@@ -15,7 +15,7 @@ from soda_guard.backends.openai_backend import OpenAIBackend
 from soda_guard.backends.scripted import ScriptedBackend, soda_reply
 from soda_guard.errors import JudgeError
 from soda_guard.judges.soda import SodaJudge
-from soda_guard.testing_server import LoopbackServer, Reply, ScriptedHTTPApp, chat_reply, create_app
+from soda_guard.testing.server import LoopbackServer, Reply, ScriptedHTTPApp, chat_reply, create_app
 
 REQUEST = GenerationRequest(messages=[{"role": "user", "content": "judge this"}], max_new_tokens=16, score=SodaJudge.score_spec)
 OK = chat_reply(soda_reply(True))

@@ -14,7 +14,7 @@ from soda_guard.backends.openai_backend import OpenAIBackend
 from soda_guard.backends.scripted import ScriptedBackend, soda_reply
 from soda_guard.backends.server_pool import ServerPool
 from soda_guard.judges.soda import SodaJudge
-from soda_guard.testing_server import LoopbackServer, create_app
+from soda_guard.testing.server import LoopbackServer, create_app
 
 
 class FakeClock:

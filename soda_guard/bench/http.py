@@ -26,7 +26,6 @@ from soda_guard.backends.openai_backend import OpenAIBackend
 from soda_guard.backends.scripted import ScriptedBackend, keyword_responder
 from soda_guard.bench.report import BenchSection, percentile, time_each
 from soda_guard.judges.soda import SodaJudge
-from soda_guard.testing_server import LOOPBACK
 from soda_guard.trajectory import Trajectory
 
 
@@ -78,7 +77,9 @@ async def _concurrent(client: OpenAIBackend, requests: Sequence[GenerationReques
 
 @contextlib.contextmanager
 def _server_process(model_dir: str | None) -> Iterator[str]:
-    command = [sys.executable, "-m", "soda_guard.testing_server"] + (["--model", model_dir] if model_dir else [])
+    from soda_guard.testing.server import LOOPBACK  # the `testing` extra, which this benchmark needs
+
+    command = [sys.executable, "-m", "soda_guard.testing.server"] + (["--model", model_dir] if model_dir else [])
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None and process.stdin is not None

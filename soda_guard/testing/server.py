@@ -5,7 +5,8 @@ model rather than a mock: `create_app` serves a backend (a transformers judge ge
 logprobs from its own logits), `ScriptedHTTPApp` answers from a script to inject faults, and
 `LoopbackServer` runs either under uvicorn on 127.0.0.1 in a thread, including a `kill()` that
 drops every open connection the way a crashing server would. It is not a serving engine: use
-vLLM or SGLang for that.
+vLLM or SGLang for that. It needs FastAPI and uvicorn, which the runtime does not: install the
+`testing` extra (`pip install soda-guard[testing]`); `python -m soda_guard.testing.server` runs it.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+try:
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError(f"soda_guard.testing.server needs the 'testing' extra (pip install soda-guard[testing]): {error}") from error
 
 from soda_guard.backends.base import Backend, GenerationRequest
 
@@ -384,7 +388,7 @@ class LoopbackServer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m soda_guard.testing_server [--model DIR]`: serve on a free loopback port in its
+    """`python -m soda_guard.testing.server [--model DIR]`: serve on a free loopback port in its
     own process (so a benchmark's client and server do not share one GIL), print
     `port <n>` once listening, and exit when stdin closes."""
     import argparse

@@ -4,6 +4,9 @@ Real judge weights cannot be assumed present. A 2-layer Qwen3 saved with `save_p
 exercises the real loading, templating, generation and scoring path; its verdicts mean
 nothing, everything else about it is real. The tokenizer is the real Qwen3 one when a folder
 is given, else a byte-level tokenizer built in process so no file is needed at all.
+
+`soda_guard.testing.server` (the loopback OpenAI-compatible server) is not imported here: it
+needs the `testing` extra.
 """
 
 from __future__ import annotations
