@@ -20,11 +20,11 @@ from enum import IntEnum
 from typing import Any, Sequence
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
-
 from soda_guard.backends.chat_tokens import encode_chat, special_token_strings, tokenize
 from soda_guard.judges.base import render_assistant
 from soda_guard.judges.qwen3guard_gen import tool_response_text
+from soda_guard.engine.kv import KVCache
+from soda_guard.engine.qwen3_step import LeanQwen3
 from soda_guard.judges.stream import QUERY_CATEGORIES, RESPONSE_CATEGORIES, Qwen3GuardStream
 from soda_guard.trajectory import AssistantStep, SystemStep, ToolStep, Trajectory, UserStep
 from soda_guard.verdict import Label, Verdict
@@ -189,37 +189,6 @@ def _query_end(tokenizer: Any, ids: list[int], user_turns: int) -> int:
     raise ValueError("rendered conversation has no user turn")
 
 
-class GrowingKVLayer(DynamicLayer):
-    """A KV cache layer with spare capacity, doubled when full. The stock layer concatenates
-    the whole cache for every token, a copy that grows with the sequence; here a token is an
-    in-place write, and the returned keys/values are views of the filled part."""
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-            self.length = 0
-            self.key_buffer = self.value_buffer = key_states[..., :0, :]
-        end = self.length + key_states.shape[-2]
-        if end > self.key_buffer.shape[-2]:
-            capacity = max(end, 2 * self.key_buffer.shape[-2], 256)
-            self.key_buffer = self._grown(self.key_buffer, key_states, capacity)
-            self.value_buffer = self._grown(self.value_buffer, value_states, capacity)
-        self.key_buffer[..., self.length : end, :] = key_states
-        self.value_buffer[..., self.length : end, :] = value_states
-        self.length = end
-        self.keys, self.values = self.key_buffer[..., :end, :], self.value_buffer[..., :end, :]
-        return self.keys, self.values
-
-    def _grown(self, buffer: torch.Tensor, like: torch.Tensor, capacity: int) -> torch.Tensor:
-        grown = like.new_empty(*like.shape[:-2], capacity, like.shape[-1])
-        grown[..., : self.length, :] = buffer[..., : self.length, :]
-        return grown
-
-
-def new_cache() -> Cache:
-    return Cache(layer_class_to_replicate=GrowingKVLayer)
-
-
 def _probs(logits: torch.Tensor) -> list[list[float]]:
     return torch.softmax(logits.float(), dim=-1).tolist()
 
@@ -237,9 +206,9 @@ class GuardStream:
         self._started = time.perf_counter()
         prompt = encode_stream_prompt(monitor.tokenizer, trajectory)
         self.prompt_tokens = len(prompt.ids)
-        self.cache: Cache | None = new_cache()
+        self.cache: KVCache | None = monitor.forward.new_cache(1, len(prompt.ids) + 256, growable=True)
         with torch.inference_mode():
-            hidden, self.cache = monitor.model.hidden_states(self._tensor(prompt.ids), self.cache)
+            hidden = monitor.hidden(self._tensor(prompt.ids), self.cache)
             query = monitor.model.query_logits(hidden[0, prompt.query_end])
         risk_probs, category_probs = _probs(query.risk), _probs(query.category)
         self.query = QueryVerdict(
@@ -304,7 +273,7 @@ class GuardStream:
         if self.cache is None:
             raise RuntimeError("stream is closed")
         with torch.inference_mode():
-            hidden, self.cache = self.monitor.model.hidden_states(self._tensor(ids), self.cache)
+            hidden = self.monitor.hidden(self._tensor(ids), self.cache)
             heads = self.monitor.model.response_logits(hidden[0])
         risks, categories = heads.risk.argmax(-1).tolist(), heads.category.argmax(-1).tolist()
         out = []
@@ -328,6 +297,12 @@ class StreamMonitor:
 
     def __post_init__(self) -> None:
         self.model_name = self.model_name or str(getattr(self.model, "name_or_path", "qwen3guard-stream"))
+        self.forward = LeanQwen3(self.model.model)
+
+    def hidden(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Final hidden states [1, new, hidden] of `ids` continuing `cache`: the judging engine's
+        prefill over the engine's growable key/value buffers, one path for both."""
+        return self.forward.final_norm_of(self.forward.extend(ids, cache))
 
     @property
     def device(self) -> torch.device:

@@ -26,8 +26,10 @@ class TransformersBackend:
 
     Keyword options (prefix reuse, batching and compile leave every output as it was; the other
     three change what is generated):
-    - `prefix_cache_bytes`: LRU budget for prefix keys/values reused across batches; 0 turns
-      that off (rows of one batch, such as a turn's parallel calls, still share their prefix).
+    - `prefix_cache_tokens`: LRU budget, in prompt tokens, for prefix keys/values reused across
+      batches (32768 is about 4.7 GB for Qwen3-4B in bfloat16); a longer conversation keeps its
+      first that many; 0 turns reuse off (rows of one batch, such as a turn's parallel calls,
+      still share their prefix).
     - `max_batch_size`, `max_wait_ms`: how many concurrent judgments one forward takes and how
       long the first of them waits for company.
     - `stop_at_verdict`: end a row once `<marker> <label>` is written (SODA: `[Verdict] X`;
@@ -37,8 +39,8 @@ class TransformersBackend:
       reason is skipped, the text says so), hence opt-in.
     - `ignore_eos`: never stop on end-of-turn; benchmarks use it so random weights do not change
       the amount of work.
-    - `compile_decode`: torch.compile the decode step (CUDA only; unmeasured, see
-      benchmarks/RESULTS.md).
+    - `compile_decode`: torch.compile the decode step (a win only where kernel launches
+      dominate, i.e. on a GPU; see benchmarks/RESULTS.md).
     - `timeout_s`: the deadline of a request that brings none (`GenerationRequest.deadline`),
       so no caller waits on the engine without one.
     """
@@ -71,7 +73,7 @@ class TransformersBackend:
     def _start(
         self,
         *,
-        prefix_cache_bytes: int = 1 << 30,
+        prefix_cache_tokens: int = 32768,
         max_batch_size: int = 8,
         max_wait_ms: float = 2.0,
         stop_at_verdict: bool = False,
@@ -85,7 +87,7 @@ class TransformersBackend:
             self.model,
             self.tokenizer,
             self.device,
-            prefix_cache_bytes=prefix_cache_bytes,
+            prefix_cache_tokens=prefix_cache_tokens,
             stop_at_verdict=stop_at_verdict,
             verdict_only=verdict_only,
             ignore_eos=ignore_eos,

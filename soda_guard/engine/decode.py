@@ -1,12 +1,13 @@
-"""Batched greedy judging on a transformers causal LM: prefix-reusing prefill, a lean decode loop
-that stops each row as soon as it can, and the verdict score read on the fly.
+"""Batched greedy judging on a Qwen3 judge: prefix-reusing prefill, a decode loop that stops
+each row as soon as it can, and the verdict score read on the fly.
 
-Each row is prefilled alone on top of its cached prefix; rows are then left-padded into one
-decode batch whose pads are masked out and whose position ids count only real tokens. Rotary
-positions are baked into cached keys, so moving them to another column changes nothing. Cached
-tensors are never written: `DynamicCache` concatenates into new tensors during prefill and the
-decode batch is a copy, in buffers that each step writes in place (`kv_buffer`). For Qwen3 the
-decode step skips `transformers`' per-call machinery (`qwen3_step`), with the same logits.
+Each row is prefilled alone on top of its cached prefix into a buffer of its own; rows are then
+left-padded into one decode batch whose pads are masked out and whose position ids count only
+real tokens. Rotary positions are baked into cached keys, so moving them to another column
+changes nothing. Cached tensors are never written: a row's prefill buffer is only read after
+its prefill, and the decode batch is a copy into buffers the engine allocates once and reuses
+for every batch that fits (`kv`). Both forwards are `qwen3_step.LeanQwen3`, the one prefill and
+one decode path, on public `transformers` API only (the model's weights and rotary module).
 """
 
 from __future__ import annotations
@@ -17,14 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import Cache
 
 from soda_guard.backends.base import GenerationRequest, GenerationResult
 from soda_guard.backends.chat_tokens import encode_chat, tokenize
 from soda_guard.backends.scoring import label_tokens, score_from_logits
 from soda_guard.engine import qwen3_step
-from soda_guard.engine.kv_buffer import in_place_cache
+from soda_guard.engine.kv import KVCache
 from soda_guard.engine.prefix_cache import CachedPrefix, PrefixCache, common_prefix
 from soda_guard.errors import JudgeError
 from soda_guard.judges.base import ScoreSpec
@@ -79,6 +78,12 @@ class _Row:
     generated: list[int] = field(default_factory=list)
     verdict: tuple[int, bool, torch.Tensor] | None = None
     verdict_closed: bool = False
+    text: str = ""
+    """`decode(generated)`, kept up to date only while the stop rule or the score needs it."""
+    clean: int = 0
+    """How many leading tokens of `generated` decode to `clean_text` on their own: their text
+    ends on a whole character, so what follows decodes independently of them."""
+    clean_text: str = ""
 
 
 @dataclass
@@ -109,7 +114,7 @@ class Engine:
         tokenizer: Any,
         device: torch.device,
         *,
-        prefix_cache_bytes: int = 1 << 30,
+        prefix_cache_tokens: int = 32768,
         stop_at_verdict: bool = False,
         verdict_only: bool = False,
         ignore_eos: bool = False,
@@ -120,7 +125,8 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
-        self.cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.forward = qwen3_step.LeanQwen3(model)
+        self.cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self.stop_at_verdict = stop_at_verdict
         self.verdict_only = verdict_only
         self.ignore_eos = ignore_eos
@@ -128,12 +134,9 @@ class Engine:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
         self.stats = EngineStats()
         self.max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
-        if compile_decode and device.type != "cuda":
-            raise ValueError("compile_decode needs a CUDA device")
-        self._decode_forward = torch.compile(model, dynamic=True) if compile_decode else model
-        lean = qwen3_step.LeanQwen3(model) if qwen3_step.supports(model) else None
-        self._lean_step = None if compile_decode else lean
-        self._split_prefill = lean if qwen3_step.supports_split_prefill(model) else None
+        self._step = torch.compile(self.forward.decode_step, dynamic=True) if compile_decode else self.forward.decode_step
+        self._buffers: KVCache | None = None
+        self._plain_decode = not getattr(tokenizer, "clean_up_tokenization_spaces", False)
 
     def job(self, request: GenerationRequest) -> Job:
         """Tokenise a request, refusing one the model cannot attend over: past its trained
@@ -170,7 +173,7 @@ class Engine:
         cache, mask, positions = self._decode_batch(live, caches)
         self._decode([_Row(index, job) for index, job in zip(indexes, live)], logits, cache, mask, positions, answer)
 
-    def _prefill(self, jobs: Sequence[Job], answer: Answer) -> tuple[list[int], torch.Tensor, list[DynamicCache]]:
+    def _prefill(self, jobs: Sequence[Job], answer: Answer) -> tuple[list[int], torch.Tensor, list[KVCache]]:
         """Prefill each live row on its own (prefill is compute-bound, so batching it gains little
         and padding long prompts costs a lot); a row whose deadline has passed is answered with
         `TimeoutError` and skipped. Rows go in order and each may build on any earlier row of
@@ -178,7 +181,7 @@ class Engine:
         prefill their shared prefix once, whether or not the prefix cache is on or has room for
         it."""
         indexes: list[int] = []
-        rows: list[tuple[torch.Tensor, DynamicCache]] = []
+        rows: list[tuple[torch.Tensor, KVCache]] = []
         for index, job in enumerate(jobs):
             if job.expired(self.clock()):
                 self.stats.abandoned += 1
@@ -191,10 +194,8 @@ class Engine:
             return [], torch.empty(0), []
         return indexes, torch.cat([row_logits for row_logits, _ in rows]), [cache for _, cache in rows]
 
-    def _decode_batch(
-        self, jobs: Sequence[Job], caches: Sequence[DynamicCache]
-    ) -> tuple[Cache, torch.Tensor, torch.Tensor]:
-        """Left-pad the prefilled rows into one decode batch whose cache and mask already have
+    def _decode_batch(self, jobs: Sequence[Job], caches: Sequence[KVCache]) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
+        """Left-pad the prefilled rows into one decode batch whose buffers and mask already have
         room for every token still to generate."""
         lengths = [len(job.ids) for job in jobs]
         longest = max(lengths)
@@ -203,25 +204,28 @@ class Engine:
         mask = torch.zeros((len(jobs), capacity), dtype=torch.long, device=self.device)
         for row, length in enumerate(lengths):
             mask[row, longest - length : longest] = 1
-        layers = []
-        for layer in range(len(caches[0].layers)):
-            buffers = []
-            for kind in ("keys", "values"):
-                first = getattr(caches[0].layers[layer], kind)
-                # Zeros, not empty: pad columns are masked, but a NaN there would still reach
-                # the output through its zero attention weight.
-                buffer = first.new_zeros((len(jobs), first.shape[1], capacity, first.shape[3]))
-                for row, cache in enumerate(caches):
-                    buffer[row, :, longest - lengths[row] : longest] = getattr(cache.layers[layer], kind)[0]
-                buffers.append(buffer)
-            layers.append((buffers[0], buffers[1]))
-        return in_place_cache(layers, longest), mask, positions
+        batch = self._batch_buffers(len(jobs), capacity)
+        for target, sources in zip(batch.layers, zip(*(cache.layers for cache in caches))):
+            for row, source in enumerate(sources):
+                target.place(row, longest - lengths[row], source.keys[0], source.values[0])
+            target.length = longest
+        return batch, mask, positions
 
-    def _prefill_one(
-        self, job: Job, batch: Sequence[tuple[torch.Tensor, DynamicCache]]
-    ) -> tuple[torch.Tensor, DynamicCache]:
+    def _batch_buffers(self, batch: int, capacity: int) -> KVCache:
+        """Decode buffers for `batch` rows of `capacity` tokens: views into one allocation,
+        replaced only when a batch does not fit, so steady traffic allocates nothing per batch
+        and a step's buffers keep their addresses (what CUDA graphs need)."""
+        held = self._buffers
+        if held is None or held.batch < batch or held.capacity < capacity:
+            rows = max(batch, held.batch if held else 0)
+            columns = -(-max(capacity, held.capacity if held else 0) // 256) * 256
+            self._buffers = held = self.forward.new_cache(rows, columns)
+        return held.window(batch, capacity)
+
+    def _prefill_one(self, job: Job, batch: Sequence[tuple[torch.Tensor, KVCache]]) -> tuple[torch.Tensor, KVCache]:
         """Prefill `job` on top of the longest prefix held by the prefix cache or by a row of
-        `batch` (ids, cache) already prefilled in this batch."""
+        `batch` (ids, cache) already prefilled in this batch, into a buffer of its own that the
+        prefix cache then keeps as it is."""
         reused, entry = self.cache.lookup(job.key, job.ids) if self.cache else (0, None)
         layers = None if entry is None else [(k[None], v[None]) for k, v in entry.layers]
         for ids, earlier in batch:
@@ -230,20 +234,11 @@ class Engine:
                 reused, layers = shared, [(layer.keys, layer.values) for layer in earlier.layers]
         self.stats.prompt_tokens += len(job.ids)
         self.stats.prefilled_tokens += len(job.ids) - reused
-        cache = DynamicCache()
+        cache = self.forward.new_cache(1, len(job.ids))
         if layers is not None and reused:
-            cache = DynamicCache(ddp_cache_data=[(k[:, :, :reused], v[:, :, :reused]) for k, v in layers])
-        tokens = job.ids[None, reused:].to(self.device)
-        if reused and self._split_prefill is not None:
-            logits = self._split_prefill.prefill_on_prefix(tokens, reused, cache)
-        else:
-            logits = self.model(
-                input_ids=tokens,
-                position_ids=torch.arange(reused, len(job.ids), device=self.device)[None],
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1]
+            for layer, (keys, values) in zip(cache.layers, layers):
+                layer.append(keys[:, :, :reused], values[:, :, :reused])
+        logits = self.forward.prefill(job.ids[None, reused:].to(self.device), cache)
         if self.cache is not None:
             stored = tuple((layer.keys[0], layer.values[0]) for layer in cache.layers)
             self.cache.store(job.key, CachedPrefix(job.ids, stored))
@@ -253,7 +248,7 @@ class Engine:
         self,
         rows: list[_Row],
         logits: torch.Tensor,
-        cache: Cache,
+        cache: KVCache,
         mask: torch.Tensor,
         positions: torch.Tensor,
         answer: Answer,
@@ -261,7 +256,7 @@ class Engine:
         """Greedy steps over the batch; a row leaves it at its end or, checked between steps,
         once its deadline has passed (nobody reads its answer, and it would hold back the rest)."""
         active = list(rows)
-        length = cache.get_seq_length()
+        length = cache.length
         padded = not bool(mask[:, :length].all())
         eos = torch.tensor(self.eos, device=self.device)
         while True:
@@ -280,6 +275,7 @@ class Engine:
                     continue
                 self._track_verdict(row, logits[slot])
                 row.generated.append(token)
+                self._extend_text(row)
                 if len(row.generated) >= row.job.request.max_new_tokens or self._verdict_complete(row):
                     answer(row.index, self._result(row))
                     continue
@@ -288,7 +284,7 @@ class Engine:
                 return
             if len(keep) < len(active):
                 selected = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(selected)
+                cache.keep_rows(selected)
                 mask, positions, tokens = mask[selected], positions[selected], tokens[selected]
                 active = [active[slot] for slot in keep]
                 padded = not bool(mask[:, :length].all())
@@ -296,18 +292,7 @@ class Engine:
             length += 1
             positions = positions + 1
             self.stats.row_steps += len(active)
-            logits = self._step(tokens[:, None], positions[:, None], cache, mask[:, :length], padded)
-
-    def _step(
-        self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache, mask: torch.Tensor, padded: bool
-    ) -> torch.Tensor:
-        """Next-token logits of every row; the lean Qwen3 step where it reproduces the model."""
-        if self._lean_step is not None:
-            return self._lean_step.decode_step(tokens, positions, cache, mask if padded else None).float()
-        output = self._decode_forward(
-            input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-        )
-        return output.logits[:, -1].float()
+            logits = self._step(tokens[:, None], positions[:, None], cache, mask[:, :length] if padded else None).float()
 
     def _track_verdict(self, row: _Row, logits: torch.Tensor) -> None:
         """Keep the logits of the step right after the score marker, the position the naive
@@ -315,18 +300,34 @@ class Engine:
         spec = row.job.request.score
         if spec is None or row.verdict_closed:
             return
-        prefix = self.tokenizer.decode(row.generated, skip_special_tokens=True)
-        if re.search(spec.marker, prefix):
-            row.verdict = (len(row.generated), prefix[-1:].isspace(), logits.clone())
+        if re.search(spec.marker, row.text):
+            row.verdict = (len(row.generated), row.text[-1:].isspace(), logits.clone())
         elif row.verdict is not None:
             row.verdict_closed = True
+
+    def _needs_text(self, row: _Row) -> bool:
+        return row.job.request.score is not None and (self.stop_at_verdict or not row.verdict_closed)
+
+    def _extend_text(self, row: _Row) -> None:
+        """Bring `row.text` up to `decode(row.generated)` by decoding only the tokens since the
+        last whole character, not the whole output again (which made every step cost the
+        length of the output so far). A tokenizer that rewrites spaces across tokens on decode
+        (`clean_up_tokenization_spaces`) is decoded whole."""
+        if not self._needs_text(row):
+            return
+        if not self._plain_decode:
+            row.text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+            return
+        tail = self.tokenizer.decode(row.generated[row.clean :], skip_special_tokens=True)
+        row.text = row.clean_text + tail
+        if not tail.endswith("\ufffd"):
+            row.clean, row.clean_text = len(row.generated), row.text
 
     def _verdict_complete(self, row: _Row) -> bool:
         spec = row.job.request.score
         if not self.stop_at_verdict or spec is None or row.verdict is None:
             return False
-        text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
-        return bool(_verdict_done(spec).search(text))
+        return bool(_verdict_done(spec).search(row.text))
 
     def _result(self, row: _Row) -> GenerationResult:
         spec = row.job.request.score

@@ -2,17 +2,29 @@
 
 In an agent loop judgment k+1 re-sends everything judgment k saw, so the keys and values of the
 shared token prefix are kept and only the new tokens are prefilled. Entries are immutable: a
-lookup returns views that callers copy into their own batch tensors, and a store always copies
-the row out of the batch, so one conversation's reuse can never write into another's state.
+lookup returns views that callers copy into their own buffers, and what is stored is a row's
+prefill buffer, which nothing writes after its prefill, so one conversation's reuse can never
+write into another's state.
+
+The budget is in tokens, the unit a judge prompt grows in (bytes per token depend on the
+model; `Engine` converts). A conversation longer than the whole budget keeps its first
+`max_tokens` tokens: a prefix of a prefix is still reusable, and the long conversations are the
+ones that gain most. A lookup checks the caller's own entry, then finds the entry sharing the
+most whole blocks of tokens through a hash index, so it costs the prompt's length in blocks,
+not a scan over every entry.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+BLOCK = 64
+"""Tokens per indexed block: cross-conversation sharing (the fixed judge header) is found at
+this granularity, then extended token by token within the entry found."""
 
 
 @dataclass(frozen=True)
@@ -21,10 +33,17 @@ class CachedPrefix:
     """Token ids (1-D, on CPU) whose keys and values are held."""
     layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
     """Per layer (keys, values), each shaped [kv_heads, tokens, head_dim]."""
+    blocks: tuple[int, ...] = field(default=(), compare=False)
+    """Chained hashes of the whole blocks of `ids`, filled in by the cache."""
 
     @property
-    def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
+    def tokens(self) -> int:
+        return len(self.ids)
+
+    def truncated(self, tokens: int) -> CachedPrefix:
+        """The first `tokens` tokens, copied so the rest of the original can be freed."""
+        layers = tuple((k[:, :tokens].clone(), v[:, :tokens].clone()) for k, v in self.layers)
+        return CachedPrefix(self.ids[:tokens].clone(), layers)
 
 
 def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -35,58 +54,85 @@ def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
     return int(mismatch[0, 0]) if len(mismatch) else n
 
 
-class PrefixCache:
-    """LRU of cached prefixes bounded in bytes. A key (the conversation) holds one entry, its
-    latest prompt; a lookup takes the longest match over all entries, preferring the caller's own
-    key, so the fixed judge header is shared across conversations too (same tokens give the same
-    keys and values, so sharing changes no result)."""
+def block_hashes(ids: torch.Tensor) -> tuple[int, ...]:
+    """Hash of every whole-block prefix of `ids`, each chained on the previous one."""
+    values = ids.tolist()
+    hashes, running = [], 0
+    for end in range(BLOCK, len(values) + 1, BLOCK):
+        running = hash((running, tuple(values[end - BLOCK : end])))
+        hashes.append(running)
+    return tuple(hashes)
 
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
+
+class PrefixCache:
+    """LRU of cached prefixes bounded in tokens. A key (the conversation) holds one entry, its
+    latest prompt; a lookup takes the longer of the caller's own entry and the entry sharing
+    the most blocks, so the fixed judge header is shared across conversations too (same tokens
+    give the same keys and values, so sharing changes no result)."""
+
+    def __init__(self, max_tokens: int) -> None:
+        if max_tokens < 1:
+            raise ValueError("a prefix cache needs room for at least one token")
+        self.max_tokens = max_tokens
         self._entries: OrderedDict[object, CachedPrefix] = OrderedDict()
-        self._bytes = 0
+        self._by_block: dict[int, object] = {}
+        self._tokens = 0
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     @property
-    def nbytes(self) -> int:
-        return self._bytes
+    def tokens(self) -> int:
+        return self._tokens
 
     def lookup(self, key: object, ids: torch.Tensor) -> tuple[int, CachedPrefix | None]:
         """Longest reusable prefix length of `ids` and the entry holding it. At least one token is
         always left to prefill, since its logits start the generation."""
-        best, found = 0, None
+        hashes = block_hashes(ids)
         with self._lock:
-            own = self._entries.get(key)
-            candidates = ([own] if own is not None else []) + [e for k, e in self._entries.items() if k != key]
-            for entry in candidates:
+            candidates = [key]
+            for value in reversed(hashes):
+                holder = self._by_block.get(value)
+                if holder is not None:
+                    candidates.append(holder)
+                    break
+            best, found, found_key = 0, None, None
+            for candidate in candidates:
+                entry = self._entries.get(candidate)
+                if entry is None:
+                    continue
                 length = min(common_prefix(entry.ids, ids), len(ids) - 1)
                 if length > best:
-                    best, found = length, entry
-            if found is not None:
-                for k, e in self._entries.items():
-                    if e is found:
-                        self._entries.move_to_end(k)
-                        break
+                    best, found, found_key = length, entry, candidate
+            if found_key is not None:
+                self._entries.move_to_end(found_key)
         return best, found
 
     def store(self, key: object, entry: CachedPrefix) -> None:
-        size = entry.nbytes
-        if size > self.max_bytes:
-            return
+        if entry.tokens > self.max_tokens:
+            entry = entry.truncated(self.max_tokens)
+        entry = CachedPrefix(entry.ids, entry.layers, block_hashes(entry.ids))
         with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._bytes -= old.nbytes
+            self._remove(key)
             self._entries[key] = entry
-            self._bytes += size
-            while self._bytes > self.max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self._bytes -= evicted.nbytes
+            self._tokens += entry.tokens
+            for value in entry.blocks:
+                self._by_block[value] = key
+            while self._tokens > self.max_tokens:
+                self._remove(next(iter(self._entries)))
+
+    def _remove(self, key: object) -> None:
+        old = self._entries.pop(key, None)
+        if old is None:
+            return
+        self._tokens -= old.tokens
+        for value in old.blocks:
+            if self._by_block.get(value) == key:
+                del self._by_block[value]
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
-            self._bytes = 0
+            self._by_block.clear()
+            self._tokens = 0

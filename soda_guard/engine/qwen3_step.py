@@ -1,14 +1,15 @@
-"""A Qwen3 causal LM's decode step, and its prefill on top of a cached prefix, without
-`transformers`' per-call machinery.
+"""The Qwen3 forward the engine runs: prefill on top of a cached prefix and the batched decode
+step, over key/value buffers the engine owns (`kv`), without `transformers`' per-call machinery.
 
 On CPU with a small judge, the decorated `forward` (output capture, config merging, mask
 building, keyword plumbing through every layer) and even plain `nn.Module` calls cost more than
 the arithmetic of one token (benchmarks/RESULTS.md). `LeanQwen3` holds the model's own weights
-and runs the arithmetic of `Qwen3ForCausalLM.forward` with SDPA attention as functional ops. The
-decode step takes the same SDPA branch for the same mask, so its logits equal the model's; the
-prefill computes the same attention another way (see `prefill_on_prefix`), equal to float
-rounding (tests/test_engine_backend.py checks both). `supports` says when the model is one they
-reproduce, and the engine calls the model itself otherwise.
+and runs the arithmetic of `Qwen3Model.forward` with SDPA attention as functional ops. The
+decode step takes the same SDPA call as the model for the same mask, so its logits are the
+model's bit for bit; so does prefill, except a float32 prefill on CPU on top of a prefix, which
+computes the same softmax faster (see `_prefill_attend`), equal to float rounding
+(tests/test_engine_backend.py checks both against the model). `supports` says when the model
+is one this reproduces; the engine refuses any other.
 """
 
 from __future__ import annotations
@@ -18,17 +19,20 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache
+from transformers import Qwen3ForCausalLM, Qwen3Model
+
+from soda_guard.engine.kv import KVCache
 
 _CPU_FLASH = "_scaled_dot_product_flash_attention_for_cpu"
 
 
 def supports(model: Any) -> bool:
-    """Qwen3 with SDPA attention, SiLU MLPs and no sliding-window layer: the case reproduced here."""
+    """Qwen3 with SiLU MLPs and no sliding-window layer: the SODA judge and Qwen3Guard are all
+    of this kind. Attention is always computed as `transformers`' SDPA implementation (its
+    default) computes it, whatever the model was loaded with."""
     config = model.config
     return (
-        type(model).__name__ == "Qwen3ForCausalLM"
-        and config._attn_implementation == "sdpa"
+        isinstance(model, (Qwen3ForCausalLM, Qwen3Model))
         and config.hidden_act == "silu"
         and all(kind == "full_attention" for kind in config.layer_types)
     )
@@ -68,17 +72,21 @@ Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class LeanQwen3:
-    """The model's weights (shared, not copied) and its forward pass for the engine's two hot
-    paths. Built once per engine: gathering the weights is itself a few hundred attribute
-    lookups."""
+    """The model's weights (shared, not copied) and its forward pass. Built once per engine or
+    stream monitor: gathering the weights is itself a few hundred attribute lookups. `model` is
+    a `Qwen3ForCausalLM` (logits) or a bare `Qwen3Model` backbone (hidden states only)."""
 
     def __init__(self, model: Any) -> None:
-        inner, config = model.model, model.config
+        if not supports(model):
+            raise ValueError(f"the in-process engine runs Qwen3 models (full attention, SiLU), not {type(model).__name__}")
+        inner, config = (model.model, model.config) if isinstance(model, Qwen3ForCausalLM) else (model, model.config)
         self.embed = inner.embed_tokens.weight
         self.rotary = inner.rotary_emb
         self.final_norm = inner.norm.weight
-        self.lm_head = model.lm_head.weight
+        self.lm_head = model.lm_head.weight if isinstance(model, Qwen3ForCausalLM) else None
         self.eps = config.rms_norm_eps
+        self.layer_count = config.num_hidden_layers
+        self.kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = inner.layers[0].self_attn.scaling
@@ -99,30 +107,38 @@ class LeanQwen3:
             for layer in inner.layers
         ]
 
-    def _last_logits(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache, attend: Attend) -> torch.Tensor:
-        """Logits [batch, vocab] at the last of `tokens` ([batch, new]), appending their keys and
-        values to `cache`."""
+    def new_cache(self, batch: int, capacity: int, *, growable: bool = False) -> KVCache:
+        return KVCache.empty(self.layer_count, batch, self.kv_heads, capacity, self.head_dim,
+                             dtype=self.embed.dtype, device=self.embed.device, growable=growable)
+
+    def _hidden(self, tokens: torch.Tensor, positions: torch.Tensor, kv: KVCache, attend: Attend) -> torch.Tensor:
+        """Final hidden states [batch, new, hidden] of `tokens` ([batch, new]) before the final
+        norm, appending their keys and values to `kv`."""
         batch, new = tokens.shape
         eps = self.eps
         hidden = F.embedding(tokens, self.embed)
         cos, sin = self.rotary(hidden, positions)
         cos, sin = cos[:, None], sin[:, None]
         shape = (batch, new, -1, self.head_dim)
-        for index, layer in enumerate(self.layers):
+        for layer, cache in zip(self.layers, kv.layers):
             normed = _norm(hidden, layer.input_norm, eps)
             query = _norm(F.linear(normed, *layer.q).view(shape), layer.q_norm, eps).transpose(1, 2)
             key = _norm(F.linear(normed, *layer.k).view(shape), layer.k_norm, eps).transpose(1, 2)
             value = F.linear(normed, *layer.v).view(shape).transpose(1, 2)
             query = query * cos + _rotate_half(query) * sin
             key = key * cos + _rotate_half(key) * sin
-            key, value = cache.layers[index].update(key, value)
+            key, value = cache.append(key, value)
             out = attend(query, key, value).transpose(1, 2).reshape(batch, new, -1)
             hidden = hidden + F.linear(out, *layer.o)
             normed = _norm(hidden, layer.post_norm, eps)
             hidden = hidden + F.linear(F.silu(F.linear(normed, layer.gate)) * F.linear(normed, layer.up), layer.down)
-        return F.linear(_norm(hidden[:, -1], self.final_norm, eps), self.lm_head)
+        return hidden
 
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache, mask: torch.Tensor | None) -> torch.Tensor:
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        assert self.lm_head is not None, "a bare backbone has no logits"
+        return F.linear(_norm(hidden, self.final_norm, self.eps), self.lm_head)
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, kv: KVCache, mask: torch.Tensor | None) -> torch.Tensor:
         """Logits [batch, vocab] for one new token per row, bit for bit the model's. `tokens` and
         `positions` are [batch, 1]; `mask` is the 2-D padding mask over cache plus new token, or
         None when no row is padded (then SDPA runs unmasked, as `transformers` does for an
@@ -141,33 +157,55 @@ class LeanQwen3:
             out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attend_mask, scale=scale)
             return out.reshape(batch, -1, 1, value.shape[-1])
 
-        return self._last_logits(tokens, positions, cache, attend)
+        return self._logits(self._hidden(tokens, positions, kv, attend)[:, -1])
 
-    def prefill_on_prefix(self, tokens: torch.Tensor, start: int, cache: Cache) -> torch.Tensor:
-        """Logits [1, vocab] after `tokens` ([1, new]) that continue the `start` tokens in `cache`.
+    def prefill(self, tokens: torch.Tensor, kv: KVCache) -> torch.Tensor:
+        """Logits [1, vocab] after `tokens` ([1, new]) that continue the `kv.length` tokens
+        already in `kv`, appending theirs."""
+        return self._logits(self.extend(tokens, kv)[:, -1])
 
-        `transformers` attends the new tokens over prefix plus themselves through an explicit
-        bottom-right causal mask, which sends CPU SDPA to its masked kernel: on a judge prompt
-        that costs two to three times the unmasked flash kernel (benchmarks/RESULTS.md), enough
-        that reusing a short shared header made prefill slower than starting over. Here each
-        layer attends twice with the flash kernel, unmasked over the prefix and causally over
-        the new tokens, and merges the two by their log-sum-exps: the same softmax, to float
-        rounding. CPU only (`supports_split_prefill`)."""
-        flash = getattr(torch.ops.aten, _CPU_FLASH)
-        scale = self.scaling
-
-        def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-            old, old_lse = flash(query, key[:, :, :start], value[:, :, :start], 0.0, False, scale=scale)
-            new, new_lse = flash(query, key[:, :, start:], value[:, :, start:], 0.0, True, scale=scale)
-            top = torch.maximum(old_lse, new_lse)
-            old_weight, new_weight = (old_lse - top).exp()[..., None], (new_lse - top).exp()[..., None]
-            merged = (old * old_weight + new * new_weight) / (old_weight + new_weight)
-            return merged.to(query.dtype)
-
+    def extend(self, tokens: torch.Tensor, kv: KVCache) -> torch.Tensor:
+        """Hidden states [1, new, hidden] (before the final norm) of `tokens` continuing `kv`."""
+        start = kv.length
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
-        return self._last_logits(tokens, positions, cache, attend)
+        return self._hidden(tokens, positions, kv, self._prefill_attend(start))
 
+    def final_norm_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        return _norm(hidden, self.final_norm, self.eps)
 
-def supports_split_prefill(model: Any) -> bool:
-    """The split prefill needs the CPU flash kernel that also returns its log-sum-exp."""
-    return supports(model) and model.device.type == "cpu" and hasattr(torch.ops.aten, _CPU_FLASH)
+    def _prefill_attend(self, start: int) -> Attend:
+        """Causal attention of new tokens over `start` cached ones plus themselves.
+
+        With nothing cached this is the model's own call (causal SDPA, no mask). On top of a
+        prefix, `transformers` passes an explicit bottom-right causal mask, which sends CPU SDPA
+        to its masked kernel: on a judge prompt two to three times the unmasked flash kernel
+        (benchmarks/RESULTS.md), enough that reusing a short shared header made prefill slower
+        than starting over. For a float32 model on CPU each layer therefore attends twice with
+        the flash kernel, unmasked over the prefix and causally over the new tokens, and merges
+        the two by their log-sum-exps in float32: the same softmax, to float rounding. In a
+        16-bit dtype that merge is not the model's arithmetic (the fused kernel rounds its
+        probabilities to the input dtype before weighting the values; a float32 merge of two
+        partial results moved logits by ~0.02 on average from `generate`'s), and a 16-bit judge
+        must write what `generate` writes, so it takes the model's masked call, as on a GPU."""
+        groups, scale = self.groups, self.scaling
+        if start == 0:
+            return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=groups > 1)
+        flash = getattr(torch.ops.aten, _CPU_FLASH, None)
+        if self.embed.device.type == "cpu" and self.embed.dtype == torch.float32 and flash is not None:
+            def split(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+                old, old_lse = flash(query, key[:, :, :start], value[:, :, :start], 0.0, False, scale=scale)
+                new, new_lse = flash(query, key[:, :, start:], value[:, :, start:], 0.0, True, scale=scale)
+                top = torch.maximum(old_lse, new_lse)
+                old_weight, new_weight = (old_lse - top).exp()[..., None], (new_lse - top).exp()[..., None]
+                return (old * old_weight + new * new_weight) / (old_weight + new_weight)
+
+            return split
+
+        def masked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+            new, total = query.shape[2], key.shape[2]
+            allowed = torch.ones((new, total), dtype=torch.bool, device=query.device).tril(total - new)
+            if groups > 1:  # as `transformers` does for a masked call (masked GQA is slow on CUDA)
+                key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scale)
+
+        return masked

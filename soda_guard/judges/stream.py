@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Qwen3Config
-from transformers.cache_utils import Cache
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Model, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
 from soda_guard.backends.loading import _looks_like_path, load_error, resolve_device, resolve_dtype
@@ -67,11 +66,10 @@ class Qwen3GuardStream(nn.Module):
         self.query_risk_level_head = nn.Linear(inner, config.num_query_risk_level, bias=False)
         self.query_category_head = nn.Linear(inner, config.num_query_category, bias=False)
 
-    def hidden_states(self, input_ids: torch.Tensor, past_key_values: Cache | None = None) -> tuple[torch.Tensor, Cache]:
-        """Last hidden states of `input_ids` (batch 1) appended after whatever `past_key_values`
-        already holds; the cache is extended in place and returned."""
-        output = self.model(input_ids=input_ids, past_key_values=past_key_values, use_cache=True)
-        return output.last_hidden_state, output.past_key_values
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Last hidden states of a whole sequence through the `transformers` backbone (the
+        stream monitor runs the same weights incrementally, `soda_guard.engine.qwen3_step`)."""
+        return self.model(input_ids=input_ids, use_cache=False).last_hidden_state
 
     def response_logits(self, hidden: torch.Tensor) -> HeadLogits:
         features = self.risk_level_category_layernorm(self.risk_level_category_pre(hidden))
@@ -84,7 +82,7 @@ class Qwen3GuardStream(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> tuple[HeadLogits, HeadLogits]:
         """Both heads at every position of a whole sequence, with no cache: the reference the
         incremental path must match, and the authors' per-token recompute baseline."""
-        hidden, _ = self.hidden_states(input_ids)
+        hidden = self.hidden_states(input_ids)
         return self.response_logits(hidden), self.query_logits(hidden)
 
 

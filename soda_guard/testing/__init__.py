@@ -27,7 +27,7 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 def shared_tokenizer_dir() -> Path | None:
     """The real Qwen3 tokenizer fixture (`../shared/fixtures/qwen3-tokenizer`), if present."""
     candidates = [os.environ.get("SODA_GUARD_TOKENIZER_DIR")]
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[2]
     candidates += [str(here.parent / "shared/fixtures/qwen3-tokenizer"), str(here / "shared/fixtures/qwen3-tokenizer")]
     for candidate in candidates:
         if candidate and (Path(candidate) / "tokenizer.json").is_file():
