@@ -20,11 +20,12 @@ from enum import IntEnum
 from typing import Any, Sequence
 
 import torch
-from soda_guard.backends.chat_tokens import encode_chat, special_token_strings, tokenize
-from soda_guard.judges.base import render_assistant
-from soda_guard.judges.qwen3guard_gen import tool_response_text
+
+from soda_guard.chat_tokens import encode_chat, special_token_strings, tokenize
 from soda_guard.engine.kv import KVCache
 from soda_guard.engine.qwen3_step import LeanQwen3
+from soda_guard.judges.base import render_assistant
+from soda_guard.judges.qwen3guard_gen import tool_response_text
 from soda_guard.judges.stream import QUERY_CATEGORIES, RESPONSE_CATEGORIES, Qwen3GuardStream
 from soda_guard.trajectory import AssistantStep, SystemStep, ToolStep, Trajectory, UserStep
 from soda_guard.verdict import Label, Verdict
@@ -310,8 +311,8 @@ class StreamMonitor:
 
     @classmethod
     def load(cls, model: str, device: str = "auto", dtype: str = "auto", name: str = "qwen3guard-stream") -> StreamMonitor:
-        from soda_guard.backends.loading import load_tokenizer
         from soda_guard.judges.stream import load_stream_model, resolve_checkpoint
+        from soda_guard.loading import load_tokenizer
 
         guard = load_stream_model(model, device, dtype)
         return cls(guard, load_tokenizer(str(resolve_checkpoint(model))), name=name, model_name=model)

@@ -10,8 +10,8 @@ import torch
 
 from soda_guard import ModelLoadError, SodaJudge, from_openai_messages
 from soda_guard.backends.base import GenerationRequest
-from soda_guard.backends.chat_tokens import encode_chat, render_chat
-from soda_guard.backends.scoring import score_generation
+from soda_guard.chat_tokens import encode_chat, render_chat
+from soda_guard.scoring import score_generation
 from soda_guard.backends.transformers_backend import TransformersBackend
 from soda_guard.judges.qwen3guard_gen import Qwen3GuardGenJudge
 from soda_guard.testing import byte_tokenizer, load_test_tokenizer

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from soda_guard import Action, Guard, Policy, ScriptedBackend, from_openai_messages
-from soda_guard.backends.chat_tokens import encode_chat
+from soda_guard.chat_tokens import encode_chat
 from soda_guard.backends.scripted import soda_reply
 from soda_guard.judges import Qwen3GuardGenJudge, SodaJudge
 from soda_guard.judges.context import ContextBudget, clip, neutralise, SODA_DELIMITERS

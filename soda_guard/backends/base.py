@@ -7,30 +7,11 @@ scripted test double all implement it, with twin sync / async methods.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
-from soda_guard.judges.base import ScoreSpec
+from soda_guard.generation import GenerationRequest, GenerationResult
 
-
-@dataclass
-class GenerationRequest:
-    messages: list[dict[str, str]]
-    max_new_tokens: int = 128
-    score: ScoreSpec | None = None
-    cache_key: str | None = None
-    deadline: float | None = None
-    """`time.monotonic()` value after which nobody waits for the answer any more: in-process
-    work on it is dropped (before it starts, or between decode steps) instead of finished."""
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    score: float | None = None
-    prompt_tokens: int | None = None
-    generated_tokens: int | None = None
-    score_source: str | None = None
+__all__ = ["Backend", "GenerationRequest", "GenerationResult"]
 
 
 @runtime_checkable

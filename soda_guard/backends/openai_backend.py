@@ -30,10 +30,10 @@ from typing import Any, Sequence
 
 import httpx
 
-from soda_guard.backends.base import GenerationRequest, GenerationResult
+from soda_guard.generation import GenerationRequest, GenerationResult
 from soda_guard.backends.server_pool import Server, ServerPool
 from soda_guard.errors import JudgeError
-from soda_guard.judges.base import ScoreSpec
+from soda_guard.generation import ScoreSpec
 
 #: the most alternatives OpenAI's API (and vLLM's default `--max-logprobs`) allows per token
 MAX_TOP_LOGPROBS = 20

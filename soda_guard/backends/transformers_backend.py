@@ -15,10 +15,10 @@ import time
 from concurrent.futures import Future
 from typing import Any, Sequence
 
-from soda_guard.backends.base import GenerationRequest, GenerationResult
-from soda_guard.backends.loading import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
 from soda_guard.engine.batcher import MicroBatcher
 from soda_guard.engine.decode import Engine, EngineStats, Job
+from soda_guard.generation import GenerationRequest, GenerationResult
+from soda_guard.loading import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
 
 
 class TransformersBackend:

@@ -277,6 +277,6 @@ def _prompt_tokens(tokenizer: Any, requests: Sequence[GenerationRequest]) -> flo
 
 
 def baseline_prompt_tokens(tokenizer: Any, request: GenerationRequest) -> int:
-    from soda_guard.backends.chat_tokens import encode_chat
+    from soda_guard.chat_tokens import encode_chat
 
     return len(encode_chat(tokenizer, request.messages))

@@ -19,14 +19,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from soda_guard.backends.base import GenerationRequest, GenerationResult
-from soda_guard.backends.chat_tokens import encode_chat, tokenize
-from soda_guard.backends.scoring import label_tokens, score_from_logits
+from soda_guard.chat_tokens import encode_chat, tokenize
 from soda_guard.engine import qwen3_step
 from soda_guard.engine.kv import KVCache
 from soda_guard.engine.prefix_cache import CachedPrefix, PrefixCache, common_prefix
 from soda_guard.errors import JudgeError
-from soda_guard.judges.base import ScoreSpec
+from soda_guard.generation import GenerationRequest, GenerationResult, ScoreSpec
+from soda_guard.scoring import label_tokens, score_from_logits
 
 VERDICT_ONLY_REASON = "[Reason] not generated (verdict-only mode)"
 

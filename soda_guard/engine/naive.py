@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from soda_guard.backends.base import GenerationRequest, GenerationResult
-from soda_guard.backends.chat_tokens import encode_chat
-from soda_guard.backends.scoring import score_generation
+from soda_guard.chat_tokens import encode_chat
 from soda_guard.engine.decode import eos_ids
+from soda_guard.generation import GenerationRequest, GenerationResult
+from soda_guard.scoring import score_generation
 
 
 @torch.inference_mode()

@@ -7,19 +7,9 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+from soda_guard.generation import ScoreSpec
 from soda_guard.trajectory import AssistantStep, ToolCall, Trajectory
 from soda_guard.verdict import Label, Source
-
-
-@dataclass(frozen=True)
-class ScoreSpec:
-    """Tells a backend how to read a probability from its output: after the generated text
-    matches `marker` (a regex anchored at the end), the next token's distribution is split into
-    `positive` (unsafe) and `negative` label words; score = P(positive) / P(positive ∪ negative)."""
-
-    marker: str
-    positive: tuple[str, ...]
-    negative: tuple[str, ...]
 
 
 @dataclass

@@ -19,8 +19,8 @@ from torch import nn
 from transformers import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Model, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
-from soda_guard.backends.loading import _looks_like_path, load_error, resolve_device, resolve_dtype
 from soda_guard.errors import ModelLoadError
+from soda_guard.loading import _looks_like_path, load_error, resolve_device, resolve_dtype
 
 QWEN3GUARD_STREAM_MODEL_ID = "Qwen/Qwen3Guard-Stream-4B"
 

@@ -115,7 +115,7 @@ class ModelCompleter:
     def complete(self, messages: list[dict[str, str]], max_tokens: int, top_logprobs: int | None) -> Completion:
         import torch
 
-        from soda_guard.backends.chat_tokens import encode_chat
+        from soda_guard.chat_tokens import encode_chat
 
         with self._lock, torch.inference_mode():
             prompt_ids = encode_chat(self.tokenizer, messages)

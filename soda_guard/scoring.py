@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 import torch
 
-from soda_guard.backends.chat_tokens import tokenize
-from soda_guard.judges.base import ScoreSpec
+from soda_guard.chat_tokens import tokenize
+from soda_guard.generation import ScoreSpec
 
 
 @dataclass(frozen=True)
