@@ -372,12 +372,17 @@ def test_marker_literals_of_both_judges() -> None:
         marker_literal(ScoreSpec(marker=r"(a|b)$", positive=("x",), negative=("y",)))
 
 
-def test_compiled_decode_matches_eager(model_dir: Path, request: pytest.FixtureRequest) -> None:
-    """`compile_decode` runs wherever torch.compile does (here on CPU: GPU speed is its point)."""
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]),
+])
+def test_compiled_decode_matches_eager(model_dir: Path, request: pytest.FixtureRequest, device: str) -> None:
+    """`compile_decode` runs wherever torch.compile does (on CPU in every run; GPU speed is its
+    point)."""
     if tokenizer_kind(request) == "qwen":
         pytest.skip("one tokenizer is enough: compiling is slow")
-    eager = TransformersBackend(str(model_dir), device="cpu", dtype="float32")
-    compiled = TransformersBackend(str(model_dir), device="cpu", dtype="float32", compile_decode=True)
+    eager = TransformersBackend(str(model_dir), device=device, dtype="float32")
+    compiled = TransformersBackend(str(model_dir), device=device, dtype="float32", compile_decode=True)
     try:
         requests = [judgment("alice", 2, max_new_tokens=6), judgment("bob", 1, max_new_tokens=6)]
         try:

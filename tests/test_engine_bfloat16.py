@@ -10,9 +10,10 @@ import dataclasses
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
+import torch
 
 from soda_guard.backends.base import GenerationRequest, GenerationResult
 from soda_guard.backends.transformers_backend import TransformersBackend
@@ -93,21 +94,24 @@ SCENARIOS: dict[str, tuple[dict[str, int], Callable[[], list[GenerationRequest]]
 }
 
 
-@pytest.fixture
-def bf16_backend(request: pytest.FixtureRequest, model_dir: Path) -> Iterator[TransformersBackend]:
-    options = SCENARIOS[request.param][0]
-    made = TransformersBackend(str(model_dir), device="cpu", dtype="bfloat16", max_wait_ms=50.0, **options)
-    yield made
-    made.close()
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]),
+]
 
 
-@pytest.mark.parametrize("bf16_backend", list(SCENARIOS), indirect=True)
-def test_bfloat16_judging_writes_what_generate_writes(bf16_backend: TransformersBackend, request: pytest.FixtureRequest) -> None:
-    _, make_requests, run = SCENARIOS[request.node.callspec.params["bf16_backend"]]
-    requests = make_requests()
-    ours = run(bf16_backend, requests)
-    assert_faithful(bf16_backend, requests, ours)
-    assert bf16_backend.stats.prefilled_tokens < bf16_backend.stats.prompt_tokens
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_bfloat16_judging_writes_what_generate_writes(model_dir: Path, scenario: str, device: str) -> None:
+    options, make_requests, run = SCENARIOS[scenario]
+    backend = TransformersBackend(str(model_dir), device=device, dtype="bfloat16", max_wait_ms=50.0, **options)
+    try:
+        requests = make_requests()
+        ours = run(backend, requests)
+        assert_faithful(backend, requests, ours)
+        assert backend.stats.prefilled_tokens < backend.stats.prompt_tokens
+    finally:
+        backend.close()
 
 
 def test_judging_raises_no_warning(model_dir: Path) -> None:
