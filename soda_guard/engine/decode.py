@@ -130,7 +130,6 @@ class Engine:
         self.verdict_only = verdict_only
         self.ignore_eos = ignore_eos
         self.eos = eos_ids(model, tokenizer)
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
         self.stats = EngineStats()
         self.max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
         self._step = torch.compile(self.forward.decode_step, dynamic=True) if compile_decode else self.forward.decode_step
@@ -328,12 +327,17 @@ class Engine:
             return False
         return bool(_verdict_done(spec).search(row.text))
 
+    def _score(self, logits: torch.Tensor, spec: ScoreSpec, *, with_space: bool) -> float | None:
+        """P(unsafe) from the logits at the label position: the engine's one call into the
+        scoring rule (`soda_guard.scoring`), which every backend shares."""
+        return score_from_logits(logits, label_tokens(self.tokenizer, spec, with_space=with_space))
+
     def _result(self, row: _Row) -> GenerationResult:
         spec = row.job.request.score
         score = None
         if spec is not None and row.verdict is not None:
             _, ends_in_space, logits = row.verdict
-            score = score_from_logits(logits, label_tokens(self.tokenizer, spec, with_space=not ends_in_space))
+            score = self._score(logits, spec, with_space=not ends_in_space)
         return GenerationResult(
             text=self.tokenizer.decode(row.generated, skip_special_tokens=True),
             score=score,
@@ -349,7 +353,7 @@ class Engine:
         assert spec is not None
         literal = marker_literal(spec)
         with_space = not literal[-1:].isspace()
-        score = score_from_logits(logits, label_tokens(self.tokenizer, spec, with_space=with_space))
+        score = self._score(logits, spec, with_space=with_space)
         probs = torch.softmax(logits, dim=-1)
         side = spec.positive if score is not None and score >= 0.5 else spec.negative
         prefix = " " if with_space else ""
