@@ -12,6 +12,7 @@ import concurrent.futures
 import queue
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -31,6 +32,7 @@ class _Item:
     rule: Outcomes | None
     judge: str | None
     view: Trajectory
+    refusal: str | None = None
 
 
 class JudgeThreads:
@@ -152,9 +154,17 @@ class Guard:
             return self._runners[judge_name]
 
     def _plan(self, trajectory: Trajectory) -> list[_Item]:
+        """Calls that share an id within one turn are refused unjudged: a decision is bound to
+        its call by id (among other things), and two calls under one id could each be run on
+        the other's decision by anything downstream that goes by id."""
         pending = trajectory.pending_tool_calls()
+        counts = Counter(call.id for call in pending)
         items = []
         for call in pending:
+            if counts[call.id] > 1:
+                why = f"{counts[call.id]} tool calls of this turn share the id {call.id!r}; ids must be unique for a decision to be bound to its call"
+                items.append(_Item(call, "binding", None, None, trajectory, refusal=why))
+                continue
             rule_name, rule = self.policy.rule_for(call.name)
             judge = None if rule is not None and rule.action is not None else self.policy.outcome(rule, "judge")
             view = trajectory.with_only_pending_call(call.id) if len(pending) > 1 else trajectory
@@ -180,6 +190,8 @@ class Guard:
             return self.policy.outcome(item.rule, field)
 
         base = {"rule": item.rule_name, "tool_call": item.call, "verdict": verdict, "conversation_id": conversation_id}
+        if item.refusal is not None:
+            return Decision(action=Action.BLOCK, why=item.refusal, **base)
         fixed = getattr(item.rule, "action", None)
         if fixed is not None:
             return Decision(action=fixed, why=f"{item.rule_name} sets {fixed.value} without judging", **base)
@@ -348,6 +360,15 @@ class Guard:
     async def acheck_tool_result(self, trajectory: Trajectory) -> Decision | None:
         items = self._tool_result_items(trajectory)
         return (await self._run_async(items, trajectory.conversation_id))[0] if items else None
+
+    def record_review(self, event: Decision) -> None:
+        """Write a reviewer's answer (`soda_guard.review.review_event`) to every sink, so the
+        audit trail shows what finally ran, not only that a person was asked."""
+        self._audit([event])
+
+    async def arecord_review(self, event: Decision) -> None:
+        if self.sinks:
+            await asyncio.to_thread(self._audit, [event])
 
     def close(self) -> None:
         """Refuse new judge calls; threads stuck in a hung judge are daemons and die with the

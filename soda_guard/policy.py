@@ -89,6 +89,14 @@ class Rule(Outcomes):
         return any(fnmatch.fnmatchcase(tool_name, pattern) for pattern in self.tools)
 
 
+class ReviewPolicy(_Strict):
+    """How an escalation waits for its reviewer. `hold_turn` (the default, as LangChain's
+    HumanInTheLoopMiddleware does) asks once per model turn, before any call of that turn
+    runs; false runs the turn's allowed calls first and asks per escalated call."""
+
+    hold_turn: bool = True
+
+
 class ToolResultPolicy(Outcomes):
     """Opt-in moderation of what tools return (indirect prompt injection → `Jailbreak`), run
     after a tool executes and before its result reaches the model."""
@@ -115,6 +123,7 @@ class Policy(_Strict):
     rules: list[Rule] = Field(default_factory=list)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     tool_results: ToolResultPolicy | None = None
+    review: ReviewPolicy = Field(default_factory=ReviewPolicy)
     harm: str | None = None
     environment: str | None = None
 

@@ -7,6 +7,7 @@ Only `opentelemetry-api` is used: without a configured SDK the spans are no-ops 
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Sequence
 
@@ -44,6 +45,17 @@ def decision_attributes(decision: Decision) -> dict[str, Any]:
                 "soda_guard.verdict.parse_failure": verdict.parse_failure,
                 "soda_guard.verdict.error": verdict.error,
                 "soda_guard.verdict.truncated": verdict.truncated,
+            }
+        )
+    review = decision.review
+    if review is not None:
+        attributes.update(
+            {
+                "soda_guard.review.type": review.type,
+                "soda_guard.review.answers": review.answers,
+                "soda_guard.review.message": review.message,
+                "soda_guard.review.args": None if review.args is None else json.dumps(review.args, default=str),
+                "soda_guard.review.edit_decision_id": review.edit_decision_id,
             }
         )
     return {key: value for key, value in attributes.items() if value is not None}

@@ -17,7 +17,7 @@ from soda_guard.integrations.langchain import SodaGuardCallbackHandler, ToolCall
 from soda_guard.integrations.testing import scripted_model, tool_calls_message
 from soda_guard.tracing import SPAN_NAME, OpenTelemetrySink
 
-from integration_helpers import make_guard, make_tools
+from integration_helpers import make_guard, make_tools, numbered
 
 
 def loop(handler: SodaGuardCallbackHandler, replies: list[Any], ran: list[Any]) -> list[Any]:
@@ -43,7 +43,7 @@ def test_callback_handler_stops_blocked_tool_before_it_runs() -> None:
     handler = SodaGuardCallbackHandler(guard)
     ran: list[Any] = []
     calls = (("read_file", {"path": "a"}), ("delete_file", {"path": "/"}), ("send_email", {"to": "x"}))
-    messages = loop(handler, [tool_calls_message(*calls), "done"], ran)
+    messages = loop(handler, [numbered(*calls), "done"], ran)
     assert [name for name, _ in ran] == ["read_file", "send_email"]
     assert backend.batches == [3]
     blocked = messages[3]
