@@ -45,7 +45,7 @@ from soda_guard.integrations._convert import (
     with_calls,
     with_result,
 )
-from soda_guard.integrations._review import ask
+from soda_guard.integrations._review import Asked, ask
 
 Handler = Callable[[ToolCallRequest], "ToolMessage | Command[Any]"]
 AsyncHandler = Callable[[ToolCallRequest], Awaitable["ToolMessage | Command[Any]"]]
@@ -160,6 +160,14 @@ def _inputs(calls: Sequence[ToolCall]) -> dict[str, Any]:
     return {"tool_calls": [call.model_dump(mode="json") for call in calls]}
 
 
+def _asked(digest: str, nonce: str) -> list[str]:
+    return [digest, nonce]
+
+
+async def _aasked(digest: str, nonce: str) -> list[str]:
+    return [digest, nonce]
+
+
 def _never_sync(_: Any) -> Any:
     raise RuntimeError("soda-guard's async judging run was invoked synchronously")
 
@@ -181,6 +189,18 @@ class Judging:
         self.guard = guard
         self._task = task(self._judge, name="soda_guard_judgment")
         self._atask = task(self._ajudge, name="soda_guard_judgment")
+        self._asked = task(_asked, name="soda_guard_question")
+        self._aasked = task(_aasked, name="soda_guard_question")
+
+    def asked(self, question: Asked) -> Asked:
+        if not _in_graph():
+            return question
+        return Asked(*self._asked(question.digest, question.nonce).result())
+
+    async def aasked(self, question: Asked) -> Asked:
+        if not _in_graph():
+            return question
+        return Asked(*(await self._aasked(question.digest, question.nonce)))
 
     def _judge(self, trajectory: Trajectory, calls: list[ToolCall]) -> list[dict[str, Any]]:
         return [d.model_dump(mode="json") for d in self.traced_calls(trajectory, calls)]
@@ -284,10 +304,10 @@ def _review_why(record: CallRecord) -> str:
 
 def review_records(
     records: Sequence[CallRecord], trajectory: Trajectory, turn: Sequence[CallRecord] = ()
-) -> Generator[Judge | Record, Any, list[CallRecord]]:
+) -> Generator[Judge | Record | Asked, Any, list[CallRecord]]:
     """Ask one question for `records` (all escalated, all of one turn), judge the edits
     again, and write each answer to the audit sinks and the trace."""
-    reviews = ask(records, turn)
+    reviews = yield from ask(records, turn)
     done = []
     for record, review in zip(records, reviews):
         edit_decision = None
@@ -313,7 +333,7 @@ def resolve_turn(
     hold_turn: bool,
     harm: str | None,
     environment: str | None,
-) -> Generator[Judge | Record, Any, TurnRecords | None]:
+) -> Generator[Judge | Record | Asked, Any, TurnRecords | None]:
     """The records of the latest model turn's pending calls: kept where they bind to a
     stored record of this very turn, judged (in one batch) where they do not, and, with
     `hold_turn`, every escalation of the turn reviewed in one interrupt. None when the
@@ -506,6 +526,8 @@ class ToolCallEnforcer:
                 return self.judging.calls(need.trajectory, need.calls)
             if isinstance(need, Record):
                 return self.judging.review(need.event)
+            if isinstance(need, Asked):
+                return self.judging.asked(need)
             if isinstance(need, Run):
                 assert handler is not None
                 return handler(need.request)
@@ -527,6 +549,8 @@ class ToolCallEnforcer:
                 return await self.judging.acalls(need.trajectory, need.calls)
             if isinstance(need, Record):
                 return await self.judging.areview(need.event)
+            if isinstance(need, Asked):
+                return await self.judging.aasked(need)
             if isinstance(need, Run):
                 assert handler is not None
                 return await handler(need.request)

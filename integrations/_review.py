@@ -10,8 +10,11 @@ to every call of the request (an edit only when the request has one call).
 
 from __future__ import annotations
 
+import hashlib
 import json
-from typing import Any, Mapping, Sequence
+import uuid
+from dataclasses import dataclass
+from typing import Any, Generator, Mapping, Sequence
 
 from langgraph.types import interrupt
 
@@ -108,12 +111,38 @@ def parse_answer(answer: Any, records: Sequence[CallRecord]) -> list[Review]:
     return [_review(answer, record) for record in records]
 
 
-def ask(records: Sequence[CallRecord], turn: Sequence[CallRecord] = ()) -> list[Review]:
-    """Pause for a person. LangGraph keeps a resume value once given, so an unusable answer
-    is not guessed at: the question is asked again (a new interrupt, carrying the error)."""
+@dataclass(frozen=True)
+class Asked:
+    """Record, durably (a LangGraph task), that a question about these calls is being asked;
+    sent back is what was recorded the first time this question was asked in this node."""
+
+    digest: str
+    nonce: str
+
+
+def question_digest(records: Sequence[CallRecord]) -> str:
+    bindings = "|".join(record.binding.model_dump_json() for record in records)
+    return hashlib.sha256(bindings.encode()).hexdigest()
+
+
+def ask(records: Sequence[CallRecord], turn: Sequence[CallRecord] = ()) -> Generator[Asked, Asked, list[Review]]:
+    """Pause for a person, and use only an answer given to this very question. LangGraph hands
+    a resume value to whichever interrupt comes next, whatever it asks: after the state was
+    changed during a pause the next question may be about other calls, or asked by another
+    node that never showed its question. So each question is recorded before it is asked; an
+    answer that arrives for a question recorded just now (never shown to anyone) or recorded
+    about other calls is not used, and the question is asked again. An unusable answer is not
+    guessed at either: the question is asked again with the error."""
     payload = review_request(records, turn)
+    digest = question_digest(records)
     while True:
+        nonce = uuid.uuid4().hex
+        recorded = yield Asked(digest, nonce)
+        answer = interrupt(payload)
+        if recorded.nonce == nonce or recorded.digest != digest:
+            payload = {**payload, "error": "this answer was given to a question about other calls; answer this one"}
+            continue
         try:
-            return parse_answer(interrupt(payload), records)
+            return parse_answer(answer, records)
         except ValueError as error:
             payload = {**payload, "error": str(error)}

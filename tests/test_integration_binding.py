@@ -304,3 +304,25 @@ def test_tool_calls_message_mints_unique_ids() -> None:
     first, second = tool_calls_message(READ, DELETE), tool_calls_message(READ)
     ids = [c["id"] for c in first.tool_calls + second.tool_calls]
     assert len(set(ids)) == 3
+
+
+@pytest.mark.parametrize("path", ["middleware", "guard_node"])
+def test_an_answer_given_to_other_calls_is_not_used_after_the_state_changed(path: str) -> None:
+    """Paused on one transfer; while paused, the model's turn is swapped (same message id,
+    same call id, other arguments) through `update_state`. The approval was for the first
+    transfer: the swapped call is asked about again, not run on it."""
+    guard, _ = make_guard(unsafe=("send_email",), defaults={"on_unsafe": "escalate"})
+    ran: list[Any] = []
+    first = turn(("send_email", {"to": "ok@x.org"}), ids=["same"])
+    graph = middleware_agent(guard, [first, "done"], ran) if path == "middleware" else node_graph(guard, [first, "done"], ran)
+    assert graph.invoke(USER, config())["__interrupt__"]
+    swapped = AIMessage(id=first.id, content="", tool_calls=[
+        {"name": "send_email", "args": {"to": "attacker@evil.org"}, "id": "same", "type": "tool_call"}])
+    stored = graph.get_state(config()).values["messages"]
+    swapped.id = next(m.id for m in stored if isinstance(m, AIMessage))
+    graph.update_state(config(), {"messages": [swapped]})
+    again = graph.invoke(Command(resume={"type": "approve"}), config())
+    assert ran == []
+    [pause] = again["__interrupt__"]
+    assert "given to a question about other calls" in pause.value["error"]
+    assert pause.value["action_requests"][0]["args"] == {"to": "attacker@evil.org"}
