@@ -13,6 +13,7 @@ a moderation, an audit record) and are sent the answer; `run_steps` answers with
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from collections import OrderedDict
@@ -134,7 +135,7 @@ def thread_id() -> str | None:
     return None if value is None else str(value)
 
 
-def _in_graph() -> bool:
+def in_graph() -> bool:
     from langgraph.config import get_config
 
     try:
@@ -193,12 +194,12 @@ class Judging:
         self._aasked = task(_aasked, name="soda_guard_question")
 
     def asked(self, question: Asked) -> Asked:
-        if not _in_graph():
+        if not in_graph():
             return question
         return Asked(*self._asked(question.digest, question.nonce).result())
 
     async def aasked(self, question: Asked) -> Asked:
-        if not _in_graph():
+        if not in_graph():
             return question
         return Asked(*(await self._aasked(question.digest, question.nonce)))
 
@@ -209,14 +210,14 @@ class Judging:
         return [d.model_dump(mode="json") for d in await self.atraced_calls(trajectory, calls)]
 
     def calls(self, trajectory: Trajectory, calls: list[ToolCall]) -> list[Decision]:
-        if _in_graph():
+        if in_graph():
             found = [Decision.model_validate(d) for d in self._task(trajectory, calls).result()]
             if _same_calls(found, calls):
                 return found
         return self.traced_calls(trajectory, calls)
 
     async def acalls(self, trajectory: Trajectory, calls: list[ToolCall]) -> list[Decision]:
-        if _in_graph():
+        if in_graph():
             found = [Decision.model_validate(d) for d in await self._atask(trajectory, calls)]
             if _same_calls(found, calls):
                 return found
@@ -451,22 +452,25 @@ class ToolCallEnforcer:
         index = _position(located[1], request.tool_call) if located else 0
         call = to_tool_call(request.tool_call, index)
         binding = binding_of(call, thread=thread, turn=turn)
-        trajectory = to_trajectory(messages, conversation_id=thread, harm=self.harm, environment=self.environment)
+        # converted only when needed: a call with a stored record is enforced without it
+        trajectory = functools.cache(
+            lambda: to_trajectory(messages, conversation_id=thread, harm=self.harm, environment=self.environment)
+        )
         stored = turn_records(request.state, self.state_key)
         record = None
         if stored is not None and stored.turn_id == turn and stored.thread_id == thread:
             record = stored.find(binding)
         elif located is not None:
-            shared = yield from self._shared_turn(messages, trajectory, call, thread, turn)
+            shared = yield from self._shared_turn(messages, trajectory(), call, thread, turn)
             record = shared.find(binding) if shared is not None else None
         if record is None:
             same_id = [c for c in _turn_calls(located, call) if c.id == call.id] if located else [call]
-            decisions = yield Judge(trajectory, same_id if len(same_id) > 1 else [call])
+            decisions = yield Judge(trajectory(), same_id if len(same_id) > 1 else [call])
             record = CallRecord.judged(binding, call, decisions[0])
             if len(same_id) > 1:
                 record = record.model_copy(update={"call": call})
         if record.awaiting_review:
-            [record] = yield from review_records([record], trajectory)
+            [record] = yield from review_records([record], trajectory())
         return (yield from self._enforce(request, trajectory, record))
 
     def _shared_turn(
@@ -489,7 +493,7 @@ class ToolCallEnforcer:
         return (yield Follow(key))
 
     def _enforce(
-        self, request: ToolCallRequest, trajectory: Trajectory, record: CallRecord
+        self, request: ToolCallRequest, trajectory: Callable[[], Trajectory], record: CallRecord
     ) -> Generator[Any, Any, ToolMessage | Command[Any]]:
         call = record.call
         if record.outcome == "refuse":
@@ -507,7 +511,9 @@ class ToolCallEnforcer:
             return result
         if record.run_args is not None:
             result = result.model_copy(update={"content": _edit_notice(ran) + _text(result.content)})
-        moderation = yield Moderate(trajectory, ran, result)
+        moderation = None
+        if self.guard.policy.tool_results is not None:
+            moderation = yield Moderate(trajectory(), ran, result)
         if moderation is not None:
             record = record.model_copy(update={"result_decision": moderation})
             if not moderation.action.runs_tool:

@@ -13,15 +13,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import threading
+import uuid
 from typing import Any, Awaitable, Callable, Generator
 from uuid import UUID
 
 from langchain.agents.middleware import AgentMiddleware, AgentState
+from langchain.agents.middleware.types import ExtendedModelResponse, ModelCallResult, ModelRequest, ModelResponse
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
 from langgraph.prebuilt.tool_node import ToolCallRequest
-from langgraph.runtime import Runtime
+from langgraph.func import task
+from langgraph.types import Command
 from typing_extensions import NotRequired
 
 from soda_guard.binding import CallBinding
@@ -43,6 +46,7 @@ from soda_guard.integrations._convert import (
 )
 from soda_guard.integrations._enforce import (
     ToolCallEnforcer,
+    in_graph,
     arun_steps,
     as_guard,
     resolve_turn,
@@ -71,12 +75,18 @@ class SodaGuardState(AgentState):
 
 
 class SodaGuardMiddleware(AgentMiddleware):
-    """Judges every tool call of a model turn in one batched judge call and, when any is
-    escalated, asks a reviewer once for the turn (a LangChain `HITLRequest` interrupt) before
-    any call of it runs (`after_model`); then enforces each call where the tool would run
-    (`wrap_tool_call`), only on the record bound to that exact call: allow and log run the
-    tool, block answers the model with an error `ToolMessage`. Each ToolMessage carries a
-    summary in `response_metadata["soda_guard"]`."""
+    """Judges every tool call of a model turn in one batched judge call as the model answers
+    and, when any is escalated, asks a reviewer once for the turn (a LangChain `HITLRequest`
+    interrupt) before any call of it runs (`wrap_model_call`); then enforces each call where
+    the tool would run (`wrap_tool_call`), only on the record bound to that exact call: allow
+    and log run the tool, block answers the model with an error `ToolMessage`. Each
+    ToolMessage carries a summary in `response_metadata["soda_guard"]`.
+
+    The turn is judged inside the model's own step rather than in an `after_model` step of its
+    own: every step of a checkpointed graph stores the whole conversation again, and a step
+    per turn would grow the checkpoints by half. The model call, the judgment and the question
+    are LangGraph tasks, so a run resumed after a review neither calls the model nor judges
+    again, even in a new process."""
 
     state_schema = SodaGuardState
 
@@ -93,11 +103,16 @@ class SodaGuardMiddleware(AgentMiddleware):
         self.harm = harm
         self.environment = environment
         self._enforcer = ToolCallEnforcer(self.guard, state_key=STATE_KEY, harm=harm, environment=environment)
+        # named "model" so that streamed tokens keep the model step's name in their metadata
+        self._model = task(_call_model, name="model")
+        self._amodel = task(_acall_model, name="model")
 
-    def _turn(self, state: AgentState) -> tuple[TurnRecords | None, Generator[Any, Any, TurnRecords | None]]:
-        stored = turn_records(state, STATE_KEY)
+    def _turn(
+        self, request: ModelRequest, response: ModelResponse
+    ) -> tuple[TurnRecords | None, Generator[Any, Any, TurnRecords | None]]:
+        stored = turn_records(request.state, STATE_KEY)
         steps = resolve_turn(
-            state.get("messages", []),
+            [*request.state.get("messages", []), *response.result],
             stored,
             thread=thread_id(),
             hold_turn=self.guard.policy.review.hold_turn,
@@ -107,18 +122,26 @@ class SodaGuardMiddleware(AgentMiddleware):
         return stored, steps
 
     @staticmethod
-    def _update(stored: TurnRecords | None, turn: TurnRecords | None) -> dict[str, Any] | None:
+    def _answer(response: ModelResponse, stored: TurnRecords | None, turn: TurnRecords | None) -> ModelCallResult:
         if turn is None or turn == stored:
-            return None
-        return {STATE_KEY: turn.model_dump(mode="json")}
+            return response
+        return ExtendedModelResponse(model_response=response, command=Command(update={STATE_KEY: turn.model_dump(mode="json")}))
 
-    def after_model(self, state: AgentState, runtime: Runtime[Any]) -> dict[str, Any] | None:
-        stored, steps = self._turn(state)
-        return self._update(stored, run_steps(steps, self._enforcer.answer(None)))
+    def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], ModelCallResult]) -> ModelCallResult:
+        response = self._model(handler, request).result() if in_graph() else _call_model(handler, request)
+        if isinstance(response, ExtendedModelResponse):
+            return response
+        stored, steps = self._turn(request, response)
+        return self._answer(response, stored, run_steps(steps, self._enforcer.answer(None)))
 
-    async def aafter_model(self, state: AgentState, runtime: Runtime[Any]) -> dict[str, Any] | None:
-        stored, steps = self._turn(state)
-        return self._update(stored, await arun_steps(steps, self._enforcer.aanswer(None)))
+    async def awrap_model_call(
+        self, request: ModelRequest, handler: Callable[[ModelRequest], Awaitable[ModelCallResult]]
+    ) -> ModelCallResult:
+        response = await self._amodel(handler, request) if in_graph() else await _acall_model(handler, request)
+        if isinstance(response, ExtendedModelResponse):
+            return response
+        stored, steps = self._turn(request, response)
+        return self._answer(response, stored, await arun_steps(steps, self._enforcer.aanswer(None)))
 
     def wrap_tool_call(
         self, request: ToolCallRequest, handler: Callable[[ToolCallRequest], Any]
@@ -129,6 +152,29 @@ class SodaGuardMiddleware(AgentMiddleware):
         self, request: ToolCallRequest, handler: Callable[[ToolCallRequest], Awaitable[Any]]
     ) -> Any:
         return await self._enforcer.awrap(request, handler)
+
+
+def _as_response(result: ModelCallResult) -> ModelResponse | ExtendedModelResponse:
+    """The model's answer with an id on every message: LangGraph's reducer would otherwise
+    give the AI message one only after the turn was judged, and the turn's records are bound
+    to that id."""
+    if isinstance(result, AIMessage):
+        result = ModelResponse(result=[result])
+    if isinstance(result, ModelResponse):
+        for message in result.result:
+            if message.id is None:
+                message.id = f"lc_{uuid.uuid4()}"
+    return result
+
+
+def _call_model(handler: Callable[[ModelRequest], ModelCallResult], request: ModelRequest) -> ModelResponse | ExtendedModelResponse:
+    return _as_response(handler(request))
+
+
+async def _acall_model(
+    handler: Callable[[ModelRequest], Awaitable[ModelCallResult]], request: ModelRequest
+) -> ModelResponse | ExtendedModelResponse:
+    return _as_response(await handler(request))
 
 
 class ToolCallBlocked(SodaGuardError):

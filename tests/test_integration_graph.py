@@ -52,7 +52,7 @@ def test_guard_node_batches_blocks_and_routes() -> None:
     assert ran == [("read_file", {"path": "a"})]
     messages = tool_messages(result)
     assert messages["call_1"].status == "error" and messages["call_1"].response_metadata["soda_guard"]
-    assert messages["call_0"].response_metadata["soda_guard"]["decision"]["action"] == "allow"
+    assert messages["call_0"].response_metadata["soda_guard"]["action"] == "allow"
     assert result["messages"][-1].content == "done"
 
 
@@ -90,7 +90,7 @@ def test_escalation_edit_survives_restart_with_sqlite(tmp_path: Path) -> None:
     assert sorted(ran, key=str) == [("delete_file", {"path": "/tmp/x"}), ("read_file", {"path": "a"})]
     ran_delete = tool_messages(result)["call_1"]
     assert "deleted /tmp/x" in ran_delete.content and "reviewer replaced" in ran_delete.content
-    assert ran_delete.response_metadata["soda_guard"]["review"]["type"] == "edit"
+    assert ran_delete.response_metadata["soda_guard"]["review"] == "edit"
 
 
 def test_reject_in_graph_with_memory_saver() -> None:

@@ -50,7 +50,7 @@ def test_parallel_calls_are_judged_in_one_batch_and_blocked_calls_never_run() ->
     assert sorted(m.tool_call_id for m in messages) == ["call_0", "call_1", "call_2"]
     blocked = next(m for m in messages if m.tool_call_id == "call_1")
     assert blocked.status == "error" and "refused" in blocked.content and "unsafe" in blocked.content
-    assert blocked.response_metadata["soda_guard"]["decision"]["action"] == "block"
+    assert blocked.response_metadata["soda_guard"]["action"] == "block"
     assert result["messages"][-1].content == "All done."
     assert {k: v["decision"]["action"] for k, v in records(result).items()} == {
         "call_0": "allow", "call_1": "block", "call_2": "allow"
@@ -71,7 +71,7 @@ def test_log_action_runs_and_records() -> None:
     ran: list[Any] = []
     result = build(guard, [tool_calls_message(("delete_file", {"path": "/"})), "ok"], ran).invoke(USER)
     assert ran == [("delete_file", {"path": "/"})]
-    assert tool_messages(result)[0].response_metadata["soda_guard"]["decision"]["action"] == "log"
+    assert tool_messages(result)[0].response_metadata["soda_guard"]["action"] == "log"
 
 
 def _escalating(checkpointer: Any, ran: list[Any], guard: Guard, *, resumed: bool = False) -> tuple[Any, dict[str, Any]]:
@@ -109,8 +109,7 @@ def test_escalation_interrupts_and_resumes(answer: dict[str, Any], runs: list[An
     message = next(m for m in tool_messages(result) if m.tool_call_id == "call_1")
     assert content in message.content
     assert message.status == ("error" if answer["type"] == "reject" else "success")
-    record = message.response_metadata["soda_guard"]
-    assert record["review"]["type"] == answer["type"]
+    assert message.response_metadata["soda_guard"]["review"] == answer["type"]
     assert records(result)["call_1"]["review"]["type"] == answer["type"]
     assert backend.batches == ([2, 1] if answer["type"] == "edit" else [2])
 
@@ -224,8 +223,9 @@ def test_judge_failure_falls_back_to_on_error(on_error: str) -> None:
     guard = Guard(policy, backends={"soda": Boom()})
     ran: list[Any] = []
     result = build(guard, [tool_calls_message(("read_file", {"path": "a"})), "finished"], ran).invoke(USER)
-    record = tool_messages(result)[0].response_metadata["soda_guard"]["decision"]
+    record = result["soda_guard"]["records"][0]["decision"]
     assert record["action"] == on_error and "judge exploded" in record["why"]
+    assert tool_messages(result)[0].response_metadata["soda_guard"]["action"] == on_error
     assert bool(ran) is (on_error == "log")
     assert result["messages"][-1].content == "finished"
 
@@ -235,7 +235,7 @@ def test_judge_timeout_is_recorded() -> None:
     guard = Guard(policy, backends={"soda": ScriptedBackend(["[Verdict] SAFE"], delay_s=0.5)})
     ran: list[Any] = []
     result = build(guard, [tool_calls_message(("read_file", {"path": "a"})), "finished"], ran).invoke(USER)
-    record = tool_messages(result)[0].response_metadata["soda_guard"]["decision"]
+    record = tool_messages(result)[0].response_metadata["soda_guard"]
     assert record["action"] == "block" and "timed out" in record["why"] and ran == []
 
 
@@ -274,7 +274,7 @@ def test_real_tiny_transformers_judge_parse_failure_takes_on_error(tiny_judge_di
     result = build(guard, [tool_calls_message(("read_file", {"path": "a"}), ("delete_file", {"path": "/"})), "done"], ran).invoke(USER)
     records = [record["decision"] for record in result["soda_guard"]["records"]]
     assert [r["action"] for r in records] == ["log", "log"]
-    assert [m.response_metadata["soda_guard"]["decision"]["action"] for m in tool_messages(result)] == ["log", "log"]
+    assert [m.response_metadata["soda_guard"]["action"] for m in tool_messages(result)] == ["log", "log"]
     assert all(r["verdict"]["parse_failure"] and r["verdict"]["label"] is None for r in records)
     assert all(r["verdict"]["model"] == str(tiny_judge_dir) or r["verdict"]["model"] for r in records)
     assert len(ran) == 2
