@@ -7,7 +7,6 @@ serializer and a process restart.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Iterable, Mapping, Sequence
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
@@ -15,7 +14,6 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from soda_guard.binding import CallBinding
 from soda_guard.records import TurnRecords
 from soda_guard.trajectory import AssistantStep, SystemStep, ToolCall, ToolStep, Trajectory, UserStep
-from soda_guard.verdict import Decision
 
 STATE_KEY = "soda_guard"
 METADATA_KEY = "soda_guard"
@@ -111,14 +109,6 @@ def with_result(trajectory: Trajectory, call: ToolCall, result: ToolMessage) -> 
     return view.model_copy(update={"steps": [*view.steps, step]})
 
 
-def record_of(decision: Decision) -> dict[str, Any]:
-    return decision.model_dump(mode="json")
-
-
-def decision_of(record: Mapping[str, Any]) -> Decision:
-    return Decision.model_validate(record)
-
-
 def last_turn(messages: Sequence[BaseMessage]) -> tuple[int, AIMessage] | None:
     for index in range(len(messages) - 1, -1, -1):
         if isinstance(messages[index], AIMessage):
@@ -166,8 +156,3 @@ def refusal_text(name: str, why: str) -> str:
         f"soda-guard refused to run the tool call `{name}`: {why}. "
         "The tool was not executed. Continue without it, or explain to the user why this cannot be done."
     )
-
-
-def json_safe(value: Any) -> Any:
-    """Interrupt payloads must serialise as JSON whatever the model put in the arguments."""
-    return json.loads(json.dumps(value, default=str))

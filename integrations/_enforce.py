@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Generator, Mapping, Sequence, TypeVar

@@ -125,7 +125,7 @@ class SodaGuardMiddleware(AgentMiddleware):
     def _answer(response: ModelResponse, stored: TurnRecords | None, turn: TurnRecords | None) -> ModelCallResult:
         if turn is None or turn == stored:
             return response
-        return ExtendedModelResponse(model_response=response, command=Command(update={STATE_KEY: turn.model_dump(mode="json")}))
+        return ExtendedModelResponse(model_response=response, command=Command(update={STATE_KEY: turn.for_state()}))
 
     def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], ModelCallResult]) -> ModelCallResult:
         response = self._model(handler, request).result() if in_graph() else _call_model(handler, request)

@@ -102,7 +102,7 @@ class GuardNode:
                     response_metadata={METADATA_KEY: record.summary()},
                 )
             )
-        update: dict[str, Any] = {self.state_key: turn.model_dump(mode="json")}
+        update: dict[str, Any] = {self.state_key: turn.for_state()}
         if messages:
             update[self.messages_key] = messages
         if sends:

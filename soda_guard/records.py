@@ -114,6 +114,20 @@ class TurnRecords(BaseModel):
     turn_id: str
     records: list[CallRecord]
 
+    def for_state(self) -> dict[str, Any]:
+        """JSON for the graph state, without what enforcement never reads (the judge's raw
+        output, which the audit sinks and the trace keep): the state is stored again at every
+        step of a checkpointed graph."""
+        def lean(decision: Decision | None) -> Decision | None:
+            if decision is None or decision.verdict is None:
+                return decision
+            return decision.model_copy(update={"verdict": decision.verdict.model_copy(update={"raw_output": ""})})
+
+        records = [
+            r.model_copy(update={"decision": lean(r.decision), "edit_decision": lean(r.edit_decision)}) for r in self.records
+        ]
+        return self.model_copy(update={"records": records}).model_dump(mode="json", exclude_defaults=True)
+
     def find(self, binding: CallBinding) -> CallRecord | None:
         return next((record for record in self.records if record.binds(binding)), None)
 
