@@ -3,9 +3,9 @@ an optional hard stop for plain tool-calling loops).
 
     agent = create_agent(model, tools, middleware=[SodaGuardMiddleware(policy)], checkpointer=saver)
 
-`langchain_core.decisions` (the `BaseDecisionModel` that `AutoModeMiddleware` plugs in) is not
-part of langchain-core 1.7; `SodaGuardDecisionModel` is therefore not offered here and
-`HAS_DECISION_MODELS` is False until a langchain-core that ships it is supported.
+`SodaGuardDecisionModel` (the judges as the classifier of LangChain's `AutoModeMiddleware`)
+needs `langchain_core.decisions`, new in langchain-core 1.8: `HAS_DECISION_MODELS` says whether
+this install has it.
 """
 
 from __future__ import annotations
@@ -63,6 +63,11 @@ __all__ = [
     "SodaGuardState",
     "ToolCallBlocked",
 ]
+
+if HAS_DECISION_MODELS:
+    from soda_guard.integrations.decision_model import SodaGuardDecisionModel
+
+    __all__ += ["SodaGuardDecisionModel"]
 
 
 class SodaGuardState(AgentState):
