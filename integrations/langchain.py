@@ -14,7 +14,7 @@ import importlib.util
 import json
 import threading
 import uuid
-from typing import Any, Awaitable, Callable, Generator
+from typing import Any, Awaitable, Callable, Generator, Mapping
 from uuid import UUID
 
 from langchain.agents.middleware import AgentMiddleware, AgentState
@@ -127,26 +127,24 @@ class SodaGuardMiddleware(AgentMiddleware):
         return stored, steps
 
     @staticmethod
-    def _answer(response: ModelResponse, stored: TurnRecords | None, turn: TurnRecords | None) -> ModelCallResult:
-        if turn is None or turn == stored:
-            return response
-        return ExtendedModelResponse(model_response=response, command=Command(update={STATE_KEY: turn.for_state()}))
+    def _answer(
+        response: ModelResponse, update: list[tuple[str, Any]], stored: TurnRecords | None, turn: TurnRecords | None
+    ) -> ModelCallResult:
+        if turn is not None and turn != stored:
+            update = [*update, (STATE_KEY, turn.for_state())]
+        return ExtendedModelResponse(model_response=response, command=Command(update=update)) if update else response
 
     def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], ModelCallResult]) -> ModelCallResult:
-        response = self._model(handler, request).result() if in_graph() else _call_model(handler, request)
-        if isinstance(response, ExtendedModelResponse):
-            return response
+        response, update = _replayed(self._model(handler, request).result() if in_graph() else _call_model(handler, request))
         stored, steps = self._turn(request, response)
-        return self._answer(response, stored, run_steps(steps, self._enforcer.answer(None)))
+        return self._answer(response, update, stored, run_steps(steps, self._enforcer.answer(None)))
 
     async def awrap_model_call(
         self, request: ModelRequest, handler: Callable[[ModelRequest], Awaitable[ModelCallResult]]
     ) -> ModelCallResult:
-        response = await self._amodel(handler, request) if in_graph() else await _acall_model(handler, request)
-        if isinstance(response, ExtendedModelResponse):
-            return response
+        response, update = _replayed(await self._amodel(handler, request) if in_graph() else await _acall_model(handler, request))
         stored, steps = self._turn(request, response)
-        return self._answer(response, stored, await arun_steps(steps, self._enforcer.aanswer(None)))
+        return self._answer(response, update, stored, await arun_steps(steps, self._enforcer.aanswer(None)))
 
     def wrap_tool_call(
         self, request: ToolCallRequest, handler: Callable[[ToolCallRequest], Any]
@@ -159,7 +157,7 @@ class SodaGuardMiddleware(AgentMiddleware):
         return await self._enforcer.awrap(request, handler)
 
 
-def _as_response(result: ModelCallResult) -> ModelResponse | ExtendedModelResponse:
+def _stamped(result: ModelCallResult) -> ModelResponse | ExtendedModelResponse:
     """The model's answer with an id on every message: LangGraph's reducer would otherwise
     give the AI message one only after the turn was judged, and the turn's records are bound
     to that id."""
@@ -172,14 +170,32 @@ def _as_response(result: ModelCallResult) -> ModelResponse | ExtendedModelRespon
     return result
 
 
-def _call_model(handler: Callable[[ModelRequest], ModelCallResult], request: ModelRequest) -> ModelResponse | ExtendedModelResponse:
-    return _as_response(handler(request))
+def _recorded(result: ModelResponse | ExtendedModelResponse) -> dict[str, Any]:
+    """What the task hands the checkpointer: messages and plain data, which it stores and reads
+    back without complaint. A command from an inner middleware can only update state in
+    this hook, so its updates are kept as (key, value) pairs."""
+    update: list[tuple[str, Any]] = []
+    if isinstance(result, ExtendedModelResponse):
+        command = result.command
+        raw = command.update if command is not None else None
+        update = list(raw.items()) if isinstance(raw, Mapping) else list(raw or [])
+        result = result.model_response
+    return {"messages": list(result.result), "structured_response": result.structured_response, "update": update}
+
+
+def _replayed(recorded: dict[str, Any]) -> tuple[ModelResponse, list[tuple[str, Any]]]:
+    response = ModelResponse(result=list(recorded["messages"]), structured_response=recorded["structured_response"])
+    return response, [tuple(pair) for pair in recorded["update"]]  # type: ignore[misc]
+
+
+def _call_model(handler: Callable[[ModelRequest], ModelCallResult], request: ModelRequest) -> dict[str, Any]:
+    return _recorded(_stamped(handler(request)))
 
 
 async def _acall_model(
     handler: Callable[[ModelRequest], Awaitable[ModelCallResult]], request: ModelRequest
-) -> ModelResponse | ExtendedModelResponse:
-    return _as_response(await handler(request))
+) -> dict[str, Any]:
+    return _recorded(_stamped(await handler(request)))
 
 
 class ToolCallBlocked(SodaGuardError):

@@ -323,3 +323,40 @@ def test_an_answer_given_to_other_calls_is_not_used_after_the_state_changed(path
     [pause] = again["__interrupt__"]
     assert "given to a question about other calls" in pause.value["error"]
     assert pause.value["action_requests"][0]["args"] == {"to": "attacker@evil.org"}
+
+
+def test_hold_turn_false_runs_allowed_calls_first_and_asks_per_escalated_call() -> None:
+    guard, backend = make_guard(unsafe=('"/"',), defaults={"on_unsafe": "escalate"}, review={"hold_turn": False})
+    ran: list[Any] = []
+    agent = middleware_agent(guard, [turn(READ, DELETE, ids=["r", "d"]), "done"], ran)
+    [pause] = agent.invoke(USER, config())["__interrupt__"]
+    assert ran == [READ] and [a["name"] for a in pause.value["action_requests"]] == ["delete_file"]
+    result = agent.invoke(Command(resume={"type": "approve"}), config())
+    assert ran == [READ, DELETE] and result["messages"][-1].content == "done"
+    assert len(backend.requests) == 2
+
+
+def test_an_inner_model_middleware_state_update_is_kept_and_the_turn_still_judged() -> None:
+    from langchain.agents.middleware import AgentState
+    from langchain.agents.middleware.types import ExtendedModelResponse, ModelResponse
+    from typing_extensions import NotRequired
+
+    class NoteState(AgentState):
+        note: NotRequired[str]
+
+    class Noting(AgentMiddleware):
+        state_schema = NoteState
+
+        def wrap_model_call(self, request: Any, handler: Any) -> Any:
+            response = handler(request)
+            response = response if isinstance(response, ModelResponse) else ModelResponse(result=[response])
+            return ExtendedModelResponse(model_response=response, command=Command(update={"note": "seen"}))
+
+    guard, backend = make_guard()
+    ran: list[Any] = []
+    agent = create_agent(
+        scripted_model([turn(DELETE, ids=["d"]), "done"]), make_tools(ran),
+        middleware=[SodaGuardMiddleware(guard), Noting()], checkpointer=InMemorySaver(),
+    )
+    result = agent.invoke(USER, config())
+    assert result["note"] == "seen" and ran == [] and len(backend.requests) == 1
