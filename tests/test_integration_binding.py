@@ -10,7 +10,8 @@ from typing import Any, Callable
 
 import pytest
 from langchain.agents import create_agent
-from langchain.agents.middleware import AgentMiddleware
+from langchain.agents.middleware import AgentMiddleware, AgentState
+from langchain.agents.middleware.types import ExtendedModelResponse, ModelResponse
 from langchain_core.messages import AIMessage, ToolMessage
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import START, MessagesState, StateGraph
@@ -19,6 +20,7 @@ from langgraph.types import Command
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from typing_extensions import NotRequired
 
 from soda_guard import Guard, read_audit
 from soda_guard.integrations.langchain import SodaGuardCallbackHandler, SodaGuardMiddleware, ToolCallBlocked
@@ -144,6 +146,10 @@ async def test_a_decision_in_one_thread_is_not_used_in_another() -> None:
     assert ran == [READ]
     refused = [m for m in bob["messages"] if isinstance(m, ToolMessage)]
     assert refused[0].status == "error" and refused[0].response_metadata["soda_guard"]["action"] == "block"
+
+
+class NoteState(AgentState):
+    note: NotRequired[str]
 
 
 class Rewriter(AgentMiddleware):
@@ -337,13 +343,6 @@ def test_hold_turn_false_runs_allowed_calls_first_and_asks_per_escalated_call() 
 
 
 def test_an_inner_model_middleware_state_update_is_kept_and_the_turn_still_judged() -> None:
-    from langchain.agents.middleware import AgentState
-    from langchain.agents.middleware.types import ExtendedModelResponse, ModelResponse
-    from typing_extensions import NotRequired
-
-    class NoteState(AgentState):
-        note: NotRequired[str]
-
     class Noting(AgentMiddleware):
         state_schema = NoteState
 
