@@ -56,6 +56,7 @@ def make_backend(config: JudgeConfig) -> Backend:
             timeout_s=config.timeout_s,
             max_concurrency=config.max_concurrency,
             retries=config.retries,
+            max_response_bytes=config.max_response_bytes,
         )
     raise NotImplementedError(f"backend {config.backend!r} is not available in this build")
 
