@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 from soda_guard.audit import AuditSink, JsonlAuditSink, SqliteAuditSink
 from soda_guard.backends.base import Backend
 from soda_guard.judging import JudgeRunner, make_backend, make_judge
-from soda_guard.errors import AuditError, JudgeError, TrajectoryError
+from soda_guard.errors import AuditError, JudgeError, ModelLoadError, TrajectoryError
 from soda_guard.policy import Outcomes, Policy
 from soda_guard.trajectory import ToolCall, ToolStep, Trajectory
 from soda_guard.verdict import Action, Decision, Label, Verdict
@@ -157,6 +157,26 @@ class Guard:
                     make_judge(judge_name, config, self.policy), backend, max_new_tokens=config.max_new_tokens
                 )
             return self._runners[judge_name]
+
+    def load(self) -> None:
+        """Load every judge the policy can reach and warm each with one short judgment, before
+        traffic and outside any deadline. Without it the first check of each judge loads the
+        model inside its own `timeout_s` (a 4B model on CPU takes far longer) and fails in
+        `on_error`; with it a judge that cannot load fails here, loudly, once.
+        Raises ModelLoadError naming the judge."""
+        for name in self.policy.judges_in_use():
+            try:
+                runner = self.runner(name)
+            except ModelLoadError:
+                raise
+            except Exception as error:
+                raise ModelLoadError(f"judge {name!r} could not be loaded: {type(error).__name__}: {error}") from error
+            runner.warm()
+
+    async def aload(self) -> None:
+        """`load` on a worker thread: loading weights takes seconds to minutes, which must not
+        stall the caller's event loop."""
+        await asyncio.to_thread(self.load)
 
     def _plan(self, trajectory: Trajectory) -> list[_Item]:
         pending = trajectory.pending_tool_calls()

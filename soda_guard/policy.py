@@ -146,6 +146,16 @@ class Policy(_Strict):
             raise ValueError("defaults.judge: required when more than one judge is declared")
         return self
 
+    def judges_in_use(self) -> list[str]:
+        """The declared judges some check can reach, in declaration order: the default one
+        (whole trajectories and tools no rule matches), each judging rule's, and tool-result
+        moderation's. A judge declared but unreachable is not worth loading."""
+        used = {self.defaults.judge}
+        used.update(rule.judge or self.defaults.judge for rule in self.rules if rule.action is None)
+        if self.tool_results is not None:
+            used.add(self.tool_results.judge)
+        return [name for name in self.judges if name in used]
+
     def rule_for(self, tool_name: str) -> tuple[str, Rule | None]:
         for index, rule in enumerate(self.rules):
             if rule.matches(tool_name):
