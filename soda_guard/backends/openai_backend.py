@@ -43,7 +43,7 @@ MAX_TOP_LOGPROBS = 20
 
 #: how long a caller waits past the deadline for the worker's own account of the timeout (which
 #: names the last failure) before reporting a bare timeout
-_DEADLINE_GRACE_S = 0.25
+DEADLINE_GRACE_S = 0.25
 
 
 class _Retryable(Exception):
@@ -227,7 +227,7 @@ class OpenAIBackend:
         the caller applies its failure action to the whole batch anyway."""
         futures, deadline = self._submit(requests)
         try:
-            return [future.result(timeout=max(0.0, deadline - time.monotonic()) + _DEADLINE_GRACE_S) for future in futures]
+            return [future.result(timeout=max(0.0, deadline - time.monotonic()) + DEADLINE_GRACE_S) for future in futures]
         except FutureTimeout:
             raise self._timed_out(None, None) from None
         finally:
@@ -238,7 +238,7 @@ class OpenAIBackend:
         futures, deadline = self._submit(requests)
         waiting = [asyncio.wrap_future(future) for future in futures]
         try:
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic()) + _DEADLINE_GRACE_S):
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic()) + DEADLINE_GRACE_S):
                 return list(await asyncio.gather(*waiting))
         except TimeoutError:
             raise self._timed_out(None, None) from None
