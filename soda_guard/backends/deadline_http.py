@@ -121,7 +121,7 @@ class DeadlineClient:
     def post_json(self, url: str, body: Any, *, until: float) -> Reply:
         """Raises httpcore's errors (a timeout once `until`, time.monotonic, passes) and
         `BodyTooLarge`."""
-        content = json.dumps(body).encode("utf-8")
+        content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
         with deadline(until):
             left = _left(None, httpcore.PoolTimeout)
             extensions = {"timeout": {"pool": left}}
