@@ -258,3 +258,34 @@ async def test_an_endless_reply_fails_at_the_size_cap_not_at_the_deadline() -> N
 def test_the_backend_refuses_an_unbounded_deadline(value: float) -> None:
     with pytest.raises(ValueError, match="timeout_s must be within"):
         OpenAIBackend("m", base_url="http://127.0.0.1:1/v1", timeout_s=value)
+
+
+def test_trickled_response_headers_free_the_worker_at_the_deadline() -> None:
+    """Before any response exists (status line and headers sent one byte every 0.1 s) there is
+    nothing to close: only the per-operation deadline ends the wait."""
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\n" + b"X-Padding: " + b"a" * 600:
+                if stop.wait(0.1):
+                    return
+                try:
+                    connection.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    port = listener.getsockname()[1]
+    try:
+        with backend(f"http://127.0.0.1:{port}/v1", timeout_s=1.0, retries=0) as client:
+            with pytest.raises(JudgeError, match="timed out"):
+                client.generate([REQUEST])
+            assert _released(client)
+    finally:
+        stop.set()
+        listener.close()
