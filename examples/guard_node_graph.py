@@ -46,6 +46,7 @@ def build(args: argparse.Namespace, connection: sqlite3.Connection) -> Any:
     )
     backends = {} if args.model else {"soda": ScriptedBackend(keyword_responder(["home address"]))}
     guard = Guard(policy, backends=backends)
+    guard.load()  # load and warm the judge now, not inside the first tool call's deadline
     model = scripted_model(
         [
             tool_calls_message(

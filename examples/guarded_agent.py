@@ -57,6 +57,7 @@ def build(args: argparse.Namespace, connection: sqlite3.Connection) -> Any:
     )
     backends = {} if args.model else {"soda": ScriptedBackend(keyword_responder(["transfer_money", "delete_records"]))}
     guard = Guard(policy, backends=backends)
+    guard.load()  # load and warm the judge now, not inside the first tool call's deadline
     turn = tool_calls_message(
         ("list_accounts", {"owner": "Alice"}),
         ("transfer_money", {"source": "4411", "target": "offshore-99", "amount": 12300}),

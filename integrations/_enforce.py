@@ -244,23 +244,27 @@ class Judging:
         await RunnableLambda(_never_sync, afunc=judge, name=RUN_NAME).ainvoke(_inputs(calls), _run_config("tool_call", calls))
         return found
 
-    def review(self, event: Decision) -> None:
+    def review(self, event: Decision) -> Decision:
         calls = [event.tool_call] if event.tool_call else []
+        recorded = [event]
 
         def record(_: Any) -> dict[str, Any]:
-            self.guard.record_review(event)
-            return _outputs([event])
+            recorded[0] = self.guard.record_review(event)
+            return _outputs(recorded)
 
         RunnableLambda(record, name=RUN_NAME).invoke(_inputs(calls), _run_config("review", calls))
+        return recorded[0]
 
-    async def areview(self, event: Decision) -> None:
+    async def areview(self, event: Decision) -> Decision:
         calls = [event.tool_call] if event.tool_call else []
+        recorded = [event]
 
         async def record(_: Any) -> dict[str, Any]:
-            await self.guard.arecord_review(event)
-            return _outputs([event])
+            recorded[0] = await self.guard.arecord_review(event)
+            return _outputs(recorded)
 
         await RunnableLambda(_never_sync, afunc=record, name=RUN_NAME).ainvoke(_inputs(calls), _run_config("review", calls))
+        return recorded[0]
 
     def result(self, trajectory: Trajectory, call: ToolCall, message: ToolMessage) -> Decision | None:
         if self.guard.policy.tool_results is None:
@@ -316,11 +320,12 @@ def review_records(
             edit_decision = (yield Judge(trajectory, [edited]))[0]
             review = review.model_copy(update={"edit_decision_id": edit_decision.decision_id})
         reviewed = record.reviewed(review, edit_decision)
-        yield Record(
-            review_event(
-                record.decision, review, runs=reviewed.outcome == "run", ran_call=reviewed.ran_call(), why=_review_why(reviewed)
-            )
+        event = review_event(
+            record.decision, review, runs=reviewed.outcome == "run", ran_call=reviewed.ran_call(), why=_review_why(reviewed)
         )
+        recorded = yield Record(event)
+        if reviewed.outcome == "run" and not recorded.allowed:
+            reviewed = reviewed.model_copy(update={"outcome": "refuse", "message": recorded.why})
         done.append(reviewed)
     return done
 

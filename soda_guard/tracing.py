@@ -68,7 +68,8 @@ class OpenTelemetrySink:
     def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
         self._tracer = trace.get_tracer("soda_guard", tracer_provider=tracer_provider)
 
-    def write(self, decisions: Sequence[Decision]) -> None:
+    def write(self, decisions: Sequence[Decision], *, deadline: float | None = None) -> None:
+        """`deadline` is not used: ending a span hands it to the provider's span processor."""
         now_ns = time.time_ns()
         for decision in decisions:
             latency_ms = decision.verdict.latency_ms if decision.verdict is not None else 0.0

@@ -359,3 +359,19 @@ def test_an_inner_model_middleware_state_update_is_kept_and_the_turn_still_judge
     )
     result = agent.invoke(USER, config())
     assert result["note"] == "seen" and ran == [] and len(backend.requests) == 1
+
+
+def test_an_approval_that_cannot_be_recorded_does_not_run_the_call() -> None:
+    class NoReviews:
+        def write(self, decisions: Any, *, deadline: float | None = None) -> None:
+            if any(decision.rule == "review" for decision in decisions):
+                raise OSError("disk full")
+
+    guard, _ = make_guard(unsafe=('"/"',), defaults={"on_unsafe": "escalate"}, sinks=[NoReviews()])
+    ran: list[Any] = []
+    agent = middleware_agent(guard, [turn(DELETE, ids=["d"]), "done"], ran)
+    agent.invoke(USER, config())
+    result = agent.invoke(Command(resume={"type": "approve"}), config())
+    assert ran == []
+    [message] = [m for m in result["messages"] if isinstance(m, ToolMessage)]
+    assert message.status == "error" and "audit sink unavailable" in message.content
