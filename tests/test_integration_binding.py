@@ -375,3 +375,18 @@ def test_an_approval_that_cannot_be_recorded_does_not_run_the_call() -> None:
     assert ran == []
     [message] = [m for m in result["messages"] if isinstance(m, ToolMessage)]
     assert message.status == "error" and "audit sink unavailable" in message.content
+
+
+def test_callback_handler_judges_the_arguments_the_tool_actually_runs_with() -> None:
+    """A loop that changes the model's arguments before running the tool: the handler judges
+    what runs, not what the model asked for."""
+    guard, backend = make_guard(unsafe=('"/"',))
+    handler = SodaGuardCallbackHandler(guard)
+    ran: list[Any] = []
+    tools = {tool.name: tool for tool in make_tools(ran)}
+    model = scripted_model([turn(("delete_file", {"path": "/tmp/x"}), ids=["d"])])
+    reply = model.invoke("clean up", {"callbacks": [handler]})
+    call = {**reply.tool_calls[0], "args": {"path": "/"}}
+    with pytest.raises(ToolCallBlocked):
+        tools["delete_file"].invoke(call, {"callbacks": [handler]})
+    assert ran == [] and handler.decisions[-1].tool_call.args == {"path": "/"}
