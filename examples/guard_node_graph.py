@@ -46,6 +46,7 @@ def build(args: argparse.Namespace, connection: sqlite3.Connection) -> Any:
     )
     backends = {} if args.model else {"soda": ScriptedBackend(keyword_responder(["home address"]))}
     guard = Guard(policy, backends=backends)
+    guard.load()  # load and warm the judge now, not inside the first tool call's deadline
     model = scripted_model(
         [
             tool_calls_message(
@@ -82,12 +83,14 @@ def main() -> None:
         graph = build(args, connection)
         result = graph.invoke({"messages": [{"role": "user", "content": "Dox the journalist Jane Roe."}]}, config)
         while result.get("__interrupt__"):
-            value = result["__interrupt__"][0].value
-            print(f"review: {value['tool_call']['name']} {value['tool_call']['args']} -> {value['why']}; answering reject")
-            result = graph.invoke(Command(resume={"type": "reject", "message": "No doxxing."}), config)
-        for call_id, record in result.get("soda_guard", {}).items():
-            decision = record["decision"]
-            print(f"{call_id} {decision['tool_call']['name']}: {decision['action']} ({decision['why']}) -> {record.get('outcome', decision['action'])}")
+            request = result["__interrupt__"][0].value
+            for action in request["action_requests"]:
+                print(f"review: {action['name']} {action['args']} -> {action['description']}; answering reject")
+            answers = [{"type": "reject", "message": "No doxxing."} for _ in request["action_requests"]]
+            result = graph.invoke(Command(resume={"decisions": answers}), config)
+        for record in result.get("soda_guard", {}).get("records", []):
+            decision, call = record["decision"], record["call"]
+            print(f"{call['id']} {call['name']}: {decision['action']} ({decision['why']}) -> {record['outcome']}")
         print(f"final answer: {result['messages'][-1].content}")
 
 

@@ -4,7 +4,9 @@
     python examples/guarded_agent.py --resume approve     # (or reject / edit) continues that run
 
 The checkpoint lives in a SQLite file, so the resume is a separate process that finds the
-pending review and the stored verdict (the judge does not run again). Without `--model` the
+pending review and the stored verdict (the judge does not run again). Every verdict and the
+reviewer's answer go to the audit log (`guarded_agent.audit.jsonl`). Running it again without
+`--resume` starts a new turn in the same thread: its calls are judged and reviewed afresh. Without `--model` the
 judge is scripted (UNSAFE for deletions and transfers); with `--model PATH` a real SODA judge runs.
 """
 
@@ -55,6 +57,7 @@ def build(args: argparse.Namespace, connection: sqlite3.Connection) -> Any:
     )
     backends = {} if args.model else {"soda": ScriptedBackend(keyword_responder(["transfer_money", "delete_records"]))}
     guard = Guard(policy, backends=backends)
+    guard.load()  # load and warm the judge now, not inside the first tool call's deadline
     turn = tool_calls_message(
         ("list_accounts", {"owner": "Alice"}),
         ("transfer_money", {"source": "4411", "target": "offshore-99", "amount": 12300}),
@@ -72,14 +75,16 @@ def build(args: argparse.Namespace, connection: sqlite3.Connection) -> Any:
 
 
 def show(result: dict[str, Any]) -> None:
-    for call_id, record in result.get("soda_guard", {}).items():
-        decision = record["decision"]
-        name = decision["tool_call"]["name"]
-        extra = f", review: {record['review']['type']} -> {record['outcome']}" if "review" in record else ""
-        print(f"  {call_id} {name}: {decision['action']} ({decision['why']}){extra}")
+    for record in (result.get("soda_guard") or {}).get("records", []):
+        decision, call = record["decision"], record["call"]
+        review = record.get("review")
+        extra = f", review: {review['type']} -> {record['outcome']}" if review else ""
+        print(f"  {call['id']} {call['name']}: {decision['action']} ({decision['why']}){extra}")
     for pause in result.get("__interrupt__", []):
-        value = pause.value
-        print(f"PAUSED for review of {value['tool_call']['name']} {value['tool_call']['args']}: {value['why']}")
+        for call in pause.value["soda_guard"]["turn"]:
+            print(f"  {call['tool_call_id']} {call['name']}: {call['action']} ({call['why']})")
+        for action in pause.value["action_requests"]:
+            print(f"PAUSED for review of {action['name']} {action['args']}: {action['description']}")
         print("  continue with: python examples/guarded_agent.py --resume approve|reject|edit")
     if not result.get("__interrupt__"):
         print(f"final answer: {result['messages'][-1].content}")

@@ -1,22 +1,22 @@
 """LangChain messages → `Trajectory`, and the JSON records the adapters keep per tool call.
 
-Records are plain JSON dicts (not pydantic objects) because they live in LangGraph state and
-interrupt payloads, which must survive any checkpointer's serializer and a process restart.
+Records are typed (`soda_guard.records`) and become JSON only here, at the graph-state
+boundary, since LangGraph state and interrupt payloads must survive any checkpointer's
+serializer and a process restart.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
+from soda_guard.binding import CallBinding
+from soda_guard.records import TurnRecords
 from soda_guard.trajectory import AssistantStep, SystemStep, ToolCall, ToolStep, Trajectory, UserStep
-from soda_guard.verdict import Decision
 
 STATE_KEY = "soda_guard"
 METADATA_KEY = "soda_guard"
-REVIEW_RESPONSES = ("approve", "reject", "edit")
 
 
 def message_text(content: Any) -> str:
@@ -109,23 +109,46 @@ def with_result(trajectory: Trajectory, call: ToolCall, result: ToolMessage) -> 
     return view.model_copy(update={"steps": [*view.steps, step]})
 
 
-def record_of(decision: Decision) -> dict[str, Any]:
-    return decision.model_dump(mode="json")
+def last_turn(messages: Sequence[BaseMessage]) -> tuple[int, AIMessage] | None:
+    for index in range(len(messages) - 1, -1, -1):
+        if isinstance(messages[index], AIMessage):
+            return index, messages[index]  # type: ignore[return-value]
+    return None
 
 
-def decision_of(record: Mapping[str, Any]) -> Decision:
-    return Decision.model_validate(record)
+def turn_of_call(messages: Sequence[BaseMessage], call: Mapping[str, Any]) -> tuple[int, AIMessage] | None:
+    """The model turn that issued `call`: the latest AI message holding a call with this id,
+    name and arguments; else the latest AI message."""
+    for index in range(len(messages) - 1, -1, -1):
+        message = messages[index]
+        if isinstance(message, AIMessage) and any(
+            c.get("id") == call.get("id") and c.get("name") == call.get("name") and c.get("args") == call.get("args")
+            for c in message.tool_calls
+        ):
+            return index, message
+    return last_turn(messages)
 
 
-def merge_records(
-    left: Mapping[str, Mapping[str, Any]] | None, right: Mapping[str, Mapping[str, Any]] | None
-) -> dict[str, dict[str, Any]]:
-    """State reducer of the `soda_guard` key: per tool call id, later fields win, so a
-    review or a result moderation adds to the judgment instead of replacing it."""
-    merged = {key: dict(value) for key, value in (left or {}).items()}
-    for key, value in (right or {}).items():
-        merged[key] = {**merged.get(key, {}), **value}
-    return merged
+def turn_id(message: AIMessage, index: int) -> str:
+    """LangGraph's message reducer gives every message an id; a hand-built state without one
+    falls back to the message's position."""
+    return str(message.id) if message.id else f"#{index}"
+
+
+def binding_of(call: ToolCall, *, thread: str | None, turn: str) -> CallBinding:
+    return CallBinding.of(thread_id=thread, turn_id=turn, call_id=call.id, tool=call.name, args=call.args)
+
+
+def turn_records(state: Any, key: str) -> TurnRecords | None:
+    """The stored records of the current turn, if the state holds readable ones (anything
+    else, such as an older format, reads as none: the calls are then judged again)."""
+    raw = state.get(key) if isinstance(state, Mapping) else getattr(state, key, None)
+    if not isinstance(raw, Mapping) or "turn_id" not in raw:
+        return None
+    try:
+        return TurnRecords.model_validate(raw)
+    except ValueError:
+        return None
 
 
 def refusal_text(name: str, why: str) -> str:
@@ -133,8 +156,3 @@ def refusal_text(name: str, why: str) -> str:
         f"soda-guard refused to run the tool call `{name}`: {why}. "
         "The tool was not executed. Continue without it, or explain to the user why this cannot be done."
     )
-
-
-def json_safe(value: Any) -> Any:
-    """Interrupt payloads must serialise as JSON whatever the model put in the arguments."""
-    return json.loads(json.dumps(value, default=str))

@@ -1,64 +1,90 @@
 """Shared enforcement for the middleware, the graph node and the `ToolNode` wrapper.
 
-One place decides what happens to a tool call given its Decision (run, refuse, ask a person),
-moderates the tool's result, and stamps the record on the `ToolMessage`, so the three
-LangChain/LangGraph entry points cannot drift apart in behaviour.
+A decision (or a reviewer's answer) is used only for the exact call it judged: records are
+bound (`CallBinding`) to the thread, the model turn, the call id, the tool and the arguments,
+and a call that matches no record is judged again. One turn's calls are judged in one batch
+and, when any is escalated, reviewed in one interrupt before any of them runs.
+
+The logic is written once as generators that yield what they need (a judgment, the tool's run,
+a moderation, an audit record) and are sent the answer; `run_steps` answers with sync calls and
+`arun_steps` awaits them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Generator, Mapping, TypeVar
+from typing import Any, Awaitable, Callable, Generator, Mapping, Sequence, TypeVar
 
-from langchain_core.messages import ToolMessage
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.runnables import RunnableLambda
+from langgraph.func import task
 from langgraph.prebuilt.tool_node import ToolCallRequest
-from langgraph.types import Command, interrupt
+from langgraph.types import Command
 
 from soda_guard.guard import Guard
 from soda_guard.policy import Policy
+from soda_guard.records import CallRecord, TurnRecords
+from soda_guard.review import review_event
 from soda_guard.tracing import OpenTelemetrySink
 from soda_guard.trajectory import ToolCall, Trajectory
 from soda_guard.verdict import Action, Decision
 
 from soda_guard.integrations._convert import (
     METADATA_KEY,
-    REVIEW_RESPONSES,
-    STATE_KEY,
-    json_safe,
-    record_of,
+    binding_of,
     refusal_text,
     to_tool_call,
     to_trajectory,
+    turn_id,
+    turn_of_call,
+    turn_records,
     with_calls,
     with_result,
 )
+from soda_guard.integrations._review import Asked, ask
 
 Handler = Callable[[ToolCallRequest], "ToolMessage | Command[Any]"]
 AsyncHandler = Callable[[ToolCallRequest], Awaitable["ToolMessage | Command[Any]"]]
+RUN_NAME = "soda_guard"
 
 
 @dataclass(frozen=True)
-class _Judge:
+class Judge:
+    """Decisions for `calls` (in order), judged on `trajectory`."""
+
     trajectory: Trajectory
-    call: ToolCall
+    calls: list[ToolCall]
 
 
 @dataclass(frozen=True)
-class _Run:
+class Record:
+    """A reviewer's answer, for the audit sinks and the trace."""
+
+    event: Decision
+
+
+@dataclass(frozen=True)
+class Run:
     request: ToolCallRequest
 
 
 @dataclass(frozen=True)
-class _Moderate:
+class Moderate:
     trajectory: Trajectory
     call: ToolCall
     message: ToolMessage
 
 
-_Need = _Judge | _Run | _Moderate
+@dataclass(frozen=True)
+class Follow:
+    """Wait for the call that leads this turn's judgment (see `TurnCoordinator`)."""
+
+    key: tuple[str | None, str]
+
 
 Need = TypeVar("Need")
 Answer = TypeVar("Answer")
@@ -66,8 +92,7 @@ Result = TypeVar("Result")
 
 
 def run_steps(steps: Generator[Need, Answer, Result], answer: Callable[[Need], Answer]) -> Result:
-    """Drive logic written once as a generator (it yields what it needs, is sent the answer,
-    returns its result) with sync answers; `arun_steps` is the same with awaited ones."""
+    """Drive logic written once as a generator with sync answers."""
     reply: Any = None
     while True:
         try:
@@ -85,7 +110,6 @@ async def arun_steps(steps: Generator[Need, Answer, Result], answer: Callable[[N
         except StopIteration as done:
             return done.value
         reply = await answer(need)
-RUN_NAME = "soda_guard"
 
 
 def as_guard(policy_or_guard: Policy | Guard, *, otel: bool = True) -> Guard:
@@ -98,7 +122,8 @@ def as_guard(policy_or_guard: Policy | Guard, *, otel: bool = True) -> Guard:
 
 
 def thread_id() -> str | None:
-    """The LangGraph thread, used as the conversation id (it keys the judge's prefix cache)."""
+    """The LangGraph thread, used as the conversation id (it keys the judge's prefix cache
+    and is part of every binding)."""
     from langgraph.config import get_config
 
     try:
@@ -109,7 +134,17 @@ def thread_id() -> str | None:
     return None if value is None else str(value)
 
 
-def _run_config(kind: str, calls: list[ToolCall]) -> dict[str, Any]:
+def in_graph() -> bool:
+    from langgraph.config import get_config
+
+    try:
+        get_config()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _run_config(kind: str, calls: Sequence[ToolCall]) -> dict[str, Any]:
     return {
         "run_name": RUN_NAME,
         "tags": [RUN_NAME, f"{RUN_NAME}:{kind}"],
@@ -117,40 +152,119 @@ def _run_config(kind: str, calls: list[ToolCall]) -> dict[str, Any]:
     }
 
 
-def _outputs(decisions: list[Decision | None]) -> dict[str, Any]:
-    return {"decisions": [record_of(d) for d in decisions if d is not None]}
+def _outputs(decisions: Sequence[Decision | None]) -> dict[str, Any]:
+    return {"decisions": [d.model_dump(mode="json") for d in decisions if d is not None]}
+
+
+def _inputs(calls: Sequence[ToolCall]) -> dict[str, Any]:
+    return {"tool_calls": [call.model_dump(mode="json") for call in calls]}
+
+
+def _asked(digest: str, nonce: str) -> list[str]:
+    return [digest, nonce]
+
+
+async def _aasked(digest: str, nonce: str) -> list[str]:
+    return [digest, nonce]
+
+
+def _never_sync(_: Any) -> Any:
+    raise RuntimeError("soda-guard's async judging run was invoked synchronously")
+
+
+def _same_calls(decisions: Sequence[Decision], calls: Sequence[ToolCall]) -> bool:
+    return len(decisions) == len(calls) and all(d.tool_call == c for d, c in zip(decisions, calls))
 
 
 class Judging:
     """Runs the guard as a child LangChain run named "soda_guard" of whatever is running now,
-    so tracers (LangSmith included) show the guard's own run with every verdict as output."""
+    so tracers (LangSmith included) show every verdict and review as the run's output.
+
+    Inside a LangGraph node the judgment is also a LangGraph task, whose result the
+    checkpointer keeps: a node that pauses for review after judging does not judge again when
+    it resumes, even in a new process. A replayed result is used only if it answers exactly
+    the calls asked about."""
 
     def __init__(self, guard: Guard) -> None:
         self.guard = guard
+        self._task = task(self._judge, name="soda_guard_judgment")
+        self._atask = task(self._ajudge, name="soda_guard_judgment")
+        self._asked = task(_asked, name="soda_guard_question")
+        self._aasked = task(_aasked, name="soda_guard_question")
+
+    def asked(self, question: Asked) -> Asked:
+        if not in_graph():
+            return question
+        return Asked(*self._asked(question.digest, question.nonce).result())
+
+    async def aasked(self, question: Asked) -> Asked:
+        if not in_graph():
+            return question
+        return Asked(*(await self._aasked(question.digest, question.nonce)))
+
+    def _judge(self, trajectory: Trajectory, calls: list[ToolCall]) -> list[dict[str, Any]]:
+        return [d.model_dump(mode="json") for d in self.traced_calls(trajectory, calls)]
+
+    async def _ajudge(self, trajectory: Trajectory, calls: list[ToolCall]) -> list[dict[str, Any]]:
+        return [d.model_dump(mode="json") for d in await self.atraced_calls(trajectory, calls)]
 
     def calls(self, trajectory: Trajectory, calls: list[ToolCall]) -> list[Decision]:
+        if in_graph():
+            found = [Decision.model_validate(d) for d in self._task(trajectory, calls).result()]
+            if _same_calls(found, calls):
+                return found
+        return self.traced_calls(trajectory, calls)
+
+    async def acalls(self, trajectory: Trajectory, calls: list[ToolCall]) -> list[Decision]:
+        if in_graph():
+            found = [Decision.model_validate(d) for d in await self._atask(trajectory, calls)]
+            if _same_calls(found, calls):
+                return found
+        return await self.atraced_calls(trajectory, calls)
+
+    def traced_calls(self, trajectory: Trajectory, calls: list[ToolCall]) -> list[Decision]:
         view = with_calls(trajectory, calls)
         found: list[Decision] = []
 
         def judge(_: Any) -> dict[str, Any]:
             found[:] = self.guard.check_tool_calls(view)
-            return _outputs(list(found))
+            return _outputs(found)
 
         RunnableLambda(judge, name=RUN_NAME).invoke(_inputs(calls), _run_config("tool_call", calls))
         return found
 
-    async def acalls(self, trajectory: Trajectory, calls: list[ToolCall]) -> list[Decision]:
+    async def atraced_calls(self, trajectory: Trajectory, calls: list[ToolCall]) -> list[Decision]:
         view = with_calls(trajectory, calls)
         found: list[Decision] = []
 
         async def judge(_: Any) -> dict[str, Any]:
             found[:] = await self.guard.acheck_tool_calls(view)
-            return _outputs(list(found))
+            return _outputs(found)
 
-        await RunnableLambda(_never_sync, afunc=judge, name=RUN_NAME).ainvoke(
-            _inputs(calls), _run_config("tool_call", calls)
-        )
+        await RunnableLambda(_never_sync, afunc=judge, name=RUN_NAME).ainvoke(_inputs(calls), _run_config("tool_call", calls))
         return found
+
+    def review(self, event: Decision) -> Decision:
+        calls = [event.tool_call] if event.tool_call else []
+        recorded = [event]
+
+        def record(_: Any) -> dict[str, Any]:
+            recorded[0] = self.guard.record_review(event)
+            return _outputs(recorded)
+
+        RunnableLambda(record, name=RUN_NAME).invoke(_inputs(calls), _run_config("review", calls))
+        return recorded[0]
+
+    async def areview(self, event: Decision) -> Decision:
+        calls = [event.tool_call] if event.tool_call else []
+        recorded = [event]
+
+        async def record(_: Any) -> dict[str, Any]:
+            recorded[0] = await self.guard.arecord_review(event)
+            return _outputs(recorded)
+
+        await RunnableLambda(_never_sync, afunc=record, name=RUN_NAME).ainvoke(_inputs(calls), _run_config("review", calls))
+        return recorded[0]
 
     def result(self, trajectory: Trajectory, call: ToolCall, message: ToolMessage) -> Decision | None:
         if self.guard.policy.tool_results is None:
@@ -181,217 +295,307 @@ class Judging:
         return found[0]
 
 
-def _never_sync(_: Any) -> Any:
-    raise RuntimeError("soda-guard's async judging run was invoked synchronously")
+def _review_why(record: CallRecord) -> str:
+    review = record.review
+    assert review is not None
+    if record.outcome == "run":
+        edited = " with the reviewer's edited arguments" if record.run_args is not None else ""
+        return f"a reviewer answered {review.type}: the call runs{edited}"
+    if record.outcome == "respond":
+        return "a reviewer answered in the tool's place: the tool does not run"
+    return f"a reviewer answered {review.type}: {record.message}"
 
 
-def _inputs(calls: list[ToolCall]) -> dict[str, Any]:
-    return {"tool_calls": [call.model_dump(mode="json") for call in calls]}
-
-
-def review_payload(call: ToolCall, record: Mapping[str, Any]) -> dict[str, Any]:
-    """What a reviewer sees: JSON only, so any UI or checkpointer can carry it."""
-    decision = record["decision"]
-    return json_safe(
-        {
-            "type": "soda_guard_review",
-            "tool_call": call.model_dump(mode="json"),
-            "action": decision["action"],
-            "rule": decision["rule"],
-            "why": decision["why"],
-            "decision_id": decision["decision_id"],
-            "verdict": decision.get("verdict"),
-            "allowed_responses": list(REVIEW_RESPONSES),
-            "description": f"soda-guard needs a reviewer for `{call.name}`: {decision['why']}",
-        }
-    )
-
-
-def parse_review(answer: Any) -> dict[str, Any]:
-    """Accepts HumanInTheLoopMiddleware's words (approve / reject+message / edit+args, or
-    its `edited_action`); anything else is a ValueError rather than a guess at what the
-    reviewer meant."""
-    if isinstance(answer, str):
-        answer = {"type": answer}
-    if not isinstance(answer, Mapping) or answer.get("type") not in REVIEW_RESPONSES:
-        raise ValueError(
-            f"soda-guard review answer must be a dict with type in {REVIEW_RESPONSES}, got {answer!r}"
+def review_records(
+    records: Sequence[CallRecord], trajectory: Trajectory, turn: Sequence[CallRecord] = ()
+) -> Generator[Judge | Record | Asked, Any, list[CallRecord]]:
+    """Ask one question for `records` (all escalated, all of one turn), judge the edits
+    again, and write each answer to the audit sinks and the trace."""
+    reviews = yield from ask(records, turn)
+    done = []
+    for record, review in zip(records, reviews):
+        edit_decision = None
+        if review.type == "edit":
+            edited = record.call.model_copy(update={"args": review.args})
+            edit_decision = (yield Judge(trajectory, [edited]))[0]
+            review = review.model_copy(update={"edit_decision_id": edit_decision.decision_id})
+        reviewed = record.reviewed(review, edit_decision)
+        event = review_event(
+            record.decision, review, runs=reviewed.outcome == "run", ran_call=reviewed.ran_call(), why=_review_why(reviewed)
         )
-    kind = answer["type"]
-    if kind == "approve":
-        return {"type": "approve"}
-    if kind == "reject":
-        return {"type": "reject", "message": str(answer.get("message") or "the reviewer rejected this call")}
-    args = answer.get("args")
-    if args is None and isinstance(answer.get("edited_action"), Mapping):
-        args = answer["edited_action"].get("args")
-    if not isinstance(args, Mapping):
-        raise ValueError(f"soda-guard edit answer needs an `args` object, got {answer!r}")
-    return {"type": "edit", "args": json_safe(dict(args))}
+        recorded = yield Record(event)
+        if reviewed.outcome == "run" and not recorded.allowed:
+            reviewed = reviewed.model_copy(update={"outcome": "refuse", "message": recorded.why})
+        done.append(reviewed)
+    return done
 
 
-def ask_reviewer(call: ToolCall, record: Mapping[str, Any]) -> dict[str, Any]:
-    """Pause for a person. LangGraph keeps a resume value once given, so an unusable answer
-    cannot be taken back: the question is asked again (a new interrupt, carrying the error)
-    until a usable answer arrives."""
-    payload = review_payload(call, record)
-    while True:
-        try:
-            return parse_review(interrupt(payload))
-        except ValueError as error:
-            payload = {**payload, "error": str(error)}
+def resolve_turn(
+    messages: Sequence[BaseMessage],
+    stored: TurnRecords | None,
+    *,
+    thread: str | None,
+    hold_turn: bool,
+    harm: str | None,
+    environment: str | None,
+) -> Generator[Judge | Record | Asked, Any, TurnRecords | None]:
+    """The records of the latest model turn's pending calls: kept where they bind to a
+    stored record of this very turn, judged (in one batch) where they do not, and, with
+    `hold_turn`, every escalation of the turn reviewed in one interrupt. None when the
+    latest turn has no pending call."""
+    trajectory = to_trajectory(messages, conversation_id=thread, harm=harm, environment=environment)
+    pending = trajectory.pending_tool_calls()
+    located = next(((i, m) for i in range(len(messages) - 1, -1, -1) if isinstance(m := messages[i], AIMessage)), None)
+    if located is None or not pending:
+        return None
+    turn = turn_id(located[1], located[0])
+    same_turn = stored is not None and stored.turn_id == turn and stored.thread_id == thread
+    records: list[CallRecord | None] = []
+    for call in pending:
+        binding = binding_of(call, thread=thread, turn=turn)
+        records.append(stored.find(binding) if same_turn and stored is not None else None)
+    unjudged = [call for call, record in zip(pending, records) if record is None]
+    if unjudged:
+        decisions = iter((yield Judge(trajectory, unjudged)))
+        records = [
+            record or CallRecord.judged(binding_of(call, thread=thread, turn=turn), call, next(decisions))
+            for call, record in zip(pending, records)
+        ]
+    result = TurnRecords(thread_id=thread, turn_id=turn, records=[r for r in records if r is not None])
+    waiting = [record for record in result.records if record.awaiting_review]
+    if waiting and hold_turn:
+        for reviewed in (yield from review_records(waiting, trajectory, result.records)):
+            result = result.replace(reviewed)
+    return result
 
 
-def resolve_fixed(record: Mapping[str, Any], call: ToolCall) -> tuple[str, ToolCall | str] | None:
-    """The outcome when no one has to be asked: ("run", call) or ("refuse", why); None when
-    the decision is escalate and no review has been recorded yet."""
-    if "outcome" in record:
-        if record["outcome"] == "run":
-            args = record.get("args", call.args)
-            return "run", call.model_copy(update={"args": args})
-        return "refuse", str(record.get("refusal") or record["decision"]["why"])
-    action = Action(record["decision"]["action"])
-    if action.runs_tool:
-        return "run", call
-    if action is Action.BLOCK:
-        return "refuse", record["decision"]["why"]
-    return None
+class _Attempt:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.turn: TurnRecords | None = None
+        self.error: BaseException | None = None
 
 
-def apply_review(
-    record: dict[str, Any], call: ToolCall, review: dict[str, Any], edit_decision: Decision | None
-) -> dict[str, Any]:
-    """Fold the reviewer's answer (and the judge's view of an edit) into the record. An edit
-    the judge still escalates runs: the person has already reviewed those exact arguments."""
-    record = {**record, "review": review}
-    if review["type"] == "approve":
-        return {**record, "outcome": "run"}
-    if review["type"] == "reject":
-        return {**record, "outcome": "refuse", "refusal": f"a reviewer rejected it: {review['message']}"}
-    assert edit_decision is not None
-    record["edit_decision"] = record_of(edit_decision)
-    if edit_decision.action is Action.BLOCK:
-        return {**record, "outcome": "refuse", "refusal": f"the reviewer's edit was judged too: {edit_decision.why}"}
-    return {**record, "outcome": "run", "args": review["args"]}
+class TurnCoordinator:
+    """Lets the parallel calls of one `ToolNode` run agree on one judgment and one review of
+    their turn when no guard node or middleware judged it first.
+
+    The call that comes first in the model's message leads: it judges the whole turn and, if
+    anything is escalated, raises the single interrupt. The others wait for its result, or
+    re-raise its interrupt, so no call of the turn runs before the reviewer answers, and on
+    resume none runs twice. Entries are per (thread, turn), bounded in number."""
+
+    def __init__(self, size: int = 1024, grace_s: float = 1.0) -> None:
+        self._latest: OrderedDict[tuple[str | None, str], _Attempt] = OrderedDict()
+        self._changed = threading.Condition()
+        self._size = size
+        self.grace_s = grace_s
+
+    def lead(self, key: tuple[str | None, str]) -> _Attempt:
+        attempt = _Attempt()
+        with self._changed:
+            self._latest[key] = attempt
+            self._latest.move_to_end(key)
+            while len(self._latest) > self._size:
+                self._latest.popitem(last=False)
+            self._changed.notify_all()
+        return attempt
+
+    def finish(self, attempt: _Attempt, turn: TurnRecords | None = None, error: BaseException | None = None) -> None:
+        attempt.turn, attempt.error = turn, error
+        attempt.done.set()
+        with self._changed:
+            self._changed.notify_all()
+
+    def follow(self, key: tuple[str | None, str], wait_s: float) -> TurnRecords | None:
+        """The leader's records; its exception (an interrupt) re-raised; None when no leader
+        shows up within the grace period. An attempt that ended before this call arrived may
+        belong to an earlier run of the node (before a resume), so a newer one is awaited
+        for the grace period before it is trusted."""
+        with self._changed:
+            first = self._latest.get(key)
+            if first is None or first.done.is_set():
+                self._changed.wait_for(lambda: self._latest.get(key) is not first, timeout=self.grace_s)
+            attempt = self._latest.get(key)
+        if attempt is None:
+            return None
+        if not attempt.done.wait(wait_s):
+            raise TimeoutError(f"the judgment of this turn did not finish within {wait_s:.0f}s")
+        if attempt.error is not None:
+            raise attempt.error
+        return attempt.turn
 
 
 class ToolCallEnforcer:
-    """Enforces one tool call inside a `wrap_tool_call` chain. Decisions come from the graph
-    state's `soda_guard` key when an earlier hook judged the turn in one batch; otherwise the
-    call is judged here, and remembered by id so an interrupt's resume does not judge again."""
+    """Enforces one tool call inside a `wrap_tool_call` chain. The call runs only on a record
+    bound to it: one the middleware or guard node stored for this turn, or one made here (the
+    whole turn judged once, led by its first call) when there is none. A call whose arguments
+    were changed after judging matches no record and is judged again on its own."""
 
-    def __init__(self, guard: Guard, *, state_key: str = STATE_KEY, harm: str | None = None,
-                 environment: str | None = None, cache_size: int = 4096) -> None:
+    def __init__(self, guard: Guard, *, state_key: str, harm: str | None = None,
+                 environment: str | None = None, coordinator: TurnCoordinator | None = None) -> None:
         self.guard = guard
         self.judging = Judging(guard)
         self.state_key = state_key
         self.harm = harm
         self.environment = environment
-        self._memory: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._cache_size = cache_size
-        self._lock = threading.Lock()
+        self.coordinator = coordinator or TurnCoordinator()
 
-    def trajectory(self, state: Any) -> Trajectory:
-        messages = state.get("messages", []) if isinstance(state, Mapping) else getattr(state, "messages", [])
-        return to_trajectory(messages, conversation_id=thread_id(), harm=self.harm, environment=self.environment)
+    @property
+    def follow_wait_s(self) -> float:
+        return 3 * self.guard.policy.defaults.timeout_s + 5.0
 
-    def _known(self, state: Any, call_id: str) -> dict[str, Any] | None:
-        records = state.get(self.state_key) if isinstance(state, Mapping) else None
-        if records and call_id in records and "decision" in records[call_id]:
-            return dict(records[call_id])
-        with self._lock:
-            found = self._memory.get(call_id)
-        return dict(found) if found is not None else None
+    def _messages(self, state: Any) -> list[BaseMessage]:
+        return list(state.get("messages", []) if isinstance(state, Mapping) else getattr(state, "messages", []))
 
-    def _remember(self, call_id: str, record: dict[str, Any]) -> None:
-        with self._lock:
-            self._memory[call_id] = record
-            self._memory.move_to_end(call_id)
-            while len(self._memory) > self._cache_size:
-                self._memory.popitem(last=False)
-
-    def _refusal(self, request: ToolCallRequest, call: ToolCall, why: str) -> ToolMessage:
-        return ToolMessage(
-            content=refusal_text(call.name, why), tool_call_id=call.id, name=call.name, status="error"
+    def _steps(self, request: ToolCallRequest) -> Generator[Any, Any, ToolMessage | Command[Any]]:
+        messages = self._messages(request.state)
+        thread = thread_id()
+        located = turn_of_call(messages, request.tool_call)
+        turn = turn_id(located[1], located[0]) if located else "#none"
+        index = _position(located[1], request.tool_call) if located else 0
+        call = to_tool_call(request.tool_call, index)
+        binding = binding_of(call, thread=thread, turn=turn)
+        # converted only when needed: a call with a stored record is enforced without it
+        trajectory = functools.cache(
+            lambda: to_trajectory(messages, conversation_id=thread, harm=self.harm, environment=self.environment)
         )
-
-    def _finish(self, request: ToolCallRequest, call: ToolCall, record: dict[str, Any],
-                message: ToolMessage) -> ToolMessage | Command[Any]:
-        self._remember(call.id, record)
-        metadata = {**message.response_metadata, METADATA_KEY: record}
-        message = message.model_copy(update={"response_metadata": metadata})
-        if isinstance(request.state, Mapping) and self.state_key in request.state:
-            return Command(update={"messages": [message], self.state_key: {call.id: record}})
-        return message
-
-    def _moderated(self, record: dict[str, Any], call: ToolCall, result: ToolMessage,
-                   decision: Decision | None) -> tuple[dict[str, Any], ToolMessage]:
-        if decision is None:
-            return record, result
-        record = {**record, "result_decision": record_of(decision)}
-        if decision.action.runs_tool:
-            return record, result
-        why = decision.why if decision.action is Action.BLOCK else (
-            f"{decision.why} (a tool result cannot wait for review without running the tool again, so it is withheld)"
-        )
-        refused = ToolMessage(
-            content=f"soda-guard withheld the result of `{call.name}`: {why}.",
-            tool_call_id=result.tool_call_id, name=result.name, status="error",
-        )
-        return record, refused
-
-    def _run_request(self, request: ToolCallRequest, call: ToolCall) -> ToolCallRequest:
-        if call.args == request.tool_call.get("args"):
-            return request
-        return request.override(tool_call={**request.tool_call, "args": call.args})
-
-    def _steps(self, request: ToolCallRequest) -> Generator[_Need, Any, ToolMessage | Command[Any]]:
-        """One tool call's enforcement once for both paths: it yields what it needs (decisions
-        for calls, the tool's run, the result's moderation) and is sent the answer; `wrap`
-        answers with sync calls, `awrap` awaits them."""
-        call = to_tool_call(request.tool_call)
-        base = self.trajectory(request.state)
-        record = self._known(request.state, call.id)
+        stored = turn_records(request.state, self.state_key)
+        record = None
+        if stored is not None and stored.turn_id == turn and stored.thread_id == thread:
+            record = stored.find(binding)
+        elif located is not None:
+            shared = yield from self._shared_turn(messages, trajectory(), call, thread, turn)
+            record = shared.find(binding) if shared is not None else None
         if record is None:
-            record = {"decision": record_of((yield _Judge(base, call))[0])}
-            self._remember(call.id, record)
-        outcome = resolve_fixed(record, call)
-        if outcome is None:
-            review = ask_reviewer(call, record)
-            edit_decision = None
-            if review["type"] == "edit":
-                edited = call.model_copy(update={"args": review["args"]})
-                edit_decision = (yield _Judge(base, edited))[0]
-            record = apply_review(record, call, review, edit_decision)
-            outcome = resolve_fixed(record, call)
-            assert outcome is not None
-        kind, detail = outcome
-        if kind == "refuse":
-            return self._finish(request, call, record, self._refusal(request, call, str(detail)))
-        assert isinstance(detail, ToolCall)
-        result = yield _Run(self._run_request(request, detail))
+            same_id = [c for c in _turn_calls(located, call) if c.id == call.id] if located else [call]
+            decisions = yield Judge(trajectory(), same_id if len(same_id) > 1 else [call])
+            record = CallRecord.judged(binding, call, decisions[0])
+            if len(same_id) > 1:
+                record = record.model_copy(update={"call": call})
+        if record.awaiting_review:
+            [record] = yield from review_records([record], trajectory())
+        return (yield from self._enforce(request, trajectory, record))
+
+    def _shared_turn(
+        self, messages: list[BaseMessage], trajectory: Trajectory, call: ToolCall, thread: str | None, turn: str
+    ) -> Generator[Any, Any, TurnRecords | None]:
+        pending = trajectory.pending_tool_calls()
+        unique = [c for c in pending if sum(1 for other in pending if other.id == c.id) == 1]
+        key = (thread, turn)
+        if unique and unique[0] == call:
+            attempt = self.coordinator.lead(key)
+            try:
+                shared = yield from resolve_turn(
+                    messages, None, thread=thread, hold_turn=True, harm=self.harm, environment=self.environment
+                )
+            except BaseException as error:
+                self.coordinator.finish(attempt, error=error)
+                raise
+            self.coordinator.finish(attempt, turn=shared)
+            return shared
+        return (yield Follow(key))
+
+    def _enforce(
+        self, request: ToolCallRequest, trajectory: Callable[[], Trajectory], record: CallRecord
+    ) -> Generator[Any, Any, ToolMessage | Command[Any]]:
+        call = record.call
+        if record.outcome == "refuse":
+            message = ToolMessage(
+                content=refusal_text(call.name, record.message or record.decision.why),
+                tool_call_id=call.id, name=call.name, status="error",
+            )
+            return _stamped(message, record)
+        if record.outcome == "respond":
+            return _stamped(ToolMessage(content=record.message or "", tool_call_id=call.id, name=call.name), record)
+        ran = record.ran_call()
+        run_request = request if record.run_args is None else request.override(tool_call={**request.tool_call, "args": ran.args})
+        result = yield Run(run_request)
         if not isinstance(result, ToolMessage):
             return result
-        verdict = yield _Moderate(base, detail, result)
-        record, result = self._moderated(record, detail, result, verdict)
-        return self._finish(request, call, record, result)
+        if record.run_args is not None:
+            result = result.model_copy(update={"content": _edit_notice(ran) + _text(result.content)})
+        moderation = None
+        if self.guard.policy.tool_results is not None:
+            moderation = yield Moderate(trajectory(), ran, result)
+        if moderation is not None:
+            record = record.model_copy(update={"result_decision": moderation})
+            if not moderation.action.runs_tool:
+                why = moderation.why if moderation.action is Action.BLOCK else (
+                    f"{moderation.why} (a tool result cannot wait for review without running the tool again, so it is withheld)"
+                )
+                result = ToolMessage(
+                    content=f"soda-guard withheld the result of `{call.name}`: {why}.",
+                    tool_call_id=result.tool_call_id, name=result.name, status="error",
+                )
+        return _stamped(result, record)
 
-    def wrap(self, request: ToolCallRequest, handler: Handler) -> ToolMessage | Command[Any]:
-        def answer(need: _Need) -> Any:
-            if isinstance(need, _Judge):
-                return self.judging.calls(need.trajectory, [need.call])
-            if isinstance(need, _Run):
+    def answer(self, handler: Handler | None) -> Callable[[Any], Any]:
+        def answer(need: Any) -> Any:
+            if isinstance(need, Judge):
+                return self.judging.calls(need.trajectory, need.calls)
+            if isinstance(need, Record):
+                return self.judging.review(need.event)
+            if isinstance(need, Asked):
+                return self.judging.asked(need)
+            if isinstance(need, Run):
+                assert handler is not None
                 return handler(need.request)
+            if isinstance(need, Follow):
+                return self.coordinator.follow(need.key, self.follow_wait_s)
             return self.judging.result(need.trajectory, need.call, need.message)
 
-        return run_steps(self._steps(request), answer)
+        return answer
+
+    def wrap(self, request: ToolCallRequest, handler: Handler) -> ToolMessage | Command[Any]:
+        return run_steps(self._steps(request), self.answer(handler))
 
     async def awrap(self, request: ToolCallRequest, handler: AsyncHandler) -> ToolMessage | Command[Any]:
-        async def answer(need: _Need) -> Any:
-            if isinstance(need, _Judge):
-                return await self.judging.acalls(need.trajectory, [need.call])
-            if isinstance(need, _Run):
+        return await arun_steps(self._steps(request), self.aanswer(handler))
+
+    def aanswer(self, handler: AsyncHandler | None) -> Callable[[Any], Awaitable[Any]]:
+        async def answer(need: Any) -> Any:
+            if isinstance(need, Judge):
+                return await self.judging.acalls(need.trajectory, need.calls)
+            if isinstance(need, Record):
+                return await self.judging.areview(need.event)
+            if isinstance(need, Asked):
+                return await self.judging.aasked(need)
+            if isinstance(need, Run):
+                assert handler is not None
                 return await handler(need.request)
+            if isinstance(need, Follow):
+                return await asyncio.to_thread(self.coordinator.follow, need.key, self.follow_wait_s)
             return await self.judging.aresult(need.trajectory, need.call, need.message)
 
-        return await arun_steps(self._steps(request), answer)
+        return answer
+
+
+def _position(message: AIMessage, call: Mapping[str, Any]) -> int:
+    """The call's place in its turn, which names a call that came without an id."""
+    for index, candidate in enumerate(message.tool_calls):
+        if candidate.get("id") == call.get("id") and candidate.get("name") == call.get("name") and candidate.get("args") == call.get("args"):
+            return index
+    return 0
+
+
+def _turn_calls(located: tuple[int, AIMessage] | None, call: ToolCall) -> list[ToolCall]:
+    if located is None:
+        return [call]
+    return [to_tool_call(c, i) for i, c in enumerate(located[1].tool_calls)]
+
+
+def _text(content: Any) -> str:
+    return content if isinstance(content, str) else str(content)
+
+
+def _edit_notice(call: ToolCall) -> str:
+    return (
+        f"[A reviewer replaced this tool call before it ran; what ran was `{call.name}` with arguments "
+        f"{call.args}. Do not issue the original call again.]\n"
+    )
+
+
+def _stamped(message: ToolMessage, record: CallRecord) -> ToolMessage:
+    metadata = {**message.response_metadata, METADATA_KEY: record.summary()}
+    return message.model_copy(update={"response_metadata": metadata})

@@ -6,14 +6,14 @@ node, and a `wrap_tool_call` wrapper for `ToolNode`.
     builder.add_node("tools", ToolNode(tools, wrap_tool_call=wrapper, awrap_tool_call=wrapper.awrap))
     builder.add_edge(START, "agent"); builder.add_edge("agent", "guard"); builder.add_edge("tools", "agent")
 
-The graph state needs the `soda_guard` key (use or extend `GuardState`): the node writes each
-verdict there before it pauses for review, so a resume, even in a new process over the same
-checkpointer, reads the verdict back instead of judging again.
+The graph state needs the `soda_guard` key (use or extend `GuardState`): the node stores the
+latest turn's records there for the wrapper. Its judgments are LangGraph tasks, so a resume
+after a review pause, even in a new process over the same checkpointer, does not judge again.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Generator, Literal, Mapping
+from typing import Any, Generator, Literal, Mapping
 
 from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.runnables import RunnableLambda
@@ -24,45 +24,36 @@ from typing_extensions import NotRequired
 
 from soda_guard.guard import Guard
 from soda_guard.policy import Policy
-from soda_guard.trajectory import ToolCall, Trajectory
-from soda_guard.verdict import Action, Decision
+from soda_guard.records import TurnRecords
 
-from soda_guard.integrations._convert import (
-    METADATA_KEY,
-    STATE_KEY,
-    merge_records,
-    record_of,
-    refusal_text,
-    to_trajectory,
-)
+from soda_guard.integrations._convert import METADATA_KEY, STATE_KEY, refusal_text, turn_records
 from soda_guard.integrations._enforce import (
     AsyncHandler,
     Handler,
-    Judging,
     ToolCallEnforcer,
-    apply_review,
     arun_steps,
     as_guard,
-    ask_reviewer,
-    resolve_fixed,
+    resolve_turn,
     run_steps,
     thread_id,
 )
 
-__all__ = ["GuardNode", "GuardState", "SodaGuardToolWrapper", "guard_node", "merge_records"]
+__all__ = ["GuardNode", "GuardState", "SodaGuardToolWrapper", "guard_node"]
 
 
 class GuardState(MessagesState):
-    """Messages plus the guard's per-tool-call records (verdict, review, result moderation)."""
+    """Messages plus the records of the latest model turn (verdicts, reviews), replaced when
+    the next turn is judged."""
 
-    soda_guard: NotRequired[Annotated[dict[str, dict[str, Any]], merge_records]]
+    soda_guard: NotRequired[dict[str, Any]]
 
 
 class GuardNode:
-    """Judges the latest model turn's tool calls in one batch and routes: allowed calls go to
-    the tools node (one `Send` each, like `create_agent`), refused calls are answered with
-    error `ToolMessage`s, escalated calls wait for a person via `interrupt()`, and a turn
-    without tool calls ends the graph."""
+    """Judges the latest model turn's tool calls in one batch, asks a reviewer once for the
+    turn's escalated calls (an `HITLRequest` interrupt; the judgment is a LangGraph task, so
+    the resume does not judge again), then routes: calls that run go to the tools node (one
+    `Send` each, like `create_agent`), refused calls are answered with error `ToolMessage`s,
+    and a turn without tool calls ends the graph."""
 
     def __init__(
         self,
@@ -86,90 +77,60 @@ class GuardNode:
         self.messages_key = messages_key
         self.harm = harm
         self.environment = environment
-        self.judging = Judging(guard)
+        self.enforcer = ToolCallEnforcer(guard, state_key=state_key, harm=harm, environment=environment)
 
-    def _view(self, state: Mapping[str, Any]) -> tuple[AIMessage | None, Trajectory, dict[str, dict[str, Any]]]:
-        messages = list(state.get(self.messages_key) or [])
-        last_ai = next((m for m in reversed(messages) if isinstance(m, AIMessage)), None)
-        trajectory = to_trajectory(messages, conversation_id=thread_id(), harm=self.harm, environment=self.environment)
-        return last_ai, trajectory, dict(state.get(self.state_key) or {})
-
-    def _judged(self, decisions: list[Decision]) -> Command[Any]:
-        """Verdicts are checkpointed before anything can pause: the node comes back to itself."""
-        records = {d.tool_call.id: {"decision": record_of(d)} for d in decisions if d.tool_call is not None}
-        return Command(update={self.state_key: records}, goto=self.name)
-
-    def _next_review(self, pending: list[ToolCall], records: dict[str, dict[str, Any]]) -> ToolCall | None:
-        return next((call for call in pending if resolve_fixed(records[call.id], call) is None), None)
-
-    def _route(self, last_ai: AIMessage, pending: list[ToolCall], records: dict[str, dict[str, Any]]) -> Command[Any]:
-        runs: list[ToolCall] = []
-        messages: list[Any] = []
-        for call in pending:
-            kind, detail = resolve_fixed(records[call.id], call)  # type: ignore[misc]
-            if kind == "run":
-                assert isinstance(detail, ToolCall)
-                runs.append(detail)
+    def _route(self, last_ai: AIMessage, turn: TurnRecords) -> Command[Any]:
+        sends: list[Send] = []
+        messages: list[ToolMessage] = []
+        for record in turn.records:
+            call = record.call
+            if record.outcome == "run":
+                ran = record.ran_call()
+                original = next((c for c in last_ai.tool_calls if c.get("id") == call.id), None)
+                sends.append(Send(self.tools, [{**(original or {}), "id": call.id, "name": ran.name, "args": ran.args, "type": "tool_call"}]))
+                continue
+            if record.outcome == "respond":
+                content = record.message or ""
             else:
-                messages.append(
-                    ToolMessage(
-                        content=refusal_text(call.name, str(detail)),
-                        tool_call_id=call.id,
-                        name=call.name,
-                        status="error",
-                        response_metadata={METADATA_KEY: records[call.id]},
-                    )
+                content = refusal_text(call.name, record.message or record.decision.why)
+            messages.append(
+                ToolMessage(
+                    content=content,
+                    tool_call_id=call.id,
+                    name=call.name,
+                    status="success" if record.outcome == "respond" else "error",
+                    response_metadata={METADATA_KEY: record.summary()},
                 )
-        edited = {call.id: call.args for call in runs if call.args != _original_args(last_ai, call.id)}
-        if edited:
-            calls = [{**c, "args": edited.get(c["id"], c["args"])} for c in last_ai.tool_calls]
-            messages.insert(0, last_ai.model_copy(update={"tool_calls": calls}))
-        update = {self.messages_key: messages} if messages else None
-        if runs:
-            by_id = {c["id"]: c for c in last_ai.tool_calls}
-            sends = [Send(self.tools, [{**by_id[call.id], "args": call.args}]) for call in runs]
+            )
+        update: dict[str, Any] = {self.state_key: turn.for_state()}
+        if messages:
+            update[self.messages_key] = messages
+        if sends:
             return Command(update=update, goto=sends)
         return Command(update=update, goto=self.model if self.on_block == "model" else END)
 
-    def _steps(self, state: Mapping[str, Any]) -> Generator[tuple[Trajectory, list[ToolCall]], list[Decision], Command[Any]]:
-        """The node's logic once for both paths: it yields (trajectory, calls) whenever it needs
-        decisions and is sent them back; `invoke` judges with the sync guard, `ainvoke` awaits."""
-        last_ai, trajectory, records = self._view(state)
-        pending = trajectory.pending_tool_calls()
+    def _steps(self, state: Mapping[str, Any]) -> Generator[Any, Any, Command[Any]]:
+        messages = list(state.get(self.messages_key) or [])
+        last_ai = next((m for m in reversed(messages) if isinstance(m, AIMessage)), None)
         if last_ai is None or not last_ai.tool_calls:
             return Command(goto=END)
-        if not pending:
+        turn = yield from resolve_turn(
+            messages,
+            turn_records(state, self.state_key),
+            thread=thread_id(),
+            hold_turn=True,
+            harm=self.harm,
+            environment=self.environment,
+        )
+        if turn is None:
             return Command(goto=self.model)
-        unjudged = [call for call in pending if call.id not in records]
-        if unjudged:
-            decisions = yield trajectory, unjudged
-            if any(d.action is Action.ESCALATE for d in decisions):
-                return self._judged(decisions)
-            records = merge_records(records, {d.tool_call.id: {"decision": record_of(d)} for d in decisions if d.tool_call})
-            return self._with_records(self._route(last_ai, pending, records), decisions)
-        call = self._next_review(pending, records)
-        if call is not None:
-            review = ask_reviewer(call, records[call.id])
-            edit = None
-            if review["type"] == "edit":
-                edit = (yield trajectory, [call.model_copy(update={"args": review["args"]})])[0]
-            return Command(update={self.state_key: {call.id: apply_review(records[call.id], call, review, edit)}}, goto=self.name)
-        return self._route(last_ai, pending, records)
+        return self._route(last_ai, turn)
 
     def invoke(self, state: Mapping[str, Any]) -> Command[Any]:
-        return run_steps(self._steps(state), lambda need: self.judging.calls(*need))
+        return run_steps(self._steps(state), self.enforcer.answer(None))
 
     async def ainvoke(self, state: Mapping[str, Any]) -> Command[Any]:
-        return await arun_steps(self._steps(state), lambda need: self.judging.acalls(*need))
-
-    def _with_records(self, command: Command[Any], decisions: list[Decision]) -> Command[Any]:
-        update = dict(command.update or {})
-        update[self.state_key] = {d.tool_call.id: {"decision": record_of(d)} for d in decisions if d.tool_call}
-        return Command(update=update, goto=command.goto)
-
-
-def _original_args(message: AIMessage, call_id: str) -> Any:
-    return next((c["args"] for c in message.tool_calls if c["id"] == call_id), None)
+        return await arun_steps(self._steps(state), self.enforcer.aanswer(None))
 
 
 def guard_node(
@@ -206,8 +167,9 @@ class SodaGuardToolWrapper:
     """`ToolNode(tools, wrap_tool_call=wrapper, awrap_tool_call=wrapper.awrap)`: enforces the
     verdicts the guard node stored (so it never judges twice), moderates tool results when the
     policy asks, and stamps `response_metadata["soda_guard"]`. Used without the guard node it
-    judges each call itself (one judge call per tool call, not batched) and pauses escalated
-    calls; verdicts are then remembered in memory only, so a resume in a new process judges again."""
+    judges each turn itself: the turn's first call leads, judging all of the turn's calls in one
+    batch and asking a reviewer once for its escalations, while the other calls wait for it
+    (give the ToolNode the whole model message, as `tools_condition` routing does)."""
 
     def __init__(
         self,

@@ -6,6 +6,7 @@ tools and ignores them, so a harmful tool-calling episode can be replayed withou
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, Iterable, Sequence
 
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
@@ -25,12 +26,19 @@ def scripted_model(replies: Iterable[AIMessage | str]) -> ScriptedChatModel:
     return ScriptedChatModel(messages=iter(list(replies)))
 
 
-def tool_calls_message(*calls: tuple[str, dict[str, Any]], text: str = "", prefix: str = "call") -> AIMessage:
-    """An assistant turn issuing `calls` in parallel, with ids `<prefix>_0`, `<prefix>_1`, ..."""
+def tool_calls_message(
+    *calls: tuple[str, dict[str, Any]], text: str = "", prefix: str = "call", ids: Sequence[str] | None = None
+) -> AIMessage:
+    """An assistant turn issuing `calls` in parallel. Each call gets a fresh unique id
+    (`<prefix>_<random>`), as real providers give; pass `ids` to choose them, for instance to
+    replay a provider that reuses ids."""
+    if ids is not None and len(ids) != len(calls):
+        raise ValueError(f"{len(calls)} calls but {len(ids)} ids")
+    chosen = list(ids) if ids is not None else [f"{prefix}_{uuid.uuid4().hex[:12]}" for _ in calls]
     return AIMessage(
         content=text,
         tool_calls=[
-            {"name": name, "args": args, "id": f"{prefix}_{index}", "type": "tool_call"}
-            for index, (name, args) in enumerate(calls)
+            {"name": name, "args": args, "id": call_id, "type": "tool_call"}
+            for call_id, (name, args) in zip(chosen, calls)
         ],
     )

@@ -8,7 +8,7 @@ from soda_guard.audit import JsonlAuditSink, read_audit
 from soda_guard.backends.base import Backend, GenerationRequest, GenerationResult
 from soda_guard.backends.scripted import ScriptedBackend
 from soda_guard.converters import from_agent_record, from_openai_messages
-from soda_guard.errors import JudgeError, ModelLoadError, PolicyError, SodaGuardError, TrajectoryError
+from soda_guard.errors import AuditError, JudgeError, ModelLoadError, PolicyError, SodaGuardError, TrajectoryError
 from soda_guard.guard import Guard
 from soda_guard.judges import Qwen3GuardGenJudge, SodaJudge
 from soda_guard.judging import JudgeRunner
@@ -29,6 +29,7 @@ __all__ = [
     "Guard",
     "JsonlAuditSink",
     "JudgeConfig",
+    "AuditError",
     "JudgeError",
     "JudgeRunner",
     "Label",

@@ -6,6 +6,11 @@ before `write` returns) and, with fsync on, even after a power cut. Several proc
 to one file: each batch goes in under an exclusive `flock`, so records never interleave, and a
 line left torn by a writer that died mid-write is closed off by the next writer and skipped by
 the reader instead of corrupting the record after it.
+
+Waiting for another writer is bounded: `write(..., deadline=t)` gives up at `t`
+(`time.monotonic`) with an `AuditError` instead of waiting as long as the other writer holds
+the file or the database, so a stuck writer in another process cannot hold a guard call past
+its deadline.
 """
 
 from __future__ import annotations
@@ -15,16 +20,49 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
 
+from soda_guard.errors import AuditError
 from soda_guard.verdict import Decision
 
 FsyncMode = Literal["decision", "batch", "off"]
 
+#: the longest pause between two tries of a lock another writer holds
+_MAX_POLL_S = 0.02
+
 
 class AuditSink(Protocol):
-    def write(self, decisions: Sequence[Decision]) -> None: ...
+    def write(self, decisions: Sequence[Decision], *, deadline: float | None = None) -> None:
+        """Records every decision before returning, or raises. `deadline` (time.monotonic) is
+        when the guard call that made them must end: a sink that waits for anything (a lock, a
+        server) stops waiting then and raises `AuditError`; None waits as long as it takes."""
+        ...
+
+
+def _acquire(lock: threading.Lock, deadline: float | None, what: str) -> None:
+    if not lock.acquire(timeout=-1 if deadline is None else max(0.0, deadline - time.monotonic())):
+        raise AuditError(f"{what}: another thread of this process held the sink past the deadline")
+
+
+def _flock(fd: int, deadline: float | None, path: Path) -> None:
+    """Non-blocking tries until the deadline (at least one): a blocking `flock` cannot be
+    given up on, and the holder may be a hung process."""
+    if deadline is None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return
+    pause = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AuditError(f"audit log {path}: another process held its lock past the deadline") from None
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, _MAX_POLL_S)
 
 
 def _fsync_mode(fsync: FsyncMode | bool) -> FsyncMode:
@@ -58,15 +96,16 @@ class JsonlAuditSink:
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def write(self, decisions: Sequence[Decision]) -> None:
+    def write(self, decisions: Sequence[Decision], *, deadline: float | None = None) -> None:
         if not decisions:
             return
         records = [decision.model_dump_json().encode("utf-8") + b"\n" for decision in decisions]
         chunks = records if self.fsync == "decision" else [b"".join(records)]
-        with self._lock:
+        _acquire(self._lock, deadline, f"audit log {self.path}")
+        try:
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                _flock(fd, deadline, self.path)
                 if _ends_torn(fd):
                     _write_all(fd, b"\n")
                 for chunk in chunks:
@@ -75,6 +114,8 @@ class JsonlAuditSink:
                         os.fsync(fd)
             finally:
                 os.close(fd)  # closing releases the flock
+        finally:
+            self._lock.release()
 
 
 def _ends_torn(fd: int) -> bool:
@@ -133,18 +174,27 @@ class SqliteAuditSink:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         mode = _fsync_mode(fsync)
+        self.busy_timeout_s = busy_timeout_s
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'NORMAL' if mode == 'off' else 'FULL'}")
         self._db.executescript(_SCHEMA)
 
-    def write(self, decisions: Sequence[Decision]) -> None:
+    def write(self, decisions: Sequence[Decision], *, deadline: float | None = None) -> None:
+        """Another process's write transaction is waited for until `deadline` at most (SQLite's
+        busy timeout, set per write), else `busy_timeout_s`."""
         if not decisions:
             return
         rows = [_row(decision) for decision in decisions]
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        _acquire(self._lock, deadline, f"audit database {self.path}")
+        try:
+            wait_s = self.busy_timeout_s if deadline is None else max(0.0, deadline - time.monotonic())
+            self._db.execute(f"PRAGMA busy_timeout = {int(wait_s * 1000)}")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as error:
+                raise AuditError(f"audit database {self.path}: {error}") from error
             try:
                 self._db.executemany(
                     "INSERT OR REPLACE INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
@@ -153,6 +203,8 @@ class SqliteAuditSink:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+        finally:
+            self._lock.release()
 
     def query(self, sql: str, parameters: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:

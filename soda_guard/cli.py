@@ -105,10 +105,10 @@ def judge_command(
 ) -> None:
     """Judge the conversation's pending tool calls (or the whole conversation when none is pending) and print the decisions as JSON."""
     trajectory = read_conversation(file)
-    loaded_policy, name = _policy_for(policy, judge, model, window, device)
+    loaded_policy, _ = _policy_for(policy, judge, model, window, device)
     guard = Guard(loaded_policy)
     try:
-        guard.runner(name)
+        guard.load()
     except ModelLoadError as error:
         raise fail(str(error)) from None
     try:

@@ -27,3 +27,8 @@ class ModelLoadError(SodaGuardError):
 
 class JudgeError(SodaGuardError):
     """A judge that failed to produce a verdict (crash, timeout, unusable output)."""
+
+
+class AuditError(SodaGuardError):
+    """An audit sink that could not record decisions: its lock was held past the check's
+    deadline, the disk is full, the database is locked. Names the sink and the cause."""

@@ -12,16 +12,24 @@ import concurrent.futures
 import queue
 import threading
 import time
+import uuid
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from soda_guard.audit import AuditSink, JsonlAuditSink, SqliteAuditSink
 from soda_guard.backends.base import Backend
 from soda_guard.judging import JudgeRunner, make_backend, make_judge
-from soda_guard.errors import JudgeError, TrajectoryError
+from soda_guard.errors import AuditError, JudgeError, ModelLoadError, TrajectoryError
 from soda_guard.policy import Outcomes, Policy
 from soda_guard.trajectory import ToolCall, ToolStep, Trajectory
 from soda_guard.verdict import Action, Decision, Label, Verdict
+
+
+#: the least time an audit write may wait for other writers, even when the judge used the whole
+#: deadline: they hold the log for the milliseconds of one write, and a judgment that timed out
+#: must still be recorded
+AUDIT_MIN_WAIT_S = 0.25
 
 
 @dataclass
@@ -31,6 +39,7 @@ class _Item:
     rule: Outcomes | None
     judge: str | None
     view: Trajectory
+    refusal: str | None = None
 
 
 class JudgeThreads:
@@ -151,10 +160,38 @@ class Guard:
                 )
             return self._runners[judge_name]
 
+    def load(self) -> None:
+        """Load every judge the policy can reach and warm each with one short judgment, before
+        traffic and outside any deadline. Without it the first check of each judge loads the
+        model inside its own `timeout_s` (a 4B model on CPU takes far longer) and fails in
+        `on_error`; with it a judge that cannot load fails here, loudly, once.
+        Raises ModelLoadError naming the judge."""
+        for name in self.policy.judges_in_use():
+            try:
+                runner = self.runner(name)
+            except ModelLoadError:
+                raise
+            except Exception as error:
+                raise ModelLoadError(f"judge {name!r} could not be loaded: {type(error).__name__}: {error}") from error
+            runner.warm()
+
+    async def aload(self) -> None:
+        """`load` on a worker thread: loading weights takes seconds to minutes, which must not
+        stall the caller's event loop."""
+        await asyncio.to_thread(self.load)
+
     def _plan(self, trajectory: Trajectory) -> list[_Item]:
+        """Calls that share an id within one turn are refused unjudged: a decision is bound to
+        its call by id (among other things), and two calls under one id could each be run on
+        the other's decision by anything downstream that goes by id."""
         pending = trajectory.pending_tool_calls()
+        counts = Counter(call.id for call in pending)
         items = []
         for call in pending:
+            if counts[call.id] > 1:
+                why = f"{counts[call.id]} tool calls of this turn share the id {call.id!r}; ids must be unique for a decision to be bound to its call"
+                items.append(_Item(call, "binding", None, None, trajectory, refusal=why))
+                continue
             rule_name, rule = self.policy.rule_for(call.name)
             judge = None if rule is not None and rule.action is not None else self.policy.outcome(rule, "judge")
             view = trajectory.with_only_pending_call(call.id) if len(pending) > 1 else trajectory
@@ -180,6 +217,8 @@ class Guard:
             return self.policy.outcome(item.rule, field)
 
         base = {"rule": item.rule_name, "tool_call": item.call, "verdict": verdict, "conversation_id": conversation_id}
+        if item.refusal is not None:
+            return Decision(action=Action.BLOCK, why=item.refusal, **base)
         fixed = getattr(item.rule, "action", None)
         if fixed is not None:
             return Decision(action=fixed, why=f"{item.rule_name} sets {fixed.value} without judging", **base)
@@ -264,13 +303,14 @@ class Guard:
         so the call returns within `timeout_s` however many judges it needs or hang."""
         start = time.perf_counter()
         deadline = start + self.policy.defaults.timeout_s
-        gives_up = time.monotonic() + self.policy.defaults.timeout_s  # the backends' clock
+        # the same deadline on the clock the backends and the audit sinks read
+        monotonic_deadline = time.monotonic() + self.policy.defaults.timeout_s
         submitted: list[tuple[str, list[int], concurrent.futures.Future[Any] | BaseException]] = []
         for judge_name, indexes in self._groups(items).items():
             views = [items[i].view for i in indexes]
             try:
                 future: concurrent.futures.Future[Any] | BaseException = self.judge_threads.submit(
-                    lambda name=judge_name, views=views: self._judge_group(name, views, start, gives_up)  # type: ignore[misc]
+                    lambda name=judge_name, views=views: self._judge_group(name, views, start, monotonic_deadline)  # type: ignore[misc]
                 )
             except JudgeError as error:
                 future = error
@@ -284,18 +324,16 @@ class Guard:
             except Exception as error:
                 results = self._failure_verdicts(judge_name, len(indexes), error, start)
             verdicts.update(zip(indexes, results))
-        decisions = self._finish(items, verdicts, conversation_id)
-        self._audit(decisions)
-        return decisions
+        return self._audit(self._finish(items, verdicts, conversation_id), monotonic_deadline, self._on_error(items))
 
     async def _run_async(self, items: list[_Item], conversation_id: str | None) -> list[Decision]:
         """`asyncio.wait` rather than `wait_for`: a judge coroutine that swallows its
         cancellation must not hold the caller past the deadline."""
         start = time.perf_counter()
-        gives_up = time.monotonic() + self.policy.defaults.timeout_s
+        monotonic_deadline = time.monotonic() + self.policy.defaults.timeout_s
         groups = list(self._groups(items).items())
         tasks = [
-            asyncio.ensure_future(self._ajudge_group(name, [items[i].view for i in indexes], start, gives_up))
+            asyncio.ensure_future(self._ajudge_group(name, [items[i].view for i in indexes], start, monotonic_deadline))
             for name, indexes in groups
         ]
         verdicts: dict[int, Verdict] = {}
@@ -317,15 +355,45 @@ class Guard:
                 verdicts.update(zip(indexes, results))
         decisions = self._finish(items, verdicts, conversation_id)
         if self.sinks:
-            await asyncio.to_thread(self._audit, decisions)
+            decisions = await asyncio.to_thread(self._audit, decisions, monotonic_deadline, self._on_error(items))
         return decisions
 
     def _load_failure(self, judge_name: str, count: int, error: Exception, start: float) -> list[Verdict]:
         return self._failure_verdicts(judge_name, count, JudgeError(f"judge could not be loaded: {error}"), start)
 
-    def _audit(self, decisions: list[Decision]) -> None:
+    def _on_error(self, items: list[_Item]) -> list[Action]:
+        return [self.policy.outcome(item.rule, "on_error") for item in items]
+
+    def _write(self, decisions: list[Decision], deadline: float | None) -> None:
         for sink in self.sinks:
-            sink.write(decisions)
+            sink.write(decisions, deadline=deadline)
+
+    def _audit(
+        self, decisions: list[Decision], deadline: float | None = None, on_error: Sequence[Action] | None = None
+    ) -> list[Decision]:
+        """Every decision goes to the sinks through here, and what comes back is what the caller
+        may act on. A sink that fails or waits past `deadline` (time.monotonic, the check's
+        own; `AUDIT_MIN_WAIT_S` at least) turns the decisions into their `on_error` actions
+        (`on_error`, one per decision; the default's otherwise), which say why and get one more
+        try at every sink; those are returned even if unrecorded, unless they would let a tool
+        run: then `AuditError` is raised instead, since an unrecorded allow is never returned."""
+        if not self.sinks:
+            return decisions
+        try:
+            self._write(decisions, None if deadline is None else max(deadline, time.monotonic() + AUDIT_MIN_WAIT_S))
+            return decisions
+        except Exception as error:
+            cause = error
+        actions = list(on_error) if on_error is not None else [self.policy.defaults.on_error] * len(decisions)
+        fallback = [_audit_failed(decision, action, cause) for decision, action in zip(decisions, actions)]
+        try:
+            self._write(fallback, time.monotonic())
+        except Exception as error:
+            if any(decision.allowed for decision in fallback):
+                raise AuditError(f"decisions could not be recorded ({cause}), nor their on_error allow ({error})") from error
+            note = f"; this decision is not recorded either: {type(error).__name__}: {error}"
+            fallback = [decision.model_copy(update={"why": decision.why + note}) for decision in fallback]
+        return fallback
 
     def check_tool_calls(self, trajectory: Trajectory) -> list[Decision]:
         """One Decision per pending tool call, in the order of the calls."""
@@ -351,6 +419,18 @@ class Guard:
         items = self._tool_result_items(trajectory)
         return (await self._run_async(items, trajectory.conversation_id))[0] if items else None
 
+    def record_review(self, event: Decision) -> Decision:
+        """Write a reviewer's answer (`soda_guard.review.review_event`) to every sink, so the
+        audit trail shows what finally ran, not only that a person was asked. What comes back
+        is what may be acted on: an answer that could not be recorded becomes the policy's
+        `on_error`, like any decision."""
+        return self._audit([event], time.monotonic() + self.policy.defaults.timeout_s)[0]
+
+    async def arecord_review(self, event: Decision) -> Decision:
+        if not self.sinks:
+            return event
+        return await asyncio.to_thread(self.record_review, event)
+
     def close(self) -> None:
         """Refuse new judge calls; threads stuck in a hung judge are daemons and die with the
         process."""
@@ -359,6 +439,16 @@ class Guard:
             closer = getattr(sink, "close", None)
             if callable(closer):
                 closer()
+
+
+def _audit_failed(decision: Decision, action: Action, cause: Exception) -> Decision:
+    """A new record, not an edit: a sink that did record `decision` keeps it, and this one,
+    written after it, names it as replaced."""
+    why = (
+        f"audit sink unavailable ({type(cause).__name__}: {cause}); on_error replaces decision "
+        f"{decision.decision_id} ({decision.action.value}: {decision.why})"
+    )
+    return decision.model_copy(update={"decision_id": uuid.uuid4().hex, "timestamp": time.time(), "action": action, "why": why})
 
 
 def _consume(task: asyncio.Future[Any]) -> None:

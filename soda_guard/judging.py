@@ -12,6 +12,8 @@ import time
 from typing import Sequence
 
 from soda_guard.backends.base import Backend, GenerationRequest, GenerationResult
+from soda_guard.converters import from_openai_messages
+from soda_guard.errors import JudgeError, ModelLoadError
 from soda_guard.judges.base import Judge, RenderedPrompt
 from soda_guard.judges.context import ContextBudget
 from soda_guard.judges.qwen3guard_gen import Qwen3GuardGenJudge
@@ -56,8 +58,22 @@ def make_backend(config: JudgeConfig) -> Backend:
             timeout_s=config.timeout_s,
             max_concurrency=config.max_concurrency,
             retries=config.retries,
+            max_response_bytes=config.max_response_bytes,
         )
     raise NotImplementedError(f"backend {config.backend!r} is not available in this build")
+
+
+#: what a warm-up judges: a short, ordinary turn with one tool call, in the judge's real format
+_WARM_UP = from_openai_messages(
+    [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"id": "warm-up", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}],
+        },
+    ]
+)
 
 
 class JudgeRunner:
@@ -135,6 +151,21 @@ class JudgeRunner:
             else self.failure(f"backend returned an unusable result: {problem}", latency_ms, rendered)
             for (rendered, _), result in zip(prepared, results)
         ]
+
+    def warm(self) -> None:
+        """One short judgment (one new token, no conversation key, so no cache entry of a real
+        conversation), so that what the first judgment would otherwise pay for happens now:
+        kernels chosen and compiled, memory allocated, the server's connection opened.
+        Raises ModelLoadError, naming the judge, when the backend cannot answer."""
+        _, request = self.prepare(_WARM_UP)
+        request.max_new_tokens, request.cache_key = 1, None
+        try:
+            results = self.backend.generate([request])
+            problem = _result_problem(results[0]) if isinstance(results, list) and len(results) == 1 else "not one result"
+            if problem is not None:
+                raise JudgeError(f"backend returned an unusable result: {problem}")
+        except Exception as error:
+            raise ModelLoadError(f"judge {self.judge.name!r} ({self.model_id}) failed its warm-up judgment: {error}") from error
 
     def verdicts(self, trajectories: Sequence[Trajectory], deadline: float | None = None) -> list[Verdict]:
         """One batched backend call; errors propagate so the caller applies its fail mode.

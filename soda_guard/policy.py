@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import fnmatch
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from soda_guard.errors import PolicyError
 from soda_guard.verdict import Action
+
+
+#: the longest deadline a policy may declare: an hour is far past any useful judgment, and a
+#: bound keeps `inf`, `nan` and `1e300` (which block forever or overflow a wait) out of the guard
+MAX_TIMEOUT_S = 3600.0
+
+Seconds = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)]
+
+#: a judge's answer is a few hundred bytes; a body past this is a broken or hostile server
+DEFAULT_MAX_RESPONSE_BYTES = 1 << 20
 
 
 class _Strict(BaseModel):
@@ -33,8 +43,10 @@ class JudgeConfig(_Strict):
     """Several servers: least-loaded first, a conversation sticks to one (prefix cache hits)."""
     api_key_env: str | None = None
     """Name of the environment variable holding the server's API key; never the key itself."""
-    timeout_s: float = Field(default=30.0, gt=0)
+    timeout_s: Seconds = 30.0
     """Deadline of one judgment over HTTP, queueing and retries included."""
+    max_response_bytes: int = Field(default=DEFAULT_MAX_RESPONSE_BYTES, ge=1024, le=64 << 20)
+    """`backend: openai`: a reply body longer than this fails the judgment instead of being read."""
     max_concurrency: int = Field(default=16, ge=1)
     retries: int = Field(default=2, ge=0, le=10)
     max_new_tokens: int = Field(default=128, ge=1, le=4096)
@@ -74,7 +86,7 @@ class Defaults(Outcomes):
     on_unsafe: Action = Action.BLOCK
     on_controversial: Action = Action.ESCALATE
     on_error: Action = Action.BLOCK
-    timeout_s: float = Field(default=10.0, gt=0)
+    timeout_s: Seconds = 10.0
 
 
 class Rule(Outcomes):
@@ -87,6 +99,14 @@ class Rule(Outcomes):
 
     def matches(self, tool_name: str) -> bool:
         return any(fnmatch.fnmatchcase(tool_name, pattern) for pattern in self.tools)
+
+
+class ReviewPolicy(_Strict):
+    """How an escalation waits for its reviewer. `hold_turn` (the default, as LangChain's
+    HumanInTheLoopMiddleware does) asks once per model turn, before any call of that turn
+    runs; false runs the turn's allowed calls first and asks per escalated call."""
+
+    hold_turn: bool = True
 
 
 class ToolResultPolicy(Outcomes):
@@ -115,6 +135,7 @@ class Policy(_Strict):
     rules: list[Rule] = Field(default_factory=list)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     tool_results: ToolResultPolicy | None = None
+    review: ReviewPolicy = Field(default_factory=ReviewPolicy)
     harm: str | None = None
     environment: str | None = None
 
@@ -133,6 +154,16 @@ class Policy(_Strict):
         if needs_judge and self.judges and self.defaults.judge is None:
             raise ValueError("defaults.judge: required when more than one judge is declared")
         return self
+
+    def judges_in_use(self) -> list[str]:
+        """The declared judges some check can reach, in declaration order: the default one
+        (whole trajectories and tools no rule matches), each judging rule's, and tool-result
+        moderation's. A judge declared but unreachable is not worth loading."""
+        used = {self.defaults.judge}
+        used.update(rule.judge or self.defaults.judge for rule in self.rules if rule.action is None)
+        if self.tool_results is not None:
+            used.add(self.tool_results.judge)
+        return [name for name in self.judges if name in used]
 
     def rule_for(self, tool_name: str) -> tuple[str, Rule | None]:
         for index, rule in enumerate(self.rules):

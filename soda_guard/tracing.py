@@ -7,6 +7,7 @@ Only `opentelemetry-api` is used: without a configured SDK the spans are no-ops 
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Sequence
 
@@ -46,6 +47,17 @@ def decision_attributes(decision: Decision) -> dict[str, Any]:
                 "soda_guard.verdict.truncated": verdict.truncated,
             }
         )
+    review = decision.review
+    if review is not None:
+        attributes.update(
+            {
+                "soda_guard.review.type": review.type,
+                "soda_guard.review.answers": review.answers,
+                "soda_guard.review.message": review.message,
+                "soda_guard.review.args": None if review.args is None else json.dumps(review.args, default=str),
+                "soda_guard.review.edit_decision_id": review.edit_decision_id,
+            }
+        )
     return {key: value for key, value in attributes.items() if value is not None}
 
 
@@ -56,7 +68,8 @@ class OpenTelemetrySink:
     def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
         self._tracer = trace.get_tracer("soda_guard", tracer_provider=tracer_provider)
 
-    def write(self, decisions: Sequence[Decision]) -> None:
+    def write(self, decisions: Sequence[Decision], *, deadline: float | None = None) -> None:
+        """`deadline` is not used: ending a span hands it to the provider's span processor."""
         now_ns = time.time_ns()
         for decision in decisions:
             latency_ms = decision.verdict.latency_ms if decision.verdict is not None else 0.0

@@ -9,9 +9,9 @@ from __future__ import annotations
 import time
 import uuid
 from enum import Enum
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from soda_guard.trajectory import ToolCall
 
@@ -65,8 +65,28 @@ class Verdict(BaseModel):
         return self.label is None
 
 
+ReviewType = Literal["approve", "reject", "edit", "respond"]
+
+
+class Review(BaseModel):
+    """A person's answer to an escalation. `answers` is the escalation's `decision_id`;
+    `args` are the edited arguments (edit), `message` the reason (reject) or the answer given
+    in the tool's place (respond)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: ReviewType
+    answers: str
+    message: str | None = None
+    args: dict[str, Any] | str | None = None
+    edit_decision_id: str | None = None
+    timestamp: float = Field(default_factory=time.time)
+
+
 class Decision(BaseModel):
-    """The policy's answer for one tool call (or one trajectory when no call is pending)."""
+    """The policy's answer for one tool call (or one trajectory when no call is pending).
+    `review` is set on the audit record of a person's answer to an escalation (rule
+    `review`), which names the escalation it answers."""
 
     decision_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     timestamp: float = Field(default_factory=time.time)
@@ -76,6 +96,7 @@ class Decision(BaseModel):
     tool_call: ToolCall | None = None
     verdict: Verdict | None = None
     conversation_id: str | None = None
+    review: Review | None = None
 
     @property
     def allowed(self) -> bool:

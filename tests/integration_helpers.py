@@ -81,3 +81,11 @@ class MemoryTracer(BaseTracer):
                 found.append(run)
             stack.extend(run.child_runs)
         return found
+
+
+def numbered(*calls: tuple[str, dict[str, Any]], text: str = "") -> Any:
+    """One model turn whose calls have the ids call_0, call_1, ... (the ids some providers
+    give every turn): tests that look calls up by id use it for a single turn."""
+    from soda_guard.integrations.testing import tool_calls_message
+
+    return tool_calls_message(*calls, text=text, ids=[f"call_{index}" for index in range(len(calls))])

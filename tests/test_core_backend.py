@@ -11,6 +11,7 @@ import torch
 from soda_guard import ModelLoadError, SodaJudge, from_openai_messages
 from soda_guard.backends.base import GenerationRequest
 from soda_guard.chat_tokens import encode_chat, render_chat
+from soda_guard.loading import load_causal_lm
 from soda_guard.scoring import score_generation
 from soda_guard.backends.transformers_backend import TransformersBackend
 from soda_guard.judges.qwen3guard_gen import Qwen3GuardGenJudge
@@ -40,6 +41,25 @@ def test_loads_through_from_pretrained_and_generates_deterministically(judge_dir
     assert first.prompt_tokens == len(encode_chat(backend.tokenizer, request.messages))
     assert 1 <= first.generated_tokens <= 12
     assert asyncio.run(backend.agenerate([request]))[0] == first
+
+
+def test_weights_load_straight_onto_the_device_in_the_final_dtype(tiny_judge_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`from_pretrained` is told the device and dtype, so it never builds a float32 copy in host
+    memory to convert and move afterwards (on CPU the placement itself cannot be told apart)."""
+    from transformers import AutoModelForCausalLM
+
+    asked: list[dict] = []
+    real = AutoModelForCausalLM.from_pretrained
+
+    def recording(*args: object, **kwargs: object) -> object:
+        asked.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", recording)
+    model = load_causal_lm(str(tiny_judge_dir), torch.device("cpu"), torch.bfloat16)
+    assert asked == [{"dtype": torch.bfloat16, "device_map": torch.device("cpu")}]
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("cpu", torch.bfloat16)}
+    assert not model.training
 
 
 def test_missing_model_gives_an_actionable_error(tmp_path: Path) -> None:

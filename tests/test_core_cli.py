@@ -114,3 +114,16 @@ def test_usage_errors_exit_2(tmp_path: Path, args: list[str]) -> None:
     path = write(tmp_path, PENDING, "x.json")
     args = [path if a == "x.json" else a for a in args]
     assert runner.invoke(app, args).exit_code == 2
+
+
+def test_judge_loads_every_judge_the_policy_reaches_before_judging(tmp_path: Path, tiny_judge_dir: Path) -> None:
+    """A rule's judge that cannot load is a load error (exit 2) up front, not an on_error
+    decision reached halfway through the run."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        f"version: 1\njudges: {{soda: {{kind: soda, model: {tiny_judge_dir}}}, wire: {{kind: soda, model: {tmp_path / 'absent'}}}}}\n"
+        "defaults: {judge: soda}\nrules: [{tools: [transfer], judge: wire}]\n"
+    )
+    result = runner.invoke(app, ["judge", write(tmp_path, PENDING), "--policy", str(policy)])
+    assert result.exit_code == 2, result.output
+    assert "cannot load judge model" in result.stderr and "absent" in result.stderr

@@ -4,11 +4,14 @@ failures mapped to on_error, audit written."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from soda_guard import Action, Guard, Policy, ScriptedBackend, from_openai_messages, read_audit
+from soda_guard import Action, Guard, ModelLoadError, Policy, ScriptedBackend, from_openai_messages, read_audit
 from soda_guard.backends.base import GenerationRequest, GenerationResult
 from soda_guard.backends.scripted import keyword_responder, soda_reply
 
@@ -99,7 +102,9 @@ def test_judge_exception_and_timeout_use_on_error_sync_and_async() -> None:
 
 
 def test_missing_model_is_a_judge_failure_not_an_allow(tmp_path: Path) -> None:
-    policy = Policy.from_yaml(POLICY.replace("scripted-judge", str(tmp_path / "absent")))
+    # a deadline far past the first import of transformers, which a loaded machine can stretch
+    # past 2 s: this is about what a failed load becomes, not how fast it fails
+    policy = Policy.from_yaml(POLICY.replace("scripted-judge", str(tmp_path / "absent")).replace("timeout_s: 2", "timeout_s: 120"))
     decision = Guard(policy).check_tool_calls(from_openai_messages(turn(("x", "lookup"))))[0]
     assert decision.action is Action.BLOCK
     assert "could not be loaded" in decision.verdict.error
@@ -159,3 +164,70 @@ async def test_async_path_does_not_block_the_event_loop() -> None:
     await guard.acheck_tool_calls(from_openai_messages(turn(("x", "lookup"))))
     task.cancel()
     assert ticks >= 10
+
+
+THREE_JUDGES = """
+version: 1
+judges:
+  main: {kind: soda, model: m}
+  money: {kind: soda, model: m}
+  spare: {kind: qwen3guard, model: m}
+defaults: {judge: main, timeout_s: 0.3}
+rules:
+  - {tools: ["transfer_*"], judge: money}
+  - {tools: ["read_*"], judge: spare, action: allow}
+"""
+
+
+def test_load_warms_every_reachable_judge_once_with_a_short_judgment() -> None:
+    backends = {name: ScriptedBackend(keyword_responder(["transfer"])) for name in ("main", "money", "spare")}
+    guard = Guard(Policy.from_yaml(THREE_JUDGES), backends=backends)
+    guard.load()
+    warmed = {name: [(r.max_new_tokens, r.cache_key) for r in backend.requests] for name, backend in backends.items()}
+    assert warmed == {"main": [(1, None)], "money": [(1, None)], "spare": []}  # spare: only a fixed-action rule names it
+    assert guard.check_tool_calls(from_openai_messages(turn(("t1", "transfer_funds"))))[0].action is Action.BLOCK
+
+
+def test_after_load_the_first_check_does_not_pay_for_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load slower than the 0.3 s deadline happens in `load`, once; the first check is then
+    judged instead of failing in on_error."""
+    loads: list[str] = []
+
+    def slow_load(config: Any) -> ScriptedBackend:
+        loads.append(config.model)
+        time.sleep(0.5)
+        return ScriptedBackend(keyword_responder(["transfer"]))
+
+    monkeypatch.setattr("soda_guard.guard.make_backend", slow_load)
+    guard = Guard(Policy.from_yaml(POLICY))
+    guard.load()
+    decision = guard.check_tool_calls(from_openai_messages(turn(("c1", "lookup"))))[0]
+    assert decision.action is Action.ALLOW, decision.why
+    assert loads == ["scripted-judge"]
+
+
+def test_aload_loads_off_the_event_loop() -> None:
+    threads: list[str] = []
+
+    def respond(request: GenerationRequest) -> str:
+        threads.append(threading.current_thread().name)
+        return soda_reply(False)
+
+    guard = Guard(Policy.from_yaml(POLICY), backends={"soda": ScriptedBackend(respond)})
+    asyncio.run(guard.aload())
+    assert len(threads) == 1 and threads[0] != threading.main_thread().name
+
+
+def test_load_raises_for_a_missing_model(tmp_path: Path) -> None:
+    guard = Guard(Policy.from_yaml(POLICY.replace("scripted-judge", str(tmp_path / "absent"))))
+    with pytest.raises(ModelLoadError, match="cannot load judge model"):
+        guard.load()
+
+
+def test_load_raises_when_the_warm_up_judgment_fails() -> None:
+    def broken(request: GenerationRequest) -> str:
+        raise ConnectionError("judge server refused the connection")
+
+    guard = Guard(Policy.from_yaml(POLICY), backends={"soda": ScriptedBackend(broken)})
+    with pytest.raises(ModelLoadError, match="'soda' .*failed its warm-up judgment: judge server refused"):
+        guard.load()

@@ -70,3 +70,27 @@ def test_single_judge_becomes_the_default_judge() -> None:
 def test_missing_policy_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="policy file not found"):
         Policy.from_yaml(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "1e300", "1.0e300", "3601", "0"])
+@pytest.mark.parametrize("where", ["defaults", "judge"])
+def test_deadlines_must_be_finite_and_at_most_an_hour(value: str, where: str) -> None:
+    """An infinite deadline blocks the sync path at once (OverflowError in the wait) and lets the
+    async path wait forever on a hung judge: it is a policy error naming the key."""
+    if where == "defaults":
+        text, key = f"version: 1\ndefaults: {{timeout_s: {value}}}", "defaults.timeout_s"
+    else:
+        text, key = f"version: 1\njudges: {{s: {{kind: soda, model: m, timeout_s: {value}}}}}", "judges.s.timeout_s"
+    with pytest.raises(PolicyError, match=key):
+        Policy.from_yaml(text)
+
+
+def test_deadlines_up_to_an_hour_are_accepted() -> None:
+    policy = Policy.from_yaml("version: 1\njudges: {s: {kind: soda, model: m, timeout_s: 3600}}\ndefaults: {timeout_s: 0.05}")
+    assert (policy.judges["s"].timeout_s, policy.defaults.timeout_s) == (3600.0, 0.05)
+
+
+@pytest.mark.parametrize("value", ["100", "1e12"])
+def test_the_reply_size_cap_is_bounded(value: str) -> None:
+    with pytest.raises(PolicyError, match="judges.s.max_response_bytes"):
+        Policy.from_yaml(f"version: 1\njudges: {{s: {{kind: soda, model: m, max_response_bytes: {value}}}}}")

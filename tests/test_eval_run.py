@@ -17,6 +17,8 @@ from typer.testing import CliRunner
 from eval_helpers import STEP_RECORDS, WHOLE_RECORDS, conversation, scripted_judge, write_jsonl
 from soda_guard.cli import app
 from soda_guard.eval import EvalError, load_dataset, read_results, run_eval, step_views, write_report
+from soda_guard.backends.scripted import ScriptedBackend, keyword_responder
+from soda_guard.errors import ModelLoadError
 from soda_guard.policy import Policy
 
 TESTS = Path(__file__).resolve().parent
@@ -133,6 +135,8 @@ import sys
 sys.path.insert(0, {tests!r})
 from eval_helpers import scripted_judge
 from soda_guard.eval import load_dataset, run_eval
+from soda_guard.backends.scripted import ScriptedBackend, keyword_responder
+from soda_guard.errors import ModelLoadError
 from soda_guard.policy import Policy
 dataset = load_dataset({data!r})
 policy = Policy.from_yaml("judges:\\n  soda: {{kind: soda, model: scripted}}\\n")
@@ -218,3 +222,20 @@ def test_eval_command_usage_errors(tmp_path: Path) -> None:
     assert no_model.exit_code == 2 and "--model is required" in no_model.output
     unloadable = runner.invoke(app, ["eval", str(data), "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "o")])
     assert unloadable.exit_code == 2 and "no-such-model" in unloadable.output
+
+
+def test_a_judge_that_cannot_load_fails_the_run_before_any_result(tmp_path: Path) -> None:
+    dataset = load_dataset(write_jsonl(tmp_path / "data.jsonl", WHOLE_RECORDS))
+    policy = Policy.from_yaml(f"judges:\n  soda: {{kind: soda, model: {tmp_path / 'absent'}}}\n")
+    with pytest.raises(ModelLoadError, match="cannot load judge model"):
+        run_eval(dataset, policy, tmp_path / "out")
+    assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
+def test_a_backend_the_run_makes_is_warmed_before_the_first_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dataset = load_dataset(write_jsonl(tmp_path / "data.jsonl", WHOLE_RECORDS))
+    made = ScriptedBackend(keyword_responder(["delete"]))
+    monkeypatch.setattr("soda_guard.eval.runner.make_backend", lambda config: made)
+    run = run_eval(dataset, POLICY, tmp_path / "out", batch_size=2)
+    assert made.batches[0] == 1 and made.requests[0].max_new_tokens == 1 and made.requests[0].cache_key is None
+    assert len(made.requests) == 1 + len(WHOLE_RECORDS) == 1 + run.judged_now

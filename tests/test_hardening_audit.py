@@ -3,17 +3,24 @@ SIGKILL mid-burst and with several processes appending to one file."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
 import pytest
 
-from soda_guard import Action, Decision, Guard, Policy, ScriptedBackend, from_openai_messages, read_audit
+from soda_guard import Action, AuditError, Decision, Guard, Policy, ScriptedBackend, from_openai_messages, read_audit
 from soda_guard.audit import JsonlAuditSink, SqliteAuditSink
 from soda_guard.backends.scripted import soda_reply
 from soda_guard.trajectory import ToolCall
@@ -148,3 +155,125 @@ def test_sqlite_sink_from_policy_is_queryable(tmp_path: Path) -> None:
     reopened = SqliteAuditSink(database)
     assert len(reopened.decisions()) == 2
     reopened.close()
+
+
+def _audited_guard(tmp_path: Path, *, on_error: str = "block", sinks: list[Any] | None = None, **audit: str) -> Guard:
+    """A guard whose judge always says SAFE, so every decision that is not `allow` came from
+    the audit failure, with a 0.3 s deadline."""
+    policy = Policy.from_dict(
+        {
+            "judges": {"soda": {"kind": "soda", "model": "scripted"}},
+            "defaults": {"timeout_s": 0.3, "on_error": on_error},
+            "audit": audit or {"jsonl": str(tmp_path / "held.jsonl")},
+        }
+    )
+    return Guard(policy, backends={"soda": ScriptedBackend([soda_reply(False)])}, sinks=sinks)
+
+
+LOCKED_CALL = from_openai_messages(
+    [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "k1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]},
+    ],
+    conversation_id="conv-lock",
+)
+
+
+def _in_thread(check: Callable[[], Any], within_s: float = 20.0) -> Any:
+    """The check's outcome, from a thread that must finish while the lock is still held:
+    `within_s` is a margin for a loaded machine, the holder would hold it for ever."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(check())
+        except Exception as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(within_s)
+    assert not thread.is_alive(), "the check waited on the audit lock past its deadline"
+    return outcome[0]
+
+
+@contextlib.contextmanager
+def _flock_held(path: Path) -> Iterator[None]:
+    """Another open file description holding the flock: to the sink, another process."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_held_audit_lock_ends_the_check_in_on_error_unrecorded(tmp_path: Path, mode: str) -> None:
+    log = tmp_path / "held.jsonl"
+    guard = _audited_guard(tmp_path)
+    check = (lambda: guard.check_tool_calls(LOCKED_CALL)) if mode == "sync" else (lambda: asyncio.run(guard.acheck_tool_calls(LOCKED_CALL)))
+    with _flock_held(log):
+        [decision] = _in_thread(check)
+    assert decision.action is Action.BLOCK and decision.tool_call.id == "k1"
+    assert "audit sink unavailable" in decision.why and "held its lock past the deadline" in decision.why
+    assert "not recorded either" in decision.why and decision.verdict.label.value == "safe"
+    assert list(read_audit(log)) == []
+
+
+def test_a_held_audit_lock_never_returns_an_unrecorded_allow(tmp_path: Path) -> None:
+    log = tmp_path / "held.jsonl"
+    guard = _audited_guard(tmp_path, on_error="allow")
+    with _flock_held(log):
+        raised = _in_thread(lambda: guard.check_tool_calls(LOCKED_CALL))
+    assert isinstance(raised, AuditError) and "nor their on_error allow" in str(raised)
+    assert list(read_audit(log)) == []
+
+
+class DiskFullOnce:
+    """A sink whose first write fails the way a full disk does."""
+
+    def __init__(self) -> None:
+        self.writes: list[list[Decision]] = []
+
+    def write(self, decisions: Sequence[Decision], *, deadline: float | None = None) -> None:
+        if not self.writes:
+            self.writes.append([])
+            raise OSError(28, "No space left on device")
+        self.writes.append(list(decisions))
+
+
+def test_a_failed_sink_turns_the_decisions_into_recorded_on_error_decisions(tmp_path: Path) -> None:
+    log = tmp_path / "held.jsonl"
+    flaky = DiskFullOnce()
+    guard = _audited_guard(tmp_path, on_error="escalate", sinks=[flaky])
+    [decision] = guard.check_tool_calls(LOCKED_CALL)
+    assert decision.action is Action.ESCALATE and "No space left on device" in decision.why
+    assert "not recorded" not in decision.why
+    assert [d.decision_id for d in read_audit(log)] == [decision.decision_id] == [d.decision_id for d in flaky.writes[1]]
+
+
+def test_a_locked_audit_database_ends_the_check_in_on_error(tmp_path: Path) -> None:
+    database = tmp_path / "held.sqlite"
+    guard = _audited_guard(tmp_path, sqlite=str(database))
+    holder = sqlite3.connect(database, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        [decision] = _in_thread(lambda: guard.check_tool_calls(LOCKED_CALL))
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert decision.action is Action.BLOCK and "database is locked" in decision.why
+    guard.close()
+
+
+def test_a_sink_waits_for_the_lock_while_the_deadline_allows(tmp_path: Path) -> None:
+    """Bounded is not impatient: a lock released before the deadline is taken and the decision
+    recorded."""
+    log = tmp_path / "wait.jsonl"
+    sink = JsonlAuditSink(log)
+    fd = os.open(log, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    threading.Timer(0.2, os.close, args=[fd]).start()
+    sink.write([_decision(7)], deadline=time.monotonic() + 30.0)
+    assert [d.tool_call.id for d in read_audit(log)] == ["t7"]

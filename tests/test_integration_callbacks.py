@@ -1,5 +1,5 @@
-"""SodaGuardCallbackHandler in a plain tool-calling loop, OpenTelemetry spans, and the absent
-AutoMode decision model."""
+"""SodaGuardCallbackHandler in a plain tool-calling loop, OpenTelemetry spans, and whether the
+AutoMode decision model is offered."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from soda_guard.integrations.langchain import SodaGuardCallbackHandler, ToolCall
 from soda_guard.integrations.testing import scripted_model, tool_calls_message
 from soda_guard.tracing import SPAN_NAME, OpenTelemetrySink
 
-from integration_helpers import make_guard, make_tools
+from integration_helpers import make_guard, make_tools, numbered
 
 
 def loop(handler: SodaGuardCallbackHandler, replies: list[Any], ran: list[Any]) -> list[Any]:
@@ -43,7 +43,7 @@ def test_callback_handler_stops_blocked_tool_before_it_runs() -> None:
     handler = SodaGuardCallbackHandler(guard)
     ran: list[Any] = []
     calls = (("read_file", {"path": "a"}), ("delete_file", {"path": "/"}), ("send_email", {"to": "x"}))
-    messages = loop(handler, [tool_calls_message(*calls), "done"], ran)
+    messages = loop(handler, [numbered(*calls), "done"], ran)
     assert [name for name, _ in ran] == ["read_file", "send_email"]
     assert backend.batches == [3]
     blocked = messages[3]
@@ -96,9 +96,7 @@ def test_opentelemetry_span_per_judgment() -> None:
     assert spans[0].start_time <= spans[0].end_time
 
 
-def test_decision_model_is_absent_without_langchain_core_decisions() -> None:
+def test_decision_model_is_offered_exactly_where_langchain_core_decisions_exists() -> None:
     has = importlib.util.find_spec("langchain_core.decisions") is not None
     assert lc_integration.HAS_DECISION_MODELS is has
-    if has:
-        pytest.skip("langchain_core.decisions exists: a decision model should be offered and tested")
-    assert not hasattr(lc_integration, "SodaGuardDecisionModel")
+    assert hasattr(lc_integration, "SodaGuardDecisionModel") is has

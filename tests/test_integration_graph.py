@@ -17,7 +17,7 @@ from soda_guard import Guard
 from soda_guard.integrations.langgraph import GuardState, SodaGuardToolWrapper, guard_node
 from soda_guard.integrations.testing import scripted_model, tool_calls_message
 
-from integration_helpers import make_guard, make_tools
+from integration_helpers import make_guard, make_tools, numbered
 
 USER = {"messages": [{"role": "user", "content": "Clean the disk."}]}
 TWO = (("read_file", {"path": "a"}), ("delete_file", {"path": "/"}))
@@ -47,12 +47,12 @@ def tool_messages(result: dict[str, Any]) -> dict[str, ToolMessage]:
 def test_guard_node_batches_blocks_and_routes() -> None:
     guard, backend = make_guard()
     ran: list[Any] = []
-    result = build(guard, [tool_calls_message(*TWO), "done"], ran).invoke(USER)
+    result = build(guard, [numbered(*TWO), "done"], ran).invoke(USER)
     assert backend.batches == [2]
     assert ran == [("read_file", {"path": "a"})]
     messages = tool_messages(result)
     assert messages["call_1"].status == "error" and messages["call_1"].response_metadata["soda_guard"]
-    assert messages["call_0"].response_metadata["soda_guard"]["decision"]["action"] == "allow"
+    assert messages["call_0"].response_metadata["soda_guard"]["action"] == "allow"
     assert result["messages"][-1].content == "done"
 
 
@@ -68,7 +68,7 @@ def test_all_blocked_goes_back_to_model_or_ends() -> None:
 async def test_guard_node_async() -> None:
     guard, backend = make_guard()
     ran: list[Any] = []
-    result = await build(guard, [tool_calls_message(*TWO), "done"], ran).ainvoke(USER)
+    result = await build(guard, [numbered(*TWO), "done"], ran).ainvoke(USER)
     assert backend.batches == [2] and ran == [("read_file", {"path": "a"})]
     assert result["messages"][-1].content == "done"
 
@@ -79,8 +79,8 @@ def test_escalation_edit_survives_restart_with_sqlite(tmp_path: Path) -> None:
     ran: list[Any] = []
     config = {"configurable": {"thread_id": "g1"}}
     with sqlite3.connect(path, check_same_thread=False) as connection:
-        paused = build(guard, [tool_calls_message(*TWO), "done"], ran, SqliteSaver(connection)).invoke(USER, config)
-    assert paused["__interrupt__"][0].value["tool_call"]["name"] == "delete_file"
+        paused = build(guard, [numbered(*TWO), "done"], ran, SqliteSaver(connection)).invoke(USER, config)
+    assert [a["name"] for a in paused["__interrupt__"][0].value["action_requests"]] == ["delete_file"]
     assert ran == [] and backend.batches == [2]
     fresh, fresh_backend = make_guard(defaults={"on_unsafe": "escalate"}, unsafe=('"/"',))
     with sqlite3.connect(path, check_same_thread=False) as connection:
@@ -88,15 +88,15 @@ def test_escalation_edit_survives_restart_with_sqlite(tmp_path: Path) -> None:
         result = graph.invoke(Command(resume={"type": "edit", "args": {"path": "/tmp/x"}}), config)
     assert fresh_backend.batches == [1]
     assert sorted(ran, key=str) == [("delete_file", {"path": "/tmp/x"}), ("read_file", {"path": "a"})]
-    edited = next(m for m in result["messages"] if getattr(m, "tool_calls", None))
-    assert edited.tool_calls[1]["args"] == {"path": "/tmp/x"}
-    assert result["soda_guard"]["call_1"]["review"]["type"] == "edit"
+    ran_delete = tool_messages(result)["call_1"]
+    assert "deleted /tmp/x" in ran_delete.content and "reviewer replaced" in ran_delete.content
+    assert ran_delete.response_metadata["soda_guard"]["review"] == "edit"
 
 
 def test_reject_in_graph_with_memory_saver() -> None:
     guard, backend = make_guard(defaults={"on_unsafe": "escalate"})
     ran: list[Any] = []
-    graph = build(guard, [tool_calls_message(*TWO), "done"], ran, InMemorySaver())
+    graph = build(guard, [numbered(*TWO), "done"], ran, InMemorySaver())
     config = {"configurable": {"thread_id": "g2"}}
     graph.invoke(USER, config)
     result = graph.invoke(Command(resume={"type": "reject", "message": "not today"}), config)
@@ -104,13 +104,13 @@ def test_reject_in_graph_with_memory_saver() -> None:
     assert ran == [("read_file", {"path": "a"})] and backend.batches == [2]
 
 
-def test_tool_wrapper_alone_judges_each_call() -> None:
+def test_tool_wrapper_alone_judges_the_turn_once() -> None:
     guard, backend = make_guard()
     ran: list[Any] = []
     builder = StateGraph(MessagesState)
     builder.add_node("tools", ToolNode(make_tools(ran), wrap_tool_call=SodaGuardToolWrapper(guard)))
     builder.add_edge(START, "tools")
-    result = builder.compile().invoke({"messages": [*USER["messages"], tool_calls_message(*TWO)]})
+    result = builder.compile().invoke({"messages": [*USER["messages"], numbered(*TWO)]})
     by_id = tool_messages(result)
     assert by_id["call_1"].status == "error" and ran == [("read_file", {"path": "a"})]
-    assert sorted(backend.batches) == [1, 1]
+    assert backend.batches == [2]

@@ -19,7 +19,7 @@ from soda_guard.backends.base import GenerationRequest
 from soda_guard.integrations.langchain import SodaGuardMiddleware
 from soda_guard.integrations.testing import scripted_model, tool_calls_message
 
-from integration_helpers import MemoryTracer, make_guard, make_tools
+from integration_helpers import MemoryTracer, make_guard, make_tools, numbered
 
 THREE = (("read_file", {"path": "notes.txt"}), ("delete_file", {"path": "/"}), ("send_email", {"to": "bob@x.org"}))
 USER = {"messages": [{"role": "user", "content": "Tidy up my machine."}]}
@@ -35,19 +35,24 @@ def tool_messages(result: dict[str, Any]) -> list[ToolMessage]:
     return [m for m in result["messages"] if isinstance(m, ToolMessage)]
 
 
+def records(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The latest turn's records in the graph state, by call id."""
+    return {record["call"]["id"]: record for record in result["soda_guard"]["records"]}
+
+
 def test_parallel_calls_are_judged_in_one_batch_and_blocked_calls_never_run() -> None:
     guard, backend = make_guard()
     ran: list[Any] = []
-    result = build(guard, [tool_calls_message(*THREE), "All done."], ran).invoke(USER)
+    result = build(guard, [numbered(*THREE), "All done."], ran).invoke(USER)
     assert backend.batches == [3]
     assert sorted(name for name, _ in ran) == ["read_file", "send_email"]
     messages = tool_messages(result)
     assert sorted(m.tool_call_id for m in messages) == ["call_0", "call_1", "call_2"]
     blocked = next(m for m in messages if m.tool_call_id == "call_1")
     assert blocked.status == "error" and "refused" in blocked.content and "unsafe" in blocked.content
-    assert blocked.response_metadata["soda_guard"]["decision"]["action"] == "block"
+    assert blocked.response_metadata["soda_guard"]["action"] == "block"
     assert result["messages"][-1].content == "All done."
-    assert {k: v["decision"]["action"] for k, v in result["soda_guard"].items()} == {
+    assert {k: v["decision"]["action"] for k, v in records(result).items()} == {
         "call_0": "allow", "call_1": "block", "call_2": "allow"
     }
 
@@ -55,7 +60,7 @@ def test_parallel_calls_are_judged_in_one_batch_and_blocked_calls_never_run() ->
 async def test_async_agent_batches_and_blocks() -> None:
     guard, backend = make_guard()
     ran: list[Any] = []
-    result = await build(guard, [tool_calls_message(*THREE), "All done."], ran).ainvoke(USER)
+    result = await build(guard, [numbered(*THREE), "All done."], ran).ainvoke(USER)
     assert backend.batches == [3]
     assert sorted(name for name, _ in ran) == ["read_file", "send_email"]
     assert len(tool_messages(result)) == 3
@@ -66,12 +71,14 @@ def test_log_action_runs_and_records() -> None:
     ran: list[Any] = []
     result = build(guard, [tool_calls_message(("delete_file", {"path": "/"})), "ok"], ran).invoke(USER)
     assert ran == [("delete_file", {"path": "/"})]
-    assert tool_messages(result)[0].response_metadata["soda_guard"]["decision"]["action"] == "log"
+    assert tool_messages(result)[0].response_metadata["soda_guard"]["action"] == "log"
 
 
-def _escalating(checkpointer: Any, ran: list[Any], guard: Guard) -> tuple[Any, dict[str, Any]]:
-    agent = build(guard, [tool_calls_message(("read_file", {"path": "a"}), ("delete_file", {"path": "/"})), "done"],
-                  ran, checkpointer)
+def _escalating(checkpointer: Any, ran: list[Any], guard: Guard, *, resumed: bool = False) -> tuple[Any, dict[str, Any]]:
+    """An agent whose first turn reads a file and deletes `/`; `resumed=True` is the same agent
+    in a new process after the pause, whose model only has its final answer left."""
+    turn = tool_calls_message(("read_file", {"path": "a"}), ("delete_file", {"path": "/"}), ids=["call_0", "call_1"])
+    agent = build(guard, ["done"] if resumed else [turn, "done"], ran, checkpointer)
     return agent, {"configurable": {"thread_id": "t1"}}
 
 
@@ -89,18 +96,21 @@ def test_escalation_interrupts_and_resumes(answer: dict[str, Any], runs: list[An
     agent, config = _escalating(InMemorySaver(), ran, guard)
     paused = agent.invoke(USER, config)
     [pause] = paused["__interrupt__"]
-    assert pause.value["tool_call"] == {"id": "call_1", "name": "delete_file", "args": {"path": "/"}}
-    assert pause.value["allowed_responses"] == ["approve", "reject", "edit"]
+    [action] = pause.value["action_requests"]
+    assert (action["name"], action["args"]) == ("delete_file", {"path": "/"})
+    assert pause.value["review_configs"] == [
+        {"action_name": "delete_file", "allowed_decisions": ["approve", "edit", "reject", "respond"]}
+    ]
+    assert pause.value["soda_guard"]["calls"][0]["tool_call_id"] == "call_1"
     json.dumps(pause.value)
-    assert ran == [("read_file", {"path": "a"})]
+    assert ran == []
     result = agent.invoke(Command(resume=answer), config)
-    assert ran[1:] == runs
+    assert sorted(ran, key=str) == sorted([("read_file", {"path": "a"}), *runs], key=str)
     message = next(m for m in tool_messages(result) if m.tool_call_id == "call_1")
     assert content in message.content
     assert message.status == ("error" if answer["type"] == "reject" else "success")
-    record = message.response_metadata["soda_guard"]
-    assert record["review"]["type"] == answer["type"]
-    assert result["soda_guard"]["call_1"]["review"]["type"] == answer["type"]
+    assert message.response_metadata["soda_guard"]["review"] == answer["type"]
+    assert records(result)["call_1"]["review"]["type"] == answer["type"]
     assert backend.batches == ([2, 1] if answer["type"] == "edit" else [2])
 
 
@@ -111,7 +121,7 @@ def test_edit_rejudged_and_still_blocked() -> None:
     policy = Policy.from_dict({"judges": {"qwen": {"kind": "qwen3guard", "model": "scripted"}}})
     ran: list[Any] = []
     agent, config = _escalating(InMemorySaver(), ran, Guard(policy, backends={"qwen": backend}))
-    assert agent.invoke(USER, config)["__interrupt__"][0].value["action"] == "escalate"
+    assert agent.invoke(USER, config)["__interrupt__"][0].value["soda_guard"]["calls"][0]["action"] == "escalate"
     result = agent.invoke(Command(resume={"type": "edit", "args": {"path": "/etc"}}), config)
     message = next(m for m in tool_messages(result) if m.tool_call_id == "call_1")
     assert message.status == "error" and "edit was judged" in message.content
@@ -130,11 +140,11 @@ def test_resume_after_restart_with_sqlite_does_not_rejudge(tmp_path: Path) -> No
     assert backend.batches == [2]
     fresh_guard, fresh_backend = make_guard(defaults={"on_unsafe": "escalate"})
     with sqlite3.connect(path, check_same_thread=False) as connection:
-        agent, config = _escalating(SqliteSaver(connection), ran, fresh_guard)
+        agent, config = _escalating(SqliteSaver(connection), ran, fresh_guard, resumed=True)
         result = agent.invoke(Command(resume={"type": "approve"}), config)
     assert fresh_backend.batches == []
     assert ("delete_file", {"path": "/"}) in ran
-    assert result["soda_guard"]["call_1"]["outcome"] == "run"
+    assert records(result)["call_1"]["outcome"] == "run"
 
 
 async def test_async_escalation_resume_does_not_rejudge() -> None:
@@ -154,7 +164,7 @@ def test_bad_resume_answer_asks_again() -> None:
     agent, config = _escalating(InMemorySaver(), ran, guard)
     agent.invoke(USER, config)
     again = agent.invoke(Command(resume={"type": "maybe"}), config)["__interrupt__"][0].value
-    assert "maybe" in again["error"] and again["tool_call"]["id"] == "call_1"
+    assert "maybe" in again["error"] and again["soda_guard"]["calls"][0]["tool_call_id"] == "call_1"
     assert ("delete_file", {"path": "/"}) not in ran
     result = agent.invoke(Command(resume={"type": "approve"}), config)
     assert ("delete_file", {"path": "/"}) in ran and result["messages"][-1].content == "done"
@@ -172,7 +182,7 @@ def test_tool_result_moderation_blocks_injected_output(tmp_path: Path) -> None:
         extra_backends={"qwen": ScriptedBackend(["Safety: Unsafe\nCategories: Jailbreak"])},
     )
     ran: list[Any] = []
-    replies = [tool_calls_message(("fetch_page", {"url": "http://evil.example"}), ("read_file", {"path": "a"})), "ok"]
+    replies = [numbered(("fetch_page", {"url": "http://evil.example"}), ("read_file", {"path": "a"})), "ok"]
     result = build(guard, replies, ran).invoke(USER)
     assert sorted(name for name, _ in ran) == ["fetch_page", "read_file"]
     page = next(m for m in tool_messages(result) if m.tool_call_id == "call_0")
@@ -187,13 +197,13 @@ def test_verdicts_reach_metadata_state_tracer_and_audit(tmp_path: Path) -> None:
     guard, _ = make_guard(audit={"jsonl": str(audit)})
     tracer = MemoryTracer()
     ran: list[Any] = []
-    result = build(guard, [tool_calls_message(*THREE), "done"], ran).invoke(USER, {"callbacks": [tracer]})
+    result = build(guard, [numbered(*THREE), "done"], ran).invoke(USER, {"callbacks": [tracer]})
     [run] = tracer.runs_named("soda_guard")
     assert "soda_guard" in run.tags
     assert [d["action"] for d in run.outputs["decisions"]] == ["allow", "block", "allow"]
     assert run.outputs["decisions"][1]["verdict"]["label"] == "unsafe"
-    records = [d.decision_id for d in read_audit(audit)]
-    assert records == [result["soda_guard"][f"call_{i}"]["decision"]["decision_id"] for i in range(3)]
+    logged = [d.decision_id for d in read_audit(audit)]
+    assert logged == [records(result)[f"call_{i}"]["decision"]["decision_id"] for i in range(3)]
     assert all("soda_guard" in m.response_metadata for m in tool_messages(result))
 
 
@@ -213,8 +223,9 @@ def test_judge_failure_falls_back_to_on_error(on_error: str) -> None:
     guard = Guard(policy, backends={"soda": Boom()})
     ran: list[Any] = []
     result = build(guard, [tool_calls_message(("read_file", {"path": "a"})), "finished"], ran).invoke(USER)
-    record = tool_messages(result)[0].response_metadata["soda_guard"]["decision"]
+    record = result["soda_guard"]["records"][0]["decision"]
     assert record["action"] == on_error and "judge exploded" in record["why"]
+    assert tool_messages(result)[0].response_metadata["soda_guard"]["action"] == on_error
     assert bool(ran) is (on_error == "log")
     assert result["messages"][-1].content == "finished"
 
@@ -224,7 +235,7 @@ def test_judge_timeout_is_recorded() -> None:
     guard = Guard(policy, backends={"soda": ScriptedBackend(["[Verdict] SAFE"], delay_s=0.5)})
     ran: list[Any] = []
     result = build(guard, [tool_calls_message(("read_file", {"path": "a"})), "finished"], ran).invoke(USER)
-    record = tool_messages(result)[0].response_metadata["soda_guard"]["decision"]
+    record = tool_messages(result)[0].response_metadata["soda_guard"]
     assert record["action"] == "block" and "timed out" in record["why"] and ran == []
 
 
@@ -261,8 +272,9 @@ def test_real_tiny_transformers_judge_parse_failure_takes_on_error(tiny_judge_di
     guard = Guard(policy)
     ran: list[Any] = []
     result = build(guard, [tool_calls_message(("read_file", {"path": "a"}), ("delete_file", {"path": "/"})), "done"], ran).invoke(USER)
-    records = [m.response_metadata["soda_guard"]["decision"] for m in tool_messages(result)]
+    records = [record["decision"] for record in result["soda_guard"]["records"]]
     assert [r["action"] for r in records] == ["log", "log"]
+    assert [m.response_metadata["soda_guard"]["action"] for m in tool_messages(result)] == ["log", "log"]
     assert all(r["verdict"]["parse_failure"] and r["verdict"]["label"] is None for r in records)
     assert all(r["verdict"]["model"] == str(tiny_judge_dir) or r["verdict"]["model"] for r in records)
     assert len(ran) == 2

@@ -4,8 +4,11 @@ ends in an answer or in a JudgeError that names the cause, and only the retryabl
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -112,11 +115,23 @@ def test_a_slow_server_hits_the_judgment_deadline() -> None:
     assert app.stats.served == 1
 
 
+def _released(client: OpenAIBackend, within_s: float = 10.0) -> bool:
+    """Whether every worker is free again; `within_s` is a margin for a loaded machine, far
+    under what the server would hold a worker (30 s and more) if the deadline did not."""
+    until = time.monotonic() + within_s
+    while client.in_flight and time.monotonic() < until:
+        time.sleep(0.01)
+    return client.in_flight == 0
+
+
 async def test_deadline_covers_retries_and_backoff() -> None:
+    """A 30 s Retry-After against a 1 s deadline: no second attempt, and the worker's backoff
+    ends with the deadline instead of sleeping the 30 s."""
     app = ScriptedHTTPApp(lambda i, body: Reply(status=429, headers={"retry-after": "30"}))
-    with LoopbackServer(app) as server, backend(server.base_url, retries=5, timeout_s=0.3) as client:
-        with pytest.raises(JudgeError, match=r"timed out .*HTTP 429"):
+    with LoopbackServer(app) as server, backend(server.base_url, retries=5, timeout_s=1.0) as client:
+        with pytest.raises(JudgeError, match=r"timed out after 1.0s"):
             await client.agenerate([REQUEST])
+        assert await asyncio.to_thread(_released, client)
     assert app.stats.served == 1
 
 
@@ -157,29 +172,120 @@ async def test_a_server_dying_mid_run_is_replaced_without_losing_answers() -> No
     assert 5 <= doomed.app.state.stats.served < 60 and survivor.app.state.stats.served > 0
 
 
-async def _trickling_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """Answers 200 and then one byte every 0.1 s for 2 s: no single read ever times out, so
-    only the judgment's deadline can end the wait."""
+TRICKLE = GenerationRequest(messages=[{"role": "user", "content": "trickle"}], max_new_tokens=16, score=SodaJudge.score_spec)
+HANG = GenerationRequest(messages=[{"role": "user", "content": "hang"}], max_new_tokens=16, score=SodaJudge.score_spec)
+
+
+def _stalling(index: int, body: dict) -> Reply:
+    """`trickle`: 200, then a valid answer behind 600 spaces sent one every 0.1 s (no read ever
+    times out; 60 s in all); `hang`: nothing for 60 s; anything else: answered at once."""
+    content = body["messages"][-1]["content"]
+    if content == "trickle":
+        return Reply(body=b" " * 600 + json.dumps(OK.body).encode(), trickle_s=0.1)
+    if content == "hang":
+        return Reply(body=OK.body, delay_s=60.0)
+    return OK
+
+
+@pytest.mark.parametrize("stall", [TRICKLE, HANG], ids=["trickle", "hang"])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_stalling_replies_free_their_workers_at_the_deadline(mode: str, stall: GenerationRequest) -> None:
+    """`max_concurrency` stalled replies time out, their workers are free again although the
+    server is still sending, and the next judgment is answered on those same workers."""
+    app = ScriptedHTTPApp(_stalling)
+    server = LoopbackServer(app).start()
+    try:
+        with backend(server.base_url, timeout_s=1.5, max_concurrency=2) as client:
+
+            async def stalled_pair() -> list[Any]:
+                return await asyncio.gather(*(client.agenerate([stall]) for _ in range(2)), return_exceptions=True)
+
+            if mode == "sync":
+                with ThreadPoolExecutor(2) as callers:
+                    outcomes: list[Any] = []
+                    for future in [callers.submit(client.generate, [stall]) for _ in range(2)]:
+                        try:
+                            outcomes.append(future.result())
+                        except JudgeError as error:
+                            outcomes.append(error)
+            else:
+                outcomes = asyncio.run(stalled_pair())
+            assert all(isinstance(o, JudgeError) and "timed out" in str(o) for o in outcomes), outcomes
+            assert _released(client)
+            [answer] = client.generate([REQUEST])
+        assert answer.score == 1.0 and app.stats.served == 3
+    finally:
+        server.kill()
+
+
+def _oversized(index: int, body: dict) -> Reply:
+    return Reply(body=b" " * (2 << 20) + json.dumps(OK.body).encode())
+
+
+async def _endless_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """200 without a length, then 64 KiB chunks as fast as the client takes them, until it
+    hangs up."""
     if scope["type"] != "http":
         return
     while (await receive()).get("more_body"):
         pass
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
-    for _ in range(20):
-        await send({"type": "http.response.body", "body": b" ", "more_body": True})
-        await asyncio.sleep(0.1)
+    for _ in range(10_000):
+        await send({"type": "http.response.body", "body": b" " * 65536, "more_body": True})
     await send({"type": "http.response.body", "body": b"{}"})
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_a_trickling_server_cannot_hold_the_caller_past_the_deadline(mode: str) -> None:
-    import time
+def test_a_reply_declared_over_the_size_cap_fails_without_retry() -> None:
+    app = ScriptedHTTPApp(_oversized)
+    with LoopbackServer(app) as server, backend(server.base_url, retries=3) as client:
+        with pytest.raises(JudgeError, match=r"declares \d+ bytes, over the 1048576-byte limit"):
+            client.generate([REQUEST])
+    assert app.stats.served == 1
 
-    with LoopbackServer(_trickling_app) as server, backend(server.base_url, timeout_s=0.3) as client:
-        started = time.monotonic()
-        with pytest.raises(JudgeError, match=r"timed out after 0.3s \(no answer from the worker by then\)"):
-            if mode == "sync":
+
+async def test_an_endless_reply_fails_at_the_size_cap_not_at_the_deadline() -> None:
+    server = LoopbackServer(_endless_app).start()
+    try:
+        async with backend(server.base_url, timeout_s=60.0, max_response_bytes=256 << 10) as client:
+            with pytest.raises(JudgeError, match=r"longer than the 262144-byte limit"):
+                await client.agenerate([REQUEST])
+            assert client.max_overrun_s == 0.0 and client.in_flight == 0
+    finally:
+        server.kill()
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e300, 0.0])
+def test_the_backend_refuses_an_unbounded_deadline(value: float) -> None:
+    with pytest.raises(ValueError, match="timeout_s must be within"):
+        OpenAIBackend("m", base_url="http://127.0.0.1:1/v1", timeout_s=value)
+
+
+def test_trickled_response_headers_free_the_worker_at_the_deadline() -> None:
+    """Before any response exists (status line and headers sent one byte every 0.1 s) there is
+    nothing to close: only the per-operation deadline ends the wait."""
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\n" + b"X-Padding: " + b"a" * 600:
+                if stop.wait(0.1):
+                    return
+                try:
+                    connection.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    port = listener.getsockname()[1]
+    try:
+        with backend(f"http://127.0.0.1:{port}/v1", timeout_s=1.0, retries=0) as client:
+            with pytest.raises(JudgeError, match="timed out"):
                 client.generate([REQUEST])
-            else:
-                asyncio.run(client.agenerate([REQUEST]))
-        assert time.monotonic() - started < 1.5
+            assert _released(client)
+    finally:
+        stop.set()
+        listener.close()

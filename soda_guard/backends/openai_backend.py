@@ -7,11 +7,12 @@ that returns no logprobs still gets a usable score from the label it wrote, and 
 so (`score_source="label"`), so a threshold is never silently applied to a made-up number.
 
 Every judgment of every caller (sync or async, any thread, any event loop) runs on one of
-`max_concurrency` worker threads sharing one sync `httpx.Client`: one connection pool, one
-concurrency bound and one view of the servers' health serve a whole process, and no caller's
-event loop is blocked or needed. Sync rather than `httpx.AsyncClient` on a private loop: on
-loopback that round trip was 2.45 ms against 1.6 ms (benchmarks/RESULTS.md), and the worker pool
-bounds concurrency by itself.
+`max_concurrency` worker threads sharing one keep-alive connection pool: one concurrency bound
+and one view of the servers' health serve a whole process, and no caller's event loop is blocked
+or needed. Sync rather than `httpx.AsyncClient` on a private loop: on loopback that round trip
+was 2.45 ms against 1.6 ms (benchmarks/RESULTS.md), and the worker pool bounds concurrency by
+itself. The judgment's deadline bounds every network operation of every attempt
+(`deadline_http`), so a hanging or trickling server frees its worker when the deadline passes.
 """
 
 from __future__ import annotations
@@ -28,21 +29,20 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Sequence
 
-import httpx
+import httpcore
 
-from soda_guard.generation import GenerationRequest, GenerationResult
+from soda_guard.backends.deadline_http import CONNECTION_LOST, BodyTooLarge, DeadlineClient, Reply
 from soda_guard.backends.server_pool import Server, ServerPool
 from soda_guard.errors import JudgeError
-from soda_guard.generation import ScoreSpec
+from soda_guard.generation import GenerationRequest, GenerationResult, ScoreSpec
+from soda_guard.policy import DEFAULT_MAX_RESPONSE_BYTES, MAX_TIMEOUT_S
 
 #: the most alternatives OpenAI's API (and vLLM's default `--max-logprobs`) allows per token
 MAX_TOP_LOGPROBS = 20
 
 #: how long a caller waits past the deadline for the worker's own account of the timeout (which
 #: names the last failure) before reporting a bare timeout
-_DEADLINE_GRACE_S = 0.25
-
-_CONNECTION_LOST = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+DEADLINE_GRACE_S = 0.25
 
 
 class _Retryable(Exception):
@@ -59,7 +59,8 @@ class OpenAIBackend:
     Retries (with jittered exponential backoff, or the server's `Retry-After`) happen only where
     sending the same judgment again can help: the connection failed or dropped, 429, or 5xx.
     Judging has no side effects, so a request lost with a dying server is safe to resend to
-    another. Any other failure raises `JudgeError` at once, naming the server and the cause.
+    another. Any other failure raises `JudgeError` at once, naming the server and the cause;
+    so does a reply longer than `max_response_bytes`, without reading the rest of it.
     """
 
     def __init__(
@@ -76,12 +77,17 @@ class OpenAIBackend:
         top_logprobs: int = MAX_TOP_LOGPROBS,
         backoff_s: float = 0.05,
         cooldown_s: float = 5.0,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         urls = list(base_urls or []) + ([base_url] if base_url else [])
         if not urls:
             raise ValueError("OpenAIBackend needs base_url or base_urls")
-        if max_concurrency < 1 or retries < 0 or timeout_s <= 0:
-            raise ValueError("max_concurrency must be >= 1, retries >= 0 and timeout_s > 0")
+        if max_concurrency < 1 or retries < 0 or max_response_bytes < 1:
+            raise ValueError("max_concurrency must be >= 1, retries >= 0 and max_response_bytes >= 1")
+        if not 0 < timeout_s <= MAX_TIMEOUT_S:  # also false for nan
+            raise ValueError(f"timeout_s must be within (0, {MAX_TIMEOUT_S:g}], not {timeout_s!r}")
+        if not (0 <= backoff_s <= MAX_TIMEOUT_S and 0 <= cooldown_s <= MAX_TIMEOUT_S):
+            raise ValueError(f"backoff_s and cooldown_s must be within [0, {MAX_TIMEOUT_S:g}]")
         if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be within 0..{MAX_TOP_LOGPROBS}")
         if api_key is None and api_key_env is not None:
@@ -94,18 +100,29 @@ class OpenAIBackend:
         self.retries = retries
         self.top_logprobs = top_logprobs
         self.backoff_s = backoff_s
+        self.max_response_bytes = max_response_bytes
         self.pool = ServerPool(urls, cooldown_s=cooldown_s)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._lock = threading.Lock()
-        self._client: httpx.Client | None = None
+        self._client: DeadlineClient | None = None
         self._workers: ThreadPoolExecutor | None = None
+        self._in_flight = 0
+        self.max_overrun_s = 0.0
+        """The longest any worker has gone on past its judgment's deadline: what `timeout_s`
+        fails to bound (scheduling only, when the deadlines hold)."""
 
-    def _ensure(self) -> tuple[httpx.Client, ThreadPoolExecutor]:
+    @property
+    def in_flight(self) -> int:
+        """Judgments occupying a worker now; `max_concurrency` of them means a new one queues."""
+        return self._in_flight
+
+    def _ensure(self) -> tuple[DeadlineClient, ThreadPoolExecutor]:
         """Started on first use and again after `close`, so a closed backend can be reused."""
         with self._lock:
             if self._client is None or self._workers is None:
-                limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
-                self._client = httpx.Client(limits=limits, timeout=httpx.Timeout(self.timeout_s), headers=self._headers)
+                self._client = DeadlineClient(
+                    max_connections=self.max_concurrency, max_body_bytes=self.max_response_bytes, headers=self._headers
+                )
                 self._workers = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix=f"soda-guard-http-{self.model_id}")
             return self._client, self._workers
 
@@ -121,33 +138,49 @@ class OpenAIBackend:
             body["top_logprobs"] = self.top_logprobs
         return body
 
-    def _send(self, client: httpx.Client, server: Server, body: dict[str, Any], remaining: float) -> Any:
+    def _send(self, client: DeadlineClient, server: Server, body: dict[str, Any], deadline: float) -> Any:
         url = f"{server.base_url}/chat/completions"
         try:
-            response = client.post(url, json=body, timeout=max(remaining, 0.001))
-        except _CONNECTION_LOST as error:
+            response = client.post_json(url, body, until=deadline)
+        except CONNECTION_LOST as error:
             self.pool.failed(server)
             raise _Retryable(f"{url}: {type(error).__name__}: {error or 'connection lost'}") from error
-        except httpx.TimeoutException as error:
+        except httpcore.TimeoutException as error:
             raise TimeoutError(f"{url}: {type(error).__name__}") from error
-        except httpx.HTTPError as error:
+        except BodyTooLarge as error:
+            raise JudgeError(f"judge server {url} failed: {error}") from error
+        except httpcore.ConnectionNotAvailable as error:
+            raise _Retryable(f"{url}: {type(error).__name__}") from error
+        except (httpcore.ProtocolError, httpcore.NetworkError, httpcore.UnsupportedProtocol, httpcore.ProxyError) as error:
             raise JudgeError(f"judge server {url} failed: {type(error).__name__}: {error}") from error
-        if response.status_code != 200:
-            detail = f"{url}: HTTP {response.status_code}: {response.text[:300]}"
-            if response.status_code == 429:
+        if response.status != 200:
+            detail = f"{url}: HTTP {response.status}: {_text(response)[:300]}"
+            if response.status == 429:
                 raise _Retryable(detail, retry_after=_retry_after(response))
-            if response.status_code >= 500:
+            if response.status >= 500:
                 self.pool.failed(server)
                 raise _Retryable(detail)
             raise JudgeError(f"judge server refused the request: {detail}")
         self.pool.succeeded(server)
         try:
-            return response.json()
+            return json.loads(response.body)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise JudgeError(f"judge server {url} returned a body that is not JSON: {response.text[:300]!r}") from error
+            raise JudgeError(f"judge server {url} returned a body that is not JSON: {_text(response)[:300]!r}") from error
 
-    def _judge(self, client: httpx.Client, request: GenerationRequest, deadline: float) -> GenerationResult:
+    def _judge(self, client: DeadlineClient, request: GenerationRequest, deadline: float) -> GenerationResult:
         """One judgment on a worker thread, retries included, ending by `deadline` (monotonic)."""
+        started = time.monotonic()
+        with self._lock:
+            self._in_flight += 1
+        try:
+            return self._attempts(client, request, deadline)
+        finally:
+            overrun = time.monotonic() - max(started, deadline)
+            with self._lock:
+                self._in_flight -= 1
+                self.max_overrun_s = max(self.max_overrun_s, overrun)
+
+    def _attempts(self, client: DeadlineClient, request: GenerationRequest, deadline: float) -> GenerationResult:
         body = self.body(request)
         attempts = 0
         last: _Retryable | None = None
@@ -159,7 +192,7 @@ class OpenAIBackend:
             attempts += 1
             server = self.pool.checkout(request.cache_key, avoid=avoid)
             try:
-                payload = self._send(client, server, body, remaining)
+                payload = self._send(client, server, body, deadline)
             except _Retryable as error:
                 last, avoid = error, server
                 if attempts > self.retries:
@@ -193,7 +226,7 @@ class OpenAIBackend:
         the caller applies its failure action to the whole batch anyway."""
         futures, deadline = self._submit(requests)
         try:
-            return [future.result(timeout=max(0.0, deadline - time.monotonic()) + _DEADLINE_GRACE_S) for future in futures]
+            return [future.result(timeout=max(0.0, deadline - time.monotonic()) + DEADLINE_GRACE_S) for future in futures]
         except FutureTimeout:
             raise self._timed_out(None, None) from None
         finally:
@@ -204,7 +237,7 @@ class OpenAIBackend:
         futures, deadline = self._submit(requests)
         waiting = [asyncio.wrap_future(future) for future in futures]
         try:
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic()) + _DEADLINE_GRACE_S):
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic()) + DEADLINE_GRACE_S):
                 return list(await asyncio.gather(*waiting))
         except TimeoutError:
             raise self._timed_out(None, None) from None
@@ -238,12 +271,17 @@ class OpenAIBackend:
         await self.aclose()
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def _text(response: Reply) -> str:
+    return response.body.decode("utf-8", errors="replace")
+
+
+def _retry_after(response: Reply) -> float | None:
     value = response.headers.get("retry-after")
     try:
-        return float(value) if value is not None else None
+        seconds = float(value) if value is not None else None
     except ValueError:
         return None
+    return seconds if seconds is not None and math.isfinite(seconds) else None
 
 
 def parse_completion(payload: Any, spec: ScoreSpec | None, *, where: str = "judge server") -> GenerationResult:

@@ -22,7 +22,7 @@ from soda_guard.eval.dataset import Dataset, EvalRecord
 from soda_guard.eval.metrics import BLOCKING_ACTIONS, first_step, judge_prediction
 from soda_guard.eval.results import EvalError, ResultsWriter
 from soda_guard.guard import Guard
-from soda_guard.judging import make_backend
+from soda_guard.judging import JudgeRunner, make_backend, make_judge
 from soda_guard.policy import AuditConfig, JudgeConfig, Policy
 from soda_guard.trajectory import AssistantStep, Trajectory
 from soda_guard.verdict import Decision
@@ -133,10 +133,24 @@ def _record_result(record: EvalRecord, mode: str, judgments: list[dict[str, Any]
 
 class _Evaluator:
     def __init__(self, policy: Policy, mode: str, backends: Mapping[str, Backend]) -> None:
+        self.policy = policy
         self.replays = {name: _Replay(config) for name, config in policy.judges.items()}
         self.overrides = dict(backends)
         self.guard = Guard(policy, backends=self.replays)  # type: ignore[arg-type]
         self.mode = mode
+
+    def load(self) -> None:
+        """Every judge the policy reaches gets its real backend now, and the ones made here a
+        warm-up judgment, as `Guard.load` does: a judge that cannot load fails the run before
+        any result is written, and the first batch's latency is not the model's load. Backends
+        passed in are the caller's, already loaded."""
+        for name in self.policy.judges_in_use():
+            replay = self.replays[name]
+            if name in self.overrides:
+                replay.real = self.overrides[name]
+                continue
+            replay.real = make_backend(replay.config)
+            JudgeRunner(make_judge(name, replay.config, self.policy), replay.real, max_new_tokens=replay.config.max_new_tokens).warm()
 
     def _decide(self, trajectory: Trajectory) -> list[list[Decision]]:
         if self.mode == "whole":
@@ -148,7 +162,7 @@ class _Evaluator:
             if not replay.asked:
                 continue
             if replay.real is None:
-                replay.real = self.overrides.get(name) or make_backend(replay.config)
+                raise EvalError(f"judge {name!r} was asked before it was loaded")
             requests = list(replay.asked.values())
             start = time.perf_counter()
             results: list[GenerationResult] | list[Exception]
@@ -216,8 +230,13 @@ def run_eval(
         raise EvalError("batch size must be at least 1")
     policy = policy.model_copy(update={"audit": AuditConfig()})  # never into a production audit log
     run_settings = {"mode": mode, "policy": policy.model_dump(mode="json"), **(settings or {})}
-    writer = ResultsWriter(out, run_settings, resume=resume)
     evaluator = _Evaluator(policy, mode, backends or {})
+    try:
+        evaluator.load()
+    except BaseException:
+        evaluator.close()
+        raise
+    writer = ResultsWriter(out, run_settings, resume=resume)
     start = time.perf_counter()
     wanted = {record.id for record in dataset.records}
     done = writer.done_ids & wanted

@@ -265,13 +265,15 @@ def create_app(backend: Backend, *, model_id: str | None = None) -> FastAPI:
 
 @dataclass
 class Reply:
-    """One scripted answer: a status, a body (a dict is sent as JSON, bytes as they are), and
-    how long to wait before answering."""
+    """One scripted answer: a status, a body (a dict is sent as JSON, bytes as they are), how
+    long to wait before answering, and `trickle_s`: send the body one byte at a time this far
+    apart (a server that never trips a read timeout), until it is sent or the client hangs up."""
 
     status: int = 200
     body: dict[str, Any] | bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
+    trickle_s: float = 0.0
 
 
 def chat_reply(text: str, *, logprobs: list[dict[str, Any]] | None = None) -> Reply:
@@ -320,7 +322,26 @@ class ScriptedHTTPApp:
         header_list = [(b"content-type", content_type.encode()), (b"content-length", str(len(payload)).encode())]
         header_list += [(k.encode(), v.encode()) for k, v in reply.headers.items()]
         await send({"type": "http.response.start", "status": reply.status, "headers": header_list})
-        await send({"type": "http.response.body", "body": payload})
+        if reply.trickle_s:
+            await _trickle(payload, reply.trickle_s, receive, send)
+        else:
+            await send({"type": "http.response.body", "body": payload})
+
+
+async def _trickle(payload: bytes, every_s: float, receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+    """Waiting for the client's disconnect is the pause between bytes, so a trickle stops as
+    soon as the client gives up instead of holding the server's shutdown."""
+    for index in range(len(payload)):
+        last = index == len(payload) - 1
+        await send({"type": "http.response.body", "body": payload[index : index + 1], "more_body": not last})
+        if last:
+            return
+        try:
+            message = await asyncio.wait_for(receive(), timeout=every_s)
+        except asyncio.TimeoutError:
+            continue
+        if message.get("type") == "http.disconnect":
+            return
 
 
 class LoopbackServer:

@@ -1,0 +1,90 @@
+"""`python benchmarks/bench_checkpoint.py [--calls 150] [--parallel 1]`: what the guard adds to
+a checkpointed agent run.
+
+One `create_agent` run of N tool calls (one model turn per `--parallel` calls, then a final
+answer) over `SqliteSaver`, once without the guard and once with `SodaGuardMiddleware` and a
+scripted judge (so the figures are the guard's bookkeeping, not a model). Printed: the
+checkpoint database's size and the run's wall time for both, and their ratios. Each run gets
+a fresh database in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from langchain.agents import create_agent
+from langchain_core.tools import tool
+from langgraph.checkpoint.sqlite import SqliteSaver
+
+from soda_guard import Guard, Policy, ScriptedBackend
+from soda_guard.backends.scripted import keyword_responder
+from soda_guard.integrations.langchain import SodaGuardMiddleware
+from soda_guard.integrations.testing import scripted_model, tool_calls_message
+
+
+@tool
+def lookup_order(order_id: str) -> str:
+    """Look up an order."""
+    return f"order {order_id}: 2 items, shipped, tracking 1Z{order_id}99"
+
+
+def replies(calls: int, parallel: int) -> list[Any]:
+    turns: list[Any] = []
+    for start in range(0, calls, parallel):
+        batch = [("lookup_order", {"order_id": f"A{n:05d}"}) for n in range(start, min(calls, start + parallel))]
+        turns.append(tool_calls_message(*batch, text="Checking the next orders."))
+    return [*turns, "All orders are on their way."]
+
+
+def run(calls: int, parallel: int, guarded: bool, folder: Path) -> tuple[int, float]:
+    path = folder / ("guarded.sqlite" if guarded else "plain.sqlite")
+    middleware = []
+    if guarded:
+        policy = Policy.from_dict({"judges": {"soda": {"kind": "soda", "model": "scripted"}}})
+        guard = Guard(policy, backends={"soda": ScriptedBackend(keyword_responder(["refund_everything"]))})
+        middleware = [SodaGuardMiddleware(guard, otel=False)]
+    with sqlite3.connect(path, check_same_thread=False) as connection:
+        agent = create_agent(scripted_model(replies(calls, parallel)), [lookup_order], middleware=middleware,
+                             checkpointer=SqliteSaver(connection))
+        start = time.perf_counter()
+        agent.invoke({"messages": [{"role": "user", "content": "Check all my orders."}]},
+                     {"configurable": {"thread_id": "bench"}, "recursion_limit": 10 * calls + 10})
+        elapsed = time.perf_counter() - start
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # count what the WAL still holds
+    return sum(p.stat().st_size for p in folder.glob(path.name + "*")), elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=150)
+    parser.add_argument("--parallel", type=int, default=1, help="tool calls per model turn")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        plain_size, plain_s = run(args.calls, args.parallel, False, Path(folder))
+        guarded_size, guarded_s = run(args.calls, args.parallel, True, Path(folder))
+    figures = {
+        "calls": args.calls,
+        "parallel": args.parallel,
+        "db_mb_unguarded": round(plain_size / 2**20, 2),
+        "db_mb_guarded": round(guarded_size / 2**20, 2),
+        "db_size_ratio": round(guarded_size / plain_size, 3),
+        "time_s_unguarded": round(plain_s, 2),
+        "time_s_guarded": round(guarded_s, 2),
+        "time_ratio": round(guarded_s / plain_s, 3),
+    }
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        for key, value in figures.items():
+            print(f"{key:>18}: {value}")
+
+
+if __name__ == "__main__":
+    main()

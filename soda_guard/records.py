@@ -1,0 +1,135 @@
+"""The enforcement record of one tool call: what was judged, what a person answered, and
+what therefore happens to the call.
+
+Typed end to end; adapters serialise it only where a framework needs JSON (graph state,
+interrupt payloads). A record is bound (`CallBinding`) to the exact call it judged and is
+used for no other.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from soda_guard.binding import CallBinding, args_digest
+from soda_guard.trajectory import ToolCall
+from soda_guard.verdict import Action, Decision, Review
+
+Outcome = Literal["run", "refuse", "respond"]
+
+
+class CallRecord(BaseModel):
+    """`outcome` is None while an escalation waits for its reviewer. `run_args` are the
+    reviewer's edited arguments (judged again: `edit_decision`); `message` is the refusal
+    told to the model, or the reviewer's answer given in the tool's place (respond)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    binding: CallBinding
+    call: ToolCall
+    decision: Decision
+    review: Review | None = None
+    edit_decision: Decision | None = None
+    outcome: Outcome | None = None
+    run_args: dict[str, Any] | str | None = None
+    message: str | None = None
+    result_decision: Decision | None = None
+
+    @classmethod
+    def judged(cls, binding: CallBinding, call: ToolCall, decision: Decision) -> CallRecord:
+        if decision.action.runs_tool:
+            return cls(binding=binding, call=call, decision=decision, outcome="run")
+        if decision.action is Action.BLOCK:
+            return cls(binding=binding, call=call, decision=decision, outcome="refuse", message=decision.why)
+        return cls(binding=binding, call=call, decision=decision)
+
+    @property
+    def awaiting_review(self) -> bool:
+        return self.outcome is None
+
+    def binds(self, binding: CallBinding) -> bool:
+        """The call as the model asked for it, or as the reviewer edited it (a graph that
+        sends the edited call on to the tools)."""
+        if binding == self.binding:
+            return True
+        return self.run_args is not None and binding == self.binding.model_copy(update={"args_digest": args_digest(self.run_args)})
+
+    def ran_call(self) -> ToolCall:
+        """The call that runs: the model's, or the reviewer's edit of it."""
+        return self.call if self.run_args is None else self.call.model_copy(update={"args": self.run_args})
+
+    def reviewed(self, review: Review, edit_decision: Decision | None = None) -> CallRecord:
+        """Fold the answer in. An edit the judge blocks is refused; one it still escalates
+        runs, since the person has reviewed exactly those arguments."""
+        update: dict[str, Any] = {"review": review}
+        if review.type == "approve":
+            update["outcome"] = "run"
+        elif review.type == "reject":
+            update.update(outcome="refuse", message=f"a reviewer rejected it: {review.message or 'no reason given'}")
+        elif review.type == "respond":
+            update.update(outcome="respond", message=review.message or "")
+        else:
+            if edit_decision is None:
+                raise ValueError("an edit must be judged before it is applied")
+            update["edit_decision"] = edit_decision
+            if edit_decision.action is Action.BLOCK:
+                update.update(outcome="refuse", message=f"the reviewer's edit was judged too: {edit_decision.why}")
+            else:
+                update.update(outcome="run", run_args=review.args)
+        return self.model_copy(update=update)
+
+    def summary(self) -> dict[str, Any]:
+        """What a ToolMessage carries (`response_metadata["soda_guard"]`): the decision's id,
+        action and score, why a call did not run, and the review. Checkpointers store every
+        message again at every step, so this stays a few dozen bytes; the full record (the
+        verdict's reason, raw judge output, prompt sizes) is in the audit sinks and the trace,
+        found by `decision_id`."""
+        out: dict[str, Any] = {"decision_id": self.decision.decision_id, "action": self.decision.action.value}
+        verdict = self.decision.verdict
+        if verdict is not None and verdict.label is not None:
+            out["label"] = verdict.label.value
+        if verdict is not None and verdict.score is not None:
+            out["score"] = round(verdict.score, 4)
+        if self.decision.rule != "defaults":
+            out["rule"] = self.decision.rule
+        if self.outcome != "run":
+            out["why"] = self.message or self.decision.why
+        if self.review is not None:
+            out["review"] = self.review.type
+            out["outcome"] = self.outcome
+        for name, decision in (("edit_decision", self.edit_decision), ("result_decision", self.result_decision)):
+            if decision is not None:
+                out[name] = {"decision_id": decision.decision_id, "action": decision.action.value, "why": decision.why}
+        return out
+
+
+class TurnRecords(BaseModel):
+    """The records of one model turn: all that enforcing that turn needs, and no more (the
+    graph state holds one of these, replaced when the next turn is judged)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    thread_id: str | None
+    turn_id: str
+    records: list[CallRecord]
+
+    def for_state(self) -> dict[str, Any]:
+        """JSON for the graph state, without what enforcement never reads (the judge's raw
+        output, which the audit sinks and the trace keep): the state is stored again at every
+        step of a checkpointed graph."""
+        def lean(decision: Decision | None) -> Decision | None:
+            if decision is None or decision.verdict is None:
+                return decision
+            return decision.model_copy(update={"verdict": decision.verdict.model_copy(update={"raw_output": ""})})
+
+        records = [
+            r.model_copy(update={"decision": lean(r.decision), "edit_decision": lean(r.edit_decision)}) for r in self.records
+        ]
+        return self.model_copy(update={"records": records}).model_dump(mode="json", exclude_defaults=True)
+
+    def find(self, binding: CallBinding) -> CallRecord | None:
+        return next((record for record in self.records if record.binds(binding)), None)
+
+    def replace(self, record: CallRecord) -> TurnRecords:
+        return self.model_copy(update={"records": [record if r.binding == record.binding else r for r in self.records]})

