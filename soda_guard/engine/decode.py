@@ -105,7 +105,9 @@ def abandoned() -> TimeoutError:
 
 
 class Engine:
-    """Runs batches of judgments; not re-entrant (one batch at a time, from the batcher's thread)."""
+    """Runs batches of judgments; not re-entrant (one batch at a time, from the batcher's thread).
+    Request deadlines are read against `clock` (`time.monotonic`, the clock `Guard` sets them
+    on), so a test can drive it step by step."""
 
     def __init__(
         self,
