@@ -27,3 +27,10 @@ class ModelLoadError(SodaGuardError):
 
 class JudgeError(SodaGuardError):
     """A judge that failed to produce a verdict (crash, timeout, unusable output)."""
+
+
+class MissingExtraError(ModelLoadError, ImportError):
+    """A feature whose libraries come with an optional install (`soda-guard[local]`,
+    `soda-guard[eval]`) that this environment lacks; the message names the extra. A
+    ModelLoadError, so a guard whose local judge cannot import torch ends in `on_error` and the
+    command line prints one line, like any judge that cannot load."""

@@ -215,27 +215,31 @@ def _parse_yaml(text: str, source: str) -> Any:
 
 def resolve_policy(
     policy_path: str | Path | None,
-    judge: str,
+    judge: str | None,
     model: str | None,
     *,
     window: Literal["latest", "full"] = "latest",
     device: str = "auto",
 ) -> tuple[Policy, str]:
     """The policy a command line runs and the judge it uses: a one-judge policy built from
-    `judge`/`model`, or the YAML file with `judge` (if declared there, else its default judge)
-    made the default and `model` overriding that judge's weights."""
+    `judge` (default soda) and `model`, or the YAML file with `judge` (default: its default
+    judge; a name it does not declare is an error, not a silent fall-back) made the default and
+    `model` overriding that judge's weights."""
     if policy_path is None:
         if model is None:
             raise PolicyError("--model is required without --policy")
+        judge = judge or "soda"
         if judge not in ("soda", "qwen3guard"):
             raise PolicyError(f"unknown judge {judge!r}: use soda or qwen3guard")
         config = JudgeConfig(kind=judge, model=model, window=window, device=device)  # type: ignore[arg-type]
         return Policy(judges={judge: config}), judge
     policy = Policy.from_yaml_file(policy_path)
-    name = judge if judge in policy.judges else policy.defaults.judge
+    if judge is not None and judge not in policy.judges:
+        raise PolicyError(f"judge {judge!r} is not declared in {policy_path} (it declares {', '.join(policy.judges) or 'none'})")
+    name = judge or policy.defaults.judge
     if name is None:
         if len(policy.judges) != 1:
-            raise PolicyError(f"judge {judge!r} is not declared in {policy_path}")
+            raise PolicyError(f"{policy_path} declares {len(policy.judges)} judges and no default one: pick one with --judge")
         name = next(iter(policy.judges))
     if model is not None:
         policy.judges[name] = policy.judges[name].model_copy(update={"model": model})
