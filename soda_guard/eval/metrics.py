@@ -173,11 +173,17 @@ def _per_step(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+PARSE_FAILURE_CAUSE = "output not in the judge's verdict format"
+
+
 def _common_causes(judged: Sequence[dict[str, Any]], keep: int = 3) -> list[dict[str, Any]]:
-    """The most frequent judge errors (first line of each), so a run where every call failed
-    says why on the terminal instead of only inside results.jsonl."""
+    """The most frequent reasons a judgment gave no verdict (an error's first line, or a parse
+    failure), so a run where every call failed says why on the terminal instead of only inside
+    results.jsonl."""
     causes = Counter(
-        (j["error"].strip().splitlines() or ["?"])[0][:200] for j in judged if j["error"]
+        (j["error"].strip().splitlines() or ["?"])[0][:200] if j["error"] else PARSE_FAILURE_CAUSE
+        for j in judged
+        if j["error"] or j["parse_failure"]
     )
     return [{"cause": cause, "count": count} for cause, count in causes.most_common(keep)]
 

@@ -73,7 +73,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         summary.add_row(name, _fmt(value))
     console.print(summary)
     for entry in failures.get("common_causes", []):
-        console.print(f"[red]judge error[/red] x{entry['count']}: {escape(entry['cause'])}", highlight=False)
+        console.print(f"[red]no verdict[/red] x{entry['count']}: {escape(entry['cause'])}", highlight=False)
 
     classes = Table(title="per class")
     for column in ("class", "precision", "recall", "F1", "support"):
