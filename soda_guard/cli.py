@@ -53,7 +53,9 @@ class Mode(str, Enum):
 
 
 WindowOption = typer.Option(Window.latest, "--window", help="latest: from the latest user request on; full: everything")
-POLICY_JUDGE_HELP = "soda|qwen3guard (default soda); with --policy: a judge it declares (default: its default judge)"
+# without --policy a judge kind (checked by resolve_policy); with one, any judge name it declares
+POLICY_JUDGE_METAVAR = "<soda|qwen3guard|NAME>"
+POLICY_JUDGE_HELP = "default soda; with --policy: NAME, a judge it declares (default: its default judge)"
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -115,7 +117,7 @@ def _policy_for(
 def judge_command(
     file: str = typer.Argument(..., help="conversation JSON (or - for stdin)"),
     model: Optional[str] = typer.Option(None, "--model", help="hub id or local folder of the judge"),
-    judge: Optional[str] = typer.Option(None, "--judge", help=POLICY_JUDGE_HELP),
+    judge: Optional[str] = typer.Option(None, "--judge", metavar=POLICY_JUDGE_METAVAR, help=POLICY_JUDGE_HELP),
     policy: Optional[str] = typer.Option(None, "--policy", help="policy YAML"),
     window: Window = WindowOption,
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),

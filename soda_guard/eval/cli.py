@@ -35,7 +35,10 @@ def register(app: typer.Typer) -> None:
         dataset: Path = typer.Argument(..., help="R-Judge/AgentHarm .json, {messages,label} .jsonl, or a folder of them"),
         model: Optional[str] = typer.Option(None, "--model", help="hub id or local folder of the judge"),
         judge: Optional[str] = typer.Option(
-            None, "--judge", help="soda|qwen3guard (default soda); with --policy: a judge it declares (default: its default judge)"
+            None,
+            "--judge",
+            metavar="<soda|qwen3guard|NAME>",
+            help="default soda; with --policy: NAME, a judge it declares (default: its default judge)",
         ),
         policy: Optional[Path] = typer.Option(None, "--policy", help="policy YAML (rules, thresholds, backend)"),
         limit: Optional[int] = typer.Option(None, "--limit", min=1, help="only the first N records, in file order"),
