@@ -25,9 +25,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from soda_guard import Action, Guard, Policy, from_openai_messages
+from soda_guard import Action, Guard, Policy, Verdict, from_openai_messages
 from soda_guard.backends.base import GenerationRequest
-from soda_guard.backends.openai_backend import OpenAIBackend
+from soda_guard.backends.openai_backend import OpenAIBackend, parse_completion
 from soda_guard.judges.soda import SodaJudge
 from soda_guard.trajectory import Trajectory
 
@@ -147,13 +147,12 @@ def _pending(n: int) -> Trajectory:
     )  # fmt: skip
 
 
-def _assert_judged_by_the_server(decision_verdict: object, model: Path) -> None:
-    verdict = decision_verdict
+def _assert_judged_by_the_server(verdict: Verdict | None, model: Path) -> None:
     assert verdict is not None
-    assert verdict.model == str(model)  # type: ignore[attr-defined]
-    assert verdict.prompt_tokens and verdict.prompt_tokens > 100  # type: ignore[attr-defined]  # the server's usage
-    assert verdict.generated_tokens == MAX_NEW_TOKENS  # type: ignore[attr-defined]
-    assert verdict.parse_failure is True and verdict.score is None  # type: ignore[attr-defined]
+    assert verdict.model == str(model)
+    assert verdict.prompt_tokens and verdict.prompt_tokens > 100  # the server's usage figures
+    assert verdict.generated_tokens == MAX_NEW_TOKENS
+    assert verdict.parse_failure is True and verdict.score is None
 
 
 def test_backend_asks_for_logprobs_and_falls_back_to_the_label(servers: list[Served], tiny_judge_dir: Path) -> None:
@@ -161,11 +160,20 @@ def test_backend_asks_for_logprobs_and_falls_back_to_the_label(servers: list[Ser
         messages=SodaJudge().render(_pending(0)).messages, max_new_tokens=MAX_NEW_TOKENS, score=SodaJudge.score_spec
     )
     backend = OpenAIBackend(str(tiny_judge_dir), base_url=servers[0].base_url, timeout_s=REQUEST_TIMEOUT_S)
-    assert backend.body(request)["logprobs"] is True
+    body = backend.body(request)
+    assert body["logprobs"] is True and body["top_logprobs"] > 0
+    payload = httpx.post(f"{servers[0].base_url}/chat/completions", json=body, timeout=REQUEST_TIMEOUT_S).json()
+    assert not payload["choices"][0].get("logprobs")  # asked for, not given (the README's table)
+
+    # the same answer with a verdict written in it scores from the label
+    payload["choices"][0]["message"]["content"] = "[Reason] Wires savings to a stranger.\n[Verdict] UNSAFE"
+    labelled = parse_completion(payload, SodaJudge.score_spec)
+    assert (labelled.score, labelled.score_source) == (1.0, "label")
+    assert labelled.generated_tokens == MAX_NEW_TOKENS
+
     with backend:
         [result] = backend.generate([request])
     assert result.generated_tokens == MAX_NEW_TOKENS and result.prompt_tokens
-    assert result.score_source != "logprobs"  # asked for, not given: only a label could score it
 
 
 def test_guard_judges_through_a_real_server_sync(servers: list[Served], tiny_judge_dir: Path) -> None:
