@@ -15,6 +15,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from soda_guard.audit import AuditSink, JsonlAuditSink, SqliteAuditSink
@@ -137,8 +138,8 @@ class Guard:
         self.judge_threads = JudgeThreads(limit=max_judge_threads)
 
     @classmethod
-    def from_yaml(cls, path: str, **kwargs: object) -> Guard:
-        return cls(Policy.from_yaml(path), **kwargs)  # type: ignore[arg-type]
+    def from_yaml_file(cls, path: str | Path, **kwargs: object) -> Guard:
+        return cls(Policy.from_yaml_file(path), **kwargs)  # type: ignore[arg-type]
 
     def runner(self, judge_name: str) -> JudgeRunner:
         """Judges and their models load on first use, once, even under concurrent first calls;

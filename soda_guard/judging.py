@@ -11,6 +11,7 @@ import asyncio
 import time
 from typing import Sequence
 
+from soda_guard._extras import needs_extra
 from soda_guard.backends.base import Backend, GenerationRequest, GenerationResult
 from soda_guard.converters import from_openai_messages
 from soda_guard.errors import JudgeError, ModelLoadError
@@ -38,7 +39,8 @@ def make_judge(name: str, config: JudgeConfig, policy: Policy | None = None) -> 
 
 def make_backend(config: JudgeConfig) -> Backend:
     if config.backend == "transformers":
-        from soda_guard.backends.transformers_backend import TransformersBackend
+        with needs_extra("the local judge (backend: transformers)"):
+            from soda_guard.backends.transformers_backend import TransformersBackend
 
         return TransformersBackend(
             config.model,
