@@ -248,7 +248,7 @@ def test_a_backend_the_run_makes_is_warmed_before_the_first_batch(tmp_path: Path
     assert len(made.requests) == 1 + len(WHOLE_RECORDS) == 1 + run.judged_now
 
 
-def test_eval_with_every_judgment_failing_names_the_cause_and_exits_1(tmp_path: Path) -> None:
+def test_eval_against_a_server_that_is_not_there_stops_before_judging_naming_the_cause(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -259,8 +259,19 @@ def test_eval_with_every_judgment_failing_names_the_cause_and_exits_1(tmp_path: 
     )
     data = write_jsonl(tmp_path / "d.jsonl", WHOLE_RECORDS)
     result = CliRunner().invoke(app, ["eval", str(data), "--policy", str(policy), "--out", str(tmp_path / "o"), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "failed its warm-up judgment: judge server failed after 1 attempts" in result.output
+    assert not (tmp_path / "o" / "results.jsonl").exists()
+
+
+def test_eval_with_every_judgment_failing_names_the_cause_and_exits_1(tmp_path: Path, tiny_judge_dir: Path) -> None:
+    """A random-weight judge loads and warms up, then never writes a verdict."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"judges:\n  soda: {{kind: soda, model: {tiny_judge_dir}, device: cpu, max_new_tokens: 4}}\n")
+    data = write_jsonl(tmp_path / "d.jsonl", WHOLE_RECORDS)
+    result = CliRunner().invoke(app, ["eval", str(data), "--policy", str(policy), "--out", str(tmp_path / "o"), "--quiet"])
     assert result.exit_code == 1, result.output
-    assert f"no verdict x{len(WHOLE_RECORDS)}: judge server failed after 1 attempts" in result.output
+    assert f"no verdict x{len(WHOLE_RECORDS)}: output not in the judge's verdict format" in result.output
     assert "no record got a verdict" in result.output
 
 
