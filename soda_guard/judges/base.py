@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Callable
 
 from soda_guard.trajectory import AssistantStep, ToolCall, Trajectory
 from soda_guard.verdict import Label, Source
@@ -13,13 +14,17 @@ from soda_guard.verdict import Label, Source
 
 @dataclass(frozen=True)
 class ScoreSpec:
-    """Tells a backend how to read a probability from its output: after the generated text
-    matches `marker` (a regex anchored at the end), the next token's distribution is split into
-    `positive` (unsafe) and `negative` label words; score = P(positive) / P(positive ∪ negative)."""
+    """Tells a backend how to read a probability from its output: at the token that holds the
+    label, the distribution is split into `positive` (unsafe) and `negative` label words;
+    score = P(positive) / P(positive ∪ negative). `locate` is the judge parser's character
+    offset of the label it accepted (`judges.score` reads there); a spec without one reads after
+    the first run of prefixes matching `marker` (a regex anchored at the end), which also
+    tells verdict-only mode what to write."""
 
     marker: str
     positive: tuple[str, ...]
     negative: tuple[str, ...]
+    locate: Callable[[str], int | None] | None = None
 
 
 @dataclass
@@ -38,6 +43,8 @@ class ParsedOutput:
     reason: str | None = None
     categories: list[str] = field(default_factory=list)
     refusal: bool | None = None
+    label_at: int | None = None
+    """Character offset of the accepted label in the output: where the score must be read."""
 
     @property
     def parse_failure(self) -> bool:
