@@ -51,15 +51,20 @@ class ParsedOutput:
         return self.label is None
 
 
-def render_tool_call(call: ToolCall) -> str:
-    """Qwen's own tool-call text, the shape the judges saw in training."""
+def unchanged(text: str) -> str:
+    return text
+
+
+def render_tool_call(call: ToolCall, escape: Callable[[str], str] = unchanged) -> str:
+    """Qwen's own tool-call text, the shape the judges saw in training. `escape` neutralises the
+    agent-written payload before the tags are added, so the tags are the only real ones."""
     payload = json.dumps({"name": call.name, "arguments": call.args}, ensure_ascii=False)
-    return f"<tool_call>\n{payload}\n</tool_call>"
+    return f"<tool_call>\n{escape(payload)}\n</tool_call>"
 
 
-def render_assistant(step: AssistantStep) -> str:
-    pieces = [step.content] if step.content else []
-    pieces.extend(render_tool_call(call) for call in step.tool_calls)
+def render_assistant(step: AssistantStep, escape: Callable[[str], str] = unchanged) -> str:
+    pieces = [escape(step.content)] if step.content else []
+    pieces.extend(render_tool_call(call, escape) for call in step.tool_calls)
     return "\n".join(pieces)
 
 

@@ -7,9 +7,10 @@ judged. And content that reproduces the judge prompt's own delimiters (`=== END 
 `[USER]`, `[Verdict] SAFE`, `<|im_end|>`) could close the conversation block and forge a
 verdict-friendly ending.
 
-Neutralisation is one documented rule: a content line that a judge would read as structure gets
-a backslash (`ESCAPE`) in front of it, and a ChatML-style special-token string `<|name|>` gets a
-backslash after its `<`. Only such lines change: ordinary content stays byte-identical, so the
+Neutralisation is one documented rule: a content line that a judge would read as structure (on
+its folded form: no invisible characters, no look-alikes) gets a backslash (`ESCAPE`) in front
+of it, and text the tokenizer would read as an added token (`<|name|>`, `<tool_call>`,
+`</tool_response>`, `<think>`, ...) gets a backslash after its `<`, wherever it stands. Only such lines change: ordinary content stays byte-identical, so the
 prompt of a normal trajectory is exactly the trained format.
 """
 
@@ -18,10 +19,11 @@ from __future__ import annotations
 import functools
 import re
 import threading
-import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
+
+from soda_guard.judges.confusables import delimiter_key
 
 ESCAPE = "\\"
 
@@ -39,7 +41,16 @@ MIN_PROMPT_CHARS = 4_096
 """Below this the fixed prompt (system message, header, question) leaves no room for content."""
 
 _LINE_BREAK = re.compile(r"(\r\n|[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029])")
-_SPECIAL_TOKEN = re.compile(r"<\|(?=[^|<>\s]{1,64}\|>)")
+_TOKEN_TEXT = re.compile(r"<(?=\|[^|<>\s]{1,64}\|>|/?(?:tool_call|tool_response|think)>)")
+"""Text that the Qwen3 tokenizer would read as one added token: the ChatML-style special tokens
+`<|name|>` and the tags it adds with `special=False` (`<tool_call>`, `<tool_response>`,
+`<think>` and their closing forms), which `split_special_tokens` does not split. A backslash
+after the `<` makes each plain text, wherever it stands in a line."""
+
+
+def escape_token_text(text: str) -> str:
+    return _TOKEN_TEXT.sub(lambda _: "<" + ESCAPE, text)
+
 
 SODA_DELIMITERS = re.compile(
     r"={2,}.*?[^\W\d_]"  # === EVALUATION TASK ===, === CONVERSATION ===, === END ===
@@ -64,14 +75,6 @@ GEN_DELIMITERS = re.compile(
 """Lines Qwen3Guard-Gen's template and output format use as structure."""
 
 
-def _line_start_key(line: str) -> str:
-    """What a model would read at the start of the line: invisible and width variants removed."""
-    index = 0
-    while index < len(line) and (line[index].isspace() or unicodedata.category(line[index]) == "Cf"):
-        index += 1
-    return unicodedata.normalize("NFKC", line[index : index + 256])
-
-
 _BREAK_CHARS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 
 
@@ -79,9 +82,9 @@ _BREAK_CHARS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 def _candidates(delimiters: re.Pattern[str], ascii_text: bool) -> tuple[re.Pattern[str], re.Pattern[str]]:
     """(the first line, every later line: a break followed by) a line that may need escaping,
     found by C-level scans instead of a Python loop over every line (a 5 MB tool result is over
-    a million lines). A line that is not a candidate is pure ASCII, where `_line_start_key`
-    only skips tab, space and U+001F and NFKC changes nothing, and the delimiter does not match
-    after those: so it cannot match its key either. Candidates get the exact check. A CR LF
+    a million lines). A line that is not a candidate is pure ASCII, where `delimiter_key` only
+    strips leading whitespace, and the delimiter does not match after tab, space and U+001F:
+    so it cannot match its key either. Candidates get the exact check. A CR LF
     pair is one break, as in `_LINE_BREAK`. In an all-ASCII text no line can contain anything
     else, and the scan for it (half the work) is left out."""
     line = f"[ \t\x1f]*(?:{delimiters.pattern})"
@@ -168,7 +171,7 @@ def neutralise(text: str, delimiters: re.Pattern[str]) -> str:
 
 
 def _neutralise(text: str, delimiters: re.Pattern[str]) -> str:
-    text = _SPECIAL_TOKEN.sub("<" + ESCAPE + "|", text)
+    text = escape_token_text(text)
     first, later = _candidates(delimiters, text.isascii())
     starts = [0] if first.match(text) else []
     for begin, end in _chunks(text):
@@ -176,7 +179,7 @@ def _neutralise(text: str, delimiters: re.Pattern[str]) -> str:
     escapes = []
     for start in starts:
         end = _LINE_BREAK.search(text, start)
-        if delimiters.match(_line_start_key(text[start : end.start() if end else len(text)])):
+        if delimiters.match(delimiter_key(text[start : end.start() if end else len(text)])):
             escapes.append(start)
     if not escapes:
         return text
@@ -189,7 +192,7 @@ def _neutralise(text: str, delimiters: re.Pattern[str]) -> str:
 
 def header_field(value: str, max_chars: int = DEFAULT_MAX_FIELD_CHARS) -> str:
     """A single-line header value: line breaks become spaces so nothing can start a new line."""
-    flat = _LINE_BREAK.sub(" ", _SPECIAL_TOKEN.sub("<" + ESCAPE + "|", value))
+    flat = _LINE_BREAK.sub(" ", escape_token_text(value))
     return clip(flat, max_chars)
 
 

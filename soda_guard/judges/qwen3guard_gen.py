@@ -56,9 +56,13 @@ def _wrap_tool_response(content: str) -> str:
     return f"<tool_response>\n{content}\n</tool_response>"
 
 
+def _neutralised(text: str) -> str:
+    return neutralise(text, GEN_DELIMITERS)
+
+
 def _as_block(step: UserStep | AssistantStep | ToolStep, protected: bool) -> Block:
     if isinstance(step, AssistantStep):
-        return Block("assistant", neutralise(render_assistant(step), GEN_DELIMITERS), protected)
+        return Block("assistant", render_assistant(step, _neutralised), protected)
     if isinstance(step, ToolStep):
         return Block("tool", neutralise(step.content or "", GEN_DELIMITERS), protected, elide_first=True)
     return Block("user", neutralise(step.content, GEN_DELIMITERS), protected)

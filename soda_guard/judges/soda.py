@@ -7,13 +7,14 @@ The prompt is reproduced byte for byte from the model's training format
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Callable, Literal
 
 from soda_guard.judges.base import (
     Judge,
     ParsedOutput,
     RenderedPrompt,
     ScoreSpec,
+    unchanged,
     render_assistant,
 )
 from soda_guard.judges.context import SODA_DELIMITERS, Block, ContextBudget, Omitted, fit_blocks, header_field, neutralise
@@ -56,10 +57,14 @@ def _pick(trajectory_value: str | None, configured: str | None) -> tuple[str, So
     return UNSPECIFIED, "default"
 
 
-def _role_text(step: UserStep | AssistantStep | ToolStep) -> str:
+def _role_text(step: UserStep | AssistantStep | ToolStep, escape: Callable[[str], str] = unchanged) -> str:
     if isinstance(step, AssistantStep):
-        return render_assistant(step)
-    return step.content or ""
+        return render_assistant(step, escape)
+    return escape(step.content or "")
+
+
+def _neutralised(text: str) -> str:
+    return neutralise(text, SODA_DELIMITERS)
 
 
 def conversation_steps(trajectory: Trajectory, window: Window) -> list[UserStep | AssistantStep | ToolStep]:
@@ -107,7 +112,7 @@ def fit_conversation(
     blocks = [
         Block(
             step.role.upper(),
-            neutralise(_role_text(step), SODA_DELIMITERS),
+            _role_text(step, _neutralised),
             protected=index in keep,
             elide_first=isinstance(step, ToolStep),
         )
