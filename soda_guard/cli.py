@@ -32,7 +32,11 @@ app = typer.Typer(
 )
 
 JudgeKind = typer.Option("soda", "--judge", help="soda or qwen3guard (with --policy: a judge name)")
-Window = typer.Option("latest", "--window", help="latest: from the latest user request on; full: everything")
+Window = typer.Option(
+    "history",
+    "--window",
+    help="latest: from the latest user request on; history: plus earlier requests and tool outputs; full: everything",
+)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -75,8 +79,8 @@ def prompt(
     environment: Optional[str] = typer.Option(None, help="environment name when the file gives none"),
 ) -> None:
     """Print the exact chat messages the judge would receive, as a JSON list."""
-    if window not in ("latest", "full"):
-        raise fail(f"--window must be latest or full, not {window!r}")
+    if window not in ("latest", "history", "full"):
+        raise fail(f"--window must be latest, history or full, not {window!r}")
     trajectory = read_conversation(file)
     try:
         rendered = make_cli_judge(judge, window, mode, harm, environment).render(trajectory)

@@ -98,9 +98,13 @@ def test_window_latest_starts_at_the_latest_user_request_and_full_keeps_history(
         {"role": "assistant", "content": "done"},
     ]
     trajectory = from_openai_messages(messages)
-    latest = SodaJudge().render(trajectory).messages[1]["content"]
+    latest = SodaJudge(window="latest").render(trajectory).messages[1]["content"]
     full = SodaJudge(window="full").render(trajectory).messages[1]["content"]
     assert latest == soda_user("unspecified", "unspecified", [("USER", "second"), ("ASSISTANT", "done")])
+    history = SodaJudge().render(trajectory).messages[1]["content"]
+    assert history == soda_user("unspecified", "unspecified", [("USER", "first"), ("USER", "second"), ("ASSISTANT", "done")]).replace(
+        "[USER]\nfirst\n\n", "[USER]\nfirst\n\n[... 1 earlier message omitted ...]\n\n"
+    )
     assert full == soda_user(
         "unspecified",
         "unspecified",

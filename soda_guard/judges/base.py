@@ -55,17 +55,24 @@ def unchanged(text: str) -> str:
     return text
 
 
-def render_tool_call(call: ToolCall, escape: Callable[[str], str] = unchanged) -> str:
-    """Qwen's own tool-call text, the shape the judges saw in training. `escape` neutralises the
-    agent-written payload before the tags are added, so the tags are the only real ones."""
-    payload = json.dumps({"name": call.name, "arguments": call.args}, ensure_ascii=False)
-    return f"<tool_call>\n{escape(payload)}\n</tool_call>"
+def assistant_parts(step: AssistantStep, escape: Callable[[str], str] = unchanged) -> tuple[str, ...]:
+    """The assistant turn in Qwen's own tool-call text, the shape the judges saw in training,
+    split into agent-written parts (even positions: the text, each call's arguments) and the
+    structure around them (odd positions: tags and the call's name). Truncation may clip the
+    former but keeps the latter, so a long text or long arguments never hide the tool's name.
+    `escape` neutralises what the agent wrote before the tags are added."""
+    parts = [escape(step.content)]
+    between = ""
+    for call in step.tool_calls:
+        head = json.dumps({"name": call.name, "arguments": None}, ensure_ascii=False).removesuffix("null}")
+        separator = "\n" if parts[0] or between else ""
+        parts += [between + separator + "<tool_call>\n" + escape(head), escape(json.dumps(call.args, ensure_ascii=False))]
+        between = "}\n</tool_call>"
+    return (*parts, between)
 
 
 def render_assistant(step: AssistantStep, escape: Callable[[str], str] = unchanged) -> str:
-    pieces = [escape(step.content)] if step.content else []
-    pieces.extend(render_tool_call(call, escape) for call in step.tool_calls)
-    return "\n".join(pieces)
+    return "".join(assistant_parts(step, escape))
 
 
 class Judge(ABC):

@@ -20,7 +20,7 @@ import functools
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from soda_guard.judges.confusables import delimiter_key
@@ -235,12 +235,36 @@ class ContextBudget:
 
 @dataclass(frozen=True)
 class Block:
-    """One message as the judge will show it; `protected` ones are never elided."""
+    """One message as the judge will show it.
+
+    `protected` ones are never elided; `whole` ones (the request being served and the pending
+    call) are not clipped to the per-message limit either, only when the budget cannot hold
+    them. `rank` orders elision (lower goes first, oldest first within a rank); `shown=False`
+    leaves a message out from the start (a window that does not show it), announced like an
+    elided one. `parts`, when given, joins to `text` and alternates clippable content (even
+    positions) with structure that clipping keeps (odd positions)."""
 
     role: str
     text: str
     protected: bool = False
-    elide_first: bool = False
+    rank: int = 1
+    whole: bool = False
+    shown: bool = True
+    parts: tuple[str, ...] = ()
+
+    def clipped(self, limit: int) -> Block:
+        if len(self.text) <= limit:
+            return self
+        fixed = sum(len(part) for part in self.parts[1::2])
+        if not self.parts or fixed > limit:
+            return replace(self, text=clip(self.text, limit), parts=())
+        level = _water_level([len(part) for part in self.parts[::2]], limit - fixed)
+        parts = tuple(part if index % 2 else clip(part, level) for index, part in enumerate(self.parts))
+        return replace(self, text="".join(parts), parts=parts)
+
+
+RANK_TOOL_RESULT, RANK_ASSISTANT, RANK_USER = 0, 1, 2
+"""Elision order: old tool outputs give way before anything else, user requests last."""
 
 
 @dataclass(frozen=True)
@@ -280,22 +304,21 @@ def fit_blocks(
 ) -> Fitted:
     """Fit `blocks` into `room` characters, deterministically.
 
-    Every message is first clipped to `max_message_chars`. While too long, unprotected
-    messages go, `elide_first` ones (tool results) oldest first, then the rest oldest first;
-    each run of removed messages becomes one `Omitted` marker. If the protected messages alone
-    still overflow, they are clipped to a common limit. `overhead(block)` is the characters a
-    block costs besides its text; `marker_overhead` the same for a marker.
+    Every message but the `whole` ones is first clipped to `max_message_chars`. While too long,
+    unprotected messages go, lowest `rank` first, oldest first within a rank; each run of
+    removed (or not `shown`) messages becomes one `Omitted` marker. If the protected messages
+    alone still overflow, they are clipped to a common limit, keeping their structure parts.
+    `overhead(block)` is the characters a block costs besides its text; `marker_overhead` the
+    same for a marker.
     """
-    clipped = [Block(b.role, clip(b.text, max_message_chars), b.protected, b.elide_first) for b in blocks]
+    clipped = [b if b.whole or not b.shown else b.clipped(max_message_chars) for b in blocks]
     truncated = any(c.text != b.text for c, b in zip(clipped, blocks))
     count = len(clipped)
     widest_marker = len(omission_marker(count)) + marker_overhead
-    removed = [False] * count
-    gaps = 0
-    total = sum(overhead(b) + len(b.text) for b in clipped)
-    order = sorted(
-        (i for i, b in enumerate(clipped) if not b.protected), key=lambda i: (not clipped[i].elide_first, i)
-    )
+    removed = [not b.shown for b in clipped]
+    gaps = sum(1 for i in range(count) if removed[i] and (i == 0 or not removed[i - 1]))
+    total = sum(overhead(b) + len(b.text) for b, gone in zip(clipped, removed) if not gone)
+    order = sorted((i for i, b in enumerate(clipped) if not b.protected and b.shown), key=lambda i: (clipped[i].rank, i))
     for index in order:
         if total + gaps * widest_marker <= room:
             break
@@ -311,8 +334,7 @@ def fit_blocks(
         if text_room < 0:
             raise ValueError("the context budget cannot hold the messages that must be kept")
         level = _water_level([len(b.text) for b in kept], text_room)
-        limits = iter([level] * len(kept))
-        clipped = [b if gone else Block(b.role, clip(b.text, next(limits)), b.protected) for b, gone in zip(clipped, removed)]
+        clipped = [b if gone else b.clipped(level) for b, gone in zip(clipped, removed)]
         truncated = True
     items: list[Block | Omitted] = []
     for block, gone in zip(clipped, removed):

@@ -16,9 +16,19 @@ from soda_guard.judges.base import (
     ParsedOutput,
     RenderedPrompt,
     ScoreSpec,
-    render_assistant,
+    assistant_parts,
 )
-from soda_guard.judges.context import GEN_DELIMITERS, Block, ContextBudget, Omitted, fit_blocks, neutralise
+from soda_guard.judges.context import (
+    GEN_DELIMITERS,
+    RANK_ASSISTANT,
+    RANK_TOOL_RESULT,
+    RANK_USER,
+    Block,
+    ContextBudget,
+    Omitted,
+    fit_blocks,
+    neutralise,
+)
 from soda_guard.trajectory import AssistantStep, SystemStep, ToolStep, Trajectory, UserStep
 from soda_guard.verdict import Label
 
@@ -60,12 +70,13 @@ def _neutralised(text: str) -> str:
     return neutralise(text, GEN_DELIMITERS)
 
 
-def _as_block(step: UserStep | AssistantStep | ToolStep, protected: bool) -> Block:
+def _as_block(step: UserStep | AssistantStep | ToolStep, protected: bool, whole: bool = False) -> Block:
     if isinstance(step, AssistantStep):
-        return Block("assistant", render_assistant(step, _neutralised), protected)
+        parts = assistant_parts(step, _neutralised)
+        return Block("assistant", "".join(parts), protected, RANK_ASSISTANT, whole, parts=parts)
     if isinstance(step, ToolStep):
-        return Block("tool", neutralise(step.content or "", GEN_DELIMITERS), protected, elide_first=True)
-    return Block("user", neutralise(step.content, GEN_DELIMITERS), protected)
+        return Block("tool", _neutralised(step.content or ""), protected, RANK_TOOL_RESULT)
+    return Block("user", _neutralised(step.content), protected, RANK_USER, whole)
 
 
 def _as_message(item: Block, prefix: str) -> dict[str, str]:
@@ -95,7 +106,7 @@ def fit_gen_messages(
         window = window[: last + 1]
     action = max((i for i, step in enumerate(window) if isinstance(step, AssistantStep)), default=None)
     keep = {0, action, len(window) - 1}
-    blocks = [_as_block(step, index in keep) for index, step in enumerate(window)]
+    blocks = [_as_block(step, index in keep, index in (0, action)) for index, step in enumerate(window)]
     fitted = fit_blocks(
         blocks,
         budget.max_prompt_chars,
