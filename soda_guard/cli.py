@@ -51,6 +51,8 @@ def read_conversation(path: str) -> Trajectory:
         data: Any = json.loads(raw)
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise fail(f"cannot read {path}: {error}") from None
+    except RecursionError:
+        raise fail(f"cannot read {path}: JSON nested too deeply") from None
     fields: dict[str, Any] = {}
     if isinstance(data, dict):
         fields = {key: data.get(key) for key in ("harm", "environment", "conversation_id")}

@@ -8,7 +8,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable
 
-from soda_guard.trajectory import AssistantStep, ToolCall, Trajectory
+from soda_guard.trajectory import AssistantStep, ToolStep, Trajectory
 from soda_guard.verdict import Label, Source
 
 
@@ -69,6 +69,20 @@ def assistant_parts(step: AssistantStep, escape: Callable[[str], str] = unchange
         parts += [between + separator + "<tool_call>\n" + escape(head), escape(json.dumps(call.args, ensure_ascii=False))]
         between = "}\n</tool_call>"
     return (*parts, between)
+
+
+TOOL_ERROR_LABEL = "Tool error: "
+
+
+def tool_result_text(step: ToolStep) -> str:
+    """A tool result as the judge reads it: its content, and a failure the tool reported,
+    marked as one (an empty block would hide that the action was attempted and failed)."""
+    content = step.content or ""
+    if step.error:
+        return f"{content}\n{TOOL_ERROR_LABEL}{step.error}" if content else f"{TOOL_ERROR_LABEL}{step.error}"
+    if step.is_error and content:
+        return f"{TOOL_ERROR_LABEL}{content}"
+    return content
 
 
 def render_assistant(step: AssistantStep, escape: Callable[[str], str] = unchanged) -> str:

@@ -17,6 +17,7 @@ from soda_guard.judges.base import (
     RenderedPrompt,
     ScoreSpec,
     assistant_parts,
+    tool_result_text,
 )
 from soda_guard.judges.context import (
     GEN_DELIMITERS,
@@ -59,7 +60,7 @@ _LABELS = {"Safe": Label.SAFE, "Unsafe": Label.UNSAFE, "Controversial": Label.CO
 
 def tool_response_text(step: ToolStep) -> str:
     """How Qwen agents feed tool results back: a user turn wrapping the result."""
-    return _wrap_tool_response(step.content or "")
+    return _wrap_tool_response(tool_result_text(step))
 
 
 def _wrap_tool_response(content: str) -> str:
@@ -75,7 +76,7 @@ def _as_block(step: UserStep | AssistantStep | ToolStep, protected: bool, whole:
         parts = assistant_parts(step, _neutralised)
         return Block("assistant", "".join(parts), protected, RANK_ASSISTANT, whole, parts=parts)
     if isinstance(step, ToolStep):
-        return Block("tool", _neutralised(step.content or ""), protected, RANK_TOOL_RESULT)
+        return Block("tool", _neutralised(tool_result_text(step)), protected, RANK_TOOL_RESULT)
     return Block("user", _neutralised(step.content), protected, RANK_USER, whole)
 
 

@@ -16,6 +16,7 @@ from soda_guard.judges.base import (
     ScoreSpec,
     assistant_parts,
     render_assistant,
+    tool_result_text,
     unchanged,
 )
 from soda_guard.judges.context import (
@@ -72,7 +73,9 @@ def _pick(trajectory_value: str | None, configured: str | None) -> tuple[str, So
 def _role_text(step: UserStep | AssistantStep | ToolStep, escape: Callable[[str], str] = unchanged) -> str:
     if isinstance(step, AssistantStep):
         return render_assistant(step, escape)
-    return escape(step.content or "")
+    if isinstance(step, ToolStep):
+        return escape(tool_result_text(step))
+    return escape(step.content)
 
 
 def _neutralised(text: str) -> str:
@@ -119,7 +122,7 @@ def _block(step: UserStep | AssistantStep | ToolStep, **flags: bool) -> Block:
         parts = assistant_parts(step, _neutralised)
         return Block(role, "".join(parts), parts=parts, rank=RANK_ASSISTANT, **flags)
     if isinstance(step, ToolStep):
-        return Block(role, _neutralised(step.content or ""), rank=RANK_TOOL_RESULT, **flags)
+        return Block(role, _neutralised(tool_result_text(step)), rank=RANK_TOOL_RESULT, **flags)
     return Block(role, _neutralised(step.content), rank=RANK_USER, **flags)
 
 
