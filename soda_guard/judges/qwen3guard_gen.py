@@ -71,7 +71,9 @@ def _neutralised(text: str) -> str:
     return neutralise(text, GEN_DELIMITERS)
 
 
-def _as_block(step: UserStep | AssistantStep | ToolStep, protected: bool, whole: bool = False) -> Block:
+def _as_block(step: SystemStep | UserStep | AssistantStep | ToolStep, protected: bool, whole: bool = False) -> Block:
+    if isinstance(step, SystemStep):
+        return Block("system", _neutralised(step.content), protected, RANK_USER, whole)
     if isinstance(step, AssistantStep):
         parts = assistant_parts(step, _neutralised)
         return Block("assistant", "".join(parts), protected, RANK_ASSISTANT, whole, parts=parts)
@@ -89,25 +91,31 @@ def _as_message(item: Block, prefix: str) -> dict[str, str]:
 def fit_gen_messages(
     trajectory: Trajectory, mode: Mode, budget: ContextBudget | None = None
 ) -> tuple[list[dict[str, str]], bool]:
-    """Messages for the model's own template, content neutralised and within `budget` (content
-    characters; the template's fixed text is on top). An elided run of messages is announced
-    at the start of the next kept message, which keeps the role sequence the template reads."""
+    """Messages for the model's own template, as its authors' pipeline passes a conversation:
+    a leading system message and every earlier turn included, up to the message moderated (the
+    latest user request in `prompt` mode, the last assistant turn after it in `response` mode,
+    the last tool result after it in `tool_result` mode). Content is neutralised; beyond
+    `budget` (content characters; the template's fixed text is on top) the oldest messages give
+    way first, tool outputs before turns, and the request and the action being judged stay.
+    An elided run of messages is announced at the start of the next kept message, which keeps
+    the role sequence the template reads. Later system messages are left out, as the template
+    leaves them out."""
     budget = budget or ContextBudget()
     start = trajectory.latest_user_index()
     if start is None:
         raise TrajectoryError(None, "Qwen3Guard needs a user message to moderate against")
-    if mode == "prompt":
-        window: list[UserStep | AssistantStep | ToolStep] = [trajectory.steps[start]]  # type: ignore[list-item]
-    else:
-        window = [step for step in trajectory.steps[start:] if not isinstance(step, SystemStep)]
+    end = start
+    if mode != "prompt":
         target = AssistantStep if mode == "response" else ToolStep
-        last = max((i for i, step in enumerate(window) if isinstance(step, target)), default=None)
-        if last is None:
+        end = max((i for i in range(start, len(trajectory.steps)) if isinstance(trajectory.steps[i], target)), default=-1)
+        if end < 0:
             raise TrajectoryError(None, f"no {target.__name__.removesuffix('Step').lower()} message to moderate in {mode} mode")
-        window = window[: last + 1]
-    action = max((i for i, step in enumerate(window) if isinstance(step, AssistantStep)), default=None)
-    keep = {0, action, len(window) - 1}
-    blocks = [_as_block(step, index in keep, index in (0, action)) for index, step in enumerate(window)]
+    shown = [i for i in range(end + 1) if i == 0 or not isinstance(trajectory.steps[i], SystemStep)]
+    window = [trajectory.steps[i] for i in shown]
+    request = shown.index(start)
+    action = max((i for i in range(request, len(window)) if isinstance(window[i], AssistantStep)), default=None)
+    keep = {request, action, len(window) - 1}
+    blocks = [_as_block(step, index in keep, index in (request, action)) for index, step in enumerate(window)]
     fitted = fit_blocks(
         blocks,
         budget.max_prompt_chars,
