@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from soda_guard.backends.openai_backend import parse_completion, score_from_label
 from soda_guard.backends.scoring import score_generation
@@ -120,3 +122,29 @@ def test_reading_a_long_output_is_linear(text: str) -> None:
         score_from_label(text, spec)
         label_token(pieces, spec)
     assert time.perf_counter() - start < 2.0
+
+
+_OUTPUT = st.lists(
+    st.sampled_from(["[Verdict]", "\\[Verdict]", "[Reason]", " SAFE", " UNSAFE", " or ", "Safety: ", "Unsafe", "Safe",
+                     "Controversial", "\n", " ", "\u00e9", "\U0001f600"]) | st.text(max_size=6),
+    max_size=12,
+).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_OUTPUT, st.lists(st.integers(min_value=1, max_value=5), max_size=40))
+def test_parsers_and_score_readers_take_any_output(text: str, cuts: list[int]) -> None:
+    """Nothing but the documented results: a label or a parse failure, a score or None; and a
+    score, when there is one, always sits at the accepted label."""
+    pieces, at = [], 0
+    for cut in cuts:
+        pieces.append(text[at : at + cut])
+        at += cut
+    pieces = [piece for piece in [*pieces, text[at:]] if piece]
+    for judge in (SodaJudge(), Qwen3GuardGenJudge()):
+        parsed = judge.parse(text)
+        found = label_token(pieces, judge.score_spec)
+        value = score_from_label(text, judge.score_spec)
+        assert (found is None) == (parsed.label_at is None) == (parsed.label is None)
+        if parsed.label is not None:
+            assert value == (0.0 if parsed.label is Label.SAFE else 1.0)

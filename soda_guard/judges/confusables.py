@@ -112,5 +112,8 @@ def delimiter_key(line: str) -> str:
     if line.isascii():
         return line.lstrip()
     visible = strip_invisible(line).lstrip()
-    return strip_invisible(fold(unicodedata.normalize("NFKC", visible))).lstrip()
+    normal = unicodedata.normalize("NFKC", visible)
+    if normal != visible:  # a compatibility decomposition can bring back a combining mark
+        normal = strip_invisible(normal).lstrip()
+    return fold(normal)
 

@@ -86,6 +86,6 @@ def label_value(text: str, spec: ScoreSpec) -> float | None:
         return None
     words = [(word, 1.0) for word in spec.positive] + [(word, 0.0) for word in spec.negative]
     for word, value in sorted(words, key=lambda item: len(item[0]), reverse=True):
-        if rest.startswith(word):
+        if rest[: len(word)].casefold() == word.casefold():  # the SODA parser reads `Unsafe` too
             return value
     return None
