@@ -10,8 +10,9 @@ verdict-friendly ending.
 Neutralisation is one documented rule: a content line that a judge would read as structure (on
 its folded form: no invisible characters, no look-alikes) gets a backslash (`ESCAPE`) in front
 of it, and text the tokenizer would read as an added token (`<|name|>`, `<tool_call>`,
-`</tool_response>`, `<think>`, ...) gets a backslash after its `<`, wherever it stands. Only such lines change: ordinary content stays byte-identical, so the
-prompt of a normal trajectory is exactly the trained format.
+`</tool_response>`, `<think>`, ...) gets a backslash after its `<`, wherever it stands. Only
+such lines change: ordinary content stays byte-identical, so the prompt of a normal trajectory
+is exactly the trained format.
 """
 
 from __future__ import annotations
@@ -84,8 +85,8 @@ def _candidates(delimiters: re.Pattern[str], ascii_text: bool) -> tuple[re.Patte
     found by C-level scans instead of a Python loop over every line (a 5 MB tool result is over
     a million lines). A line that is not a candidate is pure ASCII, where `delimiter_key` only
     strips leading whitespace, and the delimiter does not match after tab, space and U+001F:
-    so it cannot match its key either. Candidates get the exact check. A CR LF
-    pair is one break, as in `_LINE_BREAK`. In an all-ASCII text no line can contain anything
+    so it cannot match its key either. Candidates get the exact check. A CR LF pair is one
+    break, as in `_LINE_BREAK`. In an all-ASCII text no line can contain anything
     else, and the scan for it (half the work) is left out."""
     line = f"[ \t\x1f]*(?:{delimiters.pattern})"
     if not ascii_text:

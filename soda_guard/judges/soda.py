@@ -7,7 +7,7 @@ The prompt is reproduced byte for byte from the model's training format
 from __future__ import annotations
 
 import re
-from typing import Callable, Literal
+from typing import Literal
 
 from soda_guard.judges.base import (
     Judge,
@@ -17,7 +17,6 @@ from soda_guard.judges.base import (
     assistant_parts,
     render_assistant,
     tool_result_text,
-    unchanged,
 )
 from soda_guard.judges.context import (
     RANK_ASSISTANT,
@@ -70,12 +69,12 @@ def _pick(trajectory_value: str | None, configured: str | None) -> tuple[str, So
     return UNSPECIFIED, "default"
 
 
-def _role_text(step: UserStep | AssistantStep | ToolStep, escape: Callable[[str], str] = unchanged) -> str:
+def _role_text(step: UserStep | AssistantStep | ToolStep) -> str:
     if isinstance(step, AssistantStep):
-        return render_assistant(step, escape)
+        return render_assistant(step)
     if isinstance(step, ToolStep):
-        return escape(tool_result_text(step))
-    return escape(step.content)
+        return tool_result_text(step)
+    return step.content
 
 
 def _neutralised(text: str) -> str:
