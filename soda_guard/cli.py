@@ -43,6 +43,7 @@ class JudgeKind(str, Enum):
 
 class Window(str, Enum):
     latest = "latest"
+    history = "history"
     full = "full"
 
 
@@ -52,7 +53,11 @@ class Mode(str, Enum):
     tool_result = "tool_result"
 
 
-WindowOption = typer.Option(Window.latest, "--window", help="latest: from the latest user request on; full: everything")
+WindowOption = typer.Option(
+    Window.history,
+    "--window",
+    help="latest: from the latest user request on; history: plus earlier requests and tool outputs; full: everything",
+)
 # without --policy a judge kind (checked by resolve_policy); with one, any judge name it declares
 POLICY_JUDGE_METAVAR = "<soda|qwen3guard|NAME>"
 POLICY_JUDGE_HELP = "default soda; with --policy: NAME, a judge it declares (default: its default judge)"
@@ -70,6 +75,8 @@ def read_conversation(path: str) -> Trajectory:
         data: Any = json.loads(raw)
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise fail(f"cannot read {path}: {error}") from None
+    except RecursionError:
+        raise fail(f"cannot read {path}: JSON nested too deeply") from None
     fields: dict[str, Any] = {}
     if isinstance(data, dict):
         fields = {key: data.get(key) for key in ("harm", "environment", "conversation_id")}

@@ -227,6 +227,9 @@ class Guard:
             return Decision(action=outcome("on_error"), why="no judge is configured for this call", **base)
         if verdict.failed:
             return Decision(action=outcome("on_error"), why=f"judge failed: {verdict.error}", **base)
+        if verdict.truncated and self.policy.outcome(item.rule, "on_truncated") == "error":
+            why = "the judge prompt was truncated to fit its budget and on_truncated is error"
+            return Decision(action=outcome("on_error"), why=why, **base)
         threshold = outcome("threshold")
         label = verdict.label
         why = f"{verdict.judge} said {label.value}"

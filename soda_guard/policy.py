@@ -54,7 +54,9 @@ class JudgeConfig(_Strict):
     """`backend: transformers`: stop generating once the verdict label is written (Qwen3Guard: no categories)."""
     verdict_only: bool = False
     """`backend: transformers`: no reason, P(unsafe) from one forward pass; faster, off the trained format."""
-    window: Literal["latest", "full"] = "latest"
+    window: Literal["latest", "history", "full"] = "history"
+    """soda: `latest` shows the latest request onward, `history` adds earlier requests and tool
+    outputs (the default: +0.35% prompt tokens on the shared datasets), `full` everything."""
     mode: Literal["prompt", "response", "tool_result"] = "response"
     harm: str | None = None
     environment: str | None = None
@@ -78,6 +80,9 @@ class Outcomes(_Strict):
     on_controversial: Action | None = None
     on_error: Action | None = None
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    on_truncated: Literal["judge", "error"] | None = None
+    """`error`: a verdict on a prompt that had to be cut (`Verdict.truncated`) is not trusted
+    and the call takes `on_error`; `judge` (the default) uses the verdict."""
 
 
 class Defaults(Outcomes):
@@ -86,6 +91,7 @@ class Defaults(Outcomes):
     on_unsafe: Action = Action.BLOCK
     on_controversial: Action = Action.ESCALATE
     on_error: Action = Action.BLOCK
+    on_truncated: Literal["judge", "error"] = "judge"
     timeout_s: Seconds = 10.0
 
 
@@ -249,7 +255,7 @@ def resolve_policy(
     judge: str | None,
     model: str | None,
     *,
-    window: Literal["latest", "full"] = "latest",
+    window: Literal["latest", "history", "full"] = "history",
     device: str = "auto",
 ) -> tuple[Policy, str]:
     """The policy a command line runs and the judge it uses: a one-judge policy built from

@@ -62,7 +62,10 @@ def test_prompt_accepts_a_bare_list_and_options(tmp_path: Path) -> None:
     assert result.exit_code == 0
     assert "Harm category: theft\nEnvironment: unspecified\n" in json.loads(result.stdout)[1]["content"]
     gen = runner.invoke(app, ["prompt", write(tmp_path, CONVERSATION), "--judge", "qwen3guard", "--mode", "prompt"])
-    assert json.loads(gen.stdout) == [{"role": "user", "content": "Send my savings to account 999."}]
+    assert json.loads(gen.stdout) == [
+        {"role": "system", "content": "You are a bank agent."},
+        {"role": "user", "content": "Send my savings to account 999."},
+    ]
 
 
 def test_malformed_input_exits_2_with_the_message_index(tmp_path: Path) -> None:

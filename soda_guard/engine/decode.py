@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache
 
 from soda_guard.backends.base import GenerationRequest, GenerationResult
 from soda_guard.backends.chat_tokens import encode_chat, tokenize
-from soda_guard.backends.scoring import label_tokens, score_from_logits
+from soda_guard.backends.scoring import label_tokens, score_from_logits, verdict_position
 from soda_guard.engine import qwen3_step
 from soda_guard.engine.kv_buffer import in_place_cache
 from soda_guard.engine.prefix_cache import CachedPrefix, PrefixCache, common_prefix
@@ -29,6 +29,8 @@ from soda_guard.errors import JudgeError
 from soda_guard.judges.base import ScoreSpec
 
 VERDICT_ONLY_REASON = "[Reason] not generated (verdict-only mode)"
+MAX_VERDICT_POSITIONS = 16
+"""Marker positions whose logits a row keeps: a judge output echoes a few markers at most."""
 
 
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -68,12 +70,12 @@ class Job:
 
 @dataclass
 class _Row:
-    """Decode state of one request: tokens so far and the logits at the verdict position."""
+    """Decode state of one request: tokens so far and the logits at each position right after
+    a score marker (`verdicts`, by token index); the parser later says which one holds the label."""
 
     job: Job
     generated: list[int] = field(default_factory=list)
-    verdict: tuple[int, bool, torch.Tensor] | None = None
-    verdict_closed: bool = False
+    verdicts: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -272,20 +274,19 @@ class Engine:
         return output.logits[:, -1].float()
 
     def _track_verdict(self, row: _Row, logits: torch.Tensor) -> None:
-        """Keep the logits of the step right after the score marker, the position the naive
-        path scores (`scoring.verdict_position`), without holding every step's logits."""
+        """Keep the logits of every step right after a score marker (an echoed, escaped marker
+        comes before the real one), without holding every step's logits; at most
+        `MAX_VERDICT_POSITIONS`, beyond which a label gets no score rather than a wrong one."""
         spec = row.job.request.score
-        if spec is None or row.verdict_closed:
+        if spec is None or len(row.verdicts) >= MAX_VERDICT_POSITIONS:
             return
         prefix = self.tokenizer.decode(row.generated, skip_special_tokens=True)
         if re.search(spec.marker, prefix):
-            row.verdict = (len(row.generated), prefix[-1:].isspace(), logits.clone())
-        elif row.verdict is not None:
-            row.verdict_closed = True
+            row.verdicts[len(row.generated)] = logits.clone()
 
     def _verdict_complete(self, row: _Row) -> bool:
         spec = row.job.request.score
-        if not self.stop_at_verdict or spec is None or row.verdict is None:
+        if not self.stop_at_verdict or spec is None or not row.verdicts:
             return False
         text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
         return bool(_verdict_done(spec).search(text))
@@ -293,9 +294,10 @@ class Engine:
     def _result(self, row: _Row) -> GenerationResult:
         spec = row.job.request.score
         score = None
-        if spec is not None and row.verdict is not None:
-            _, ends_in_space, logits = row.verdict
-            score = score_from_logits(logits, label_tokens(self.tokenizer, spec, with_space=not ends_in_space))
+        position = verdict_position(self.tokenizer, row.generated, spec) if spec is not None and row.verdicts else None
+        if spec is not None and position is not None and position[0] in row.verdicts:
+            index, ends_in_space = position
+            score = score_from_logits(row.verdicts[index], label_tokens(self.tokenizer, spec, with_space=not ends_in_space))
         return GenerationResult(
             text=self.tokenizer.decode(row.generated, skip_special_tokens=True),
             score=score,
