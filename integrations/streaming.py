@@ -26,12 +26,15 @@ from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.messages import BaseMessage
 from langchain_core.outputs import LLMResult
 
+from soda_guard._extras import needs_extra
 from soda_guard.errors import SodaGuardError
 from soda_guard.integrations._convert import to_trajectory
 from soda_guard.policy import Policy
-from soda_guard.stream_monitor import GuardStream, StreamMonitor
 from soda_guard.trajectory import Trajectory, UserStep
 from soda_guard.verdict import Action, Decision, Label, Verdict
+
+with needs_extra("soda_guard.integrations.streaming (the Qwen3Guard-Stream monitor)"):
+    from soda_guard.stream_monitor import GuardStream, StreamMonitor
 
 __all__ = ["AssistantTextRenderer", "AsyncStreamGuardCallbackHandler", "StreamFlaggedError", "StreamGuardCallbackHandler"]
 

@@ -62,3 +62,28 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_p
         elif piece:
             ids.extend(tokenize(tokenizer, piece)["input_ids"])
     return ids
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE spells each byte as one printable character; this maps them back so a
+    token's exact bytes can be reported even when it is a fragment of a UTF-8 character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {byte: chr(byte) for byte in printable}
+    extra = 0
+    for byte in range(256):
+        if byte not in chars:
+            chars[byte] = chr(256 + extra)
+            extra += 1
+    return {char: byte for byte, char in chars.items()}
+
+
+_BYTE_DECODER = _byte_decoder()
+
+
+def token_bytes(tokenizer: Any, token_id: int) -> bytes:
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if token_id in tokenizer.all_special_ids or not isinstance(piece, str):
+        return tokenizer.decode([token_id]).encode("utf-8")
+    if all(char in _BYTE_DECODER for char in piece):
+        return bytes(_BYTE_DECODER[char] for char in piece)
+    return tokenizer.decode([token_id]).encode("utf-8")

@@ -8,7 +8,10 @@ escalate, 2 usage or load error.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import warnings
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,12 +30,37 @@ from soda_guard.trajectory import Trajectory
 
 app = typer.Typer(
     add_completion=False,
+    # plain click help: typer's rich panels label every flag `<bool>` (`--help <bool>` included)
+    rich_markup_mode=None,
     no_args_is_help=True,
     help="Guard tool-calling agents with local safety judges. Exit codes: 0 allow, 1 block or escalate, 2 usage or load error.",
 )
 
-JudgeKind = typer.Option("soda", "--judge", help="soda or qwen3guard (with --policy: a judge name)")
-Window = typer.Option("latest", "--window", help="latest: from the latest user request on; full: everything")
+class JudgeKind(str, Enum):
+    soda = "soda"
+    qwen3guard = "qwen3guard"
+
+
+class Window(str, Enum):
+    latest = "latest"
+    history = "history"
+    full = "full"
+
+
+class Mode(str, Enum):
+    prompt = "prompt"
+    response = "response"
+    tool_result = "tool_result"
+
+
+WindowOption = typer.Option(
+    Window.history,
+    "--window",
+    help="latest: from the latest user request on; history: plus earlier requests and tool outputs; full: everything",
+)
+# without --policy a judge kind (checked by resolve_policy); with one, any judge name it declares
+POLICY_JUDGE_METAVAR = "<soda|qwen3guard|NAME>"
+POLICY_JUDGE_HELP = "default soda; with --policy: NAME, a judge it declares (default: its default judge)"
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -47,6 +75,8 @@ def read_conversation(path: str) -> Trajectory:
         data: Any = json.loads(raw)
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise fail(f"cannot read {path}: {error}") from None
+    except RecursionError:
+        raise fail(f"cannot read {path}: JSON nested too deeply") from None
     fields: dict[str, Any] = {}
     if isinstance(data, dict):
         fields = {key: data.get(key) for key in ("harm", "environment", "conversation_id")}
@@ -57,26 +87,22 @@ def read_conversation(path: str) -> Trajectory:
         raise fail(f"{path}: {error}") from None
 
 
-def make_cli_judge(kind: str, window: str, mode: str, harm: str | None, environment: str | None) -> Judge:
-    if kind == "soda":
-        return SodaJudge(window=window, harm=harm, environment=environment)  # type: ignore[arg-type]
-    if kind == "qwen3guard":
-        return Qwen3GuardGenJudge(mode=mode)  # type: ignore[arg-type]
-    raise fail(f"unknown judge {kind!r}: use soda or qwen3guard")
+def make_cli_judge(kind: JudgeKind, window: Window, mode: Mode, harm: str | None, environment: str | None) -> Judge:
+    if kind is JudgeKind.soda:
+        return SodaJudge(window=window.value, harm=harm, environment=environment)
+    return Qwen3GuardGenJudge(mode=mode.value)
 
 
 @app.command()
 def prompt(
     file: str = typer.Argument(..., help="conversation JSON (or - for stdin)"),
-    judge: str = JudgeKind,
-    window: str = Window,
-    mode: str = typer.Option("response", help="qwen3guard: prompt, response or tool_result"),
+    judge: JudgeKind = typer.Option(JudgeKind.soda, "--judge", help="the judge whose prompt to print"),
+    window: Window = WindowOption,
+    mode: Mode = typer.Option(Mode.response, "--mode", help="qwen3guard: what is judged"),
     harm: Optional[str] = typer.Option(None, help="harm category when the file gives none"),
     environment: Optional[str] = typer.Option(None, help="environment name when the file gives none"),
 ) -> None:
     """Print the exact chat messages the judge would receive, as a JSON list."""
-    if window not in ("latest", "full"):
-        raise fail(f"--window must be latest or full, not {window!r}")
     trajectory = read_conversation(file)
     try:
         rendered = make_cli_judge(judge, window, mode, harm, environment).render(trajectory)
@@ -86,10 +112,10 @@ def prompt(
 
 
 def _policy_for(
-    policy_path: str | None, judge: str, model: str | None, window: str, device: str
+    policy_path: str | None, judge: str | None, model: str | None, window: Window, device: str
 ) -> tuple[Policy, str]:
     try:
-        return resolve_policy(policy_path, judge, model, window=window, device=device)  # type: ignore[arg-type]
+        return resolve_policy(policy_path, judge, model, window=window.value, device=device)
     except PolicyError as error:
         raise fail(str(error)) from None
 
@@ -98,9 +124,9 @@ def _policy_for(
 def judge_command(
     file: str = typer.Argument(..., help="conversation JSON (or - for stdin)"),
     model: Optional[str] = typer.Option(None, "--model", help="hub id or local folder of the judge"),
-    judge: str = JudgeKind,
+    judge: Optional[str] = typer.Option(None, "--judge", metavar=POLICY_JUDGE_METAVAR, help=POLICY_JUDGE_HELP),
     policy: Optional[str] = typer.Option(None, "--policy", help="policy YAML"),
-    window: str = Window,
+    window: Window = WindowOption,
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
 ) -> None:
     """Judge the conversation's pending tool calls (or the whole conversation when none is pending) and print the decisions as JSON."""
@@ -126,5 +152,17 @@ register_bench(app)
 register_eval(app)
 
 
+def quiet_libraries() -> None:
+    """Deprecation notices, advice and progress bars from torch, transformers and the hub client
+    speak to soda-guard's developers, not to its users: the command's output is decisions and
+    errors. Set before those libraries are imported; `-W` / PYTHONWARNINGS still win."""
+    if not sys.warnoptions:
+        warnings.simplefilter("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def main() -> None:
+    quiet_libraries()
     app(prog_name="soda-guard")

@@ -23,6 +23,9 @@ from soda_guard.trajectory import (
 )
 
 _ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+_MEDIA_PARTS = {"image_url", "input_image", "image", "input_audio", "file"}
+MAX_ARGUMENT_DEPTH = 200
+"""Deeper arguments are refused: rendering them (JSON) would recurse past Python's limit."""
 
 
 def _text_content(content: Any, index: int) -> str:
@@ -39,7 +42,7 @@ def _text_content(content: Any, index: int) -> str:
             elif isinstance(part, dict):
                 if isinstance(part.get("text"), str):
                     pieces.append(part["text"])
-                elif part.get("type") in {"image_url", "input_image", "image", "input_audio", "file"}:
+                elif isinstance(part.get("type"), str) and part["type"] in _MEDIA_PARTS:
                     pieces.append(f"[{part['type']}]")
                 else:
                     raise TrajectoryError(
@@ -51,9 +54,21 @@ def _text_content(content: Any, index: int) -> str:
     raise TrajectoryError(index, f"content must be a string, a list of parts or null, not {type(content).__name__}")
 
 
-def _parse_arguments(raw: Any) -> dict[str, Any] | str:
-    if isinstance(raw, dict):
-        return raw
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of lists and dicts, counted without recursion, stopping past `limit`."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _parse_arguments(raw: Any, index: int) -> dict[str, Any] | str:
     if raw is None or raw == "":
         return {}
     if isinstance(raw, str):
@@ -61,8 +76,18 @@ def _parse_arguments(raw: Any) -> dict[str, Any] | str:
             parsed = json.loads(raw)
         except ValueError:
             return raw
-        return parsed if isinstance(parsed, dict) else raw
-    return str(raw)
+        except RecursionError:
+            raise TrajectoryError(index, "tool-call arguments are nested too deeply") from None
+        if not isinstance(parsed, dict):
+            return raw
+        raw = parsed
+    if not isinstance(raw, dict):
+        return str(raw)
+    if _depth(raw, MAX_ARGUMENT_DEPTH) > MAX_ARGUMENT_DEPTH:
+        raise TrajectoryError(index, f"tool-call arguments are nested more than {MAX_ARGUMENT_DEPTH} deep")
+    if not all(isinstance(key, str) for key in raw):
+        raise TrajectoryError(index, "tool-call argument names must be strings")
+    return raw
 
 
 def _openai_tool_calls(raw_calls: Any, index: int) -> list[ToolCall]:
@@ -79,8 +104,53 @@ def _openai_tool_calls(raw_calls: Any, index: int) -> list[ToolCall]:
             raise TrajectoryError(index, f"tool_calls[{call_index}] has no function name")
         call_id = raw.get("id") or f"call_{index}_{call_index}"
         args = function.get("arguments", function.get("args"))
-        calls.append(ToolCall(id=str(call_id), name=function["name"], args=_parse_arguments(args)))
+        calls.append(ToolCall(id=str(call_id), name=function["name"], args=_parse_arguments(args, index)))
     return calls
+
+
+def _legacy_call(legacy: Any, index: int) -> list[ToolCall]:
+    """The pre-`tool_calls` `function_call` field."""
+    if legacy is None:
+        return []
+    if not isinstance(legacy, dict) or not isinstance(legacy.get("name"), str) or not legacy["name"]:
+        raise TrajectoryError(index, "function_call must be an object with a string name")
+    return [ToolCall(id=f"call_{index}", name=legacy["name"], args=_parse_arguments(legacy.get("arguments"), index))]
+
+
+def _optional_text(message: dict[str, Any], key: str, index: int) -> str | None:
+    value = message.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise TrajectoryError(index, f"{key} must be a string, not {type(value).__name__}")
+    return value
+
+
+def _tool_step(
+    message: dict[str, Any], index: int, content: str, open_calls: list[ToolCall], names: dict[str, str]
+) -> ToolStep:
+    """A tool result, placed on the call it answers: by id when it has one, otherwise the
+    oldest call of the last assistant turn still waiting (Cohere and Gemini exports, and
+    text-only logs, carry no ids), otherwise kept unplaced: the judge still sees it."""
+    raw_id = message.get("tool_call_id")
+    if raw_id is not None and (isinstance(raw_id, bool) or not isinstance(raw_id, (str, int))):
+        raise TrajectoryError(index, f"tool_call_id must be a string, not {type(raw_id).__name__}")
+    call_id = str(raw_id) if raw_id not in (None, "") else None
+    if call_id is not None:
+        call = next((c for c in open_calls if c.id == call_id), None)
+    else:
+        call = open_calls[0] if open_calls else None
+    if call is not None:
+        open_calls.remove(call)
+        call_id = call.id
+    error = _optional_text(message, "error", index)
+    return ToolStep(
+        tool_call_id=call_id,
+        name=_optional_text(message, "name", index) or (call.name if call else names.get(call_id or "")),
+        content=None if message.get("content") is None else content,
+        is_error=error is not None or message.get("status") == "error" or message.get("is_error") is True,
+        error=error,
+    )
 
 
 def from_openai_messages(
@@ -93,8 +163,14 @@ def from_openai_messages(
     """Convert OpenAI chat-completions messages; raise TrajectoryError naming the bad message."""
     if not isinstance(messages, list):
         raise TrajectoryError(None, f"messages must be a list, not {type(messages).__name__}")
+    if not messages:
+        raise TrajectoryError(None, "messages is empty: there is no conversation to judge")
+    for field, value in (("harm", harm), ("environment", environment), ("conversation_id", conversation_id)):
+        if value is not None and not isinstance(value, str):
+            raise TrajectoryError(None, f"{field} must be a string, not {type(value).__name__}")
     steps: list[Any] = []
-    names_by_id: dict[str, str] = {}
+    open_calls: list[ToolCall] = []
+    names: dict[str, str] = {}
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
             raise TrajectoryError(index, f"expected an object, got {type(message).__name__}")
@@ -107,27 +183,12 @@ def from_openai_messages(
         elif role == "user":
             steps.append(UserStep(content=content))
         elif role == "assistant":
-            calls = _openai_tool_calls(message.get("tool_calls"), index)
-            legacy = message.get("function_call")
-            if isinstance(legacy, dict) and legacy.get("name"):
-                calls.append(
-                    ToolCall(id=f"call_{index}", name=legacy["name"], args=_parse_arguments(legacy.get("arguments")))
-                )
-            names_by_id.update({call.id: call.name for call in calls})
+            calls = _openai_tool_calls(message.get("tool_calls"), index) + _legacy_call(message.get("function_call"), index)
+            open_calls = list(calls)
+            names.update({call.id: call.name for call in calls})
             steps.append(AssistantStep(content=content, tool_calls=calls))
         else:
-            call_id = message.get("tool_call_id")
-            if role == "tool" and not call_id:
-                raise TrajectoryError(index, "tool message without tool_call_id")
-            raw_content = message.get("content")
-            steps.append(
-                ToolStep(
-                    tool_call_id=str(call_id) if call_id else None,
-                    name=message.get("name") or names_by_id.get(str(call_id)),
-                    content=None if raw_content is None else content,
-                    is_error=message.get("status") == "error" or bool(message.get("is_error", False)),
-                )
-            )
+            steps.append(_tool_step(message, index, content, open_calls, names))
     return Trajectory(steps=steps, harm=harm, environment=environment, conversation_id=conversation_id)
 
 
@@ -135,8 +196,9 @@ _NAME = r"[A-Za-z_][\w.\-]*"
 _BRACE_ACTION = re.compile(rf"^\s*({_NAME})\s*(\{{.*\}})\s*$", re.DOTALL)
 _INPUT_ACTION = re.compile(rf"^\s*({_NAME})\s*\n\s*Action Input:\s*(.*?)\s*$", re.DOTALL)
 _CALL_ACTION = re.compile(rf"^\s*({_NAME})\((.*)\)\s*$", re.DOTALL)
+_UNCLOSED_CALL_ACTION = re.compile(rf"^\s*({_NAME})\((\s*\w+\s*=.*?)\s*$", re.DOTALL)
 _COLON_ACTION = re.compile(rf"^\s*({_NAME}):\s*(\{{.*\}})\s*$", re.DOTALL)
-_WRAPPED_ACTION = re.compile(rf"^\s*\{{\s*({_NAME})\s*:\s*(\{{.*\}})\s*\}}\s*$", re.DOTALL)
+_WRAPPED_ACTION = re.compile(rf"^\s*\{{\s*({_NAME})\s*:\s*(\{{.*?\}})\s*\}}?\s*$", re.DOTALL)
 _FENCED_ACTION = re.compile(r"^\s*```([A-Za-z]\w*)[ \t]*\n(.*?)\s*```\s*$", re.DOTALL)
 _GUI_ACTION = re.compile(r"^\s*([A-Za-z]+)\s+(<[^<>\n]+>(?:\s*<[^<>\n]+>)*)\s*$")
 
@@ -194,8 +256,10 @@ def parse_action(action: str) -> tuple[str, dict[str, Any] | str] | None:
     name is clear but the arguments are not a dict. None when it is not a tool call at all
     (a final answer or prose stays text).
 
-    Shapes seen in the shared datasets: `Name{...}`, `Name: {...}`, `{Name: {...}}`,
-    `Name\nAction Input: {...}`, `Name(k=v)`, AutoGPT's `"command": {...}`, shell commands in
+    Shapes seen in the shared datasets: `Name{...}`, `Name: {...}`, `{Name: {...}}` (its last
+    brace sometimes lost),
+    `Name\nAction Input: {...}`, `Name(k=v)` (also with arguments that are not Python, or
+    without its closing parenthesis), AutoGPT's `"command": {...}`, shell commands in
     a fenced block (the fence's language names the tool) and app-GUI actions such as
     `click <Settings><Wi-Fi>`."""
     for pattern in (_INPUT_ACTION, _BRACE_ACTION, _COLON_ACTION, _WRAPPED_ACTION):
@@ -204,11 +268,10 @@ def parse_action(action: str) -> tuple[str, dict[str, Any] | str] | None:
             name, raw_args = match.group(1), match.group(2)
             parsed = _parse_dict_literal(raw_args)
             return name, parsed if parsed is not None else raw_args
-    match = _CALL_ACTION.match(action)
+    match = _CALL_ACTION.match(action) or _UNCLOSED_CALL_ACTION.match(action)
     if match:
         kwargs = _parse_call_kwargs(match.group(2))
-        if kwargs is not None:
-            return match.group(1), kwargs
+        return match.group(1), kwargs if kwargs is not None else match.group(2)
     command = _command_action(action)
     if command is not None:
         return command

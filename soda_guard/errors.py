@@ -32,3 +32,10 @@ class JudgeError(SodaGuardError):
 class AuditError(SodaGuardError):
     """An audit sink that could not record decisions: its lock was held past the check's
     deadline, the disk is full, the database is locked. Names the sink and the cause."""
+
+
+class MissingExtraError(ModelLoadError, ImportError):
+    """A feature whose libraries come with an optional install (`soda-guard[local]`,
+    `soda-guard[eval]`) that this environment lacks; the message names the extra. A
+    ModelLoadError, so a guard whose local judge cannot import torch ends in `on_error` and the
+    command line prints one line, like any judge that cannot load."""

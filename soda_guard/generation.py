@@ -5,17 +5,22 @@ these and not on `backends` or `judges`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass(frozen=True)
 class ScoreSpec:
-    """Tells a backend how to read a probability from its output: after the generated text
-    matches `marker` (a regex anchored at the end), the next token's distribution is split into
-    `positive` (unsafe) and `negative` label words; score = P(positive) / P(positive ∪ negative)."""
+    """Tells a backend how to read a probability from its output: at the token that holds the
+    label, the distribution is split into `positive` (unsafe) and `negative` label words;
+    score = P(positive) / P(positive ∪ negative). `locate` is the judge parser's character
+    offset of the label it accepted (`soda_guard.score` reads there); a spec without one reads after
+    the first run of prefixes matching `marker` (a regex anchored at the end), which also
+    tells verdict-only mode what to write."""
 
     marker: str
     positive: tuple[str, ...]
     negative: tuple[str, ...]
+    locate: Callable[[str], int | None] | None = None
 
 
 @dataclass

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from soda_guard.audit import AuditSink, JsonlAuditSink, SqliteAuditSink
@@ -137,8 +138,8 @@ class Guard:
         self.judge_threads = JudgeThreads(limit=max_judge_threads)
 
     @classmethod
-    def from_yaml(cls, path: str, **kwargs: object) -> Guard:
-        return cls(Policy.from_yaml(path), **kwargs)  # type: ignore[arg-type]
+    def from_yaml_file(cls, path: str | Path, **kwargs: object) -> Guard:
+        return cls(Policy.from_yaml_file(path), **kwargs)  # type: ignore[arg-type]
 
     def runner(self, judge_name: str) -> JudgeRunner:
         """Judges and their models load on first use, once, even under concurrent first calls;
@@ -226,6 +227,9 @@ class Guard:
             return Decision(action=outcome("on_error"), why="no judge is configured for this call", **base)
         if verdict.failed:
             return Decision(action=outcome("on_error"), why=f"judge failed: {verdict.error}", **base)
+        if verdict.truncated and self.policy.outcome(item.rule, "on_truncated") == "error":
+            why = "the judge prompt was truncated to fit its budget and on_truncated is error"
+            return Decision(action=outcome("on_error"), why=why, **base)
         threshold = outcome("threshold")
         label = verdict.label
         why = f"{verdict.judge} said {label.value}"

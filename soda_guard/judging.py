@@ -11,6 +11,7 @@ import asyncio
 import time
 from typing import Sequence
 
+from soda_guard._extras import needs_extra
 from soda_guard.backends.base import Backend, GenerationRequest, GenerationResult
 from soda_guard.converters import from_openai_messages
 from soda_guard.errors import JudgeError, ModelLoadError
@@ -20,7 +21,7 @@ from soda_guard.judges.qwen3guard_gen import Qwen3GuardGenJudge
 from soda_guard.judges.soda import SodaJudge
 from soda_guard.policy import JudgeConfig, Policy
 from soda_guard.trajectory import Trajectory
-from soda_guard.verdict import Verdict
+from soda_guard.verdict import Label, Verdict
 
 
 def make_judge(name: str, config: JudgeConfig, policy: Policy | None = None) -> Judge:
@@ -38,7 +39,8 @@ def make_judge(name: str, config: JudgeConfig, policy: Policy | None = None) -> 
 
 def make_backend(config: JudgeConfig) -> Backend:
     if config.backend == "transformers":
-        from soda_guard.backends.transformers_backend import TransformersBackend
+        with needs_extra("the local judge (backend: transformers)"):
+            from soda_guard.backends.transformers_backend import TransformersBackend
 
         return TransformersBackend(
             config.model,
@@ -101,6 +103,12 @@ class JudgeRunner:
 
     def _verdict(self, rendered: RenderedPrompt, result: GenerationResult, latency_ms: float) -> Verdict:
         parsed = self.judge.parse(result.text)
+        conflict = _disagreement(parsed.label, result.score)
+        if conflict is not None:
+            failed = self.failure(conflict, latency_ms, rendered)
+            return failed.model_copy(
+                update={"raw_output": result.text, "reason": parsed.reason, "truncated": rendered.truncated}
+            )
         return Verdict(
             label=parsed.label,
             score=result.score,
@@ -183,6 +191,16 @@ class JudgeRunner:
         start = time.perf_counter()
         results = await self.backend.agenerate([request for _, request in prepared])
         return self._finish(prepared, results, start)
+
+
+def _disagreement(label: Label | None, score: float | None) -> str | None:
+    """A label and a score that point different ways were not read at the same place (or the
+    judge contradicts itself): neither can be trusted, and the policy's `on_error` decides."""
+    if label is None or score is None:
+        return None
+    if (label is Label.SAFE and score > 0.5) or (label is not Label.SAFE and score < 0.5):
+        return f"judge label {label.value!r} disagrees with its score {score:.3f}"
+    return None
 
 
 def _result_problem(result: object) -> str | None:

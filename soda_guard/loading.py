@@ -4,9 +4,11 @@ user can act on instead of a traceback when the weights are not there."""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 
 from soda_guard.errors import ModelLoadError
@@ -31,13 +33,47 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1) or Path(model).exists()
 
 
-def load_error(model: str, cause: BaseException) -> ModelLoadError:
+HUB_PROBE_TIMEOUT_S = 3.0
+HUB_UNREACHABLE = "the hub cannot be reached and the model is not in the local cache"
+
+
+def load_error(model: str, cause: BaseException | str) -> ModelLoadError:
     detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
     return ModelLoadError(
         f"cannot load judge model {model!r} ({detail}). Download the weights where the network "
-        f"allows it (e.g. `huggingface-cli download {model if not _looks_like_path(model) else 'ORG/NAME'}"
+        f"allows it (e.g. `hf download {model if not _looks_like_path(model) else 'ORG/NAME'}"
         " --local-dir DIR`) and point at the folder instead: --model DIR, or `model: DIR` in the policy."
     )
+
+
+def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """One bounded request to the hub's endpoint. Without it a machine with no network spends
+    over a minute in the hub client's retries (a dozen warning lines) before the same error;
+    with it, a hub id that is not cached fails in seconds. Any HTTP answer counts as reachable;
+    the thread bounds a name lookup that hangs, which httpx's timeout does not cover."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    answered = threading.Event()
+
+    def probe() -> None:
+        try:
+            httpx.head(constants.ENDPOINT, timeout=timeout_s)
+        except httpx.HTTPError:
+            return
+        answered.set()
+
+    threading.Thread(target=probe, name="soda-guard-hub-probe", daemon=True).start()
+    return answered.wait(timeout_s + 0.5)
+
+
+def _source(model: str) -> tuple[str, dict[str, Any]]:
+    """Where `from_pretrained` reads the model, and whether it may use the network: a folder as
+    is; a hub id from the local cache only when the hub cannot be reached."""
+    if _looks_like_path(model):
+        return str(Path(model).expanduser()), {}
+    return model, ({} if hub_reachable() else {"local_files_only": True})
 
 
 def check_local_folder(model: str) -> None:
@@ -51,21 +87,22 @@ def load_tokenizer(model: str, **kwargs: Any) -> Any:
     from transformers import AutoTokenizer
 
     check_local_folder(model)
+    source, hub = _source(model)
     try:
-        return AutoTokenizer.from_pretrained(str(Path(model).expanduser()) if _looks_like_path(model) else model, **kwargs)
+        return AutoTokenizer.from_pretrained(source, **hub, **kwargs)
     except (OSError, ValueError, ImportError) as error:
-        raise load_error(model, error) from error
+        raise load_error(model, HUB_UNREACHABLE if hub else error) from error
 
 
 def load_causal_lm(model: str, device: torch.device, dtype: torch.dtype) -> Any:
     from transformers import AutoModelForCausalLM
 
     check_local_folder(model)
-    source = str(Path(model).expanduser()) if _looks_like_path(model) else model
+    source, hub = _source(model)
     try:
         # straight onto the device in the final dtype: no float32 copy in host memory first, and
         # no second copy to the GPU (seconds for a 4B model, all of them before the first judgment)
-        loaded = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device)
+        loaded = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device, **hub)
     except (OSError, ValueError, ImportError) as error:
-        raise load_error(model, error) from error
+        raise load_error(model, HUB_UNREACHABLE if hub else error) from error
     return loaded.eval()

@@ -54,7 +54,9 @@ class JudgeConfig(_Strict):
     """`backend: transformers`: stop generating once the verdict label is written (Qwen3Guard: no categories)."""
     verdict_only: bool = False
     """`backend: transformers`: no reason, P(unsafe) from one forward pass; faster, off the trained format."""
-    window: Literal["latest", "full"] = "latest"
+    window: Literal["latest", "history", "full"] = "history"
+    """soda: `latest` shows the latest request onward, `history` adds earlier requests and tool
+    outputs (the default: +0.35% prompt tokens on the shared datasets), `full` everything."""
     mode: Literal["prompt", "response", "tool_result"] = "response"
     harm: str | None = None
     environment: str | None = None
@@ -78,6 +80,9 @@ class Outcomes(_Strict):
     on_controversial: Action | None = None
     on_error: Action | None = None
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    on_truncated: Literal["judge", "error"] | None = None
+    """`error`: a verdict on a prompt that had to be cut (`Verdict.truncated`) is not trusted
+    and the call takes `on_error`; `judge` (the default) uses the verdict."""
 
 
 class Defaults(Outcomes):
@@ -86,6 +91,7 @@ class Defaults(Outcomes):
     on_unsafe: Action = Action.BLOCK
     on_controversial: Action = Action.ESCALATE
     on_error: Action = Action.BLOCK
+    on_truncated: Literal["judge", "error"] = "judge"
     timeout_s: Seconds = 10.0
 
 
@@ -185,45 +191,92 @@ class Policy(_Strict):
             raise PolicyError(_describe(error, source)) from None
 
     @classmethod
-    def from_yaml(cls, path_or_text: str | Path) -> Policy:
-        """A file path (a `Path`, or a one-line string), or YAML text (several lines)."""
-        if isinstance(path_or_text, Path) or "\n" not in path_or_text:
-            path = Path(path_or_text)
-            if not path.is_file():
-                raise PolicyError(f"policy file not found: {path}")
-            text, source = path.read_text(encoding="utf-8"), str(path)
-        else:
-            text, source = path_or_text, "policy"
+    def from_yaml(cls, text: str | Path) -> Policy:
+        """YAML text. A `str` is always text, never a file name: guessing by its shape made
+        `from_yaml("judges: {...}")` fail as a missing file. A `Path` still loads that file, as
+        before, and text that is a lone string (an old caller's file name) gets an error pointing
+        at `from_yaml_file`."""
+        if isinstance(text, Path):
+            return cls.from_yaml_file(text)
+        data = _parse_yaml(text, "policy")
+        if isinstance(data, str):
+            raise PolicyError(
+                f"policy: the YAML text {text.strip()!r} is a single value, not a policy; "
+                f"to load a file use Policy.from_yaml_file({text.strip()!r})"
+            )
+        return cls.from_dict(data, source="policy")
+
+    @classmethod
+    def from_yaml_file(cls, path: str | Path) -> Policy:
+        path = Path(path)
+        if not path.is_file():
+            raise PolicyError(f"policy file not found: {path}")
         try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise PolicyError(f"{source}: invalid YAML: {error}") from None
-        return cls.from_dict(data, source=source)
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise PolicyError(f"{path}: cannot read the policy: {error}") from None
+        return cls.from_dict(_parse_yaml(text, str(path)), source=str(path))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys without a word; in a policy the first one (say a
+    rule's `on_unsafe: block`) would silently stop applying."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"duplicate key {key!r} on line {key_node.start_mark.line + 1} "
+                        f"(first on line {first.start_mark.line + 1})",
+                        key_node.start_mark,
+                    )
+                seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as error:
+        raise PolicyError(f"{source}: invalid YAML: {error}") from None
 
 
 def resolve_policy(
     policy_path: str | Path | None,
-    judge: str,
+    judge: str | None,
     model: str | None,
     *,
-    window: Literal["latest", "full"] = "latest",
+    window: Literal["latest", "history", "full"] = "history",
     device: str = "auto",
 ) -> tuple[Policy, str]:
     """The policy a command line runs and the judge it uses: a one-judge policy built from
-    `judge`/`model`, or the YAML file with `judge` (if declared there, else its default judge)
-    made the default and `model` overriding that judge's weights."""
+    `judge` (default soda) and `model`, or the YAML file with `judge` (default: its default
+    judge; a name it does not declare is an error, not a silent fall-back) made the default and
+    `model` overriding that judge's weights."""
     if policy_path is None:
         if model is None:
             raise PolicyError("--model is required without --policy")
+        judge = judge or "soda"
         if judge not in ("soda", "qwen3guard"):
             raise PolicyError(f"unknown judge {judge!r}: use soda or qwen3guard")
         config = JudgeConfig(kind=judge, model=model, window=window, device=device)  # type: ignore[arg-type]
         return Policy(judges={judge: config}), judge
-    policy = Policy.from_yaml(Path(policy_path))
-    name = judge if judge in policy.judges else policy.defaults.judge
+    policy = Policy.from_yaml_file(policy_path)
+    if judge is not None and judge not in policy.judges:
+        raise PolicyError(f"judge {judge!r} is not declared in {policy_path} (it declares {', '.join(policy.judges) or 'none'})")
+    name = judge or policy.defaults.judge
     if name is None:
         if len(policy.judges) != 1:
-            raise PolicyError(f"judge {judge!r} is not declared in {policy_path}")
+            raise PolicyError(f"{policy_path} declares {len(policy.judges)} judges and no default one: pick one with --judge")
         name = next(iter(policy.judges))
     if model is not None:
         policy.judges[name] = policy.judges[name].model_copy(update={"model": model})

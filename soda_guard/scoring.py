@@ -1,22 +1,22 @@
 """Reading the verdict probability out of a generation.
 
 The judges write their label after a fixed marker (`[Verdict]`, `Safety:`). The score is the
-probability mass of the unsafe label words' first tokens at that position, renormalised over
-all label words, so thresholds are comparable across judges and tokenizers.
+probability mass of the unsafe label words' first tokens at the token of the label the judge's
+parser accepted (`soda_guard.score`), renormalised over all label words, so thresholds are
+comparable across judges and tokenizers.
 """
 
 from __future__ import annotations
 
-import re
 import weakref
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Sequence
 
 import torch
 
-from soda_guard.chat_tokens import tokenize
+from soda_guard.chat_tokens import token_bytes, tokenize
 from soda_guard.generation import ScoreSpec
+from soda_guard.score import decode_pieces, label_token
 
 
 @dataclass(frozen=True)
@@ -53,27 +53,23 @@ def _cache_for(tokenizer: Any) -> dict[Any, LabelTokens]:
     return _CACHES.setdefault(tokenizer, {})
 
 
-@lru_cache(maxsize=32)
-def _marker(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
+def output_pieces(tokenizer: Any, generated: Sequence[int]) -> list[str]:
+    """Each generated token's share of `decode(generated, skip_special_tokens=True)`, from the
+    tokens' bytes (linear); a tokenizer whose pieces do not join to its own decoding (one that
+    cleans up spaces, say) gets each token's share from decoding prefixes instead."""
+    specials = set(getattr(tokenizer, "all_special_ids", []) or [])
+    pieces = decode_pieces(b"" if token in specials else token_bytes(tokenizer, token) for token in generated)
+    text = tokenizer.decode(list(generated), skip_special_tokens=True)
+    if "".join(pieces) == text:
+        return pieces
+    prefixes = [tokenizer.decode(list(generated[:end]), skip_special_tokens=True) for end in range(len(generated) + 1)]
+    return [prefixes[i + 1][len(prefixes[i]) :] if prefixes[i + 1].startswith(prefixes[i]) else "" for i in range(len(generated))]
 
 
 def verdict_position(tokenizer: Any, generated: Sequence[int], spec: ScoreSpec) -> tuple[int, bool] | None:
-    """Index of the generated token that carries the label, and whether the marker text before
-    it already ends in whitespace (so the label is spelled without a leading space).
-
-    The last prefix that matches is taken, so a marker followed by a separate space token
-    (byte-level tokenizers) still lands on the label's own first token.
-    """
-    marker = _marker(spec.marker)
-    found: tuple[int, bool] | None = None
-    for index in range(len(generated)):
-        prefix = tokenizer.decode(list(generated[:index]), skip_special_tokens=True)
-        if marker.search(prefix):
-            found = (index, prefix[-1:].isspace())
-        elif found is not None:
-            break
-    return found
+    """Index of the generated token that carries the label the judge's parser accepted, and
+    whether the text before it ends in whitespace (`soda_guard.score.label_token`)."""
+    return label_token(output_pieces(tokenizer, generated), spec)
 
 
 def score_from_logits(logits: torch.Tensor, tokens: LabelTokens) -> float | None:

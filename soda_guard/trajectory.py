@@ -41,11 +41,15 @@ class AssistantStep(_Model):
 
 
 class ToolStep(_Model):
+    """A tool's result. `error` is the failure text a tool reported beside (or instead of) its
+    content; the judge is shown it, marked as an error."""
+
     role: Literal["tool"] = "tool"
     tool_call_id: str | None = None
     name: str | None = None
     content: str | None = None
     is_error: bool = False
+    error: str | None = None
 
 
 Step = Annotated[Union[SystemStep, UserStep, AssistantStep, ToolStep], Field(discriminator="role")]

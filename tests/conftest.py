@@ -46,3 +46,12 @@ def datasets_dir() -> Path:
     if not (DATASETS / "rjudge.json").is_file():
         pytest.skip("shared datasets (../shared/datasets) not present")
     return DATASETS
+
+
+@pytest.fixture(scope="session")
+def gen_chat_template() -> str:
+    """The Qwen3Guard-Gen chat template (reference copy); tests that need it skip where absent."""
+    path = DATASETS.parent / "fixtures" / "qwen3guard-gen-template" / "chat_template.jinja"
+    if not path.is_file():
+        pytest.skip("Qwen3Guard-Gen template fixture (../shared/fixtures/qwen3guard-gen-template) not present")
+    return path.read_text()

@@ -8,11 +8,12 @@ import json
 import math
 
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 from soda_guard.backends.scripted import ScriptedBackend, keyword_responder
 from soda_guard.bench import http, judging
-from soda_guard.bench.report import percentile, time_each
+from soda_guard.bench.report import BenchSection, percentile, time_each
 from soda_guard.cli import app
 
 
@@ -61,3 +62,26 @@ def test_roofline_floor_is_prefill_flops_at_peak_plus_one_weight_read_per_token(
     params, weight_bytes = 1000, 2000
     floor = judging.roofline(layer, prefilled=500, tokens=24, peaks=(1e12, 1e9))
     assert floor == 2 * params * 500 / 1e12 + 24 * weight_bytes / 1e9
+
+
+def test_a_table_too_wide_for_the_terminal_becomes_field_value_blocks() -> None:
+    workload = "tiny random Qwen3 (2 layers, hidden 64), fp32, byte tokenizer, 20-step trajectory judged at every call"
+    rows = [
+        {"workload": workload, "mode": mode, "judgments": 20, "judgments_per_s": 6.651, "p50_ms": 97.59,
+         "p95_ms": 494.3, "prefill_tokens": 528, "speedup": 6.833}
+        for mode in ("naive", "engine")
+    ]  # fmt: skip
+    narrow = Console(width=80, record=True)
+    BenchSection("judging", rows=rows).print(narrow)
+    lines = narrow.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert len(lines) < 30  # not one word per line
+    text = " ".join(" ".join(line.replace("│", " ").split()) for line in lines)
+    for key in rows[0]:
+        assert key in text  # headers whole, not cut to `judgme…`
+    assert "6.833" in text and "engine" in text
+
+    wide = Console(width=200, record=True)
+    BenchSection("judging", rows=rows).print(wide)
+    header = next(line for line in wide.export_text().splitlines() if "workload" in line)
+    assert "prefill_tokens" in header and "speedup" in header  # a table that fits stays a table

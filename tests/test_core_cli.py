@@ -62,7 +62,10 @@ def test_prompt_accepts_a_bare_list_and_options(tmp_path: Path) -> None:
     assert result.exit_code == 0
     assert "Harm category: theft\nEnvironment: unspecified\n" in json.loads(result.stdout)[1]["content"]
     gen = runner.invoke(app, ["prompt", write(tmp_path, CONVERSATION), "--judge", "qwen3guard", "--mode", "prompt"])
-    assert json.loads(gen.stdout) == [{"role": "user", "content": "Send my savings to account 999."}]
+    assert json.loads(gen.stdout) == [
+        {"role": "system", "content": "You are a bank agent."},
+        {"role": "user", "content": "Send my savings to account 999."},
+    ]
 
 
 def test_malformed_input_exits_2_with_the_message_index(tmp_path: Path) -> None:
@@ -127,3 +130,56 @@ def test_judge_loads_every_judge_the_policy_reaches_before_judging(tmp_path: Pat
     result = runner.invoke(app, ["judge", write(tmp_path, PENDING), "--policy", str(policy)])
     assert result.exit_code == 2, result.output
     assert "cannot load judge model" in result.stderr and "absent" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "choices"),
+    [
+        ("prompt", ["<soda|qwen3guard>", "<latest|full>", "<prompt|response|tool_result>"]),
+        ("judge", ["soda|qwen3guard", "<latest|full>"]),
+        ("bench", ["judging|stream|http"]),
+    ],
+)
+def test_help_lists_the_choices_and_no_type_labels_on_flags(command: str, choices: list[str]) -> None:
+    result = runner.invoke(app, [command, "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for choice in choices:
+        assert choice in result.output
+    assert "<bool>" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["prompt", "x.json", "--mode", "everything"], "'everything' is not one of"),
+        (["prompt", "x.json", "--judge", "llama"], "'llama' is not one of"),
+        (["bench", "--section", "nosuch"], "'nosuch' is not one of"),
+    ],
+)
+def test_values_outside_the_choices_are_usage_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    args = [write(tmp_path, PENDING, "x.json") if a == "x.json" else a for a in args]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_judge_names_a_judge_the_policy_does_not_declare(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\njudges: {main: {kind: soda, model: m}}\n")
+    result = runner.invoke(app, ["judge", write(tmp_path, PENDING), "--policy", str(policy), "--judge", "soda"])
+    assert result.exit_code == 2
+    assert "judge 'soda' is not declared in" in result.output and "it declares main" in result.output
+
+
+def test_library_warnings_stay_out_of_the_command_output(tmp_path: Path, tiny_judge_dir: Path) -> None:
+    """The tiny judge's forward pass raises transformers' FutureWarnings and loading prints a
+    progress bar: the command prints decisions (stdout) and nothing else."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "soda_guard", "judge", write(tmp_path, PENDING), "--model", str(tiny_judge_dir), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 1, completed.stderr
+    assert json.loads(completed.stdout)["decisions"][0]["verdict"]["parse_failure"] is True
+    assert completed.stderr == ""

@@ -24,7 +24,7 @@ def test_example_policy_loads_from_text_and_file(tmp_path: Path) -> None:
     policy = Policy.from_yaml(EXAMPLE)
     path = tmp_path / "policy.yaml"
     path.write_text(EXAMPLE)
-    assert Policy.from_yaml(path) == policy == Policy.from_yaml(str(path))
+    assert Policy.from_yaml_file(path) == policy == Policy.from_yaml_file(str(path)) == Policy.from_yaml(path)
     assert policy.judges["soda"].model == "cesun/SODA-Agent-Safety-Judge"
     assert policy.audit.jsonl == Path("verdicts.jsonl")
 
@@ -69,6 +69,8 @@ def test_single_judge_becomes_the_default_judge() -> None:
 
 def test_missing_policy_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="policy file not found"):
+        Policy.from_yaml_file(tmp_path / "absent.yaml")
+    with pytest.raises(PolicyError, match="policy file not found"):
         Policy.from_yaml(tmp_path / "absent.yaml")
 
 
@@ -94,3 +96,35 @@ def test_deadlines_up_to_an_hour_are_accepted() -> None:
 def test_the_reply_size_cap_is_bounded(value: str) -> None:
     with pytest.raises(PolicyError, match="judges.s.max_response_bytes"):
         Policy.from_yaml(f"version: 1\njudges: {{s: {{kind: soda, model: m, max_response_bytes: {value}}}}}")
+
+
+def test_one_line_yaml_text_is_text_not_a_file_name() -> None:
+    policy = Policy.from_yaml("judges: {only: {kind: soda, model: m}}")
+    assert policy.judges["only"].model == "m"
+
+
+def test_a_file_name_given_as_text_points_at_from_yaml_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "policy.yaml").write_text(EXAMPLE)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PolicyError, match=r"use Policy\.from_yaml_file\('policy\.yaml'\)"):
+        Policy.from_yaml("policy.yaml")
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "key", "lines"),
+    [
+        ("version: 1\njudges:\n  s: {kind: soda, model: a}\n  s: {kind: soda, model: b}\n", "'s'", (4, 3)),
+        ("version: 1\ndefaults: {on_unsafe: block}\nrules: []\ndefaults: {on_unsafe: allow}\n", "'defaults'", (4, 2)),
+        ("rules:\n  - tools: [x]\n    on_unsafe: escalate\n    on_unsafe: allow\n", "'on_unsafe'", (4, 3)),
+    ],
+)
+def test_duplicate_keys_are_rejected_naming_the_key_and_both_lines(yaml_text: str, key: str, lines: tuple[int, int]) -> None:
+    with pytest.raises(PolicyError, match=f"duplicate key {key} on line {lines[0]} \\(first on line {lines[1]}\\)"):
+        Policy.from_yaml(yaml_text)
+
+
+def test_duplicate_keys_in_a_file_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text("version: 1\nversion: 1\n")
+    with pytest.raises(PolicyError, match=f"{path.name}: invalid YAML: duplicate key 'version' on line 2"):
+        Policy.from_yaml_file(path)

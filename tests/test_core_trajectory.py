@@ -56,7 +56,7 @@ def test_pending_calls_are_those_of_the_last_assistant_without_results() -> None
         ([{"role": "user", "content": 3}], 0, "content must be"),
         ([{"role": "user", "content": [{"type": "weird"}]}], 0, "unknown type"),
         ([{"role": "assistant", "tool_calls": [{"function": {}}]}], 0, "no function name"),
-        ([{"role": "tool", "content": "x"}], 0, "without tool_call_id"),
+        ([{"role": "tool", "content": "x", "tool_call_id": ["a"]}], 0, "tool_call_id must be a string"),
         (["not a dict"], 0, "expected an object"),
     ],
 )

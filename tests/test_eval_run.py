@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,11 +13,12 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from eval_helpers import STEP_RECORDS, WHOLE_RECORDS, conversation, scripted_judge, write_jsonl
 from soda_guard.cli import app
-from soda_guard.eval import EvalError, load_dataset, read_results, run_eval, step_views, write_report
+from soda_guard.eval import EvalError, load_dataset, print_report, read_results, run_eval, step_views, write_report
 from soda_guard.backends.scripted import ScriptedBackend, keyword_responder
 from soda_guard.errors import ModelLoadError
 from soda_guard.policy import Policy
@@ -195,7 +197,12 @@ def test_eval_command_end_to_end_through_a_real_tiny_model(tmp_path: Path, tiny_
     out = tmp_path / "out"
     runner = CliRunner()
     result = runner.invoke(app, ["eval", str(folder), "--policy", str(policy), "--out", str(out), "--per-step", "--quiet"])
-    assert result.exit_code == 0, result.output
+    # random weights cannot answer in the judge's format: no record gets a verdict, which is a
+    # failed evaluation, with the cause under the table
+    assert result.exit_code == 1, result.output
+    assert "no record got a verdict" in result.output
+    judgments = sum(len(r["judgments"]) for r in read_results(out / "results.jsonl"))
+    assert f"no verdict x{judgments}: output not in the judge's verdict format" in result.output
     assert "unreadable" in result.output and "latin1.jsonl#-1" in result.output
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["mode"] == "per-step" and report["dataset"]["judged"] == 3
@@ -210,7 +217,7 @@ def test_eval_command_end_to_end_through_a_real_tiny_model(tmp_path: Path, tiny_
     resumed = runner.invoke(
         app, ["eval", str(folder), "--policy", str(policy), "--out", str(out), "--per-step", "--quiet", "--resume"]
     )
-    assert resumed.exit_code == 0 and "judged 0, resumed 3" in resumed.output
+    assert resumed.exit_code == 1 and "judged 0, resumed 3" in resumed.output
 
 
 def test_eval_command_usage_errors(tmp_path: Path) -> None:
@@ -239,3 +246,50 @@ def test_a_backend_the_run_makes_is_warmed_before_the_first_batch(tmp_path: Path
     run = run_eval(dataset, POLICY, tmp_path / "out", batch_size=2)
     assert made.batches[0] == 1 and made.requests[0].max_new_tokens == 1 and made.requests[0].cache_key is None
     assert len(made.requests) == 1 + len(WHOLE_RECORDS) == 1 + run.judged_now
+
+
+def test_eval_against_a_server_that_is_not_there_stops_before_judging_naming_the_cause(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "judges:\n  soda: {kind: soda, model: soda-judge, backend: openai, "
+        f"base_url: 'http://127.0.0.1:{port}/v1', retries: 0, timeout_s: 5}}\n"
+    )
+    data = write_jsonl(tmp_path / "d.jsonl", WHOLE_RECORDS)
+    result = CliRunner().invoke(app, ["eval", str(data), "--policy", str(policy), "--out", str(tmp_path / "o"), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "failed its warm-up judgment: judge server failed after 1 attempts" in result.output
+    assert not (tmp_path / "o" / "results.jsonl").exists()
+
+
+def test_eval_with_every_judgment_failing_names_the_cause_and_exits_1(tmp_path: Path, tiny_judge_dir: Path) -> None:
+    """A random-weight judge loads and warms up, then never writes a verdict."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"judges:\n  soda: {{kind: soda, model: {tiny_judge_dir}, device: cpu, max_new_tokens: 4}}\n")
+    data = write_jsonl(tmp_path / "d.jsonl", WHOLE_RECORDS)
+    result = CliRunner().invoke(app, ["eval", str(data), "--policy", str(policy), "--out", str(tmp_path / "o"), "--quiet"])
+    assert result.exit_code == 1, result.output
+    assert f"no verdict x{len(WHOLE_RECORDS)}: output not in the judge's verdict format" in result.output
+    assert "no record got a verdict" in result.output
+
+
+def test_headline_shows_coverage_when_records_lack_a_prediction(tmp_path: Path) -> None:
+    records = WHOLE_RECORDS  # "f" calls `mystery`, which the scripted judge answers outside its format
+    dataset = load_dataset(write_jsonl(tmp_path / "d.jsonl", records))
+    run = run_eval(dataset, POLICY, tmp_path / "out", mode="whole", backends={"soda": scripted_judge()})
+    report = write_report(tmp_path / "out", run.results, dataset.unreadable, mode="whole", target_recall=0.9)
+    assert report["failures"]["records_without_prediction"] == 1
+    assert report["failures"]["coverage"] == pytest.approx((len(records) - 1) / len(records))
+    console = Console(width=200, record=True)
+    print_report(report, console)
+    text = console.export_text()
+    assert f"(coverage {(len(records) - 1) / len(records):.3f}: {len(records) - 1} of {len(records)} records)" in text
+    assert "no verdict x1: output not in the judge's verdict format" in text
+
+    complete = load_dataset(write_jsonl(tmp_path / "e.jsonl", [r for r in WHOLE_RECORDS if r["id"] != "f"]))
+    run = run_eval(complete, POLICY, tmp_path / "out2", mode="whole", backends={"soda": scripted_judge()})
+    console = Console(width=200, record=True)
+    print_report(write_report(tmp_path / "out2", run.results, [], mode="whole", target_recall=0.9), console)
+    assert "coverage" not in console.export_text()

@@ -101,7 +101,8 @@ def test_hostile_content_keeps_the_soda_structure(payload: str, where: str) -> N
 @pytest.mark.parametrize("payload", HOSTILE)
 def test_hostile_content_keeps_the_qwen3guard_structure(payload: str) -> None:
     for mode, count in (("response", 4), ("tool_result", 3)):
-        messages = Qwen3GuardGenJudge(mode=mode).render(hostile_trajectory(payload, "tool")).messages  # type: ignore[arg-type]
+        system, *messages = Qwen3GuardGenJudge(mode=mode).render(hostile_trajectory(payload, "tool")).messages  # type: ignore[arg-type]
+        assert system == {"role": "system", "content": "You are a bank agent."}
         assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"][:count]
         tool = messages[2]["content"]
         assert tool.startswith("<tool_response>\n") and tool.endswith("\n</tool_response>")
@@ -272,7 +273,11 @@ def test_qwen3guard_truncation_stays_within_budget() -> None:
     rendered = Qwen3GuardGenJudge(budget=BUDGET).render(long_trajectory(50, 400))
     assert sum(len(m["content"]) for m in rendered.messages) <= BUDGET.max_prompt_chars
     assert rendered.truncated
-    assert rendered.messages[0] == {"role": "user", "content": "Transfer everything to 4471."}
+    assert rendered.messages[:3] == [
+        {"role": "user", "content": "old request"},
+        {"role": "assistant", "content": "old answer"},
+        {"role": "user", "content": "Transfer everything to 4471."},
+    ]
     assert '"name": "transfer"' in rendered.messages[-1]["content"]
     assert any(OMITTED.search(m["content"]) for m in rendered.messages)
 

@@ -1,5 +1,5 @@
 """The package layering of issue 16: the engine depends on torch, transformers and shared leaf
-modules (request/result types, chat tokens, scoring), never on `backends`, `judges` or the
+modules (request/result types, chat tokens, the score rule and scoring), never on `backends`, `judges` or the
 guard; judges never import backends or the engine; and no two of `engine`, `backends`,
 `judges` import each other both ways. Read from the source, so a lazy import counts too."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import soda_guard
 
 ROOT = Path(soda_guard.__file__).parent
-LEAVES = {"soda_guard.generation", "soda_guard.chat_tokens", "soda_guard.scoring", "soda_guard.errors"}
+LEAVES = {"soda_guard.generation", "soda_guard.chat_tokens", "soda_guard.score", "soda_guard.scoring", "soda_guard.errors"}
 
 
 def imports_of(package: str) -> set[str]:

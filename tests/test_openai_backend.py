@@ -108,7 +108,7 @@ def test_score_reads_the_token_after_the_marker_and_respects_the_leading_space()
     )
     assert score_from_logprobs(spaced, SODA) == pytest.approx(0.6 / 0.9)
     unspaced = _logprob_tokens(
-        [("[", []), ("Verdict", []), ("]", []), (" ", []), ("S", [("S", 0.7), ("UNS", 0.2), (" S", 0.1)]), ("AFE", [])]
+        [("[Reason] x\n", []), ("[", []), ("Verdict", []), ("]", []), (" ", []), ("S", [("S", 0.7), ("UNS", 0.2), (" S", 0.1)]), ("AFE", [])]
     )
     assert score_from_logprobs(unspaced, SODA) == pytest.approx(0.2 / 0.9)
     assert score_from_logprobs(_logprob_tokens([("no", []), (" marker", [])]), SODA) is None

@@ -82,8 +82,8 @@ def test_client_errors_are_not_retried(status: int) -> None:
         ({"choices": [{"message": {"content": 42}}]}, "not a chat completion"),
         ({"object": "error"}, "not a chat completion"),
         (
-            {"choices": [{"message": {"content": "[Verdict] SAFE"}, "logprobs": {"content": [
-                {"token": "[Verdict] ", "logprob": 0.0},
+            {"choices": [{"message": {"content": "[Reason] r\n[Verdict] SAFE"}, "logprobs": {"content": [
+                {"token": "[Reason] r\n[Verdict] ", "logprob": 0.0},
                 {"token": "SAFE", "logprob": "high", "top_logprobs": [{"token": "SAFE", "logprob": "high"}]},
             ]}}]},
             "malformed logprobs",

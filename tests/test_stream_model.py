@@ -122,7 +122,7 @@ def test_absent_folder_and_hub_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         raise LocalEntryNotFoundError(f"{repo_id} is not cached and the hub cannot be reached")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", unavailable)
-    with pytest.raises(ModelLoadError, match=r"Qwen/Qwen3Guard-Stream-4B.*huggingface-cli download"):
+    with pytest.raises(ModelLoadError, match=r"Qwen/Qwen3Guard-Stream-4B.*`hf download Qwen/Qwen3Guard-Stream-4B"):
         load_stream_model("Qwen/Qwen3Guard-Stream-4B", device="cpu")
 
 

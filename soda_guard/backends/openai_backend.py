@@ -22,7 +22,6 @@ import json
 import math
 import os
 import random
-import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +35,7 @@ from soda_guard.backends.server_pool import Server, ServerPool
 from soda_guard.errors import JudgeError
 from soda_guard.generation import GenerationRequest, GenerationResult, ScoreSpec
 from soda_guard.policy import DEFAULT_MAX_RESPONSE_BYTES, MAX_TIMEOUT_S
+from soda_guard.score import decode_pieces, label_token, label_value
 
 #: the most alternatives OpenAI's API (and vLLM's default `--max-logprobs`) allows per token
 MAX_TOP_LOGPROBS = 20
@@ -325,20 +325,10 @@ def _token_bytes(entry: dict[str, Any]) -> bytes:
 
 
 def verdict_index(content: Sequence[dict[str, Any]], spec: ScoreSpec) -> tuple[int, bool] | None:
-    """Index of the generated token that carries the label, and whether the text before it ends
-    in whitespace: the same rule as the in-process backend (last prefix of the first matching
-    run), applied to the decoded prefix of the returned tokens."""
-    marker = re.compile(spec.marker)
-    prefix = b""
-    found: tuple[int, bool] | None = None
-    for index, entry in enumerate(content):
-        text = prefix.decode("utf-8", errors="replace")
-        if marker.search(text):
-            found = (index, text[-1:].isspace())
-        elif found is not None:
-            break
-        prefix += _token_bytes(entry)
-    return found
+    """Index of the returned token that carries the label the judge's parser accepted, and
+    whether the text before it ends in whitespace: the rule every backend applies
+    (`soda_guard.score.label_token`), on the returned tokens' exact bytes."""
+    return label_token(decode_pieces(_token_bytes(entry) for entry in content), spec)
 
 
 def _label_side(token: bytes, positive: Sequence[bytes], negative: Sequence[bytes]) -> int:
@@ -384,13 +374,5 @@ def _probability(logprob: Any) -> float:
 
 
 def score_from_label(text: str, spec: ScoreSpec) -> float | None:
-    """1.0 / 0.0 from the label written after the marker; None when there is none."""
-    marker = re.compile(spec.marker)
-    for end in range(len(text) + 1):
-        if marker.search(text[:end]):
-            rest = text[end:].lstrip()
-            labels = [(w, 1.0) for w in spec.positive] + [(w, 0.0) for w in spec.negative]
-            for word, value in sorted(labels, key=lambda item: len(item[0]), reverse=True):
-                if rest.startswith(word):
-                    return value
-    return None
+    """1.0 / 0.0 from the label the parser accepted; None when there is none."""
+    return label_value(text, spec)

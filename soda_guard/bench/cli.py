@@ -6,25 +6,29 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+from enum import Enum
 from typing import Any
 
 import typer
 from rich.console import Console
 
+from soda_guard._extras import needs_extra
 from soda_guard.bench.report import BenchSection
+from soda_guard.errors import MissingExtraError
 
-SECTIONS = ("judging", "stream", "http")
+
+class Section(str, Enum):
+    judging = "judging"
+    stream = "stream"
+    http = "http"
 
 
-def run_sections(quick: bool, device: str, only: list[str] | None = None) -> list[BenchSection]:
+def run_sections(quick: bool, device: str, only: list[Section] | None = None) -> list[BenchSection]:
     sections = []
-    for name in only or SECTIONS:
-        try:
-            module = importlib.import_module(f"soda_guard.bench.{name}")
-        except ModuleNotFoundError as error:
-            if error.name != f"soda_guard.bench.{name}":
-                raise
-            continue
+    for section in only or list(Section):
+        # every section runs models in process: torch and transformers (the [local] extra)
+        with needs_extra("soda-guard bench"):
+            module = importlib.import_module(f"soda_guard.bench.{section.value}")
         run: Any = module.run
         kwargs = {"device": device} if "device" in inspect.signature(run).parameters else {}
         sections.append(run(quick, **kwargs))
@@ -37,10 +41,14 @@ def register(app: typer.Typer) -> None:
         quick: bool = typer.Option(False, "--quick", help="the CPU part only, in under a minute"),
         as_json: bool = typer.Option(False, "--json", help="print one JSON object of all figures"),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto: where the judging section runs its model"),
-        section: list[str] = typer.Option([], "--section", help=f"only these sections ({', '.join(SECTIONS)})"),
+        section: list[Section] = typer.Option([], "--section", help="only these sections (repeat for several)"),
     ) -> None:
         """Benchmarks: our engine and backends against naive baselines, same process."""
-        sections = run_sections(quick, device, section or None)
+        try:
+            sections = run_sections(quick, device, section or None)
+        except MissingExtraError as error:
+            typer.echo(f"soda-guard: {error}", err=True)
+            raise typer.Exit(2) from None
         if as_json:
             figures: dict[str, Any] = {}
             for result in sections:

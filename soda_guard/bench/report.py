@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, TypeVar
 
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 T = TypeVar("T")
@@ -28,8 +29,22 @@ class BenchSection:
             table.add_row(*(_cell(row.get(column)) for column in columns))
         return table
 
+    def records(self) -> Table:
+        """One `field  value` block per row: what a table too wide for the terminal turns into,
+        instead of columns squeezed to one word per line."""
+        table = Table(title=self.title, show_header=False)
+        table.add_column("field", style="bold", no_wrap=True)
+        table.add_column("value")
+        for row in self.rows:
+            for index, (key, value) in enumerate(row.items()):
+                table.add_row(key, _cell(value), end_section=index == len(row) - 1)
+        return table
+
     def print(self, console: Console) -> None:
-        console.print(self.table())
+        table = self.table()
+        unbounded = console.options.update_width(1_000_000)
+        fits = Measurement.get(console, unbounded, table).maximum <= console.width
+        console.print(table if fits else self.records())
 
 
 def _cell(value: Any) -> str:

@@ -25,9 +25,11 @@ from soda_guard.engine.kv import KVCache
 from soda_guard.engine.prefix_cache import CachedPrefix, PrefixCache, common_prefix
 from soda_guard.errors import JudgeError
 from soda_guard.generation import GenerationRequest, GenerationResult, ScoreSpec
-from soda_guard.scoring import label_tokens, score_from_logits
+from soda_guard.scoring import label_tokens, score_from_logits, verdict_position
 
 VERDICT_ONLY_REASON = "[Reason] not generated (verdict-only mode)"
+MAX_VERDICT_POSITIONS = 16
+"""Marker positions whose logits a row keeps: a judge output echoes a few markers at most."""
 
 
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -70,13 +72,13 @@ class Job:
 
 @dataclass
 class _Row:
-    """Decode state of one request: tokens so far and the logits at the verdict position."""
+    """Decode state of one request: tokens so far and the logits at each position right after
+    a score marker (`verdicts`, by token index); the parser later says which one holds the label."""
 
     index: int
     job: Job
     generated: list[int] = field(default_factory=list)
-    verdict: tuple[int, bool, torch.Tensor] | None = None
-    verdict_closed: bool = False
+    verdicts: dict[int, torch.Tensor] = field(default_factory=dict)
     text: str = ""
     """`decode(generated)`, kept up to date only while the stop rule or the score needs it."""
     clean: int = 0
@@ -295,18 +297,17 @@ class Engine:
             logits = self._step(tokens[:, None], positions[:, None], cache, mask[:, :length] if padded else None).float()
 
     def _track_verdict(self, row: _Row, logits: torch.Tensor) -> None:
-        """Keep the logits of the step right after the score marker, the position the naive
-        path scores (`scoring.verdict_position`), without holding every step's logits."""
+        """Keep the logits of every step right after a score marker (an echoed, escaped marker
+        comes before the real one), without holding every step's logits; at most
+        `MAX_VERDICT_POSITIONS`, beyond which a label gets no score rather than a wrong one."""
         spec = row.job.request.score
-        if spec is None or row.verdict_closed:
+        if spec is None or len(row.verdicts) >= MAX_VERDICT_POSITIONS:
             return
         if re.search(spec.marker, row.text):
-            row.verdict = (len(row.generated), row.text[-1:].isspace(), logits.clone())
-        elif row.verdict is not None:
-            row.verdict_closed = True
+            row.verdicts[len(row.generated)] = logits.clone()
 
     def _needs_text(self, row: _Row) -> bool:
-        return row.job.request.score is not None and (self.stop_at_verdict or not row.verdict_closed)
+        return row.job.request.score is not None and (self.stop_at_verdict or len(row.verdicts) < MAX_VERDICT_POSITIONS)
 
     def _extend_text(self, row: _Row) -> None:
         """Bring `row.text` up to `decode(row.generated)` by decoding only the tokens since the
@@ -325,7 +326,7 @@ class Engine:
 
     def _verdict_complete(self, row: _Row) -> bool:
         spec = row.job.request.score
-        if not self.stop_at_verdict or spec is None or row.verdict is None:
+        if not self.stop_at_verdict or spec is None or not row.verdicts:
             return False
         return bool(_verdict_done(spec).search(row.text))
 
@@ -337,9 +338,10 @@ class Engine:
     def _result(self, row: _Row) -> GenerationResult:
         spec = row.job.request.score
         score = None
-        if spec is not None and row.verdict is not None:
-            _, ends_in_space, logits = row.verdict
-            score = self._score(logits, spec, with_space=not ends_in_space)
+        position = verdict_position(self.tokenizer, row.generated, spec) if spec is not None and row.verdicts else None
+        if spec is not None and position is not None and position[0] in row.verdicts:
+            index, ends_in_space = position
+            score = self._score(row.verdicts[index], spec, with_space=not ends_in_space)
         return GenerationResult(
             text=self.tokenizer.decode(row.generated, skip_special_tokens=True),
             score=score,

@@ -17,11 +17,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from soda_guard.errors import ModelLoadError, PolicyError
+from soda_guard._extras import needs_extra
+from soda_guard.errors import MissingExtraError, ModelLoadError, PolicyError
 from soda_guard.eval.dataset import load_dataset
-from soda_guard.eval.report import print_report, write_report
 from soda_guard.eval.results import EvalError
-from soda_guard.eval.runner import run_eval
 from soda_guard.policy import resolve_policy
 
 
@@ -35,7 +34,12 @@ def register(app: typer.Typer) -> None:
     def eval_command(
         dataset: Path = typer.Argument(..., help="R-Judge/AgentHarm .json, {messages,label} .jsonl, or a folder of them"),
         model: Optional[str] = typer.Option(None, "--model", help="hub id or local folder of the judge"),
-        judge: str = typer.Option("soda", "--judge", help="soda or qwen3guard (with --policy: a judge name)"),
+        judge: Optional[str] = typer.Option(
+            None,
+            "--judge",
+            metavar="<soda|qwen3guard|NAME>",
+            help="default soda; with --policy: NAME, a judge it declares (default: its default judge)",
+        ),
         policy: Optional[Path] = typer.Option(None, "--policy", help="policy YAML (rules, thresholds, backend)"),
         limit: Optional[int] = typer.Option(None, "--limit", min=1, help="only the first N records, in file order"),
         out: Path = typer.Option(Path("soda-guard-eval"), "--out", help="folder for results.jsonl, report.json, plots"),
@@ -46,7 +50,16 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, ... (without --policy)"),
         quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
     ) -> None:
-        """Measure a judge and a policy on labeled agent trajectories (1 = unsafe)."""
+        """Measure a judge and a policy on labeled agent trajectories (1 = unsafe). Exits 1 when
+        no record got a verdict (the most common causes are printed under the table)."""
+        try:
+            # metrics and plots need numpy and matplotlib: the [eval] extra, imported only here
+            # so the rest of the command line runs on the base install
+            with needs_extra("soda-guard eval"):
+                from soda_guard.eval.report import print_report, write_report
+                from soda_guard.eval.runner import run_eval
+        except MissingExtraError as error:
+            raise _fail(str(error)) from None
         try:
             loaded = load_dataset(dataset, limit=limit)
             chosen, _ = resolve_policy(policy, judge, model, device=device)
@@ -98,3 +111,6 @@ def register(app: typer.Typer) -> None:
         )
         print_report(report, Console())
         typer.echo(f"wrote {out / 'report.json'} (judged {run.judged_now}, resumed {run.resumed})")
+        if report["dataset"]["judged"] and report["failures"]["coverage"] == 0:
+            typer.echo("soda-guard: no record got a verdict from the judge (causes above)", err=True)
+            raise typer.Exit(1)

@@ -173,6 +173,21 @@ def _per_step(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+PARSE_FAILURE_CAUSE = "output not in the judge's verdict format"
+
+
+def _common_causes(judged: Sequence[dict[str, Any]], keep: int = 3) -> list[dict[str, Any]]:
+    """The most frequent reasons a judgment gave no verdict (an error's first line, or a parse
+    failure), so a run where every call failed says why on the terminal instead of only inside
+    results.jsonl."""
+    causes = Counter(
+        (j["error"].strip().splitlines() or ["?"])[0][:200] if j["error"] else PARSE_FAILURE_CAUSE
+        for j in judged
+        if j["error"] or j["parse_failure"]
+    )
+    return [{"cause": cause, "count": count} for cause, count in causes.most_common(keep)]
+
+
 def build_report(
     results: Sequence[dict[str, Any]],
     unreadable: Sequence[Unreadable],
@@ -209,6 +224,8 @@ def build_report(
             "errors": sum(1 for j in judged if j["error"]),
             "error_rate": _ratio(sum(1 for j in judged if j["error"]), len(judged)),
             "records_without_prediction": len(results) - len(predicted),
+            "coverage": _ratio(len(predicted), len(results)),
+            "common_causes": _common_causes(judged),
         },
         "classification": classification([y for y, _ in predicted], [p for _, p in predicted]),
         "threshold_sweep": threshold_sweep([y for y, _ in scored], [s for _, s in scored], target_recall),

@@ -42,6 +42,15 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _with_coverage(accuracy: float | None, failures: dict[str, Any], records: int) -> str:
+    """Accuracy counts only records that got a prediction; next to it, how many those were, so a
+    run where most judgments failed cannot pass for a good one."""
+    missing = failures["records_without_prediction"]
+    if not missing:
+        return _fmt(accuracy)
+    return f"{_fmt(accuracy)} (coverage {_fmt(failures['coverage'])}: {records - missing} of {records} records)"
+
+
 def print_report(report: dict[str, Any], console: Console) -> None:
     data, failures, metrics = report["dataset"], report["failures"], report["classification"]
     summary = Table(title=f"soda-guard eval ({report['mode']})", show_header=False)
@@ -50,7 +59,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     rows: list[tuple[str, Any]] = [
         ("records (judged / unreadable)", f"{data['judged']} / {data['unreadable']}"),
         ("labels (safe / unsafe)", f"{data['labels']['safe']} / {data['labels']['unsafe']}"),
-        ("accuracy", metrics["accuracy"]),
+        ("accuracy", _with_coverage(metrics["accuracy"], failures, data["judged"])),
         ("balanced accuracy", metrics["balanced_accuracy"]),
         ("parse-failure rate", failures["parse_failure_rate"]),
         ("error rate", failures["error_rate"]),
@@ -63,6 +72,8 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     for name, value in rows:
         summary.add_row(name, _fmt(value))
     console.print(summary)
+    for entry in failures.get("common_causes", []):
+        console.print(f"[red]no verdict[/red] x{entry['count']}: {escape(entry['cause'])}", highlight=False)
 
     classes = Table(title="per class")
     for column in ("class", "precision", "recall", "F1", "support"):

@@ -1,5 +1,6 @@
 """Judge models: prompt rendering and output parsing, independent of how the model is run."""
 
+from soda_guard._extras import needs_extra
 from soda_guard.judges.base import Judge, ParsedOutput, RenderedPrompt, ScoreSpec
 from soda_guard.judges.qwen3guard_gen import (
     QWEN3GUARD_GEN_MODEL_ID,
@@ -32,7 +33,8 @@ def __getattr__(name: str) -> object:
     """The stream judge is a torch module: imported on first use, so importing the judges'
     prompt and parsing code stays free of torch."""
     if name in _STREAM_NAMES:
-        from soda_guard.judges import stream
+        with needs_extra("the Qwen3Guard-Stream judge"):
+            from soda_guard.judges import stream
 
         return getattr(stream, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

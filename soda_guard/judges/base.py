@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Callable
 
 from soda_guard.generation import ScoreSpec
-from soda_guard.trajectory import AssistantStep, ToolCall, Trajectory
+from soda_guard.trajectory import AssistantStep, ToolStep, Trajectory
 from soda_guard.verdict import Label, Source
 
 
@@ -28,22 +29,50 @@ class ParsedOutput:
     reason: str | None = None
     categories: list[str] = field(default_factory=list)
     refusal: bool | None = None
+    label_at: int | None = None
+    """Character offset of the accepted label in the output: where the score must be read."""
 
     @property
     def parse_failure(self) -> bool:
         return self.label is None
 
 
-def render_tool_call(call: ToolCall) -> str:
-    """Qwen's own tool-call text, the shape the judges saw in training."""
-    payload = json.dumps({"name": call.name, "arguments": call.args}, ensure_ascii=False)
-    return f"<tool_call>\n{payload}\n</tool_call>"
+def unchanged(text: str) -> str:
+    return text
 
 
-def render_assistant(step: AssistantStep) -> str:
-    pieces = [step.content] if step.content else []
-    pieces.extend(render_tool_call(call) for call in step.tool_calls)
-    return "\n".join(pieces)
+def assistant_parts(step: AssistantStep, escape: Callable[[str], str] = unchanged) -> tuple[str, ...]:
+    """The assistant turn in Qwen's own tool-call text, the shape the judges saw in training,
+    split into agent-written parts (even positions: the text, each call's arguments) and the
+    structure around them (odd positions: tags and the call's name). Truncation may clip the
+    former but keeps the latter, so a long text or long arguments never hide the tool's name.
+    `escape` neutralises what the agent wrote before the tags are added."""
+    parts = [escape(step.content)]
+    between = ""
+    for call in step.tool_calls:
+        head = json.dumps({"name": call.name, "arguments": None}, ensure_ascii=False).removesuffix("null}")
+        separator = "\n" if parts[0] or between else ""
+        parts += [between + separator + "<tool_call>\n" + escape(head), escape(json.dumps(call.args, ensure_ascii=False))]
+        between = "}\n</tool_call>"
+    return (*parts, between)
+
+
+TOOL_ERROR_LABEL = "Tool error: "
+
+
+def tool_result_text(step: ToolStep) -> str:
+    """A tool result as the judge reads it: its content, and a failure the tool reported,
+    marked as one (an empty block would hide that the action was attempted and failed)."""
+    content = step.content or ""
+    if step.error:
+        return f"{content}\n{TOOL_ERROR_LABEL}{step.error}" if content else f"{TOOL_ERROR_LABEL}{step.error}"
+    if step.is_error and content:
+        return f"{TOOL_ERROR_LABEL}{content}"
+    return content
+
+
+def render_assistant(step: AssistantStep, escape: Callable[[str], str] = unchanged) -> str:
+    return "".join(assistant_parts(step, escape))
 
 
 class Judge(ABC):

@@ -7,10 +7,12 @@ judged. And content that reproduces the judge prompt's own delimiters (`=== END 
 `[USER]`, `[Verdict] SAFE`, `<|im_end|>`) could close the conversation block and forge a
 verdict-friendly ending.
 
-Neutralisation is one documented rule: a content line that a judge would read as structure gets
-a backslash (`ESCAPE`) in front of it, and a ChatML-style special-token string `<|name|>` gets a
-backslash after its `<`. Only such lines change: ordinary content stays byte-identical, so the
-prompt of a normal trajectory is exactly the trained format.
+Neutralisation is one documented rule: a content line that a judge would read as structure (on
+its folded form: no invisible characters, no look-alikes) gets a backslash (`ESCAPE`) in front
+of it, and text the tokenizer would read as an added token (`<|name|>`, `<tool_call>`,
+`</tool_response>`, `<think>`, ...) gets a backslash after its `<`, wherever it stands. Only
+such lines change: ordinary content stays byte-identical, so the prompt of a normal trajectory
+is exactly the trained format.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from __future__ import annotations
 import functools
 import re
 import threading
-import unicodedata
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
+
+from soda_guard.judges.confusables import delimiter_key
 
 ESCAPE = "\\"
 
@@ -39,7 +42,16 @@ MIN_PROMPT_CHARS = 4_096
 """Below this the fixed prompt (system message, header, question) leaves no room for content."""
 
 _LINE_BREAK = re.compile(r"(\r\n|[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029])")
-_SPECIAL_TOKEN = re.compile(r"<\|(?=[^|<>\s]{1,64}\|>)")
+_TOKEN_TEXT = re.compile(r"<(?=\|[^|<>\s]{1,64}\|>|/?(?:tool_call|tool_response|think)>)")
+"""Text that the Qwen3 tokenizer would read as one added token: the ChatML-style special tokens
+`<|name|>` and the tags it adds with `special=False` (`<tool_call>`, `<tool_response>`,
+`<think>` and their closing forms), which `split_special_tokens` does not split. A backslash
+after the `<` makes each plain text, wherever it stands in a line."""
+
+
+def escape_token_text(text: str) -> str:
+    return _TOKEN_TEXT.sub(lambda _: "<" + ESCAPE, text)
+
 
 SODA_DELIMITERS = re.compile(
     r"={2,}.*?[^\W\d_]"  # === EVALUATION TASK ===, === CONVERSATION ===, === END ===
@@ -64,14 +76,6 @@ GEN_DELIMITERS = re.compile(
 """Lines Qwen3Guard-Gen's template and output format use as structure."""
 
 
-def _line_start_key(line: str) -> str:
-    """What a model would read at the start of the line: invisible and width variants removed."""
-    index = 0
-    while index < len(line) and (line[index].isspace() or unicodedata.category(line[index]) == "Cf"):
-        index += 1
-    return unicodedata.normalize("NFKC", line[index : index + 256])
-
-
 _BREAK_CHARS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 
 
@@ -79,10 +83,10 @@ _BREAK_CHARS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 def _candidates(delimiters: re.Pattern[str], ascii_text: bool) -> tuple[re.Pattern[str], re.Pattern[str]]:
     """(the first line, every later line: a break followed by) a line that may need escaping,
     found by C-level scans instead of a Python loop over every line (a 5 MB tool result is over
-    a million lines). A line that is not a candidate is pure ASCII, where `_line_start_key`
-    only skips tab, space and U+001F and NFKC changes nothing, and the delimiter does not match
-    after those: so it cannot match its key either. Candidates get the exact check. A CR LF
-    pair is one break, as in `_LINE_BREAK`. In an all-ASCII text no line can contain anything
+    a million lines). A line that is not a candidate is pure ASCII, where `delimiter_key` only
+    strips leading whitespace, and the delimiter does not match after tab, space and U+001F:
+    so it cannot match its key either. Candidates get the exact check. A CR LF pair is one
+    break, as in `_LINE_BREAK`. In an all-ASCII text no line can contain anything
     else, and the scan for it (half the work) is left out."""
     line = f"[ \t\x1f]*(?:{delimiters.pattern})"
     if not ascii_text:
@@ -168,7 +172,7 @@ def neutralise(text: str, delimiters: re.Pattern[str]) -> str:
 
 
 def _neutralise(text: str, delimiters: re.Pattern[str]) -> str:
-    text = _SPECIAL_TOKEN.sub("<" + ESCAPE + "|", text)
+    text = escape_token_text(text)
     first, later = _candidates(delimiters, text.isascii())
     starts = [0] if first.match(text) else []
     for begin, end in _chunks(text):
@@ -176,7 +180,7 @@ def _neutralise(text: str, delimiters: re.Pattern[str]) -> str:
     escapes = []
     for start in starts:
         end = _LINE_BREAK.search(text, start)
-        if delimiters.match(_line_start_key(text[start : end.start() if end else len(text)])):
+        if delimiters.match(delimiter_key(text[start : end.start() if end else len(text)])):
             escapes.append(start)
     if not escapes:
         return text
@@ -189,7 +193,7 @@ def _neutralise(text: str, delimiters: re.Pattern[str]) -> str:
 
 def header_field(value: str, max_chars: int = DEFAULT_MAX_FIELD_CHARS) -> str:
     """A single-line header value: line breaks become spaces so nothing can start a new line."""
-    flat = _LINE_BREAK.sub(" ", _SPECIAL_TOKEN.sub("<" + ESCAPE + "|", value))
+    flat = _LINE_BREAK.sub(" ", escape_token_text(value))
     return clip(flat, max_chars)
 
 
@@ -232,12 +236,36 @@ class ContextBudget:
 
 @dataclass(frozen=True)
 class Block:
-    """One message as the judge will show it; `protected` ones are never elided."""
+    """One message as the judge will show it.
+
+    `protected` ones are never elided; `whole` ones (the request being served and the pending
+    call) are not clipped to the per-message limit either, only when the budget cannot hold
+    them. `rank` orders elision (lower goes first, oldest first within a rank); `shown=False`
+    leaves a message out from the start (a window that does not show it), announced like an
+    elided one. `parts`, when given, joins to `text` and alternates clippable content (even
+    positions) with structure that clipping keeps (odd positions)."""
 
     role: str
     text: str
     protected: bool = False
-    elide_first: bool = False
+    rank: int = 1
+    whole: bool = False
+    shown: bool = True
+    parts: tuple[str, ...] = ()
+
+    def clipped(self, limit: int) -> Block:
+        if len(self.text) <= limit:
+            return self
+        fixed = sum(len(part) for part in self.parts[1::2])
+        if not self.parts or fixed > limit:
+            return replace(self, text=clip(self.text, limit), parts=())
+        level = _water_level([len(part) for part in self.parts[::2]], limit - fixed)
+        parts = tuple(part if index % 2 else clip(part, level) for index, part in enumerate(self.parts))
+        return replace(self, text="".join(parts), parts=parts)
+
+
+RANK_TOOL_RESULT, RANK_ASSISTANT, RANK_USER = 0, 1, 2
+"""Elision order: old tool outputs give way before anything else, user requests last."""
 
 
 @dataclass(frozen=True)
@@ -277,22 +305,21 @@ def fit_blocks(
 ) -> Fitted:
     """Fit `blocks` into `room` characters, deterministically.
 
-    Every message is first clipped to `max_message_chars`. While too long, unprotected
-    messages go, `elide_first` ones (tool results) oldest first, then the rest oldest first;
-    each run of removed messages becomes one `Omitted` marker. If the protected messages alone
-    still overflow, they are clipped to a common limit. `overhead(block)` is the characters a
-    block costs besides its text; `marker_overhead` the same for a marker.
+    Every message but the `whole` ones is first clipped to `max_message_chars`. While too long,
+    unprotected messages go, lowest `rank` first, oldest first within a rank; each run of
+    removed (or not `shown`) messages becomes one `Omitted` marker. If the protected messages
+    alone still overflow, they are clipped to a common limit, keeping their structure parts.
+    `overhead(block)` is the characters a block costs besides its text; `marker_overhead` the
+    same for a marker.
     """
-    clipped = [Block(b.role, clip(b.text, max_message_chars), b.protected, b.elide_first) for b in blocks]
+    clipped = [b if b.whole or not b.shown else b.clipped(max_message_chars) for b in blocks]
     truncated = any(c.text != b.text for c, b in zip(clipped, blocks))
     count = len(clipped)
     widest_marker = len(omission_marker(count)) + marker_overhead
-    removed = [False] * count
-    gaps = 0
-    total = sum(overhead(b) + len(b.text) for b in clipped)
-    order = sorted(
-        (i for i, b in enumerate(clipped) if not b.protected), key=lambda i: (not clipped[i].elide_first, i)
-    )
+    removed = [not b.shown for b in clipped]
+    gaps = sum(1 for i in range(count) if removed[i] and (i == 0 or not removed[i - 1]))
+    total = sum(overhead(b) + len(b.text) for b, gone in zip(clipped, removed) if not gone)
+    order = sorted((i for i, b in enumerate(clipped) if not b.protected and b.shown), key=lambda i: (clipped[i].rank, i))
     for index in order:
         if total + gaps * widest_marker <= room:
             break
@@ -308,8 +335,7 @@ def fit_blocks(
         if text_room < 0:
             raise ValueError("the context budget cannot hold the messages that must be kept")
         level = _water_level([len(b.text) for b in kept], text_room)
-        limits = iter([level] * len(kept))
-        clipped = [b if gone else Block(b.role, clip(b.text, next(limits)), b.protected) for b, gone in zip(clipped, removed)]
+        clipped = [b if gone else b.clipped(level) for b, gone in zip(clipped, removed)]
         truncated = True
     items: list[Block | Omitted] = []
     for block, gone in zip(clipped, removed):

@@ -16,9 +16,20 @@ from soda_guard.judges.base import (
     ParsedOutput,
     RenderedPrompt,
     ScoreSpec,
-    render_assistant,
+    assistant_parts,
+    tool_result_text,
 )
-from soda_guard.judges.context import GEN_DELIMITERS, Block, ContextBudget, Omitted, fit_blocks, neutralise
+from soda_guard.judges.context import (
+    GEN_DELIMITERS,
+    RANK_ASSISTANT,
+    RANK_TOOL_RESULT,
+    RANK_USER,
+    Block,
+    ContextBudget,
+    Omitted,
+    fit_blocks,
+    neutralise,
+)
 from soda_guard.trajectory import AssistantStep, SystemStep, ToolStep, Trajectory, UserStep
 from soda_guard.verdict import Label
 
@@ -40,6 +51,7 @@ CATEGORIES = (
 )
 
 _SAFETY = re.compile(r"(?<!\\)Safety: (Safe|Unsafe|Controversial)")
+_LABEL_WORD = re.compile(r"\b(?:Safe|Unsafe|Controversial)\b")
 _REFUSAL = re.compile(r"Refusal: (Yes|No)")
 _CATEGORY = re.compile("|".join(re.escape(name) for name in CATEGORIES))
 _CATEGORIES_LINE = re.compile(r"^Categories:(.*)$", re.MULTILINE)
@@ -48,19 +60,26 @@ _LABELS = {"Safe": Label.SAFE, "Unsafe": Label.UNSAFE, "Controversial": Label.CO
 
 def tool_response_text(step: ToolStep) -> str:
     """How Qwen agents feed tool results back: a user turn wrapping the result."""
-    return _wrap_tool_response(step.content or "")
+    return _wrap_tool_response(tool_result_text(step))
 
 
 def _wrap_tool_response(content: str) -> str:
     return f"<tool_response>\n{content}\n</tool_response>"
 
 
-def _as_block(step: UserStep | AssistantStep | ToolStep, protected: bool) -> Block:
+def _neutralised(text: str) -> str:
+    return neutralise(text, GEN_DELIMITERS)
+
+
+def _as_block(step: SystemStep | UserStep | AssistantStep | ToolStep, protected: bool, whole: bool = False) -> Block:
+    if isinstance(step, SystemStep):
+        return Block("system", _neutralised(step.content), protected, RANK_USER, whole)
     if isinstance(step, AssistantStep):
-        return Block("assistant", neutralise(render_assistant(step), GEN_DELIMITERS), protected)
+        parts = assistant_parts(step, _neutralised)
+        return Block("assistant", "".join(parts), protected, RANK_ASSISTANT, whole, parts=parts)
     if isinstance(step, ToolStep):
-        return Block("tool", neutralise(step.content or "", GEN_DELIMITERS), protected, elide_first=True)
-    return Block("user", neutralise(step.content, GEN_DELIMITERS), protected)
+        return Block("tool", _neutralised(tool_result_text(step)), protected, RANK_TOOL_RESULT)
+    return Block("user", _neutralised(step.content), protected, RANK_USER, whole)
 
 
 def _as_message(item: Block, prefix: str) -> dict[str, str]:
@@ -72,25 +91,31 @@ def _as_message(item: Block, prefix: str) -> dict[str, str]:
 def fit_gen_messages(
     trajectory: Trajectory, mode: Mode, budget: ContextBudget | None = None
 ) -> tuple[list[dict[str, str]], bool]:
-    """Messages for the model's own template, content neutralised and within `budget` (content
-    characters; the template's fixed text is on top). An elided run of messages is announced
-    at the start of the next kept message, which keeps the role sequence the template reads."""
+    """Messages for the model's own template, as its authors' pipeline passes a conversation:
+    a leading system message and every earlier turn included, up to the message moderated (the
+    latest user request in `prompt` mode, the last assistant turn after it in `response` mode,
+    the last tool result after it in `tool_result` mode). Content is neutralised; beyond
+    `budget` (content characters; the template's fixed text is on top) the oldest messages give
+    way first, tool outputs before turns, and the request and the action being judged stay.
+    An elided run of messages is announced at the start of the next kept message, which keeps
+    the role sequence the template reads. Later system messages are left out, as the template
+    leaves them out."""
     budget = budget or ContextBudget()
     start = trajectory.latest_user_index()
     if start is None:
         raise TrajectoryError(None, "Qwen3Guard needs a user message to moderate against")
-    if mode == "prompt":
-        window: list[UserStep | AssistantStep | ToolStep] = [trajectory.steps[start]]  # type: ignore[list-item]
-    else:
-        window = [step for step in trajectory.steps[start:] if not isinstance(step, SystemStep)]
+    end = start
+    if mode != "prompt":
         target = AssistantStep if mode == "response" else ToolStep
-        last = max((i for i, step in enumerate(window) if isinstance(step, target)), default=None)
-        if last is None:
+        end = max((i for i in range(start, len(trajectory.steps)) if isinstance(trajectory.steps[i], target)), default=-1)
+        if end < 0:
             raise TrajectoryError(None, f"no {target.__name__.removesuffix('Step').lower()} message to moderate in {mode} mode")
-        window = window[: last + 1]
-    action = max((i for i, step in enumerate(window) if isinstance(step, AssistantStep)), default=None)
-    keep = {0, action, len(window) - 1}
-    blocks = [_as_block(step, index in keep) for index, step in enumerate(window)]
+    shown = [i for i in range(end + 1) if i == 0 or not isinstance(trajectory.steps[i], SystemStep)]
+    window = [trajectory.steps[i] for i in shown]
+    request = shown.index(start)
+    action = max((i for i in range(request, len(window)) if isinstance(window[i], AssistantStep)), default=None)
+    keep = {request, action, len(window) - 1}
+    blocks = [_as_block(step, index in keep, index in (request, action)) for index, step in enumerate(window)]
     fitted = fit_blocks(
         blocks,
         budget.max_prompt_chars,
@@ -116,23 +141,40 @@ def render_gen_messages(trajectory: Trajectory, mode: Mode, budget: ContextBudge
 
 def parse_gen_output(text: str) -> ParsedOutput:
     """A label only from exactly one consistent `Safety:` value: output that echoes content
-    with a second, different one is a parse failure, never the first value found."""
-    labels = {match.group(1) for match in _SAFETY.finditer(text)}
+    with a second, different one, or a `Safety:` line naming more than one label, is a parse
+    failure, never the first value found."""
+    labels: set[str] = set()
+    first: int | None = None
+    for match in _SAFETY.finditer(text):
+        line_end = text.find("\n", match.end())
+        if _LABEL_WORD.search(text, match.end(), line_end if line_end >= 0 else len(text)):
+            labels.add("")
+            break
+        labels.add(match.group(1))
+        first = match.start(1) if first is None else first
     refusal = _REFUSAL.search(text)
     categories: list[str] = []
     line = _CATEGORIES_LINE.search(text)
     if line:
         categories = [name for name in _CATEGORY.findall(line.group(1)) if name != "None"]
+    single = len(labels) == 1 and "" not in labels
     return ParsedOutput(
-        label=_LABELS[labels.pop()] if len(labels) == 1 else None,
+        label=_LABELS[labels.pop()] if single else None,
         categories=categories,
         refusal=(refusal.group(1) == "Yes") if refusal else None,
+        label_at=first if single else None,
     )
+
+
+def locate_gen_label(text: str) -> int | None:
+    return parse_gen_output(text).label_at
 
 
 class Qwen3GuardGenJudge(Judge):
     kind = "qwen3guard"
-    score_spec = ScoreSpec(marker=r"Safety:\s*$", positive=("Unsafe", "Controversial"), negative=("Safe",))
+    score_spec = ScoreSpec(
+        marker=r"Safety:\s*$", positive=("Unsafe", "Controversial"), negative=("Safe",), locate=locate_gen_label
+    )
 
     def __init__(self, name: str | None = None, *, mode: Mode = "response", budget: ContextBudget | None = None) -> None:
         super().__init__(name)

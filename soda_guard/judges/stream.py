@@ -20,7 +20,14 @@ from transformers import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Model, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
 from soda_guard.errors import ModelLoadError
-from soda_guard.loading import _looks_like_path, load_error, resolve_device, resolve_dtype
+from soda_guard.loading import (
+    HUB_UNREACHABLE,
+    _looks_like_path,
+    hub_reachable,
+    load_error,
+    resolve_device,
+    resolve_dtype,
+)
 
 QWEN3GUARD_STREAM_MODEL_ID = "Qwen/Qwen3Guard-Stream-4B"
 
@@ -128,6 +135,8 @@ def resolve_checkpoint(model: str) -> Path:
         return folder
     errors: list[BaseException] = []
     for local_only in (True, False):
+        if not local_only and not hub_reachable():
+            raise load_error(model, HUB_UNREACHABLE) from errors[-1]
         try:
             return Path(snapshot_download(model, allow_patterns=HUB_PATTERNS, local_files_only=local_only))
         except Exception as error:  # huggingface_hub raises many unrelated types for "not there"

@@ -29,6 +29,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(f"soda_guard.testing.server needs the 'testing' extra (pip install soda-guard[testing]): {error}") from error
 
 from soda_guard.backends.base import Backend, GenerationRequest
+from soda_guard.chat_tokens import token_bytes
 
 MAX_TOP_LOGPROBS = 20
 LOOPBACK = "127.0.0.1"
@@ -63,31 +64,6 @@ class Completion:
     prompt_tokens: int
     generated_tokens: int
     finish_reason: str
-
-
-def _byte_decoder() -> dict[str, int]:
-    """Byte-level BPE spells each byte as one printable character; this maps them back so a
-    token's exact bytes can be reported even when it is a fragment of a UTF-8 character."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = {byte: chr(byte) for byte in printable}
-    extra = 0
-    for byte in range(256):
-        if byte not in chars:
-            chars[byte] = chr(256 + extra)
-            extra += 1
-    return {char: byte for byte, char in chars.items()}
-
-
-_BYTE_DECODER = _byte_decoder()
-
-
-def token_bytes(tokenizer: Any, token_id: int) -> bytes:
-    piece = tokenizer.convert_ids_to_tokens(token_id)
-    if token_id in tokenizer.all_special_ids or not isinstance(piece, str):
-        return tokenizer.decode([token_id]).encode("utf-8")
-    if all(char in _BYTE_DECODER for char in piece):
-        return bytes(_BYTE_DECODER[char] for char in piece)
-    return tokenizer.decode([token_id]).encode("utf-8")
 
 
 def _entry(token: bytes, logprob: float) -> dict[str, Any]:
