@@ -135,8 +135,8 @@ def test_judge_loads_every_judge_the_policy_reaches_before_judging(tmp_path: Pat
 @pytest.mark.parametrize(
     ("command", "choices"),
     [
-        ("prompt", ["<soda|qwen3guard>", "<latest|full>", "<prompt|response|tool_result>"]),
-        ("judge", ["soda|qwen3guard", "<latest|full>"]),
+        ("prompt", ["<soda|qwen3guard>", "<latest|history|full>", "<prompt|response|tool_result>"]),
+        ("judge", ["soda|qwen3guard", "<latest|history|full>"]),
         ("bench", ["judging|stream|http"]),
     ],
 )
