@@ -115,3 +115,9 @@ class KVCache:
     def keep_rows(self, rows: torch.Tensor) -> None:
         for layer in self.layers:
             layer.keep_rows(rows)
+
+    def truncate(self, length: int) -> None:
+        """Forget every column from `length` on: undoes a forward that failed part way through
+        its layers, which would otherwise leave some layers longer than others."""
+        for layer in self.layers:
+            layer.length = min(layer.length, length)

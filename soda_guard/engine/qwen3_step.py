@@ -15,7 +15,7 @@ is one this reproduces; the engine refuses any other.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,15 @@ def _linear(module: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """(query, key, value) → attention output [batch, heads, new tokens, head_dim]."""
 
+LayerAttend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(layer index, query, new keys, new values) → attention output: stores the new keys and values
+in the cache it was built over and attends over that cache."""
+
+
+def _cached(kv: KVCache, attend: Attend) -> LayerAttend:
+    """Attention over one cache of `kv.batch` aligned rows."""
+    return lambda index, query, key, value: attend(query, *kv.layers[index].append(key, value))
+
 
 class LeanQwen3:
     """The model's weights (shared, not copied) and its forward pass. Built once per engine or
@@ -111,24 +120,23 @@ class LeanQwen3:
         return KVCache.empty(self.layer_count, batch, self.kv_heads, capacity, self.head_dim,
                              dtype=self.embed.dtype, device=self.embed.device, growable=growable)
 
-    def _hidden(self, tokens: torch.Tensor, positions: torch.Tensor, kv: KVCache, attend: Attend) -> torch.Tensor:
+    def _hidden(self, tokens: torch.Tensor, positions: torch.Tensor, attend: LayerAttend) -> torch.Tensor:
         """Final hidden states [batch, new, hidden] of `tokens` ([batch, new]) before the final
-        norm, appending their keys and values to `kv`."""
+        norm; `attend` stores their keys and values wherever their rows' caches are."""
         batch, new = tokens.shape
         eps = self.eps
         hidden = F.embedding(tokens, self.embed)
         cos, sin = self.rotary(hidden, positions)
         cos, sin = cos[:, None], sin[:, None]
         shape = (batch, new, -1, self.head_dim)
-        for layer, cache in zip(self.layers, kv.layers):
+        for index, layer in enumerate(self.layers):
             normed = _norm(hidden, layer.input_norm, eps)
             query = _norm(F.linear(normed, *layer.q).view(shape), layer.q_norm, eps).transpose(1, 2)
             key = _norm(F.linear(normed, *layer.k).view(shape), layer.k_norm, eps).transpose(1, 2)
             value = F.linear(normed, *layer.v).view(shape).transpose(1, 2)
             query = query * cos + _rotate_half(query) * sin
             key = key * cos + _rotate_half(key) * sin
-            key, value = cache.append(key, value)
-            out = attend(query, key, value).transpose(1, 2).reshape(batch, new, -1)
+            out = attend(index, query, key, value).transpose(1, 2).reshape(batch, new, -1)
             hidden = hidden + F.linear(out, *layer.o)
             normed = _norm(hidden, layer.post_norm, eps)
             hidden = hidden + F.linear(F.silu(F.linear(normed, layer.gate)) * F.linear(normed, layer.up), layer.down)
@@ -157,7 +165,7 @@ class LeanQwen3:
             out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attend_mask, scale=scale)
             return out.reshape(batch, -1, 1, value.shape[-1])
 
-        return self._logits(self._hidden(tokens, positions, kv, attend)[:, -1])
+        return self._logits(self._hidden(tokens, positions, _cached(kv, attend))[:, -1])
 
     def prefill(self, tokens: torch.Tensor, kv: KVCache) -> torch.Tensor:
         """Logits [1, vocab] after `tokens` ([1, new]) that continue the `kv.length` tokens
@@ -168,7 +176,28 @@ class LeanQwen3:
         """Hidden states [1, new, hidden] (before the final norm) of `tokens` continuing `kv`."""
         start = kv.length
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
-        return self._hidden(tokens, positions, kv, self._prefill_attend(start))
+        return self._hidden(tokens, positions, _cached(kv, self._prefill_attend(start)))
+
+    def extend_packed(self, rows: Sequence[tuple[torch.Tensor, KVCache]]) -> list[torch.Tensor]:
+        """Hidden states [new, hidden] (before the final norm) of each row's `tokens` ([new])
+        continuing that row's own single-row cache, in one forward.
+
+        Rows of different lengths over caches of different lengths are packed end to end into
+        one sequence, not padded: the projections and MLPs, which read every weight, run once
+        for all of them, and each row attends alone over its own cache with the very call
+        `extend` makes for it, so no mask is needed and a row's result does not depend on the
+        others beyond float rounding in the shared matrix products."""
+        sizes = [len(tokens) for tokens, _ in rows]
+        starts = [kv.length for _, kv in rows]
+        attends = [self._prefill_attend(start) for start in starts]
+        positions = torch.cat([torch.arange(start, start + size) for start, size in zip(starts, sizes)])
+
+        def attend(index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+            parts = zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2), rows, attends)
+            return torch.cat([row_attend(q, *kv.layers[index].append(k, v)) for q, k, v, (_, kv), row_attend in parts], 2)
+
+        tokens = torch.cat([tokens for tokens, _ in rows])[None]
+        return list(self._hidden(tokens, positions.to(tokens.device)[None], attend)[0].split(sizes))
 
     def final_norm_of(self, hidden: torch.Tensor) -> torch.Tensor:
         return _norm(hidden, self.final_norm, self.eps)
