@@ -9,6 +9,11 @@ report (§4.4): two consecutive Unsafe tokens, or two consecutive Controversial 
 Text arrives in arbitrary chunks, but the judge must see the tokens the whole text tokenises
 to. `TextTokenBuffer` feeds only tokens that later text can no longer change and holds back
 the rest until more text or `finish()` arrives.
+
+Streams that feed at about the same time (several agents, several LangChain runs on different
+threads or event-loop workers) share forward passes: `StepBatcher` runs all their pending tokens
+in one batched step, each row over its own cache, so the weights are read once per step rather
+than once per stream.
 """
 
 from __future__ import annotations
@@ -194,9 +199,91 @@ def _probs(logits: torch.Tensor) -> list[list[float]]:
     return torch.softmax(logits.float(), dim=-1).tolist()
 
 
+@dataclass(eq=False)
+class _Step:
+    """One stream's new tokens, waiting for a batched forward or taken into one."""
+
+    ids: torch.Tensor
+    cache: KVCache
+    hidden: torch.Tensor | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+    def result(self) -> torch.Tensor:
+        if self.error is not None:
+            raise self.error
+        if self.hidden is None:
+            raise RuntimeError("the batched step ended without a result")
+        return self.hidden
+
+
+class StepBatcher:
+    """Runs the pending tokens of every stream that feeds at about the same time in one forward.
+
+    There is no worker thread and no collection window: a caller takes the turn when no forward
+    is running and runs every pending stream's tokens, its own among them; callers that arrive
+    meanwhile queue, and the next turn takes them all. Batches therefore form exactly when
+    streams would otherwise wait for one another, and a lone stream waits for nobody. Every wait
+    ends by `timeout_s`, and a failed forward is retried row by row, so a stream that errors
+    fails alone and a slow or closed one cannot hold the others."""
+
+    def __init__(self, forward: LeanQwen3, timeout_s: float) -> None:
+        self.forward = forward
+        self.timeout_s = timeout_s
+        self._changed = threading.Condition()
+        self._pending: list[_Step] = []
+        self._busy = False
+
+    def run(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Final hidden states [new, hidden] of `ids` ([new]) continuing `cache` (one row).
+        TimeoutError when this step is not done by the deadline; if the step was already
+        running, it may still write `cache` afterwards."""
+        step = _Step(ids, cache)
+        deadline = time.monotonic() + self.timeout_s
+        with self._changed:
+            self._pending.append(step)
+            while self._busy and not step.done:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    if step in self._pending:
+                        self._pending.remove(step)
+                    raise TimeoutError(f"stream step not run within {self.timeout_s:g} s")
+                self._changed.wait(remaining)
+            if step.done:
+                return step.result()
+            batch, self._pending, self._busy = self._pending, [], True
+        try:
+            self._forward(batch)
+        finally:
+            with self._changed:
+                for taken in batch:
+                    taken.done = True
+                self._busy = False
+                self._changed.notify_all()
+        return step.result()
+
+    def _forward(self, batch: list[_Step]) -> None:
+        lengths = [step.cache.length for step in batch]
+        try:
+            with torch.inference_mode():
+                hidden = self.forward.extend_packed([(step.ids, step.cache) for step in batch])
+                for step, rows in zip(batch, hidden):
+                    step.hidden = self.forward.final_norm_of(rows)
+        except Exception as error:
+            for step, length in zip(batch, lengths):
+                step.cache.truncate(length)
+                step.hidden = None
+            if len(batch) == 1:
+                batch[0].error = error
+            else:
+                for step in batch:
+                    self._forward([step])
+
+
 class GuardStream:
     """One monitored assistant turn. Its cache is private, and a lock serialises its own calls,
-    so any number of streams can run from different threads against one model."""
+    so any number of streams can run from different threads against one model; their steps
+    are batched together by the monitor's `StepBatcher`."""
 
     def __init__(self, monitor: StreamMonitor, trajectory: Trajectory) -> None:
         self.monitor = monitor
@@ -210,7 +297,7 @@ class GuardStream:
         self.cache: KVCache | None = monitor.forward.new_cache(1, len(prompt.ids) + 256, growable=True)
         with torch.inference_mode():
             hidden = monitor.hidden(self._tensor(prompt.ids), self.cache)
-            query = monitor.model.query_logits(hidden[0, prompt.query_end])
+            query = monitor.model.query_logits(hidden[prompt.query_end])
         risk_probs, category_probs = _probs(query.risk), _probs(query.category)
         self.query = QueryVerdict(
             RiskLevel(int(query.risk.argmax())), QUERY_CATEGORIES[int(query.category.argmax())],
@@ -266,16 +353,26 @@ class GuardStream:
         )
 
     def _tensor(self, ids: Sequence[int]) -> torch.Tensor:
-        return torch.tensor([list(ids)], dtype=torch.long, device=self.monitor.device)
+        """Refuses ids outside the vocabulary here, where the error is this stream's alone (on
+        CUDA an out-of-range embedding lookup would break the device for every stream)."""
+        vocab = self.monitor.forward.embed.shape[0]
+        if any(not 0 <= token < vocab for token in ids):
+            raise ValueError(f"token id outside the guard's vocabulary of {vocab}")
+        return torch.tensor(list(ids), dtype=torch.long, device=self.monitor.device)
 
     def _run(self, ids: list[int]) -> list[TokenVerdict]:
         if not ids:
             return []
         if self.cache is None:
             raise RuntimeError("stream is closed")
+        tensor = self._tensor(ids)
+        try:
+            hidden = self.monitor.hidden(tensor, self.cache)
+        except TimeoutError:
+            self.cache = None  # a step still running may add tokens that get no verdict
+            raise
         with torch.inference_mode():
-            hidden = self.monitor.hidden(self._tensor(ids), self.cache)
-            heads = self.monitor.model.response_logits(hidden[0])
+            heads = self.monitor.model.response_logits(hidden)
         risks, categories = heads.risk.argmax(-1).tolist(), heads.category.argmax(-1).tolist()
         out = []
         for token, risk, category, risk_probs, category_probs in zip(ids, risks, categories, _probs(heads.risk), _probs(heads.category)):
@@ -295,15 +392,18 @@ class StreamMonitor:
     tokenizer: Any
     name: str = "qwen3guard-stream"
     model_name: str = field(default="")
+    step_timeout_s: float = 120.0
+    """The longest a stream's prefill or feed waits for its batched step, queueing included."""
 
     def __post_init__(self) -> None:
         self.model_name = self.model_name or str(getattr(self.model, "name_or_path", "qwen3guard-stream"))
         self.forward = LeanQwen3(self.model.model)
+        self.batcher = StepBatcher(self.forward, self.step_timeout_s)
 
     def hidden(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Final hidden states [1, new, hidden] of `ids` continuing `cache`: the judging engine's
-        prefill over the engine's growable key/value buffers, one path for both."""
-        return self.forward.final_norm_of(self.forward.extend(ids, cache))
+        """Final hidden states [new, hidden] of `ids` ([new]) continuing `cache`, computed in a
+        step shared with whichever other streams of this monitor are feeding at the time."""
+        return self.batcher.run(ids, cache)
 
     @property
     def device(self) -> torch.device:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from pathlib import Path
@@ -122,6 +123,43 @@ async def test_async_handler_feeds_in_order_off_the_event_loop(stream_dir: Path)
     assert "".join(chunks) == ANSWER == "".join(piece for piece, _ in fed)
     assert fed and threading.current_thread() not in {thread for _, thread in fed}
     assert handler.active_runs == 0
+
+
+async def test_concurrent_async_runs_equal_each_run_alone(stream_dir: Path) -> None:
+    """Several runs streaming at once through one async handler: their feeds (worker threads)
+    share the monitor's batched steps, and each stream's verdicts equal that stream run alone."""
+    monitor = _monitor(stream_dir, 0)
+    opened: list[tuple[Any, Any, list[Any]]] = []
+    open_stream = monitor.open
+
+    def recording_open(trajectory: Any) -> Any:
+        stream, calls = open_stream(trajectory), []
+        feed = stream.feed
+        stream.feed = lambda piece: (calls.append(piece), feed(piece))[1]  # type: ignore[method-assign]
+        opened.append((trajectory, stream, calls))
+        return stream
+
+    monitor.open = recording_open  # type: ignore[method-assign]
+    handler = AsyncStreamGuardCallbackHandler(monitor)
+    answers = [ANSWER, "short one", ANSWER.upper() + " and then some more words"]
+
+    async def run(answer: str, question: str) -> str:
+        chunks = [c.content async for c in _fake(answer).astream([HumanMessage(content=question)], config={"callbacks": [handler]})]
+        return "".join(chunks)
+
+    texts = await asyncio.gather(*(run(answer, f"question {i}" * (i + 1)) for i, answer in enumerate(answers)))
+    assert texts == answers and handler.active_runs == 0 and len(opened) == len(answers)
+    alone_monitor = StreamMonitor(monitor.model, monitor.tokenizer)
+    for trajectory, stream, calls in opened:
+        alone = alone_monitor.open(trajectory)
+        for piece in calls:
+            alone.feed(piece)
+        alone.finish()
+        assert [v.token_id for v in stream.verdicts] == [v.token_id for v in alone.verdicts]
+        torch.testing.assert_close(torch.tensor([v.risk_probs + v.category_probs for v in stream.verdicts]),
+                                   torch.tensor([v.risk_probs + v.category_probs for v in alone.verdicts]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.tensor(stream.query.category_probs), torch.tensor(alone.query.category_probs),
+                                   atol=1e-5, rtol=0)
 
 
 def test_log_policy_lets_the_stream_finish(stream_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
