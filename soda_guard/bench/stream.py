@@ -1,10 +1,12 @@
 """Per-token cost of stream moderation: our KV-cached `GuardStream.feed` against re-running
 the model over the whole sequence for every token, which is what the authors' streaming API
 does (their issue #22). Both run in this process on the same random model, so the ratio is
-the cache's effect alone; on CPU the tiny shape stands in for the real one."""
+the cache's effect alone; on CPU the tiny shape stands in for the real one. A further row sets
+concurrent streams sharing batched steps against the same streams fed one after another."""
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Callable
 
@@ -14,12 +16,14 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from soda_guard.bench.report import BenchSection
 from soda_guard.judges.stream import Qwen3GuardStream, tiny_stream_config
-from soda_guard.stream_monitor import StreamMonitor
+from soda_guard.stream_monitor import GuardStream, StreamMonitor
 from soda_guard.testing import byte_tokenizer
 from soda_guard.trajectory import Trajectory, UserStep
 
 LENGTHS = (256, 1024, 2048, 4096)
+CONCURRENT_STREAMS = 4
 GPU_LENGTHS = (256, 1024, 2048, 4096)
+CONCURRENT_STREAMS = 4
 QWEN3_4B_SHAPE = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
                       num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1_000_000.0)
 """Qwen3-4B's published decoder shape; `guard_inner_size` is not documented and stays the tiny
@@ -46,6 +50,45 @@ def _cached_per_token(monitor: StreamMonitor, length: int, tokens: int, sync: Ca
     seconds = _seconds_per_call(lambda: stream.feed(next(ids)), tokens, sync)
     stream.close()
     return seconds
+
+
+def _concurrent_per_token(monitor: StreamMonitor, streams: int, length: int, tokens: int) -> tuple[float, float]:
+    """Seconds per token for `streams` streams of `length` tokens fed one token at a time: one
+    after another from one thread (every step a batch of one; the baseline), and each from its
+    own thread at once, when the monitor batches their steps. The two alternate three times and
+    the best of each counts, which keeps a busy machine's noise out of their ratio."""
+    generator = torch.Generator().manual_seed(streams)
+    opened = [monitor.open(Trajectory(steps=[UserStep(content=f"benchmark {i}")])) for i in range(streams)]
+    for stream in opened:
+        stream.feed(torch.randint(0, 256, (length - stream.prompt_tokens,), generator=generator).tolist())
+
+    def separate() -> None:
+        for token in range(tokens):
+            for stream in opened:
+                stream.feed(token)
+
+    def batched() -> None:
+        threads = [threading.Thread(target=lambda s=stream: [s.feed(token) for token in range(tokens)]) for stream in opened]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    best = [float("inf"), float("inf")]
+    for _ in range(3):
+        for slot, run in enumerate((separate, batched)):
+            started = time.perf_counter()
+            run()
+            best[slot] = min(best[slot], (time.perf_counter() - started) / (streams * tokens))
+    for stream in opened:
+        stream.close()
+    return best[0], best[1]
+
+
+def _concurrent_row(monitor: StreamMonitor, device: str, model: str, length: int, tokens: int) -> dict[str, object]:
+    separate, batched = _concurrent_per_token(monitor, CONCURRENT_STREAMS, length, tokens)
+    return {"device": device, "model": model, "tokens": length, "streams": CONCURRENT_STREAMS,
+            "separate ms/token": separate * 1e3, "batched ms/token": batched * 1e3, "speedup": separate / batched}
 
 
 def _recompute_per_token(model: Qwen3GuardStream, length: int, repeats: int, device: torch.device,
@@ -76,6 +119,8 @@ def _cpu_rows(quick: bool) -> tuple[list[dict[str, object]], dict[str, float | s
         figures[f"stream_recompute_ms_per_token_{length}"] = baseline * 1e3
         figures[f"stream_speedup_{length}"] = speedup
     figures["stream_speedup_2k"] = figures["stream_speedup_2048"]
+    rows.append(_concurrent_row(monitor, "cpu", "tiny (2 layers, hidden 64)", 1024, 16 if quick else 64))
+    figures[f"stream_batched_speedup_{CONCURRENT_STREAMS}_streams"] = rows[-1]["speedup"]
     return rows, figures
 
 
@@ -106,6 +151,8 @@ def _gpu_rows(quick: bool) -> tuple[list[dict[str, object]], dict[str, float | s
         rows.append({"device": torch.cuda.get_device_name(), "model": "Qwen3-4B shape, bf16", "tokens": length,
                      "ours ms/token": ours * 1e3, "recompute ms/token": baseline * 1e3, "speedup": baseline / ours})
         figures[f"stream_gpu_4b_ms_per_token_{length}"] = ours * 1e3
+    rows.append(_concurrent_row(monitor, torch.cuda.get_device_name(), "Qwen3-4B shape, bf16", 2048, 16 if quick else 64))
+    figures[f"stream_gpu_4b_batched_speedup_{CONCURRENT_STREAMS}_streams"] = rows[-1]["speedup"]
     del model, monitor
     torch.cuda.empty_cache()
     return rows, figures
