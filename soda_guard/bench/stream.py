@@ -16,7 +16,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from soda_guard.bench.report import BenchSection
 from soda_guard.judges.stream import Qwen3GuardStream, tiny_stream_config
-from soda_guard.stream_monitor import GuardStream, StreamMonitor
+from soda_guard.stream_monitor import StreamMonitor
 from soda_guard.testing import byte_tokenizer
 from soda_guard.trajectory import Trajectory, UserStep
 
