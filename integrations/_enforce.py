@@ -36,6 +36,7 @@ from soda_guard.verdict import Action, Decision
 from soda_guard.integrations._convert import (
     METADATA_KEY,
     binding_of,
+    last_turn,
     refusal_text,
     to_tool_call,
     to_trajectory,
@@ -345,7 +346,7 @@ def resolve_turn(
     latest turn has no pending call."""
     trajectory = to_trajectory(messages, conversation_id=thread, harm=harm, environment=environment)
     pending = trajectory.pending_tool_calls()
-    located = next(((i, m) for i in range(len(messages) - 1, -1, -1) if isinstance(m := messages[i], AIMessage)), None)
+    located = last_turn(messages)
     if located is None or not pending:
         return None
     turn = turn_id(located[1], located[0])

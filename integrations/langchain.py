@@ -262,11 +262,12 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
                     self.trajectory.append(step)
                     self._turn.clear()
 
-    def _binding(self, call: ToolCall) -> CallBinding:
-        turn = next(
-            (f"#{i}" for i in range(len(self.trajectory.steps) - 1, -1, -1) if isinstance(self.trajectory.steps[i], AssistantStep)),
-            "#none",
-        )
+    def _turn_id(self) -> str:
+        """The latest model turn, by its place in the conversation as this handler saw it."""
+        steps = self.trajectory.steps
+        return next((f"#{i}" for i in range(len(steps) - 1, -1, -1) if isinstance(steps[i], AssistantStep)), "#none")
+
+    def _binding(self, call: ToolCall, turn: str) -> CallBinding:
         return CallBinding.of(
             thread_id=self.trajectory.conversation_id, turn_id=turn, call_id=call.id, tool=call.name, args=call.args
         )
@@ -299,16 +300,17 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
         with self._lock:
             call, pending = self._match(name, args, kwargs.get("tool_call_id"), run_id)
             self._tool_runs[run_id] = call
-            key = self._binding(call)
+            turn = self._turn_id()
+            key = self._binding(call, turn)
             if key not in self._turn:
                 if pending:
-                    calls = [c for c in self.trajectory.pending_tool_calls() if self._binding(c) not in self._turn]
+                    calls = [c for c in self.trajectory.pending_tool_calls() if self._binding(c, turn) not in self._turn]
                     found = self.guard.check_tool_calls(with_calls(self.trajectory, calls))
                 else:
                     found = self.guard.check_tool_calls(with_calls(self.trajectory, [call]))
                 for decision in found:
                     if decision.tool_call is not None:
-                        self._turn.setdefault(self._binding(decision.tool_call), decision)
+                        self._turn.setdefault(self._binding(decision.tool_call, turn), decision)
                         self.decisions.append(decision)
             decision = self._turn.pop(key)
         if self.raise_error and not decision.allowed:

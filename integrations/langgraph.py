@@ -26,7 +26,7 @@ from soda_guard.guard import Guard
 from soda_guard.policy import Policy
 from soda_guard.records import TurnRecords
 
-from soda_guard.integrations._convert import METADATA_KEY, STATE_KEY, refusal_text, turn_records
+from soda_guard.integrations._convert import METADATA_KEY, STATE_KEY, last_turn, refusal_text, turn_records
 from soda_guard.integrations._enforce import (
     AsyncHandler,
     Handler,
@@ -111,8 +111,8 @@ class GuardNode:
 
     def _steps(self, state: Mapping[str, Any]) -> Generator[Any, Any, Command[Any]]:
         messages = list(state.get(self.messages_key) or [])
-        last_ai = next((m for m in reversed(messages) if isinstance(m, AIMessage)), None)
-        if last_ai is None or not last_ai.tool_calls:
+        located = last_turn(messages)
+        if located is None or not located[1].tool_calls:
             return Command(goto=END)
         turn = yield from resolve_turn(
             messages,
@@ -124,7 +124,7 @@ class GuardNode:
         )
         if turn is None:
             return Command(goto=self.model)
-        return self._route(last_ai, turn)
+        return self._route(located[1], turn)
 
     def invoke(self, state: Mapping[str, Any]) -> Command[Any]:
         return run_steps(self._steps(state), self.enforcer.answer(None))
