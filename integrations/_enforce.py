@@ -471,9 +471,7 @@ class ToolCallEnforcer:
         if record is None:
             same_id = [c for c in _turn_calls(located, call) if c.id == call.id] if located else [call]
             decisions = yield Judge(trajectory(), same_id if len(same_id) > 1 else [call])
-            record = CallRecord.judged(binding, call, decisions[0])
-            if len(same_id) > 1:
-                record = record.model_copy(update={"call": call})
+            record = CallRecord.judged(binding, call, next((d for d in decisions if d.tool_call == call), decisions[0]))
         if record.awaiting_review:
             [record] = yield from review_records([record], trajectory())
         return (yield from self._enforce(request, trajectory, record))
@@ -515,7 +513,7 @@ class ToolCallEnforcer:
         if not isinstance(result, ToolMessage):
             return result
         if record.run_args is not None:
-            result = result.model_copy(update={"content": _edit_notice(ran) + _text(result.content)})
+            result = result.model_copy(update={"content": _with_edit_notice(result.content, ran)})
         moderation = None
         if self.guard.policy.tool_results is not None:
             moderation = yield Moderate(trajectory(), ran, result)
@@ -586,15 +584,16 @@ def _turn_calls(located: tuple[int, AIMessage] | None, call: ToolCall) -> list[T
     return [to_tool_call(c, i) for i, c in enumerate(located[1].tool_calls)]
 
 
-def _text(content: Any) -> str:
-    return content if isinstance(content, str) else str(content)
-
-
-def _edit_notice(call: ToolCall) -> str:
-    return (
+def _with_edit_notice(content: Any, call: ToolCall) -> Any:
+    """The tool's result, told to the model as the result of the reviewer's edit, so it does
+    not issue its original call again."""
+    notice = (
         f"[A reviewer replaced this tool call before it ran; what ran was `{call.name}` with arguments "
-        f"{call.args}. Do not issue the original call again.]\n"
+        f"{call.args}. Do not issue the original call again.]"
     )
+    if isinstance(content, list):
+        return [{"type": "text", "text": notice}, *content]
+    return f"{notice}\n{content}"
 
 
 def _stamped(message: ToolMessage, record: CallRecord) -> ToolMessage:
