@@ -1,0 +1,81 @@
+"""The binding of a decision to its call, and the enforcement record's transitions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from soda_guard import Action, CallBinding, CallRecord, Decision, Label, Review, ToolCall, TurnRecords, Verdict
+from soda_guard.binding import args_digest
+
+CALL = ToolCall(id="c1", name="transfer", args={"to": "1", "amount": 5})
+
+
+def binding(**changes: object) -> CallBinding:
+    values = {"thread_id": "t", "turn_id": "m1", "call_id": "c1", "tool": "transfer", "args": CALL.args, **changes}
+    return CallBinding.of(**values)  # type: ignore[arg-type]
+
+
+def decision(action: Action, raw: str = "[Reason] r\n[Verdict] UNSAFE") -> Decision:
+    verdict = Verdict(label=Label.UNSAFE, score=0.91, judge="soda", kind="soda", model="m", raw_output=raw)
+    return Decision(action=action, rule="defaults", why="soda said unsafe", tool_call=CALL, verdict=verdict)
+
+
+def test_the_argument_digest_ignores_key_order_and_nothing_else() -> None:
+    assert args_digest({"a": 1, "b": [1, 2]}) == args_digest({"b": [1, 2], "a": 1})
+    assert args_digest({"a": 1}) != args_digest({"a": 1.5})
+    assert args_digest({"a": 1}) != args_digest({"a": "1"})
+    assert args_digest('{"a": 1}') != args_digest({"a": 1})  # raw text is not the object it spells
+
+
+@pytest.mark.parametrize("field", ["thread_id", "turn_id", "call_id", "tool", "args"])
+def test_a_binding_differs_when_any_part_differs(field: str) -> None:
+    other = {"thread_id": "u", "turn_id": "m2", "call_id": "c2", "tool": "read", "args": {"to": "999", "amount": 5}}[field]
+    assert binding(**{field: other}) != binding()
+
+
+def test_outcomes_from_decisions_and_reviews() -> None:
+    assert CallRecord.judged(binding(), CALL, decision(Action.ALLOW)).outcome == "run"
+    assert CallRecord.judged(binding(), CALL, decision(Action.LOG)).outcome == "run"
+    blocked = CallRecord.judged(binding(), CALL, decision(Action.BLOCK))
+    assert blocked.outcome == "refuse" and blocked.message == "soda said unsafe"
+    waiting = CallRecord.judged(binding(), CALL, decision(Action.ESCALATE))
+    assert waiting.awaiting_review
+    answers = waiting.decision.decision_id
+    assert waiting.reviewed(Review(type="approve", answers=answers)).outcome == "run"
+    assert "no" in (waiting.reviewed(Review(type="reject", answers=answers, message="no")).message or "")
+    responded = waiting.reviewed(Review(type="respond", answers=answers, message="done by hand"))
+    assert (responded.outcome, responded.message) == ("respond", "done by hand")
+    with pytest.raises(ValueError):
+        waiting.reviewed(Review(type="edit", answers=answers, args={"to": "2"}))
+    edit = Review(type="edit", answers=answers, args={"to": "2", "amount": 1})
+    refused = waiting.reviewed(edit, decision(Action.BLOCK))
+    assert refused.outcome == "refuse" and "edit was judged" in (refused.message or "")
+    edited = waiting.reviewed(edit, decision(Action.ESCALATE))
+    assert edited.outcome == "run" and edited.ran_call().args == {"to": "2", "amount": 1}
+
+
+def test_an_edited_record_binds_the_call_as_asked_and_as_edited_only() -> None:
+    waiting = CallRecord.judged(binding(), CALL, decision(Action.ESCALATE))
+    edited = waiting.reviewed(Review(type="edit", answers="x", args={"to": "2"}), decision(Action.ALLOW))
+    turn = TurnRecords(thread_id="t", turn_id="m1", records=[edited])
+    assert turn.find(binding()) is not None
+    assert turn.find(binding(args={"to": "2"})) is not None
+    assert turn.find(binding(args={"to": "3"})) is None
+    assert TurnRecords(thread_id="t", turn_id="m1", records=[waiting]).find(binding(args={"to": "2"})) is None
+
+
+def test_the_state_form_drops_the_raw_output_and_reads_back() -> None:
+    record = CallRecord.judged(binding(), CALL, decision(Action.ALLOW, raw="x" * 5000))
+    state = TurnRecords(thread_id="t", turn_id="m1", records=[record]).for_state()
+    assert "x" * 100 not in json.dumps(state)
+    back = TurnRecords.model_validate(state)
+    assert back.find(binding()) is not None and back.records[0].decision.verdict.score == 0.91
+
+
+def test_the_message_summary_is_small_and_says_why_a_call_did_not_run() -> None:
+    summary = CallRecord.judged(binding(), CALL, decision(Action.BLOCK, raw="x" * 5000)).summary()
+    assert summary["action"] == "block" and summary["why"] == "soda said unsafe" and summary["score"] == 0.91
+    assert len(json.dumps(summary)) < 200
+    assert "why" not in CallRecord.judged(binding(), CALL, decision(Action.ALLOW)).summary()
