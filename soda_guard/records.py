@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from soda_guard.binding import CallBinding, args_digest
 from soda_guard.trajectory import ToolCall
-from soda_guard.verdict import Action, Decision, Review
+from soda_guard.verdict import Action, Decision, Review, Verdict
 
 Outcome = Literal["run", "refuse", "respond"]
 
@@ -115,13 +115,17 @@ class TurnRecords(BaseModel):
     records: list[CallRecord]
 
     def for_state(self) -> dict[str, Any]:
-        """JSON for the graph state, without what enforcement never reads (the judge's raw
-        output, which the audit sinks and the trace keep): the state is stored again at every
-        step of a checkpointed graph."""
+        """JSON for the graph state, with only what enforcing the turn reads: the graph stores
+        its state again at every step, and the full decisions (the judge's reason and raw
+        output, timings, sources) are in the audit sinks and the trace."""
         def lean(decision: Decision | None) -> Decision | None:
-            if decision is None or decision.verdict is None:
-                return decision
-            return decision.model_copy(update={"verdict": decision.verdict.model_copy(update={"raw_output": ""})})
+            if decision is None:
+                return None
+            verdict = decision.verdict
+            if verdict is not None:
+                kept = {"label", "score", "judge", "kind", "model", "parse_failure", "error", "truncated"}
+                verdict = Verdict(**{name: getattr(verdict, name) for name in kept})
+            return decision.model_copy(update={"verdict": verdict, "tool_call": None})
 
         records = [
             r.model_copy(update={"decision": lean(r.decision), "edit_decision": lean(r.edit_decision)}) for r in self.records
