@@ -127,6 +127,7 @@ class Guard:
     ) -> None:
         self.policy = policy
         self._backends: dict[str, Backend] = dict(backends or {})
+        self._made: list[Backend] = []
         self._runners: dict[str, JudgeRunner] = {}
         self._load_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
@@ -156,6 +157,7 @@ class Guard:
                 if backend is None:
                     backend = make_backend(config)
                     self._backends[judge_name] = backend
+                    self._made.append(backend)
                 self._runners[judge_name] = JudgeRunner(
                     make_judge(judge_name, config, self.policy), backend, max_new_tokens=config.max_new_tokens
                 )
@@ -436,9 +438,15 @@ class Guard:
         return await asyncio.to_thread(self.record_review, event)
 
     def close(self) -> None:
-        """Refuse new judge calls; threads stuck in a hung judge are daemons and die with the
-        process."""
+        """Refuse new judge calls and stop the backends this guard made (their worker threads
+        finish the batch in hand, bounded by its deadline), so a process that exits right after
+        is not torn down while a worker is inside the model; backends passed in belong to the
+        caller. Threads stuck in a hung judge are daemons and die with the process."""
         self.judge_threads.close()
+        for backend in self._made:
+            closer = getattr(backend, "close", None)
+            if callable(closer):
+                closer()
         for sink in self.sinks:
             closer = getattr(sink, "close", None)
             if callable(closer):

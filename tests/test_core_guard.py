@@ -231,3 +231,22 @@ def test_load_raises_when_the_warm_up_judgment_fails() -> None:
     guard = Guard(Policy.from_yaml(POLICY), backends={"soda": ScriptedBackend(broken)})
     with pytest.raises(ModelLoadError, match="'soda' .*failed its warm-up judgment: judge server refused"):
         guard.load()
+
+
+def test_close_stops_the_backends_the_guard_made_and_leaves_the_callers(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Closing(ScriptedBackend):
+        closed = 0
+
+        def close(self) -> None:
+            self.closed += 1
+
+    made, given = Closing(["[Reason] fine\n[Verdict] SAFE"]), Closing(["Safety: Safe\nCategories: None"])
+    monkeypatch.setattr("soda_guard.guard.make_backend", lambda config: made)
+    policy = Policy.from_dict({
+        "judges": {"soda": {"kind": "soda", "model": "m"}, "qwen": {"kind": "qwen3guard", "model": "q"}},
+        "defaults": {"judge": "soda"},
+    })
+    guard = Guard(policy, backends={"qwen": given})
+    guard.load()
+    guard.close()
+    assert (made.closed, given.closed) == (1, 0)
