@@ -183,3 +183,27 @@ def test_library_warnings_stay_out_of_the_command_output(tmp_path: Path, tiny_ju
     assert completed.returncode == 1, completed.stderr
     assert json.loads(completed.stdout)["decisions"][0]["verdict"]["parse_failure"] is True
     assert completed.stderr == ""
+
+
+def test_a_judgment_that_times_out_does_not_crash_the_process_at_exit(tmp_path: Path, tiny_judge_dir: Path) -> None:
+    """The check gives up at its deadline while the engine's worker is still inside the model
+    (prefilling a long prompt, which no deadline can cut short); the command then exits. It used to abort there ('terminate called without an active
+    exception', exit -6): the guard now stops the backends it made before the process ends."""
+    conversation = tmp_path / "long.json"
+    conversation.write_text(json.dumps([
+        {"role": "user", "content": "Pay. " * 2000},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "pay", "arguments": "{}"}}]},
+    ]))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        f"judges:\n  soda: {{kind: soda, model: {tiny_judge_dir}, device: cpu, max_new_tokens: 512}}\n"
+        "defaults: {timeout_s: 0.3}\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-m", "soda_guard", "judge", str(conversation), "--policy", str(policy)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 1, completed.stderr
+    assert "timed out" in json.loads(completed.stdout)["decisions"][0]["why"]
+    assert completed.stderr == ""
