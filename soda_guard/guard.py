@@ -443,14 +443,16 @@ class Guard:
         is not torn down while a worker is inside the model; backends passed in belong to the
         caller. Threads stuck in a hung judge are daemons and die with the process."""
         self.judge_threads.close()
-        for backend in self._made:
-            closer = getattr(backend, "close", None)
-            if callable(closer):
-                closer()
-        for sink in self.sinks:
-            closer = getattr(sink, "close", None)
-            if callable(closer):
-                closer()
+        close_each(self._made)
+        close_each(self.sinks)
+
+
+def close_each(things: Sequence[object]) -> None:
+    """Close whatever of `things` can be closed (backends and sinks need not be)."""
+    for thing in things:
+        closer = getattr(thing, "close", None)
+        if callable(closer):
+            closer()
 
 
 def _audit_failed(decision: Decision, action: Action, cause: Exception) -> Decision:

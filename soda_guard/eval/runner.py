@@ -21,7 +21,7 @@ from soda_guard.errors import JudgeError
 from soda_guard.eval.dataset import Dataset, EvalRecord
 from soda_guard.eval.metrics import BLOCKING_ACTIONS, first_step, judge_prediction
 from soda_guard.eval.results import EvalError, ResultsWriter
-from soda_guard.guard import Guard
+from soda_guard.guard import Guard, close_each
 from soda_guard.judging import JudgeRunner, make_backend, make_judge
 from soda_guard.policy import AuditConfig, JudgeConfig, Policy
 from soda_guard.trajectory import AssistantStep, Trajectory
@@ -138,6 +138,7 @@ class _Evaluator:
         self.overrides = dict(backends)
         self.guard = Guard(policy, backends=self.replays)  # type: ignore[arg-type]
         self.mode = mode
+        self._made: list[Backend] = []
 
     def load(self) -> None:
         """Every judge the policy reaches gets its real backend now, and the ones made here a
@@ -150,6 +151,7 @@ class _Evaluator:
                 replay.real = self.overrides[name]
                 continue
             replay.real = make_backend(replay.config)
+            self._made.append(replay.real)
             JudgeRunner(make_judge(name, replay.config, self.policy), replay.real, max_new_tokens=replay.config.max_new_tokens).warm()
 
     def _decide(self, trajectory: Trajectory) -> list[list[Decision]]:
@@ -201,7 +203,9 @@ class _Evaluator:
         return replay.batch_ms if replay is not None else None
 
     def close(self) -> None:
+        """The backends made here stop too (see `Guard.close`); the caller's stay open."""
         self.guard.close()
+        close_each(self._made)
 
 
 def _chunks(records: Sequence[EvalRecord], size: int) -> Iterator[list[EvalRecord]]:
