@@ -45,7 +45,7 @@ def delete_records(table: str) -> str:
     return f"deleted all rows of {table}"
 
 
-def build(args: argparse.Namespace, connection: sqlite3.Connection) -> Any:
+def build(args: argparse.Namespace, connection: sqlite3.Connection) -> tuple[Any, Guard]:
     judge = {"kind": "soda", "model": args.model or "scripted", "device": args.device}
     policy = Policy.from_dict(
         {
@@ -66,12 +66,13 @@ def build(args: argparse.Namespace, connection: sqlite3.Connection) -> Any:
     )
     # A resumed process continues after the paused turn, so its scripted model only answers.
     model = scripted_model(["Done."] if args.resume else [turn, "Done."])
-    return create_agent(
+    agent = create_agent(
         model,
         [list_accounts, transfer_money, delete_records],
         middleware=[SodaGuardMiddleware(guard)],
         checkpointer=SqliteSaver(connection),
     )
+    return agent, guard
 
 
 def show(result: dict[str, Any]) -> None:
@@ -101,17 +102,20 @@ def main() -> None:
     args = parser.parse_args()
     config = {"configurable": {"thread_id": args.thread}}
     with sqlite3.connect(args.db, check_same_thread=False) as connection:
-        agent = build(args, connection)
-        if args.resume is None:
-            result = agent.invoke({"messages": [{"role": "user", "content": "Move Alice's money offshore."}]}, config)
-        else:
-            answer: dict[str, Any] = {"type": args.resume}
-            if args.resume == "reject":
-                answer["message"] = "Transfers to offshore accounts are not allowed."
-            if args.resume == "edit":
-                answer["args"] = {"source": "4411", "target": "alice-savings", "amount": 100}
-            result = agent.invoke(Command(resume=answer), config)
-        show(result)
+        agent, guard = build(args, connection)
+        try:
+            if args.resume is None:
+                result = agent.invoke({"messages": [{"role": "user", "content": "Move Alice's money offshore."}]}, config)
+            else:
+                answer: dict[str, Any] = {"type": args.resume}
+                if args.resume == "reject":
+                    answer["message"] = "Transfers to offshore accounts are not allowed."
+                if args.resume == "edit":
+                    answer["args"] = {"source": "4411", "target": "alice-savings", "amount": 100}
+                result = agent.invoke(Command(resume=answer), config)
+            show(result)
+        finally:
+            guard.close()  # stop the judge's workers before the process ends
 
 
 if __name__ == "__main__":
