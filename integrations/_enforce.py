@@ -153,8 +153,8 @@ def _run_config(kind: str, calls: Sequence[ToolCall]) -> dict[str, Any]:
     }
 
 
-def _outputs(decisions: Sequence[Decision | None]) -> dict[str, Any]:
-    return {"decisions": [d.model_dump(mode="json") for d in decisions if d is not None]}
+def _outputs(decisions: Sequence[Decision]) -> dict[str, Any]:
+    return {"decisions": [d.model_dump(mode="json") for d in decisions]}
 
 
 def _inputs(calls: Sequence[ToolCall]) -> dict[str, Any]:
@@ -223,77 +223,69 @@ class Judging:
                 return found
         return await self.atraced_calls(trajectory, calls)
 
-    def traced_calls(self, trajectory: Trajectory, calls: list[ToolCall]) -> list[Decision]:
-        view = with_calls(trajectory, calls)
+    def _traced(self, kind: str, calls: list[ToolCall], work: Callable[[], list[Decision]]) -> list[Decision]:
+        """`work` as the "soda_guard" run, its decisions the run's output."""
         found: list[Decision] = []
 
-        def judge(_: Any) -> dict[str, Any]:
-            found[:] = self.guard.check_tool_calls(view)
+        def run(_: Any) -> dict[str, Any]:
+            found[:] = work()
             return _outputs(found)
 
-        RunnableLambda(judge, name=RUN_NAME).invoke(_inputs(calls), _run_config("tool_call", calls))
+        RunnableLambda(run, name=RUN_NAME).invoke(_inputs(calls), _run_config(kind, calls))
         return found
+
+    async def _atraced(
+        self, kind: str, calls: list[ToolCall], work: Callable[[], Awaitable[list[Decision]]]
+    ) -> list[Decision]:
+        found: list[Decision] = []
+
+        async def run(_: Any) -> dict[str, Any]:
+            found[:] = await work()
+            return _outputs(found)
+
+        await RunnableLambda(_never_sync, afunc=run, name=RUN_NAME).ainvoke(_inputs(calls), _run_config(kind, calls))
+        return found
+
+    def traced_calls(self, trajectory: Trajectory, calls: list[ToolCall]) -> list[Decision]:
+        view = with_calls(trajectory, calls)
+        return self._traced("tool_call", calls, lambda: self.guard.check_tool_calls(view))
 
     async def atraced_calls(self, trajectory: Trajectory, calls: list[ToolCall]) -> list[Decision]:
         view = with_calls(trajectory, calls)
-        found: list[Decision] = []
-
-        async def judge(_: Any) -> dict[str, Any]:
-            found[:] = await self.guard.acheck_tool_calls(view)
-            return _outputs(found)
-
-        await RunnableLambda(_never_sync, afunc=judge, name=RUN_NAME).ainvoke(_inputs(calls), _run_config("tool_call", calls))
-        return found
+        return await self._atraced("tool_call", calls, lambda: self.guard.acheck_tool_calls(view))
 
     def review(self, event: Decision) -> Decision:
         calls = [event.tool_call] if event.tool_call else []
-        recorded = [event]
-
-        def record(_: Any) -> dict[str, Any]:
-            recorded[0] = self.guard.record_review(event)
-            return _outputs(recorded)
-
-        RunnableLambda(record, name=RUN_NAME).invoke(_inputs(calls), _run_config("review", calls))
-        return recorded[0]
+        return self._traced("review", calls, lambda: [self.guard.record_review(event)])[0]
 
     async def areview(self, event: Decision) -> Decision:
         calls = [event.tool_call] if event.tool_call else []
-        recorded = [event]
 
-        async def record(_: Any) -> dict[str, Any]:
-            recorded[0] = await self.guard.arecord_review(event)
-            return _outputs(recorded)
+        async def record() -> list[Decision]:
+            return [await self.guard.arecord_review(event)]
 
-        await RunnableLambda(_never_sync, afunc=record, name=RUN_NAME).ainvoke(_inputs(calls), _run_config("review", calls))
-        return recorded[0]
+        return (await self._atraced("review", calls, record))[0]
 
     def result(self, trajectory: Trajectory, call: ToolCall, message: ToolMessage) -> Decision | None:
-        if self.guard.policy.tool_results is None:
-            return None
+        """The moderation of a tool's result (the caller checks that the policy asks for one)."""
         view = with_result(trajectory, call, message)
-        found: list[Decision | None] = [None]
 
-        def judge(_: Any) -> dict[str, Any]:
-            found[0] = self.guard.check_tool_result(view)
-            return _outputs(found)
+        def moderate() -> list[Decision]:
+            decision = self.guard.check_tool_result(view)
+            return [decision] if decision is not None else []
 
-        RunnableLambda(judge, name=RUN_NAME).invoke(_inputs([call]), _run_config("tool_result", [call]))
-        return found[0]
+        found = self._traced("tool_result", [call], moderate)
+        return found[0] if found else None
 
     async def aresult(self, trajectory: Trajectory, call: ToolCall, message: ToolMessage) -> Decision | None:
-        if self.guard.policy.tool_results is None:
-            return None
         view = with_result(trajectory, call, message)
-        found: list[Decision | None] = [None]
 
-        async def judge(_: Any) -> dict[str, Any]:
-            found[0] = await self.guard.acheck_tool_result(view)
-            return _outputs(found)
+        async def moderate() -> list[Decision]:
+            decision = await self.guard.acheck_tool_result(view)
+            return [decision] if decision is not None else []
 
-        await RunnableLambda(_never_sync, afunc=judge, name=RUN_NAME).ainvoke(
-            _inputs([call]), _run_config("tool_result", [call])
-        )
-        return found[0]
+        found = await self._atraced("tool_result", [call], moderate)
+        return found[0] if found else None
 
 
 def _review_why(record: CallRecord) -> str:
