@@ -116,15 +116,17 @@ def last_turn(messages: Sequence[BaseMessage]) -> tuple[int, AIMessage] | None:
     return None
 
 
+def same_call(left: Mapping[str, Any], right: Mapping[str, Any]) -> bool:
+    """Two LangChain tool-call dicts for the same call: id, name and arguments."""
+    return left.get("id") == right.get("id") and left.get("name") == right.get("name") and left.get("args") == right.get("args")
+
+
 def turn_of_call(messages: Sequence[BaseMessage], call: Mapping[str, Any]) -> tuple[int, AIMessage] | None:
-    """The model turn that issued `call`: the latest AI message holding a call with this id,
-    name and arguments; else the latest AI message."""
+    """The model turn that issued `call`: the latest AI message holding this very call; else
+    the latest AI message."""
     for index in range(len(messages) - 1, -1, -1):
         message = messages[index]
-        if isinstance(message, AIMessage) and any(
-            c.get("id") == call.get("id") and c.get("name") == call.get("name") and c.get("args") == call.get("args")
-            for c in message.tool_calls
-        ):
+        if isinstance(message, AIMessage) and any(same_call(c, call) for c in message.tool_calls):
             return index, message
     return last_turn(messages)
 

@@ -38,6 +38,7 @@ from soda_guard.integrations._convert import (
     binding_of,
     last_turn,
     refusal_text,
+    same_call,
     to_tool_call,
     to_trajectory,
     turn_id,
@@ -564,10 +565,7 @@ class ToolCallEnforcer:
 
 def _position(message: AIMessage, call: Mapping[str, Any]) -> int:
     """The call's place in its turn, which names a call that came without an id."""
-    for index, candidate in enumerate(message.tool_calls):
-        if candidate.get("id") == call.get("id") and candidate.get("name") == call.get("name") and candidate.get("args") == call.get("args"):
-            return index
-    return 0
+    return next((index for index, candidate in enumerate(message.tool_calls) if same_call(candidate, call)), 0)
 
 
 def _turn_calls(located: tuple[int, AIMessage] | None, call: ToolCall) -> list[ToolCall]:

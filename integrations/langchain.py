@@ -157,7 +157,7 @@ class SodaGuardMiddleware(AgentMiddleware):
         return await self._enforcer.awrap(request, handler)
 
 
-def _stamped(result: ModelCallResult) -> ModelResponse | ExtendedModelResponse:
+def _with_message_ids(result: ModelCallResult) -> ModelResponse | ExtendedModelResponse:
     """The model's answer with an id on every message: LangGraph's reducer would otherwise
     give the AI message one only after the turn was judged, and the turn's records are bound
     to that id."""
@@ -189,13 +189,13 @@ def _replayed(recorded: dict[str, Any]) -> tuple[ModelResponse, list[tuple[str, 
 
 
 def _call_model(handler: Callable[[ModelRequest], ModelCallResult], request: ModelRequest) -> dict[str, Any]:
-    return _recorded(_stamped(handler(request)))
+    return _recorded(_with_message_ids(handler(request)))
 
 
 async def _acall_model(
     handler: Callable[[ModelRequest], Awaitable[ModelCallResult]], request: ModelRequest
 ) -> dict[str, Any]:
-    return _recorded(_stamped(await handler(request)))
+    return _recorded(_with_message_ids(await handler(request)))
 
 
 class ToolCallBlocked(SodaGuardError):
