@@ -59,7 +59,6 @@ class GuardNode:
         self,
         guard: Guard,
         *,
-        name: str,
         tools: str,
         model: str,
         on_block: Literal["model", "end"],
@@ -69,7 +68,6 @@ class GuardNode:
         environment: str | None,
     ) -> None:
         self.guard = guard
-        self.name = name
         self.tools = tools
         self.model = model
         self.on_block = on_block
@@ -146,12 +144,10 @@ def guard_node(
     environment: str | None = None,
     otel: bool = True,
 ) -> RunnableLambda:
-    """The guard as a graph node (sync and async). `name` must be the name it is added under:
-    the node returns to itself to checkpoint verdicts before a review pause. `on_block="end"`
+    """The guard as a graph node (sync and async), named `name` in traces. `on_block="end"`
     stops the run instead of telling the model that its calls were refused."""
     node = GuardNode(
         as_guard(policy_or_guard, otel=otel),
-        name=name,
         tools=tools,
         model=model,
         on_block=on_block,
