@@ -9,11 +9,12 @@ record type.
 from __future__ import annotations
 
 import hashlib
+from typing import get_args
 
 from soda_guard.trajectory import ToolCall
 from soda_guard.verdict import Action, Decision, Review, ReviewType
 
-REVIEW_TYPES: tuple[ReviewType, ...] = ("approve", "edit", "reject", "respond")
+REVIEW_TYPES: tuple[ReviewType, ...] = get_args(ReviewType)
 
 
 def review_event(escalation: Decision, review: Review, *, runs: bool, ran_call: ToolCall | None, why: str) -> Decision:

@@ -65,7 +65,7 @@ class Verdict(BaseModel):
         return self.label is None
 
 
-ReviewType = Literal["approve", "reject", "edit", "respond"]
+ReviewType = Literal["approve", "edit", "reject", "respond"]
 
 
 class Review(BaseModel):
