@@ -462,7 +462,7 @@ class ToolCallEnforcer:
             shared = yield from self._shared_turn(messages, trajectory(), call, thread, turn)
             record = shared.find(binding) if shared is not None else None
         if record is None:
-            same_id = [c for c in _turn_calls(located, call) if c.id == call.id] if located else [call]
+            same_id = [c for c in _turn_calls(located, call) if c.id == call.id]
             decisions = yield Judge(trajectory(), same_id if len(same_id) > 1 else [call])
             record = CallRecord.judged(binding, call, next((d for d in decisions if d.tool_call == call), decisions[0]))
         if record.awaiting_review:
