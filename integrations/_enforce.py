@@ -47,7 +47,7 @@ from soda_guard.integrations._convert import (
     with_calls,
     with_result,
 )
-from soda_guard.integrations._review import Asked, ask
+from soda_guard.integrations._review import Asked, Refused, Ruled, ask
 
 Handler = Callable[[ToolCallRequest], "ToolMessage | Command[Any]"]
 AsyncHandler = Callable[[ToolCallRequest], Awaitable["ToolMessage | Command[Any]"]]
@@ -170,6 +170,14 @@ async def _aasked(digest: str, nonce: str) -> list[str]:
     return [digest, nonce]
 
 
+def _ruled(nonce: str, refusal: str | None) -> list[str | None]:
+    return [nonce, refusal]
+
+
+async def _aruled(nonce: str, refusal: str | None) -> list[str | None]:
+    return [nonce, refusal]
+
+
 def _never_sync(_: Any) -> Any:
     raise RuntimeError("soda-guard's async judging run was invoked synchronously")
 
@@ -193,6 +201,8 @@ class Judging:
         self._atask = task(self._ajudge, name="soda_guard_judgment")
         self._asked = task(_asked, name="soda_guard_question")
         self._aasked = task(_aasked, name="soda_guard_question")
+        self._ruled = task(_ruled, name="soda_guard_answer")
+        self._aruled = task(_aruled, name="soda_guard_answer")
 
     def asked(self, question: Asked) -> Asked:
         if not in_graph():
@@ -203,6 +213,26 @@ class Judging:
         if not in_graph():
             return question
         return Asked(*(await self._aasked(question.digest, question.nonce)))
+
+    def ruled(self, ruling: Ruled) -> Ruled:
+        if not in_graph():
+            return ruling
+        nonce, refusal = self._ruled(ruling.nonce, ruling.refusal).result()
+        return Ruled(str(nonce), refusal)
+
+    async def aruled(self, ruling: Ruled) -> Ruled:
+        if not in_graph():
+            return ruling
+        nonce, refusal = await self._aruled(ruling.nonce, ruling.refusal)
+        return Ruled(str(nonce), refusal)
+
+    def refused(self, refused: Refused) -> None:
+        for event in refused.events:
+            self.review(event)
+
+    async def arefused(self, refused: Refused) -> None:
+        for event in refused.events:
+            await self.areview(event)
 
     def _judge(self, trajectory: Trajectory, calls: list[ToolCall]) -> list[dict[str, Any]]:
         return [d.model_dump(mode="json") for d in self.traced_calls(trajectory, calls)]
@@ -302,7 +332,7 @@ def _review_why(record: CallRecord) -> str:
 
 def review_records(
     records: Sequence[CallRecord], trajectory: Trajectory, turn: Sequence[CallRecord] = ()
-) -> Generator[Judge | Record | Asked, Any, list[CallRecord]]:
+) -> Generator[Judge | Record | Asked | Ruled | Refused, Any, list[CallRecord]]:
     """Ask one question for `records` (all escalated, all of one turn), judge the edits
     again, and write each answer to the audit sinks and the trace."""
     reviews = yield from ask(records, turn)
@@ -332,7 +362,7 @@ def resolve_turn(
     hold_turn: bool,
     harm: str | None,
     environment: str | None,
-) -> Generator[Judge | Record | Asked, Any, TurnRecords | None]:
+) -> Generator[Judge | Record | Asked | Ruled | Refused, Any, TurnRecords | None]:
     """The records of the latest model turn's pending calls: kept where they bind to a
     stored record of this very turn, judged (in one batch) where they do not, and, with
     `hold_turn`, every escalation of the turn reviewed in one interrupt. None when the
@@ -530,6 +560,10 @@ class ToolCallEnforcer:
                 return self.judging.review(need.event)
             if isinstance(need, Asked):
                 return self.judging.asked(need)
+            if isinstance(need, Ruled):
+                return self.judging.ruled(need)
+            if isinstance(need, Refused):
+                return self.judging.refused(need)
             if isinstance(need, Run):
                 assert handler is not None
                 return handler(need.request)
@@ -553,6 +587,10 @@ class ToolCallEnforcer:
                 return await self.judging.areview(need.event)
             if isinstance(need, Asked):
                 return await self.judging.aasked(need)
+            if isinstance(need, Ruled):
+                return await self.judging.aruled(need)
+            if isinstance(need, Refused):
+                return await self.judging.arefused(need)
             if isinstance(need, Run):
                 assert handler is not None
                 return await handler(need.request)

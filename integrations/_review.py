@@ -20,7 +20,7 @@ from langgraph.types import interrupt
 
 from soda_guard.records import CallRecord
 from soda_guard.review import REVIEW_TYPES
-from soda_guard.verdict import Review
+from soda_guard.verdict import Action, Decision, Review
 
 REQUEST_KEY = "soda_guard"
 
@@ -120,29 +120,80 @@ class Asked:
     nonce: str
 
 
+@dataclass(frozen=True)
+class Ruled:
+    """Record, durably (a LangGraph task), what became of the answer to one interrupt: used
+    (`refusal` None) or refused with that reason; sent back is the ruling recorded the first
+    time, so a node that re-runs rules on each answer as it did when the answer arrived."""
+
+    nonce: str
+    refusal: str | None
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A refused answer, for the audit sinks and the trace (`refused_event`)."""
+
+    events: list[Decision]
+
+
 def question_digest(records: Sequence[CallRecord]) -> str:
     bindings = "|".join(record.binding.model_dump_json() for record in records)
     return hashlib.sha256(bindings.encode()).hexdigest()
 
 
-def ask(records: Sequence[CallRecord], turn: Sequence[CallRecord] = ()) -> Generator[Asked, Asked, list[Review]]:
+def refused_event(record: CallRecord, answer: Any, refusal: str) -> Decision:
+    """A refused answer as an audit record (rule `review_refused`): what the reviewer sent,
+    and why it was not used, so the trail shows every answer and not only the one acted on."""
+    kind = answer.get("type") if isinstance(answer, Mapping) else None
+    if isinstance(answer, Mapping) and isinstance(answer.get("decisions"), list) and answer["decisions"]:
+        first = answer["decisions"][0]
+        kind = first.get("type") if isinstance(first, Mapping) else None
+    review = Review(type=kind, answers=record.decision.decision_id, message=refusal) if kind in REVIEW_TYPES else None
+    return Decision(
+        action=Action.BLOCK,
+        rule="review_refused",
+        why=f"a reviewer's answer was not used ({refusal}): {json.dumps(_json(answer))[:1000]}",
+        tool_call=record.call,
+        conversation_id=record.decision.conversation_id,
+        review=review,
+    )
+
+
+def ask(
+    records: Sequence[CallRecord], turn: Sequence[CallRecord] = ()
+) -> Generator[Asked | Ruled | Refused, Any, list[Review]]:
     """Pause for a person, and use only an answer given to this very question. LangGraph hands
     a resume value to whichever interrupt comes next, whatever it asks: after the state was
     changed during a pause the next question may be about other calls, or asked by another
     node that never showed its question. So each question is recorded before it is asked; an
     answer that arrives for a question recorded just now (never shown to anyone) or recorded
     about other calls is not used, and the question is asked again. An unusable answer is not
-    guessed at either: the question is asked again with the error."""
+    guessed at either: the question is asked again with the error.
+
+    The node re-runs from its start on every resume and LangGraph hands each interrupt the
+    answer it got the first time; so the ruling on each answer is recorded too, and a
+    refused answer stays refused on the re-run instead of answering the question again.
+    Each refusal is audited once, when it is made."""
     payload = review_request(records, turn)
     digest = question_digest(records)
     while True:
         nonce = uuid.uuid4().hex
         recorded = yield Asked(digest, nonce)
         answer = interrupt(payload)
+        reviews: list[Review] = []
+        refusal = None
         if recorded.nonce == nonce or recorded.digest != digest:
-            payload = {**payload, "error": "this answer was given to a question about other calls; answer this one"}
-            continue
-        try:
-            return parse_answer(answer, records)
-        except ValueError as error:
-            payload = {**payload, "error": str(error)}
+            refusal = "this answer was given to a question about other calls; answer this one"
+        else:
+            try:
+                reviews = parse_answer(answer, records)
+            except ValueError as error:
+                refusal = str(error)
+        ruled = yield Ruled(nonce, refusal)
+        if ruled.refusal is None and reviews:
+            return reviews
+        refusal = ruled.refusal or refusal or "this answer could not be used"
+        if ruled.nonce == nonce:
+            yield Refused([refused_event(record, answer, refusal) for record in records])
+        payload = {**payload, "error": refusal}
