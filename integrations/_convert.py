@@ -13,6 +13,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 
 from soda_guard.binding import CallBinding
 from soda_guard.records import TurnRecords
+from soda_guard.seal import RecordSeal
 from soda_guard.trajectory import AssistantStep, SystemStep, ToolCall, ToolStep, Trajectory, UserStep
 
 STATE_KEY = "soda_guard"
@@ -141,16 +142,14 @@ def binding_of(call: ToolCall, *, thread: str | None, turn: str) -> CallBinding:
     return CallBinding.of(thread_id=thread, turn_id=turn, call_id=call.id, tool=call.name, args=call.args)
 
 
-def turn_records(state: Any, key: str) -> TurnRecords | None:
-    """The stored records of the current turn, if the state holds readable ones (anything
-    else, such as an older format, reads as none: the calls are then judged again)."""
+def turn_records(state: Any, key: str, seal: RecordSeal) -> TurnRecords | None:
+    """The stored records of the current turn that the guard itself wrote (their MAC
+    verifies); anything else, a forged record or an older format, reads as none, and those
+    calls are judged again."""
     raw = state.get(key) if isinstance(state, Mapping) else getattr(state, key, None)
     if not isinstance(raw, Mapping) or "turn_id" not in raw:
         return None
-    try:
-        return TurnRecords.model_validate(raw)
-    except ValueError:
-        return None
+    return TurnRecords.from_state(raw, seal)
 
 
 def refusal_text(name: str, why: str) -> str:

@@ -28,6 +28,7 @@ from langgraph.types import Command
 from soda_guard.guard import Guard
 from soda_guard.policy import Policy
 from soda_guard.records import CallRecord, TurnRecords
+from soda_guard.seal import RecordSeal
 from soda_guard.review import review_event
 from soda_guard.tracing import OpenTelemetrySink
 from soda_guard.trajectory import ToolCall, Trajectory
@@ -464,6 +465,7 @@ class ToolCallEnforcer:
         self.harm = harm
         self.environment = environment
         self.coordinator = coordinator or TurnCoordinator()
+        self.seal = RecordSeal.for_policy(guard.policy)
 
     @property
     def follow_wait_s(self) -> float:
@@ -484,7 +486,7 @@ class ToolCallEnforcer:
         trajectory = functools.cache(
             lambda: to_trajectory(messages, conversation_id=thread, harm=self.harm, environment=self.environment)
         )
-        stored = turn_records(request.state, self.state_key)
+        stored = turn_records(request.state, self.state_key, self.seal)
         record = None
         if stored is not None and stored.turn_id == turn and stored.thread_id == thread:
             record = stored.find(binding)

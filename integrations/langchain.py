@@ -115,7 +115,7 @@ class SodaGuardMiddleware(AgentMiddleware):
     def _turn(
         self, request: ModelRequest, response: ModelResponse
     ) -> tuple[TurnRecords | None, Generator[Any, Any, TurnRecords | None]]:
-        stored = turn_records(request.state, STATE_KEY)
+        stored = turn_records(request.state, STATE_KEY, self._enforcer.seal)
         steps = resolve_turn(
             [*request.state.get("messages", []), *response.result],
             stored,
@@ -126,12 +126,12 @@ class SodaGuardMiddleware(AgentMiddleware):
         )
         return stored, steps
 
-    @staticmethod
     def _answer(
+        self,
         response: ModelResponse, update: list[tuple[str, Any]], stored: TurnRecords | None, turn: TurnRecords | None
     ) -> ModelCallResult:
         if turn is not None and turn != stored:
-            update = [*update, (STATE_KEY, turn.for_state())]
+            update = [*update, (STATE_KEY, turn.for_state(self._enforcer.seal))]
         return ExtendedModelResponse(model_response=response, command=Command(update=update)) if update else response
 
     def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], ModelCallResult]) -> ModelCallResult:

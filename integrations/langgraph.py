@@ -100,7 +100,7 @@ class GuardNode:
                     response_metadata={METADATA_KEY: record.summary()},
                 )
             )
-        update: dict[str, Any] = {self.state_key: turn.for_state()}
+        update: dict[str, Any] = {self.state_key: turn.for_state(self.enforcer.seal)}
         if messages:
             update[self.messages_key] = messages
         if sends:
@@ -114,7 +114,7 @@ class GuardNode:
             return Command(goto=END)
         turn = yield from resolve_turn(
             messages,
-            turn_records(state, self.state_key),
+            turn_records(state, self.state_key, self.enforcer.seal),
             thread=thread_id(),
             hold_turn=True,
             harm=self.harm,

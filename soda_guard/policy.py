@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from soda_guard.errors import PolicyError
 from soda_guard.verdict import Action
@@ -115,6 +115,16 @@ class ReviewPolicy(_Strict):
     hold_turn: bool = True
 
 
+class RecordsPolicy(_Strict):
+    """The key that authenticates the records the guard keeps in graph state
+    (`soda_guard.seal`): `key` itself, else the environment variable named by `key_env`, else
+    a random key per process (records then do not survive a restart: their calls are judged
+    again, escalations asked again). Give every worker of a deployment the same key."""
+
+    key: SecretStr | None = Field(default=None, min_length=16)
+    key_env: str = "SODA_GUARD_STATE_KEY"
+
+
 class ToolResultPolicy(Outcomes):
     """Opt-in moderation of what tools return (indirect prompt injection → `Jailbreak`), run
     after a tool executes and before its result reaches the model."""
@@ -142,6 +152,7 @@ class Policy(_Strict):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     tool_results: ToolResultPolicy | None = None
     review: ReviewPolicy = Field(default_factory=ReviewPolicy)
+    records: RecordsPolicy = Field(default_factory=RecordsPolicy)
     harm: str | None = None
     environment: str | None = None
 

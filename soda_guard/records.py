@@ -8,11 +8,12 @@ used for no other.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict
 
 from soda_guard.binding import CallBinding, args_digest
+from soda_guard.seal import RecordSeal
 from soda_guard.trajectory import ToolCall
 from soda_guard.verdict import Action, Decision, Review, Verdict
 
@@ -114,10 +115,11 @@ class TurnRecords(BaseModel):
     turn_id: str
     records: list[CallRecord]
 
-    def for_state(self) -> dict[str, Any]:
+    def for_state(self, seal: RecordSeal) -> dict[str, Any]:
         """JSON for the graph state, with only what enforcing the turn reads: the graph stores
         its state again at every step, and the full decisions (the judge's reason and raw
-        output, timings, sources) are in the audit sinks and the trace."""
+        output, timings, sources) are in the audit sinks and the trace. Each record is signed
+        (`seal`): the state is writable by others, and only the guard's records are used."""
         def lean(decision: Decision | None) -> Decision | None:
             if decision is None:
                 return None
@@ -130,7 +132,22 @@ class TurnRecords(BaseModel):
         records = [
             r.model_copy(update={"decision": lean(r.decision), "edit_decision": lean(r.edit_decision)}) for r in self.records
         ]
-        return self.model_copy(update={"records": records}).model_dump(mode="json", exclude_defaults=True)
+        raw = self.model_copy(update={"records": records}).model_dump(mode="json", exclude_defaults=True)
+        raw["records"] = [seal.sign(record) for record in raw.get("records", [])]
+        return raw
+
+    @classmethod
+    def from_state(cls, raw: Any, seal: RecordSeal) -> TurnRecords | None:
+        """The records of `raw` (as `for_state` wrote them) whose MAC verifies; records that do
+        not verify are dropped, so their calls are judged again. None when `raw` is not a turn's
+        records at all."""
+        if not isinstance(raw, Mapping) or not isinstance(raw.get("records", []), list):
+            return None
+        trusted = [record for record in map(seal.verified, raw.get("records", [])) if record is not None]
+        try:
+            return cls.model_validate({**raw, "records": trusted})
+        except ValueError:
+            return None
 
     def find(self, binding: CallBinding) -> CallRecord | None:
         return next((record for record in self.records if record.binds(binding)), None)

@@ -8,8 +8,12 @@ import pytest
 
 from soda_guard import Action, CallBinding, CallRecord, Decision, Label, Review, ToolCall, TurnRecords, Verdict
 from soda_guard.binding import args_digest
+from soda_guard.errors import PolicyError
+from soda_guard.policy import Policy
+from soda_guard.seal import RecordSeal
 
 CALL = ToolCall(id="c1", name="transfer", args={"to": "1", "amount": 5})
+SEAL = RecordSeal(b"a test key of 32 bytes, no more.")
 
 
 def binding(**changes: object) -> CallBinding:
@@ -68,10 +72,35 @@ def test_an_edited_record_binds_the_call_as_asked_and_as_edited_only() -> None:
 
 def test_the_state_form_drops_the_raw_output_and_reads_back() -> None:
     record = CallRecord.judged(binding(), CALL, decision(Action.ALLOW, raw="x" * 5000))
-    state = TurnRecords(thread_id="t", turn_id="m1", records=[record]).for_state()
+    state = TurnRecords(thread_id="t", turn_id="m1", records=[record]).for_state(SEAL)
     assert "x" * 100 not in json.dumps(state)
-    back = TurnRecords.model_validate(state)
-    assert back.find(binding()) is not None and back.records[0].decision.verdict.score == 0.91
+    back = TurnRecords.from_state(json.loads(json.dumps(state)), SEAL)
+    assert back is not None and back.find(binding()) is not None and back.records[0].decision.verdict.score == 0.91
+
+
+def test_a_state_record_changed_or_signed_with_another_key_is_dropped() -> None:
+    allowed = CallRecord.judged(binding(), CALL, decision(Action.ALLOW))
+    blocked = CallRecord.judged(binding(args={"to": "2"}), CALL, decision(Action.BLOCK))
+    state = TurnRecords(thread_id="t", turn_id="m1", records=[allowed, blocked]).for_state(SEAL)
+    state["records"][1]["outcome"] = "run"
+    back = TurnRecords.from_state(state, SEAL)
+    assert back is not None and [r.binding for r in back.records] == [allowed.binding]
+    other = TurnRecords.from_state(state, RecordSeal(b"another key, 32 bytes long......"))
+    assert other is not None and other.records == []
+
+
+def test_the_state_key_comes_from_the_policy_then_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    state = TurnRecords(thread_id="t", turn_id="m1", records=[CallRecord.judged(binding(), CALL, decision(Action.ALLOW))])
+    monkeypatch.setenv("MY_KEY", "k" * 32)
+    from_env = RecordSeal.for_policy(Policy.from_dict({"records": {"key_env": "MY_KEY"}}))
+    assert TurnRecords.from_state(state.for_state(from_env), RecordSeal(b"k" * 32)).records
+    from_policy = RecordSeal.for_policy(Policy.from_dict({"records": {"key": "p" * 16, "key_env": "MY_KEY"}}))
+    assert TurnRecords.from_state(state.for_state(from_policy), RecordSeal(b"p" * 16)).records
+    unset = RecordSeal.for_policy(Policy.from_dict({"records": {"key_env": "NO_SUCH_KEY_VAR"}}))
+    assert TurnRecords.from_state(state.for_state(unset), RecordSeal.for_policy(Policy())).records
+    assert not TurnRecords.from_state(state.for_state(unset), RecordSeal(b"k" * 32)).records
+    with pytest.raises(PolicyError):
+        Policy.from_dict({"records": {"key": "short"}})
 
 
 def test_the_message_summary_is_small_and_says_why_a_call_did_not_run() -> None:

@@ -1,0 +1,61 @@
+"""Authentication of the records the guard keeps in graph state.
+
+Graph state is writable by more than the guard: `update_state`, any node, a forked
+checkpoint. A record there that says a call was allowed or approved would let that call run
+unjudged if it were taken at its word, so each record carries an HMAC-SHA256 over its whole
+content (binding, decision, review, outcome, arguments that run) under a key only the guard
+holds, and a record that does not verify is ignored: its call is judged (and reviewed) again.
+
+The key comes from the policy (`records.key`), else from the environment variable the policy
+names (`records.key_env`, default `SODA_GUARD_STATE_KEY`), else from a random key made once per
+process: records written by another process (a restart, another worker) then do not verify,
+and their calls are judged again, an escalation asked again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from typing import Any, Mapping
+
+from soda_guard.policy import Policy
+
+MAC_KEY = "mac"
+
+_PROCESS_KEY = secrets.token_bytes(32)
+
+
+class RecordSeal:
+    """Signs and verifies one record's JSON form (`CallRecord` as stored in state)."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < 16:
+            raise ValueError("a state-record key needs at least 16 bytes")
+        self._key = key
+
+    @classmethod
+    def for_policy(cls, policy: Policy) -> RecordSeal:
+        configured = policy.records.key
+        if configured is not None:
+            return cls(configured.get_secret_value().encode())
+        from_env = os.environ.get(policy.records.key_env, "")
+        if from_env:
+            return cls(from_env.encode())
+        return cls(_PROCESS_KEY)
+
+    def _mac(self, record: Mapping[str, Any]) -> str:
+        canonical = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+        return hmac.new(self._key, canonical.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+
+    def sign(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        return {**record, MAC_KEY: self._mac(record)}
+
+    def verified(self, stored: Any) -> dict[str, Any] | None:
+        """The record without its MAC when the MAC is the guard's, else None."""
+        if not isinstance(stored, Mapping) or not isinstance(stored.get(MAC_KEY), str):
+            return None
+        record = {name: value for name, value in stored.items() if name != MAC_KEY}
+        return record if hmac.compare_digest(self._mac(record), stored[MAC_KEY]) else None
