@@ -21,6 +21,7 @@ from typing import Any, Awaitable, Callable, Generator, Mapping, Sequence, TypeV
 
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.runnables import RunnableLambda
+from langgraph._internal._constants import CONFIG_KEY_REPLAY_STATE
 from langgraph.func import task
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
@@ -137,6 +138,54 @@ def thread_id() -> str | None:
     return None if value is None else str(value)
 
 
+def replay_of() -> str | None:
+    """The checkpoint a time-travel replay (`invoke` at an earlier `checkpoint_id`) started
+    from, which LangGraph marks in the run's config; None in any other run. LangGraph re-runs
+    the steps after that checkpoint, so records in the forked state were made for steps that
+    already ran once."""
+    from langgraph.config import get_config
+
+    try:
+        configurable = get_config().get("configurable") or {}
+    except RuntimeError:
+        return None
+    replay = configurable.get(CONFIG_KEY_REPLAY_STATE)
+    return None if replay is None else str(getattr(replay, "checkpoint_id", None) or "replay")
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """Record, durably (a LangGraph task), whether this node first ran in a time-travel
+    replay (`replay`, from `replay_of`); sent back is what its first run recorded, so a node
+    that pauses in a replay and is resumed (a plain run) still does not use the records the
+    forked state brought along."""
+
+    replay: str | None
+
+
+def stored_turn(state: Any, key: str, seal: RecordSeal) -> Generator[Replayed, Any, TurnRecords | None]:
+    """The turn's records in `state` that this node may use (see `turn_records`). Whether
+    the node runs in a replay is recorded only when there are records to use: the parallel
+    calls of one `ToolNode` run share one task counter, and a task per call would race."""
+    if turn_records(state, key, seal, None) is None:
+        return None
+    replay = (yield Replayed(replay_of())).replay
+    return turn_records(state, key, seal, replay)
+
+
+def state_form(turn: TurnRecords, seal: RecordSeal) -> dict[str, Any]:
+    """`turn` as stored in graph state: signed, and marked with the replay it was made in."""
+    return turn.model_copy(update={"replay": replay_of()}).for_state(seal)
+
+
+def _replayed(replay: str) -> str:
+    return replay
+
+
+async def _areplayed(replay: str) -> str:
+    return replay
+
+
 def in_graph() -> bool:
     from langgraph.config import get_config
 
@@ -203,6 +252,8 @@ class Judging:
         self._asked = task(_asked, name="soda_guard_question")
         self._aasked = task(_aasked, name="soda_guard_question")
         self._ruled = task(_ruled, name="soda_guard_answer")
+        self._replayed = task(_replayed, name="soda_guard_replay")
+        self._areplayed = task(_areplayed, name="soda_guard_replay")
         self._aruled = task(_aruled, name="soda_guard_answer")
 
     def asked(self, question: Asked) -> Asked:
@@ -214,6 +265,16 @@ class Judging:
         if not in_graph():
             return question
         return Asked(*(await self._aasked(question.digest, question.nonce)))
+
+    def replayed(self, mark: Replayed) -> Replayed:
+        if not in_graph():
+            return mark
+        return Replayed(self._replayed(mark.replay or "").result() or None)
+
+    async def areplayed(self, mark: Replayed) -> Replayed:
+        if not in_graph():
+            return mark
+        return Replayed(await self._areplayed(mark.replay or "") or None)
 
     def ruled(self, ruling: Ruled) -> Ruled:
         if not in_graph():
@@ -486,7 +547,7 @@ class ToolCallEnforcer:
         trajectory = functools.cache(
             lambda: to_trajectory(messages, conversation_id=thread, harm=self.harm, environment=self.environment)
         )
-        stored = turn_records(request.state, self.state_key, self.seal)
+        stored = yield from stored_turn(request.state, self.state_key, self.seal)
         record = None
         if stored is not None and stored.turn_id == turn and stored.thread_id == thread:
             record = stored.find(binding)
@@ -564,6 +625,8 @@ class ToolCallEnforcer:
                 return self.judging.asked(need)
             if isinstance(need, Ruled):
                 return self.judging.ruled(need)
+            if isinstance(need, Replayed):
+                return self.judging.replayed(need)
             if isinstance(need, Refused):
                 return self.judging.refused(need)
             if isinstance(need, Run):
@@ -591,6 +654,8 @@ class ToolCallEnforcer:
                 return await self.judging.aasked(need)
             if isinstance(need, Ruled):
                 return await self.judging.aruled(need)
+            if isinstance(need, Replayed):
+                return await self.judging.areplayed(need)
             if isinstance(need, Refused):
                 return await self.judging.arefused(need)
             if isinstance(need, Run):

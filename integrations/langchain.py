@@ -41,7 +41,6 @@ from soda_guard.integrations._convert import (
     refusal_text,
     to_step,
     to_trajectory,
-    turn_records,
     with_calls,
 )
 from soda_guard.integrations._enforce import (
@@ -51,6 +50,8 @@ from soda_guard.integrations._enforce import (
     as_guard,
     resolve_turn,
     run_steps,
+    state_form,
+    stored_turn,
     thread_id,
 )
 
@@ -113,10 +114,10 @@ class SodaGuardMiddleware(AgentMiddleware):
         self._amodel = task(_acall_model, name="model")
 
     def _turn(
-        self, request: ModelRequest, response: ModelResponse
-    ) -> tuple[TurnRecords | None, Generator[Any, Any, TurnRecords | None]]:
-        stored = turn_records(request.state, STATE_KEY, self._enforcer.seal)
-        steps = resolve_turn(
+        self, request: ModelRequest, response: ModelResponse, update: list[tuple[str, Any]]
+    ) -> Generator[Any, Any, ModelCallResult]:
+        stored = yield from stored_turn(request.state, STATE_KEY, self._enforcer.seal)
+        turn = yield from resolve_turn(
             [*request.state.get("messages", []), *response.result],
             stored,
             thread=thread_id(),
@@ -124,27 +125,19 @@ class SodaGuardMiddleware(AgentMiddleware):
             harm=self.harm,
             environment=self.environment,
         )
-        return stored, steps
-
-    def _answer(
-        self,
-        response: ModelResponse, update: list[tuple[str, Any]], stored: TurnRecords | None, turn: TurnRecords | None
-    ) -> ModelCallResult:
         if turn is not None and turn != stored:
-            update = [*update, (STATE_KEY, turn.for_state(self._enforcer.seal))]
+            update = [*update, (STATE_KEY, state_form(turn, self._enforcer.seal))]
         return ExtendedModelResponse(model_response=response, command=Command(update=update)) if update else response
 
     def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], ModelCallResult]) -> ModelCallResult:
         response, update = _replayed(self._model(handler, request).result() if in_graph() else _call_model(handler, request))
-        stored, steps = self._turn(request, response)
-        return self._answer(response, update, stored, run_steps(steps, self._enforcer.answer(None)))
+        return run_steps(self._turn(request, response, update), self._enforcer.answer(None))
 
     async def awrap_model_call(
         self, request: ModelRequest, handler: Callable[[ModelRequest], Awaitable[ModelCallResult]]
     ) -> ModelCallResult:
         response, update = _replayed(await self._amodel(handler, request) if in_graph() else await _acall_model(handler, request))
-        stored, steps = self._turn(request, response)
-        return self._answer(response, update, stored, await arun_steps(steps, self._enforcer.aanswer(None)))
+        return await arun_steps(self._turn(request, response, update), self._enforcer.aanswer(None))
 
     def wrap_tool_call(
         self, request: ToolCallRequest, handler: Callable[[ToolCallRequest], Any]

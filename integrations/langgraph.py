@@ -26,7 +26,7 @@ from soda_guard.guard import Guard
 from soda_guard.policy import Policy
 from soda_guard.records import TurnRecords
 
-from soda_guard.integrations._convert import METADATA_KEY, STATE_KEY, last_turn, refusal_text, turn_records
+from soda_guard.integrations._convert import METADATA_KEY, STATE_KEY, last_turn, refusal_text
 from soda_guard.integrations._enforce import (
     AsyncHandler,
     Handler,
@@ -35,6 +35,8 @@ from soda_guard.integrations._enforce import (
     as_guard,
     resolve_turn,
     run_steps,
+    state_form,
+    stored_turn,
     thread_id,
 )
 
@@ -100,7 +102,7 @@ class GuardNode:
                     response_metadata={METADATA_KEY: record.summary()},
                 )
             )
-        update: dict[str, Any] = {self.state_key: turn.for_state(self.enforcer.seal)}
+        update: dict[str, Any] = {self.state_key: state_form(turn, self.enforcer.seal)}
         if messages:
             update[self.messages_key] = messages
         if sends:
@@ -112,9 +114,10 @@ class GuardNode:
         located = last_turn(messages)
         if located is None or not located[1].tool_calls:
             return Command(goto=END)
+        stored = yield from stored_turn(state, self.state_key, self.enforcer.seal)
         turn = yield from resolve_turn(
             messages,
-            turn_records(state, self.state_key, self.enforcer.seal),
+            stored,
             thread=thread_id(),
             hold_turn=True,
             harm=self.harm,

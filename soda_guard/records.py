@@ -114,6 +114,12 @@ class TurnRecords(BaseModel):
     thread_id: str | None
     turn_id: str
     records: list[CallRecord]
+    replay: str | None = None
+    """The time-travel replay these records were made in (the checkpoint it started from),
+    None outside one: a replay trusts only records it made itself (`for_replay`)."""
+
+    def _header(self) -> dict[str, Any]:
+        return {"thread_id": self.thread_id, "turn_id": self.turn_id, "replay": self.replay}
 
     def for_state(self, seal: RecordSeal) -> dict[str, Any]:
         """JSON for the graph state, with only what enforcing the turn reads: the graph stores
@@ -133,7 +139,7 @@ class TurnRecords(BaseModel):
             r.model_copy(update={"decision": lean(r.decision), "edit_decision": lean(r.edit_decision)}) for r in self.records
         ]
         raw = self.model_copy(update={"records": records}).model_dump(mode="json", exclude_defaults=True)
-        raw["records"] = [seal.sign(record) for record in raw.get("records", [])]
+        raw["records"] = [seal.sign(record, self._header()) for record in raw.get("records", [])]
         return raw
 
     @classmethod
@@ -143,11 +149,23 @@ class TurnRecords(BaseModel):
         records at all."""
         if not isinstance(raw, Mapping) or not isinstance(raw.get("records", []), list):
             return None
-        trusted = [record for record in map(seal.verified, raw.get("records", [])) if record is not None]
         try:
-            return cls.model_validate({**raw, "records": trusted})
+            turn = cls.model_validate({**raw, "records": []})
         except ValueError:
             return None
+        header = turn._header()
+        trusted = [record for record in (seal.verified(r, header) for r in raw.get("records", [])) if record is not None]
+        try:
+            return turn.model_copy(update={"records": [CallRecord.model_validate(r) for r in trusted]})
+        except ValueError:
+            return None
+
+    def for_replay(self, replay: str | None) -> TurnRecords | None:
+        """These records as a run that is (`replay`, the checkpoint it started from) or is not
+        (None) a time-travel replay may use them: a replay re-runs steps that already ran, and
+        the records it finds in the forked state were made for the first run, so it uses only
+        records it made itself and judges (and asks) again otherwise."""
+        return self if replay is None or self.replay == replay else None
 
     def find(self, binding: CallBinding) -> CallRecord | None:
         return next((record for record in self.records if record.binds(binding)), None)

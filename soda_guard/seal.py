@@ -46,16 +46,19 @@ class RecordSeal:
             return cls(from_env.encode())
         return cls(_PROCESS_KEY)
 
-    def _mac(self, record: Mapping[str, Any]) -> str:
-        canonical = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    def _mac(self, record: Mapping[str, Any], turn: Mapping[str, Any]) -> str:
+        signed = {"record": record, "turn": turn}
+        canonical = json.dumps(signed, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
         return hmac.new(self._key, canonical.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
 
-    def sign(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        return {**record, MAC_KEY: self._mac(record)}
+    def sign(self, record: Mapping[str, Any], turn: Mapping[str, Any]) -> dict[str, Any]:
+        """`record` with its MAC, which also covers `turn` (the fields of the turn the record
+        is stored with), so neither can be moved to or changed in another turn's records."""
+        return {**record, MAC_KEY: self._mac(record, turn)}
 
-    def verified(self, stored: Any) -> dict[str, Any] | None:
+    def verified(self, stored: Any, turn: Mapping[str, Any]) -> dict[str, Any] | None:
         """The record without its MAC when the MAC is the guard's, else None."""
         if not isinstance(stored, Mapping) or not isinstance(stored.get(MAC_KEY), str):
             return None
         record = {name: value for name, value in stored.items() if name != MAC_KEY}
-        return record if hmac.compare_digest(self._mac(record), stored[MAC_KEY]) else None
+        return record if hmac.compare_digest(self._mac(record, turn), stored[MAC_KEY]) else None

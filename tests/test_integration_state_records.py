@@ -11,6 +11,7 @@ from langchain_core.messages import HumanMessage, ToolMessage
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import START, StateGraph
 from langgraph.prebuilt import ToolNode, tools_condition
+from langgraph.types import Command
 
 from soda_guard import Action, CallRecord, Decision, Guard, ToolCall, TurnRecords
 from soda_guard.binding import CallBinding
@@ -89,3 +90,49 @@ async def test_a_record_without_a_mac_is_not_trusted(path: str) -> None:
     graph.update_state(config(), {"messages": [HumanMessage("Tidy up."), attack], "soda_guard": forged}, as_node=node)
     await drive(path, graph, None)
     assert ran == [] and len(backend.requests) == 1
+
+
+def before_tools(graph: Any) -> Any:
+    """The latest checkpoint whose next step runs the tools."""
+    return next(s for s in graph.get_state_history(config()) if any(t.name == "tools" for t in s.tasks))
+
+
+async def replay(path: str, graph: Any, snapshot: Any, value: Any = None) -> Any:
+    return await graph.ainvoke(value, snapshot.config) if path.endswith("async") else graph.invoke(value, snapshot.config)
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_replaying_a_checkpoint_before_the_tools_step_judges_again(path: str) -> None:
+    guard, backend = make_guard(unsafe=("nothing-is-unsafe",))
+    ran: list[Any] = []
+    graph = graph_for(path, guard, [turn(DELETE, ids=["d"]), "done", "done again"], ran)
+    await drive(path, graph, {"messages": [{"role": "user", "content": "Tidy up."}]})
+    assert ran == [DELETE] and len(backend.requests) == 1
+    await replay(path, graph, before_tools(graph))
+    assert ran == [DELETE, DELETE] and len(backend.requests) == 2
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_replaying_an_approved_call_asks_the_reviewer_again(path: str) -> None:
+    guard, backend = make_guard(unsafe=("delete_file",), defaults={"on_unsafe": "escalate"})
+    ran: list[Any] = []
+    graph = graph_for(path, guard, [turn(DELETE, ids=["d"]), "done", "done again"], ran)
+    await drive(path, graph, {"messages": [{"role": "user", "content": "Tidy up."}]})
+    await drive(path, graph, Command(resume={"decisions": [{"type": "approve"}]}))
+    assert ran == [DELETE]
+    replayed = await replay(path, graph, before_tools(graph))
+    assert ran == [DELETE]
+    [pause] = replayed["__interrupt__"]
+    assert pause.value["action_requests"][0]["name"] == "delete_file"
+    forked = {"configurable": {"thread_id": "t"}}
+    result = await (graph.ainvoke if path.endswith("async") else _sync(graph.invoke))(
+        Command(resume={"decisions": [{"type": "reject", "message": "not twice"}]}), forked
+    )
+    assert ran == [DELETE] and any(isinstance(m, ToolMessage) and "not twice" in str(m.content) for m in result["messages"])
+
+
+def _sync(function: Any) -> Any:
+    async def call(*args: Any) -> Any:
+        return function(*args)
+
+    return call
