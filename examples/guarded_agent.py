@@ -112,7 +112,7 @@ def main() -> None:
                     answer["message"] = "Transfers to offshore accounts are not allowed."
                 if args.resume == "edit":
                     answer["args"] = {"source": "4411", "target": "alice-savings", "amount": 100}
-                result = agent.invoke(Command(resume=answer), config)
+                result = agent.invoke(Command(resume={"decisions": [answer]}), config)
             show(result)
         finally:
             guard.close()  # stop the judge's workers before the process ends

@@ -393,11 +393,11 @@ def _review_why(record: CallRecord) -> str:
 
 
 def review_records(
-    records: Sequence[CallRecord], trajectory: Trajectory, turn: Sequence[CallRecord] = ()
+    records: Sequence[CallRecord], trajectory: Trajectory, policy: Policy, turn: Sequence[CallRecord] = ()
 ) -> Generator[Judge | Record | Asked | Ruled | Refused, Any, list[CallRecord]]:
     """Ask one question for `records` (all escalated, all of one turn), judge the edits
     again, and write each answer to the audit sinks and the trace."""
-    reviews = yield from ask(records, turn)
+    reviews = yield from ask(records, policy, turn)
     done = []
     for record, review in zip(records, reviews):
         edit_decision = None
@@ -421,6 +421,7 @@ def resolve_turn(
     stored: TurnRecords | None,
     *,
     thread: str | None,
+    policy: Policy,
     hold_turn: bool,
     harm: str | None,
     environment: str | None,
@@ -450,7 +451,7 @@ def resolve_turn(
     result = TurnRecords(thread_id=thread, turn_id=turn, records=[r for r in records if r is not None])
     waiting = [record for record in result.records if record.awaiting_review]
     if waiting and hold_turn:
-        for reviewed in (yield from review_records(waiting, trajectory, result.records)):
+        for reviewed in (yield from review_records(waiting, trajectory, policy, result.records)):
             result = result.replace(reviewed)
     return result
 
@@ -559,7 +560,7 @@ class ToolCallEnforcer:
             decisions = yield Judge(trajectory(), same_id if len(same_id) > 1 else [call])
             record = CallRecord.judged(binding, call, next((d for d in decisions if d.tool_call == call), decisions[0]))
         if record.awaiting_review:
-            [record] = yield from review_records([record], trajectory())
+            [record] = yield from review_records([record], trajectory(), self.guard.policy)
         return (yield from self._enforce(request, trajectory, record))
 
     def _shared_turn(
@@ -572,7 +573,8 @@ class ToolCallEnforcer:
             attempt = self.coordinator.lead(key)
             try:
                 shared = yield from resolve_turn(
-                    messages, None, thread=thread, hold_turn=True, harm=self.harm, environment=self.environment
+                    messages, None, thread=thread, policy=self.guard.policy, hold_turn=True, harm=self.harm,
+                    environment=self.environment,
                 )
             except BaseException as error:
                 self.coordinator.finish(attempt, error=error)

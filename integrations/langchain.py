@@ -121,6 +121,7 @@ class SodaGuardMiddleware(AgentMiddleware):
             [*request.state.get("messages", []), *response.result],
             stored,
             thread=thread_id(),
+            policy=self.guard.policy,
             hold_turn=self.guard.policy.review.hold_turn,
             harm=self.harm,
             environment=self.environment,

@@ -119,6 +119,7 @@ class GuardNode:
             messages,
             stored,
             thread=thread_id(),
+            policy=self.guard.policy,
             hold_turn=True,
             harm=self.harm,
             environment=self.environment,

