@@ -163,19 +163,32 @@ class Replayed:
     replay: str | None
 
 
+def graph_step() -> int | None:
+    """The LangGraph step this node runs in (None outside a graph)."""
+    from langgraph.config import get_config
+
+    try:
+        step = (get_config().get("metadata") or {}).get("langgraph_step")
+    except RuntimeError:
+        return None
+    return step if isinstance(step, int) else None
+
+
 def stored_turn(state: Any, key: str, seal: RecordSeal) -> Generator[Replayed, Any, TurnRecords | None]:
     """The turn's records in `state` that this node may use (see `turn_records`). Whether
     the node runs in a replay is recorded only when there are records to use: the parallel
     calls of one `ToolNode` run share one task counter, and a task per call would race."""
-    if turn_records(state, key, seal, None) is None:
+    step = graph_step()
+    if turn_records(state, key, seal, step, None) is None:
         return None
     replay = (yield Replayed(replay_of())).replay
-    return turn_records(state, key, seal, replay)
+    return turn_records(state, key, seal, step, replay)
 
 
 def state_form(turn: TurnRecords, seal: RecordSeal) -> dict[str, Any]:
-    """`turn` as stored in graph state: signed, and marked with the replay it was made in."""
-    return turn.model_copy(update={"replay": replay_of()}).for_state(seal)
+    """`turn` as stored in graph state: signed, and marked with the step and the replay it
+    was made in."""
+    return turn.model_copy(update={"replay": replay_of(), "step": graph_step()}).for_state(seal)
 
 
 def _replayed(replay: str) -> str:

@@ -117,9 +117,12 @@ class TurnRecords(BaseModel):
     replay: str | None = None
     """The time-travel replay these records were made in (the checkpoint it started from),
     None outside one: a replay trusts only records it made itself (`for_replay`)."""
+    step: int | None = None
+    """The graph step that made these records: they are for the step right after it
+    (`for_step`)."""
 
     def _header(self) -> dict[str, Any]:
-        return {"thread_id": self.thread_id, "turn_id": self.turn_id, "replay": self.replay}
+        return {"thread_id": self.thread_id, "turn_id": self.turn_id, "replay": self.replay, "step": self.step}
 
     def for_state(self, seal: RecordSeal) -> dict[str, Any]:
         """JSON for the graph state, with only what enforcing the turn reads: the graph stores
@@ -159,6 +162,14 @@ class TurnRecords(BaseModel):
             return turn.model_copy(update={"records": [CallRecord.model_validate(r) for r in trusted]})
         except ValueError:
             return None
+
+    def for_step(self, step: int | None) -> TurnRecords | None:
+        """These records as graph step `step` may use them: only the step right after the one
+        that made them (the tools step after the model or guard step; a pause or a static
+        breakpoint in between keeps the step count). A later step sees them only because they
+        were left in the state: the calls they allowed have run, and a call made pending again
+        (its result removed through `update_state`) is judged and asked about again."""
+        return self if step is not None and self.step is not None and step == self.step + 1 else None
 
     def for_replay(self, replay: str | None) -> TurnRecords | None:
         """These records as a run that is (`replay`, the checkpoint it started from) or is not

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from langchain_core.messages import HumanMessage, ToolMessage
+from langchain_core.messages import HumanMessage, RemoveMessage, ToolMessage
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import START, StateGraph
 from langgraph.prebuilt import ToolNode, tools_condition
@@ -136,3 +136,33 @@ def _sync(function: Any) -> Any:
         return function(*args)
 
     return call
+
+
+@pytest.mark.parametrize("path", ["middleware", "middleware-async", "guard_node", "guard_node-async"])
+async def test_reopening_an_approved_call_with_update_state_asks_again(path: str) -> None:
+    """The guard's own record of an approved call stays in state after the call ran; removing
+    the call's result (and what followed) through `update_state` makes the call pending again.
+    The record was made for the step that ran it, not for this one."""
+    guard, _ = make_guard(unsafe=("delete_file",), defaults={"on_unsafe": "escalate"})
+    ran: list[Any] = []
+    graph = graph_for(path, guard, [turn(DELETE, ids=["d"]), "done", "done again"], ran)
+    await drive(path, graph, {"messages": [{"role": "user", "content": "Tidy up."}]})
+    done = await drive(path, graph, Command(resume={"decisions": [{"type": "approve"}]}))
+    assert ran == [DELETE]
+    result, final = [m for m in done["messages"] if isinstance(m, ToolMessage)][0], done["messages"][-1]
+    node = "model" if path.startswith("middleware") else "agent"
+    graph.update_state(config(), {"messages": [RemoveMessage(id=result.id), RemoveMessage(id=final.id)]}, as_node=node)
+    again = await drive(path, graph, None)
+    assert ran == [DELETE] and again["__interrupt__"][0].value["action_requests"][0]["name"] == "delete_file"
+
+
+@pytest.mark.parametrize("path", ["middleware", "guard_node"])
+def test_a_breakpoint_before_the_tools_step_keeps_the_records(path: str) -> None:
+    guard, backend = make_guard(unsafe=("nothing",))
+    ran: list[Any] = []
+    graph = graph_for(path, guard, [turn(DELETE, ids=["d"]), "done"], ran)
+    graph.interrupt_before_nodes = ["tools"]
+    graph.invoke({"messages": [{"role": "user", "content": "Tidy up."}]}, config())
+    assert ran == []
+    graph.invoke(None, config())
+    assert ran == [DELETE] and len(backend.requests) == 1
