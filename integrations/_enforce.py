@@ -21,7 +21,6 @@ from typing import Any, Awaitable, Callable, Generator, Mapping, Sequence, TypeV
 
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.runnables import RunnableLambda
-from langgraph._internal._constants import CONFIG_KEY_REPLAY_STATE
 from langgraph.func import task
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
@@ -45,11 +44,11 @@ from soda_guard.integrations._convert import (
     to_trajectory,
     turn_id,
     turn_of_call,
-    turn_records,
     with_calls,
     with_result,
 )
 from soda_guard.integrations._review import Asked, Refused, Ruled, ask
+from soda_guard.integrations._state import Replayed, stored_turn
 
 Handler = Callable[[ToolCallRequest], "ToolMessage | Command[Any]"]
 AsyncHandler = Callable[[ToolCallRequest], Awaitable["ToolMessage | Command[Any]"]]
@@ -138,59 +137,6 @@ def thread_id() -> str | None:
     return None if value is None else str(value)
 
 
-def replay_of() -> str | None:
-    """The checkpoint a time-travel replay (`invoke` at an earlier `checkpoint_id`) started
-    from, which LangGraph marks in the run's config; None in any other run. LangGraph re-runs
-    the steps after that checkpoint, so records in the forked state were made for steps that
-    already ran once."""
-    from langgraph.config import get_config
-
-    try:
-        configurable = get_config().get("configurable") or {}
-    except RuntimeError:
-        return None
-    replay = configurable.get(CONFIG_KEY_REPLAY_STATE)
-    return None if replay is None else str(getattr(replay, "checkpoint_id", None) or "replay")
-
-
-@dataclass(frozen=True)
-class Replayed:
-    """Record, durably (a LangGraph task), whether this node first ran in a time-travel
-    replay (`replay`, from `replay_of`); sent back is what its first run recorded, so a node
-    that pauses in a replay and is resumed (a plain run) still does not use the records the
-    forked state brought along."""
-
-    replay: str | None
-
-
-def graph_step() -> int | None:
-    """The LangGraph step this node runs in (None outside a graph)."""
-    from langgraph.config import get_config
-
-    try:
-        step = (get_config().get("metadata") or {}).get("langgraph_step")
-    except RuntimeError:
-        return None
-    return step if isinstance(step, int) else None
-
-
-def stored_turn(state: Any, key: str, seal: RecordSeal) -> Generator[Replayed, Any, TurnRecords | None]:
-    """The turn's records in `state` that this node may use (see `turn_records`). Whether
-    the node runs in a replay is recorded only when there are records to use: the parallel
-    calls of one `ToolNode` run share one task counter, and a task per call would race."""
-    step = graph_step()
-    if turn_records(state, key, seal, step, None) is None:
-        return None
-    replay = (yield Replayed(replay_of())).replay
-    return turn_records(state, key, seal, step, replay)
-
-
-def state_form(turn: TurnRecords, seal: RecordSeal) -> dict[str, Any]:
-    """`turn` as stored in graph state: signed, and marked with the step and the replay it
-    was made in."""
-    return turn.model_copy(update={"replay": replay_of(), "step": graph_step()}).for_state(seal)
-
-
 def _replayed(replay: str) -> str:
     return replay
 
@@ -265,9 +211,9 @@ class Judging:
         self._asked = task(_asked, name="soda_guard_question")
         self._aasked = task(_aasked, name="soda_guard_question")
         self._ruled = task(_ruled, name="soda_guard_answer")
+        self._aruled = task(_aruled, name="soda_guard_answer")
         self._replayed = task(_replayed, name="soda_guard_replay")
         self._areplayed = task(_areplayed, name="soda_guard_replay")
-        self._aruled = task(_aruled, name="soda_guard_answer")
 
     def asked(self, question: Asked) -> Asked:
         if not in_graph():

@@ -31,7 +31,6 @@ from soda_guard.binding import CallBinding
 from soda_guard.errors import SodaGuardError
 from soda_guard.guard import Guard
 from soda_guard.policy import Policy
-from soda_guard.records import TurnRecords
 from soda_guard.trajectory import AssistantStep, ToolCall, ToolStep, Trajectory
 from soda_guard.verdict import Decision
 
@@ -50,10 +49,9 @@ from soda_guard.integrations._enforce import (
     as_guard,
     resolve_turn,
     run_steps,
-    state_form,
-    stored_turn,
     thread_id,
 )
+from soda_guard.integrations._state import state_form, stored_turn
 
 HAS_DECISION_MODELS = importlib.util.find_spec("langchain_core.decisions") is not None
 

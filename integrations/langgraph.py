@@ -35,10 +35,9 @@ from soda_guard.integrations._enforce import (
     as_guard,
     resolve_turn,
     run_steps,
-    state_form,
-    stored_turn,
     thread_id,
 )
+from soda_guard.integrations._state import state_form, stored_turn
 
 __all__ = ["GuardNode", "GuardState", "SodaGuardToolWrapper", "guard_node"]
 

@@ -1,0 +1,71 @@
+"""The guard's records in graph state: which of them a node may use, and how they are stored.
+
+A record is used only where it was made for: signed by the guard (`soda_guard.seal`), made by
+the step right before this one, and, in a time-travel replay, made in that replay. Anything
+else is ignored and its calls are judged (and reviewed) again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Generator
+
+from langgraph._internal._constants import CONFIG_KEY_REPLAY_STATE
+
+from soda_guard.records import TurnRecords
+from soda_guard.seal import RecordSeal
+
+from soda_guard.integrations._convert import turn_records
+
+
+def replay_of() -> str | None:
+    """The checkpoint a time-travel replay (`invoke` at an earlier `checkpoint_id`) started
+    from, which LangGraph marks in the run's config; None in any other run. LangGraph re-runs
+    the steps after that checkpoint, so records in the forked state were made for steps that
+    already ran once."""
+    from langgraph.config import get_config
+
+    try:
+        configurable = get_config().get("configurable") or {}
+    except RuntimeError:
+        return None
+    replay = configurable.get(CONFIG_KEY_REPLAY_STATE)
+    return None if replay is None else str(getattr(replay, "checkpoint_id", None) or "replay")
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """Record, durably (a LangGraph task), whether this node first ran in a time-travel
+    replay (`replay`, from `replay_of`); sent back is what its first run recorded, so a node
+    that pauses in a replay and is resumed (a plain run) still does not use the records the
+    forked state brought along."""
+
+    replay: str | None
+
+
+def graph_step() -> int | None:
+    """The LangGraph step this node runs in (None outside a graph)."""
+    from langgraph.config import get_config
+
+    try:
+        step = (get_config().get("metadata") or {}).get("langgraph_step")
+    except RuntimeError:
+        return None
+    return step if isinstance(step, int) else None
+
+
+def stored_turn(state: Any, key: str, seal: RecordSeal) -> Generator[Replayed, Any, TurnRecords | None]:
+    """The turn's records in `state` that this node may use (see `turn_records`). Whether
+    the node runs in a replay is recorded only when there are records to use: the parallel
+    calls of one `ToolNode` run share one task counter, and a task per call would race."""
+    step = graph_step()
+    if turn_records(state, key, seal, step, None) is None:
+        return None
+    replay = (yield Replayed(replay_of())).replay
+    return turn_records(state, key, seal, step, replay)
+
+
+def state_form(turn: TurnRecords, seal: RecordSeal) -> dict[str, Any]:
+    """`turn` as stored in graph state: signed, and marked with the step and the replay it
+    was made in."""
+    return turn.model_copy(update={"replay": replay_of(), "step": graph_step()}).for_state(seal)
