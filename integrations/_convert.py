@@ -142,17 +142,16 @@ def binding_of(call: ToolCall, *, thread: str | None, turn: str) -> CallBinding:
     return CallBinding.of(thread_id=thread, turn_id=turn, call_id=call.id, tool=call.name, args=call.args)
 
 
-def turn_records(state: Any, key: str, seal: RecordSeal, step: int | None, replay: str | None) -> TurnRecords | None:
+def turn_records(state: Any, key: str, seal: RecordSeal, replay: str | None) -> TurnRecords | None:
     """The stored records of the current turn that the guard itself wrote (their MAC
-    verifies) in the step before this one (`step`) and, in a time-travel replay, in this
-    replay; anything else (a forged record, one left from an earlier step, one copied from the
-    first run, an older format) reads as none, and those calls are judged again."""
+    verifies), that no later turn closed, and, in a time-travel replay, that it wrote in this
+    replay; anything else (a forged record, a closed turn's, one copied from the first run, an
+    older format) reads as none, and those calls are judged again."""
     raw = state.get(key) if isinstance(state, Mapping) else getattr(state, key, None)
     if not isinstance(raw, Mapping) or "turn_id" not in raw:
         return None
     stored = TurnRecords.from_state(raw, seal)
-    stored = stored.for_step(step) if stored is not None else None
-    return stored.for_replay(replay) if stored is not None else None
+    return stored.for_replay(replay) if stored is not None and not stored.closed else None
 
 
 def refusal_text(name: str, why: str) -> str:

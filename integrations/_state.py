@@ -1,21 +1,23 @@
 """The guard's records in graph state: which of them a node may use, and how they are stored.
 
-A record is used only where it was made for: signed by the guard (`soda_guard.seal`), made by
-the step right before this one, and, in a time-travel replay, made in that replay. Anything
+A record is used only where it was made for: signed by the guard (`soda_guard.seal`),   not closed by
+a later model turn, and, in a time-travel replay, made in that replay. Anything
 else is ignored and its calls are judged (and reviewed) again.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Generator
+from typing import Any, Generator, Sequence
+
+from langchain_core.messages import BaseMessage
 
 from langgraph._internal._constants import CONFIG_KEY_REPLAY_STATE
 
 from soda_guard.records import TurnRecords
 from soda_guard.seal import RecordSeal
 
-from soda_guard.integrations._convert import turn_records
+from soda_guard.integrations._convert import last_turn, turn_id, turn_records
 
 
 def replay_of() -> str | None:
@@ -43,29 +45,27 @@ class Replayed:
     replay: str | None
 
 
-def graph_step() -> int | None:
-    """The LangGraph step this node runs in (None outside a graph)."""
-    from langgraph.config import get_config
-
-    try:
-        step = (get_config().get("metadata") or {}).get("langgraph_step")
-    except RuntimeError:
-        return None
-    return step if isinstance(step, int) else None
-
-
 def stored_turn(state: Any, key: str, seal: RecordSeal) -> Generator[Replayed, Any, TurnRecords | None]:
     """The turn's records in `state` that this node may use (see `turn_records`). Whether
     the node runs in a replay is recorded only when there are records to use: the parallel
     calls of one `ToolNode` run share one task counter, and a task per call would race."""
-    step = graph_step()
-    if turn_records(state, key, seal, step, None) is None:
+    if turn_records(state, key, seal, None) is None:
         return None
     replay = (yield Replayed(replay_of())).replay
-    return turn_records(state, key, seal, step, replay)
+    return turn_records(state, key, seal, replay)
 
 
 def state_form(turn: TurnRecords, seal: RecordSeal) -> dict[str, Any]:
-    """`turn` as stored in graph state: signed, and marked with the step and the replay it
-    was made in."""
-    return turn.model_copy(update={"replay": replay_of(), "step": graph_step()}).for_state(seal)
+    """`turn` as stored in graph state: signed, and marked with the replay it was made in."""
+    return turn.model_copy(update={"replay": replay_of()}).for_state(seal)
+
+
+def closing(stored: TurnRecords | None, messages: Sequence[BaseMessage]) -> TurnRecords | None:
+    """The stored records, closed, when the latest model turn is another one and has no
+    pending calls: left open, they would stay usable in the state after their calls ran, and
+    a call made pending again (its result removed through `update_state`) would run again
+    unjudged on them. None when there is nothing to close."""
+    located = last_turn(messages)
+    if stored is None or stored.closed or located is None or turn_id(located[1], located[0]) == stored.turn_id:
+        return None
+    return stored.close()

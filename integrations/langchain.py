@@ -51,7 +51,7 @@ from soda_guard.integrations._enforce import (
     run_steps,
     thread_id,
 )
-from soda_guard.integrations._state import state_form, stored_turn
+from soda_guard.integrations._state import closing, state_form, stored_turn
 
 HAS_DECISION_MODELS = importlib.util.find_spec("langchain_core.decisions") is not None
 
@@ -115,15 +115,18 @@ class SodaGuardMiddleware(AgentMiddleware):
         self, request: ModelRequest, response: ModelResponse, update: list[tuple[str, Any]]
     ) -> Generator[Any, Any, ModelCallResult]:
         stored = yield from stored_turn(request.state, STATE_KEY, self._enforcer.seal)
+        messages = [*request.state.get("messages", []), *response.result]
+        thread = thread_id()
         turn = yield from resolve_turn(
-            [*request.state.get("messages", []), *response.result],
+            messages,
             stored,
-            thread=thread_id(),
+            thread=thread,
             policy=self.guard.policy,
             hold_turn=self.guard.policy.review.hold_turn,
             harm=self.harm,
             environment=self.environment,
         )
+        turn = turn or closing(stored, messages)
         if turn is not None and turn != stored:
             update = [*update, (STATE_KEY, state_form(turn, self._enforcer.seal))]
         return ExtendedModelResponse(model_response=response, command=Command(update=update)) if update else response

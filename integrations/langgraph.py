@@ -37,7 +37,7 @@ from soda_guard.integrations._enforce import (
     run_steps,
     thread_id,
 )
-from soda_guard.integrations._state import state_form, stored_turn
+from soda_guard.integrations._state import closing, state_form, stored_turn
 
 __all__ = ["GuardNode", "GuardState", "SodaGuardToolWrapper", "guard_node"]
 
@@ -111,9 +111,10 @@ class GuardNode:
     def _steps(self, state: Mapping[str, Any]) -> Generator[Any, Any, Command[Any]]:
         messages = list(state.get(self.messages_key) or [])
         located = last_turn(messages)
-        if located is None or not located[1].tool_calls:
-            return Command(goto=END)
         stored = yield from stored_turn(state, self.state_key, self.enforcer.seal)
+        if located is None or not located[1].tool_calls:
+            closed = closing(stored, messages)
+            return Command(goto=END, update={self.state_key: state_form(closed, self.enforcer.seal)} if closed else None)
         turn = yield from resolve_turn(
             messages,
             stored,

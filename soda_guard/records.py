@@ -117,12 +117,13 @@ class TurnRecords(BaseModel):
     replay: str | None = None
     """The time-travel replay these records were made in (the checkpoint it started from),
     None outside one: a replay trusts only records it made itself (`for_replay`)."""
-    step: int | None = None
-    """The graph step that made these records: they are for the step right after it
-    (`for_step`)."""
+    closed: bool = False
+    """Set once a later model turn came without pending calls: these calls have all been
+    answered, and the records are kept only to be read. Enforcement never uses them again
+    (a call made pending again by removing its result is judged and asked about again)."""
 
     def _header(self) -> dict[str, Any]:
-        return {"thread_id": self.thread_id, "turn_id": self.turn_id, "replay": self.replay, "step": self.step}
+        return {"thread_id": self.thread_id, "turn_id": self.turn_id, "replay": self.replay, "closed": self.closed}
 
     def for_state(self, seal: RecordSeal) -> dict[str, Any]:
         """JSON for the graph state, with only what enforcing the turn reads: the graph stores
@@ -163,20 +164,15 @@ class TurnRecords(BaseModel):
         except ValueError:
             return None
 
-    def for_step(self, step: int | None) -> TurnRecords | None:
-        """These records as graph step `step` may use them: only the step right after the one
-        that made them (the tools step after the model or guard step; a pause or a static
-        breakpoint in between keeps the step count). A later step sees them only because they
-        were left in the state: the calls they allowed have run, and a call made pending again
-        (its result removed through `update_state`) is judged and asked about again."""
-        return self if step is not None and self.step is not None and step == self.step + 1 else None
-
     def for_replay(self, replay: str | None) -> TurnRecords | None:
         """These records as a run that is (`replay`, the checkpoint it started from) or is not
         (None) a time-travel replay may use them: a replay re-runs steps that already ran, and
         the records it finds in the forked state were made for the first run, so it uses only
         records it made itself and judges (and asks) again otherwise."""
         return self if replay is None or self.replay == replay else None
+
+    def close(self) -> TurnRecords:
+        return self.model_copy(update={"closed": True})
 
     def find(self, binding: CallBinding) -> CallRecord | None:
         return next((record for record in self.records if record.binds(binding)), None)

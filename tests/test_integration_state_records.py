@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from langchain.agents import create_agent
+from langchain.agents.middleware import AgentMiddleware
 from langchain_core.messages import HumanMessage, RemoveMessage, ToolMessage
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import START, StateGraph
@@ -15,6 +17,7 @@ from langgraph.types import Command
 
 from soda_guard import Action, CallRecord, Decision, Guard, ToolCall, TurnRecords
 from soda_guard.binding import CallBinding
+from soda_guard.integrations.langchain import SodaGuardMiddleware
 from soda_guard.integrations.langgraph import GuardState, SodaGuardToolWrapper
 from soda_guard.integrations.testing import scripted_model
 
@@ -166,3 +169,22 @@ def test_a_breakpoint_before_the_tools_step_keeps_the_records(path: str) -> None
     assert ran == []
     graph.invoke(None, config())
     assert ran == [DELETE] and len(backend.requests) == 1
+
+
+def test_an_approval_is_not_asked_again_with_an_after_model_middleware_in_between() -> None:
+    """`create_agent` puts a node per `after_model` hook between the model step and the tools
+    step: the records still reach the tools step, and the reviewer is asked once."""
+
+    class AfterModel(AgentMiddleware):
+        def after_model(self, state: Any, runtime: Any) -> None:
+            return None
+
+    guard, backend = make_guard(unsafe=("delete_file",), defaults={"on_unsafe": "escalate"})
+    ran: list[Any] = []
+    agent = create_agent(
+        scripted_model([turn(DELETE, ids=["d"]), "done"]), make_tools(ran),
+        middleware=[SodaGuardMiddleware(guard), AfterModel()], checkpointer=InMemorySaver(),
+    )
+    assert agent.invoke({"messages": [{"role": "user", "content": "Tidy up."}]}, config())["__interrupt__"]
+    result = agent.invoke(Command(resume={"decisions": [{"type": "approve"}]}), config())
+    assert "__interrupt__" not in result and ran == [DELETE] and len(backend.requests) == 1
