@@ -28,8 +28,8 @@ from langgraph.types import Command
 from soda_guard.guard import Guard
 from soda_guard.policy import Policy
 from soda_guard.records import CallRecord, TurnRecords
-from soda_guard.seal import RecordSeal
 from soda_guard.review import review_event
+from soda_guard.seal import RecordSeal
 from soda_guard.tracing import OpenTelemetrySink
 from soda_guard.trajectory import ToolCall, Trajectory
 from soda_guard.verdict import Action, Decision
@@ -137,14 +137,6 @@ def thread_id() -> str | None:
     return None if value is None else str(value)
 
 
-def _replayed(replay: str) -> str:
-    return replay
-
-
-async def _areplayed(replay: str) -> str:
-    return replay
-
-
 def in_graph() -> bool:
     from langgraph.config import get_config
 
@@ -185,6 +177,14 @@ def _ruled(nonce: str, refusal: str | None) -> list[str | None]:
 
 async def _aruled(nonce: str, refusal: str | None) -> list[str | None]:
     return [nonce, refusal]
+
+
+def _replayed(replay: str) -> str:
+    return replay
+
+
+async def _areplayed(replay: str) -> str:
+    return replay
 
 
 def _never_sync(_: Any) -> Any:

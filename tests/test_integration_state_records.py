@@ -127,18 +127,8 @@ async def test_replaying_an_approved_call_asks_the_reviewer_again(path: str) -> 
     assert ran == [DELETE]
     [pause] = replayed["__interrupt__"]
     assert pause.value["action_requests"][0]["name"] == "delete_file"
-    forked = {"configurable": {"thread_id": "t"}}
-    result = await (graph.ainvoke if path.endswith("async") else _sync(graph.invoke))(
-        Command(resume={"decisions": [{"type": "reject", "message": "not twice"}]}), forked
-    )
+    result = await drive(path, graph, Command(resume={"decisions": [{"type": "reject", "message": "not twice"}]}))
     assert ran == [DELETE] and any(isinstance(m, ToolMessage) and "not twice" in str(m.content) for m in result["messages"])
-
-
-def _sync(function: Any) -> Any:
-    async def call(*args: Any) -> Any:
-        return function(*args)
-
-    return call
 
 
 @pytest.mark.parametrize("path", ["middleware", "middleware-async", "guard_node", "guard_node-async"])
