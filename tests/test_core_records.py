@@ -91,6 +91,9 @@ def test_a_state_record_changed_or_signed_with_another_key_is_dropped() -> None:
 
 def test_the_state_key_comes_from_the_policy_then_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     state = TurnRecords(thread_id="t", turn_id="m1", records=[CallRecord.judged(binding(), CALL, decision(Action.ALLOW))])
+    monkeypatch.setenv("SODA_GUARD_STATE_KEY", "e" * 32)
+    assert TurnRecords.from_state(state.for_state(RecordSeal.for_policy(Policy())), RecordSeal(b"e" * 32)).records
+    monkeypatch.delenv("SODA_GUARD_STATE_KEY")
     monkeypatch.setenv("MY_KEY", "k" * 32)
     from_env = RecordSeal.for_policy(Policy.from_dict({"records": {"key_env": "MY_KEY"}}))
     assert TurnRecords.from_state(state.for_state(from_env), RecordSeal(b"k" * 32)).records
