@@ -13,6 +13,7 @@ after a review pause, even in a new process over the same checkpointer, does not
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Generator, Literal, Mapping
 
 from langchain_core.messages import AIMessage, ToolMessage
@@ -24,7 +25,7 @@ from typing_extensions import NotRequired
 
 from soda_guard.guard import Guard
 from soda_guard.policy import Policy
-from soda_guard.records import TurnRecords
+from soda_guard.records import CallRecord, TurnRecords
 
 from soda_guard.integrations._convert import METADATA_KEY, STATE_KEY, last_turn, refusal_text, turn_records
 from soda_guard.integrations._enforce import (
@@ -78,6 +79,10 @@ class GuardNode:
         self.enforcer = ToolCallEnforcer(guard, state_key=state_key, harm=harm, environment=environment)
 
     def _route(self, last_ai: AIMessage, turn: TurnRecords) -> Command[Any]:
+        """Calls that run go to the tools node; the others are answered here. When both kinds
+        are in the turn, every answer is its own `Send` in call order (a refusal to this very
+        node), so the turn's results land in the order of its calls, as on the other paths,
+        and the next judgment reads the same conversation whichever path ran."""
         sends: list[Send] = []
         messages: list[ToolMessage] = []
         for record in turn.records:
@@ -87,24 +92,14 @@ class GuardNode:
                 original = next((c for c in last_ai.tool_calls if c.get("id") == call.id), None)
                 sends.append(Send(self.tools, [{**(original or {}), "id": call.id, "name": ran.name, "args": ran.args, "type": "tool_call"}]))
                 continue
-            if record.outcome == "respond":
-                content = record.message or ""
-            else:
-                content = refusal_text(call.name, record.message or record.decision.why)
-            messages.append(
-                ToolMessage(
-                    content=content,
-                    tool_call_id=call.id,
-                    name=call.name,
-                    status="success" if record.outcome == "respond" else "error",
-                    response_metadata={METADATA_KEY: record.summary()},
-                )
-            )
+            message = _answer(record)
+            messages.append(message)
+            sends.append(Send(_this_node(), _Answered(message)))
         update: dict[str, Any] = {self.state_key: turn.for_state()}
+        if any(send.node == self.tools for send in sends):
+            return Command(update=update, goto=sends)
         if messages:
             update[self.messages_key] = messages
-        if sends:
-            return Command(update=update, goto=sends)
         return Command(update=update, goto=self.model if self.on_block == "model" else END)
 
     def _steps(self, state: Mapping[str, Any]) -> Generator[Any, Any, Command[Any]]:
@@ -124,11 +119,45 @@ class GuardNode:
             return Command(goto=self.model)
         return self._route(located[1], turn)
 
-    def invoke(self, state: Mapping[str, Any]) -> Command[Any]:
+    def invoke(self, state: Mapping[str, Any] | _Answered) -> Command[Any] | dict[str, Any]:
+        if isinstance(state, _Answered):
+            return {self.messages_key: [state.message]}
         return run_steps(self._steps(state), self.enforcer.answer(None))
 
-    async def ainvoke(self, state: Mapping[str, Any]) -> Command[Any]:
+    async def ainvoke(self, state: Mapping[str, Any] | _Answered) -> Command[Any] | dict[str, Any]:
+        if isinstance(state, _Answered):
+            return {self.messages_key: [state.message]}
         return await arun_steps(self._steps(state), self.enforcer.aanswer(None))
+
+
+@dataclass(frozen=True)
+class _Answered:
+    """A call of a turn that also runs tools, answered without running (refused, or answered
+    by a reviewer): the guard node sends it to itself to write it in its call's place."""
+
+    message: ToolMessage
+
+
+def _answer(record: CallRecord) -> ToolMessage:
+    call = record.call
+    if record.outcome == "respond":
+        content = record.message or ""
+    else:
+        content = refusal_text(call.name, record.message or record.decision.why)
+    return ToolMessage(
+        content=content,
+        tool_call_id=call.id,
+        name=call.name,
+        status="success" if record.outcome == "respond" else "error",
+        response_metadata={METADATA_KEY: record.summary()},
+    )
+
+
+def _this_node() -> str:
+    """The guard node's name in its graph (whatever `add_node` called it)."""
+    from langgraph.config import get_config
+
+    return str(get_config()["metadata"]["langgraph_node"])
 
 
 def guard_node(
