@@ -51,6 +51,7 @@ from soda_guard.integrations._convert import (
     with_result,
 )
 from soda_guard.integrations._review import Asked, ask
+from soda_guard.integrations._seal import SealedTool
 
 Handler = Callable[[ToolCallRequest], "ToolMessage | Command[Any]"]
 AsyncHandler = Callable[[ToolCallRequest], Awaitable["ToolMessage | Command[Any]"]]
@@ -597,8 +598,11 @@ class ToolCallEnforcer:
         if record.outcome == "respond":
             return _stamped(ToolMessage(content=record.message or "", tool_call_id=call.id, name=call.name), record)
         ran = record.ran_call()
-        run_request = request if record.run_args is None else request.override(tool_call={**request.tool_call, "args": ran.args})
-        result = yield Run(run_request)
+        sealed = self._sealed(request, trajectory, ran)
+        result = yield Run(request.override(tool_call={**request.tool_call, "args": ran.args}, tool=sealed))
+        if sealed is not None and sealed.refused is not None:
+            stopped = record.model_copy(update={"decision": sealed.refused, "outcome": "refuse", "message": sealed.refused.why})
+            return _stamped(result, stopped) if isinstance(result, ToolMessage) else result
         if not isinstance(result, ToolMessage):
             return result
         if record.run_args is not None:
@@ -617,6 +621,26 @@ class ToolCallEnforcer:
                     tool_call_id=result.tool_call_id, name=result.name, status="error",
                 )
         return _stamped(result, record)
+
+    def _sealed(self, request: ToolCallRequest, trajectory: Callable[[], Trajectory], call: ToolCall) -> Any:
+        """The tool of the call's name, sealed to the call (see `SealedTool`); None where no
+        tool has that name (the ToolNode then answers that the tool does not exist). An outer
+        `wrap_tool_call` that renamed the call left the old name's tool in the request: that
+        one must not run on a judgment of the new name."""
+        tool = request.tool
+        if tool is None or tool.name != call.name:
+            tools = getattr(request.runtime, "tools", None) or []
+            tool = next((t for t in tools if getattr(t, "name", None) == call.name), None)
+        if tool is None:
+            return None
+
+        def check(nested: ToolCall) -> Decision:
+            return self.judging.traced_calls(trajectory(), [nested])[0]
+
+        async def acheck(nested: ToolCall) -> Decision:
+            return (await self.judging.atraced_calls(trajectory(), [nested]))[0]
+
+        return SealedTool(tool, call, check, acheck)
 
     def answer(self, handler: Handler | None) -> Callable[[Any], Any]:
         def answer(need: Any) -> Any:
