@@ -156,3 +156,27 @@ async def test_a_tool_run_inside_another_tool_is_judged(path: str) -> None:
     [message] = [m for m in result["messages"] if isinstance(m, ToolMessage)]
     assert message.status == "error" and "delete_file" in message.content
     assert len(backend.requests) == 2
+
+
+@pytest.mark.parametrize("path", ["middleware", "guard_node-async", "wrapper"])
+async def test_a_rewrite_inside_the_guard_that_escalates_is_refused_not_run(path: str) -> None:
+    """A reviewer cannot be asked from inside the tool call: escalate stops it there."""
+    guard, _ = make_guard(unsafe=('"/"',), defaults={"on_unsafe": "escalate"})
+    ran: list[Any] = []
+    agent = agent_for(path, guard, make_tools(ran), [turn(("delete_file", {"path": "/tmp/x"}), ids=["d"]), "done"],
+                      inner=args_to({"path": "/"}))
+    result = await drive(path, agent)
+    assert ran == [] and "__interrupt__" not in result
+    [message] = [m for m in result["messages"] if isinstance(m, ToolMessage)]
+    assert message.status == "error" and message.response_metadata["soda_guard"]["action"] == "escalate"
+
+
+@pytest.mark.parametrize("path", ["middleware-async", "guard_node", "wrapper-async"])
+async def test_a_nested_tool_the_policy_allows_runs(path: str) -> None:
+    guard, backend = make_guard(unsafe=("nothing-is-unsafe",))
+    ran: list[Any] = []
+    agent = agent_for(path, guard, with_helper(ran), [turn(("tidy", {"folder": "docs"}), ids=["t"]), "done"])
+    result = await drive(path, agent)
+    assert ran == [("tidy", {"folder": "docs"}), ("delete_file", {"path": "/"})]
+    [message] = [m for m in result["messages"] if isinstance(m, ToolMessage)]
+    assert message.status == "success" and len(backend.requests) == 2
