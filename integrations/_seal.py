@@ -98,6 +98,8 @@ class SealedTool:
 
     def _unchanged(self, call: ToolCall) -> bool:
         sealed = self._sealed.args
+        if call.name == self._sealed.name and _canonical(call.args) == _canonical(sealed):
+            return True
         expected = _model_args(self._tool, sealed) if isinstance(sealed, Mapping) else sealed
         return call.name == self._sealed.name and _canonical(call.args) == _canonical(expected)
 

@@ -13,7 +13,6 @@ after a review pause, even in a new process over the same checkpointer, does not
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Generator, Literal, Mapping
 
 from langchain_core.messages import AIMessage, ToolMessage
@@ -40,6 +39,8 @@ from soda_guard.integrations._enforce import (
 )
 
 __all__ = ["GuardNode", "GuardState", "SodaGuardToolWrapper", "guard_node"]
+
+ANSWER_KEY = "soda_guard_answer"
 
 
 class GuardState(MessagesState):
@@ -94,7 +95,7 @@ class GuardNode:
                 continue
             message = _answer(record)
             messages.append(message)
-            sends.append(Send(_this_node(), _Answered(message)))
+            sends.append(Send(_this_node(), {ANSWER_KEY: message}))
         update: dict[str, Any] = {self.state_key: turn.for_state()}
         if any(send.node == self.tools for send in sends):
             return Command(update=update, goto=sends)
@@ -119,23 +120,24 @@ class GuardNode:
             return Command(goto=self.model)
         return self._route(located[1], turn)
 
-    def invoke(self, state: Mapping[str, Any] | _Answered) -> Command[Any] | dict[str, Any]:
-        if isinstance(state, _Answered):
-            return {self.messages_key: [state.message]}
+    def _answered(self, state: Mapping[str, Any]) -> dict[str, Any] | None:
+        """A call of a turn that also runs tools, answered without running (refused, or
+        answered by a reviewer): the node sent it to itself to write it in its call's place.
+        A plain dict holding a ToolMessage, so any checkpointer stores the pending send."""
+        message = state.get(ANSWER_KEY) if isinstance(state, Mapping) and len(state) == 1 else None
+        return {self.messages_key: [message]} if isinstance(message, ToolMessage) else None
+
+    def invoke(self, state: Mapping[str, Any]) -> Command[Any] | dict[str, Any]:
+        answered = self._answered(state)
+        if answered is not None:
+            return answered
         return run_steps(self._steps(state), self.enforcer.answer(None))
 
-    async def ainvoke(self, state: Mapping[str, Any] | _Answered) -> Command[Any] | dict[str, Any]:
-        if isinstance(state, _Answered):
-            return {self.messages_key: [state.message]}
+    async def ainvoke(self, state: Mapping[str, Any]) -> Command[Any] | dict[str, Any]:
+        answered = self._answered(state)
+        if answered is not None:
+            return answered
         return await arun_steps(self._steps(state), self.enforcer.aanswer(None))
-
-
-@dataclass(frozen=True)
-class _Answered:
-    """A call of a turn that also runs tools, answered without running (refused, or answered
-    by a reviewer): the guard node sends it to itself to write it in its call's place."""
-
-    message: ToolMessage
 
 
 def _answer(record: CallRecord) -> ToolMessage:
