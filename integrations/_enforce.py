@@ -47,7 +47,7 @@ from soda_guard.integrations._convert import (
 )
 from soda_guard.integrations._review import Asked, ask
 from soda_guard.integrations._seal import SealedTool
-from soda_guard.integrations._turns import TURNS, TurnCoordinator
+from soda_guard.integrations._turns import TURNS, Key, TurnCoordinator
 
 Handler = Callable[[ToolCallRequest], "ToolMessage | Command[Any]"]
 AsyncHandler = Callable[[ToolCallRequest], Awaitable["ToolMessage | Command[Any]"]]
@@ -85,7 +85,7 @@ class Moderate:
 class Follow:
     """Wait for the call that leads this turn's judgment (see `TurnCoordinator`)."""
 
-    key: tuple[str, str | None, str]
+    key: Key
 
 
 Need = TypeVar("Need")
@@ -377,7 +377,9 @@ class ToolCallEnforcer:
     """Enforces one tool call inside a `wrap_tool_call` chain. The call runs only on a record
     bound to it: one the middleware or guard node stored for this turn, or one made here (the
     whole turn judged once, led by its first call) when there is none. A call whose arguments
-    were changed after judging matches no record and is judged again on its own."""
+    were changed after judging matches no record and is judged again on its own. What runs is
+    the tool of the call's own name, sealed to the call (`SealedTool`), so whatever runs inside
+    this wrapper (later middleware, tools nested in the tool's body) is judged too."""
 
     def __init__(self, guard: Guard, *, state_key: str, harm: str | None = None,
                  environment: str | None = None, coordinator: TurnCoordinator | None = None) -> None:
@@ -479,7 +481,7 @@ class ToolCallEnforcer:
                 )
         return _stamped(result, record)
 
-    def _sealed(self, request: ToolCallRequest, trajectory: Callable[[], Trajectory], call: ToolCall) -> Any:
+    def _sealed(self, request: ToolCallRequest, trajectory: Callable[[], Trajectory], call: ToolCall) -> SealedTool | None:
         """The tool of the call's name, sealed to the call (see `SealedTool`); None where no
         tool has that name (the ToolNode then answers that the tool does not exist). An outer
         `wrap_tool_call` that renamed the call left the old name's tool in the request: that
