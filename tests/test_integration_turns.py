@@ -151,3 +151,21 @@ async def test_results_keep_call_order_and_the_next_judgment_is_the_same_on_ever
         assert order == ["c0", "c1", "c2", "c3"], path
     prompts = {prompt for _, prompt in seen.values()}
     assert len(prompts) == 1
+
+
+@pytest.mark.parametrize("path", ["middleware", "guard_node", "guard_node-async", "wrapper"])
+async def test_a_reviewer_answer_in_the_tools_place_keeps_its_calls_place(path: str) -> None:
+    guard, _ = make_guard(unsafe=("delete_file",), defaults={"on_unsafe": "escalate"})
+    ran: list[Any] = []
+    replies = [turn(("read_file", {"path": "a"}), ("delete_file", {"path": "/"}), ids=["c0", "c1"]), "done"]
+    graph = graph_for(path, guard, replies, ran)
+    thread = config(f"respond-{path}")
+
+    async def drive(value: Any) -> Any:
+        return await graph.ainvoke(value, thread) if path.endswith("async") else graph.invoke(value, thread)
+
+    assert (await drive(USER))["__interrupt__"]
+    result = await drive(Command(resume={"decisions": [{"type": "respond", "message": "deleted by hand"}]}))
+    tool_messages = [m for m in result["messages"] if isinstance(m, ToolMessage)]
+    assert [m.tool_call_id for m in tool_messages] == ["c0", "c1"]
+    assert tool_messages[1].content == "deleted by hand" and ran == [("read_file", {"path": "a"})]
