@@ -119,9 +119,11 @@ class TurnCoordinator:
             if attempt is not None:
                 return self._take(key, attempt, task)
             end = deadline if wait is None else min(deadline, grace_end)
-            if not event.wait(max(0.0, end - time.monotonic())):
+            try:
+                if not event.wait(max(0.0, end - time.monotonic())):
+                    return self._expired(key, stale, wait is None, wait_s, task)
+            finally:
                 self._forget(key, event.set)
-                return self._expired(key, stale, wait is None, wait_s, task)
 
     async def afollow(self, key: Key, wait_s: float, task: str | None = None) -> TurnRecords | None:
         """`follow` for the event loop: waits on an `asyncio.Event`, holding no thread."""
@@ -130,7 +132,7 @@ class TurnCoordinator:
         grace_end = loop.time() + self.grace_s
         while True:
             event = asyncio.Event()
-            waker = functools.partial(loop.call_soon_threadsafe, event.set)
+            waker = functools.partial(_wake_loop, loop, event)
             attempt, wait = self._poll(key, stale, waker)
             if attempt is not None:
                 return self._take(key, attempt, task)
@@ -138,8 +140,9 @@ class TurnCoordinator:
             try:
                 await asyncio.wait_for(event.wait(), max(0.0, end - loop.time()))
             except TimeoutError:
-                self._forget(key, waker)
                 return self._expired(key, stale, wait is None, wait_s, task)
+            finally:
+                self._forget(key, waker)
 
     def _expired(
         self, key: Key, stale: _Attempt | None, leading: bool, wait_s: float, task: str | None
@@ -147,6 +150,15 @@ class TurnCoordinator:
         if leading:
             raise TimeoutError(f"the judgment of this turn did not finish within {wait_s:.0f}s")
         return self._take(key, stale, task)
+
+
+def _wake_loop(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+    """Set `event` on its own loop from any thread; a loop that closed meanwhile has nobody
+    left to wake."""
+    try:
+        loop.call_soon_threadsafe(event.set)
+    except RuntimeError:
+        pass
 
 
 # one for the process: the calls of a turn split over several ToolNodes meet here
