@@ -84,23 +84,21 @@ class GuardNode:
         are in the turn, every answer is its own `Send` in call order (a refusal to this very
         node), so the turn's results land in the order of its calls, as on the other paths,
         and the next judgment reads the same conversation whichever path ran."""
-        sends: list[Send] = []
-        messages: list[ToolMessage] = []
+        answers: list[Send | ToolMessage] = []
         for record in turn.records:
             call = record.call
             if record.outcome == "run":
                 ran = record.ran_call()
                 original = next((c for c in last_ai.tool_calls if c.get("id") == call.id), None)
-                sends.append(Send(self.tools, [{**(original or {}), "id": call.id, "name": ran.name, "args": ran.args, "type": "tool_call"}]))
-                continue
-            message = _answer(record)
-            messages.append(message)
-            sends.append(Send(_this_node(), {ANSWER_KEY: message}))
+                answers.append(Send(self.tools, [{**(original or {}), "id": call.id, "name": ran.name, "args": ran.args, "type": "tool_call"}]))
+            else:
+                answers.append(_answer(record))
         update: dict[str, Any] = {self.state_key: turn.for_state()}
-        if any(send.node == self.tools for send in sends):
-            return Command(update=update, goto=sends)
-        if messages:
-            update[self.messages_key] = messages
+        if any(isinstance(answer, Send) for answer in answers):
+            node = _this_node()
+            return Command(update=update, goto=[a if isinstance(a, Send) else Send(node, {ANSWER_KEY: a}) for a in answers])
+        if answers:
+            update[self.messages_key] = answers
         return Command(update=update, goto=self.model if self.on_block == "model" else END)
 
     def _steps(self, state: Mapping[str, Any]) -> Generator[Any, Any, Command[Any]]:
