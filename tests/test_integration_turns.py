@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -16,7 +17,7 @@ from langgraph.graph import START, StateGraph
 from langgraph.prebuilt import ToolNode
 from langgraph.types import Command, Send
 
-from soda_guard import Guard
+from soda_guard import Guard, read_audit
 from soda_guard.integrations.langgraph import GuardState, SodaGuardToolWrapper
 
 from integration_helpers import make_guard, make_tools
@@ -41,8 +42,10 @@ class RecordingExecutor(ThreadPoolExecutor):
         return super().submit(fn, *args, **kwargs)
 
 
-async def test_a_turn_wider_than_the_executor_does_not_deadlock_async() -> None:
-    guard, backend = make_guard(unsafe=("nothing-is-unsafe",), defaults={"timeout_s": 1.0})
+async def test_a_turn_wider_than_the_executor_does_not_deadlock_async(tmp_path: Path) -> None:
+    """With an audit sink too: the leader's audit write needs the executor as well."""
+    audit = tmp_path / "audit.jsonl"
+    guard, backend = make_guard(unsafe=("nothing-is-unsafe",), defaults={"timeout_s": 1.0}, audit={"jsonl": str(audit)})
     ran: list[Any] = []
     executor = RecordingExecutor()
     asyncio.get_running_loop().set_default_executor(executor)
@@ -52,6 +55,7 @@ async def test_a_turn_wider_than_the_executor_does_not_deadlock_async() -> None:
     assert sorted(args["path"] for _, args in ran) == sorted(f"f{i}" for i in range(WIDE))
     assert backend.batches == [WIDE]
     assert not [name for name in executor.ran if "follow" in name]
+    assert len(list(read_audit(audit))) == WIDE
 
 
 def test_a_finished_leader_ends_the_wait_at_once_sync(monkeypatch: pytest.MonkeyPatch) -> None:
