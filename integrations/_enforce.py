@@ -12,10 +12,8 @@ a moderation, an audit record) and are sent the answer; `run_steps` answers with
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import threading
-from collections import OrderedDict
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Generator, Mapping, Sequence, TypeVar
 
@@ -48,7 +46,9 @@ from soda_guard.integrations._convert import (
     with_result,
 )
 from soda_guard.integrations._review import Asked, Refused, Ruled, ask
+from soda_guard.integrations._seal import SealedTool
 from soda_guard.integrations._state import Replayed, stored_turn
+from soda_guard.integrations._turns import TURNS, Key, TurnCoordinator
 
 Handler = Callable[[ToolCallRequest], "ToolMessage | Command[Any]"]
 AsyncHandler = Callable[[ToolCallRequest], Awaitable["ToolMessage | Command[Any]"]]
@@ -86,7 +86,7 @@ class Moderate:
 class Follow:
     """Wait for the call that leads this turn's judgment (see `TurnCoordinator`)."""
 
-    key: tuple[str | None, str]
+    key: Key
 
 
 Need = TypeVar("Need")
@@ -135,6 +135,16 @@ def thread_id() -> str | None:
         return None
     value = configurable.get("thread_id")
     return None if value is None else str(value)
+
+
+def task_id() -> str | None:
+    """The LangGraph task running now (one per node run), None outside a graph."""
+    from langgraph.config import get_config
+
+    try:
+        return get_config().get("configurable", {}).get("__pregel_task_id")
+    except RuntimeError:
+        return None
 
 
 def in_graph() -> bool:
@@ -415,68 +425,13 @@ def resolve_turn(
     return result
 
 
-class _Attempt:
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.turn: TurnRecords | None = None
-        self.error: BaseException | None = None
-
-
-class TurnCoordinator:
-    """Lets the parallel calls of one `ToolNode` run agree on one judgment and one review of
-    their turn when no guard node or middleware judged it first.
-
-    The call that comes first in the model's message leads: it judges the whole turn and, if
-    anything is escalated, raises the single interrupt. The others wait for its result, or
-    re-raise its interrupt, so no call of the turn runs before the reviewer answers, and on
-    resume none runs twice. Entries are per (thread, turn), bounded in number."""
-
-    def __init__(self, size: int = 1024, grace_s: float = 1.0) -> None:
-        self._latest: OrderedDict[tuple[str | None, str], _Attempt] = OrderedDict()
-        self._changed = threading.Condition()
-        self._size = size
-        self.grace_s = grace_s
-
-    def lead(self, key: tuple[str | None, str]) -> _Attempt:
-        attempt = _Attempt()
-        with self._changed:
-            self._latest[key] = attempt
-            self._latest.move_to_end(key)
-            while len(self._latest) > self._size:
-                self._latest.popitem(last=False)
-            self._changed.notify_all()
-        return attempt
-
-    def finish(self, attempt: _Attempt, turn: TurnRecords | None = None, error: BaseException | None = None) -> None:
-        attempt.turn, attempt.error = turn, error
-        attempt.done.set()
-        with self._changed:
-            self._changed.notify_all()
-
-    def follow(self, key: tuple[str | None, str], wait_s: float) -> TurnRecords | None:
-        """The leader's records; its exception (an interrupt) re-raised; None when no leader
-        shows up within the grace period. An attempt that ended before this call arrived may
-        belong to an earlier run of the node (before a resume), so a newer one is awaited
-        for the grace period before it is trusted."""
-        with self._changed:
-            first = self._latest.get(key)
-            if first is None or first.done.is_set():
-                self._changed.wait_for(lambda: self._latest.get(key) is not first, timeout=self.grace_s)
-            attempt = self._latest.get(key)
-        if attempt is None:
-            return None
-        if not attempt.done.wait(wait_s):
-            raise TimeoutError(f"the judgment of this turn did not finish within {wait_s:.0f}s")
-        if attempt.error is not None:
-            raise attempt.error
-        return attempt.turn
-
-
 class ToolCallEnforcer:
     """Enforces one tool call inside a `wrap_tool_call` chain. The call runs only on a record
     bound to it: one the middleware or guard node stored for this turn, or one made here (the
     whole turn judged once, led by its first call) when there is none. A call whose arguments
-    were changed after judging matches no record and is judged again on its own."""
+    were changed after judging matches no record and is judged again on its own. What runs is
+    the tool of the call's own name, sealed to the call (`SealedTool`), so whatever runs inside
+    this wrapper (later middleware, tools nested in the tool's body) is judged too."""
 
     def __init__(self, guard: Guard, *, state_key: str, harm: str | None = None,
                  environment: str | None = None, coordinator: TurnCoordinator | None = None) -> None:
@@ -485,7 +440,8 @@ class ToolCallEnforcer:
         self.state_key = state_key
         self.harm = harm
         self.environment = environment
-        self.coordinator = coordinator or TurnCoordinator()
+        self.coordinator = coordinator or TURNS
+        self._policy_key = hashlib.sha256(guard.policy.model_dump_json().encode()).hexdigest()
         self.seal = RecordSeal.for_policy(guard.policy)
 
     @property
@@ -527,18 +483,18 @@ class ToolCallEnforcer:
     ) -> Generator[Any, Any, TurnRecords | None]:
         pending = trajectory.pending_tool_calls()
         unique = [c for c in pending if sum(1 for other in pending if other.id == c.id) == 1]
-        key = (thread, turn)
+        key = (self._policy_key, thread, turn)
         if unique and unique[0] == call:
-            attempt = self.coordinator.lead(key)
+            attempt = self.coordinator.lead(key, followers=len(pending) - 1, task=task_id())
             try:
                 shared = yield from resolve_turn(
                     messages, None, thread=thread, policy=self.guard.policy, hold_turn=True, harm=self.harm,
                     environment=self.environment,
                 )
             except BaseException as error:
-                self.coordinator.finish(attempt, error=error)
+                self.coordinator.finish(key, attempt, error=error)
                 raise
-            self.coordinator.finish(attempt, turn=shared)
+            self.coordinator.finish(key, attempt, turn=shared)
             return shared
         return (yield Follow(key))
 
@@ -555,8 +511,11 @@ class ToolCallEnforcer:
         if record.outcome == "respond":
             return _stamped(ToolMessage(content=record.message or "", tool_call_id=call.id, name=call.name), record)
         ran = record.ran_call()
-        run_request = request if record.run_args is None else request.override(tool_call={**request.tool_call, "args": ran.args})
-        result = yield Run(run_request)
+        sealed = self._sealed(request, trajectory, ran)
+        result = yield Run(request.override(tool_call={**request.tool_call, "args": ran.args}, tool=sealed))
+        if sealed is not None and sealed.refused is not None:
+            stopped = record.model_copy(update={"decision": sealed.refused, "outcome": "refuse", "message": sealed.refused.why})
+            return _stamped(result, stopped) if isinstance(result, ToolMessage) else result
         if not isinstance(result, ToolMessage):
             return result
         if record.run_args is not None:
@@ -576,6 +535,26 @@ class ToolCallEnforcer:
                 )
         return _stamped(result, record)
 
+    def _sealed(self, request: ToolCallRequest, trajectory: Callable[[], Trajectory], call: ToolCall) -> SealedTool | None:
+        """The tool of the call's name, sealed to the call (see `SealedTool`); None where no
+        tool has that name (the ToolNode then answers that the tool does not exist). An outer
+        `wrap_tool_call` that renamed the call left the old name's tool in the request: that
+        one must not run on a judgment of the new name."""
+        tool = request.tool
+        if tool is None or tool.name != call.name:
+            tools = getattr(request.runtime, "tools", None) or []
+            tool = next((t for t in tools if getattr(t, "name", None) == call.name), None)
+        if tool is None:
+            return None
+
+        def check(nested: ToolCall) -> Decision:
+            return self.judging.traced_calls(trajectory(), [nested])[0]
+
+        async def acheck(nested: ToolCall) -> Decision:
+            return (await self.judging.atraced_calls(trajectory(), [nested]))[0]
+
+        return SealedTool(tool, call, check, acheck)
+
     def answer(self, handler: Handler | None) -> Callable[[Any], Any]:
         def answer(need: Any) -> Any:
             if isinstance(need, Judge):
@@ -594,7 +573,7 @@ class ToolCallEnforcer:
                 assert handler is not None
                 return handler(need.request)
             if isinstance(need, Follow):
-                return self.coordinator.follow(need.key, self.follow_wait_s)
+                return self.coordinator.follow(need.key, self.follow_wait_s, task_id())
             return self.judging.result(need.trajectory, need.call, need.message)
 
         return answer
@@ -623,7 +602,7 @@ class ToolCallEnforcer:
                 assert handler is not None
                 return await handler(need.request)
             if isinstance(need, Follow):
-                return await asyncio.to_thread(self.coordinator.follow, need.key, self.follow_wait_s)
+                return await self.coordinator.afollow(need.key, self.follow_wait_s, task_id())
             return await self.judging.aresult(need.trajectory, need.call, need.message)
 
         return answer

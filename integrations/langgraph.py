@@ -24,7 +24,7 @@ from typing_extensions import NotRequired
 
 from soda_guard.guard import Guard
 from soda_guard.policy import Policy
-from soda_guard.records import TurnRecords
+from soda_guard.records import CallRecord, TurnRecords
 
 from soda_guard.integrations._convert import METADATA_KEY, STATE_KEY, last_turn, refusal_text
 from soda_guard.integrations._enforce import (
@@ -40,6 +40,8 @@ from soda_guard.integrations._enforce import (
 from soda_guard.integrations._state import closing, state_form, stored_turn
 
 __all__ = ["GuardNode", "GuardState", "SodaGuardToolWrapper", "guard_node"]
+
+ANSWER_KEY = "soda_guard_answer"
 
 
 class GuardState(MessagesState):
@@ -79,33 +81,25 @@ class GuardNode:
         self.enforcer = ToolCallEnforcer(guard, state_key=state_key, harm=harm, environment=environment)
 
     def _route(self, last_ai: AIMessage, turn: TurnRecords) -> Command[Any]:
-        sends: list[Send] = []
-        messages: list[ToolMessage] = []
+        """Calls that run go to the tools node; the others are answered here. When both kinds
+        are in the turn, every answer is its own `Send` in call order (a refusal to this very
+        node), so the turn's results land in the order of its calls, as on the other paths,
+        and the next judgment reads the same conversation whichever path ran."""
+        answers: list[Send | ToolMessage] = []
         for record in turn.records:
             call = record.call
             if record.outcome == "run":
                 ran = record.ran_call()
                 original = next((c for c in last_ai.tool_calls if c.get("id") == call.id), None)
-                sends.append(Send(self.tools, [{**(original or {}), "id": call.id, "name": ran.name, "args": ran.args, "type": "tool_call"}]))
-                continue
-            if record.outcome == "respond":
-                content = record.message or ""
+                answers.append(Send(self.tools, [{**(original or {}), "id": call.id, "name": ran.name, "args": ran.args, "type": "tool_call"}]))
             else:
-                content = refusal_text(call.name, record.message or record.decision.why)
-            messages.append(
-                ToolMessage(
-                    content=content,
-                    tool_call_id=call.id,
-                    name=call.name,
-                    status="success" if record.outcome == "respond" else "error",
-                    response_metadata={METADATA_KEY: record.summary()},
-                )
-            )
+                answers.append(_answer(record))
         update: dict[str, Any] = {self.state_key: state_form(turn, self.enforcer.seal)}
-        if messages:
-            update[self.messages_key] = messages
-        if sends:
-            return Command(update=update, goto=sends)
+        if any(isinstance(answer, Send) for answer in answers):
+            node = _this_node()
+            return Command(update=update, goto=[a if isinstance(a, Send) else Send(node, {ANSWER_KEY: a}) for a in answers])
+        if answers:
+            update[self.messages_key] = answers
         return Command(update=update, goto=self.model if self.on_block == "model" else END)
 
     def _steps(self, state: Mapping[str, Any]) -> Generator[Any, Any, Command[Any]]:
@@ -128,11 +122,46 @@ class GuardNode:
             return Command(goto=self.model)
         return self._route(located[1], turn)
 
-    def invoke(self, state: Mapping[str, Any]) -> Command[Any]:
+    def _answered(self, state: Mapping[str, Any]) -> dict[str, Any] | None:
+        """A call of a turn that also runs tools, answered without running (refused, or
+        answered by a reviewer): the node sent it to itself to write it in its call's place.
+        A plain dict holding a ToolMessage, so any checkpointer stores the pending send."""
+        message = state.get(ANSWER_KEY) if isinstance(state, Mapping) and len(state) == 1 else None
+        return {self.messages_key: [message]} if isinstance(message, ToolMessage) else None
+
+    def invoke(self, state: Mapping[str, Any]) -> Command[Any] | dict[str, Any]:
+        answered = self._answered(state)
+        if answered is not None:
+            return answered
         return run_steps(self._steps(state), self.enforcer.answer(None))
 
-    async def ainvoke(self, state: Mapping[str, Any]) -> Command[Any]:
+    async def ainvoke(self, state: Mapping[str, Any]) -> Command[Any] | dict[str, Any]:
+        answered = self._answered(state)
+        if answered is not None:
+            return answered
         return await arun_steps(self._steps(state), self.enforcer.aanswer(None))
+
+
+def _answer(record: CallRecord) -> ToolMessage:
+    call = record.call
+    if record.outcome == "respond":
+        content = record.message or ""
+    else:
+        content = refusal_text(call.name, record.message or record.decision.why)
+    return ToolMessage(
+        content=content,
+        tool_call_id=call.id,
+        name=call.name,
+        status="success" if record.outcome == "respond" else "error",
+        response_metadata={METADATA_KEY: record.summary()},
+    )
+
+
+def _this_node() -> str:
+    """The guard node's name in its graph (whatever `add_node` called it)."""
+    from langgraph.config import get_config
+
+    return str(get_config()["metadata"]["langgraph_node"])
 
 
 def guard_node(

@@ -1,0 +1,189 @@
+"""The tool object a guarded call runs: what reaches it is what was judged.
+
+Middleware listed after the guard (inside its `wrap_tool_call`) gets the call after the guard
+decided and can still rewrite it; a tool can run other tools in its body. Neither passes
+through the guard's `wrap_tool_call` again, so the guard hands down a `SealedTool` in the
+request's place of the tool: it judges the call as it actually reaches the tool (name of the
+tool object, arguments as rewritten), and attaches a callback handler to the tool's run that
+judges every tool run nested inside it before that tool's body starts.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from typing import Any, Callable, Mapping
+
+from langchain_core.callbacks import BaseCallbackHandler, BaseCallbackManager
+from langchain_core.messages import ToolMessage
+from langchain_core.tools import BaseTool
+from pydantic import BaseModel
+
+from soda_guard.errors import SodaGuardError
+from soda_guard.trajectory import ToolCall
+from soda_guard.verdict import Decision
+
+from soda_guard.integrations._convert import refusal_text
+
+Check = Callable[[ToolCall], Decision]
+
+
+class NestedCallStopped(SodaGuardError):
+    """Raised into a tool's body where it runs another tool the policy does not let run (a
+    nested call cannot wait for a reviewer, so escalate stops it too)."""
+
+    def __init__(self, decision: Decision, outer: str) -> None:
+        self.decision = decision
+        name = decision.tool_call.name if decision.tool_call else "tool"
+        super().__init__(f"soda-guard stopped `{name}`, run inside `{outer}` ({decision.action.value}): {decision.why}")
+
+
+class _Nested(BaseCallbackHandler):
+    """Judges each tool run that starts inside the sealed tool's run (the sealed run itself
+    excepted). `raise_error` makes LangChain raise the refusal where the nested tool starts,
+    before its body; LangChain runs this sync handler off the event loop on async paths."""
+
+    raise_error = True
+
+    def __init__(self, outer_run: uuid.UUID, outer: str, check: Check) -> None:
+        self.outer_run = outer_run
+        self.outer = outer
+        self.check = check
+        self.stopped: Decision | None = None
+        self._lock = threading.Lock()
+
+    def on_tool_start(
+        self,
+        serialized: dict[str, Any],
+        input_str: str,
+        *,
+        run_id: uuid.UUID,
+        inputs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if run_id == self.outer_run:
+            return
+        name = (serialized or {}).get("name") or kwargs.get("name") or "tool"
+        args: Any = inputs if inputs is not None else _parsed(input_str)
+        call = ToolCall(id=kwargs.get("tool_call_id") or str(run_id), name=name, args=args)
+        decision = self.check(call)
+        if not decision.allowed:
+            with self._lock:
+                self.stopped = self.stopped or decision
+            raise NestedCallStopped(decision, self.outer)
+
+
+class SealedTool:
+    """Stands in for `tool` in the request the guard passes down. `sealed` is the call the
+    guard let run; a call that reaches the tool in any other shape is judged (`check`) and
+    refused unless the policy lets it run as is. `refused` holds the decision that stopped the
+    call or a tool nested in it, for the call's record. Every other attribute is the tool's."""
+
+    def __init__(self, tool: BaseTool, sealed: ToolCall, check: Check, acheck: Callable[[ToolCall], Any]) -> None:
+        self._tool = tool
+        self._sealed = sealed
+        self._check = check
+        self._acheck = acheck
+        self.refused: Decision | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tool, name)
+
+    def _arrived(self, input: Any) -> ToolCall:
+        raw = input.get("args", {}) if isinstance(input, Mapping) and input.get("type") == "tool_call" else input
+        call_id = input.get("id") if isinstance(input, Mapping) else None
+        args = _model_args(self._tool, raw) if isinstance(raw, Mapping) else str(raw)
+        return ToolCall(id=call_id or self._sealed.id, name=self._tool.name, args=args)
+
+    def _unchanged(self, call: ToolCall) -> bool:
+        sealed = self._sealed.args
+        if call.name == self._sealed.name and _canonical(call.args) == _canonical(sealed):
+            return True
+        expected = _model_args(self._tool, sealed) if isinstance(sealed, Mapping) else sealed
+        return call.name == self._sealed.name and _canonical(call.args) == _canonical(expected)
+
+    def _refusal(self, decision: Decision, call: ToolCall, input: Any) -> ToolMessage:
+        self.refused = decision
+        why = f"the call was changed after it was judged, and as it would run: {decision.why}"
+        return ToolMessage(
+            content=refusal_text(call.name, why), tool_call_id=_call_id(input, self._sealed), name=call.name, status="error"
+        )
+
+    def _stopped(self, handler: _Nested, error: NestedCallStopped, input: Any) -> ToolMessage:
+        self.refused = handler.stopped or error.decision
+        return ToolMessage(
+            content=refusal_text(self._tool.name, str(error)),
+            tool_call_id=_call_id(input, self._sealed), name=self._tool.name, status="error",
+        )
+
+    def _config(self, config: Any, handler: _Nested) -> dict[str, Any]:
+        config = dict(config or {})
+        callbacks = config.get("callbacks")
+        if isinstance(callbacks, BaseCallbackManager):
+            callbacks = callbacks.copy()
+            callbacks.add_handler(handler, inherit=True)
+        else:
+            callbacks = [*(callbacks or []), handler]
+        return {**config, "callbacks": callbacks, "run_id": handler.outer_run}
+
+    def _nested(self) -> _Nested:
+        return _Nested(uuid.uuid4(), self._tool.name, self._check)
+
+    def invoke(self, input: Any, config: Any = None, **kwargs: Any) -> Any:
+        call = self._arrived(input)
+        if not self._unchanged(call):
+            decision = self._check(call)
+            if not decision.allowed:
+                return self._refusal(decision, call, input)
+        handler = self._nested()
+        try:
+            result = self._tool.invoke(input, self._config(config, handler), **kwargs)
+        except NestedCallStopped as error:
+            return self._stopped(handler, error, input)
+        self.refused = handler.stopped
+        return result
+
+    async def ainvoke(self, input: Any, config: Any = None, **kwargs: Any) -> Any:
+        call = self._arrived(input)
+        if not self._unchanged(call):
+            decision = await self._acheck(call)
+            if not decision.allowed:
+                return self._refusal(decision, call, input)
+        handler = self._nested()
+        try:
+            result = await self._tool.ainvoke(input, self._config(config, handler), **kwargs)
+        except NestedCallStopped as error:
+            return self._stopped(handler, error, input)
+        self.refused = handler.stopped
+        return result
+
+
+def _model_args(tool: BaseTool, args: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments the model controls: those the ToolNode injects (state, store, runtime:
+    in the tool's input schema but not in the schema shown to the model) are left out."""
+    try:
+        full, shown = tool.get_input_schema(), tool.tool_call_schema
+    except Exception:
+        return dict(args)
+    if not (isinstance(shown, type) and issubclass(shown, BaseModel)):
+        return dict(args)
+    injected = set(getattr(full, "model_fields", {})) - set(shown.model_fields)
+    return {key: value for key, value in args.items() if key not in injected}
+
+
+def _canonical(args: Any) -> str:
+    return json.dumps(args, sort_keys=True, default=str)
+
+
+def _call_id(input: Any, sealed: ToolCall) -> str:
+    found = input.get("id") if isinstance(input, Mapping) else None
+    return str(found or sealed.id)
+
+
+def _parsed(input_str: str) -> dict[str, Any] | str:
+    try:
+        parsed = json.loads(input_str)
+    except (TypeError, ValueError):
+        return input_str
+    return parsed if isinstance(parsed, dict) else input_str
