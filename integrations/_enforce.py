@@ -36,7 +36,9 @@ from soda_guard.verdict import Action, Decision
 from soda_guard.integrations._convert import (
     METADATA_KEY,
     binding_of,
+    command_messages,
     last_turn,
+    read_as_one,
     refusal_text,
     same_call,
     to_tool_call,
@@ -45,6 +47,7 @@ from soda_guard.integrations._convert import (
     turn_of_call,
     turn_records,
     with_calls,
+    with_command_messages,
     with_result,
 )
 from soda_guard.integrations._review import Asked, ask
@@ -503,24 +506,32 @@ class ToolCallEnforcer:
         ran = record.ran_call()
         run_request = request if record.run_args is None else request.override(tool_call={**request.tool_call, "args": ran.args})
         result = yield Run(run_request)
-        if not isinstance(result, ToolMessage):
+        # a Command's ToolMessage is what the model reads, as much as a plain one
+        found = ([result], 0) if isinstance(result, ToolMessage) else command_messages(result, call.id)
+        if found is None:
             return result
+        messages, index = found
+        message = messages[index]
+        assert isinstance(message, ToolMessage)
         if record.run_args is not None:
-            result = result.model_copy(update={"content": _with_edit_notice(result.content, ran)})
+            message = message.model_copy(update={"content": _with_edit_notice(message.content, ran)})
+            messages = [*messages[:index], message, *messages[index + 1 :]]
         moderation = None
         if self.guard.policy.tool_results is not None:
-            moderation = yield Moderate(trajectory(), ran, result)
+            moderation = yield Moderate(trajectory(), ran, read_as_one(messages, index))
         if moderation is not None:
             record = record.model_copy(update={"result_decision": moderation})
             if not moderation.action.runs_tool:
                 why = moderation.why if moderation.action is Action.BLOCK else (
                     f"{moderation.why} (a tool result cannot wait for review without running the tool again, so it is withheld)"
                 )
-                result = ToolMessage(
+                message = ToolMessage(
                     content=f"soda-guard withheld the result of `{call.name}`: {why}.",
-                    tool_call_id=result.tool_call_id, name=result.name, status="error",
+                    tool_call_id=message.tool_call_id, name=message.name, status="error",
                 )
-        return _stamped(result, record)
+                messages, index = [message], 0
+        messages = [*messages[:index], _stamped(message, record), *messages[index + 1 :]]
+        return messages[0] if isinstance(result, ToolMessage) else with_command_messages(result, messages)  # type: ignore[return-value]
 
     def answer(self, handler: Handler | None) -> Callable[[Any], Any]:
         def answer(need: Any) -> Any:

@@ -37,8 +37,8 @@ from soda_guard.verdict import Decision
 
 from soda_guard.integrations._convert import (
     STATE_KEY,
-    message_text,
     refusal_text,
+    result_text,
     to_step,
     to_trajectory,
     turn_records,
@@ -328,13 +328,8 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
             call = self._tool_runs.pop(run_id, None)
             if call is None:
                 return
-            content = getattr(output, "content", output)
-            status_error = getattr(output, "status", None) == "error"
-            self.trajectory.append(
-                ToolStep(
-                    tool_call_id=call.id, name=call.name, content=message_text(content), is_error=is_error or status_error
-                )
-            )
+            text, failed = result_text(output)
+            self.trajectory.append(ToolStep(tool_call_id=call.id, name=call.name, content=text, is_error=is_error or failed))
 
 
 def _parse_args(input_str: str) -> dict[str, Any] | str:
