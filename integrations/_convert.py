@@ -100,43 +100,61 @@ def _decoded(value: str, key: str, holder: Mapping[str, Any]) -> str:
         return value
 
 
-def command_messages(result: Any, call_id: str) -> tuple[list[BaseMessage], int] | None:
-    """The messages a tool's `Command` adds to the conversation and the index of the
-    ToolMessage answering `call_id` among them; None when it carries no such answer (LangGraph
-    then refuses the Command itself)."""
+def command_messages(result: Any, call_id: str) -> tuple[list[BaseMessage], int | None] | None:
+    """The messages a tool's `Command` adds to the conversation, and the index of the
+    ToolMessage answering `call_id` among them (None when there is none: a Command sent to the
+    parent graph need not answer); None when it adds no messages."""
     messages = update_messages(result) if isinstance(result, Command) else None
     if not messages:
         return None
     index = next((i for i, m in enumerate(messages) if isinstance(m, ToolMessage) and m.tool_call_id == call_id), None)
-    return (messages, index) if index is not None else None
+    return messages, index
+
+
+def _pairs(update: Any) -> list[tuple[str, Any]] | None:
+    """A Command's update as (key, value) pairs; None for the bare list of messages a ToolNode
+    given a list of messages takes."""
+    if isinstance(update, Mapping):
+        return list(update.items())
+    if isinstance(update, (list, tuple)) and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in update):
+        return list(update)
+    return None
 
 
 def update_messages(command: Command) -> list[BaseMessage] | None:
     """The messages a Command's state update adds, as messages (they may be given as dicts)."""
     update = command.update
-    pairs = list(update.items()) if isinstance(update, Mapping) else list(update) if isinstance(update, (list, tuple)) else []
-    raw = next((value for name, value in pairs if name == "messages"), None)
+    pairs = _pairs(update)
+    if pairs is None:
+        raw = list(update) if isinstance(update, (list, tuple)) else None
+    else:
+        raw = next((value for name, value in pairs if name == "messages"), None)
     if raw is None:
         return None
     return convert_to_messages(raw if isinstance(raw, list) else [raw])
 
 
 def with_command_messages(result: Command, messages: list[BaseMessage]) -> Command:
-    """`result` with its `messages` update replaced, every other part of it kept."""
+    """`result` with the messages it adds replaced, every other part of it kept."""
     update = result.update
     if isinstance(update, Mapping):
         return dataclasses.replace(result, update={**update, "messages": messages})
+    if _pairs(update) is None:
+        return dataclasses.replace(result, update=messages)
     return dataclasses.replace(result, update=[(n, messages if n == "messages" else v) for n, v in update])
 
 
-def read_as_one(messages: Sequence[BaseMessage], index: int) -> ToolMessage:
+def read_as_one(messages: Sequence[BaseMessage], index: int | None, call: ToolCall) -> ToolMessage:
     """What the model reads of a tool's answer, as the one ToolMessage a moderation judges:
-    a Command can add messages beside its ToolMessage, and each is read by the model."""
-    answer = messages[index]
-    assert isinstance(answer, ToolMessage)
-    if len(messages) == 1:
+    a Command can add messages beside its ToolMessage (or, sent to the parent graph, none
+    answering the call), and each is read by the model."""
+    answer = messages[index] if index is not None else None
+    if isinstance(answer, ToolMessage) and len(messages) == 1:
         return answer
-    return answer.model_copy(update={"content": "\n".join(message_text(m.content) for m in messages)})
+    text = "\n".join(message_text(m.content) for m in messages)
+    if isinstance(answer, ToolMessage):
+        return answer.model_copy(update={"content": text})
+    return ToolMessage(content=text, tool_call_id=call.id, name=call.name)
 
 
 def result_text(output: Any) -> tuple[str, bool]:

@@ -506,31 +506,31 @@ class ToolCallEnforcer:
         ran = record.ran_call()
         run_request = request if record.run_args is None else request.override(tool_call={**request.tool_call, "args": ran.args})
         result = yield Run(run_request)
-        # a Command's ToolMessage is what the model reads, as much as a plain one
+        # what a Command adds to the conversation is read by the model, as a ToolMessage is
         found = ([result], 0) if isinstance(result, ToolMessage) else command_messages(result, call.id)
         if found is None:
             return result
         messages, index = found
-        message = messages[index]
-        assert isinstance(message, ToolMessage)
-        if record.run_args is not None:
-            message = message.model_copy(update={"content": _with_edit_notice(message.content, ran)})
-            messages = [*messages[:index], message, *messages[index + 1 :]]
+        answer = messages[index] if index is not None else None
+        if isinstance(answer, ToolMessage) and record.run_args is not None:
+            answer = answer.model_copy(update={"content": _with_edit_notice(answer.content, ran)})
+            messages = [*messages[:index], answer, *messages[index + 1 :]]  # type: ignore[index, operator]
         moderation = None
         if self.guard.policy.tool_results is not None:
-            moderation = yield Moderate(trajectory(), ran, read_as_one(messages, index))
+            moderation = yield Moderate(trajectory(), ran, read_as_one(messages, index, ran))
         if moderation is not None:
             record = record.model_copy(update={"result_decision": moderation})
             if not moderation.action.runs_tool:
                 why = moderation.why if moderation.action is Action.BLOCK else (
                     f"{moderation.why} (a tool result cannot wait for review without running the tool again, so it is withheld)"
                 )
-                message = ToolMessage(
+                answer = ToolMessage(
                     content=f"soda-guard withheld the result of `{call.name}`: {why}.",
-                    tool_call_id=message.tool_call_id, name=message.name, status="error",
+                    tool_call_id=call.id, name=call.name, status="error",
                 )
-                messages, index = [message], 0
-        messages = [*messages[:index], _stamped(message, record), *messages[index + 1 :]]
+                messages, index = [answer], 0
+        if isinstance(answer, ToolMessage) and index is not None:
+            messages = [*messages[:index], _stamped(answer, record), *messages[index + 1 :]]
         return messages[0] if isinstance(result, ToolMessage) else with_command_messages(result, messages)  # type: ignore[return-value]
 
     def answer(self, handler: Handler | None) -> Callable[[Any], Any]:

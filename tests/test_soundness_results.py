@@ -172,3 +172,38 @@ def test_the_callback_handler_records_a_command_result_as_its_text() -> None:
         {"type": "tool_call", "id": "c1", "name": "fetch_command", "args": {"url": "u"}}, {"callbacks": [handler]}
     )
     assert INJECTION in (handler.trajectory.steps[-1].content or "")
+
+
+@pytest.mark.parametrize(
+    "update",
+    [
+        {"messages": [HumanMessage(INJECTION)]},
+        [HumanMessage(INJECTION)],
+        [("messages", [HumanMessage(INJECTION)])],
+    ],
+    ids=["dict", "bare-list", "pairs"],
+)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_command_to_the_parent_graph_without_an_answer_is_moderated_too(update: Any, mode: str) -> None:
+    """A Command sent to the parent graph need not answer the call, yet its messages reach a
+    model: they are moderated as the call's result, and withheld as a whole."""
+    from langgraph.prebuilt.tool_node import ToolCallRequest
+
+    guard, _, qwen = _guard()
+    wrapper = SodaGuardToolWrapper(guard)
+    call = {"id": "c1", "name": "fetch_page", "args": {"url": "u"}, "type": "tool_call"}
+    state = {"messages": [HumanMessage("Look it up."), AIMessage("", tool_calls=[call], id="ai-1")]}
+    request = ToolCallRequest(tool_call=call, tool=None, state=state, runtime=None)  # type: ignore[arg-type]
+    command = Command(graph=Command.PARENT, update=update)
+
+    async def ahandler(_: Any) -> Command:
+        return command
+
+    result = wrapper(request, lambda _: command) if mode == "sync" else await wrapper.awrap(request, ahandler)
+    assert qwen.requests and isinstance(result, Command) and result.graph == Command.PARENT
+    messages = result.update["messages"] if isinstance(result.update, dict) else (
+        result.update[0][1] if isinstance(result.update[0], tuple) else result.update
+    )
+    [withheld] = messages
+    assert isinstance(withheld, ToolMessage) and withheld.status == "error" and "withheld" in withheld.content
+    assert withheld.response_metadata["soda_guard"]["result_decision"]["action"] == "block"
