@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
+from dataclasses import dataclass
 
 _BLANK_FILLERS = "\u115f\u1160\u3164\uffa0\u2800\u180e\u034f"
 """Hangul fillers, the braille blank, the Mongolian vowel separator and the combining grapheme
@@ -66,14 +67,12 @@ MARK = "\u00a6"
 accepted wherever a marker has punctuation (`[`, `=`, `:`, `<`, ...)."""
 
 
-def _ascii_look_alikes(char: str) -> set[str]:
-    """The ASCII characters Unicode's confusables data (`confusable_homoglyphs`) says `char` can
-    be mistaken for, through any chain of confusables."""
-    from confusable_homoglyphs.confusables import confusables_data
-
+def _ascii_look_alikes(char: str, data: dict[str, list[dict[str, str]]]) -> set[str]:
+    """The ASCII characters Unicode's confusables data says `char` can be mistaken for, through
+    any chain of confusables."""
     seen, todo, found = {char}, [char], set()
     while todo:
-        for entry in confusables_data.get(todo.pop(), ()):
+        for entry in data.get(todo.pop(), ()):
             other = entry.get("c", "")
             if len(other) != 1 or other in seen:
                 continue
@@ -85,28 +84,61 @@ def _ascii_look_alikes(char: str) -> set[str]:
     return found
 
 
-class _Folding(dict[int, str]):
-    """`str.translate` table, filled on first sight of each character: the first lookup of a
-    character costs a Python call, every later one is a C-level dict hit."""
-
-    def __missing__(self, point: int) -> str:
-        char = chr(point)
-        if char.isascii():
-            folded = char
-        else:
-            looks = _ascii_look_alikes(char)
-            letter_like = unicodedata.category(char)[0] in "LM"
-            if any(look.isalpha() for look in looks) or (letter_like and not looks):
-                folded = LETTER
-            elif letter_like:  # a letter drawn as punctuation: Canadian syllabics `ᐸ`, Lisu `ꓽ`
-                folded = min(looks)
-            else:
-                folded = MARK
-        self[point] = folded
-        return folded
+def _letter_like(char: str) -> bool:
+    return unicodedata.category(char)[0] in "LM"
 
 
-_FOLDING = _Folding()
+@dataclass(frozen=True)
+class _Folding:
+    """The three C-level substitutions that fold a line: characters whose look crosses between
+    letters and punctuation (from Unicode's confusables data: `ᐸ` is `<`, `∪` is a letter),
+    then every other letter outside ASCII to `LETTER` (BMP and astral classes apart, as in
+    `_invisible`), then whatever is left outside ASCII to `MARK`."""
+
+    crossing: dict[str, str]
+    crossing_class: re.Pattern[str]
+    letters: re.Pattern[str]
+    astral_letters: re.Pattern[str]
+
+    def __call__(self, text: str) -> str:
+        if self.crossing_class.search(text):
+            text = self.crossing_class.sub(lambda found: self.crossing[found.group()], text)
+        text = self.letters.sub(LETTER, text)
+        if _ASTRAL.search(text):
+            text = self.astral_letters.sub(LETTER, text)
+        return _NON_ASCII.sub(MARK, text)
+
+
+@functools.cache
+def _folding() -> _Folding:
+    from confusable_homoglyphs.confusables import confusables_data
+
+    crossing: dict[str, str] = {}
+    for char in confusables_data:
+        if len(char) != 1 or char.isascii():
+            continue
+        looks = _ascii_look_alikes(char, confusables_data)
+        if _letter_like(char) and looks and not any(look.isalpha() for look in looks):
+            crossing[char] = min(looks)  # a letter drawn as punctuation: Canadian syllabics `ᐸ`, Lisu `ꓽ`
+        elif not _letter_like(char) and any(look.isalpha() for look in looks):
+            crossing[char] = LETTER  # a symbol drawn as a letter: `∪`
+    points = [cp for plane in _LETTER_PLANES for cp in plane if _letter_like(chr(cp)) and chr(cp) not in crossing]
+    return _Folding(
+        crossing=crossing,
+        crossing_class=re.compile(f"[{_character_class([ord(char) for char in crossing])}]"),
+        letters=re.compile(f"[{_character_class([cp for cp in points if cp <= 0xFFFF])}]"),
+        astral_letters=re.compile(f"[{_character_class([cp for cp in points if cp > 0xFFFF])}]"),
+    )
+
+
+_LETTER_PLANES = (range(0x80, 0x40000), range(0xE0000, 0xE1000))
+"""Where letters and marks live (the BMP, the SMP, the ideographic planes, tags and variation
+selectors)."""
+
+_NON_ASCII = re.compile(f"[^\\x00-\\x7f{LETTER}{MARK}]")
+"""What is left to become `MARK`: anything outside ASCII but the two stand-ins themselves."""
+
+
 _META = frozenset("\\.^$*+?{}[]|()")
 
 
@@ -169,7 +201,7 @@ def delimiter_key(line: str) -> str:
     normal = unicodedata.normalize("NFKC", visible)
     if normal != visible:  # a compatibility decomposition can bring back a combining mark
         normal = strip_invisible(normal).lstrip()
-    return normal.translate(_FOLDING)
+    return _folding()(normal)
 
 
 def is_delimiter(line: str, delimiters: re.Pattern[str]) -> bool:
