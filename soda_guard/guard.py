@@ -233,7 +233,8 @@ class Guard:
         if verdict.failed:
             return Decision(action=outcome("on_error"), why=f"judge failed: {verdict.error}", **base)
         if verdict.truncated and self.policy.outcome(item.rule, "on_truncated") == "error":
-            why = "the judge prompt was truncated to fit its budget and on_truncated is error"
+            cut = "the conversation reached the guard already cut" if item.view.truncated else "the judge prompt was truncated to fit its budget"
+            why = f"{cut} and on_truncated is error"
             return Decision(action=outcome("on_error"), why=why, **base)
         threshold = outcome("threshold")
         label = verdict.label
