@@ -111,14 +111,21 @@ def command_messages(result: Any, call_id: str) -> tuple[list[BaseMessage], int 
     return messages, index
 
 
+_ROLES = frozenset({"user", "human", "ai", "assistant", "system", "developer", "tool", "function"})
+
+
 def _pairs(update: Any) -> list[tuple[str, Any]] | None:
     """A Command's update as (key, value) pairs; None for the bare list of messages a ToolNode
-    given a list of messages takes."""
+    given a list of messages takes (which may be `(role, text)` tuples, told apart from pairs
+    by their roles)."""
     if isinstance(update, Mapping):
         return list(update.items())
-    if isinstance(update, (list, tuple)) and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in update):
-        return list(update)
-    return None
+    if not isinstance(update, (list, tuple)):
+        return None
+    if not all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in update):
+        return None
+    keys = {name for name, _ in update}
+    return None if keys and "messages" not in keys and keys <= _ROLES else list(update)
 
 
 def update_messages(command: Command) -> list[BaseMessage] | None:

@@ -180,8 +180,9 @@ def test_the_callback_handler_records_a_command_result_as_its_text() -> None:
         {"messages": [HumanMessage(INJECTION)]},
         [HumanMessage(INJECTION)],
         [("messages", [HumanMessage(INJECTION)])],
+        [("user", INJECTION)],
     ],
-    ids=["dict", "bare-list", "pairs"],
+    ids=["dict", "bare-list", "pairs", "role-tuples"],
 )
 @pytest.mark.parametrize("mode", ["sync", "async"])
 async def test_a_command_to_the_parent_graph_without_an_answer_is_moderated_too(update: Any, mode: str) -> None:
