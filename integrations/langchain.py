@@ -66,9 +66,9 @@ __all__ = [
 ]
 
 if HAS_DECISION_MODELS:
-    from soda_guard.integrations.decision_model import SodaGuardDecisionModel
+    from soda_guard.integrations.decision_model import JudgmentFailed, SodaGuardDecisionModel
 
-    __all__ += ["SodaGuardDecisionModel"]
+    __all__ += ["JudgmentFailed", "SodaGuardDecisionModel"]
 
 
 class SodaGuardState(AgentState):
