@@ -7,9 +7,14 @@ serializer and a process restart.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import dataclasses
+import json
 from typing import Any, Iterable, Mapping, Sequence
 
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage, convert_to_messages
+from langgraph.types import Command
 
 from soda_guard.binding import CallBinding
 from soda_guard.records import TurnRecords
@@ -21,22 +26,154 @@ METADATA_KEY = "soda_guard"
 
 
 def message_text(content: Any) -> str:
-    """Text of a message `content` that may be a string or a list of blocks; non-text blocks
-    become a `[type]` marker so the judge knows something was there."""
+    """Text of a message `content` that may be a string or a list of blocks: a block of any
+    type is read as the text the model would read in it (`block_text`)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        pieces = []
-        for block in content:
-            if isinstance(block, str):
-                pieces.append(block)
-            elif isinstance(block, dict):
-                text = block.get("text")
-                pieces.append(text if isinstance(text, str) else f"[{block.get('type', 'block')}]")
-            else:
-                pieces.append(str(block))
-        return "\n".join(pieces)
+        return "\n".join(block_text(block) for block in content)
     return "" if content is None else str(content)
+
+
+_CALL_BLOCKS = frozenset({"tool_use", "tool_call", "tool_call_chunk", "server_tool_call", "server_tool_call_chunk", "function_call"})
+"""Blocks that repeat a model's tool call, which the judges are shown from `tool_calls`."""
+
+_NOT_TEXT = frozenset({"type", "id", "index", "url", "file_id", "mime_type", "media_type", "cache_control", "signature", "status"})
+"""Keys whose values are addresses, identifiers or formats, not text a model reads."""
+
+_ENCODED = frozenset({"base64", "data"})
+
+
+def block_text(block: Any) -> str:
+    """A content block as its text: a text block is its text; any other block (`json`,
+    `search_result`, `document`, `file`, `image` with a caption, types this code has never
+    seen) is `[type]` followed by every piece of text it carries, in order: strings at any depth,
+    a JSON payload as JSON, and base64 or raw data declared as text. A block with no text at all
+    (a plain image) stays `[type]`, so the judge knows something was there. An injection in a
+    JSON tool result thereby reaches the judges as the text the model reads, not as `[json]`."""
+    if isinstance(block, str):
+        return block
+    if not isinstance(block, Mapping):
+        return str(block)
+    kind = block.get("type")
+    if kind == "text" and isinstance(block.get("text"), str):
+        return block["text"]
+    label = f"[{kind if isinstance(kind, str) else 'block'}]"
+    if kind in _CALL_BLOCKS:
+        return label
+    pieces = _text_pieces(block)
+    return " ".join([label, "\n".join(pieces)]) if pieces else label
+
+
+def _text_pieces(value: Any, key: str | None = None, holder: Mapping[str, Any] | None = None) -> list[str]:
+    if isinstance(value, str):
+        if key in _ENCODED:
+            return [_decoded(value, key, holder or {})] if _declared_text(holder or {}) else []
+        return [value] if value.strip() else []
+    if isinstance(value, Mapping):
+        if key == "json":
+            return [json.dumps(value, ensure_ascii=False, default=str)]
+        return [piece for name, item in value.items() if name not in _NOT_TEXT for piece in _text_pieces(item, str(name), value)]
+    if isinstance(value, (list, tuple)):
+        if key == "json":
+            return [json.dumps(value, ensure_ascii=False, default=str)]
+        return [piece for item in value for piece in _text_pieces(item, key, holder)]
+    if key == "json" and value is not None:
+        return [json.dumps(value, default=str)]
+    return []
+
+
+def _declared_text(holder: Mapping[str, Any]) -> bool:
+    """Data a block declares as text (`text/*`, JSON, XML, or an Anthropic `text` source) is
+    read by the model as text; anything else (images, PDFs, audio) is not judged as text."""
+    kind = holder.get("mime_type") or holder.get("media_type") or ""
+    if holder.get("type") == "text":
+        return True
+    return isinstance(kind, str) and (kind.startswith("text/") or kind.endswith(("json", "xml", "yaml")))
+
+
+def _decoded(value: str, key: str, holder: Mapping[str, Any]) -> str:
+    if key == "data" and holder.get("type") == "text":
+        return value
+    try:
+        return base64.b64decode(value, validate=False).decode("utf-8", errors="replace")
+    except (ValueError, binascii.Error):
+        return value
+
+
+def command_messages(result: Any, call_id: str) -> tuple[list[BaseMessage], int | None] | None:
+    """The messages a tool's `Command` adds to the conversation, and the index of the
+    ToolMessage answering `call_id` among them (None when there is none: a Command sent to the
+    parent graph need not answer); None when it adds no messages."""
+    messages = update_messages(result) if isinstance(result, Command) else None
+    if not messages:
+        return None
+    index = next((i for i, m in enumerate(messages) if isinstance(m, ToolMessage) and m.tool_call_id == call_id), None)
+    return messages, index
+
+
+_ROLES = frozenset({"user", "human", "ai", "assistant", "system", "developer", "tool", "function"})
+
+
+def _pairs(update: Any) -> list[tuple[str, Any]] | None:
+    """A Command's update as (key, value) pairs; None for the bare list of messages a ToolNode
+    given a list of messages takes (which may be `(role, text)` tuples, told apart from pairs
+    by their roles)."""
+    if isinstance(update, Mapping):
+        return list(update.items())
+    if not isinstance(update, (list, tuple)):
+        return None
+    if not all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in update):
+        return None
+    keys = {name for name, _ in update}
+    return None if keys and "messages" not in keys and keys <= _ROLES else list(update)
+
+
+def update_messages(command: Command) -> list[BaseMessage] | None:
+    """The messages a Command's state update adds, as messages (they may be given as dicts)."""
+    update = command.update
+    pairs = _pairs(update)
+    if pairs is None:
+        raw = list(update) if isinstance(update, (list, tuple)) else None
+    else:
+        raw = next((value for name, value in pairs if name == "messages"), None)
+    if raw is None:
+        return None
+    return convert_to_messages(raw if isinstance(raw, list) else [raw])
+
+
+def with_command_messages(result: Command, messages: list[BaseMessage]) -> Command:
+    """`result` with the messages it adds replaced, every other part of it kept."""
+    update = result.update
+    if isinstance(update, Mapping):
+        return dataclasses.replace(result, update={**update, "messages": messages})
+    if _pairs(update) is None:
+        return dataclasses.replace(result, update=messages)
+    return dataclasses.replace(result, update=[(n, messages if n == "messages" else v) for n, v in update])
+
+
+def read_as_one(messages: Sequence[BaseMessage], index: int | None, call: ToolCall) -> ToolMessage:
+    """What the model reads of a tool's answer, as the one ToolMessage a moderation judges:
+    a Command can add messages beside its ToolMessage (or, sent to the parent graph, none
+    answering the call), and each is read by the model."""
+    answer = messages[index] if index is not None else None
+    if isinstance(answer, ToolMessage) and len(messages) == 1:
+        return answer
+    text = "\n".join(message_text(m.content) for m in messages)
+    if isinstance(answer, ToolMessage):
+        return answer.model_copy(update={"content": text})
+    return ToolMessage(content=text, tool_call_id=call.id, name=call.name)
+
+
+def result_text(output: Any) -> tuple[str, bool]:
+    """The text and error status of what a tool returned, as a callback sees it: a
+    ToolMessage, a Command carrying messages, or a raw value."""
+    if isinstance(output, Command):
+        messages = update_messages(output) or []
+        failed = any(isinstance(m, ToolMessage) and m.status == "error" for m in messages)
+        return "\n".join(message_text(m.content) for m in messages), failed
+    content = getattr(output, "content", output)
+    return message_text(content), getattr(output, "status", None) == "error"
 
 
 def call_id(call: Mapping[str, Any], index: int) -> str:

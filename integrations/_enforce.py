@@ -35,7 +35,9 @@ from soda_guard.verdict import Action, Decision
 from soda_guard.integrations._convert import (
     METADATA_KEY,
     binding_of,
+    command_messages,
     last_turn,
+    read_as_one,
     refusal_text,
     same_call,
     to_tool_call,
@@ -43,6 +45,7 @@ from soda_guard.integrations._convert import (
     turn_id,
     turn_of_call,
     with_calls,
+    with_command_messages,
     with_result,
 )
 from soda_guard.integrations._review import Asked, Refused, Ruled, ask
@@ -516,24 +519,32 @@ class ToolCallEnforcer:
         if sealed is not None and sealed.refused is not None:
             stopped = record.model_copy(update={"decision": sealed.refused, "outcome": "refuse", "message": sealed.refused.why})
             return _stamped(result, stopped) if isinstance(result, ToolMessage) else result
-        if not isinstance(result, ToolMessage):
+        # what a Command adds to the conversation is read by the model, as a ToolMessage is
+        found = ([result], 0) if isinstance(result, ToolMessage) else command_messages(result, call.id)
+        if found is None:
             return result
-        if record.run_args is not None:
-            result = result.model_copy(update={"content": _with_edit_notice(result.content, ran)})
+        messages, index = found
+        answer = messages[index] if index is not None else None
+        if isinstance(answer, ToolMessage) and record.run_args is not None:
+            answer = answer.model_copy(update={"content": _with_edit_notice(answer.content, ran)})
+            messages = [*messages[:index], answer, *messages[index + 1 :]]  # type: ignore[index, operator]
         moderation = None
         if self.guard.policy.tool_results is not None:
-            moderation = yield Moderate(trajectory(), ran, result)
+            moderation = yield Moderate(trajectory(), ran, read_as_one(messages, index, ran))
         if moderation is not None:
             record = record.model_copy(update={"result_decision": moderation})
             if not moderation.action.runs_tool:
                 why = moderation.why if moderation.action is Action.BLOCK else (
                     f"{moderation.why} (a tool result cannot wait for review without running the tool again, so it is withheld)"
                 )
-                result = ToolMessage(
+                answer = ToolMessage(
                     content=f"soda-guard withheld the result of `{call.name}`: {why}.",
-                    tool_call_id=result.tool_call_id, name=result.name, status="error",
+                    tool_call_id=call.id, name=call.name, status="error",
                 )
-        return _stamped(result, record)
+                messages, index = [answer], 0
+        if isinstance(answer, ToolMessage) and index is not None:
+            messages = [*messages[:index], _stamped(answer, record), *messages[index + 1 :]]
+        return messages[0] if isinstance(result, ToolMessage) else with_command_messages(result, messages)  # type: ignore[return-value]
 
     def _sealed(self, request: ToolCallRequest, trajectory: Callable[[], Trajectory], call: ToolCall) -> SealedTool | None:
         """The tool of the call's name, sealed to the call (see `SealedTool`); None where no

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import threading
 import uuid
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Generator, Mapping
 from uuid import UUID
 
@@ -36,8 +37,8 @@ from soda_guard.verdict import Decision
 
 from soda_guard.integrations._convert import (
     STATE_KEY,
-    message_text,
     refusal_text,
+    result_text,
     to_step,
     to_trajectory,
     with_calls,
@@ -64,9 +65,9 @@ __all__ = [
 ]
 
 if HAS_DECISION_MODELS:
-    from soda_guard.integrations.decision_model import SodaGuardDecisionModel
+    from soda_guard.integrations.decision_model import JudgmentFailed, SodaGuardDecisionModel
 
-    __all__ += ["SodaGuardDecisionModel"]
+    __all__ += ["JudgmentFailed", "SodaGuardDecisionModel"]
 
 
 class SodaGuardState(AgentState):
@@ -204,11 +205,36 @@ class ToolCallBlocked(SodaGuardError):
         super().__init__(f"soda-guard stopped `{name}` ({decision.action.value}): {decision.why}")
 
 
+@dataclass
+class _Scope:
+    """One conversation the handler follows: the outer one, or that of a model run inside a
+    tool (a summariser, a sub-agent), each with its own trajectory and its own turn."""
+
+    trajectory: Trajectory
+    prefix: str = ""
+    turn: dict[CallBinding, Decision] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _ToolRun:
+    call: ToolCall
+    scope: UUID | None
+    """The tool run whose nested conversation the call belongs to (None: the outer one)."""
+    recorded: bool
+    """Whether its result joins that conversation (a call of it, or of no model turn at all)."""
+
+
 class SodaGuardCallbackHandler(BaseCallbackHandler):
     """Rebuilds the trajectory from callback events of any runnable and judges each tool call
     as it starts. With `raise_error=True` (the default) a call the policy does not let run
     raises `ToolCallBlocked` before the tool body runs; with `raise_error=False` it only records
     (`decisions`). One handler follows one conversation: use a handler per thread.
+
+    Callbacks propagate into child runs, so a chat model that runs inside a tool (a summariser,
+    a sub-agent) reaches this handler too. Parent run ids tell such a nested conversation apart:
+    it gets a trajectory and a turn of its own, and the outer turn keeps its decisions and its
+    user request. A tool called inside a tool without a model of its own is judged on its own,
+    in the context of the conversation around it.
 
     A callback cannot substitute a result or wait for review; use `SodaGuardMiddleware` or the
     LangGraph node for that. Sync handler: LangChain runs it off the event loop on async paths.
@@ -226,54 +252,118 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
     ) -> None:
         self.guard = as_guard(policy_or_guard, otel=otel)
         self.raise_error = raise_error
-        self.trajectory = Trajectory(harm=harm, environment=environment, conversation_id=conversation_id)
+        self._root = _Scope(Trajectory(harm=harm, environment=environment, conversation_id=conversation_id))
         self.decisions: list[Decision] = []
-        self._turn: dict[CallBinding, Decision] = {}
-        self._tool_runs: dict[UUID, ToolCall] = {}
+        self._scopes: dict[UUID, _Scope] = {}
+        self._parents: dict[UUID, UUID | None] = {}
+        self._model_runs: dict[UUID, UUID | None] = {}
+        self._tool_runs: dict[UUID, _ToolRun] = {}
         self._lock = threading.RLock()
 
-    def on_chat_model_start(
-        self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *, run_id: UUID, **kwargs: Any
-    ) -> None:
-        """The model's input is the conversation so far: it replaces what was accumulated, so
-        a trimmed or summarised history is judged as the model saw it. A new model call ends
-        the previous turn: its decisions can no longer be used."""
-        if not messages:
-            return
-        fresh = to_trajectory(messages[0])
+    @property
+    def trajectory(self) -> Trajectory:
+        """The outer conversation as this handler has followed it."""
+        return self._root.trajectory
+
+    def _enclosing_tool(self, parent_run_id: UUID | None) -> UUID | None:
+        """The innermost running tool above a run, by its parents; None outside every tool."""
+        run = parent_run_id
+        while run is not None:
+            if run in self._tool_runs:
+                return run
+            run = self._parents.get(run)
+        return None
+
+    def _scope(self, key: UUID | None) -> _Scope:
+        return self._root if key is None else self._scopes[key]
+
+    def _started(self, run_id: UUID, parent_run_id: UUID | None) -> None:
         with self._lock:
-            self.trajectory = self.trajectory.model_copy(update={"steps": fresh.steps})
-            self._turn.clear()
+            self._parents[run_id] = parent_run_id
+
+    def _ended(self, run_id: UUID) -> None:
+        with self._lock:
+            self._parents.pop(run_id, None)
+
+    def on_chain_start(
+        self, serialized: dict[str, Any], inputs: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
+    ) -> None:
+        self._started(run_id, parent_run_id)
+
+    def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self._ended(run_id)
+
+    def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._ended(run_id)
+
+    def on_chat_model_start(
+        self,
+        serialized: dict[str, Any],
+        messages: list[list[BaseMessage]],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """The model's input is the conversation so far: it replaces what was accumulated in
+        its own conversation (the outer one, or the one nested in the tool it runs in), so a
+        trimmed or summarised history is judged as the model saw it. A new model call ends that
+        conversation's previous turn: its decisions can no longer be used."""
+        with self._lock:
+            self._parents[run_id] = parent_run_id
+            key = self._enclosing_tool(parent_run_id)
+            self._model_runs[run_id] = key
+            if not messages:
+                return
+            fresh = to_trajectory(messages[0])
+            if key is not None and key not in self._scopes:
+                self._scopes[key] = _Scope(self._root.trajectory.model_copy(update={"steps": []}), prefix=f"{key}")
+            scope = self._scope(key)
+            scope.trajectory = scope.trajectory.model_copy(update={"steps": fresh.steps})
+            scope.turn.clear()
 
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
+        with self._lock:
+            self._parents.pop(run_id, None)
+            key = self._model_runs.pop(run_id, None)
+            scope = self._scopes.get(key) if key is not None else self._root
         generations = response.generations[0] if response.generations else []
-        if not generations or not isinstance(generations[0], ChatGeneration):
+        if scope is None or not generations or not isinstance(generations[0], ChatGeneration):
             return
         message = generations[0].message
         if isinstance(message, AIMessage):
             step = to_step(message)
             if step is not None:
                 with self._lock:
-                    self.trajectory.append(step)
-                    self._turn.clear()
+                    scope.trajectory.append(step)
+                    scope.turn.clear()
 
-    def _turn_id(self) -> str:
-        """The latest model turn, by its place in the conversation as this handler saw it."""
-        steps = self.trajectory.steps
-        return next((f"#{i}" for i in range(len(steps) - 1, -1, -1) if isinstance(steps[i], AssistantStep)), "#none")
+    def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        with self._lock:
+            self._parents.pop(run_id, None)
+            self._model_runs.pop(run_id, None)
+
+    def _turn_id(self, scope: _Scope) -> str:
+        """The latest model turn of a conversation, by its place in it as this handler saw it."""
+        steps = scope.trajectory.steps
+        place = next((f"#{i}" for i in range(len(steps) - 1, -1, -1) if isinstance(steps[i], AssistantStep)), "#none")
+        return scope.prefix + place
 
     def _binding(self, call: ToolCall, turn: str) -> CallBinding:
         return CallBinding.of(
-            thread_id=self.trajectory.conversation_id, turn_id=turn, call_id=call.id, tool=call.name, args=call.args
+            thread_id=self._root.trajectory.conversation_id, turn_id=turn, call_id=call.id, tool=call.name, args=call.args
         )
 
-    def _match(self, name: str, args: Any, call_id: str | None, run_id: UUID) -> tuple[ToolCall, bool]:
+    def _match(
+        self, key: UUID | None, own: bool, name: str, args: Any, call_id: str | None, run_id: UUID
+    ) -> tuple[ToolCall, bool]:
         """The call as it will run (these arguments, not necessarily the model's) and whether
-        it is one of the turn's pending calls. `tool_call_id` reaches `on_tool_start` only from
+        it is one of the pending calls of conversation `key` (never, unless the call was made
+        in that conversation: `own`). `tool_call_id` reaches `on_tool_start` only from
         langchain-core 1.8.2; without it the pending call with this name and arguments is it."""
         args = args if isinstance(args, (dict, str)) else str(args)
-        running = {call.id for call in self._tool_runs.values()}
-        for call in self.trajectory.pending_tool_calls():
+        running = {run.call.id for run in self._tool_runs.values() if run.scope == key}
+        for call in self._scope(key).trajectory.pending_tool_calls() if own else []:
             if call.name == name and (call_id is None or call.id == call_id) and call.id not in running and _same_args(call.args, args):
                 return call, True
         return ToolCall(id=call_id or str(run_id), name=name, args=args), False
@@ -284,30 +374,34 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
         input_str: str,
         *,
         run_id: UUID,
+        parent_run_id: UUID | None = None,
         inputs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         """Each decision lets one run of its exact call through, once: it is taken out of the
         turn when used, and a call that matches no pending call (arguments changed since the
-        model asked, a reused id, a tool run outside a model turn) is judged on its own."""
+        model asked, a reused id, a tool run outside a model turn, a tool called by a tool) is
+        judged on its own."""
         name = (serialized or {}).get("name") or kwargs.get("name") or "tool"
         args: Any = inputs if inputs is not None else _parse_args(input_str)
         with self._lock:
-            call, pending = self._match(name, args, kwargs.get("tool_call_id"), run_id)
-            self._tool_runs[run_id] = call
-            turn = self._turn_id()
-            key = self._binding(call, turn)
-            if key not in self._turn:
-                if pending:
-                    calls = [c for c in self.trajectory.pending_tool_calls() if self._binding(c, turn) not in self._turn]
-                    found = self.guard.check_tool_calls(with_calls(self.trajectory, calls))
-                else:
-                    found = self.guard.check_tool_calls(with_calls(self.trajectory, [call]))
-                for decision in found:
+            self._parents[run_id] = parent_run_id
+            key = self._enclosing_tool(parent_run_id)
+            own = key is None or key in self._scopes
+            while key is not None and key not in self._scopes:  # no model ran in that tool
+                key = self._tool_runs[key].scope
+            scope = self._scope(key)
+            call, pending = self._match(key, own, name, args, kwargs.get("tool_call_id"), run_id)
+            self._tool_runs[run_id] = _ToolRun(call, key, recorded=own)
+            turn = self._turn_id(scope)
+            binding = self._binding(call, turn)
+            if binding not in scope.turn:
+                calls = [c for c in scope.trajectory.pending_tool_calls() if self._binding(c, turn) not in scope.turn] if pending else [call]
+                for decision in self.guard.check_tool_calls(with_calls(scope.trajectory, calls)):
                     if decision.tool_call is not None:
-                        self._turn.setdefault(self._binding(decision.tool_call, turn), decision)
+                        scope.turn.setdefault(self._binding(decision.tool_call, turn), decision)
                         self.decisions.append(decision)
-            decision = self._turn.pop(key)
+            decision = scope.turn.pop(binding)
         if self.raise_error and not decision.allowed:
             self._tool_result(run_id, refusal_text(call.name, decision.why), is_error=True)
             raise ToolCallBlocked(decision)
@@ -320,15 +414,14 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
 
     def _tool_result(self, run_id: UUID, output: Any, *, is_error: bool) -> None:
         with self._lock:
-            call = self._tool_runs.pop(run_id, None)
-            if call is None:
+            self._parents.pop(run_id, None)
+            self._scopes.pop(run_id, None)  # the conversation nested in this tool is over
+            run = self._tool_runs.pop(run_id, None)
+            if run is None or not run.recorded or (run.scope is not None and run.scope not in self._scopes):
                 return
-            content = getattr(output, "content", output)
-            status_error = getattr(output, "status", None) == "error"
-            self.trajectory.append(
-                ToolStep(
-                    tool_call_id=call.id, name=call.name, content=message_text(content), is_error=is_error or status_error
-                )
+            text, failed = result_text(output)
+            self._scope(run.scope).trajectory.append(
+                ToolStep(tool_call_id=run.call.id, name=run.call.name, content=text, is_error=is_error or failed)
             )
 
 

@@ -21,6 +21,9 @@ class ScoreSpec:
     positive: tuple[str, ...]
     negative: tuple[str, ...]
     locate: Callable[[str], int | None] | None = None
+    any_case: bool = False
+    """The parser accepts the label words in any casing (SODA reads `unsafe` as UNSAFE), so
+    every casing's tokens count towards its side; otherwise only the exact words do."""
 
 
 @dataclass

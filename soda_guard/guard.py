@@ -32,6 +32,9 @@ from soda_guard.verdict import Action, Decision, Label, Verdict
 #: must still be recorded
 AUDIT_MIN_WAIT_S = 0.25
 
+CarryOut = Callable[[Decision], Decision]
+"""What a caller will actually do with a decision, as the decision to audit."""
+
 
 @dataclass
 class _Item:
@@ -230,7 +233,8 @@ class Guard:
         if verdict.failed:
             return Decision(action=outcome("on_error"), why=f"judge failed: {verdict.error}", **base)
         if verdict.truncated and self.policy.outcome(item.rule, "on_truncated") == "error":
-            why = "the judge prompt was truncated to fit its budget and on_truncated is error"
+            cut = "the conversation reached the guard already cut" if item.view.truncated else "the judge prompt was truncated to fit its budget"
+            why = f"{cut} and on_truncated is error"
             return Decision(action=outcome("on_error"), why=why, **base)
         threshold = outcome("threshold")
         label = verdict.label
@@ -304,7 +308,7 @@ class Guard:
     def _finish(self, items: list[_Item], verdicts: dict[int, Verdict], conversation_id: str | None) -> list[Decision]:
         return [self._decide(item, verdicts.get(index), conversation_id) for index, item in enumerate(items)]
 
-    def _run_sync(self, items: list[_Item], conversation_id: str | None) -> list[Decision]:
+    def _run_sync(self, items: list[_Item], conversation_id: str | None, carry_out: CarryOut | None = None) -> list[Decision]:
         """Every judge group starts at once and all share one deadline counted from submission,
         so the call returns within `timeout_s` however many judges it needs or hang."""
         start = time.perf_counter()
@@ -330,9 +334,10 @@ class Guard:
             except Exception as error:
                 results = self._failure_verdicts(judge_name, len(indexes), error, start)
             verdicts.update(zip(indexes, results))
-        return self._audit(self._finish(items, verdicts, conversation_id), monotonic_deadline, self._on_error(items))
+        decisions = _carried(self._finish(items, verdicts, conversation_id), carry_out)
+        return self._audit(decisions, monotonic_deadline, self._on_error(items))
 
-    async def _run_async(self, items: list[_Item], conversation_id: str | None) -> list[Decision]:
+    async def _run_async(self, items: list[_Item], conversation_id: str | None, carry_out: CarryOut | None = None) -> list[Decision]:
         """`asyncio.wait` rather than `wait_for`: a judge coroutine that swallows its
         cancellation must not hold the caller past the deadline."""
         start = time.perf_counter()
@@ -359,7 +364,7 @@ class Guard:
                 except Exception as error:
                     results = self._failure_verdicts(judge_name, len(indexes), error, start)
                 verdicts.update(zip(indexes, results))
-        decisions = self._finish(items, verdicts, conversation_id)
+        decisions = _carried(self._finish(items, verdicts, conversation_id), carry_out)
         if self.sinks:
             decisions = await asyncio.to_thread(self._audit, decisions, monotonic_deadline, self._on_error(items))
         return decisions
@@ -401,12 +406,14 @@ class Guard:
             fallback = [decision.model_copy(update={"why": decision.why + note}) for decision in fallback]
         return fallback
 
-    def check_tool_calls(self, trajectory: Trajectory) -> list[Decision]:
-        """One Decision per pending tool call, in the order of the calls."""
-        return self._run_sync(self._plan(trajectory), trajectory.conversation_id)
+    def check_tool_calls(self, trajectory: Trajectory, *, carry_out: CarryOut | None = None) -> list[Decision]:
+        """One Decision per pending tool call, in the order of the calls. `carry_out` turns each
+        decision into what the caller will actually do with it (an adapter that cannot ask a
+        person blocks an escalation) before it is audited, so the record is what happened."""
+        return self._run_sync(self._plan(trajectory), trajectory.conversation_id, carry_out)
 
-    async def acheck_tool_calls(self, trajectory: Trajectory) -> list[Decision]:
-        return await self._run_async(self._plan(trajectory), trajectory.conversation_id)
+    async def acheck_tool_calls(self, trajectory: Trajectory, *, carry_out: CarryOut | None = None) -> list[Decision]:
+        return await self._run_async(self._plan(trajectory), trajectory.conversation_id, carry_out)
 
     def check(self, trajectory: Trajectory) -> Decision:
         """Judge a whole trajectory (no particular pending call), under the defaults."""
@@ -453,6 +460,10 @@ def close_each(things: Sequence[object]) -> None:
         closer = getattr(thing, "close", None)
         if callable(closer):
             closer()
+
+
+def _carried(decisions: list[Decision], carry_out: CarryOut | None) -> list[Decision]:
+    return decisions if carry_out is None else [carry_out(decision) for decision in decisions]
 
 
 def _audit_failed(decision: Decision, action: Action, cause: Exception) -> Decision:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import time
+from dataclasses import replace
 from typing import Sequence
 
 from soda_guard._extras import needs_extra
@@ -92,6 +93,8 @@ class JudgeRunner:
 
     def prepare(self, trajectory: Trajectory, deadline: float | None = None) -> tuple[RenderedPrompt, GenerationRequest]:
         rendered = self.judge.render(trajectory)
+        if trajectory.truncated:
+            rendered = replace(rendered, truncated=True)
         request = GenerationRequest(
             messages=rendered.messages,
             max_new_tokens=self.max_new_tokens,

@@ -25,7 +25,10 @@ class LabelTokens:
     negative: tuple[int, ...]
 
 
-def _first_ids(tokenizer: Any, words: Sequence[str], with_space: bool) -> set[int]:
+def _first_ids(tokenizer: Any, words: Sequence[str], with_space: bool, any_case: bool) -> set[int]:
+    """First-token ids of the words; of each casing a parser could accept, when it accepts any."""
+    if any_case:
+        words = sorted({form for word in words for form in (word, word.lower(), word.upper(), word.capitalize())})
     ids = set()
     for word in words:
         encoded = tokenize(tokenizer, (" " if with_space else "") + word)["input_ids"]
@@ -39,8 +42,8 @@ def label_tokens(tokenizer: Any, spec: ScoreSpec, with_space: bool) -> LabelToke
     cache = _cache_for(tokenizer)
     key = (spec, with_space)
     if key not in cache:
-        positive = _first_ids(tokenizer, spec.positive, with_space)
-        negative = _first_ids(tokenizer, spec.negative, with_space)
+        positive = _first_ids(tokenizer, spec.positive, with_space, spec.any_case)
+        negative = _first_ids(tokenizer, spec.negative, with_space, spec.any_case)
         shared = positive & negative
         cache[key] = LabelTokens(tuple(sorted(positive - shared)), tuple(sorted(negative - shared)))
     return cache[key]

@@ -67,6 +67,9 @@ class Trajectory(_Model):
     harm: str | None = None
     environment: str | None = None
     conversation_id: str | None = None
+    truncated: bool = False
+    """The conversation reached the guard already cut (a framework's window, such as AutoMode's
+    last 30 messages): every verdict on it says `truncated`, and `on_truncated` applies."""
 
     def pending_tool_calls(self) -> list[ToolCall]:
         """Calls of the last assistant step that have no tool result after them yet."""

@@ -357,8 +357,13 @@ def test_verdict_only_reads_the_score_after_the_written_marker(
         for req, result in zip(requests, results):
             ids = backend.engine.job(req).ids.tolist() + backend.tokenizer("[Verdict]", add_special_tokens=False)["input_ids"]
             probs = torch.softmax(backend.model(input_ids=torch.tensor([ids])).logits[0, -1].float(), dim=-1)
-            unsafe = probs[backend.tokenizer(" UNSAFE", add_special_tokens=False)["input_ids"][0]]
-            safe = probs[backend.tokenizer(" SAFE", add_special_tokens=False)["input_ids"][0]]
+            # the SODA parser reads any casing, so every casing's first token counts
+            first = {word: backend.tokenizer(f" {word}", add_special_tokens=False)["input_ids"][0]
+                     for word in ("UNSAFE", "Unsafe", "unsafe", "SAFE", "Safe", "safe")}
+            unsafe_ids = {first[w] for w in ("UNSAFE", "Unsafe", "unsafe")}
+            safe_ids = {first[w] for w in ("SAFE", "Safe", "safe")}
+            unsafe = probs[sorted(unsafe_ids - safe_ids)].sum()
+            safe = probs[sorted(safe_ids - unsafe_ids)].sum()
             assert result.score == pytest.approx(float(unsafe / (unsafe + safe)), abs=1e-4)
             parsed = parse_soda_output(result.text)
             assert parsed.label is not None and (parsed.label.value.upper() == "UNSAFE") == (result.score >= 0.5)

@@ -168,12 +168,12 @@ def test_neutralise_leaves_no_delimiter_line(content: str) -> None:
 
 def _neutralise_line_by_line(text: str, delimiters: re.Pattern[str]) -> str:
     """The definition `neutralise` implements with C-level scans: every line checked in Python."""
-    from soda_guard.judges.confusables import delimiter_key
+    from soda_guard.judges.confusables import is_delimiter
     from soda_guard.judges.context import _LINE_BREAK, ESCAPE, escape_token_text
 
     pieces = _LINE_BREAK.split(escape_token_text(text))
     for position in range(0, len(pieces), 2):
-        if delimiters.match(delimiter_key(pieces[position])):
+        if is_delimiter(pieces[position], delimiters):
             pieces[position] = ESCAPE + pieces[position]
     return "".join(pieces)
 

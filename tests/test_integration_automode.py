@@ -16,6 +16,7 @@ from langchain_core.decisions import Choice, Noul  # noqa: E402
 from langchain_core.messages import HumanMessage, ToolMessage  # noqa: E402
 
 from soda_guard import Guard, Policy, ScriptedBackend, read_audit  # noqa: E402
+from soda_guard.integrations.decision_model import JudgmentFailed  # noqa: E402
 from soda_guard.integrations.langchain import SodaGuardDecisionModel  # noqa: E402
 from soda_guard.integrations.testing import scripted_model  # noqa: E402
 
@@ -68,7 +69,7 @@ def test_qwen3guard_controversial_counts_as_risky_per_policy(on_controversial: s
     assert response.nouls["is_risky"].noul == expected
 
 
-def test_a_failed_judgment_answers_with_on_error() -> None:
+def test_a_failed_judgment_raises_the_failure_or_runs_under_on_error() -> None:
     class Broken:
         model_id = "broken"
 
@@ -79,7 +80,12 @@ def test_a_failed_judgment_answers_with_on_error() -> None:
             raise RuntimeError("down")
 
     state = {"messages": [HumanMessage("x")], "tool_call": {"id": "c", "name": "read_file", "args": {}}}
-    for on_error, expected in (("block", 1.0), ("log", 0.0)):
+    request = {"state": state, "questions": {"q": Noul(instructions="?")}}
+
+    def classifier(on_error: str) -> SodaGuardDecisionModel:
         policy = Policy.from_dict({"judges": {"soda": {"kind": "soda", "model": "m"}}, "defaults": {"on_error": on_error}})
-        classifier = SodaGuardDecisionModel(Guard(policy, backends={"soda": Broken()}))
-        assert classifier.invoke({"state": state, "questions": {"q": Noul(instructions="?")}}).nouls["q"].noul == expected
+        return SodaGuardDecisionModel(Guard(policy, backends={"soda": Broken()}))
+
+    assert classifier("log").invoke(request).nouls["q"].noul == 0.0
+    with pytest.raises(JudgmentFailed, match="down.*on_error is block"):
+        classifier("block").invoke(request)

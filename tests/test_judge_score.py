@@ -58,19 +58,20 @@ def test_http_logprobs_are_read_at_the_accepted_label_not_an_escaped_echo() -> N
 def test_in_process_score_is_read_at_the_accepted_label(qwen_tokenizer_dir: Path) -> None:
     tokenizer = load_test_tokenizer(qwen_tokenizer_dir)
     generated = tokenizer(ECHO, add_special_tokens=False)["input_ids"]
-    logits = [torch.zeros(len(tokenizer)) for _ in generated]
+    logits = [torch.full((len(tokenizer),), -30.0) for _ in generated]
     unsafe, safe = tokenizer.convert_tokens_to_ids("ĠUNS"), tokenizer.convert_tokens_to_ids("ĠSAFE")
     echoed = generated.index(safe)
     real = len(generated) - 1 - generated[::-1].index(unsafe)
     assert echoed < real
     logits[echoed][safe] = 10.0
     logits[real][unsafe] = math.log(4.0)
+    logits[real][safe] = 0.0
     assert score_generation(tokenizer, generated, logits, SodaJudge.score_spec) == pytest.approx(0.8, abs=1e-6)
 
 
 def test_a_label_split_over_tokens_is_found_by_its_first_character() -> None:
-    pieces = decode_pieces([b"Safety:", b" Un", b"safe", "\u00e9".encode()[:1], "\u00e9".encode()[1:]])
-    assert "".join(pieces) == "Safety: Unsafe\u00e9"
+    pieces = decode_pieces([b"Safety:", b" Un", b"safe", "\u2014".encode()[:1], "\u2014".encode()[1:]])
+    assert "".join(pieces) == "Safety: Unsafe\u2014"
     assert label_token(pieces, Qwen3GuardGenJudge.score_spec) == (1, False)
 
 

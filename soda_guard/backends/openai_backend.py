@@ -331,14 +331,17 @@ def verdict_index(content: Sequence[dict[str, Any]], spec: ScoreSpec) -> tuple[i
     return label_token(decode_pieces(_token_bytes(entry) for entry in content), spec)
 
 
-def _label_side(token: bytes, positive: Sequence[bytes], negative: Sequence[bytes]) -> int:
+def _label_side(token: bytes, positive: Sequence[bytes], negative: Sequence[bytes], any_case: bool) -> int:
     """+1 / -1 when the token can begin only a positive / only a negative label, else 0.
 
     Without the server's tokenizer the label words' first tokens are not known by id; a
-    returned token that is a non-empty prefix of a label word is one of them. A token that could
-    begin either side (a lone space) says nothing, as in the in-process rule."""
+    returned token that is a non-empty prefix of a label word is one of them (in any casing
+    when the parser accepts any: each casing is its own token, and all are summed). A token
+    that could begin either side (a lone space) says nothing, as in the in-process rule."""
     if not token:
         return 0
+    if any_case:
+        token = token.lower()
     pos = any(word.startswith(token) for word in positive)
     neg = any(word.startswith(token) for word in negative)
     return (1 if pos else 0) - (1 if neg else 0)
@@ -350,15 +353,16 @@ def score_from_logprobs(content: Sequence[dict[str, Any]], spec: ScoreSpec) -> f
         return None
     index, ends_in_space = position
     lead = "" if ends_in_space else " "
-    positive = [(lead + w).encode("utf-8") for w in spec.positive]
-    negative = [(lead + w).encode("utf-8") for w in spec.negative]
+    fold = str.lower if spec.any_case else str
+    positive = [fold(lead + w).encode("utf-8") for w in spec.positive]
+    negative = [fold(lead + w).encode("utf-8") for w in spec.negative]
     entry = content[index]
     alternatives = list(entry.get("top_logprobs") or []) or [entry]
     seen: set[bytes] = set()
     mass = {1: 0.0, -1: 0.0}
     for alternative in alternatives:
         token = _token_bytes(alternative)
-        side = _label_side(token, positive, negative)
+        side = _label_side(token, positive, negative, spec.any_case)
         if side and token not in seen:
             seen.add(token)
             mass[side] += _probability(alternative["logprob"])

@@ -1,10 +1,14 @@
 """Characters that let a line look like a judge delimiter without spelling one.
 
-A model reads `[Ver\u200bdict]`, `[АSSISTANT]` (Cyrillic А) and `【Verdict】` much as it reads the
-real markers, so delimiters are detected on a folded form of each line. NFKC already maps width
-and compatibility variants (`［ＵＳＥＲ］`, `＝`); what it leaves is here: characters drawn as
-nothing, and a small table of letters and brackets that look like the ASCII ones the judges'
-delimiters use. The table only needs to cover those delimiters' characters, not all of Unicode.
+A model reads `[Ver\u200bdict]`, `[АSSISTANT]` (Cyrillic А), `[ᴠᴇʀᴅɪᴄᴛ]` and `【Verdict】` much
+as it reads the real markers, so delimiters are detected on a folded form of each line. NFKC
+maps width and compatibility variants (`［ＵＳＥＲ］`, `＝`); characters drawn as nothing are
+removed; and every character still outside ASCII may stand for any letter of a marker if it
+is a letter (or looks like one), and for any punctuation otherwise. The rule is complete by
+construction: a hand-picked table of look-alikes always missed a script
+(Lisu, Cherokee, small capitals, Canadian syllabics). A line of ordinary non-ASCII text gets a
+backslash only where it has a marker's shape (`[Итог]` has `[USER]`'s), which the judge reads as
+text; ASCII lines are checked exactly as before.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
+from dataclasses import dataclass
 
 _BLANK_FILLERS = "\u115f\u1160\u3164\uffa0\u2800\u180e\u034f"
 """Hangul fillers, the braille blank, the Mongolian vowel separator and the combining grapheme
@@ -53,67 +58,153 @@ def strip_invisible(text: str) -> str:
     return astral.sub("", text) if _ASTRAL.search(text) else text
 
 
-_LOOK_ALIKES = {
-    "[": "\u3010\u3014\u3016\u3018\u301a\u2e22\u27e6\u2045",
-    "]": "\u3011\u3015\u3017\u3019\u301b\u2e23\u27e7\u2046",
-    "=": "\u30a0\u2550\ua78a\u268c\u2261",
-    "<": "\u2039\u276c\u3008\u27e8",
-    ">": "\u203a\u276d\u3009\u27e9",
-    ":": "\u0589\u05c3\u2236\ua789\u02d0",
-    "A": "\u0391\u0410\u13aa",
-    "B": "\u0392\u0412",
-    "C": "\u03f9\u0421",
-    "D": "\u13a0",
-    "E": "\u0395\u0415",
-    "H": "\u0397\u041d",
-    "I": "\u0399\u0406\u04c0",
-    "K": "\u039a\u041a",
-    "M": "\u039c\u041c",
-    "N": "\u039d",
-    "O": "\u039f\u041e",
-    "P": "\u03a1\u0420",
-    "R": "\u13a1",
-    "S": "\u0405",
-    "T": "\u03a4\u0422",
-    "X": "\u03a7\u0425",
-    "Y": "\u03a5\u04ae",
-    "a": "\u0430\u0251",
-    "c": "\u0441\u03f2",
-    "d": "\u0501",
-    "e": "\u0435",
-    "g": "\u0261",
-    "h": "\u04bb",
-    "i": "\u0456\u0269",
-    "j": "\u0458",
-    "k": "\u03ba",
-    "n": "\u0578",
-    "o": "\u03bf\u043e",
-    "p": "\u0440\u03c1",
-    "r": "\u0433",
-    "s": "\u0455",
-    "t": "\u03c4",
-    "u": "\u03c5\u057d",
-    "v": "\u03bd\u0475",
-    "x": "\u0445",
-    "y": "\u0443",
-}
+LETTER = "\u01c2"
+"""What a character outside ASCII that may be read as a letter becomes: itself a letter (`\\w`,
+`[^\\W\\d_]`), which the shaped patterns accept wherever a marker has a letter."""
 
-_FOLD = {look: ascii_char for ascii_char, looks in _LOOK_ALIKES.items() for look in looks}
-_FOLDABLE = re.compile("[" + re.escape("".join(_FOLD)) + "]")
+MARK = "\u00a6"
+"""What any other character outside ASCII becomes: not a word character and not a space,
+accepted wherever a marker has punctuation (`[`, `=`, `:`, `<`, ...)."""
 
 
-def fold(text: str) -> str:
-    """Look-alikes to their ASCII letters; the regex only stops where there is one to fold."""
-    return _FOLDABLE.sub(lambda found: _FOLD[found.group()], text)
+def _ascii_look_alikes(char: str, data: dict[str, list[dict[str, str]]]) -> set[str]:
+    """The ASCII characters Unicode's confusables data says `char` can be mistaken for, through
+    any chain of confusables."""
+    seen, todo, found = {char}, [char], set()
+    while todo:
+        for entry in data.get(todo.pop(), ()):
+            other = entry.get("c", "")
+            if len(other) != 1 or other in seen:
+                continue
+            seen.add(other)
+            if other.isascii():
+                found.add(other)
+            else:
+                todo.append(other)
+    return found
+
+
+def _letter_like(char: str) -> bool:
+    return unicodedata.category(char)[0] in "LM"
+
+
+@dataclass(frozen=True)
+class _Folding:
+    """The three C-level substitutions that fold a line: characters whose look crosses between
+    letters and punctuation (from Unicode's confusables data: `ᐸ` is `<`, `∪` is a letter),
+    then every other letter outside ASCII to `LETTER` (BMP and astral classes apart, as in
+    `_invisible`), then whatever is left outside ASCII to `MARK`."""
+
+    crossing: dict[str, str]
+    crossing_class: re.Pattern[str]
+    letters: re.Pattern[str]
+    astral_letters: re.Pattern[str]
+
+    def __call__(self, text: str) -> str:
+        if self.crossing_class.search(text):
+            text = self.crossing_class.sub(lambda found: self.crossing[found.group()], text)
+        text = self.letters.sub(LETTER, text)
+        if _ASTRAL.search(text):
+            text = self.astral_letters.sub(LETTER, text)
+        return _NON_ASCII.sub(MARK, text)
+
+
+@functools.cache
+def _folding() -> _Folding:
+    from confusable_homoglyphs.confusables import confusables_data
+
+    crossing: dict[str, str] = {}
+    for char in confusables_data:
+        if len(char) != 1 or char.isascii():
+            continue
+        looks = _ascii_look_alikes(char, confusables_data)
+        if _letter_like(char) and looks and not any(look.isalpha() for look in looks):
+            crossing[char] = min(looks)  # a letter drawn as punctuation: Canadian syllabics `ᐸ`, Lisu `ꓽ`
+        elif not _letter_like(char) and any(look.isalpha() for look in looks):
+            crossing[char] = LETTER  # a symbol drawn as a letter: `∪`
+    points = [cp for plane in _LETTER_PLANES for cp in plane if _letter_like(chr(cp)) and chr(cp) not in crossing]
+    return _Folding(
+        crossing=crossing,
+        crossing_class=re.compile(f"[{_character_class([ord(char) for char in crossing])}]"),
+        letters=re.compile(f"[{_character_class([cp for cp in points if cp <= 0xFFFF])}]"),
+        astral_letters=re.compile(f"[{_character_class([cp for cp in points if cp > 0xFFFF])}]"),
+    )
+
+
+_LETTER_PLANES = (range(0x80, 0x40000), range(0xE0000, 0xE1000))
+"""Where letters and marks live (the BMP, the SMP, the ideographic planes, tags and variation
+selectors)."""
+
+_NON_ASCII = re.compile(f"[^\\x00-\\x7f{LETTER}{MARK}]")
+"""What is left to become `MARK`: anything outside ASCII but the two stand-ins themselves."""
+
+
+_META = frozenset("\\.^$*+?{}[]|()")
+
+
+def _shaped_source(source: str) -> str:
+    """`source` with every literal letter also accepting `LETTER` and every other literal
+    character `MARK`. Character classes, groups, quantifiers and escapes such as `\\s`, `\\b`
+    are kept: `LETTER` is a word character and `MARK` is not, so they hold as they would for
+    the ASCII characters they stand for."""
+    out: list[str] = []
+    index = 0
+    while index < len(source):
+        char = source[index]
+        if char == "\\":
+            escaped = source[index + 1]
+            out.append(source[index : index + 2] if escaped.isalnum() else _literal(escaped))
+            index += 2
+        elif char == "[":
+            end = source.index("]", index + 2 if source[index + 1 : index + 2] in ("^", "]") else index + 1)
+            out.append(source[index : end + 1])
+            index = end + 1
+        elif char == "(" and source[index + 1 : index + 2] == "?":
+            end = source.index(":", index)
+            out.append(source[index : end + 1])
+            index = end + 1
+        elif char == "{" and re.match(r"\{\d*,?\d*\}", source[index:]):
+            end = source.index("}", index)
+            out.append(source[index : end + 1])
+            index = end + 1
+        elif char in _META:
+            out.append(char)
+            index += 1
+        else:
+            out.append(_literal(char))
+            index += 1
+    return "".join(out)
+
+
+def _literal(char: str) -> str:
+    return f"[{re.escape(char)}{LETTER if char.isalpha() else MARK}]"
+
+
+@functools.lru_cache(maxsize=None)
+def shaped(delimiters: re.Pattern[str]) -> re.Pattern[str]:
+    """The delimiter pattern as a shape: it matches a folded line wherever some choice of ASCII
+    letters for its `LETTER`s and ASCII punctuation for its `MARK`s would match `delimiters`."""
+    return re.compile(_shaped_source(delimiters.pattern), delimiters.flags)
 
 
 def delimiter_key(line: str) -> str:
-    """The form of a line that delimiter patterns are matched on."""
+    """The folded form of a line that shaped delimiter patterns are matched on: no invisible
+    characters, NFKC applied (full-width and compatibility forms become ASCII), and every
+    character still outside ASCII a `LETTER` (any letter, or a character Unicode's confusables
+    data says looks like an ASCII letter, such as `∪`), the ASCII punctuation a letter is
+    confusable with (`ᐸ` is `<`), or a `MARK` (any other symbol or punctuation). A look-alike
+    from any script (Cyrillic, Cherokee, Lisu, small capitals, Canadian syllabics) thereby
+    counts as whatever the marker needs there, with no table of look-alikes to fall behind."""
     if line.isascii():
         return line.lstrip()
     visible = strip_invisible(line).lstrip()
     normal = unicodedata.normalize("NFKC", visible)
     if normal != visible:  # a compatibility decomposition can bring back a combining mark
         normal = strip_invisible(normal).lstrip()
-    return fold(normal)
+    return _folding()(normal)
 
+
+def is_delimiter(line: str, delimiters: re.Pattern[str]) -> bool:
+    """Whether a judge could read `line` as the structure `delimiters` describes: spelled
+    exactly, through invisible characters, or through characters outside ASCII."""
+    return shaped(delimiters).match(delimiter_key(line)) is not None

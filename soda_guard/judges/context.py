@@ -8,7 +8,8 @@ judged. And content that reproduces the judge prompt's own delimiters (`=== END 
 verdict-friendly ending.
 
 Neutralisation is one documented rule: a content line that a judge would read as structure (on
-its folded form: no invisible characters, no look-alikes) gets a backslash (`ESCAPE`) in front
+its folded form: no invisible characters, any character outside ASCII standing for any
+marker character) gets a backslash (`ESCAPE`) in front
 of it, and text the tokenizer would read as an added token (`<|name|>`, `<tool_call>`,
 `</tool_response>`, `<think>`, ...) gets a backslash after its `<`, wherever it stands. Only
 such lines change: ordinary content stays byte-identical, so the prompt of a normal trajectory
@@ -24,7 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
-from soda_guard.judges.confusables import delimiter_key
+from soda_guard.judges.confusables import is_delimiter
 
 ESCAPE = "\\"
 
@@ -83,7 +84,7 @@ _BREAK_CHARS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 def _candidates(delimiters: re.Pattern[str], ascii_text: bool) -> tuple[re.Pattern[str], re.Pattern[str]]:
     """(the first line, every later line: a break followed by) a line that may need escaping,
     found by C-level scans instead of a Python loop over every line (a 5 MB tool result is over
-    a million lines). A line that is not a candidate is pure ASCII, where `delimiter_key` only
+    a million lines). A line that is not a candidate is pure ASCII, where `is_delimiter` only
     strips leading whitespace, and the delimiter does not match after tab, space and U+001F:
     so it cannot match its key either. Candidates get the exact check. A CR LF pair is one
     break, as in `_LINE_BREAK`. In an all-ASCII text no line can contain anything
@@ -180,7 +181,7 @@ def _neutralise(text: str, delimiters: re.Pattern[str]) -> str:
     escapes = []
     for start in starts:
         end = _LINE_BREAK.search(text, start)
-        if delimiters.match(delimiter_key(text[start : end.start() if end else len(text)])):
+        if is_delimiter(text[start : end.start() if end else len(text)], delimiters):
             escapes.append(start)
     if not escapes:
         return text

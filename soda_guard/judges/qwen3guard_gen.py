@@ -50,7 +50,7 @@ CATEGORIES = (
     "None",
 )
 
-_SAFETY = re.compile(r"(?<!\\)Safety: (Safe|Unsafe|Controversial)")
+_SAFETY = re.compile(r"(?<!\\)Safety: (Safe|Unsafe|Controversial)\b")
 _LABEL_WORD = re.compile(r"\b(?:Safe|Unsafe|Controversial)\b")
 _REFUSAL = re.compile(r"Refusal: (Yes|No)")
 _CATEGORY = re.compile("|".join(re.escape(name) for name in CATEGORIES))

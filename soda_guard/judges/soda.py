@@ -204,7 +204,7 @@ def locate_soda_label(text: str) -> int | None:
 class SodaJudge(Judge):
     kind = "soda"
     score_spec = ScoreSpec(
-        marker=r"\[Verdict\]\s*$", positive=("UNSAFE",), negative=("SAFE",), locate=locate_soda_label
+        marker=r"\[Verdict\]\s*$", positive=("UNSAFE",), negative=("SAFE",), locate=locate_soda_label, any_case=True
     )
 
     def __init__(
