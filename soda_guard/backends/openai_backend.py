@@ -149,6 +149,8 @@ class OpenAIBackend:
             raise JudgeError(f"judgment abandoned by its caller while waiting on {url}") from error
         except CONNECTION_LOST as error:
             self.pool.failed(server)
+            if isinstance(error, httpcore.ConnectTimeout) and time.monotonic() >= deadline:
+                raise TimeoutError(f"{url}: {type(error).__name__} (connect, name lookup or TLS handshake)") from error
             raise _Retryable(f"{url}: {type(error).__name__}: {error or 'connection lost'}") from error
         except httpcore.TimeoutException as error:
             if not isinstance(error, httpcore.PoolTimeout):  # no answer by the deadline: the next ones go elsewhere
