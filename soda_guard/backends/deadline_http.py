@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ipaddress
 import json
 import select
 import socket
@@ -151,9 +152,12 @@ def resolve(host: str, port: int, timeout: float | None) -> list[tuple[Any, ...]
     """`getaddrinfo` within the deadline: on a daemon thread that the caller stops waiting for
     at the deadline (a lookup cannot be cancelled; at most `MAX_LOOKUPS` run at once)."""
     try:
-        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
-    except socket.gaierror:
+        address = ipaddress.ip_address(host)
+    except ValueError:
         pass  # a name, not an address
+    else:
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+        return [(family, socket.SOCK_STREAM, 0, "", (host, port))]
     left = _left(timeout, httpcore.ConnectTimeout)
     if not _lookups.acquire(timeout=left if left is not None else -1):
         raise httpcore.ConnectTimeout(f"no name lookup slot for {host!r} by the deadline")
