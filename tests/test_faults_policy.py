@@ -3,7 +3,6 @@ PolicyError with a bounded message."""
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
