@@ -288,3 +288,26 @@ def test_guard_is_a_context_manager_sync_and_async() -> None:
 
     closed = asyncio.run(scenario())
     assert "closed" in closed.check_tool_calls(CALL)[0].why
+
+
+EXIT_WITH_A_HUNG_JUDGMENT = """
+import socket, sys, time
+from soda_guard.backends.base import GenerationRequest
+from soda_guard.backends.openai_backend import OpenAIBackend
+server = socket.create_server(("127.0.0.1", 0))
+backend = OpenAIBackend("m", base_url=f"http://127.0.0.1:{server.getsockname()[1]}/v1", timeout_s=600, retries=0)
+futures, _, _ = backend._submit([GenerationRequest(messages=[{"role": "user", "content": "x"}])])
+peer, _ = server.accept()
+print("exiting with a judgment in flight", flush=True)
+"""
+
+
+def test_the_process_exits_without_close_while_a_judgment_hangs() -> None:
+    """The worker is non-daemon (joined at exit); the judgment is abandoned at exit instead of
+    running to its 600 s deadline: the subprocess limit of 60 s fails the test otherwise."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", EXIT_WITH_A_HUNG_JUDGMENT], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "exiting with a judgment in flight" in done.stdout

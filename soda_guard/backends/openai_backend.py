@@ -26,6 +26,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Sequence
 
@@ -45,6 +46,31 @@ MAX_TOP_LOGPROBS = 20
 #: how long a caller waits past the deadline for the worker's own account of the timeout (which
 #: names the last failure) before reporting a bare timeout
 DEADLINE_GRACE_S = 0.25
+
+
+_started: weakref.WeakSet[OpenAIBackend] = weakref.WeakSet()
+_exit_hook = threading.Lock()
+_exit_hook_set = False
+
+
+def _abandon_all() -> None:
+    for backend in list(_started):
+        backend.abandon_pending()
+
+
+def _on_exit() -> None:
+    """At interpreter exit, before the executors' own hook joins their workers, abandon every
+    judgment still pending, so the workers end within a read slice instead of at a deadline up
+    to an hour away. `threading._register_atexit` is what `concurrent.futures` itself uses to
+    join its workers; its hooks run last-registered first, and this one is registered after
+    that module's (plain `atexit` would run after the join)."""
+    global _exit_hook_set
+    with _exit_hook:
+        if not _exit_hook_set:
+            register = getattr(threading, "_register_atexit", None)
+            if register is not None:
+                register(_abandon_all)
+            _exit_hook_set = True
 
 
 class _Retryable(Exception):
@@ -110,6 +136,7 @@ class OpenAIBackend:
         self._client: DeadlineClient | None = None
         self._workers: ThreadPoolExecutor | None = None
         self._in_flight = 0
+        self._pending: dict[Future[GenerationResult], GenerationRequest] = {}
         self.max_overrun_s = 0.0
         """The longest any worker has gone on past its judgment's deadline: what `timeout_s`
         fails to bound (scheduling only, when the deadlines hold)."""
@@ -127,6 +154,8 @@ class OpenAIBackend:
                 workers = self.max_concurrency * len(self.pool.servers)
                 self._client = DeadlineClient(max_connections=workers, max_body_bytes=self.max_response_bytes, headers=self._headers)
                 self._workers = ThreadPoolExecutor(workers, thread_name_prefix=f"soda-guard-http-{self.model_id}")
+                _started.add(self)
+                _on_exit()
             return self._client, self._workers
 
     def body(self, request: GenerationRequest) -> dict[str, Any]:
@@ -246,8 +275,23 @@ class OpenAIBackend:
         futures = [
             workers.submit(self._judge, client, request, at, at - now) for request, at in zip(requests, deadlines)
         ]
+        with self._lock:
+            self._pending.update(zip(futures, requests))
+        for future in futures:
+            future.add_done_callback(self._settled)
         last = max(deadlines, default=now)
         return futures, last, last - now
+
+    def _settled(self, future: Future[GenerationResult]) -> None:
+        with self._lock:
+            self._pending.pop(future, None)
+
+    def abandon_pending(self) -> None:
+        """Abandon every judgment queued or in flight (their callers get `JudgeError`)."""
+        with self._lock:
+            pending = list(self._pending.values())
+        for request in pending:
+            request.abandon()
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """All or nothing: the first failure abandons the batch's other judgments (queued ones
