@@ -3,6 +3,13 @@
 OpenAI chat messages are what most agent stacks can export; the R-Judge / AgentHarm record
 format is what the public labeled datasets use. Both are parsed strictly where the format is
 defined and leniently (keeping the raw text) where real data is messy.
+
+Every input is first copied by `_cleaned`, without recursion: nesting deeper than
+`MAX_INPUT_DEPTH` is refused with `TrajectoryError` (it would exhaust Python's recursion later,
+in rendering or in the decision's JSON), and lone surrogates (`"\ud800"`, which JSON allows but
+UTF-8 cannot carry, so a decision holding one could not be recorded) become U+FFFD. The action
+parser's patterns run on the stripped text with no two adjacent repeats that can match the same
+characters, so their cost is linear in the action's length.
 """
 
 from __future__ import annotations
@@ -26,6 +33,42 @@ _ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 _MEDIA_PARTS = {"image_url", "input_image", "image", "input_audio", "file"}
 MAX_ARGUMENT_DEPTH = 200
 """Deeper arguments are refused: rendering them (JSON) would recurse past Python's limit."""
+MAX_INPUT_DEPTH = MAX_ARGUMENT_DEPTH + 10
+"""A whole input: arguments at their limit plus the levels of the message structure above them."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _text(value: str) -> str:
+    return _SURROGATE.sub("\ufffd", value)
+
+
+def _cleaned(value: Any, what: str) -> Any:
+    """A copy of `value` (dicts, lists and tuples copied, strings and keys with lone surrogates
+    replaced), built with an explicit stack; TrajectoryError past `MAX_INPUT_DEPTH`."""
+    if isinstance(value, str):
+        return _text(value)
+    if not isinstance(value, (dict, list, tuple)):
+        return value
+    root: Any = {} if isinstance(value, dict) else []
+    stack: list[tuple[Any, Any, int]] = [(value, root, 1)]
+    while stack:
+        source, target, depth = stack.pop()
+        if depth > MAX_INPUT_DEPTH:
+            raise TrajectoryError(None, f"{what} is nested more than {MAX_INPUT_DEPTH} deep")
+        pairs = source.items() if isinstance(source, dict) else enumerate(source)
+        for key, child in pairs:
+            if isinstance(child, str):
+                copy: Any = _text(child)
+            elif isinstance(child, (dict, list, tuple)):
+                copy = {} if isinstance(child, dict) else []
+                stack.append((child, copy, depth + 1))
+            else:
+                copy = child
+            if isinstance(target, dict):
+                target[_text(key) if isinstance(key, str) else key] = copy
+            else:
+                target.append(copy)
+    return root
 
 
 def _text_content(content: Any, index: int) -> str:
@@ -87,7 +130,7 @@ def _parse_arguments(raw: Any, index: int) -> dict[str, Any] | str:
         raise TrajectoryError(index, f"tool-call arguments are nested more than {MAX_ARGUMENT_DEPTH} deep")
     if not all(isinstance(key, str) for key in raw):
         raise TrajectoryError(index, "tool-call argument names must be strings")
-    return raw
+    return _cleaned(raw, "tool-call arguments")  # JSON escapes can spell lone surrogates
 
 
 def _openai_tool_calls(raw_calls: Any, index: int) -> list[ToolCall]:
@@ -102,9 +145,11 @@ def _openai_tool_calls(raw_calls: Any, index: int) -> list[ToolCall]:
         function = raw.get("function", raw)
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
             raise TrajectoryError(index, f"tool_calls[{call_index}] has no function name")
-        call_id = raw.get("id") or f"call_{index}_{call_index}"
+        call_id = raw.get("id")
+        if call_id is not None and not isinstance(call_id, str):
+            raise TrajectoryError(index, f"tool_calls[{call_index}].id must be a string, not {type(call_id).__name__}")
         args = function.get("arguments", function.get("args"))
-        calls.append(ToolCall(id=str(call_id), name=function["name"], args=_parse_arguments(args, index)))
+        calls.append(ToolCall(id=call_id or f"call_{index}_{call_index}", name=function["name"], args=_parse_arguments(args, index)))
     return calls
 
 
@@ -133,9 +178,9 @@ def _tool_step(
     oldest call of the last assistant turn still waiting (Cohere and Gemini exports, and
     text-only logs, carry no ids), otherwise kept unplaced: the judge still sees it."""
     raw_id = message.get("tool_call_id")
-    if raw_id is not None and (isinstance(raw_id, bool) or not isinstance(raw_id, (str, int))):
+    if raw_id is not None and not isinstance(raw_id, str):
         raise TrajectoryError(index, f"tool_call_id must be a string, not {type(raw_id).__name__}")
-    call_id = str(raw_id) if raw_id not in (None, "") else None
+    call_id = raw_id or None
     if call_id is not None:
         call = next((c for c in open_calls if c.id == call_id), None)
     else:
@@ -168,6 +213,8 @@ def from_openai_messages(
     for field, value in (("harm", harm), ("environment", environment), ("conversation_id", conversation_id)):
         if value is not None and not isinstance(value, str):
             raise TrajectoryError(None, f"{field} must be a string, not {type(value).__name__}")
+    messages = _cleaned(messages, "messages")
+    harm, environment, conversation_id = (None if v is None else _text(v) for v in (harm, environment, conversation_id))
     steps: list[Any] = []
     open_calls: list[ToolCall] = []
     names: dict[str, str] = {}
@@ -193,14 +240,15 @@ def from_openai_messages(
 
 
 _NAME = r"[A-Za-z_][\w.\-]*"
-_BRACE_ACTION = re.compile(rf"^\s*({_NAME})\s*(\{{.*\}})\s*$", re.DOTALL)
-_INPUT_ACTION = re.compile(rf"^\s*({_NAME})\s*\n\s*Action Input:\s*(.*?)\s*$", re.DOTALL)
-_CALL_ACTION = re.compile(rf"^\s*({_NAME})\((.*)\)\s*$", re.DOTALL)
-_UNCLOSED_CALL_ACTION = re.compile(rf"^\s*({_NAME})\((\s*\w+\s*=.*?)\s*$", re.DOTALL)
-_COLON_ACTION = re.compile(rf"^\s*({_NAME}):\s*(\{{.*\}})\s*$", re.DOTALL)
-_WRAPPED_ACTION = re.compile(rf"^\s*\{{\s*({_NAME})\s*:\s*(\{{.*?\}})\s*\}}?\s*$", re.DOTALL)
-_FENCED_ACTION = re.compile(r"^\s*```([A-Za-z]\w*)[ \t]*\n(.*?)\s*```\s*$", re.DOTALL)
-_GUI_ACTION = re.compile(r"^\s*([A-Za-z]+)\s+(<[^<>\n]+>(?:\s*<[^<>\n]+>)*)\s*$")
+# matched against the stripped action (`parse_action`): no leading or trailing whitespace to allow for
+_BRACE_ACTION = re.compile(rf"({_NAME})\s*(\{{.*\}})", re.DOTALL)
+_INPUT_ACTION = re.compile(rf"({_NAME})[^\S\n]*\n\s*Action Input:(.*)", re.DOTALL)
+_CALL_ACTION = re.compile(rf"({_NAME})\((.*)\)", re.DOTALL)
+_UNCLOSED_CALL_ACTION = re.compile(rf"({_NAME})\((\s*\w+\s*=.*)", re.DOTALL)
+_COLON_ACTION = re.compile(rf"({_NAME}):\s*(\{{.*\}})", re.DOTALL)
+_WRAPPED_ACTION = re.compile(rf"\{{\s*({_NAME})\s*:\s*(\{{.*?\}})\s*\}}?", re.DOTALL)
+_FENCED_ACTION = re.compile(r"```([A-Za-z]\w*)[ \t]*\n(.*)```", re.DOTALL)
+_GUI_ACTION = re.compile(r"([A-Za-z]+)\s+(<[^<>\n]+>(?:\s*<[^<>\n]+>)*)")
 
 
 def _parse_dict_literal(text: str) -> dict[str, Any] | None:
@@ -243,7 +291,7 @@ def _command_action(action: str) -> tuple[str, dict[str, Any] | str] | None:
     for candidate in ("{" + text, "{" + text + "}"):
         try:
             command = json.loads(candidate).get("command")
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(command, dict) and isinstance(command.get("name"), str):
             args = command.get("args", {})
@@ -262,23 +310,26 @@ def parse_action(action: str) -> tuple[str, dict[str, Any] | str] | None:
     without its closing parenthesis), AutoGPT's `"command": {...}`, shell commands in
     a fenced block (the fence's language names the tool) and app-GUI actions such as
     `click <Settings><Wi-Fi>`."""
+    action = action.strip()
     for pattern in (_INPUT_ACTION, _BRACE_ACTION, _COLON_ACTION, _WRAPPED_ACTION):
-        match = pattern.match(action)
+        match = pattern.fullmatch(action)
         if match:
-            name, raw_args = match.group(1), match.group(2)
+            name, raw_args = match.group(1), match.group(2).strip()
             parsed = _parse_dict_literal(raw_args)
             return name, parsed if parsed is not None else raw_args
-    match = _CALL_ACTION.match(action) or _UNCLOSED_CALL_ACTION.match(action)
+    closed = _CALL_ACTION.fullmatch(action)
+    match = closed or _UNCLOSED_CALL_ACTION.fullmatch(action)
     if match:
-        kwargs = _parse_call_kwargs(match.group(2))
-        return match.group(1), kwargs if kwargs is not None else match.group(2)
+        raw_args = match.group(2) if closed else match.group(2).rstrip()
+        kwargs = _parse_call_kwargs(raw_args)
+        return match.group(1), kwargs if kwargs is not None else raw_args
     command = _command_action(action)
     if command is not None:
         return command
-    match = _FENCED_ACTION.match(action)
+    match = _FENCED_ACTION.fullmatch(action)
     if match:
         return match.group(1), {"command": match.group(2).strip()}
-    match = _GUI_ACTION.match(action)
+    match = _GUI_ACTION.fullmatch(action)
     if match:
         return match.group(1), match.group(2)
     return None
@@ -297,6 +348,9 @@ def _agent_step(turn: dict[str, Any], call_id: str, index: int) -> AssistantStep
     if parsed is None:
         return AssistantStep(content="\n".join(piece for piece in (thought, action) if piece))
     name, args = parsed
+    if isinstance(args, dict) and _depth(args, MAX_ARGUMENT_DEPTH) > MAX_ARGUMENT_DEPTH:
+        raise TrajectoryError(index, f"agent action arguments are nested more than {MAX_ARGUMENT_DEPTH} deep")
+    args = _cleaned(args, "agent action arguments")
     if name == "Complete" and isinstance(args, dict) and "response" in args:
         final = str(args["response"])
         return AssistantStep(content="\n".join(piece for piece in (thought, final) if piece))
@@ -310,6 +364,10 @@ def from_agent_record(record: dict[str, Any]) -> Trajectory:
     """
     if not isinstance(record, dict):
         raise TrajectoryError(None, f"record must be an object, not {type(record).__name__}")
+    record = _cleaned(record, "record")
+    record_id = record.get("id")
+    if record_id is not None and (isinstance(record_id, bool) or not isinstance(record_id, (str, int))):
+        raise TrajectoryError(None, f"record id must be a string or an integer, not {type(record_id).__name__}")
     contents = record.get("contents")
     if not isinstance(contents, list) or not contents:
         raise TrajectoryError(None, "record has no 'contents' list")
@@ -354,5 +412,5 @@ def from_agent_record(record: dict[str, Any]) -> Trajectory:
     return Trajectory(
         steps=steps,
         environment=scenario if isinstance(scenario, str) and scenario else None,
-        conversation_id=str(record["id"]) if record.get("id") is not None else None,
+        conversation_id=str(record_id) if record_id is not None else None,
     )

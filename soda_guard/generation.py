@@ -4,7 +4,8 @@ these and not on `backends` or `judges`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Callable
 
 
@@ -35,6 +36,16 @@ class GenerationRequest:
     deadline: float | None = None
     """`time.monotonic()` value after which nobody waits for the answer any more: in-process
     work on it is dropped (before it starts, or between decode steps) instead of finished."""
+    cancelled: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
+    """Set when the caller stops waiting before the deadline (its task was cancelled, another
+    judgment of its batch failed, the backend is closing): the work is dropped the same way."""
+
+    def abandon(self) -> None:
+        self.cancelled.set()
+
+    def given_up(self, now: float) -> bool:
+        """Whether nobody will read the answer: cancelled, or past the deadline at `now`."""
+        return self.cancelled.is_set() or (self.deadline is not None and now >= self.deadline)
 
 
 @dataclass

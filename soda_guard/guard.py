@@ -48,17 +48,19 @@ class _Item:
 
 class JudgeThreads:
     """Daemon threads for sync judge calls, grown on demand so that a call never queues behind
-    a hung one: there is always a free thread for every call in flight, up to `limit`; past it
-    a call is refused at once (and fails closed) instead of waiting. Idle threads exit after
+    a hung one: there is always a free thread for every call in flight, up to `limit` per judge
+    (`key`), so a hung judge takes its own share and never another's; past it a call is refused
+    at once (and fails closed) instead of waiting. Idle threads exit after
     `idle_s`, so a burst does not leave threads behind, and daemon threads do not keep a
     process alive on a judge that never returns."""
 
     def __init__(self, limit: int = 64, idle_s: float = 30.0) -> None:
         self.limit = limit
         self.idle_s = idle_s
-        self._tasks: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[[], Any]]] = queue.SimpleQueue()
+        self._tasks: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[[], Any], str | None]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._busy = 0
+        self._busy_by: Counter[str | None] = Counter()
         self._threads = 0
         self._closed = False
 
@@ -70,15 +72,16 @@ class JudgeThreads:
     def threads(self) -> int:
         return self._threads
 
-    def submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+    def submit(self, fn: Callable[[], Any], key: str | None = None) -> concurrent.futures.Future[Any]:
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._lock:
             if self._closed:
                 raise JudgeError("the guard is closed")
-            if self._busy >= self.limit:
-                raise JudgeError(f"{self._busy} judge calls still running (limit {self.limit}); is the judge hung?")
+            if self._busy_by[key] >= self.limit:
+                raise JudgeError(f"{self._busy_by[key]} judge calls still running (limit {self.limit}); is the judge hung?")
             self._busy += 1
-            self._tasks.put((future, fn))
+            self._busy_by[key] += 1
+            self._tasks.put((future, fn, key))
             if self._threads < self._busy:
                 self._threads += 1
                 threading.Thread(target=self._work, name="soda-guard-judge", daemon=True).start()
@@ -87,7 +90,7 @@ class JudgeThreads:
     def _work(self) -> None:
         while True:
             try:
-                future, fn = self._tasks.get(timeout=self.idle_s)
+                future, fn, key = self._tasks.get(timeout=self.idle_s)
             except queue.Empty:
                 with self._lock:
                     if self._threads > self._busy or self._closed:
@@ -106,6 +109,7 @@ class JudgeThreads:
             # free this thread before waking the caller, whose next call may then reuse it
             with self._lock:
                 self._busy -= 1
+                self._busy_by[key] -= 1
             if failure is not None:
                 future.set_exception(failure)
             elif not future.cancelled():
@@ -158,7 +162,9 @@ class Guard:
                 config = self.policy.judges[judge_name]
                 backend = self._backends.get(judge_name)
                 if backend is None:
-                    backend = make_backend(config)
+                    # a judge without its own deadline is held to the check's, even where no
+                    # judgment brings one (a warm-up)
+                    backend = make_backend(config.model_copy(update={"timeout_s": self.policy.judge_timeout_s(judge_name)}))
                     self._backends[judge_name] = backend
                     self._made.append(backend)
                 self._runners[judge_name] = JudgeRunner(
@@ -293,7 +299,7 @@ class Guard:
     async def _ajudge_group(self, judge_name: str, views: list[Trajectory], start: float, deadline: float) -> list[Verdict]:
         runner = self._runners.get(judge_name)
         if runner is None:
-            loading = self.judge_threads.submit(lambda: self.runner(judge_name))
+            loading = self.judge_threads.submit(lambda: self.runner(judge_name), key=judge_name)
             try:
                 runner = await asyncio.wrap_future(loading)
             except Exception as error:
@@ -314,13 +320,16 @@ class Guard:
         start = time.perf_counter()
         deadline = start + self.policy.defaults.timeout_s
         # the same deadline on the clock the backends and the audit sinks read
-        monotonic_deadline = time.monotonic() + self.policy.defaults.timeout_s
+        submitted_at = time.monotonic()
+        monotonic_deadline = submitted_at + self.policy.defaults.timeout_s
         submitted: list[tuple[str, list[int], concurrent.futures.Future[Any] | BaseException]] = []
         for judge_name, indexes in self._groups(items).items():
             views = [items[i].view for i in indexes]
+            judge_deadline = self._judge_deadline(judge_name, submitted_at)
             try:
                 future: concurrent.futures.Future[Any] | BaseException = self.judge_threads.submit(
-                    lambda name=judge_name, views=views: self._judge_group(name, views, start, monotonic_deadline)  # type: ignore[misc]
+                    lambda name=judge_name, views=views, at=judge_deadline: self._judge_group(name, views, start, at),  # type: ignore[misc]
+                    key=judge_name,
                 )
             except JudgeError as error:
                 future = error
@@ -341,10 +350,13 @@ class Guard:
         """`asyncio.wait` rather than `wait_for`: a judge coroutine that swallows its
         cancellation must not hold the caller past the deadline."""
         start = time.perf_counter()
-        monotonic_deadline = time.monotonic() + self.policy.defaults.timeout_s
+        submitted_at = time.monotonic()
+        monotonic_deadline = submitted_at + self.policy.defaults.timeout_s
         groups = list(self._groups(items).items())
         tasks = [
-            asyncio.ensure_future(self._ajudge_group(name, [items[i].view for i in indexes], start, monotonic_deadline))
+            asyncio.ensure_future(
+                self._ajudge_group(name, [items[i].view for i in indexes], start, self._judge_deadline(name, submitted_at))
+            )
             for name, indexes in groups
         ]
         verdicts: dict[int, Verdict] = {}
@@ -368,6 +380,13 @@ class Guard:
         if self.sinks:
             decisions = await asyncio.to_thread(self._audit, decisions, monotonic_deadline, self._on_error(items))
         return decisions
+
+    def _judge_deadline(self, judge_name: str, submitted_at: float) -> float:
+        """The check's deadline, shortened by the judge's own `timeout_s` where it sets one:
+        what every backend is held to (`GenerationRequest.deadline`)."""
+        if judge_name not in self.policy.judges:
+            return submitted_at + self.policy.defaults.timeout_s
+        return submitted_at + self.policy.judge_timeout_s(judge_name)
 
     def _load_failure(self, judge_name: str, count: int, error: Exception, start: float) -> list[Verdict]:
         return self._failure_verdicts(judge_name, count, JudgeError(f"judge could not be loaded: {error}"), start)
@@ -445,13 +464,29 @@ class Guard:
         return await asyncio.to_thread(self.record_review, event)
 
     def close(self) -> None:
-        """Refuse new judge calls and stop the backends this guard made (their worker threads
-        finish the batch in hand, bounded by its deadline), so a process that exits right after
-        is not torn down while a worker is inside the model; backends passed in belong to the
-        caller. Threads stuck in a hung judge are daemons and die with the process."""
+        """Refuse new judge calls and stop the backends this guard made (judgments in hand are
+        dropped at the engine's next step, HTTP ones end by their deadline); backends passed in
+        belong to the caller. Not calling it is safe too: the engine's worker is joined at
+        interpreter exit, and threads stuck in a hung judge are daemons."""
         self.judge_threads.close()
         close_each(self._made)
         close_each(self.sinks)
+
+    async def aclose(self) -> None:
+        """`close` off the event loop: joining a worker can take a decode step."""
+        await asyncio.to_thread(self.close)
+
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Guard:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
 def close_each(things: Sequence[object]) -> None:

@@ -58,7 +58,7 @@ def make_backend(config: JudgeConfig) -> Backend:
             base_url=config.base_url,
             base_urls=config.base_urls,
             api_key_env=config.api_key_env,
-            timeout_s=config.timeout_s,
+            **({"timeout_s": config.timeout_s} if config.timeout_s is not None else {}),
             max_concurrency=config.max_concurrency,
             retries=config.retries,
             max_response_bytes=config.max_response_bytes,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from soda_guard.errors import PolicyError
 from soda_guard.verdict import Action, ReviewType
@@ -21,7 +21,29 @@ from soda_guard.verdict import Action, ReviewType
 #: bound keeps `inf`, `nan` and `1e300` (which block forever or overflow a wait) out of the guard
 MAX_TIMEOUT_S = 3600.0
 
-Seconds = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)]
+#: strict numbers and booleans: YAML `true` is not 1.0 (`threshold: true` would turn a 0.97 UNSAFE
+#: verdict into allow) and a quoted '10' is a typo worth an error, not a number
+Seconds = Annotated[float, Field(strict=True, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)]
+Probability = Annotated[float, Field(strict=True, ge=0.0, le=1.0, allow_inf_nan=False)]
+Flag = Annotated[bool, Field(strict=True)]
+
+#: the longest policy text read: a policy is a few kilobytes; past this it is refused before
+#: parsing, without echoing it
+MAX_POLICY_BYTES = 256 * 1024
+#: the most rules a policy may hold: `rule_for` tries them in order on every call
+MAX_RULES = 10_000
+#: how much of a bad value an error message shows
+_SHOWN_CHARS = 80
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not the boolean {value}")
+    return value
+
+
+def _strict_int(**constraints: Any) -> Any:
+    return Annotated[int, Field(strict=True, **constraints)]
 
 #: a judge's answer is a few hundred bytes; a body past this is a broken or hostile server
 DEFAULT_MAX_RESPONSE_BYTES = 1 << 20
@@ -43,16 +65,18 @@ class JudgeConfig(_Strict):
     """Several servers: least-loaded first, a conversation sticks to one (prefix cache hits)."""
     api_key_env: str | None = None
     """Name of the environment variable holding the server's API key; never the key itself."""
-    timeout_s: Seconds = 30.0
-    """Deadline of one judgment over HTTP, queueing and retries included."""
-    max_response_bytes: int = Field(default=DEFAULT_MAX_RESPONSE_BYTES, ge=1024, le=64 << 20)
+    timeout_s: Seconds | None = None
+    """Deadline of one judgment, queueing and retries included; unset, it is the check's
+    (`defaults.timeout_s`), which it may shorten but never extend."""
+    max_response_bytes: _strict_int(ge=1024, le=64 << 20) = DEFAULT_MAX_RESPONSE_BYTES
     """`backend: openai`: a reply body longer than this fails the judgment instead of being read."""
-    max_concurrency: int = Field(default=16, ge=1)
-    retries: int = Field(default=2, ge=0, le=10)
-    max_new_tokens: int = Field(default=128, ge=1, le=4096)
-    stop_at_verdict: bool = False
+    max_concurrency: _strict_int(ge=1, le=1024) = 16
+    """`backend: openai`: judgments in flight at once per server."""
+    retries: _strict_int(ge=0, le=10) = 2
+    max_new_tokens: _strict_int(ge=1, le=4096) = 128
+    stop_at_verdict: Flag = False
     """`backend: transformers`: stop generating once the verdict label is written (Qwen3Guard: no categories)."""
-    verdict_only: bool = False
+    verdict_only: Flag = False
     """`backend: transformers`: no reason, P(unsafe) from one forward pass; faster, off the trained format."""
     window: Literal["latest", "history", "full"] = "history"
     """soda: `latest` shows the latest request onward, `history` adds earlier requests and tool
@@ -60,9 +84,9 @@ class JudgeConfig(_Strict):
     mode: Literal["prompt", "response", "tool_result"] = "response"
     harm: str | None = None
     environment: str | None = None
-    max_prompt_chars: int = Field(default=64_000, ge=4_096)
+    max_prompt_chars: _strict_int(ge=4_096) = 64_000
     """Whole judge prompt, in characters; the trajectory's middle is elided beyond it."""
-    max_message_chars: int = Field(default=16_000, ge=256)
+    max_message_chars: _strict_int(ge=256) = 16_000
     """One message (a huge tool result) is clipped beyond this, head and tail kept."""
 
     @model_validator(mode="after")
@@ -79,7 +103,7 @@ class Outcomes(_Strict):
     on_unsafe: Action | None = None
     on_controversial: Action | None = None
     on_error: Action | None = None
-    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    threshold: Probability | None = None
     on_truncated: Literal["judge", "error"] | None = None
     """`error`: a verdict on a prompt that had to be cut (`Verdict.truncated`) is not trusted
     and the call takes `on_error`; `judge` (the default) uses the verdict."""
@@ -118,7 +142,7 @@ class ReviewPolicy(_Strict):
     HumanInTheLoopMiddleware does) asks once per model turn, before any call of that turn
     runs; false runs the turn's allowed calls first and asks per escalated call."""
 
-    hold_turn: bool = True
+    hold_turn: Flag = True
     interrupt_mode: Literal["batched", "per_call"] = "batched"
     """As `HumanInTheLoopMiddleware`'s: `batched` asks one `HITLRequest` per question, answered
     with an `HITLResponse` (`{"decisions": [...]}`, one per action request); `per_call` asks one
@@ -153,9 +177,16 @@ class AuditConfig(_Strict):
     written before return (survives a crashed process, not a power cut)."""
     sqlite: Path | None = None
 
+    @field_validator("fsync", mode="before")
+    @classmethod
+    def _off_unquoted(cls, value: Any) -> Any:
+        """YAML 1.1 reads an unquoted `off` (and `no`, `false`) as the boolean false; the
+        documented word must work as written."""
+        return "off" if value is False else value
+
 
 class Policy(_Strict):
-    version: Literal[1] = 1
+    version: Annotated[Literal[1], BeforeValidator(_not_bool)] = 1
     judges: dict[str, JudgeConfig] = Field(default_factory=dict)
     defaults: Defaults = Field(default_factory=Defaults)
     rules: list[Rule] = Field(default_factory=list)
@@ -180,7 +211,19 @@ class Policy(_Strict):
         needs_judge = any(rule.action is None for rule in self.rules) or not self.rules
         if needs_judge and self.judges and self.defaults.judge is None:
             raise ValueError("defaults.judge: required when more than one judge is declared")
+        check = self.defaults.timeout_s
+        for name, judge in self.judges.items():
+            if judge.timeout_s is not None and judge.timeout_s > check:
+                raise ValueError(
+                    f"judges.{name}.timeout_s ({judge.timeout_s:g}s) is longer than the check's "
+                    f"defaults.timeout_s ({check:g}s): a judge's deadline can only shorten the check's"
+                )
         return self
+
+    def judge_timeout_s(self, name: str) -> float:
+        """The deadline of one judgment by judge `name`: its own `timeout_s`, else the check's."""
+        own = self.judges[name].timeout_s
+        return own if own is not None else self.defaults.timeout_s
 
     def judges_in_use(self) -> list[str]:
         """The declared judges some check can reach, in declaration order: the default one
@@ -206,10 +249,15 @@ class Policy(_Strict):
     def from_dict(cls, data: Any, *, source: str = "policy") -> Policy:
         if not isinstance(data, dict):
             raise PolicyError(f"{source}: the policy must be a mapping, not {type(data).__name__}")
+        rules = data.get("rules")
+        if isinstance(rules, list) and len(rules) > MAX_RULES:
+            raise PolicyError(f"{source}: rules: {len(rules)} rules, over the limit of {MAX_RULES}")
         try:
             return cls.model_validate(data)
         except ValidationError as error:
             raise PolicyError(_describe(error, source)) from None
+        except RecursionError:
+            raise PolicyError(f"{source}: the policy is nested too deeply") from None
 
     @classmethod
     def from_yaml(cls, text: str | Path) -> Policy:
@@ -219,11 +267,14 @@ class Policy(_Strict):
         at `from_yaml_file`."""
         if isinstance(text, Path):
             return cls.from_yaml_file(text)
+        if not isinstance(text, str):
+            raise PolicyError(f"policy: YAML text must be a str or a Path, not {type(text).__name__}")
         data = _parse_yaml(text, "policy")
         if isinstance(data, str):
+            shown = _shown(text.strip())
             raise PolicyError(
-                f"policy: the YAML text {text.strip()!r} is a single value, not a policy; "
-                f"to load a file use Policy.from_yaml_file({text.strip()!r})"
+                f"policy: the YAML text {shown} is a single value, not a policy; "
+                f"to load a file use Policy.from_yaml_file({shown})"
             )
         return cls.from_dict(data, source="policy")
 
@@ -233,6 +284,9 @@ class Policy(_Strict):
         if not path.is_file():
             raise PolicyError(f"policy file not found: {path}")
         try:
+            size = path.stat().st_size
+            if size > MAX_POLICY_BYTES:
+                raise PolicyError(f"{path}: the policy is {size} bytes, over the limit of {MAX_POLICY_BYTES} bytes")
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             raise PolicyError(f"{path}: cannot read the policy: {error}") from None
@@ -264,11 +318,24 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _shown(text: str) -> str:
+    """`text` quoted for an error message, cut to its first characters: a megabyte of it once
+    came back twice in one message."""
+    if len(text) <= _SHOWN_CHARS:
+        return repr(text)
+    return f"{text[:_SHOWN_CHARS]!r}... ({len(text)} characters)"
+
+
 def _parse_yaml(text: str, source: str) -> Any:
+    size = len(text.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_POLICY_BYTES:
+        raise PolicyError(f"{source}: the policy is {size} bytes, over the limit of {MAX_POLICY_BYTES} bytes")
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as error:
         raise PolicyError(f"{source}: invalid YAML: {error}") from None
+    except RecursionError:
+        raise PolicyError(f"{source}: invalid YAML: nested too deeply") from None
 
 
 def resolve_policy(
@@ -308,7 +375,7 @@ def resolve_policy(
 def _describe(error: ValidationError, source: str) -> str:
     lines = []
     for problem in error.errors():
-        key = ".".join(str(part) for part in problem["loc"]) or "(root)"
+        key = ".".join(str(part)[:_SHOWN_CHARS] for part in problem["loc"]) or "(root)"
         if problem["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key")
         else:

@@ -88,8 +88,10 @@ def test_deadlines_must_be_finite_and_at_most_an_hour(value: str, where: str) ->
 
 
 def test_deadlines_up_to_an_hour_are_accepted() -> None:
-    policy = Policy.from_yaml("version: 1\njudges: {s: {kind: soda, model: m, timeout_s: 3600}}\ndefaults: {timeout_s: 0.05}")
-    assert (policy.judges["s"].timeout_s, policy.defaults.timeout_s) == (3600.0, 0.05)
+    policy = Policy.from_yaml("version: 1\njudges: {s: {kind: soda, model: m, timeout_s: 3600}}\ndefaults: {timeout_s: 3600}")
+    assert (policy.judges["s"].timeout_s, policy.defaults.timeout_s) == (3600.0, 3600.0)
+    policy = Policy.from_yaml("version: 1\njudges: {s: {kind: soda, model: m, timeout_s: 0.05}}\ndefaults: {timeout_s: 0.05}")
+    assert (policy.judges["s"].timeout_s, policy.defaults.timeout_s) == (0.05, 0.05)
 
 
 @pytest.mark.parametrize("value", ["100", "1e12"])

@@ -7,22 +7,42 @@ timeout (measured: a close at 0.5 s freed the thread at the 10 s read timeout). 
 operation of a request (connect, TLS handshake, each write, each read, the wait for a pooled
 connection) gets what is left of the request's deadline as its timeout: the last one ends when
 the deadline passes and the thread is free again. This uses httpcore's public network-backend
-interface (httpcore is the engine under httpx), wrapping its default sync backend rather than
-touching sockets.
+interface (httpcore is the engine under httpx), wrapping its default sync backend.
+
+Three steps that a socket timeout alone does not bound are done here within the deadline too:
+name resolution (`getaddrinfo` has no timeout: it runs on a daemon thread the request stops
+waiting for), the TLS handshake (driven step by step on a non-blocking socket, so a server that
+trickles its handshake is cut off like one that trickles its reply) and a caller's abort (each
+read waits in short slices and gives up once the request is abandoned). A stream whose start
+fails is closed at once, and one SSL context serves every connection of a client.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import ipaddress
 import json
+import select
+import socket
+import ssl
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import httpcore
+from httpcore._backends.sync import SyncStream
 
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("soda_guard_http_deadline", default=None)
+_abort: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("soda_guard_http_abort", default=None)
+
+#: how often a read waiting on the server looks at its request's abort flag
+ABORT_POLL_S = 0.05
+#: name lookups running at once, process-wide; past it a lookup waits (within its deadline)
+MAX_LOOKUPS = 16
+_lookups = threading.BoundedSemaphore(MAX_LOOKUPS)
 
 #: what a failed request raises when the cause is the connection, not the server's answer
 CONNECTION_LOST = (httpcore.ConnectError, httpcore.ConnectTimeout, httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)
@@ -32,14 +52,25 @@ class BodyTooLarge(Exception):
     """The server's reply is longer than the client agreed to read."""
 
 
+class Aborted(httpcore.ReadTimeout):
+    """The request was abandoned by its caller before its deadline."""
+
+
 @contextlib.contextmanager
-def deadline(at: float) -> Iterator[None]:
-    """Every network operation of this thread inside the block ends by `at` (time.monotonic)."""
-    token = _deadline.set(at)
+def deadline(at: float, abort: threading.Event | None = None) -> Iterator[None]:
+    """Every network operation of this thread inside the block ends by `at` (time.monotonic),
+    or soon after `abort` is set."""
+    token, abort_token = _deadline.set(at), _abort.set(abort)
     try:
         yield
     finally:
         _deadline.reset(token)
+        _abort.reset(abort_token)
+
+
+def _aborted() -> bool:
+    flag = _abort.get()
+    return flag is not None and flag.is_set()
 
 
 def _left(timeout: float | None, expired: type[httpcore.TimeoutException]) -> float | None:
@@ -57,7 +88,18 @@ class _DeadlineStream(httpcore.NetworkStream):
         self._stream = stream
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._stream.read(max_bytes, _left(timeout, httpcore.ReadTimeout))
+        """In slices of `ABORT_POLL_S` while the request can be aborted: a recv that timed out
+        has consumed nothing, so waiting again is safe."""
+        while True:
+            if _aborted():
+                raise Aborted("the request was abandoned by its caller")
+            left = _left(timeout, httpcore.ReadTimeout)
+            if _abort.get() is None or (left is not None and left <= ABORT_POLL_S):
+                return self._stream.read(max_bytes, left)
+            try:
+                return self._stream.read(max_bytes, ABORT_POLL_S)
+            except httpcore.ReadTimeout:
+                continue
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         self._stream.write(buffer, _left(timeout, httpcore.WriteTimeout))
@@ -66,10 +108,80 @@ class _DeadlineStream(httpcore.NetworkStream):
         self._stream.close()
 
     def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> httpcore.NetworkStream:
-        return _DeadlineStream(self._stream.start_tls(ssl_context, server_hostname, _left(timeout, httpcore.ConnectTimeout)))
+        """The handshake as a whole ends by the deadline; the socket is closed if it fails."""
+        sock = self._stream.get_extra_info("socket")
+        try:
+            if not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket):
+                return _DeadlineStream(self._stream.start_tls(ssl_context, server_hostname, _left(timeout, httpcore.ConnectTimeout)))
+            _left(timeout, httpcore.ConnectTimeout)
+            tls = ssl_context.wrap_socket(sock, server_hostname=server_hostname, do_handshake_on_connect=False)
+        except BaseException:
+            self.close()
+            raise
+        try:
+            _handshake(tls, timeout)
+        except BaseException:
+            tls.close()
+            raise
+        return _DeadlineStream(SyncStream(tls))
 
     def get_extra_info(self, info: str) -> Any:
         return self._stream.get_extra_info(info)
+
+
+def _handshake(tls: ssl.SSLSocket, timeout: float | None) -> None:
+    tls.setblocking(False)
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            readable, writable = [tls], []
+        except ssl.SSLWantWriteError:
+            readable, writable = [], [tls]
+        except (ssl.SSLError, OSError) as error:
+            raise httpcore.ConnectError(f"TLS handshake failed: {error}") from error
+        if _aborted():
+            raise Aborted("the request was abandoned by its caller")
+        left = _left(timeout, httpcore.ConnectTimeout)
+        select.select(readable, writable, [], min(left, ABORT_POLL_S) if left is not None else ABORT_POLL_S)
+    tls.setblocking(True)
+
+
+def resolve(host: str, port: int, timeout: float | None) -> list[tuple[Any, ...]]:
+    """`getaddrinfo` within the deadline: on a daemon thread that the caller stops waiting for
+    at the deadline (a lookup cannot be cancelled; at most `MAX_LOOKUPS` run at once)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        pass  # a name, not an address
+    else:
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+        return [(family, socket.SOCK_STREAM, 0, "", (host, port))]
+    left = _left(timeout, httpcore.ConnectTimeout)
+    if not _lookups.acquire(timeout=left if left is not None else -1):
+        raise httpcore.ConnectTimeout(f"no name lookup slot for {host!r} by the deadline")
+    answer: Future[list[tuple[Any, ...]]] = Future()
+
+    def look_up() -> None:
+        try:
+            answer.set_result(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except BaseException as error:  # the caller reports it
+            answer.set_exception(error)
+        finally:
+            _lookups.release()
+
+    threading.Thread(target=look_up, name="soda-guard-resolve", daemon=True).start()
+    while True:
+        if _aborted():
+            raise Aborted("the request was abandoned by its caller")
+        left = _left(timeout, httpcore.ConnectTimeout)
+        try:
+            return answer.result(timeout=min(left, ABORT_POLL_S) if left is not None else ABORT_POLL_S)
+        except TimeoutError:
+            continue
+        except OSError as error:
+            raise httpcore.ConnectError(f"cannot resolve {host!r}: {error}") from error
 
 
 class DeadlineNetwork(httpcore.NetworkBackend):
@@ -86,8 +198,17 @@ class DeadlineNetwork(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
-        stream = self._backend.connect_tcp(host, port, _left(timeout, httpcore.ConnectTimeout), local_address, socket_options)
-        return _DeadlineStream(stream)
+        failure: Exception = httpcore.ConnectError(f"{host!r} resolved to no address")
+        for *_, address in resolve(host, port, timeout):
+            try:
+                stream = self._backend.connect_tcp(
+                    str(address[0]), port, _left(timeout, httpcore.ConnectTimeout), local_address, socket_options
+                )
+            except httpcore.ConnectError as error:
+                failure = error
+                continue
+            return _DeadlineStream(stream)
+        raise failure
 
     def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
@@ -114,15 +235,20 @@ class DeadlineClient:
         self.max_body_bytes = max_body_bytes
         self._headers = [(b"content-type", b"application/json")]
         self._headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+        # one context for every connection: building one costs ~58 ms of CPU, outside any deadline
+        self.ssl_context = httpcore.default_ssl_context()
         self._pool = httpcore.ConnectionPool(
-            max_connections=max_connections, max_keepalive_connections=max_connections, network_backend=DeadlineNetwork()
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            network_backend=DeadlineNetwork(),
+            ssl_context=self.ssl_context,
         )
 
-    def post_json(self, url: str, body: Any, *, until: float) -> Reply:
-        """Raises httpcore's errors (a timeout once `until`, time.monotonic, passes) and
-        `BodyTooLarge`."""
+    def post_json(self, url: str, body: Any, *, until: float, abort: threading.Event | None = None) -> Reply:
+        """Raises httpcore's errors (a timeout once `until`, time.monotonic, passes; `Aborted`
+        soon after `abort` is set) and `BodyTooLarge`."""
         content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
-        with deadline(until):
+        with deadline(until, abort):
             left = _left(None, httpcore.PoolTimeout)
             extensions = {"timeout": {"pool": left}}
             with self._pool.stream("POST", url, headers=self._headers, content=content, extensions=extensions) as response:

@@ -7,12 +7,14 @@ that returns no logprobs still gets a usable score from the label it wrote, and 
 so (`score_source="label"`), so a threshold is never silently applied to a made-up number.
 
 Every judgment of every caller (sync or async, any thread, any event loop) runs on one of
-`max_concurrency` worker threads sharing one keep-alive connection pool: one concurrency bound
-and one view of the servers' health serve a whole process, and no caller's event loop is blocked
-or needed. Sync rather than `httpx.AsyncClient` on a private loop: on loopback that round trip
+`max_concurrency` worker threads per server sharing one keep-alive connection pool: one
+concurrency bound and one view of the servers' health serve a whole process, and no caller's
+event loop is blocked or needed. No server may hold more than `max_concurrency` judgments at
+once, so a hanging server holds its own share of the workers and never the good servers'. Sync rather than `httpx.AsyncClient` on a private loop: on loopback that round trip
 was 2.45 ms against 1.6 ms (benchmarks/RESULTS.md), and the worker pool bounds concurrency by
-itself. The judgment's deadline bounds every network operation of every attempt
-(`deadline_http`), so a hanging or trickling server frees its worker when the deadline passes.
+itself. The judgment's deadline (the request's own, shortened by `timeout_s`) bounds every
+network operation of every attempt (`deadline_http`), so a hanging or trickling server frees its
+worker when the deadline passes, and a caller that stops waiting earlier aborts the request.
 """
 
 from __future__ import annotations
@@ -24,14 +26,15 @@ import os
 import random
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Sequence
 
 import httpcore
 
-from soda_guard.backends.deadline_http import CONNECTION_LOST, BodyTooLarge, DeadlineClient, Reply
+from soda_guard.backends.deadline_http import CONNECTION_LOST, Aborted, BodyTooLarge, DeadlineClient, Reply
 from soda_guard.backends.server_pool import Server, ServerPool
+from soda_guard.backends.waiting import await_all, wait_all
 from soda_guard.errors import JudgeError
 from soda_guard.generation import GenerationRequest, GenerationResult, ScoreSpec
 from soda_guard.policy import DEFAULT_MAX_RESPONSE_BYTES, MAX_TIMEOUT_S
@@ -45,6 +48,31 @@ MAX_TOP_LOGPROBS = 20
 DEADLINE_GRACE_S = 0.25
 
 
+_started: weakref.WeakSet[OpenAIBackend] = weakref.WeakSet()
+_exit_hook = threading.Lock()
+_exit_hook_set = False
+
+
+def _abandon_all() -> None:
+    for backend in list(_started):
+        backend.abandon_pending()
+
+
+def _on_exit() -> None:
+    """At interpreter exit, before the executors' own hook joins their workers, abandon every
+    judgment still pending, so the workers end within a read slice instead of at a deadline up
+    to an hour away. `threading._register_atexit` is what `concurrent.futures` itself uses to
+    join its workers; its hooks run last-registered first, and this one is registered after
+    that module's (plain `atexit` would run after the join)."""
+    global _exit_hook_set
+    with _exit_hook:
+        if not _exit_hook_set:
+            register = getattr(threading, "_register_atexit", None)
+            if register is not None:
+                register(_abandon_all)
+            _exit_hook_set = True
+
+
 class _Retryable(Exception):
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -54,8 +82,9 @@ class _Retryable(Exception):
 class OpenAIBackend:
     """Judge servers speaking `POST /v1/chat/completions`.
 
-    `timeout_s` is the deadline of one judgment, from the call to the answer, queueing for a
-    worker and every retry included: it is what the guard's latency budget sees.
+    A judgment ends by its request's `deadline` (the guard's check deadline), and at the latest
+    `timeout_s` after the call, queueing for a worker and every retry included: `timeout_s` can
+    only shorten the caller's deadline. `max_concurrency` is per server.
     Retries (with jittered exponential backoff, or the server's `Retry-After`) happen only where
     sending the same judgment again can help: the connection failed or dropped, 429, or 5xx.
     Judging has no side effects, so a request lost with a dying server is safe to resend to
@@ -101,12 +130,13 @@ class OpenAIBackend:
         self.top_logprobs = top_logprobs
         self.backoff_s = backoff_s
         self.max_response_bytes = max_response_bytes
-        self.pool = ServerPool(urls, cooldown_s=cooldown_s)
+        self.pool = ServerPool(urls, cooldown_s=cooldown_s, max_outstanding=max_concurrency)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._lock = threading.Lock()
         self._client: DeadlineClient | None = None
         self._workers: ThreadPoolExecutor | None = None
         self._in_flight = 0
+        self._pending: dict[Future[GenerationResult], GenerationRequest] = {}
         self.max_overrun_s = 0.0
         """The longest any worker has gone on past its judgment's deadline: what `timeout_s`
         fails to bound (scheduling only, when the deadlines hold)."""
@@ -120,10 +150,12 @@ class OpenAIBackend:
         """Started on first use and again after `close`, so a closed backend can be reused."""
         with self._lock:
             if self._client is None or self._workers is None:
-                self._client = DeadlineClient(
-                    max_connections=self.max_concurrency, max_body_bytes=self.max_response_bytes, headers=self._headers
-                )
-                self._workers = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix=f"soda-guard-http-{self.model_id}")
+                # per server, so that every worker holding a server at its cap leaves the others theirs
+                workers = self.max_concurrency * len(self.pool.servers)
+                self._client = DeadlineClient(max_connections=workers, max_body_bytes=self.max_response_bytes, headers=self._headers)
+                self._workers = ThreadPoolExecutor(workers, thread_name_prefix=f"soda-guard-http-{self.model_id}")
+                _started.add(self)
+                _on_exit()
             return self._client, self._workers
 
     def body(self, request: GenerationRequest) -> dict[str, Any]:
@@ -138,14 +170,20 @@ class OpenAIBackend:
             body["top_logprobs"] = self.top_logprobs
         return body
 
-    def _send(self, client: DeadlineClient, server: Server, body: dict[str, Any], deadline: float) -> Any:
+    def _send(self, client: DeadlineClient, server: Server, body: dict[str, Any], deadline: float, request: GenerationRequest) -> Any:
         url = f"{server.base_url}/chat/completions"
         try:
-            response = client.post_json(url, body, until=deadline)
+            response = client.post_json(url, body, until=deadline, abort=request.cancelled)
+        except Aborted as error:
+            raise JudgeError(f"judgment abandoned by its caller while waiting on {url}") from error
         except CONNECTION_LOST as error:
             self.pool.failed(server)
+            if isinstance(error, httpcore.ConnectTimeout) and time.monotonic() >= deadline:
+                raise TimeoutError(f"{url}: {type(error).__name__} (connect, name lookup or TLS handshake)") from error
             raise _Retryable(f"{url}: {type(error).__name__}: {error or 'connection lost'}") from error
         except httpcore.TimeoutException as error:
+            if not isinstance(error, httpcore.PoolTimeout):  # no answer by the deadline: the next ones go elsewhere
+                self.pool.failed(server)
             raise TimeoutError(f"{url}: {type(error).__name__}") from error
         except BodyTooLarge as error:
             raise JudgeError(f"judge server {url} failed: {error}") from error
@@ -167,20 +205,23 @@ class OpenAIBackend:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise JudgeError(f"judge server {url} returned a body that is not JSON: {_text(response)[:300]!r}") from error
 
-    def _judge(self, client: DeadlineClient, request: GenerationRequest, deadline: float) -> GenerationResult:
-        """One judgment on a worker thread, retries included, ending by `deadline` (monotonic)."""
+    def _judge(self, client: DeadlineClient, request: GenerationRequest, deadline: float, budget: float) -> GenerationResult:
+        """One judgment on a worker thread, retries included, ending by `deadline` (monotonic);
+        `budget` is the seconds it was given, for the message."""
         started = time.monotonic()
         with self._lock:
             self._in_flight += 1
         try:
-            return self._attempts(client, request, deadline)
+            if request.cancelled.is_set():
+                raise JudgeError("judgment abandoned by its caller before it was sent")
+            return self._attempts(client, request, deadline, budget)
         finally:
             overrun = time.monotonic() - max(started, deadline)
             with self._lock:
                 self._in_flight -= 1
                 self.max_overrun_s = max(self.max_overrun_s, overrun)
 
-    def _attempts(self, client: DeadlineClient, request: GenerationRequest, deadline: float) -> GenerationResult:
+    def _attempts(self, client: DeadlineClient, request: GenerationRequest, deadline: float, budget: float) -> GenerationResult:
         body = self.body(request)
         attempts = 0
         last: _Retryable | None = None
@@ -188,62 +229,87 @@ class OpenAIBackend:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise self._timed_out(attempts, last)
+                raise self._timed_out(budget, attempts, last)
             attempts += 1
             server = self.pool.checkout(request.cache_key, avoid=avoid)
             try:
-                payload = self._send(client, server, body, deadline)
+                payload = self._send(client, server, body, deadline, request)
             except _Retryable as error:
                 last, avoid = error, server
                 if attempts > self.retries:
                     raise JudgeError(f"judge server failed after {attempts} attempts; last: {error}") from error.__cause__
-                time.sleep(self._backoff(attempts, error.retry_after, deadline - time.monotonic()))
+                left = deadline - time.monotonic()
+                if error.retry_after is not None and error.retry_after >= left:
+                    raise JudgeError(
+                        f"judge server asks to retry after {error.retry_after:g}s, past the judgment's deadline "
+                        f"({max(left, 0.0):.3f}s left): {error}"
+                    ) from error.__cause__
+                if request.cancelled.wait(self._backoff(attempts, error.retry_after, left)):
+                    raise JudgeError(f"judgment abandoned by its caller; last: {error}") from None
                 continue
             except TimeoutError as error:
-                raise self._timed_out(attempts, last) from error
+                raise self._timed_out(budget, attempts, last) from error
             finally:
                 self.pool.checkin(server)
             return parse_completion(payload, request.score, where=server.base_url)
 
-    def _timed_out(self, attempts: int | None, last: _Retryable | None) -> JudgeError:
+    def _timed_out(self, budget: float, attempts: int | None, last: _Retryable | None) -> JudgeError:
         """`attempts` is None where the caller stopped waiting for a worker still sending."""
         if attempts is None:
-            return JudgeError(f"judgment timed out after {self.timeout_s}s (no answer from the worker by then)")
+            return JudgeError(f"judgment timed out after {round(budget, 3)}s (no answer from the worker by then)")
         cause = f"; last: {last}" if last is not None else ""
-        return JudgeError(f"judgment timed out after {self.timeout_s}s ({attempts} attempt(s){cause})")
+        return JudgeError(f"judgment timed out after {round(budget, 3)}s ({attempts} attempt(s){cause})")
 
     def _backoff(self, attempt: int, retry_after: float | None, remaining: float) -> float:
         delay = retry_after if retry_after is not None else self.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
         return max(0.0, min(delay, remaining))
 
-    def _submit(self, requests: Sequence[GenerationRequest]) -> tuple[list[Future[GenerationResult]], float]:
-        deadline = time.monotonic() + self.timeout_s
+    def _deadline(self, request: GenerationRequest, now: float) -> float:
+        own = now + self.timeout_s
+        return own if request.deadline is None else min(own, request.deadline)
+
+    def _submit(self, requests: Sequence[GenerationRequest]) -> tuple[list[Future[GenerationResult]], float, float]:
+        now = time.monotonic()
+        deadlines = [self._deadline(request, now) for request in requests]
         client, workers = self._ensure()
-        return [workers.submit(self._judge, client, request, deadline) for request in requests], deadline
+        futures = [
+            workers.submit(self._judge, client, request, at, at - now) for request, at in zip(requests, deadlines)
+        ]
+        with self._lock:
+            self._pending.update(zip(futures, requests))
+        for future in futures:
+            future.add_done_callback(self._settled)
+        last = max(deadlines, default=now)
+        return futures, last, last - now
+
+    def _settled(self, future: Future[GenerationResult]) -> None:
+        with self._lock:
+            self._pending.pop(future, None)
+
+    def abandon_pending(self) -> None:
+        """Abandon every judgment queued or in flight (their callers get `JudgeError`)."""
+        with self._lock:
+            pending = list(self._pending.values())
+        for request in pending:
+            request.abandon()
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """All or nothing: the first failure cancels the batch's judgments still queued, since
-        the caller applies its failure action to the whole batch anyway."""
-        futures, deadline = self._submit(requests)
+        """All or nothing: the first failure abandons the batch's other judgments (queued ones
+        never start, sent ones are aborted), since the caller applies its failure action to the
+        whole batch anyway."""
+        futures, deadline, budget = self._submit(requests)
         try:
-            return [future.result(timeout=max(0.0, deadline - time.monotonic()) + DEADLINE_GRACE_S) for future in futures]
-        except FutureTimeout:
-            raise self._timed_out(None, None) from None
-        finally:
-            for future in futures:
-                future.cancel()
+            return wait_all(futures, requests, deadline + DEADLINE_GRACE_S)
+        except TimeoutError:
+            raise self._timed_out(budget, None, None) from None
 
     async def agenerate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        futures, deadline = self._submit(requests)
-        waiting = [asyncio.wrap_future(future) for future in futures]
+        """Cancelling the awaiting task abandons the judgments the same way."""
+        futures, deadline, budget = self._submit(requests)
         try:
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic()) + DEADLINE_GRACE_S):
-                return list(await asyncio.gather(*waiting))
+            return await await_all(futures, requests, deadline + DEADLINE_GRACE_S)
         except TimeoutError:
-            raise self._timed_out(None, None) from None
-        finally:
-            for future in futures:
-                future.cancel()
+            raise self._timed_out(budget, None, None) from None
 
     def close(self) -> None:
         """Waits for judgments in flight, then closes the connections; idempotent."""

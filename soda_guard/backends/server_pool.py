@@ -5,7 +5,9 @@ that conversation repeats its prefix and only that server holds the prefix in it
 new conversation (or one without a key) goes to the server with the fewest requests in flight.
 A server that failed is passed over for a cool-down, not removed: it is tried again afterwards,
 and when every server is cooling down the one that comes back first is still tried rather than
-failing a judgment without sending it anywhere.
+failing a judgment without sending it anywhere. A server holding `max_outstanding` requests is
+not chosen while another that is up has room, even for a conversation stuck to it: a hanging
+one fills its own share and the others keep theirs.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class ServerPool:
         cooldown_s: float = 5.0,
         max_sticky: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
+        max_outstanding: int | None = None,
     ) -> None:
         if not base_urls:
             raise ValueError("at least one base_url is required")
@@ -46,6 +49,7 @@ class ServerPool:
         self._sticky: OrderedDict[str, Server] = OrderedDict()
         self._max_sticky = max_sticky
         self._clock = clock
+        self.max_outstanding = max_outstanding
         self._turn = 0
         self._lock = threading.RLock()
 
@@ -69,11 +73,10 @@ class ServerPool:
 
     def _choose(self, cache_key: str | None, avoid: Server | None) -> Server:
         now = self._clock()
-        candidates = [s for s in self.servers if s.available(now) and s is not avoid]
-        if not candidates:
-            candidates = [s for s in self.servers if s.available(now)] or [
-                min(self.servers, key=lambda s: s.down_until)
-            ]
+        cap = self.max_outstanding
+        up = [s for s in self.servers if s.available(now)] or [min(self.servers, key=lambda s: s.down_until)]
+        room = [s for s in up if cap is None or s.outstanding < cap] or up
+        candidates = [s for s in room if s is not avoid] or room
         if cache_key is not None:
             sticky = self._sticky.get(cache_key)
             if sticky is not None and sticky in candidates:

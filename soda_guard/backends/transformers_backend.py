@@ -15,6 +15,7 @@ import time
 from concurrent.futures import Future
 from typing import Any, Sequence
 
+from soda_guard.backends.waiting import await_all, wait_all
 from soda_guard.engine.batcher import MicroBatcher
 from soda_guard.engine.decode import Engine, EngineStats, Job
 from soda_guard.generation import GenerationRequest, GenerationResult
@@ -98,6 +99,7 @@ class TransformersBackend:
             max_batch_size=max_batch_size,
             max_wait_s=max_wait_ms / 1000.0,
             expired=lambda job: job.expired(time.monotonic()),
+            abandon=lambda job: job.request.abandon(),
         )
 
     @property
@@ -109,6 +111,7 @@ class TransformersBackend:
             self.engine.cache.clear()
 
     def close(self) -> None:
+        """Drops the judgments in hand at the next step and joins the worker; idempotent."""
         self._batcher.close()
 
     def _with_deadline(self, request: GenerationRequest) -> GenerationRequest:
@@ -122,19 +125,12 @@ class TransformersBackend:
         return self._batcher.submit(jobs), deadline
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Whatever ends the wait abandons the judgments still running (`waiting`)."""
         futures, deadline = self._submit(requests)
-        try:
-            return [future.result(timeout=max(0.0, deadline - time.monotonic())) for future in futures]
-        finally:
-            for future in futures:
-                future.cancel()  # a no-op once running: the engine then drops it at its deadline
+        return wait_all(futures, requests, deadline)
 
     async def agenerate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Cancelling the awaiting task drops its rows at the engine's next step."""
         # tokenising a long prompt takes milliseconds: not on the caller's event loop
         futures, deadline = await asyncio.to_thread(self._submit, requests)
-        try:
-            waiting = asyncio.gather(*(asyncio.wrap_future(future) for future in futures))
-            return list(await asyncio.wait_for(waiting, timeout=max(0.0, deadline - time.monotonic())))
-        finally:
-            for future in futures:
-                future.cancel()
+        return await await_all(futures, requests, deadline)

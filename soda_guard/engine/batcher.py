@@ -6,13 +6,20 @@ the batch and answers each caller's future as soon as its row ends. A model forw
 re-entrant, so the single worker is also the lock. An item whose caller has given up
 (`expired`) is failed with `TimeoutError` instead of run, so abandoned work never queues ahead
 of live calls.
+
+`close` abandons the batch in hand (`abandon`: the engine drops its rows at the next step) and
+joins the worker, so no thread is inside the model when the interpreter tears torch down: at
+exit every live batcher is closed that way even if nobody called `close` (a daemon thread killed
+mid-kernel aborted the process with "terminate called without an active exception").
 """
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from typing import Callable, Generic, Sequence, TypeVar
 
@@ -20,6 +27,15 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 _STOP = object()
+_live: weakref.WeakSet[MicroBatcher[object, object]] = weakref.WeakSet()
+_exiting = threading.Event()
+
+
+@atexit.register
+def _close_all() -> None:
+    _exiting.set()
+    for batcher in list(_live):
+        batcher.close()
 
 
 class MicroBatcher(Generic[Item, Result]):
@@ -31,11 +47,15 @@ class MicroBatcher(Generic[Item, Result]):
         max_wait_s: float = 0.002,
         name: str = "soda-guard-batcher",
         expired: Callable[[Item], bool] = lambda item: False,
+        abandon: Callable[[Item], None] = lambda item: None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         self._run_batch = run_batch
         self._expired = expired
+        self._abandon = abandon
+        self._in_hand: list[Item] = []
+        self._closing = False
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self._name = name
@@ -44,26 +64,34 @@ class MicroBatcher(Generic[Item, Result]):
         self._start_lock = threading.Lock()
 
     def submit(self, items: Sequence[Item]) -> list[Future[Result]]:
+        futures: list[Future[Result]] = [Future() for _ in items]
+        if _exiting.is_set():
+            for future in futures:
+                future.set_exception(RuntimeError("the interpreter is exiting"))
+            return futures
         self._ensure_started()
-        futures: list[Future[Result]] = []
-        for item in items:
-            future: Future[Result] = Future()
-            futures.append(future)
+        for item, future in zip(items, futures):
             self._queue.put((item, future))
         return futures
 
     def close(self) -> None:
+        """Drops the work in hand and queued (their callers get an error) and joins the worker."""
         with self._start_lock:
             if self._thread is not None:
+                self._closing = True
+                for item in list(self._in_hand):
+                    self._abandon(item)
                 self._queue.put(_STOP)
                 self._thread.join()
                 self._thread = None
+                self._closing = False
 
     def _ensure_started(self) -> None:
         with self._start_lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
                 self._thread.start()
+                _live.add(self)  # type: ignore[arg-type]
 
     def _gather(self, first: tuple[Item, Future[Result]]) -> tuple[list[tuple[Item, Future[Result]]], bool]:
         batch, stop = [first], False
@@ -91,6 +119,9 @@ class MicroBatcher(Generic[Item, Result]):
 
     def _live(self, entry: tuple[Item, Future[Result]]) -> bool:
         item, future = entry
+        if self._closing:
+            future.set_exception(RuntimeError("judgment dropped: the backend is closing"))
+            return False
         if self._expired(item):
             future.set_exception(TimeoutError("judgment abandoned: its deadline passed before it started"))
             return False
@@ -106,9 +137,15 @@ class MicroBatcher(Generic[Item, Result]):
             else:
                 batch[index][1].set_result(result)
 
+        self._in_hand = [item for item, _ in batch]
         try:
-            self._run_batch([item for item, _ in batch], answer)
+            if self._closing:  # close() began after this batch was gathered, before it was in hand
+                for item in self._in_hand:
+                    self._abandon(item)
+            self._run_batch(self._in_hand, answer)
         except BaseException as error:  # every caller must hear about it, whatever it is
             for _, future in batch:
                 if not future.done():
                     future.set_exception(error)
+        finally:
+            self._in_hand = []

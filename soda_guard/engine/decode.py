@@ -63,7 +63,8 @@ class Job:
     """The chat prompt's length; `ids` also holds the marker that verdict-only mode writes."""
 
     def expired(self, now: float) -> bool:
-        return self.request.deadline is not None and now >= self.request.deadline
+        """Past its deadline, or abandoned by its caller (`GenerationRequest.given_up`)."""
+        return self.request.given_up(now)
 
     @property
     def key(self) -> object:
@@ -103,7 +104,7 @@ Answer = Callable[[int, "GenerationResult | BaseException"], None]
 
 
 def abandoned() -> TimeoutError:
-    return TimeoutError("judgment abandoned: its deadline passed")
+    return TimeoutError("judgment abandoned: its deadline passed or its caller stopped waiting")
 
 
 class Engine:
