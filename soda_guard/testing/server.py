@@ -273,6 +273,10 @@ class ScriptedHTTPApp:
     async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         if scope["type"] != "http":
             return
+        if scope["method"] != "POST":  # the script answers completions; a model listing finds none
+            await send({"type": "http.response.start", "status": 404, "headers": [(b"content-length", b"0")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
         raw = b""
         while True:
             message = await receive()
