@@ -36,6 +36,21 @@ app = typer.Typer(
     help="Guard tool-calling agents with local safety judges. Exit codes: 0 allow, 1 block or escalate, 2 usage or load error.",
 )
 
+def _print_version(value: bool) -> None:
+    if value:
+        from soda_guard import __version__
+
+        typer.echo(f"soda-guard {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version, help="print the version and exit"),
+) -> None:
+    """Guard tool-calling agents with local safety judges."""
+
+
 class JudgeKind(str, Enum):
     soda = "soda"
     qwen3guard = "qwen3guard"
