@@ -163,6 +163,46 @@ def judge_command(
     raise typer.Exit(0 if all(d.allowed for d in decisions) else 1)
 
 
+@app.command("check")
+def check_command(
+    policy: str = typer.Argument(..., help="policy YAML"),
+    load: bool = typer.Option(False, "--load", help="also load each judge and judge a warm-up turn (seconds to minutes)"),
+) -> None:
+    """Check a set-up before traffic: the policy, each judge it uses (local folder and libraries,
+    device; or each server, reachable and serving that model name), the audit paths. Exit 0
+    when all hold, 1 when one does not, 2 when the policy cannot be read."""
+    from soda_guard.doctor import check_policy
+
+    try:
+        loaded = Policy.from_yaml_file(policy)
+    except PolicyError as error:
+        raise fail(str(error)) from None
+    findings = check_policy(loaded, load=load)
+    for finding in findings:
+        typer.echo(finding.line())
+    raise typer.Exit(0 if all(finding.ok for finding in findings) else 1)
+
+
+policy_app = typer.Typer(help="The policy format: its JSON schema and its reference table.", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+
+
+@policy_app.command("schema")
+def policy_schema() -> None:
+    """Print the policy's JSON schema (for editors validating policy YAML)."""
+    from soda_guard.policy_reference import schema
+
+    typer.echo(json.dumps(schema(), indent=2))
+
+
+@policy_app.command("reference")
+def policy_reference() -> None:
+    """Print the policy reference table (docs/policy-reference.md) generated from the models."""
+    from soda_guard.policy_reference import reference
+
+    typer.echo(reference(), nl=False)
+
+
 register_bench(app)
 register_eval(app)
 
