@@ -81,8 +81,10 @@ def load_causal_lm(model: str, device: torch.device, dtype: torch.dtype) -> Any:
     source, hub = _source(model)
     try:
         # straight onto the device in the final dtype: no float32 copy in host memory first, and
-        # no second copy to the GPU (seconds for a 4B model, all of them before the first judgment)
-        loaded = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device, **hub)
+        # no second copy to the GPU (seconds for a 4B model, all of them before the first judgment).
+        # No hub kernels (on by default from transformers 5.25): they replace layers with code
+        # fetched at run time, which the engine's own Qwen3 step neither runs nor may download.
+        loaded = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device, use_kernels=False, **hub)
     except (OSError, ValueError, ImportError) as error:
         raise load_error(model, HUB_UNREACHABLE if hub else error) from error
     return loaded.eval()
