@@ -3,21 +3,22 @@
 # through the installed command (no test tools, no dev extras hiding a missing dependency):
 #   local: pip install '.[local]', a tiny random Qwen3 judge made with soda_guard.testing,
 #          one judgment in process through `soda-guard judge`.
-#   light: pip install . (no extras), a stdlib loopback server speaking the OpenAI chat API,
-#          one judgment through `soda-guard judge` with `backend: openai`.
+#   light: pip install 'soda-guard @ git+URL' (no extras; this clone's URL, the README's git
+#          row), a stdlib loopback server speaking the OpenAI chat API, one judgment through
+#          `soda-guard judge` with `backend: openai`.
 # Usage: .ci/installed.sh local|light VENV [PIP_ARGS...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-line=$1 venv=$2
+line=$1 venv=$(realpath -m "$2")
 shift 2
 work=$(mktemp -d)
 trap 'rm -rf "$work"; [ -n "${server_pid:-}" ] && kill "$server_pid" 2>/dev/null; true' EXIT
 
 python -m venv --clear "$venv"
-extras=""
-[ "$line" = local ] && extras="[local]"
+target="soda-guard @ git+file://$PWD"
+[ "$line" = local ] && target=".[local]"
 SECONDS=0
-"$venv/bin/python" -m pip install -q --prefer-binary "$@" ".$extras"
+"$venv/bin/python" -m pip install -q --prefer-binary "$@" "$target"
 echo "CI [installed-$line]: installed in ${SECONDS}s: $("$venv/bin/python" -m pip list 2>/dev/null | grep -iE '^(torch|transformers|accelerate) ' | tr -s ' ' | paste -sd, -)" >&2
 SECONDS=0
 
