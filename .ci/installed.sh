@@ -3,7 +3,7 @@
 # through the installed command (no test tools, no dev extras hiding a missing dependency):
 #   local: pip install '.[local]', a tiny random Qwen3 judge made with soda_guard.testing,
 #          one judgment in process through `soda-guard judge`.
-#   light: pip install 'soda-guard @ git+URL' (no extras; this clone's URL, the README's git
+#   light: pip install 'git+URL' (no extras; this clone's URL, the README's git
 #          row), a stdlib loopback server speaking the OpenAI chat API, one judgment through
 #          `soda-guard judge` with `backend: openai`.
 # Usage: .ci/installed.sh local|light VENV [PIP_ARGS...]
@@ -15,7 +15,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"; [ -n "${server_pid:-}" ] && kill "$server_pid" 2>/dev/null; true' EXIT
 
 python -m venv --clear "$venv"
-target="soda-guard @ git+file://$PWD"
+target="git+file://$PWD"
 [ "$line" = local ] && target=".[local]"
 SECONDS=0
 "$venv/bin/python" -m pip install -q --prefer-binary "$@" "$target"
