@@ -6,6 +6,7 @@ judged, so the engine's prefix reuse, batching and early stop keep working on it
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -25,6 +26,8 @@ class ModelStep:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         weight = model.get_input_embeddings().weight
         self.dtype, self.device = weight.dtype, weight.device
+        # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns)
+        self.cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def new_cache(self, batch: int, capacity: int, *, growable: bool = False) -> KVCache:
         return KVCache.empty(self.layer_count, batch, self.kv_heads, capacity, self.head_dim,
@@ -38,9 +41,11 @@ class ModelStep:
         if start:
             for index, layer in enumerate(kv.layers):
                 cache.update(layer.keys, layer.values, index)
-        output = self.model(input_ids=tokens, position_ids=positions, attention_mask=mask, past_key_values=cache, use_cache=True)
+        output = self.model(
+            input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True, **{self.cache_argument: cache}
+        )
         for index, layer in enumerate(kv.layers):
-            held = output.past_key_values.layers[index]
+            held = cache.layers[index]  # updated in place by the forward
             layer.append(held.keys[:, :, start:], held.values[:, :, start:])
         return output.logits[:, -1]
 
