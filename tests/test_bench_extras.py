@@ -4,6 +4,7 @@ reported before the next one starts (a later failure cannot take it away)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -60,7 +61,25 @@ def test_sections_that_can_run_do_and_each_is_handed_over_when_it_finishes(monke
         return BenchSection(title=section.value, figures={section.value: 1.0})
 
     monkeypatch.setattr(bench_cli, "run_section", fake)
-    sections, skipped = run_sections(True, "cpu", None, lambda done: order.append(f"done {done.title}"))
-    assert [s.title for s in sections] == ["judging", "http"]
+    run = run_sections(True, "cpu", None, lambda done: order.append(f"done {done.title}"))
+    assert [s.title for s in run.sections] == ["judging", "http"]
     assert order == ["run judging", "done judging", "run stream", "run http", "done http"]
-    assert skipped == ["section stream skipped: bench section stream needs torch, which is not installed: pip install 'soda-guard[local]'"]
+    assert run.skipped == ["section stream skipped: bench section stream needs torch, which is not installed: pip install 'soda-guard[local]'"]
+    assert run.failed == []
+
+
+def test_a_failing_section_is_one_line_and_the_finished_figures_are_still_printed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from soda_guard.cli import app
+
+    def fake(section: Section, quick: bool, device: str) -> BenchSection:
+        if section is Section.stream:
+            raise RuntimeError("the model step blew up")
+        return BenchSection(title=section.value, figures={f"{section.value}_speedup": 2.0})
+
+    monkeypatch.setattr(bench_cli, "run_section", fake)
+    done = CliRunner().invoke(app, ["bench", "--quick", "--json"])
+    assert done.exit_code == 1
+    assert json.loads(done.stdout.strip().splitlines()[0]) == {"judging_speedup": 2.0, "http_speedup": 2.0}
+    assert "soda-guard bench: section stream failed: RuntimeError: the model step blew up" in done.stderr

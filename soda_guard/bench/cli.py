@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable
 
@@ -33,23 +34,36 @@ def run_section(section: Section, quick: bool, device: str) -> BenchSection:
         return run(quick, **kwargs)
 
 
+@dataclass
+class BenchRun:
+    sections: list[BenchSection] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    """One line per section whose extra is missing."""
+    failed: list[str] = field(default_factory=list)
+    """One line per section that raised: the others' figures are still reported."""
+
+
 def run_sections(
     quick: bool, device: str, only: list[Section] | None = None, on_done: Callable[[BenchSection], None] | None = None
-) -> tuple[list[BenchSection], list[str]]:
+) -> BenchRun:
     """Every section that can run here, and one line for each that could not: a section whose
-    extra is missing is skipped, not the end of the run, and each finished one is handed to
-    `on_done` at once so a later failure cannot take it away."""
-    sections, skipped = [], []
+    extra is missing is skipped, one that fails is reported in a line, neither ends the run,
+    and each finished one is handed to `on_done` at once."""
+    run = BenchRun()
+    sections, skipped = run.sections, run.skipped
     for section in only or list(Section):
         try:
             result = run_section(section, quick, device)
         except MissingExtraError as error:
             skipped.append(f"section {section.value} skipped: {error}")
             continue
+        except Exception as error:  # noqa: BLE001 - reported, and the finished sections kept
+            run.failed.append(f"section {section.value} failed: {type(error).__name__}: {error}")
+            continue
         sections.append(result)
         if on_done is not None:
             on_done(result)
-    return sections, skipped
+    return run
 
 
 def register(app: typer.Typer) -> None:
@@ -61,15 +75,18 @@ def register(app: typer.Typer) -> None:
         section: list[Section] = typer.Option([], "--section", help="only these sections (repeat for several)"),
     ) -> None:
         """Benchmarks: our engine and backends against naive baselines, same process. A section
-        whose extra is not installed is skipped with one line; exit 2 when none could run."""
+        whose extra is not installed is skipped with one line, one that fails is reported in
+        one line after the others ran; exit 1 when one failed, 2 when none could run."""
         console = Console()
-        sections, skipped = run_sections(quick, device, section or None, None if as_json else lambda done: done.print(console))
-        for line in skipped:
+        run = run_sections(quick, device, section or None, None if as_json else lambda done: done.print(console))
+        for line in run.skipped + run.failed:
             typer.echo(f"soda-guard bench: {line}", err=True)
-        if not sections:
-            raise typer.Exit(2)
-        if as_json:
+        if as_json and run.sections:
             figures: dict[str, Any] = {}
-            for result in sections:
+            for result in run.sections:
                 figures.update(result.figures)
             typer.echo(json.dumps(figures))
+        if run.failed:
+            raise typer.Exit(1)
+        if not run.sections:
+            raise typer.Exit(2)
