@@ -17,6 +17,8 @@ EXTRA_OF = {
     "tokenizers": "local",
     "matplotlib": "eval",
     "numpy": "eval",
+    "fastapi": "testing",
+    "uvicorn": "testing",
 }
 
 

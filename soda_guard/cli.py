@@ -36,6 +36,21 @@ app = typer.Typer(
     help="Guard tool-calling agents with local safety judges. Exit codes: 0 allow, 1 block or escalate, 2 usage or load error.",
 )
 
+def _print_version(value: bool) -> None:
+    if value:
+        from soda_guard import __version__
+
+        typer.echo(f"soda-guard {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version, help="print the version and exit"),
+) -> None:
+    """Guard tool-calling agents with local safety judges."""
+
+
 class JudgeKind(str, Enum):
     soda = "soda"
     qwen3guard = "qwen3guard"
@@ -146,6 +161,46 @@ def judge_command(
         guard.close()
     typer.echo(json.dumps({"decisions": [d.model_dump(mode="json") for d in decisions]}, ensure_ascii=False, indent=2))
     raise typer.Exit(0 if all(d.allowed for d in decisions) else 1)
+
+
+@app.command("check")
+def check_command(
+    policy: str = typer.Argument(..., help="policy YAML"),
+    load: bool = typer.Option(False, "--load", help="also load each judge and judge a warm-up turn (seconds to minutes)"),
+) -> None:
+    """Check a set-up before traffic: the policy, each judge it uses (local folder and libraries,
+    device; or each server, reachable and serving that model name), the audit paths. Exit 0
+    when all hold, 1 when one does not, 2 when the policy cannot be read."""
+    from soda_guard.doctor import check_policy
+
+    try:
+        loaded = Policy.from_yaml_file(policy)
+    except PolicyError as error:
+        raise fail(str(error)) from None
+    findings = check_policy(loaded, load=load)
+    for finding in findings:
+        typer.echo(finding.line())
+    raise typer.Exit(0 if all(finding.ok for finding in findings) else 1)
+
+
+policy_app = typer.Typer(help="The policy format: its JSON schema and its reference table.", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+
+
+@policy_app.command("schema")
+def policy_schema() -> None:
+    """Print the policy's JSON schema (for editors validating policy YAML)."""
+    from soda_guard.policy_reference import schema
+
+    typer.echo(json.dumps(schema(), indent=2))
+
+
+@policy_app.command("reference")
+def policy_reference() -> None:
+    """Print the policy reference table (docs/policy-reference.md) generated from the models."""
+    from soda_guard.policy_reference import reference
+
+    typer.echo(reference(), nl=False)
 
 
 register_bench(app)

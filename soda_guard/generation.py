@@ -55,3 +55,6 @@ class GenerationResult:
     prompt_tokens: int | None = None
     generated_tokens: int | None = None
     score_source: str | None = None
+    finish_reason: str | None = None
+    """Why the server stopped (`stop`, `length`, ...), where it says: an empty reply is reported
+    with it instead of as text that could not be parsed."""

@@ -19,6 +19,7 @@ from soda_guard.errors import JudgeError, ModelLoadError
 from soda_guard.judges.base import Judge, RenderedPrompt
 from soda_guard.judges.context import ContextBudget
 from soda_guard.judges.qwen3guard_gen import Qwen3GuardGenJudge
+from soda_guard.model_source import check_local_folder
 from soda_guard.judges.soda import SodaJudge
 from soda_guard.policy import JudgeConfig, Policy
 from soda_guard.trajectory import Trajectory
@@ -40,6 +41,7 @@ def make_judge(name: str, config: JudgeConfig, policy: Policy | None = None) -> 
 
 def make_backend(config: JudgeConfig) -> Backend:
     if config.backend == "transformers":
+        check_local_folder(config.model)  # before torch's seconds of import
         with needs_extra("the local judge (backend: transformers)"):
             from soda_guard.backends.transformers_backend import TransformersBackend
 
@@ -123,7 +125,7 @@ class JudgeRunner:
             model=self.model_id,
             latency_ms=latency_ms,
             parse_failure=parsed.parse_failure,
-            error="judge output could not be parsed" if parsed.parse_failure else None,
+            error=_parse_failure_cause(result) if parsed.parse_failure else None,
             raw_output=result.text,
             harm=rendered.harm,
             harm_source=rendered.harm_source,
@@ -216,3 +218,10 @@ def _result_problem(result: object) -> str | None:
     if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float)) or not 0.0 <= score <= 1.0):
         return f"score {score!r} is not a probability"
     return None
+
+
+def _parse_failure_cause(result: GenerationResult) -> str:
+    if result.text.strip():
+        return "judge output could not be parsed"
+    stopped = f" (finish_reason: {result.finish_reason})" if result.finish_reason else ""
+    return f"the judge's reply was empty{stopped}, {result.generated_tokens} tokens generated"

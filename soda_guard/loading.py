@@ -3,7 +3,6 @@ user can act on instead of a traceback when the weights are not there."""
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import httpx
 import torch
 
 from soda_guard.errors import ModelLoadError
+from soda_guard.model_source import check_local_folder, load_error, looks_like_path
 
 
 def resolve_device(device: str) -> torch.device:
@@ -29,21 +29,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise ModelLoadError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16") from None
 
 
-def _looks_like_path(model: str) -> bool:
-    return model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1) or Path(model).exists()
-
-
 HUB_PROBE_TIMEOUT_S = 3.0
 HUB_UNREACHABLE = "the hub cannot be reached and the model is not in the local cache"
-
-
-def load_error(model: str, cause: BaseException | str) -> ModelLoadError:
-    detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-    return ModelLoadError(
-        f"cannot load judge model {model!r} ({detail}). Download the weights where the network "
-        f"allows it (e.g. `hf download {model if not _looks_like_path(model) else 'ORG/NAME'}"
-        " --local-dir DIR`) and point at the folder instead: --model DIR, or `model: DIR` in the policy."
-    )
 
 
 def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
@@ -71,16 +58,9 @@ def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
 def _source(model: str) -> tuple[str, dict[str, Any]]:
     """Where `from_pretrained` reads the model, and whether it may use the network: a folder as
     is; a hub id from the local cache only when the hub cannot be reached."""
-    if _looks_like_path(model):
+    if looks_like_path(model):
         return str(Path(model).expanduser()), {}
     return model, ({} if hub_reachable() else {"local_files_only": True})
-
-
-def check_local_folder(model: str) -> None:
-    path = Path(model).expanduser()
-    if _looks_like_path(model) and not (path.is_dir() and (path / "config.json").is_file()):
-        reason = "no such folder" if not path.exists() else "folder has no config.json"
-        raise load_error(model, FileNotFoundError(reason))
 
 
 def load_tokenizer(model: str, **kwargs: Any) -> Any:
@@ -101,8 +81,10 @@ def load_causal_lm(model: str, device: torch.device, dtype: torch.dtype) -> Any:
     source, hub = _source(model)
     try:
         # straight onto the device in the final dtype: no float32 copy in host memory first, and
-        # no second copy to the GPU (seconds for a 4B model, all of them before the first judgment)
-        loaded = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device, **hub)
+        # no second copy to the GPU (seconds for a 4B model, all of them before the first judgment).
+        # No hub kernels (on by default from transformers 5.25): they replace layers with code
+        # fetched at run time, which the engine's own Qwen3 step neither runs nor may download.
+        loaded = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device, use_kernels=False, **hub)
     except (OSError, ValueError, ImportError) as error:
         raise load_error(model, HUB_UNREACHABLE if hub else error) from error
     return loaded.eval()

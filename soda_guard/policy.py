@@ -50,15 +50,21 @@ DEFAULT_MAX_RESPONSE_BYTES = 1 << 20
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # the field docstrings become descriptions: the JSON schema and docs/policy-reference.md
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class JudgeConfig(_Strict):
     kind: Literal["soda", "qwen3guard"]
+    """Which prompt format and parser: the SODA judge or Qwen3Guard-Gen."""
     model: str
+    """A hub id or a local folder (`backend: transformers`); the served model name (`backend: openai`)."""
     backend: Literal["transformers", "openai"] = "transformers"
+    """`transformers`: in process (`[local]` extra); `openai`: an OpenAI-compatible server."""
     device: str = "auto"
+    """`backend: transformers`: `auto` (a GPU when torch sees one), `cpu`, `cuda`, `cuda:1`, ..."""
     dtype: str = "auto"
+    """`backend: transformers`: `auto` (bfloat16 on a GPU, float32 on CPU), `float32`, `bfloat16`, `float16`."""
     base_url: str | None = None
     """`backend: openai`: the server's API root, e.g. http://127.0.0.1:8000/v1."""
     base_urls: list[str] = Field(default_factory=list)
@@ -73,7 +79,9 @@ class JudgeConfig(_Strict):
     max_concurrency: _strict_int(ge=1, le=1024) = 16
     """`backend: openai`: judgments in flight at once per server."""
     retries: _strict_int(ge=0, le=10) = 2
+    """`backend: openai`: resends after a connection failure, 429 or 5xx, within the deadline."""
     max_new_tokens: _strict_int(ge=1, le=4096) = 128
+    """Most tokens the judge writes per judgment (reason and verdict)."""
     stop_at_verdict: Flag = False
     """`backend: transformers`: stop generating once the verdict label is written (Qwen3Guard: no categories)."""
     verdict_only: Flag = False
@@ -82,8 +90,11 @@ class JudgeConfig(_Strict):
     """soda: `latest` shows the latest request onward, `history` adds earlier requests and tool
     outputs (the default: +0.35% prompt tokens on the shared datasets), `full` everything."""
     mode: Literal["prompt", "response", "tool_result"] = "response"
+    """qwen3guard: what is moderated: the user's prompt, the agent's response (its pending call), or a tool result."""
     harm: str | None = None
+    """soda: the harm category shown when the trajectory gives none (before the policy's)."""
     environment: str | None = None
+    """soda: the environment name shown when the trajectory gives none (before the policy's)."""
     max_prompt_chars: _strict_int(ge=4_096) = 64_000
     """Whole judge prompt, in characters; the trajectory's middle is elided beyond it."""
     max_message_chars: _strict_int(ge=256) = 16_000
@@ -100,10 +111,15 @@ class Outcomes(_Strict):
     """What each verdict maps to; shared by the defaults and the per-rule overrides."""
 
     on_safe: Action | None = None
+    """Action for a SAFE verdict."""
     on_unsafe: Action | None = None
+    """Action for an UNSAFE verdict (or a score at or above `threshold`)."""
     on_controversial: Action | None = None
+    """Action for Qwen3Guard's Controversial."""
     on_error: Action | None = None
+    """Action when judging fails: an exception, a timeout, a model that cannot load, output the parser rejects."""
     threshold: Probability | None = None
+    """A score (P(unsafe)) at or above it counts as unsafe, below it as safe, whatever the label."""
     on_truncated: Literal["judge", "error"] | None = None
     """`error`: a verdict on a prompt that had to be cut (`Verdict.truncated`) is not trusted
     and the call takes `on_error`; `judge` (the default) uses the verdict."""
@@ -111,21 +127,27 @@ class Outcomes(_Strict):
 
 class Defaults(Outcomes):
     judge: str | None = None
+    """The judge of whole trajectories and of tools no rule names; optional with one judge."""
     on_safe: Action = Action.ALLOW
     on_unsafe: Action = Action.BLOCK
     on_controversial: Action = Action.ESCALATE
     on_error: Action = Action.BLOCK
     on_truncated: Literal["judge", "error"] = "judge"
     timeout_s: Seconds = 10.0
+    """Deadline of one check (its judgments and audit write); a judge's own `timeout_s` may shorten it, and one above it is refused."""
 
 
 class Rule(Outcomes):
     """First matching rule wins. `action` short-circuits: the call is not judged at all."""
 
     name: str | None = None
+    """Recorded in each decision instead of `rules[N]`."""
     tools: list[str] = Field(min_length=1)
+    """Glob patterns of tool names (`read_*`)."""
     action: Action | None = None
+    """Decide without judging: `allow`, `block`, `escalate` or `log`."""
     judge: str | None = None
+    """This rule's judge instead of the default one."""
     allowed_decisions: list[ReviewType] | None = Field(default=None, min_length=1)
     """What a reviewer may answer for these tools' escalations (the review config of each
     action request); default: approve, edit, reject, respond. Another answer is refused."""
@@ -143,6 +165,7 @@ class ReviewPolicy(_Strict):
     runs; false runs the turn's allowed calls first and asks per escalated call."""
 
     hold_turn: Flag = True
+    """Ask once per model turn before any of its calls runs; false runs the allowed calls first."""
     interrupt_mode: Literal["batched", "per_call"] = "batched"
     """As `HumanInTheLoopMiddleware`'s: `batched` asks one `HITLRequest` per question, answered
     with an `HITLResponse` (`{"decisions": [...]}`, one per action request); `per_call` asks one
@@ -164,7 +187,9 @@ class ToolResultPolicy(Outcomes):
     after a tool executes and before its result reaches the model."""
 
     judge: str
+    """The judge that moderates results (a `qwen3guard` judge, `mode: tool_result`)."""
     tools: list[str] = Field(default_factory=lambda: ["*"])
+    """Glob patterns of the tools whose results are moderated."""
 
     def matches(self, tool_name: str) -> bool:
         return any(fnmatch.fnmatchcase(tool_name, pattern) for pattern in self.tools)
@@ -172,10 +197,12 @@ class ToolResultPolicy(Outcomes):
 
 class AuditConfig(_Strict):
     jsonl: Path | None = None
+    """Append every decision to this JSON-lines file."""
     fsync: Literal["decision", "batch", "off"] = "decision"
     """`decision`: every record fsynced on its own; `batch`: one fsync per guard call; `off`:
     written before return (survives a crashed process, not a power cut)."""
     sqlite: Path | None = None
+    """Also write every decision to this SQLite database."""
 
     @field_validator("fsync", mode="before")
     @classmethod
@@ -187,6 +214,7 @@ class AuditConfig(_Strict):
 
 class Policy(_Strict):
     version: Annotated[Literal[1], BeforeValidator(_not_bool)] = 1
+    """The policy format's version."""
     judges: dict[str, JudgeConfig] = Field(default_factory=dict)
     defaults: Defaults = Field(default_factory=Defaults)
     rules: list[Rule] = Field(default_factory=list)
@@ -195,7 +223,9 @@ class Policy(_Strict):
     review: ReviewPolicy = Field(default_factory=ReviewPolicy)
     records: RecordsPolicy = Field(default_factory=RecordsPolicy)
     harm: str | None = None
+    """SODA's harm category where neither the trajectory nor the judge gives one (else `unspecified`)."""
     environment: str | None = None
+    """SODA's environment name where neither the trajectory nor the judge gives one (else `unspecified`)."""
 
     @model_validator(mode="after")
     def _judges_exist(self) -> Policy:

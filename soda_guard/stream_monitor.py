@@ -24,7 +24,10 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Sequence
 
-import torch
+from soda_guard._extras import needs_extra
+
+with needs_extra("the stream monitor (soda_guard.stream_monitor)"):
+    import torch
 
 from soda_guard.chat_tokens import encode_chat, special_token_strings, tokenize
 from soda_guard.engine.kv import KVCache

@@ -108,7 +108,7 @@ def test_cli_prompt_and_judge_with_an_http_judge_run_without_them(tmp_path: Path
     ("args", "extra", "library"),
     [
         (["judge", "CONV", "--model", "some/judge"], "local", "torch"),
-        (["bench", "--quick"], "local", "torch"),
+        (["bench", "--quick", "--section", "judging"], "local", "torch"),
         (["eval", "CONV", "--model", "some/judge"], "eval", "numpy"),
     ],
 )

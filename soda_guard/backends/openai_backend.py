@@ -39,6 +39,7 @@ from soda_guard.errors import JudgeError
 from soda_guard.generation import GenerationRequest, GenerationResult, ScoreSpec
 from soda_guard.policy import DEFAULT_MAX_RESPONSE_BYTES, MAX_TIMEOUT_S
 from soda_guard.score import decode_pieces, label_token, label_value
+from soda_guard.served_models import ServedModelsError, mismatch, served_models
 
 #: the most alternatives OpenAI's API (and vLLM's default `--max-logprobs`) allows per token
 MAX_TOP_LOGPROBS = 20
@@ -198,12 +199,22 @@ class OpenAIBackend:
             if response.status >= 500:
                 self.pool.failed(server)
                 raise _Retryable(detail)
-            raise JudgeError(f"judge server refused the request: {detail}")
+            raise JudgeError(f"judge server refused the request: {detail}{self._model_note(server, deadline)}")
         self.pool.succeeded(server)
         try:
             return json.loads(response.body)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise JudgeError(f"judge server {url} returned a body that is not JSON: {_text(response)[:300]!r}") from error
+
+    def _model_note(self, server: Server, deadline: float) -> str:
+        """A refused request most often names a model the server does not serve; one bounded
+        look at `GET /models` turns that into both names."""
+        try:
+            served = served_models(server.base_url, headers=self._headers, timeout_s=min(2.0, max(0.1, deadline - time.monotonic())))
+        except ServedModelsError:
+            return ""
+        note = mismatch(self.model_id, served)
+        return f" ({note})" if note else ""
 
     def _judge(self, client: DeadlineClient, request: GenerationRequest, deadline: float, budget: float) -> GenerationResult:
         """One judgment on a worker thread, retries included, ending by `deadline` (monotonic);
@@ -378,6 +389,7 @@ def parse_completion(payload: Any, spec: ScoreSpec | None, *, where: str = "judg
         prompt_tokens=usage.get("prompt_tokens"),
         generated_tokens=usage.get("completion_tokens"),
         score_source=source if score is not None else None,
+        finish_reason=choice.get("finish_reason") if isinstance(choice.get("finish_reason"), str) else None,
     )
 
 

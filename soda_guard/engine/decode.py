@@ -22,6 +22,7 @@ import torch
 from soda_guard.chat_tokens import encode_chat, tokenize
 from soda_guard.engine import qwen3_step
 from soda_guard.engine.kv import KVCache
+from soda_guard.engine.model_step import ModelStep
 from soda_guard.engine.prefix_cache import CachedPrefix, PrefixCache, common_prefix
 from soda_guard.errors import JudgeError
 from soda_guard.generation import GenerationRequest, GenerationResult, ScoreSpec
@@ -129,7 +130,8 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
-        self.forward = qwen3_step.LeanQwen3(model)
+        # the engine's own Qwen3 step where it reproduces the model, else the model's forward
+        self.forward: Any = qwen3_step.LeanQwen3(model) if qwen3_step.supports(model) else ModelStep(model)
         self.cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self.stop_at_verdict = stop_at_verdict
         self.verdict_only = verdict_only

@@ -53,7 +53,10 @@ class ResultsWriter:
             self.done = read_results(self.path)
         else:
             if self.path.is_file() and self.path.stat().st_size:
-                raise EvalError(f"{self.path} already holds results: pass --resume to continue that run, or another --out")
+                raise EvalError(
+                    f"{self.path} already holds results: continue that run (--resume; resume=True in Python) "
+                    "or write to another folder (--out)"
+                )
             self.done = []
         settings_path.write_text(json.dumps(settings, indent=2), encoding="utf-8")
         temporary = self.path.with_suffix(".jsonl.tmp")

@@ -22,7 +22,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3Model, Qwen3RMSNorm, Q
 from soda_guard.errors import ModelLoadError
 from soda_guard.loading import (
     HUB_UNREACHABLE,
-    _looks_like_path,
+    looks_like_path,
     hub_reachable,
     load_error,
     resolve_device,
@@ -128,7 +128,7 @@ def resolve_checkpoint(model: str) -> Path:
     error instead of a network traceback."""
     from huggingface_hub import snapshot_download
 
-    if _looks_like_path(model):
+    if looks_like_path(model):
         folder = Path(model).expanduser()
         if not (folder / "config.json").is_file():
             raise load_error(model, FileNotFoundError("no such folder" if not folder.exists() else "folder has no config.json"))

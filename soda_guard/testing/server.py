@@ -21,12 +21,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-try:
+from soda_guard._extras import needs_extra
+
+with needs_extra("soda_guard.testing.server (the loopback judge server)"):
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
-except ImportError as error:  # pragma: no cover - depends on the environment
-    raise ImportError(f"soda_guard.testing.server needs the 'testing' extra (pip install soda-guard[testing]): {error}") from error
 
 from soda_guard.backends.base import Backend, GenerationRequest
 from soda_guard.chat_tokens import token_bytes
@@ -272,6 +272,10 @@ class ScriptedHTTPApp:
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         if scope["type"] != "http":
+            return
+        if scope["method"] != "POST":  # the script answers completions; a model listing finds none
+            await send({"type": "http.response.start", "status": 404, "headers": [(b"content-length", b"0")]})
+            await send({"type": "http.response.body", "body": b""})
             return
         raw = b""
         while True:

@@ -1,0 +1,35 @@
+"""What an OpenAI-compatible judge server says it serves (`GET /models`), so a policy whose
+`model:` names something else is told both names instead of a bare refusal. `transformers
+serve`, for one, names a model by the absolute path of its folder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+
+class ServedModelsError(Exception):
+    """The server could not be asked or gave no usable model list; the message says why."""
+
+
+def served_models(base_url: str, *, headers: dict[str, str] | None = None, timeout_s: float = 5.0) -> list[str]:
+    url = f"{base_url.rstrip('/')}/models"
+    try:
+        response = httpx.get(url, headers=headers or {}, timeout=timeout_s)
+    except httpx.HTTPError as error:
+        raise ServedModelsError(f"{url}: {type(error).__name__}: {error or 'no answer'}") from error
+    if response.status_code != 200:
+        raise ServedModelsError(f"{url}: HTTP {response.status_code}: {response.text[:200]}")
+    try:
+        data: Any = response.json()
+        return [str(entry["id"]) for entry in data["data"]]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ServedModelsError(f"{url}: not a model list: {response.text[:200]!r}") from error
+
+
+def mismatch(model: str, served: list[str]) -> str | None:
+    """The sentence naming both names, or None when the server does serve `model`."""
+    if model in served:
+        return None
+    return f"the policy's model {model!r} is not served there; it serves {served}: set `model:` to one of them"

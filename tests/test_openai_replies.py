@@ -1,0 +1,72 @@
+"""What an HTTP judge failure tells the user: an empty reply says it was empty and why the
+server stopped, and a model the server does not serve is named next to what it does serve."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import pytest
+
+from soda_guard import Action, Guard, Policy, from_openai_messages
+from soda_guard.backends.base import GenerationRequest
+from soda_guard.backends.openai_backend import OpenAIBackend
+from soda_guard.errors import JudgeError
+from soda_guard.judges.soda import SodaJudge
+from soda_guard.testing.server import LoopbackServer, Reply, ScriptedHTTPApp
+
+REQUEST = GenerationRequest(messages=[{"role": "user", "content": "judge this"}], max_new_tokens=16, score=SodaJudge.score_spec)
+
+
+def empty_choice(finish_reason: str) -> Reply:
+    choice = {"index": 0, "message": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": finish_reason}
+    return Reply(body={"object": "chat.completion", "choices": [choice], "usage": {"prompt_tokens": 9, "completion_tokens": 0}})
+
+
+@pytest.mark.parametrize("finish_reason", ["length", "stop"])
+def test_an_empty_reply_is_reported_as_empty_with_the_finish_reason(finish_reason: str) -> None:
+    app = ScriptedHTTPApp(lambda i, body: empty_choice(finish_reason))
+    with LoopbackServer(app) as server:
+        policy = Policy.from_dict({
+            "judges": {"soda": {"kind": "soda", "model": "m", "backend": "openai", "base_url": server.base_url, "retries": 0}},
+            "defaults": {"on_error": "block"},
+        })
+        guard = Guard(policy)
+        try:
+            decision = guard.check(from_openai_messages([{"role": "user", "content": "hello"}]))
+        finally:
+            guard.close()
+    assert decision.action is Action.BLOCK and decision.verdict is not None
+    cause = decision.verdict.error or ""
+    assert "empty" in cause and finish_reason in cause and "could not be parsed" not in cause, cause
+
+
+class VllmLikeApp:
+    """Refuses an unknown model the way vLLM does (404 naming only the requested name) and
+    lists what it serves at GET /v1/models."""
+
+    def __init__(self, served: str) -> None:
+        self.served = served
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["method"] == "GET" and scope["path"] == "/v1/models":
+            status, body = 200, {"object": "list", "data": [{"id": self.served, "object": "model"}]}
+        else:
+            while (await receive()).get("more_body"):
+                pass
+            status, body = 404, {"error": {"message": "The model `judge` does not exist.", "code": 404}}
+        payload = json.dumps(body).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def test_a_model_name_mismatch_names_both_names() -> None:
+    served = "/models/SODA-Agent-Safety-Judge"  # how `transformers serve` names a folder's model
+    with LoopbackServer(VllmLikeApp(served)) as server, OpenAIBackend("judge", base_url=server.base_url, retries=0) as client:
+        with pytest.raises(JudgeError) as raised:
+            client.generate([REQUEST])
+    message = str(raised.value)
+    assert "HTTP 404" in message and "'judge'" in message and served in message, message
