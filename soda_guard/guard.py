@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from soda_guard.audit import AuditSink, JsonlAuditSink, SqliteAuditSink
 from soda_guard.backends.base import Backend
-from soda_guard.judges.cascade import CascadeRunner, Runner
+from soda_guard.judges.cascade import CascadeRunner, Runner, Stage
 from soda_guard.judges.keywords import KeywordsRunner
 from soda_guard.judging import JudgeRunner, make_backend, make_judge
 from soda_guard.errors import AuditError, JudgeError, ModelLoadError, TrajectoryError
@@ -166,7 +166,7 @@ class Guard:
             if judge_name not in self._runners:
                 config = self.policy.judges[judge_name]
                 if isinstance(config, CascadeConfig):
-                    stages = [(name, self.policy.judges[name].kind, self.runner(name)) for name in config.stages]
+                    stages = [Stage(name, self.policy.judges[name].kind, self.policy.judges[name].model, self.runner) for name in config.stages]
                     self._runners[judge_name] = CascadeRunner(judge_name, config, stages)
                     return self._runners[judge_name]
                 if isinstance(config, KeywordsConfig):

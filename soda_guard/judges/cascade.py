@@ -9,9 +9,12 @@ a failed one, so the policy's `on_error` applies: a failing stage can never turn
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Protocol, Sequence
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
 
+from soda_guard.errors import JudgeError, ModelLoadError
 from soda_guard.policy import CascadeConfig
 from soda_guard.trajectory import Trajectory
 from soda_guard.verdict import Verdict
@@ -30,9 +33,25 @@ class Runner(Protocol):
     def warm(self) -> None: ...
 
 
+@dataclass
+class Stage:
+    """A stage's judge, loaded on first use: a judge that cannot load is a failed stage, and
+    the call goes on to the next one."""
+
+    name: str
+    kind: str
+    model: str
+    load: Callable[[str], Runner]
+    runner: Runner | None = None
+
+    def get(self) -> Runner:
+        if self.runner is None:
+            self.runner = self.load(self.name)
+        return self.runner
+
+
 class CascadeRunner:
-    def __init__(self, name: str, config: CascadeConfig, stages: Sequence[tuple[str, str, Runner]]) -> None:
-        """`stages`: (judge name, judge kind, runner) in the order they are asked."""
+    def __init__(self, name: str, config: CascadeConfig, stages: Sequence[Stage]) -> None:
         self.name = name
         self.config = config
         self.stages = list(stages)
@@ -46,8 +65,9 @@ class CascadeRunner:
         )
 
     def warm(self) -> None:
-        for _, _, runner in self.stages:
-            runner.warm()
+        """Load every stage (each is a judge of the policy, warmed by the guard on its own)."""
+        for stage in self.stages:
+            stage.get()
 
     def verdicts(self, trajectories: Sequence[Trajectory], deadline: float | None = None) -> list[Verdict]:
         chain = _Chain(self, len(trajectories), deadline)
@@ -66,20 +86,19 @@ class CascadeRunner:
         return chain.finish()
 
     def _ask(self, stage: int, views: list[Trajectory], deadline: float | None) -> list[Verdict]:
-        name, _, runner = self.stages[stage]
         start = time.perf_counter()
         try:
-            return self._checked(stage, runner.verdicts(views, deadline), len(views), start)
+            return self._checked(stage, self.stages[stage].get().verdicts(views, deadline), len(views), start)
         except Exception as error:
-            return [self.failure(stage, f"judge raised {type(error).__name__}: {error}", start)] * len(views)
+            return [self.failure(stage, _cause(error), start)] * len(views)
 
     async def _aask(self, stage: int, views: list[Trajectory], deadline: float | None) -> list[Verdict]:
-        name, _, runner = self.stages[stage]
         start = time.perf_counter()
         try:
+            runner = self.stages[stage].runner or await asyncio.to_thread(self.stages[stage].get)
             return self._checked(stage, await runner.averdicts(views, deadline), len(views), start)
         except Exception as error:
-            return [self.failure(stage, f"judge raised {type(error).__name__}: {error}", start)] * len(views)
+            return [self.failure(stage, _cause(error), start)] * len(views)
 
     def _checked(self, stage: int, results: object, count: int, start: float) -> list[Verdict]:
         if isinstance(results, list) and len(results) == count and all(isinstance(v, Verdict) for v in results):
@@ -88,10 +107,16 @@ class CascadeRunner:
         return [self.failure(stage, f"judge returned {size} verdicts for {count} calls", start)] * count
 
     def failure(self, stage: int, error: str, start: float) -> Verdict:
-        name, kind, runner = self.stages[stage]
-        return Verdict(
-            label=None, judge=name, kind=kind, model=runner.model_id, latency_ms=(time.perf_counter() - start) * 1000.0, error=error
-        )
+        judge = self.stages[stage]
+        model = judge.runner.model_id if judge.runner is not None else judge.model
+        latency_ms = (time.perf_counter() - start) * 1000.0
+        return Verdict(label=None, judge=judge.name, kind=judge.kind, model=model, latency_ms=latency_ms, error=error)
+
+
+def _cause(error: Exception) -> str:
+    if isinstance(error, ModelLoadError):
+        return f"judge could not be loaded: {error}"
+    return str(error) if isinstance(error, JudgeError) else f"judge raised {type(error).__name__}: {error}"
 
 
 class _Chain:
