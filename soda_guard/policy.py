@@ -254,10 +254,12 @@ class Policy(_Strict):
         return [name for name in self.judges if name in used]
 
     def rule_for(self, tool_name: str) -> tuple[str, Rule | None]:
-        """The first rule whose tools match, by name alone (`when:` is not read: `route`
-        does that, with the call and its thread)."""
+        """The first rule without `when:` whose tools match: what applies when only a tool's
+        name is known (a response still streaming). A rule with conditions cannot be read
+        without the call and its thread (`route` does that), and applying it unread could
+        turn a narrow exception into the rule for every call of the tool."""
         for index, rule in enumerate(self.rules):
-            if rule.matches(tool_name):
+            if rule.when is None and rule.matches(tool_name):
                 return rule.name or f"rules[{index}]", rule
         return "defaults", None
 

@@ -304,3 +304,17 @@ def test_call_context_is_cheap_to_share_across_rules() -> None:
     context = CallContext(ToolCall(id="b", name="post"), trajectory)
     assert context.earlier_calls is context.earlier_calls
     assert [c.name for c in context.earlier_calls] == ["read"] and context.answered_ids == {"a"}
+
+
+def test_a_name_only_lookup_skips_rules_it_cannot_read() -> None:
+    """Where only the tool's name is known (a streaming response), a conditional exception
+    must not become the rule for every call of that tool."""
+    policy = Policy.from_yaml(
+        """
+rules:
+  - {name: small, tools: ["transfer_*"], when: {args: {amount: {lt: 10}}}, on_unsafe: log}
+  - {name: transfers, tools: ["transfer_*"], on_unsafe: escalate}
+"""
+    )
+    assert policy.rule_for("transfer_funds")[0] == "transfers"
+    assert policy.rule_for("read_file") == ("defaults", None)
