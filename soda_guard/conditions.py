@@ -298,14 +298,56 @@ class FlowsFrom(_Strict):
         if value is _MISSING:
             return None
         target = normalise_space(" ".join(_strings(value)))
-        size = self.min_chars
-        if len(target) < size:
+        if len(target) < self.min_chars:
             return None
-        grams = {target[i : i + size] for i in range(len(target) - size + 1)}
+        runs = SharedRuns(target, self.min_chars)
         for name, text in context.tool_results:
-            if self._match(name) and any(text[i : i + size] in grams for i in range(len(text) - size + 1)):
+            if self._match(name) and runs.found_in(text):
                 return f"flows_from: text returned by {name} appears in {self.into}"
         return None
+
+
+class SharedRuns:
+    """Whether a text shares a verbatim run of at least `size` characters with `target`, in
+    time linear in the text. Any such run covers a whole `probe`-long window of the text that
+    starts at a multiple of `stride` (probe + stride - 1 = size), so only those windows are
+    looked up among the target's probes, and each hit is extended both ways to see whether the
+    run reaches `size`. Extensions are budgeted: text built to hit many probes without a full
+    run (a periodic one) would otherwise cost probes x positions; past the budget the answer is
+    yes, the side that does not let data out unseen."""
+
+    def __init__(self, target: str, size: int, budget: int = 20_000) -> None:
+        self.target = target
+        self.size = size
+        self.stride = max(1, size // 2)
+        self.probe = size - self.stride + 1
+        self.budget = budget
+        self.index: dict[str, list[int]] = {}
+        for i in range(len(target) - self.probe + 1):
+            self.index.setdefault(target[i : i + self.probe], []).append(i)
+
+    def found_in(self, text: str) -> bool:
+        probe, index = self.probe, self.index
+        for start in range(0, len(text) - probe + 1, self.stride):
+            positions = index.get(text[start : start + probe])
+            if positions is None:
+                continue
+            for position in positions:
+                self.budget -= 1
+                if self.budget < 0 or self._run(text, start, position) >= self.size:
+                    return True
+        return False
+
+    def _run(self, text: str, start: int, position: int) -> int:
+        """Length of the common run through text[start:] == target[position:] (a probe long)."""
+        target, size = self.target, self.size
+        left = 0
+        while left < size and left < start and left < position and text[start - left - 1] == target[position - left - 1]:
+            left += 1
+        right = self.probe
+        while left + right < size and start + right < len(text) and position + right < len(target) and text[start + right] == target[position + right]:
+            right += 1
+        return left + right
 
 
 def _strings(value: Any) -> list[str]:

@@ -464,7 +464,8 @@ class Guard:
         return self._run_sync(self._plan(trajectory), trajectory.conversation_id)
 
     async def acheck_tool_calls(self, trajectory: Trajectory) -> list[Decision]:
-        return await self._run_async(self._plan(trajectory), trajectory.conversation_id)
+        items = await asyncio.to_thread(self._plan, trajectory) if self.policy.scans_results else self._plan(trajectory)
+        return await self._run_async(items, trajectory.conversation_id)
 
     def check(self, trajectory: Trajectory) -> Decision:
         """Judge a whole trajectory (no particular pending call), under the defaults."""

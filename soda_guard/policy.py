@@ -253,6 +253,12 @@ class Policy(_Strict):
                 used.update(config.stages)
         return [name for name in self.judges if name in used]
 
+    @property
+    def scans_results(self) -> bool:
+        """Whether routing a call reads earlier tool results (`flows_from`): tens of
+        milliseconds on a thread with megabytes of them, which an event loop should not wait."""
+        return any(rule.when is not None and rule.when.flows_from is not None for rule in self.rules)
+
     def rule_for(self, tool_name: str) -> tuple[str, Rule | None]:
         """The first rule without `when:` whose tools match: what applies when only a tool's
         name is known (a response still streaming). A rule with conditions cannot be read

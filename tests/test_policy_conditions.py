@@ -318,3 +318,35 @@ rules:
     )
     assert policy.rule_for("transfer_funds")[0] == "transfers"
     assert policy.rule_for("read_file") == ("defaults", None)
+
+
+def test_flows_from_agrees_with_a_brute_force_search() -> None:
+    """The linear-time search finds exactly the runs a window-by-window comparison finds."""
+    import random
+
+    from soda_guard.conditions import SharedRuns
+
+    def brute(target: str, text: str, size: int) -> bool:
+        grams = {target[i : i + size] for i in range(len(target) - size + 1)}
+        return any(text[i : i + size] in grams for i in range(len(text) - size + 1))
+
+    rng = random.Random(7)
+    for _ in range(3000):
+        alphabet = rng.choice(["ab", "abc", "abcdefgh"])
+        size = rng.randint(4, 12)
+        target = "".join(rng.choices(alphabet, k=rng.randint(size, 40)))
+        text = "".join(rng.choices(alphabet, k=rng.randint(0, 40)))
+        if rng.random() < 0.3:
+            at = rng.randint(0, len(target) - size)
+            text = text[: len(text) // 2] + target[at : at + size + rng.randint(-2, 2)] + text[len(text) // 2 :]
+        assert SharedRuns(target, size).found_in(text) == brute(target, text, size), (target, text, size)
+
+
+def test_flows_from_on_text_built_to_exhaust_the_search_matches() -> None:
+    """Periodic text that hits every probe without a full run costs a bounded search, and a
+    search cut short says the data flowed: the side that does not let it out unseen."""
+    from soda_guard.conditions import SharedRuns
+
+    runs = SharedRuns("ab" * 5000, 20, budget=1000)
+    assert runs.found_in(("ab" * 9 + "c") * 2000)
+    assert not SharedRuns("ab" * 50, 20).found_in(("ab" * 9 + "c") * 20)
