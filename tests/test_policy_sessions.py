@@ -90,3 +90,44 @@ def test_flows_from_over_all_of_rjudge_flags_mostly_unsafe_records(datasets_dir:
                 labels.append(record["label"])
                 break
     assert len(labels) >= 20 and sum(labels) / len(labels) > 0.8
+
+
+SUITE = """
+judges:
+  words: {kind: keywords, unsafe: ['(?i)password|rm -rf'], safe: ['^\\w*(Search|Read|Get|View|List)\\w* ']}
+  soda: {kind: soda, model: scripted}
+  tiered: {kind: cascade, stages: [words, soda]}
+defaults: {judge: tiered, timeout_s: 5}
+rules:
+  - {name: exfiltration, tools: ["*Send*", "*Post*", "*Share*"], when: {flows_from: {tools: ["*"], min_chars: 24}}, action: block}
+  - {name: amount, tools: ["*Transfer*", "*Pay*"], when: {args: {amount: {gt: 1000}}}, action: escalate}
+  - {name: system-path, tools: ["*"], when: {args: {path: {glob: "/etc/*"}}}, action: block}
+  - {name: rate, tools: ["*Delete*"], when: {limit: {calls: 1}}, action: block}
+"""
+
+
+def test_a_policy_suite_decides_the_same_sync_and_async_over_real_trajectories(datasets_dir: Path) -> None:
+    """Every condition and a cascade over R-Judge, call by call as the guard sees them: the
+    async path decides exactly as the sync one, every decision names a rule and, where a
+    condition held, what held; a call the cascade judged names its deciding stage."""
+    from soda_guard.backends.scripted import keyword_responder
+
+    policy = Policy.from_yaml(SUITE)
+    guard = Guard(policy, backends={"soda": ScriptedBackend(keyword_responder([r"(?i)delete|transfer"]))})
+    views = [view for record in records(datasets_dir, "rjudge.json")[:120] for view in step_views(from_agent_record(record))]
+    sync = [d for view in views for d in guard.check_tool_calls(view)]
+
+    async def run_all() -> list:
+        return [d for view in views for d in await guard.acheck_tool_calls(view)]
+
+    import asyncio
+
+    asynchronous = asyncio.run(run_all())
+    assert [(d.rule, d.action, d.condition, d.stage) for d in sync] == [(d.rule, d.action, d.condition, d.stage) for d in asynchronous]
+    rules = {d.rule for d in sync}
+    assert {"defaults", "exfiltration", "amount"} <= rules
+    assert {d.stage for d in sync if d.rule == "defaults"} == {"words", "soda"}
+    for decision in sync:
+        assert (decision.condition is not None) == (decision.rule != "defaults")
+        if decision.rule == "defaults":
+            assert decision.stage in ("words", "soda") and decision.verdict.stages[-1].judge == decision.stage
