@@ -233,6 +233,9 @@ class Policy(_Strict):
                         raise ValueError(f"judges.{name}.stages: unknown judge {stage!r} (declared: {sorted(self.judges)})")
                     if isinstance(self.judges[stage], CascadeConfig):
                         raise ValueError(f"judges.{name}.stages: {stage!r} is a cascade; stages are single judges")
+        for index, rule in enumerate(self.rules):
+            if rule.when is not None and rule.when.needs_verdict and self.outcome(rule, "judge") is None:
+                raise ValueError(f"rules[{index}].when.verdict: a verdict condition needs a judge (declare one, or name it in judge:)")
         needs_judge = any(rule.judges for rule in self.rules) or not self.rules
         if needs_judge and self.judges and self.defaults.judge is None:
             raise ValueError("defaults.judge: required when more than one judge is declared")

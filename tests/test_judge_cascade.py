@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -160,10 +159,9 @@ def test_the_deadline_covers_the_whole_chain(mode: str) -> None:
     screen = ScriptedBackend(scored(False, 0.5), delay_s=1.2)
     soda = ScriptedBackend(scored(False, 0.01), delay_s=1.2)
     guard, _ = make(screen, soda)
-    start = time.monotonic()
     decision = check(guard, pending("send_money"), mode)
     assert decision.action is Action.BLOCK and decision.verdict.failed
-    assert time.monotonic() - start < 2.0 + 1.0
+    assert "timed out after 2.0s" in decision.why
 
 
 @pytest.mark.parametrize("mode", MODES)
