@@ -186,7 +186,7 @@ class ArgTest(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _something(self) -> ArgTest:
+    def _any_comparison(self) -> ArgTest:
         if not self.model_fields_set:
             raise ValueError("give at least one comparison (eq, ne, gt, ge, lt, le, in, not_in, glob, regex)")
         return self
@@ -407,7 +407,7 @@ class VerdictTest(_Strict):
     categories: list[StrictStr] | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
-    def _something(self) -> VerdictTest:
+    def _any_test(self) -> VerdictTest:
         if not self.model_fields_set:
             raise ValueError("give labels, score or categories")
         return self
@@ -442,16 +442,19 @@ class VerdictTest(_Strict):
 
 class When(_Strict):
     """A rule's conditions; all that are given must hold. `verdict` is read after judging,
-    the others before (a rule whose other conditions fail is not judged for)."""
+    the others before (a rule whose other conditions fail is not judged for). Another
+    condition is one more optional field whose model has `holds(context, rule_tools) -> str |
+    None`; fields are read in declaration order, so the cheap ones come first and a failing
+    one spares the costly `flows_from` scan."""
 
     args: Args | None = None
     after: After | None = None
-    flows_from: FlowsFrom | None = None
     limit: Limit | None = None
+    flows_from: FlowsFrom | None = None
     verdict: VerdictTest | None = None
 
     @model_validator(mode="after")
-    def _something(self) -> When:
+    def _any_condition(self) -> When:
         if not self.model_fields_set:
             raise ValueError("give at least one condition")
         return self

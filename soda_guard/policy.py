@@ -172,7 +172,7 @@ class Rule(Outcomes):
         return self._match(tool_name)
 
     @property
-    def judges(self) -> bool:
+    def is_judged(self) -> bool:
         """Whether a call this rule applies to is judged: always with a verdict condition."""
         return self.action is None or (self.when is not None and self.when.needs_verdict)
 
@@ -236,7 +236,7 @@ class Policy(_Strict):
         for index, rule in enumerate(self.rules):
             if rule.when is not None and rule.when.needs_verdict and self.outcome(rule, "judge") is None:
                 raise ValueError(f"rules[{index}].when.verdict: a verdict condition needs a judge (declare one, or name it in judge:)")
-        needs_judge = any(rule.judges for rule in self.rules) or not self.rules
+        needs_judge = any(rule.is_judged for rule in self.rules) or not self.rules
         if needs_judge and self.judges and self.defaults.judge is None:
             raise ValueError("defaults.judge: required when more than one judge is declared")
         return self
@@ -247,7 +247,7 @@ class Policy(_Strict):
         moderation's, and the stages of any of them that is a cascade. A judge declared but
         unreachable is not worth loading."""
         used = {self.defaults.judge}
-        used.update(rule.judge or self.defaults.judge for rule in self.rules if rule.judges)
+        used.update(rule.judge or self.defaults.judge for rule in self.rules if rule.is_judged)
         if self.tool_results is not None:
             used.add(self.tool_results.judge)
         for name in list(used):
