@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import operator
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -173,6 +174,8 @@ class ArgTest(_Strict):
     glob: StrictStr | None = None
     regex: StrictStr | None = None
     _regex: re.Pattern[str] | None = PrivateAttr(default=None)
+    _glob: re.Pattern[str] | None = PrivateAttr(default=None)
+    _bounds: list[tuple[Callable[[Any, Any], bool], float]] = PrivateAttr(default_factory=list)
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     @field_validator("regex")
@@ -194,6 +197,10 @@ class ArgTest(_Strict):
     def model_post_init(self, context: Any) -> None:
         if self.regex is not None:
             self._regex = re.compile(self.regex)
+        if self.glob is not None:
+            self._glob = re.compile(fnmatch.translate(self.glob))
+        compare = ((operator.gt, self.gt), (operator.ge, self.ge), (operator.lt, self.lt), (operator.le, self.le))
+        self._bounds = [(test, bound) for test, bound in compare if bound is not None]
 
     def holds(self, value: Any) -> bool:
         if value is _MISSING:
@@ -203,14 +210,13 @@ class ArgTest(_Strict):
             return False
         if "ne" in given and (not _comparable(value, self.ne) or _same(value, self.ne)):
             return False
-        for bound, test in ((self.gt, lambda v, b: v > b), (self.ge, lambda v, b: v >= b), (self.lt, lambda v, b: v < b), (self.le, lambda v, b: v <= b)):
-            if bound is not None and not (_is_number(value) and test(value, bound)):
-                return False
+        if self._bounds and not (_is_number(value) and all(test(value, bound) for test, bound in self._bounds)):
+            return False
         if self.in_ is not None and not (_is_scalar(value) and any(_same(value, member) for member in self.in_)):
             return False
         if self.not_in is not None and not (_is_scalar(value) and not any(_same(value, member) for member in self.not_in)):
             return False
-        if self.glob is not None and not (isinstance(value, str) and fnmatch.fnmatchcase(value, self.glob)):
+        if self._glob is not None and not (isinstance(value, str) and self._glob.match(value)):
             return False
         if self._regex is not None and not (isinstance(value, str) and self._regex.search(value)):
             return False
@@ -233,7 +239,10 @@ def _is_scalar(value: Any) -> bool:
 
 
 def _comparable(value: Any, operand: Any) -> bool:
-    """`ne` needs a value of the operand's kind: a list is not `ne "x"`, it is the wrong type."""
+    """`ne` needs a value of the operand's kind: a list is not `ne "x"`, it is the wrong type
+    (`ne: null` asks for any scalar that is not null)."""
+    if operand is None:
+        return _is_scalar(value)
     if _is_number(value) and _is_number(operand):
         return True
     return type(value) is type(operand)

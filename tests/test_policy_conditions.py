@@ -60,6 +60,11 @@ ARGS_CASES = [
     ({"ne": "alice@corp.com"}, "eve@evil.com", True),
     ({"ne": "alice@corp.com"}, "alice@corp.com", False),
     ({"ne": "alice@corp.com"}, ["eve@evil.com"], False),  # a list is the wrong type for ne "..."
+    ({"ne": None}, "x", True),
+    ({"ne": None}, None, False),
+    ({"eq": None}, None, True),
+    ({"gt": 1, "lt": 3}, 2, True),
+    ({"gt": 1, "lt": 3}, 3, False),
     ({"in": ["usd", "eur"]}, "eur", True),
     ({"in": ["usd", "eur"]}, "gbp", False),
     ({"in": ["usd", "eur"]}, ["eur"], False),
