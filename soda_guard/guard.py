@@ -243,8 +243,15 @@ class Guard:
         for name, rule, held, judge in item.candidates:
             verdict = verdicts.get(judge)
             base = {"rule": name, "tool_call": item.call, "verdict": verdict, "conversation_id": conversation_id}
-            if verdict is None or verdict.failed:
-                cause = "no judge is configured" if verdict is None else f"judge failed: {verdict.error}"
+            untrusted = verdict is not None and verdict.truncated and self.policy.outcome(rule, "on_truncated") == "error"
+            if verdict is None or verdict.failed or untrusted:
+                cause = (
+                    "no judge is configured"
+                    if verdict is None
+                    else f"judge failed: {verdict.error}"
+                    if verdict.failed
+                    else "the judge prompt was truncated and on_truncated is error"
+                )
                 why = f"{name}: its verdict condition cannot be read ({cause})"
                 return self._decision(base, self.policy.outcome(rule, "on_error"), why, held or None)
             said = rule.when.after_judging(verdict) if rule.when is not None else None

@@ -357,3 +357,22 @@ def test_flows_from_on_text_built_to_exhaust_the_search_matches() -> None:
     runs = SharedRuns("ab" * 5000, 20, budget=1000)
     assert runs.found_in(("ab" * 9 + "c") * 2000)
     assert not SharedRuns("ab" * 50, 20).found_in(("ab" * 9 + "c") * 20)
+
+
+def test_a_verdict_condition_on_a_truncated_prompt_follows_on_truncated() -> None:
+    policy = Policy.from_yaml(
+        """
+judges: {soda: {kind: soda, model: scripted, max_prompt_chars: 4096, max_message_chars: 256}}
+defaults: {on_truncated: error, on_error: escalate}
+rules:
+  - {name: sure, tools: ["*"], when: {verdict: {labels: [safe]}}, action: allow}
+"""
+    )
+    guard = Guard(policy, backends={"soda": ScriptedBackend([GenerationResult(text=soda_reply(False), score=0.01)])})
+    long_request = "Please do this. " + "x" * 10_000
+    trajectory = from_openai_messages(
+        [{"role": "user", "content": long_request}, {"role": "assistant", "content": "", "tool_calls": [call("lookup", {"q": "y" * 5000})]}]
+    )
+    [decision] = guard.check_tool_calls(trajectory)
+    assert decision.verdict.truncated
+    assert (decision.rule, decision.action) == ("sure", Action.ESCALATE) and "truncated" in decision.why
