@@ -223,3 +223,12 @@ def test_the_last_stage_decides_on_its_label_without_a_score(mode: str) -> None:
     guard, _ = make(scored(False, 0.5), scored(True, None))
     decision = check(guard, pending("send_money"), mode)
     assert (decision.action, decision.stage, decision.verdict.score) == (Action.BLOCK, "soda", None)
+
+
+def test_the_trace_span_names_the_stage_and_every_stage_answer() -> None:
+    from soda_guard.tracing import decision_attributes
+
+    guard, _ = make(scored(False, 0.5), scored(True, 0.99))
+    attributes = decision_attributes(guard.check_tool_calls(pending("send_money"))[0])
+    assert attributes["soda_guard.stage"] == "soda"
+    assert attributes["soda_guard.verdict.stages"] == ["screen: safe 0.500", "soda: unsafe 0.990"]
