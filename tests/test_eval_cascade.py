@@ -84,3 +84,23 @@ def test_eval_command_prints_the_cascade_table_with_a_keyword_screen(tmp_path: P
     assert "mechanical" in result.output
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["cascade"]["settled_by"] == {"words": 2, "soda": 0, "none (on_error)": 4}
+
+
+def test_the_comparison_policy_keeps_rules_and_conditions_and_swaps_every_cascade() -> None:
+    policy = Policy.from_yaml(
+        """
+judges:
+  words: {kind: keywords, unsafe: [x]}
+  soda: {kind: soda, model: m}
+  tiered: {kind: cascade, stages: [words, soda]}
+defaults: {judge: tiered}
+rules:
+  - {tools: [x], when: {args: {k: {in: [1, 2], eq: null}}}, action: block}
+  - {tools: [y], judge: tiered, when: {verdict: {labels: [unsafe]}}, action: block}
+tool_results: {judge: tiered}
+"""
+    )
+    alone = last_stage_policy(policy)
+    assert alone is not None
+    assert (alone.defaults.judge, alone.rules[1].judge, alone.tool_results.judge) == ("soda", "soda", "soda")
+    assert alone.rules[0].when == policy.rules[0].when and alone.rules[1].when == policy.rules[1].when

@@ -376,3 +376,22 @@ rules:
     [decision] = guard.check_tool_calls(trajectory)
     assert decision.verdict.truncated
     assert (decision.rule, decision.action) == ("sure", Action.ESCALATE) and "truncated" in decision.why
+
+
+def test_the_issue_example_loads() -> None:
+    policy = Policy.from_yaml(
+        """
+judges:
+  soda: {kind: soda, model: m}
+  results: {kind: qwen3guard, model: g}
+defaults: {judge: soda}
+rules:
+  - {tools: ["transfer_*"], when: {args: {amount: {gt: 1000}}}, action: escalate}
+  - {tools: ["send_email"], when: {flows_from: {tools: ["fetch_*"], into: args.body}}, action: block}
+  - {tools: ["post_*"], when: {after: ["read_inbox"]}, action: escalate}
+  - {tools: ["delete_*"], when: {limit: {calls: 3, per: thread}}, action: block}
+  - {tools: ["*"], judge: results, when: {verdict: {categories: ["PII"]}}, action: block}
+"""
+    )
+    assert [rule.is_judged for rule in policy.rules] == [False, False, False, False, True]
+    assert policy.judges_in_use() == ["soda", "results"]
