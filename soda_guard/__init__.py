@@ -14,6 +14,8 @@ from soda_guard.guard import Guard
 from soda_guard.judges import Qwen3GuardGenJudge, SodaJudge
 from soda_guard.judging import JudgeRunner
 from soda_guard.policy import Defaults, JudgeConfig, Policy, Rule
+from soda_guard.policy import CascadeConfig, KeywordsConfig
+from soda_guard.conditions import When
 from soda_guard.records import CallRecord, TurnRecords
 from soda_guard.trajectory import AssistantStep, SystemStep, ToolCall, ToolStep, Trajectory, UserStep
 from soda_guard.verdict import Action, Decision, Label, Review, Verdict
@@ -57,4 +59,7 @@ __all__ = [
     "from_agent_record",
     "from_openai_messages",
     "read_audit",
+    "CascadeConfig",
+    "KeywordsConfig",
+    "When",
 ]

@@ -22,6 +22,7 @@ from soda_guard.eval.cli import register as register_eval
 from soda_guard.converters import from_openai_messages
 from soda_guard.errors import ModelLoadError, PolicyError, TrajectoryError
 from soda_guard.guard import Guard
+from soda_guard.explain import register as register_explain
 from soda_guard.judges.base import Judge
 from soda_guard.judges.qwen3guard_gen import Qwen3GuardGenJudge
 from soda_guard.judges.soda import SodaJudge
@@ -205,6 +206,7 @@ def policy_reference() -> None:
 
 register_bench(app)
 register_eval(app)
+register_explain(app)
 
 
 def quiet_libraries() -> None:

@@ -14,15 +14,17 @@ import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from soda_guard.audit import AuditSink, JsonlAuditSink, SqliteAuditSink
 from soda_guard.backends.base import Backend
+from soda_guard.judges.cascade import CascadeRunner, Runner, Stage
+from soda_guard.judges.keywords import KeywordsRunner
 from soda_guard.judging import JudgeRunner, make_backend, make_judge
 from soda_guard.errors import AuditError, JudgeError, ModelLoadError, TrajectoryError
-from soda_guard.policy import Outcomes, Policy
+from soda_guard.policy import CascadeConfig, KeywordsConfig, Outcomes, Policy, Rule
 from soda_guard.trajectory import ToolCall, ToolStep, Trajectory
 from soda_guard.verdict import Action, Decision, Label, Verdict
 
@@ -44,6 +46,16 @@ class _Item:
     judge: str | None
     view: Trajectory
     refusal: str | None = None
+    condition: str | None = None
+    candidates: list[tuple[str, Rule, str, str]] = field(default_factory=list)
+    """Rules with a `verdict` condition read before `rule`: (name, rule, what held before
+    judging, judge)."""
+
+    def judges(self) -> list[str]:
+        names = [judge for *_, judge in self.candidates]
+        if self.judge is not None:
+            names.append(self.judge)
+        return list(dict.fromkeys(names))
 
 
 class JudgeThreads:
@@ -135,7 +147,7 @@ class Guard:
         self.policy = policy
         self._backends: dict[str, Backend] = dict(backends or {})
         self._made: list[Backend] = []
-        self._runners: dict[str, JudgeRunner] = {}
+        self._runners: dict[str, Runner] = {}
         self._load_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self.sinks: list[AuditSink] = list(sinks or [])
@@ -149,7 +161,7 @@ class Guard:
     def from_yaml_file(cls, path: str | Path, **kwargs: object) -> Guard:
         return cls(Policy.from_yaml_file(path), **kwargs)  # type: ignore[arg-type]
 
-    def runner(self, judge_name: str) -> JudgeRunner:
+    def runner(self, judge_name: str) -> Runner:
         """Judges and their models load on first use, once, even under concurrent first calls;
         a slow load holds up only calls to that judge, never the loaded ones."""
         loaded = self._runners.get(judge_name)
@@ -160,6 +172,13 @@ class Guard:
         with load_lock:
             if judge_name not in self._runners:
                 config = self.policy.judges[judge_name]
+                if isinstance(config, CascadeConfig):
+                    stages = [Stage(name, self.policy.judges[name].kind, self.policy.judges[name].model, self.runner) for name in config.stages]
+                    self._runners[judge_name] = CascadeRunner(judge_name, config, stages)
+                    return self._runners[judge_name]
+                if isinstance(config, KeywordsConfig):
+                    self._runners[judge_name] = KeywordsRunner(judge_name, config)
+                    return self._runners[judge_name]
                 backend = self._backends.get(judge_name)
                 if backend is None:
                     # a judge without its own deadline is held to the check's, even where no
@@ -204,10 +223,12 @@ class Guard:
                 why = f"{counts[call.id]} tool calls of this turn share the id {call.id!r}; ids must be unique for a decision to be bound to its call"
                 items.append(_Item(call, "binding", None, None, trajectory, refusal=why))
                 continue
-            rule_name, rule = self.policy.rule_for(call.name)
+            route = self.policy.route(call, trajectory)
+            rule = route.rule
             judge = None if rule is not None and rule.action is not None else self.policy.outcome(rule, "judge")
+            candidates = [(name, cand, held, self.policy.outcome(cand, "judge")) for name, cand, held in route.candidates]
             view = trajectory.with_only_pending_call(call.id) if len(pending) > 1 else trajectory
-            items.append(_Item(call, rule_name, rule, judge, view))
+            items.append(_Item(call, route.name, rule, judge, view, condition=route.condition, candidates=candidates))
         return items
 
     def _whole(self, trajectory: Trajectory) -> list[_Item]:
@@ -224,24 +245,63 @@ class Guard:
         call = ToolCall(id=last.tool_call_id or "", name=last.name or "")
         return [_Item(call, "tool_results", moderation, moderation.judge, trajectory)]
 
-    def _decide(self, item: _Item, verdict: Verdict | None, conversation_id: str | None) -> Decision:
-        def outcome(field: str) -> Action:
-            return self.policy.outcome(item.rule, field)
-
+    def _decide(self, item: _Item, verdicts: Mapping[str, Verdict], conversation_id: str | None) -> Decision:
+        """The first candidate whose verdict condition holds decides; a candidate whose judge
+        failed cannot be read and decides too, with its `on_error`. Otherwise the item's own
+        rule (or the defaults) does."""
+        for name, rule, held, judge in item.candidates:
+            verdict = verdicts.get(judge)
+            base = {"rule": name, "tool_call": item.call, "verdict": verdict, "conversation_id": conversation_id}
+            untrusted = verdict is not None and verdict.truncated and self.policy.outcome(rule, "on_truncated") == "error"
+            if verdict is None or verdict.failed or untrusted:
+                cause = (
+                    "no judge is configured"
+                    if verdict is None
+                    else f"judge failed: {verdict.error}"
+                    if verdict.failed
+                    else "the judge prompt was truncated and on_truncated is error"
+                )
+                why = f"{name}: its verdict condition cannot be read ({cause})"
+                return self._decision(base, self.policy.outcome(rule, "on_error"), why, held or None)
+            said = rule.when.after_judging(verdict) if rule.when is not None else None
+            if said:
+                condition = "; ".join(part for part in (held, said) if part)
+                if rule.action is not None:
+                    return self._decision(base, rule.action, f"{name} sets {rule.action.value}: {said}", condition)
+                return self._judged(name, rule, verdict, base, condition, item.view.truncated)
+        verdict = verdicts.get(item.judge) if item.judge is not None else None
         base = {"rule": item.rule_name, "tool_call": item.call, "verdict": verdict, "conversation_id": conversation_id}
         if item.refusal is not None:
             return Decision(action=Action.BLOCK, why=item.refusal, **base)
         fixed = getattr(item.rule, "action", None)
         if fixed is not None:
-            return Decision(action=fixed, why=f"{item.rule_name} sets {fixed.value} without judging", **base)
+            why = f"{item.rule_name} sets {fixed.value} without judging"
+            return self._decision(base, fixed, why + (f": {item.condition}" if item.condition else ""), item.condition)
+        return self._judged(item.rule_name, item.rule, verdict, base, item.condition, item.view.truncated)
+
+    @staticmethod
+    def _decision(base: dict[str, Any], action: Action, why: str, condition: str | None) -> Decision:
+        verdict = base["verdict"]
+        stage = verdict.settled_by if verdict is not None else None
+        return Decision(action=action, why=why, condition=condition, stage=stage, **base)
+
+    def _judged(
+        self, rule_name: str, rule: Outcomes | None, verdict: Verdict | None, base: dict[str, Any], condition: str | None,
+        view_truncated: bool = False,
+    ) -> Decision:
+        def outcome(field: str) -> Action:
+            return self.policy.outcome(rule, field)
+
+        def decided(action: Action, why: str) -> Decision:
+            return self._decision(base, action, why, condition)
+
         if verdict is None:
-            return Decision(action=outcome("on_error"), why="no judge is configured for this call", **base)
+            return decided(outcome("on_error"), "no judge is configured for this call")
         if verdict.failed:
-            return Decision(action=outcome("on_error"), why=f"judge failed: {verdict.error}", **base)
-        if verdict.truncated and self.policy.outcome(item.rule, "on_truncated") == "error":
-            cut = "the conversation reached the guard already cut" if item.view.truncated else "the judge prompt was truncated to fit its budget"
-            why = f"{cut} and on_truncated is error"
-            return Decision(action=outcome("on_error"), why=why, **base)
+            return decided(outcome("on_error"), f"judge failed: {verdict.error}")
+        if verdict.truncated and self.policy.outcome(rule, "on_truncated") == "error":
+            cut = "the conversation reached the guard already cut" if view_truncated else "the judge prompt was truncated to fit its budget"
+            return decided(outcome("on_error"), f"{cut} and on_truncated is error")
         threshold = outcome("threshold")
         label = verdict.label
         why = f"{verdict.judge} said {label.value}"
@@ -252,14 +312,20 @@ class Guard:
                 label = Label.UNSAFE
             elif label is Label.UNSAFE:
                 label = Label.SAFE
+        if verdict.settled_by is not None:
+            why += f" (cascade settled by {verdict.settled_by})"
+        if condition:
+            why += f"; {rule_name}: {condition}"
         action = outcome({Label.SAFE: "on_safe", Label.UNSAFE: "on_unsafe", Label.CONTROVERSIAL: "on_controversial"}[label])
-        return Decision(action=action, why=why, **base)
+        return decided(action, why)
 
     def _groups(self, items: list[_Item]) -> dict[str, list[int]]:
+        """Judge name → the items it judges; an item with verdict-conditioned candidates may
+        need more than one judge, each judging it once."""
         groups: dict[str, list[int]] = {}
         for index, item in enumerate(items):
-            if item.judge is not None:
-                groups.setdefault(item.judge, []).append(index)
+            for judge in item.judges():
+                groups.setdefault(judge, []).append(index)
         return groups
 
     def _failure_verdicts(self, judge_name: str, count: int, error: BaseException, start: float) -> list[Verdict]:
@@ -311,8 +377,8 @@ class Guard:
         except BaseException as error:  # SystemExit from a judge would otherwise stop the event loop
             raise JudgeError(f"judge raised {type(error).__name__}: {error}") from None
 
-    def _finish(self, items: list[_Item], verdicts: dict[int, Verdict], conversation_id: str | None) -> list[Decision]:
-        return [self._decide(item, verdicts.get(index), conversation_id) for index, item in enumerate(items)]
+    def _finish(self, items: list[_Item], verdicts: dict[int, dict[str, Verdict]], conversation_id: str | None) -> list[Decision]:
+        return [self._decide(item, verdicts.get(index, {}), conversation_id) for index, item in enumerate(items)]
 
     def _run_sync(self, items: list[_Item], conversation_id: str | None, carry_out: CarryOut | None = None) -> list[Decision]:
         """Every judge group starts at once and all share one deadline counted from submission,
@@ -334,7 +400,7 @@ class Guard:
             except JudgeError as error:
                 future = error
             submitted.append((judge_name, indexes, future))
-        verdicts: dict[int, Verdict] = {}
+        verdicts: dict[int, dict[str, Verdict]] = {}
         for judge_name, indexes, future in submitted:
             try:
                 if isinstance(future, BaseException):
@@ -342,7 +408,8 @@ class Guard:
                 results = self._checked(judge_name, len(indexes), future.result(timeout=max(0.0, deadline - time.perf_counter())), start)
             except Exception as error:
                 results = self._failure_verdicts(judge_name, len(indexes), error, start)
-            verdicts.update(zip(indexes, results))
+            for index, verdict in zip(indexes, results):
+                verdicts.setdefault(index, {})[judge_name] = verdict
         decisions = _carried(self._finish(items, verdicts, conversation_id), carry_out)
         return self._audit(decisions, monotonic_deadline, self._on_error(items))
 
@@ -359,7 +426,7 @@ class Guard:
             )
             for name, indexes in groups
         ]
-        verdicts: dict[int, Verdict] = {}
+        verdicts: dict[int, dict[str, Verdict]] = {}
         if tasks:
             try:
                 await asyncio.wait(tasks, timeout=self.policy.defaults.timeout_s)
@@ -375,7 +442,8 @@ class Guard:
                     results = self._checked(judge_name, len(indexes), task.result(), start)
                 except Exception as error:
                     results = self._failure_verdicts(judge_name, len(indexes), error, start)
-                verdicts.update(zip(indexes, results))
+                for index, verdict in zip(indexes, results):
+                    verdicts.setdefault(index, {})[judge_name] = verdict
         decisions = _carried(self._finish(items, verdicts, conversation_id), carry_out)
         if self.sinks:
             decisions = await asyncio.to_thread(self._audit, decisions, monotonic_deadline, self._on_error(items))
@@ -432,7 +500,8 @@ class Guard:
         return self._run_sync(self._plan(trajectory), trajectory.conversation_id, carry_out)
 
     async def acheck_tool_calls(self, trajectory: Trajectory, *, carry_out: CarryOut | None = None) -> list[Decision]:
-        return await self._run_async(self._plan(trajectory), trajectory.conversation_id, carry_out)
+        items = await asyncio.to_thread(self._plan, trajectory) if self.policy.scans_results else self._plan(trajectory)
+        return await self._run_async(items, trajectory.conversation_id, carry_out)
 
     def check(self, trajectory: Trajectory) -> Decision:
         """Judge a whole trajectory (no particular pending call), under the defaults."""

@@ -7,13 +7,16 @@ ignored: a typo in a security policy must not turn a rule off) and loads from YA
 from __future__ import annotations
 
 import fnmatch
+import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, SecretStr, StrictFloat, StrictStr, ValidationError, field_validator, model_validator
 
+from soda_guard.conditions import CallContext, Route, ToolMatch, When, compile_globs
 from soda_guard.errors import PolicyError
+from soda_guard.trajectory import ToolCall, Trajectory
 from soda_guard.verdict import Action, ReviewType
 
 
@@ -107,6 +110,62 @@ class JudgeConfig(_Strict):
         return self
 
 
+class KeywordsConfig(_Strict):
+    """A judge without a model: regexes over what the agent is about to do. Meant as a
+    cascade's first stage (a screen), it answers score 1 (unsafe) when an `unsafe` pattern
+    matches, else 0 (safe) when a `safe` one does, else 0.5 (controversial: a cascade passes
+    the call on)."""
+
+    kind: Literal["keywords"]
+    unsafe: list[StrictStr] = Field(default_factory=list)
+    safe: list[StrictStr] = Field(default_factory=list)
+    match: Literal["calls", "all"] = "calls"
+    """`calls`: the pending calls' names and arguments (every call shown, when none is
+    pending); `all`: every message of the trajectory."""
+
+    @field_validator("unsafe", "safe")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"invalid regex {pattern!r}: {error}") from None
+        return patterns
+
+    @property
+    def model(self) -> str:
+        return "keywords"
+
+
+class CascadeConfig(_Strict):
+    """Judges asked in turn: a stage whose score is below `settle_below` or above
+    `settle_above` settles the call, any other answer (a failure, a label without a score, a
+    score in between) passes it to the next stage, and the last stage always decides."""
+
+    kind: Literal["cascade"]
+    stages: list[StrictStr] = Field(min_length=2)
+    settle_below: StrictFloat = Field(default=0.05, ge=0.0, le=1.0)
+    settle_above: StrictFloat = Field(default=0.95, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CascadeConfig:
+        if self.settle_below >= self.settle_above:
+            raise ValueError(f"settle_below ({self.settle_below}) must be below settle_above ({self.settle_above})")
+        if len(set(self.stages)) != len(self.stages):
+            raise ValueError("a stage is named twice")
+        return self
+
+    @property
+    def model(self) -> str:
+        return f"cascade({', '.join(self.stages)})"
+
+
+JUDGE_KINDS = ("soda", "qwen3guard", "keywords", "cascade")
+
+AnyJudgeConfig = Annotated[Union[JudgeConfig, KeywordsConfig, CascadeConfig], Field(discriminator="kind")]
+
+
 class Outcomes(_Strict):
     """What each verdict maps to; shared by the defaults and the per-rule overrides."""
 
@@ -145,18 +204,30 @@ class Rule(Outcomes):
     tools: list[str] = Field(min_length=1)
     """Glob patterns of tool names (`read_*`)."""
     action: Action | None = None
-    """Decide without judging: `allow`, `block`, `escalate` or `log`."""
+    """Decide without judging: `allow`, `block`, `escalate` or `log`. With a `verdict`
+    condition the call is judged, and `action` applies when it holds."""
     judge: str | None = None
     """This rule's judge instead of the default one."""
+    when: When | None = None
+    """Conditions beyond the tool name; all must hold (see Conditions in the README)."""
     allowed_decisions: list[ReviewType] | None = Field(default=None, min_length=1)
     """What a reviewer may answer for these tools' escalations (the review config of each
     action request); default: approve, edit, reject, respond. Another answer is refused."""
     description: str | None = None
     """Shown to the reviewer for these tools' escalations in place of soda-guard's text
     (the judge's reason stays in the request's `soda_guard` key)."""
+    _match: ToolMatch = PrivateAttr()
+
+    def model_post_init(self, context: Any) -> None:
+        self._match = compile_globs(self.tools)
 
     def matches(self, tool_name: str) -> bool:
-        return any(fnmatch.fnmatchcase(tool_name, pattern) for pattern in self.tools)
+        return self._match(tool_name)
+
+    @property
+    def is_judged(self) -> bool:
+        """Whether a call this rule applies to is judged: always with a verdict condition."""
+        return self.action is None or (self.when is not None and self.when.needs_verdict)
 
 
 class ReviewPolicy(_Strict):
@@ -215,7 +286,7 @@ class AuditConfig(_Strict):
 class Policy(_Strict):
     version: Annotated[Literal[1], BeforeValidator(_not_bool)] = 1
     """The policy format's version."""
-    judges: dict[str, JudgeConfig] = Field(default_factory=dict)
+    judges: dict[str, AnyJudgeConfig] = Field(default_factory=dict)
     defaults: Defaults = Field(default_factory=Defaults)
     rules: list[Rule] = Field(default_factory=list)
     audit: AuditConfig = Field(default_factory=AuditConfig)
@@ -238,38 +309,85 @@ class Policy(_Strict):
         for where, name in names:
             if name is not None and name not in self.judges:
                 raise ValueError(f"{where}: unknown judge {name!r} (declared: {sorted(self.judges) or 'none'})")
-        needs_judge = any(rule.action is None for rule in self.rules) or not self.rules
+        for name, config in self.judges.items():
+            if isinstance(config, CascadeConfig):
+                for stage in config.stages:
+                    if stage not in self.judges:
+                        raise ValueError(f"judges.{name}.stages: unknown judge {stage!r} (declared: {sorted(self.judges)})")
+                    if isinstance(self.judges[stage], CascadeConfig):
+                        raise ValueError(f"judges.{name}.stages: {stage!r} is a cascade; stages are single judges")
+        for index, rule in enumerate(self.rules):
+            if rule.when is not None and rule.when.needs_verdict and self.outcome(rule, "judge") is None:
+                raise ValueError(f"rules[{index}].when.verdict: a verdict condition needs a judge (declare one, or name it in judge:)")
+        needs_judge = any(rule.is_judged for rule in self.rules) or not self.rules
         if needs_judge and self.judges and self.defaults.judge is None:
             raise ValueError("defaults.judge: required when more than one judge is declared")
         check = self.defaults.timeout_s
         for name, judge in self.judges.items():
-            if judge.timeout_s is not None and judge.timeout_s > check:
+            own = getattr(judge, "timeout_s", None)
+            if own is not None and own > check:
                 raise ValueError(
-                    f"judges.{name}.timeout_s ({judge.timeout_s:g}s) is longer than the check's "
+                    f"judges.{name}.timeout_s ({own:g}s) is longer than the check's "
                     f"defaults.timeout_s ({check:g}s): a judge's deadline can only shorten the check's"
                 )
         return self
 
     def judge_timeout_s(self, name: str) -> float:
         """The deadline of one judgment by judge `name`: its own `timeout_s`, else the check's."""
-        own = self.judges[name].timeout_s
+        own = getattr(self.judges[name], "timeout_s", None)
         return own if own is not None else self.defaults.timeout_s
 
     def judges_in_use(self) -> list[str]:
         """The declared judges some check can reach, in declaration order: the default one
-        (whole trajectories and tools no rule matches), each judging rule's, and tool-result
-        moderation's. A judge declared but unreachable is not worth loading."""
+        (whole trajectories and tools no rule matches), each judging rule's, tool-result
+        moderation's, and the stages of any of them that is a cascade. A judge declared but
+        unreachable is not worth loading."""
         used = {self.defaults.judge}
-        used.update(rule.judge or self.defaults.judge for rule in self.rules if rule.action is None)
+        used.update(rule.judge or self.defaults.judge for rule in self.rules if rule.is_judged)
         if self.tool_results is not None:
             used.add(self.tool_results.judge)
+        for name in list(used):
+            config = self.judges.get(name) if name is not None else None
+            if isinstance(config, CascadeConfig):
+                used.update(config.stages)
         return [name for name in self.judges if name in used]
 
+    @property
+    def scans_results(self) -> bool:
+        """Whether routing a call reads earlier tool results (`flows_from`): tens of
+        milliseconds on a thread with megabytes of them, which an event loop should not wait."""
+        return any(rule.when is not None and rule.when.flows_from is not None for rule in self.rules)
+
     def rule_for(self, tool_name: str) -> tuple[str, Rule | None]:
+        """The first rule without `when:` whose tools match: what applies when only a tool's
+        name is known (a response still streaming). A rule with conditions cannot be read
+        without the call and its thread (`route` does that), and applying it unread could
+        turn a narrow exception into the rule for every call of the tool."""
         for index, rule in enumerate(self.rules):
-            if rule.matches(tool_name):
+            if rule.when is None and rule.matches(tool_name):
                 return rule.name or f"rules[{index}]", rule
         return "defaults", None
+
+    def route(self, call: ToolCall, trajectory: Trajectory) -> Route:
+        """Which rule a pending call hits. Rules are read in order: one whose tools or
+        conditions before judging do not hold is skipped; one with a `verdict` condition
+        becomes a candidate read after judging and the search goes on; the first other one
+        that holds ends it (the defaults when none does)."""
+        context = CallContext(call, trajectory)
+        route = Route()
+        for index, rule in enumerate(self.rules):
+            if not rule.matches(call.name):
+                continue
+            held = "" if rule.when is None else rule.when.before_judging(context, rule.matches)
+            if held is None:
+                continue
+            name = rule.name or f"rules[{index}]"
+            if rule.when is not None and rule.when.needs_verdict:
+                route.candidates.append((name, rule, held))
+                continue
+            route.name, route.rule, route.condition = name, rule, held or None
+            return route
+        return route
 
     def outcome(self, rule: Outcomes | None, field: str) -> Any:
         value = getattr(rule, field) if rule is not None else None
@@ -397,7 +515,10 @@ def resolve_policy(
             raise PolicyError(f"{policy_path} declares {len(policy.judges)} judges and no default one: pick one with --judge")
         name = next(iter(policy.judges))
     if model is not None:
-        policy.judges[name] = policy.judges[name].model_copy(update={"model": model})
+        config = policy.judges[name]
+        if not isinstance(config, JudgeConfig):
+            raise PolicyError(f"--model: judge {name!r} is a {config.kind} judge, which has no weights to replace")
+        policy.judges[name] = config.model_copy(update={"model": model})
     policy.defaults.judge = name
     return policy, name
 
@@ -405,7 +526,12 @@ def resolve_policy(
 def _describe(error: ValidationError, source: str) -> str:
     lines = []
     for problem in error.errors():
-        key = ".".join(str(part)[:_SHOWN_CHARS] for part in problem["loc"]) or "(root)"
+        loc = list(problem["loc"])
+        if len(loc) > 2 and loc[0] == "judges" and loc[2] in JUDGE_KINDS:  # the union's tag, not a key
+            del loc[2]
+        if problem["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc.append("kind")
+        key = ".".join(str(part)[:_SHOWN_CHARS] for part in loc) or "(root)"
         if problem["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key")
         else:

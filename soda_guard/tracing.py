@@ -26,6 +26,8 @@ def decision_attributes(decision: Decision) -> dict[str, Any]:
         "soda_guard.rule": decision.rule,
         "soda_guard.why": decision.why,
         "soda_guard.conversation_id": decision.conversation_id,
+        "soda_guard.condition": decision.condition,
+        "soda_guard.stage": decision.stage,
     }
     if decision.tool_call is not None:
         attributes["soda_guard.tool.name"] = decision.tool_call.name
@@ -47,6 +49,12 @@ def decision_attributes(decision: Decision) -> dict[str, Any]:
                 "soda_guard.verdict.truncated": verdict.truncated,
             }
         )
+        if verdict.stages:
+            attributes["soda_guard.verdict.stages"] = [
+                f"{stage.judge}: {stage.label.value if stage.label is not None else 'failed'}"
+                + (f" {stage.score:.3f}" if stage.score is not None else "")
+                for stage in verdict.stages
+            ]
     review = decision.review
     if review is not None:
         attributes.update(

@@ -59,6 +59,10 @@ class Verdict(BaseModel):
     prompt_tokens: int | None = None
     generated_tokens: int | None = None
     truncated: bool = False
+    settled_by: str | None = None
+    """A cascade's verdict: the stage whose answer this is."""
+    stages: list[Verdict] = Field(default_factory=list)
+    """A cascade's verdict: every stage's own verdict, in the order they were asked."""
 
     @property
     def failed(self) -> bool:
@@ -97,6 +101,10 @@ class Decision(BaseModel):
     verdict: Verdict | None = None
     conversation_id: str | None = None
     review: Review | None = None
+    condition: str | None = None
+    """What held of the rule's `when:` conditions, in words."""
+    stage: str | None = None
+    """The cascade stage that settled the verdict."""
 
     @property
     def allowed(self) -> bool:

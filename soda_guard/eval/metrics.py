@@ -14,6 +14,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from soda_guard.eval.cascade import cascade_report
 from soda_guard.eval.dataset import Unreadable
 
 UNSAFE_LABELS = ("unsafe", "controversial")
@@ -240,4 +241,7 @@ def build_report(
     }
     if mode == "per-step":
         report["per_step"] = _per_step(results)
+    cascade = cascade_report(results)
+    if cascade is not None:
+        report["cascade"] = cascade
     return report

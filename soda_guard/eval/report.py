@@ -106,7 +106,30 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             f"false-block rate {_fmt(step['false_block_rate'])} per safe run, "
             f"{_fmt(step['false_block_rate_per_call'])} per safe tool call"
         )
+    if "cascade" in report:
+        print_cascade(report["cascade"], console)
     for entry in data["unreadable_records"][:20]:
         console.print(f"[yellow]unreadable[/yellow] {escape(entry['id'])}: {escape(entry['reason'])}", highlight=False)
     if data["unreadable"] > 20:
         console.print(f"... and {data['unreadable'] - 20} more unreadable records (see report.json)")
+
+
+def print_cascade(cascade: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"cascade ({cascade['judgments']} judgments; latency: {cascade['latency_ms']['unit']})")
+    for column in ("stage", "asked", "settled", "share", "p50 ms", "p95 ms"):
+        table.add_column(column, justify="right" if column != "stage" else "left")
+    for name, share in cascade["settled_share"].items():
+        latency = cascade["latency_ms"]["per_stage"][name]
+        table.add_row(
+            name, str(cascade["asked"][name]), str(cascade["settled_by"].get(name, 0)), _fmt(share), _fmt(latency["p50"], 1), _fmt(latency["p95"], 1)
+        )
+    end = cascade["latency_ms"]["end_to_end"]
+    table.add_row("end to end", "", str(cascade["settled_by"].get("none (on_error)", 0)) + " unsettled", "", _fmt(end["p50"], 1), _fmt(end["p95"], 1))
+    console.print(table)
+    quality = cascade["quality"]
+    for name in ("cascade", "last_judge_alone"):
+        console.print(
+            f"{name.replace('_', ' ')}: recall {_fmt(quality[name]['recall'])}, FPR {_fmt(quality[name]['fpr'])} "
+            f"({quality['records']} records)"
+        )
+    console.print(escape(cascade["note"]), highlight=False)

@@ -23,9 +23,9 @@ from soda_guard.eval.metrics import BLOCKING_ACTIONS, first_step, judge_predicti
 from soda_guard.eval.results import EvalError, ResultsWriter
 from soda_guard.guard import Guard, close_each
 from soda_guard.judging import JudgeRunner, make_backend, make_judge
-from soda_guard.policy import AuditConfig, JudgeConfig, Policy
+from soda_guard.policy import AuditConfig, CascadeConfig, JudgeConfig, Policy
 from soda_guard.trajectory import AssistantStep, Trajectory
-from soda_guard.verdict import Decision
+from soda_guard.verdict import Decision, Verdict
 
 MODES = ("whole", "per-step")
 
@@ -45,6 +45,13 @@ class _Replay:
         self.answers: dict[str, GenerationResult | Exception] = {}
         self.batch_ms: float | None = None
         """Wall time of this batch's backend call: what each of its judgments waited."""
+        self.batch_requests = 0
+
+    @property
+    def amortised_ms(self) -> float | None:
+        """The batch's time shared by its judgments: what one judgment costs this judge, the
+        measure a cascade saves on (a record it settles early never reaches the later stages)."""
+        return self.batch_ms / self.batch_requests if self.batch_ms is not None and self.batch_requests else None
 
     @property
     def model_id(self) -> str:
@@ -94,9 +101,9 @@ class EvalRun:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def _judgment(decision: Decision, step: int | None, latency_ms: float | None) -> dict[str, Any]:
+def _judgment(decision: Decision, step: int | None, latency_ms: float | None, replays: Mapping[str, _Replay]) -> dict[str, Any]:
     verdict = decision.verdict
-    return {
+    judgment = {
         "step": step,
         "tool": decision.tool_call.name if decision.tool_call else None,
         "action": decision.action.value,
@@ -110,6 +117,25 @@ def _judgment(decision: Decision, step: int | None, latency_ms: float | None) ->
         "prompt_tokens": verdict.prompt_tokens if verdict is not None else None,
         "generated_tokens": verdict.generated_tokens if verdict is not None else None,
         "raw_output": verdict.raw_output if verdict is not None else None,
+    }
+    if verdict is not None and verdict.stages:
+        judgment["stage"] = decision.stage
+        judgment["stages"] = [_stage(stage, replays) for stage in verdict.stages]
+    return judgment
+
+
+def _stage(verdict: Verdict, replays: Mapping[str, _Replay]) -> dict[str, Any]:
+    """One cascade stage's answer; its latency is its judge's amortised batch time (a model
+    stage) or its own (a keyword screen, which runs in the guard)."""
+    replay = replays.get(verdict.judge)
+    latency = replay.amortised_ms if replay is not None and replay.real is not None else verdict.latency_ms
+    return {
+        "judge": verdict.judge,
+        "kind": verdict.kind,
+        "label": verdict.label.value if verdict.label is not None else None,
+        "score": verdict.score,
+        "failed": verdict.failed,
+        "latency_ms": latency,
     }
 
 
@@ -134,9 +160,12 @@ def _record_result(record: EvalRecord, mode: str, judgments: list[dict[str, Any]
 class _Evaluator:
     def __init__(self, policy: Policy, mode: str, backends: Mapping[str, Backend]) -> None:
         self.policy = policy
-        self.replays = {name: _Replay(config) for name, config in policy.judges.items()}
+        self.replays = {name: _Replay(config) for name, config in policy.judges.items() if isinstance(config, JudgeConfig)}
         self.overrides = dict(backends)
         self.guard = Guard(policy, backends=self.replays)  # type: ignore[arg-type]
+        alone = last_stage_policy(policy)
+        # a cascade is measured against its last judge alone, on the same records and answers
+        self.alone = Guard(alone, backends=self.replays) if alone is not None else None  # type: ignore[arg-type]
         self.mode = mode
         self._made: list[Backend] = []
 
@@ -146,7 +175,9 @@ class _Evaluator:
         any result is written, and the first batch's latency is not the model's load. Backends
         passed in are the caller's, already loaded."""
         for name in self.policy.judges_in_use():
-            replay = self.replays[name]
+            replay = self.replays.get(name)
+            if replay is None:  # a cascade or a keyword screen: no model of its own
+                continue
             if name in self.overrides:
                 replay.real = self.overrides[name]
                 continue
@@ -154,10 +185,18 @@ class _Evaluator:
             self._made.append(replay.real)
             JudgeRunner(make_judge(name, replay.config, self.policy), replay.real, max_new_tokens=replay.config.max_new_tokens).warm()
 
-    def _decide(self, trajectory: Trajectory) -> list[list[Decision]]:
+    def _decide(self, trajectory: Trajectory, guard: Guard | None = None) -> list[list[Decision]]:
+        guard = guard or self.guard
         if self.mode == "whole":
-            return [[self.guard.check(trajectory)]]
-        return [self.guard.check_tool_calls(view) for view in step_views(trajectory)]
+            return [[guard.check(trajectory)]]
+        return [guard.check_tool_calls(view) for view in step_views(trajectory)]
+
+    def _judgments(self, per_step: list[list[Decision]]) -> list[dict[str, Any]]:
+        return [
+            _judgment(decision, None if self.mode == "whole" else number, self._latency(decision), self.replays)
+            for number, decisions in enumerate(per_step, start=1)
+            for decision in decisions
+        ]
 
     def _ask_backends(self) -> None:
         for name, replay in self.replays.items():
@@ -177,6 +216,7 @@ class _Evaluator:
             latency_ms = (time.perf_counter() - start) * 1000.0
             replay.answers.update(zip(replay.asked, results))
             replay.batch_ms = latency_ms
+            replay.batch_requests = len(requests)
             replay.asked.clear()
 
     def batch(self, records: Sequence[EvalRecord]) -> list[dict[str, Any]]:
@@ -184,18 +224,20 @@ class _Evaluator:
             replay.answers.clear()
             replay.asked.clear()
             replay.batch_ms = None
+            replay.batch_requests = 0
         for record in records:
             self._decide(record.trajectory)
+            if self.alone is not None:
+                self._decide(record.trajectory, self.alone)
         self._ask_backends()
         results = []
         for record in records:
-            judgments = []
-            per_step = self._decide(record.trajectory)
-            for number, decisions in enumerate(per_step, start=1):
-                for decision in decisions:
-                    judgments.append(_judgment(decision, None if self.mode == "whole" else number, self._latency(decision)))
             steps = len(step_views(record.trajectory))
-            results.append(_record_result(record, self.mode, judgments, steps))
+            result = _record_result(record, self.mode, self._judgments(self._decide(record.trajectory)), steps)
+            if self.alone is not None:
+                alone = _record_result(record, self.mode, self._judgments(self._decide(record.trajectory, self.alone)), steps)
+                result["last_judge_alone"] = {key: alone[key] for key in ("prediction", "score", "blocked")}
+            results.append(result)
         return results
 
     def _latency(self, decision: Decision) -> float | None:
@@ -205,7 +247,25 @@ class _Evaluator:
     def close(self) -> None:
         """The backends made here stop too (see `Guard.close`); the caller's stay open."""
         self.guard.close()
+        if self.alone is not None:
+            self.alone.close()
         close_each(self._made)
+
+
+def last_stage_policy(policy: Policy) -> Policy | None:
+    """The policy with every cascade replaced by its last stage (None when it has none): what
+    the cascade is measured against."""
+    last = {name: config.stages[-1] for name, config in policy.judges.items() if isinstance(config, CascadeConfig)}
+    if not last:
+        return None
+    data = policy.model_dump(mode="python", exclude_unset=True, by_alias=True)
+    data["defaults"] = {**data.get("defaults", {}), "judge": last.get(policy.defaults.judge or "", policy.defaults.judge)}
+    for rule in data.get("rules", []):
+        if rule.get("judge") in last:
+            rule["judge"] = last[rule["judge"]]
+    if data.get("tool_results") and data["tool_results"]["judge"] in last:
+        data["tool_results"]["judge"] = last[data["tool_results"]["judge"]]
+    return Policy.model_validate(data)
 
 
 def _chunks(records: Sequence[EvalRecord], size: int) -> Iterator[list[EvalRecord]]:

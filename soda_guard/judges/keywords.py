@@ -1,0 +1,78 @@
+"""A judge without a model: regexes over what the agent is about to do.
+
+Meant as a cascade's first stage, where a pattern that is certain (a tool that must never run,
+a read-only tool) settles the call for nothing and everything else goes on to a model judge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from typing import Sequence
+
+from soda_guard.policy import KeywordsConfig
+from soda_guard.trajectory import AssistantStep, SystemStep, ToolStep, Trajectory, UserStep
+from soda_guard.verdict import Label, Verdict
+
+
+class KeywordsRunner:
+    """Answers score 1 (unsafe) on an `unsafe` pattern, 0 (safe) on a `safe` one when no
+    unsafe one matches, 0.5 (controversial) otherwise."""
+
+    kind = "keywords"
+    model_id = "keywords"
+
+    def __init__(self, name: str, config: KeywordsConfig) -> None:
+        self.name = name
+        self.config = config
+        self._unsafe = [re.compile(pattern) for pattern in config.unsafe]
+        self._safe = [re.compile(pattern) for pattern in config.safe]
+
+    def text(self, trajectory: Trajectory) -> str:
+        if self.config.match == "all":
+            return "\n".join(_step_text(step) for step in trajectory.steps)
+        calls = trajectory.pending_tool_calls() or [
+            call for step in trajectory.steps if isinstance(step, AssistantStep) for call in step.tool_calls
+        ]
+        return "\n".join(f"{call.name} {call.args if isinstance(call.args, str) else json.dumps(call.args, ensure_ascii=False)}" for call in calls)
+
+    def verdict(self, trajectory: Trajectory) -> Verdict:
+        start = time.perf_counter()
+        text = self.text(trajectory)
+        hit = next((pattern.pattern for pattern in self._unsafe if pattern.search(text)), None)
+        if hit is not None:
+            label, score, reason = Label.UNSAFE, 1.0, f"matches unsafe pattern {hit!r}"
+        else:
+            hit = next((pattern.pattern for pattern in self._safe if pattern.search(text)), None)
+            if hit is not None:
+                label, score, reason = Label.SAFE, 0.0, f"matches safe pattern {hit!r}"
+            else:
+                label, score, reason = Label.CONTROVERSIAL, 0.5, "no pattern matches"
+        return Verdict(
+            label=label,
+            score=score,
+            reason=reason,
+            judge=self.name,
+            kind=self.kind,
+            model=self.model_id,
+            latency_ms=(time.perf_counter() - start) * 1000.0,
+        )
+
+    def verdicts(self, trajectories: Sequence[Trajectory], deadline: float | None = None) -> list[Verdict]:
+        return [self.verdict(trajectory) for trajectory in trajectories]
+
+    async def averdicts(self, trajectories: Sequence[Trajectory], deadline: float | None = None) -> list[Verdict]:
+        # `match: all` reads every message: off the event loop
+        return await asyncio.to_thread(self.verdicts, trajectories, deadline)
+
+    def warm(self) -> None:
+        """Nothing to load."""
+
+
+def _step_text(step: SystemStep | UserStep | AssistantStep | ToolStep) -> str:
+    if isinstance(step, AssistantStep):
+        calls = " ".join(f"{call.name} {json.dumps(call.args, ensure_ascii=False)}" for call in step.tool_calls)
+        return f"{step.content} {calls}".strip()
+    return step.content or ""

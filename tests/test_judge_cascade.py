@@ -1,0 +1,234 @@
+"""The judge cascade: a stage settles only when confident, every failure of a stage falls
+through to the next, a failed last stage ends in on_error, every stage's verdict is recorded;
+sync and async alike."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from soda_guard import Action, Guard, Policy, PolicyError, ScriptedBackend, from_openai_messages, read_audit
+from soda_guard.backends.base import GenerationRequest, GenerationResult
+from soda_guard.backends.scripted import soda_reply
+from soda_guard.trajectory import Trajectory
+
+POLICY = """
+judges:
+  screen: {kind: soda, model: scripted-screen}
+  words: {kind: keywords, unsafe: ['"rm -rf'], safe: ['^get_weather ']}
+  soda: {kind: soda, model: scripted-soda}
+  tiered: {kind: cascade, stages: [screen, soda], settle_below: 0.05, settle_above: 0.95}
+  screened: {kind: cascade, stages: [words, soda]}
+defaults: {judge: tiered, on_error: block, on_controversial: escalate, timeout_s: 2}
+rules:
+  - {name: shell, tools: ["shell*", "get_weather"], judge: screened}
+"""
+
+
+def pending(name: str, args: dict[str, Any] | None = None) -> Trajectory:
+    return from_openai_messages(
+        [
+            {"role": "user", "content": "Please help."},
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": name, "arguments": json.dumps(args or {})}}]},
+        ]
+    )
+
+
+def scored(unsafe: bool, score: float | None) -> Callable[[GenerationRequest], GenerationResult]:
+    return lambda request: GenerationResult(text=soda_reply(unsafe), score=score)
+
+
+def make(screen: Any, soda: Any = None, **policy_overrides: Any) -> tuple[Guard, ScriptedBackend]:
+    soda_backend = soda if isinstance(soda, ScriptedBackend) else ScriptedBackend(soda or scored(True, 0.9))
+    backends = {"soda": soda_backend}
+    if screen is not None:
+        backends["screen"] = screen if isinstance(screen, ScriptedBackend) else ScriptedBackend(screen)
+    policy = Policy.from_yaml(POLICY)
+    return Guard(policy, backends=backends), soda_backend
+
+
+def check(guard: Guard, trajectory: Trajectory, mode: str):
+    if mode == "sync":
+        return guard.check_tool_calls(trajectory)[0]
+    return asyncio.run(guard.acheck_tool_calls(trajectory))[0]
+
+
+MODES = ["sync", "async"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "unsafe,score,action",
+    [(False, 0.01, Action.ALLOW), (True, 0.99, Action.BLOCK)],
+    ids=["settles-safe", "settles-unsafe"],
+)
+def test_a_confident_screen_settles_and_the_big_judge_is_not_asked(mode: str, unsafe: bool, score: float, action: Action) -> None:
+    guard, soda = make(scored(unsafe, score))
+    decision = check(guard, pending("send_money"), mode)
+    assert decision.action is action and decision.stage == "screen"
+    assert [v.judge for v in decision.verdict.stages] == ["screen"] and soda.requests == []
+    assert "settled by screen" in decision.why
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("score", [0.05, 0.5, 0.95], ids=["at-settle-below", "middle", "at-settle-above"])
+def test_an_unsure_screen_passes_to_the_last_stage_which_decides(mode: str, score: float) -> None:
+    guard, soda = make(scored(score > 0.5, score), scored(False, 0.3))
+    decision = check(guard, pending("send_money"), mode)
+    assert (decision.action, decision.stage) == (Action.ALLOW, "soda")
+    assert [(v.judge, v.score) for v in decision.verdict.stages] == [("screen", score), ("soda", 0.3)]
+    assert len(soda.requests) == 1
+
+
+def _raises(request: GenerationRequest) -> GenerationResult:
+    raise RuntimeError("screen server down")
+
+
+def _slow_then_wrong_count() -> ScriptedBackend:
+    backend = ScriptedBackend(scored(False, 0.01))
+    backend.generate = lambda requests: []  # type: ignore[method-assign]
+
+    async def agenerate(requests: Any) -> list[GenerationResult]:
+        return []
+
+    backend.agenerate = agenerate  # type: ignore[method-assign]
+    return backend
+
+
+FAILURES: dict[str, Any] = {
+    "raises": _raises,
+    "wrong-count": _slow_then_wrong_count,
+    "unparsable": lambda request: GenerationResult(text="I would rather not say.", score=0.01),
+    "label-score-disagree": scored(False, 0.99),
+    "no-score": scored(False, None),
+    "nan-score": scored(False, math.nan),
+    "not-text": lambda request: GenerationResult(text=None, score=0.01),  # type: ignore[arg-type]
+}
+
+
+def failing(kind: str) -> Any:
+    made = FAILURES[kind]
+    return made() if kind == "wrong-count" else made
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", sorted(FAILURES))
+def test_every_failure_of_a_stage_falls_through_to_the_next(mode: str, kind: str) -> None:
+    guard, soda = make(failing(kind), scored(True, 0.99))
+    decision = check(guard, pending("send_money"), mode)
+    assert (decision.action, decision.stage) == (Action.BLOCK, "soda")
+    first, last = decision.verdict.stages
+    assert first.judge == "screen" and (first.failed or first.score is None) and last.judge == "soda"
+    # the fall-through is never an allow, whatever the failed stage would have said
+    guard, _ = make(failing(kind), scored(False, 0.01))
+    assert check(guard, pending("send_money"), mode).action is Action.ALLOW
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_stage_that_cannot_load_falls_through(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The screen's server needs an API key the environment does not hold: it cannot start."""
+    monkeypatch.delenv("SODA_GUARD_TEST_ABSENT_KEY", raising=False)
+    screen = "screen: {kind: soda, model: m, backend: openai, base_url: 'http://127.0.0.1:9/v1', api_key_env: SODA_GUARD_TEST_ABSENT_KEY}"
+    text = POLICY.replace("screen: {kind: soda, model: scripted-screen}", screen)
+    soda = ScriptedBackend(scored(True, 0.99))
+    guard = Guard(Policy.from_yaml(text), backends={"soda": soda})
+    decision = check(guard, pending("send_money"), mode)
+    assert (decision.action, decision.stage) == (Action.BLOCK, "soda")
+    assert "SODA_GUARD_TEST_ABSENT_KEY" in decision.verdict.stages[0].error
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", sorted(set(FAILURES) - {"no-score"}))  # a label alone decides, last
+def test_a_failed_last_stage_ends_in_on_error_with_every_cause(mode: str, kind: str) -> None:
+    guard, _ = make(scored(False, 0.5), failing(kind))
+    decision = check(guard, pending("send_money"), mode)
+    assert decision.action is Action.BLOCK and decision.stage is None
+    assert decision.verdict.failed and decision.verdict.judge == "tiered"
+    assert [v.judge for v in decision.verdict.stages] == ["screen", "soda"]
+    assert "no stage of cascade 'tiered' settled the call" in decision.why
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_deadline_covers_the_whole_chain(mode: str) -> None:
+    """Each stage alone fits the 2 s deadline; the chain does not, and ends in on_error."""
+    screen = ScriptedBackend(scored(False, 0.5), delay_s=1.2)
+    soda = ScriptedBackend(scored(False, 0.01), delay_s=1.2)
+    guard, _ = make(screen, soda)
+    decision = check(guard, pending("send_money"), mode)
+    assert decision.action is Action.BLOCK and decision.verdict.failed
+    assert "timed out after 2.0s" in decision.why
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_keyword_screen_settles_what_it_is_sure_of(mode: str) -> None:
+    guard, soda = make(None, scored(False, 0.3))
+    blocked = check(guard, pending("shell", {"cmd": "rm -rf /"}), mode)
+    assert (blocked.action, blocked.stage, blocked.verdict.kind) == (Action.BLOCK, "words", "keywords")
+    assert "rm -rf" in blocked.verdict.reason
+    allowed = check(guard, pending("get_weather", {"city": "Paris"}), mode)
+    assert (allowed.action, allowed.stage) == (Action.ALLOW, "words")
+    assert soda.requests == []
+    passed_on = check(guard, pending("shell", {"cmd": "ls"}), mode)
+    assert (passed_on.action, passed_on.stage) == (Action.ALLOW, "soda") and len(soda.requests) == 1
+    assert passed_on.verdict.stages[0].label.value == "controversial"
+
+
+def test_every_stage_verdict_reaches_the_audit_log(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    policy = Policy.from_yaml(POLICY + f"audit: {{jsonl: {log}}}\n")
+    guard = Guard(policy, backends={"screen": ScriptedBackend(scored(False, 0.5)), "soda": ScriptedBackend(scored(True, 0.99))})
+    guard.check_tool_calls(pending("send_money"))
+    guard.close()
+    [record] = read_audit(log)
+    assert record.stage == "soda" and [v.judge for v in record.verdict.stages] == ["screen", "soda"]
+    assert record.verdict.stages[0].score == 0.5
+
+
+def test_the_stages_load_with_the_guard_and_warm_once() -> None:
+    screen, soda = ScriptedBackend(scored(False, 0.5)), ScriptedBackend(scored(False, 0.01))
+    guard = Guard(Policy.from_yaml(POLICY), backends={"screen": screen, "soda": soda})
+    guard.load()
+    assert Policy.from_yaml(POLICY).judges_in_use() == ["screen", "words", "soda", "tiered", "screened"]
+    assert (len(screen.requests), len(soda.requests)) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "judges,message",
+    [
+        ("t: {kind: cascade, stages: [a, nope]}", "judges.t.stages: unknown judge 'nope'"),
+        ("t: {kind: cascade, stages: [a]}", "judges.t.stages"),
+        ("t: {kind: cascade, stages: [a, a]}", "a stage is named twice"),
+        ("t: {kind: cascade, stages: [a, b], settle_below: 0.9, settle_above: 0.1}", "settle_below"),
+        ("t: {kind: cascade, stages: [a, b], settle_above: '0.9'}", "judges.t.settle_above"),
+        ("t: {kind: cascade, stages: [a, b], settle_above: 1.5}", "judges.t.settle_above"),
+        ("t: {kind: cascade, stages: [a, b], model: m}", "judges.t.model: unknown key"),
+        ("t: {kind: cascade, stages: [a, b]}\n  u: {kind: cascade, stages: [t, b]}", "'t' is a cascade"),
+        ("t: {kind: keywords, unsafe: ['(']}", "judges.t.unsafe"),
+        ("t: {kind: tiers, stages: [a, b]}", "judges.t.kind"),
+    ],
+)
+def test_bad_cascades_are_rejected_naming_the_key(judges: str, message: str) -> None:
+    text = f"judges:\n  a: {{kind: soda, model: m}}\n  b: {{kind: soda, model: m}}\n  {judges}\ndefaults: {{judge: a}}"
+    with pytest.raises(PolicyError, match=message.replace(".", r"\.").replace("(", r"\(").replace("[", r"\[")):
+        Policy.from_yaml(text)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_last_stage_decides_on_its_label_without_a_score(mode: str) -> None:
+    guard, _ = make(scored(False, 0.5), scored(True, None))
+    decision = check(guard, pending("send_money"), mode)
+    assert (decision.action, decision.stage, decision.verdict.score) == (Action.BLOCK, "soda", None)
+
+
+def test_the_trace_span_names_the_stage_and_every_stage_answer() -> None:
+    from soda_guard.tracing import decision_attributes
+
+    guard, _ = make(scored(False, 0.5), scored(True, 0.99))
+    attributes = decision_attributes(guard.check_tool_calls(pending("send_money"))[0])
+    assert attributes["soda_guard.stage"] == "soda"
+    assert attributes["soda_guard.verdict.stages"] == ["screen: safe 0.500", "soda: unsafe 0.990"]
