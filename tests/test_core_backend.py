@@ -95,8 +95,17 @@ def test_score_is_the_renormalised_unsafe_probability_at_the_verdict_token(qwen_
     logits = [torch.randn(len(tokenizer)) for _ in generated]
     position = generated.index(tokenizer.convert_tokens_to_ids("ĠUNS"))
     probs = torch.softmax(logits[position], dim=-1)
-    unsafe, safe = probs[tokenizer.convert_tokens_to_ids("ĠUNS")], probs[tokenizer.convert_tokens_to_ids("ĠSAFE")]
-    expected = float(unsafe / (unsafe + safe))
+
+    def first_ids(word: str) -> set[int]:
+        # the parser accepts every casing of a label, so the score sums every casing's first token
+        forms = {word, word.lower(), word.capitalize()}
+        return {tokenizer(" " + form, add_special_tokens=False)["input_ids"][0] for form in forms}
+
+    unsafe_ids, safe_ids = first_ids("UNSAFE"), first_ids("SAFE")
+    unsafe_ids, safe_ids = unsafe_ids - safe_ids, safe_ids - unsafe_ids
+    unsafe, safe = sum(float(probs[i]) for i in unsafe_ids), sum(float(probs[i]) for i in safe_ids)
+    assert len(unsafe_ids) > 1 and len(safe_ids) > 1
+    expected = unsafe / (unsafe + safe)
     assert score_generation(tokenizer, generated, logits, SodaJudge.score_spec) == pytest.approx(expected, abs=1e-6)
 
 
