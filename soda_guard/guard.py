@@ -195,7 +195,7 @@ class Guard:
                 why = f"{counts[call.id]} tool calls of this turn share the id {call.id!r}; ids must be unique for a decision to be bound to its call"
                 items.append(_Item(call, "binding", None, None, trajectory, refusal=why))
                 continue
-            rule_name, rule = self.policy.rule_for(call.name)
+            rule_name, rule = self.policy.rule_for(call)
             judge = None if rule is not None and rule.action is not None else self.policy.outcome(rule, "judge")
             view = trajectory.with_only_pending_call(call.id) if len(pending) > 1 else trajectory
             items.append(_Item(call, rule_name, rule, judge, view))

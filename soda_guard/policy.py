@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from soda_guard.errors import PolicyError
+from soda_guard.mcp.annotations import AnnotationCondition, McpPolicy, effective, matches as annotations_match
+from soda_guard.trajectory import ToolCall
 from soda_guard.verdict import Action
 
 
@@ -95,16 +97,43 @@ class Defaults(Outcomes):
     timeout_s: Seconds = 10.0
 
 
+def name_matches(patterns: list[str], call: ToolCall) -> bool:
+    """A pattern with a `:` is matched against `server:tool` (an MCP tool's qualified name),
+    one without against the bare tool name, whichever server provides it."""
+    return any(
+        fnmatch.fnmatchcase(call.qualified_name if ":" in pattern else call.name, pattern) for pattern in patterns
+    )
+
+
+class When(_Strict):
+    """A rule's conditions beyond the tool's name; every one given must hold."""
+
+    annotations: AnnotationCondition | None = None
+    """The MCP tool's effective annotations (`mcp.servers` pins, else what the server declared)."""
+
+
 class Rule(Outcomes):
-    """First matching rule wins. `action` short-circuits: the call is not judged at all."""
+    """First matching rule wins. `action` short-circuits: the call is not judged at all.
+    A rule matches a call when every key it sets matches: `tools` (absent: every tool),
+    `server` (a glob over the MCP server's name; no MCP tool matches it otherwise) and `when`."""
 
     name: str | None = None
-    tools: list[str] = Field(min_length=1)
+    tools: list[str] | None = Field(default=None, min_length=1)
+    server: str | None = None
+    when: When | None = None
     action: Action | None = None
     judge: str | None = None
 
-    def matches(self, tool_name: str) -> bool:
-        return any(fnmatch.fnmatchcase(tool_name, pattern) for pattern in self.tools)
+    def matches(self, call: ToolCall | str, annotations: dict[str, bool] | None = None) -> bool:
+        """`annotations`: the call's effective ones (`Policy.rule_for` resolves the pins)."""
+        call = call if isinstance(call, ToolCall) else ToolCall(id="", name=call)
+        if self.tools is not None and not name_matches(self.tools, call):
+            return False
+        if self.server is not None and (call.server is None or not fnmatch.fnmatchcase(call.server, self.server)):
+            return False
+        if self.when is not None and self.when.annotations is not None:
+            return annotations_match(self.when.annotations, annotations)
+        return True
 
 
 class ReviewPolicy(_Strict):
@@ -122,8 +151,8 @@ class ToolResultPolicy(Outcomes):
     judge: str
     tools: list[str] = Field(default_factory=lambda: ["*"])
 
-    def matches(self, tool_name: str) -> bool:
-        return any(fnmatch.fnmatchcase(tool_name, pattern) for pattern in self.tools)
+    def matches(self, tool: ToolCall | str) -> bool:
+        return name_matches(self.tools, tool if isinstance(tool, ToolCall) else ToolCall(id="", name=tool))
 
 
 class AuditConfig(_Strict):
@@ -144,6 +173,8 @@ class Policy(_Strict):
     review: ReviewPolicy = Field(default_factory=ReviewPolicy)
     harm: str | None = None
     environment: str | None = None
+    mcp: McpPolicy = Field(default_factory=McpPolicy)
+    """Per-server pinned MCP tool annotations (`soda_guard.mcp.annotations`)."""
 
     @model_validator(mode="after")
     def _judges_exist(self) -> Policy:
@@ -171,9 +202,11 @@ class Policy(_Strict):
             used.add(self.tool_results.judge)
         return [name for name in self.judges if name in used]
 
-    def rule_for(self, tool_name: str) -> tuple[str, Rule | None]:
+    def rule_for(self, tool: ToolCall | str) -> tuple[str, Rule | None]:
+        call = tool if isinstance(tool, ToolCall) else ToolCall(id="", name=tool)
+        annotations = effective(call.server, call.name, call.annotations, self.mcp)
         for index, rule in enumerate(self.rules):
-            if rule.matches(tool_name):
+            if rule.matches(call, annotations):
                 return rule.name or f"rules[{index}]", rule
         return "defaults", None
 
