@@ -3,18 +3,20 @@ prompt: what the MCP example and tests put soda-guard in front of.
 
     python examples/mcp_files_server.py            # serves on stdio
 
-Its files live in memory, so a test can see whether a destructive call really ran (`count`).
+Its files live in memory, and `ran` lists every tool call the server executed, so a test can
+see what was really forwarded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 
 from fastmcp import FastMCP
 from mcp.types import ToolAnnotations
 
 FILES: dict[str, str] = {"notes.txt": "buy milk", "report.txt": "Q3 numbers"}
-DELETED: list[str] = []
+RAN: list[str] = []
 
 server = FastMCP("files")
 
@@ -22,27 +24,35 @@ server = FastMCP("files")
 @server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
 def read_file(path: str) -> str:
     """Read a file by name."""
+    RAN.append(f"read_file {path}")
     return FILES.get(path, f"no such file: {path}")
 
 
 @server.tool(annotations=ToolAnnotations(readOnlyHint=False, destructiveHint=True, openWorldHint=False))
 def delete_file(path: str) -> str:
     """Delete a file by name."""
-    DELETED.append(path)
+    RAN.append(f"delete_file {path}")
     return "deleted" if FILES.pop(path, None) is not None else f"no such file: {path}"
 
 
 @server.tool(annotations=ToolAnnotations(readOnlyHint=True))
-def count() -> str:
-    """How many deletions this server process has run (tests read it to see what was forwarded)."""
-    return str(len(DELETED))
+def ran() -> list[str]:
+    """The tool calls this server process has executed, oldest first."""
+    return list(RAN)
 
 
 @server.tool
 async def sleep(seconds: float) -> str:
     """Wait, then answer: a tool that can hang for the proxy's timeout tests."""
+    RAN.append(f"sleep {seconds}")
     await asyncio.sleep(seconds)
     return "slept"
+
+
+@server.tool
+def crash() -> str:
+    """Exit the server process mid-call: what a crashing server looks like to the proxy."""
+    os._exit(3)
 
 
 @server.resource("file://notes.txt")

@@ -283,13 +283,15 @@ class Relay:
             self.session.record(call, None, error=json.dumps(error)[:2000] if error is not None else "no result")
             return raw
         moderation = await self.session.moderate(call, result)
-        self.session.record(call, result)
         if moderation is None or moderation.allowed:
+            self.session.record(call, result)
             return raw
         refused = refusal_result(call, moderation)
         if "resultType" in result:
             refused["resultType"] = result["resultType"]
         refused["content"][0]["text"] = f"soda-guard withheld the result of `{call.qualified_name}` ({moderation.action.value}): {moderation.why}."
+        # what the client got, not what was withheld, is what later calls are judged after
+        self.session.record(call, refused)
         return _line({"jsonrpc": "2.0", "id": message["id"], "result": refused})
 
     async def server_gone(self) -> None:
