@@ -44,6 +44,7 @@ from soda_guard.integrations._convert import (
     turn_records,
     with_calls,
 )
+from soda_guard.integrations.mcp import register_mcp_tools
 from soda_guard.integrations._enforce import (
     ToolCallEnforcer,
     in_graph,
@@ -135,6 +136,7 @@ class SodaGuardMiddleware(AgentMiddleware):
         return ExtendedModelResponse(model_response=response, command=Command(update=update)) if update else response
 
     def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], ModelCallResult]) -> ModelCallResult:
+        register_mcp_tools(self.guard, request.tools)
         response, update = _replayed(self._model(handler, request).result() if in_graph() else _call_model(handler, request))
         stored, steps = self._turn(request, response)
         return self._answer(response, update, stored, run_steps(steps, self._enforcer.answer(None)))
@@ -142,6 +144,7 @@ class SodaGuardMiddleware(AgentMiddleware):
     async def awrap_model_call(
         self, request: ModelRequest, handler: Callable[[ModelRequest], Awaitable[ModelCallResult]]
     ) -> ModelCallResult:
+        register_mcp_tools(self.guard, request.tools)
         response, update = _replayed(await self._amodel(handler, request) if in_graph() else await _acall_model(handler, request))
         stored, steps = self._turn(request, response)
         return self._answer(response, update, stored, await arun_steps(steps, self._enforcer.aanswer(None)))
@@ -149,11 +152,13 @@ class SodaGuardMiddleware(AgentMiddleware):
     def wrap_tool_call(
         self, request: ToolCallRequest, handler: Callable[[ToolCallRequest], Any]
     ) -> Any:
+        register_mcp_tools(self.guard, [request.tool])
         return self._enforcer.wrap(request, handler)
 
     async def awrap_tool_call(
         self, request: ToolCallRequest, handler: Callable[[ToolCallRequest], Awaitable[Any]]
     ) -> Any:
+        register_mcp_tools(self.guard, [request.tool])
         return await self._enforcer.awrap(request, handler)
 
 

@@ -22,6 +22,7 @@ from soda_guard.audit import AuditSink, JsonlAuditSink, SqliteAuditSink
 from soda_guard.backends.base import Backend
 from soda_guard.judging import JudgeRunner, make_backend, make_judge
 from soda_guard.errors import AuditError, JudgeError, ModelLoadError, TrajectoryError
+from soda_guard.mcp.catalog import ToolCatalog
 from soda_guard.policy import Outcomes, Policy
 from soda_guard.trajectory import ToolCall, ToolStep, Trajectory
 from soda_guard.verdict import Action, Decision, Label, Verdict
@@ -137,6 +138,8 @@ class Guard:
         if policy.audit.sqlite is not None:
             self.sinks.append(SqliteAuditSink(policy.audit.sqlite, fsync=policy.audit.fsync))
         self.judge_threads = JudgeThreads(limit=max_judge_threads)
+        #: MCP tools the adapters registered: calls to them are judged as `server:tool`
+        self.tools = ToolCatalog()
 
     @classmethod
     def from_yaml_file(cls, path: str | Path, **kwargs: object) -> Guard:
@@ -187,6 +190,7 @@ class Guard:
         """Calls that share an id within one turn are refused unjudged: a decision is bound to
         its call by id (among other things), and two calls under one id could each be run on
         the other's decision by anything downstream that goes by id."""
+        trajectory = self.tools.describe(trajectory)
         pending = trajectory.pending_tool_calls()
         counts = Counter(call.id for call in pending)
         items = []
@@ -202,7 +206,7 @@ class Guard:
         return items
 
     def _whole(self, trajectory: Trajectory) -> list[_Item]:
-        return [_Item(None, "defaults", None, self.policy.defaults.judge, trajectory)]
+        return [_Item(None, "defaults", None, self.policy.defaults.judge, self.tools.describe(trajectory))]
 
     def _tool_result_items(self, trajectory: Trajectory) -> list[_Item]:
         """The latest tool result, judged only when the policy opts in and its tool matches."""
@@ -213,7 +217,7 @@ class Guard:
         if moderation is None or not moderation.matches(last.name or ""):
             return []
         call = ToolCall(id=last.tool_call_id or "", name=last.name or "")
-        return [_Item(call, "tool_results", moderation, moderation.judge, trajectory)]
+        return [_Item(call, "tool_results", moderation, moderation.judge, self.tools.describe(trajectory))]
 
     def _decide(self, item: _Item, verdict: Verdict | None, conversation_id: str | None) -> Decision:
         def outcome(field: str) -> Action:
