@@ -33,7 +33,7 @@ def write_policy(tmp_path: Path, policy: dict[str, Any] | None = None, **extra: 
 
 def proxied(policy: Path, unsafe: str = "delete_file", *options: str) -> StdioServerParameters:
     """The example server behind the proxy, judged by a scripted judge (UNSAFE on `unsafe`)."""
-    return StdioServerParameters(command=sys.executable, args=[LAUNCHER, str(policy), unsafe, *options, "--", *SERVER])
+    return StdioServerParameters(command=sys.executable, args=[LAUNCHER, *options, str(policy), unsafe, "--", *SERVER])
 
 
 def direct() -> StdioServerParameters:

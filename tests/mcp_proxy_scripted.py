@@ -13,7 +13,7 @@ import sys
 
 from soda_guard import Guard, Policy, ScriptedBackend
 from soda_guard.backends.scripted import keyword_responder
-from soda_guard.mcp.relay import RelayOptions, serve_stdio
+from soda_guard.mcp.relay import DEFAULT_MAX_MESSAGE_BYTES, RelayOptions, serve_stdio
 
 
 def main() -> int:
@@ -23,12 +23,18 @@ def main() -> int:
     parser.add_argument("--judge-delay", type=float, default=0.0)
     parser.add_argument("--server-timeout", type=float, default=300.0)
     parser.add_argument("--server", default=None)
+    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     backend = ScriptedBackend(keyword_responder([args.unsafe]), delay_s=args.judge_delay)
     guard = Guard(Policy.from_yaml_file(args.policy), backends={"soda": backend})
-    options = RelayOptions(server_name=args.server, server_timeout_s=args.server_timeout, review_timeout_s=10.0)
+    options = RelayOptions(
+        server_name=args.server,
+        server_timeout_s=args.server_timeout,
+        review_timeout_s=10.0,
+        max_message_bytes=args.max_message_bytes,
+    )
     try:
         return asyncio.run(serve_stdio(guard, command, options))
     finally:
