@@ -133,7 +133,7 @@ class Relay:
         if method == "tools/call":
             if "id" not in message:
                 return  # a call sent as a notification cannot be answered, and is not run unjudged
-            task = asyncio.ensure_future(self._guarded_call(message))
+            task = asyncio.ensure_future(self._guarded_call(message, raw))
             self._judging[_key(request_id)] = task
             task.add_done_callback(lambda _: self._judging.pop(_key(request_id), None))
             return
@@ -160,7 +160,9 @@ class Relay:
             if request_id is not None:
                 await self.send_client(_error(request_id, INTERNAL_ERROR, f"the MCP server is not running: {error}"))
 
-    async def _guarded_call(self, message: dict[str, Any]) -> None:
+    async def _guarded_call(self, message: dict[str, Any], raw: bytes) -> None:
+        """`raw` is forwarded as the client sent it, unless an answered escalation's fields
+        (the proxy's own, which the server never asked for) had to be taken out."""
         request_id = message["id"]
         params = message.get("params")
         try:
@@ -174,6 +176,7 @@ class Relay:
         if escalation is not None:
             decision = await self._answered(escalation, call, params)
             message = {**message, "params": {k: v for k, v in params.items() if k not in ("requestState", "inputResponses")}}
+            raw = _line(message)
         else:
             decision = await self.session.decide(call)
             if decision.action is Action.ESCALATE:
@@ -187,12 +190,12 @@ class Relay:
                 refused["resultType"] = "complete"
             await self.send_client(_line({"jsonrpc": "2.0", "id": request_id, "result": refused}))
             return
-        await self._forward_call(request_id, call, message)
+        await self._forward_call(request_id, call, raw)
 
-    async def _forward_call(self, request_id: Any, call: ToolCall, message: dict[str, Any]) -> None:
+    async def _forward_call(self, request_id: Any, call: ToolCall, raw: bytes) -> None:
         forwarded = _Forwarded("tools/call", call)
         self._forwarded[_key(request_id)] = forwarded
-        await self._forward(_line(message), request_id)
+        await self._forward(raw, request_id)
         try:
             await asyncio.wait_for(asyncio.shield(forwarded.done), self.options.server_timeout_s)
         except asyncio.TimeoutError:

@@ -32,14 +32,18 @@ class ContextError(SodaGuardError):
 
 @dataclass
 class ProxySession:
-    """`steps`: the client's latest context, then every call forwarded since with its result.
-    Calls run concurrently, so each is judged on the steps as they stand when it arrives."""
+    """`steps`: the client's latest context, then the calls forwarded since with their
+    results, the latest `max_calls` of them (the judge clips a long middle anyway, and an
+    unbounded session would make every judgment slower than the last). Calls run
+    concurrently, so each is judged on the steps as they stand when it arrives."""
 
     guard: Guard
     server: str | None
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     annotations: dict[str, dict[str, bool] | None] = field(default_factory=dict)
     steps: list[Step] = field(default_factory=list)
+    max_calls: int = 32
+    _context_steps: int = 0
 
     def learn_tools(self, result: Any) -> None:
         """Remember each listed tool's declared annotations (a `tools/list` result, any page)."""
@@ -84,6 +88,7 @@ class ProxySession:
         if "messages" in context:
             try:
                 self.steps = list(from_openai_messages(context["messages"]).steps)
+                self._context_steps = len(self.steps)
             except SodaGuardError as error:
                 raise ContextError(f"_meta[{CONTEXT_KEY!r}].messages: {error}") from None
 
@@ -118,6 +123,9 @@ class ProxySession:
         """A forwarded call and what came back, for the judgments of later calls."""
         self.steps.append(AssistantStep(tool_calls=[call]))
         self.steps.append(self.result_step(call, result, error=error))
+        calls = self.steps[self._context_steps :]
+        if len(calls) > 2 * self.max_calls:
+            self.steps = self.steps[: self._context_steps] + calls[-2 * self.max_calls :]
 
     @staticmethod
     def result_step(call: ToolCall, result: Any, *, error: str | None = None) -> ToolStep:
