@@ -162,6 +162,20 @@ async def test_a_call_cancelled_while_judged_is_never_forwarded(raw):
     assert await client.ran() == []
 
 
+async def test_a_forwarded_call_cancelled_by_the_client_is_cancelled_at_the_server(raw):
+    client = await raw(None, "--server-timeout", "5")
+    call = client.call("sleep", {"seconds": 60})
+    await client.send(call)
+    await asyncio.sleep(1)
+    await client.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": call["id"]}})
+    # the proxy neither answers the cancelled call later nor sends the server a second cancel
+    assert await client.ran() == ["sleep 60.0"]
+    await asyncio.sleep(5)
+    await client.send(client.call("read_file", {"path": "notes.txt"}))
+    answer = await client.receive()
+    assert answer["id"] != call["id"] and answer["result"]["isError"] is False
+
+
 async def test_a_client_leaving_mid_call_stops_the_server(raw):
     client = await raw()
     await client.send(client.call("sleep", {"seconds": 60}))

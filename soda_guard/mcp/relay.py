@@ -144,6 +144,13 @@ class Relay:
             if judging is not None:
                 judging.cancel()  # still being judged: the server never saw it
                 return
+            forwarded = self._forwarded.get(_key(target))
+            if forwarded is not None and forwarded.call is not None:
+                # the server is told (below) and owes no answer now: stop waiting for one
+                del self._forwarded[_key(target)]
+                self.session.record(forwarded.call, None, error="cancelled by the client")
+                if not forwarded.done.done():
+                    forwarded.done.set_result(None)
         if method == "initialize":
             params = message.get("params")
             capabilities = params.get("capabilities") if isinstance(params, dict) else None
