@@ -29,24 +29,33 @@ LAUNCHER = str(ROOT / "tests" / "mcp_proxy_scripted.py")
 POLICY = {"version": 1, "judges": {"soda": {"kind": "soda", "model": "scripted"}}}
 
 
-async def p50(calls: int, once: Callable[[], Awaitable[Any]]) -> float:
-    for _ in range(10):
-        await once()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        await once()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+async def timed(once: Callable[[], Awaitable[Any]]) -> float:
+    start = time.perf_counter()
+    await once()
+    return (time.perf_counter() - start) * 1000.0
 
 
-async def measure(params: StdioServerParameters, calls: int) -> dict[str, float]:
-    async with Client(params) as client:
-        await client.list_tools()
-        return {
-            "tools/call": await p50(calls, lambda: client.call_tool("read_file", {"path": "notes.txt"})),
-            "tools/list": await p50(calls, client.list_tools),
-        }
+async def measure(direct: StdioServerParameters, proxied: StdioServerParameters, calls: int) -> dict[str, tuple[float, float]]:
+    """Both connections open at once and the requests alternate between them, so a busy
+    moment on the machine hits both sides alike."""
+    async with Client(direct) as plain, Client(proxied) as guarded:
+        await plain.list_tools()
+        await guarded.list_tools()
+        figures = {}
+        for kind, make in (
+            ("tools/call", lambda client: lambda: client.call_tool("read_file", {"path": "notes.txt"})),
+            ("tools/list", lambda client: client.list_tools),
+        ):
+            base: list[float] = []
+            through: list[float] = []
+            for index in range(calls + 10):
+                first, second = (plain, guarded) if index % 2 else (guarded, plain)
+                a, b = await timed(make(first)), await timed(make(second))
+                if index >= 10:
+                    base.append(a if first is plain else b)
+                    through.append(b if first is plain else a)
+            figures[kind] = (statistics.median(base), statistics.median(through))
+        return figures
 
 
 async def main() -> None:
@@ -58,12 +67,10 @@ async def main() -> None:
         policy.write_text(json.dumps(POLICY))
         direct = StdioServerParameters(command=SERVER[0], args=SERVER[1:])
         proxied = StdioServerParameters(command=sys.executable, args=[LAUNCHER, str(policy), "never-unsafe", "--", *SERVER])
-        base = await measure(direct, args.calls)
-        guarded = await measure(proxied, args.calls)
+        figures = await measure(direct, proxied, args.calls)
     print(f"{'request':<12} {'direct p50 ms':>14} {'proxy p50 ms':>13} {'added ms':>9} {'ratio':>6}")
-    for kind in base:
-        added = guarded[kind] - base[kind]
-        print(f"{kind:<12} {base[kind]:>14.2f} {guarded[kind]:>13.2f} {added:>9.2f} {guarded[kind] / base[kind]:>6.2f}")
+    for kind, (base, guarded) in figures.items():
+        print(f"{kind:<12} {base:>14.2f} {guarded:>13.2f} {guarded - base:>9.2f} {guarded / base:>6.2f}")
 
 
 if __name__ == "__main__":
