@@ -95,6 +95,11 @@ async def test_malformed_batches_and_unknown_methods_get_clear_errors(raw):
     assert (await client.receive())["error"]["code"] == -32700
     await client.send([client.call("delete_file", {"path": "notes.txt"})])
     assert (await client.receive())["error"]["code"] == -32600
+    # parsers differ on which duplicate wins: refused, never relayed for the server to pick
+    await client.send(b'{"jsonrpc":"2.0","id":5,"method":"ping","method":"tools/call","params":{"name":"delete_file","arguments":{"path":"notes.txt"}}}\n')
+    assert (await client.receive())["error"]["code"] == -32600
+    await client.send(b'{"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":"read_file","name":"delete_file","arguments":{"path":"notes.txt"}}}\n')
+    assert (await client.receive())["error"]["code"] == -32600
     await client.send({"jsonrpc": "2.0", "id": 7, "method": "no/such/method"})
     answer = await client.receive()
     assert answer["id"] == 7 and answer["error"]["code"] == -32601, "passed through, answered by the server"

@@ -2,7 +2,9 @@
 
 Every line passes through byte for byte (lists, resources, prompts, notifications, progress,
 the server's own requests) except `tools/call`: that is judged first and, unless the policy
-lets it run, answered here with an `isError` result and never forwarded. A relay rather than
+lets it run, answered here with an `isError` result and never forwarded; an allowed one is
+forwarded as parsed and judged. A message with duplicate keys is refused: parsers differ on
+which one wins, and the server must not read a method or a tool the proxy did not see. A relay rather than
 an SDK proxy because an SDK proxy re-serialises what it passes on (server info, `_meta`,
 URIs); a relay cannot change what it does not touch.
 """
@@ -65,6 +67,23 @@ class _Forwarded:
     done: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
+class DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Parsers disagree on `{"method": "ping", "method": "tools/call"}` (first or last wins):
+    a message the server could read otherwise than the proxy is refused, not relayed."""
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise DuplicateKey("duplicate keys in a JSON object")
+    return found
+
+
+def parse(raw: bytes) -> Any:
+    return json.loads(raw, object_pairs_hook=_no_duplicates)
+
+
 def _error(request_id: Any, code: int, message: str) -> bytes:
     return _line({"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}})
 
@@ -112,7 +131,10 @@ class Relay:
         if not raw.strip():
             return
         try:
-            message = json.loads(raw)
+            message = parse(raw)
+        except DuplicateKey as error:
+            await self.send_client(_error(None, INVALID_REQUEST, str(error)))
+            return
         except ValueError as error:
             await self.send_client(_error(None, PARSE_ERROR, f"parse error: {error}"))
             return
@@ -133,7 +155,7 @@ class Relay:
         if method == "tools/call":
             if "id" not in message:
                 return  # a call sent as a notification cannot be answered, and is not run unjudged
-            task = asyncio.ensure_future(self._guarded_call(message, raw))
+            task = asyncio.ensure_future(self._guarded_call(message))
             self._judging[_key(request_id)] = task
             task.add_done_callback(lambda _: self._judging.pop(_key(request_id), None))
             return
@@ -167,9 +189,9 @@ class Relay:
             if request_id is not None:
                 await self.send_client(_error(request_id, INTERNAL_ERROR, f"the MCP server is not running: {error}"))
 
-    async def _guarded_call(self, message: dict[str, Any], raw: bytes) -> None:
-        """`raw` is forwarded as the client sent it, unless an answered escalation's fields
-        (the proxy's own, which the server never asked for) had to be taken out."""
+    async def _guarded_call(self, message: dict[str, Any]) -> None:
+        """The call is forwarded as the proxy parsed and judged it (serialised again), never as
+        raw bytes another parser might read differently."""
         request_id = message["id"]
         params = message.get("params")
         try:
@@ -183,7 +205,6 @@ class Relay:
         if escalation is not None:
             decision = await self._answered(escalation, call, params)
             message = {**message, "params": {k: v for k, v in params.items() if k not in ("requestState", "inputResponses")}}
-            raw = _line(message)
         else:
             decision = await self.session.decide(call)
             if decision.action is Action.ESCALATE:
@@ -197,7 +218,7 @@ class Relay:
                 refused["resultType"] = "complete"
             await self.send_client(_line({"jsonrpc": "2.0", "id": request_id, "result": refused}))
             return
-        await self._forward_call(request_id, call, raw)
+        await self._forward_call(request_id, call, _line(message))
 
     async def _forward_call(self, request_id: Any, call: ToolCall, raw: bytes) -> None:
         forwarded = _Forwarded("tools/call", call)
@@ -262,8 +283,10 @@ class Relay:
 
     async def from_server(self, raw: bytes) -> None:
         try:
-            message = json.loads(raw)
+            message = parse(raw)
         except ValueError:
+            if self.guard.policy.tool_results is not None:
+                return  # it might be a result the client would read otherwise than the moderation
             message = None
         if not isinstance(message, dict) or "method" in message or "id" not in message:
             await self.send_client(raw if raw.endswith(b"\n") else raw + b"\n")
@@ -295,7 +318,8 @@ class Relay:
         moderation = await self.session.moderate(call, result)
         if moderation is None or moderation.allowed:
             self.session.record(call, result)
-            return raw
+            # a moderated result goes on as it was read and judged
+            return raw if moderation is None else _line(message)
         refused = refusal_result(call, moderation)
         if "resultType" in result:
             refused["resultType"] = result["resultType"]
