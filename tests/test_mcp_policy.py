@@ -99,3 +99,28 @@ def test_judges_see_server_and_tool_and_plain_calls_render_as_before(judge):
     assert '"name": "files:delete_file"' in shown
     assert "readOnly" not in shown, "untrusted annotations are not shown to the judge"
     assert shown.replace("files:delete_file", "delete_file") == render(plain)
+
+
+def test_a_guard_judges_registered_mcp_tools_as_mcp_tools():
+    """What the LangChain adapter relies on: a call that names only the tool is stamped with
+    the server and annotations registered for it, for the rules and for the judge."""
+    from soda_guard import Guard, ScriptedBackend
+    from soda_guard.backends.scripted import keyword_responder
+
+    policy = Policy.from_dict(
+        {
+            "judges": {"soda": {"kind": "soda", "model": "scripted"}},
+            "rules": [{"name": "reads", "when": {"annotations": {"readOnly": True}}, "action": "allow"}],
+        }
+    )
+    backend = ScriptedBackend(keyword_responder(["files:delete_file"]))
+    guard = Guard(policy, backends={"soda": backend})
+    guard.tools.add("read_file", "files", {"readOnly": True})
+    guard.tools.add("delete_file", "files", {"destructive": True})
+    calls = [ToolCall(id="r", name="read_file"), ToolCall(id="d", name="delete_file"), ToolCall(id="p", name="plain")]
+    trajectory = Trajectory(steps=[UserStep(content="tidy up"), AssistantStep(tool_calls=calls)])
+    read, delete, plain = guard.check_tool_calls(trajectory)
+    assert (read.rule, read.action.value, read.tool_call.server) == ("reads", "allow", "files")
+    assert (delete.action.value, delete.tool_call.server) == ("block", "files")
+    assert (plain.action.value, plain.tool_call.server) == ("allow", None)
+    assert sum('"name": "files:delete_file"' in r.messages[-1]["content"] for r in backend.requests) == 1
