@@ -69,3 +69,37 @@ async def test_http_proxy_blocks_forwards_and_records_the_session(tmp_path: Path
         ("read_file", "allow", "s1"), ("delete_file", "block", "s1"), ("ran", "allow", "s1")
     ]
     assert records[0]["tool_call"]["annotations"] == {"readOnly": True, "openWorld": False}
+
+
+async def test_http_proxy_asks_through_elicitation(tmp_path: Path) -> None:
+    """Handshake-era sessions (the initialize handshake over HTTP) are asked; the 2026-07-28
+    `input_required` round trip is the stdio relay's only (see the README)."""
+    import mcp_types as types
+
+    policy = tmp_path / "policy.yaml"
+    rules = [{"tools": ["files:delete_*"], "action": "escalate"}, {"action": "allow"}]
+    policy.write_text(json.dumps({"version": 1, "rules": rules}))
+    port = free_port()
+    command = [sys.executable, "-m", "soda_guard", "mcp-proxy", "--policy", str(policy), "--server", "files",
+               "--http", f"127.0.0.1:{port}", "--", *SERVER]
+    proxy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/mcp"
+    answers = iter([True, False])
+    asked: list[str] = []
+
+    async def answer(context, params):
+        asked.append(params.message)
+        return types.ElicitResult(action="accept", content={"value": next(answers)})
+
+    try:
+        await connected(url)
+        async with Client(url, elicitation_callback=answer, mode="legacy") as client:
+            approved = await client.call_tool("delete_file", {"path": "notes.txt"})
+            rejected = await client.call_tool("delete_file", {"path": "report.txt"})
+            ran = await client.call_tool("ran", {})
+    finally:
+        os.killpg(proxy.pid, signal.SIGTERM)
+        proxy.wait(30)
+    assert len(asked) == 2 and "files:delete_file" in asked[0], approved.content[0].text
+    assert not approved.is_error and rejected.is_error
+    assert ran.structured_content["result"] == ["delete_file notes.txt"]
