@@ -13,7 +13,8 @@ import sys
 
 from soda_guard import Guard, Policy, ScriptedBackend
 from soda_guard.backends.scripted import keyword_responder
-from soda_guard.mcp.relay import DEFAULT_MAX_MESSAGE_BYTES, RelayOptions, serve_stdio
+from soda_guard.mcp.pipes import DEFAULT_MAX_MESSAGE_BYTES
+from soda_guard.mcp.relay import RelayOptions, serve_stdio
 
 
 def main() -> int:

@@ -10,7 +10,8 @@ import typer
 
 from soda_guard.errors import ModelLoadError, PolicyError
 from soda_guard.guard import Guard
-from soda_guard.mcp.relay import DEFAULT_MAX_MESSAGE_BYTES, RelayOptions, serve_stdio
+from soda_guard.mcp.pipes import DEFAULT_MAX_MESSAGE_BYTES
+from soda_guard.mcp.relay import RelayOptions, serve_stdio
 from soda_guard.policy import Policy
 from soda_guard.tracing import OpenTelemetrySink
 

@@ -14,26 +14,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
 import sys
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
 
 from soda_guard.guard import Guard
+from soda_guard.mcp import jsonrpc
+from soda_guard.mcp.jsonrpc import INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, REQUEST_TIMEOUT, DuplicateKey, parse
+from soda_guard.mcp.pipes import DEFAULT_MAX_MESSAGE_BYTES, TooLong, lines, start_server, stop_server
 from soda_guard.mcp.session import ContextError, ProxySession, refusal_result
 from soda_guard.trajectory import ToolCall
 from soda_guard.verdict import Action, Decision
 
-PARSE_ERROR = -32700
-INVALID_REQUEST = -32600
-INVALID_PARAMS = -32602
-INTERNAL_ERROR = -32603
-#: the MCP SDKs' code for a request that timed out
-REQUEST_TIMEOUT = -32001
-
-DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
 #: ids of the proxy's own requests to the client (elicitation): a prefix no SDK numbers with
 OWN_ID_PREFIX = "soda-guard-"
 #: the key of the proxy's approval question in a 2026-07-28 `input_required` result
@@ -65,31 +58,6 @@ class _Forwarded:
     method: str
     call: ToolCall | None = None
     done: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-
-
-class DuplicateKey(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """Parsers disagree on `{"method": "ping", "method": "tools/call"}` (first or last wins):
-    a message the server could read otherwise than the proxy is refused, not relayed."""
-    found = dict(pairs)
-    if len(found) != len(pairs):
-        raise DuplicateKey("duplicate keys in a JSON object")
-    return found
-
-
-def parse(raw: bytes) -> Any:
-    return json.loads(raw, object_pairs_hook=_no_duplicates)
-
-
-def _error(request_id: Any, code: int, message: str) -> bytes:
-    return _line({"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}})
-
-
-def _line(message: Any) -> bytes:
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 
 class Relay:
@@ -126,23 +94,23 @@ class Relay:
 
     async def from_client(self, raw: bytes) -> None:
         if len(raw) > self.options.max_message_bytes:
-            await self.send_client(_error(None, INVALID_REQUEST, f"message of {len(raw)} bytes exceeds the proxy's limit of {self.options.max_message_bytes}"))
+            await self.send_client(jsonrpc.error(None, INVALID_REQUEST, f"message of {len(raw)} bytes exceeds the proxy's limit of {self.options.max_message_bytes}"))
             return
         if not raw.strip():
             return
         try:
             message = parse(raw)
         except DuplicateKey as error:
-            await self.send_client(_error(None, INVALID_REQUEST, str(error)))
+            await self.send_client(jsonrpc.error(None, INVALID_REQUEST, str(error)))
             return
         except ValueError as error:
-            await self.send_client(_error(None, PARSE_ERROR, f"parse error: {error}"))
+            await self.send_client(jsonrpc.error(None, PARSE_ERROR, f"parse error: {error}"))
             return
         if isinstance(message, list):
-            await self.send_client(_error(None, INVALID_REQUEST, "JSON-RPC batches are not supported by the guard proxy"))
+            await self.send_client(jsonrpc.error(None, INVALID_REQUEST, "JSON-RPC batches are not supported by the guard proxy"))
             return
         if not isinstance(message, dict):
-            await self.send_client(_error(None, INVALID_REQUEST, "a JSON-RPC message must be an object"))
+            await self.send_client(jsonrpc.error(None, INVALID_REQUEST, "a JSON-RPC message must be an object"))
             return
         method = message.get("method")
         request_id = message.get("id")
@@ -187,7 +155,7 @@ class Relay:
         except (ConnectionError, OSError) as error:
             self._forwarded.pop(_key(request_id), None)
             if request_id is not None:
-                await self.send_client(_error(request_id, INTERNAL_ERROR, f"the MCP server is not running: {error}"))
+                await self.send_client(jsonrpc.error(request_id, INTERNAL_ERROR, f"the MCP server is not running: {error}"))
 
     async def _guarded_call(self, message: dict[str, Any]) -> None:
         """The call is forwarded as the proxy parsed and judged it (serialised again), never as
@@ -199,7 +167,7 @@ class Relay:
                 raise ContextError("tools/call params must be an object")
             call = self.session.call_of(request_id, params)
         except ContextError as error:
-            await self.send_client(_error(request_id, INVALID_PARAMS, str(error)))
+            await self.send_client(jsonrpc.error(request_id, INVALID_PARAMS, str(error)))
             return
         escalation = self._escalated.pop(params.get("requestState"), None) if isinstance(params.get("requestState"), str) else None
         if escalation is not None:
@@ -216,9 +184,9 @@ class Relay:
             refused = refusal_result(call, decision)
             if _modern(params):
                 refused["resultType"] = "complete"
-            await self.send_client(_line({"jsonrpc": "2.0", "id": request_id, "result": refused}))
+            await self.send_client(jsonrpc.line({"jsonrpc": "2.0", "id": request_id, "result": refused}))
             return
-        await self._forward_call(request_id, call, _line(message))
+        await self._forward_call(request_id, call, jsonrpc.line(message))
 
     async def _forward_call(self, request_id: Any, call: ToolCall, raw: bytes) -> None:
         forwarded = _Forwarded("tools/call", call)
@@ -232,8 +200,8 @@ class Relay:
             self.session.record(call, None, error="timed out")
             with contextlib.suppress(ConnectionError, OSError):
                 cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": request_id, "reason": "timed out"}}
-                await self.send_server(_line(cancel))
-            await self.send_client(_error(request_id, REQUEST_TIMEOUT, f"the MCP server did not answer within {self.options.server_timeout_s}s"))
+                await self.send_server(jsonrpc.line(cancel))
+            await self.send_client(jsonrpc.error(request_id, REQUEST_TIMEOUT, f"the MCP server did not answer within {self.options.server_timeout_s}s"))
 
     @staticmethod
     def _question(decision: Decision) -> str:
@@ -248,7 +216,7 @@ class Relay:
         self._escalated[state] = decision
         question = {"method": "elicitation/create", "params": {"mode": "form", "message": self._question(decision), "requestedSchema": APPROVAL_SCHEMA}}
         result = {"resultType": "input_required", "inputRequests": {APPROVAL_KEY: question}, "requestState": state}
-        await self.send_client(_line({"jsonrpc": "2.0", "id": request_id, "result": result}))
+        await self.send_client(jsonrpc.line({"jsonrpc": "2.0", "id": request_id, "result": result}))
 
     async def _answered(self, escalation: Decision, call: ToolCall, params: dict[str, Any]) -> Decision:
         """The retried call with the person's answer. The answer covers the escalated call
@@ -258,7 +226,7 @@ class Relay:
             return await self.session.reviewed(escalation, False, "the retried call is not the call the user was asked about")
         responses = params.get("inputResponses")
         answer = responses.get(APPROVAL_KEY) if isinstance(responses, dict) else None
-        return await self.session.reviewed(escalation, _approves(answer), _how(answer))
+        return await self.session.reviewed(escalation, approves(answer), how(answer))
 
     async def _escalate(self, decision: Decision) -> Decision:
         """Handshake-era clients: ask through an `elicitation/create` request (approve or
@@ -270,14 +238,14 @@ class Relay:
         self._asked[own_id] = answer
         params = {"message": self._question(decision), "requestedSchema": APPROVAL_SCHEMA}
         try:
-            await self.send_client(_line({"jsonrpc": "2.0", "id": own_id, "method": "elicitation/create", "params": params}))
+            await self.send_client(jsonrpc.line({"jsonrpc": "2.0", "id": own_id, "method": "elicitation/create", "params": params}))
             reply = await asyncio.wait_for(answer, self.options.review_timeout_s)
         except asyncio.TimeoutError:
             return await self.session.reviewed(decision, None, f"no answer to the escalation within {self.options.review_timeout_s}s")
         finally:
             self._asked.pop(own_id, None)
         result = reply.get("result") if isinstance(reply, dict) else None
-        return await self.session.reviewed(decision, _approves(result), _how(result if result is not None else reply))
+        return await self.session.reviewed(decision, approves(result), how(result if result is not None else reply))
 
     # server → client
 
@@ -319,14 +287,14 @@ class Relay:
         if moderation is None or moderation.allowed:
             self.session.record(call, result)
             # a moderated result goes on as it was read and judged
-            return raw if moderation is None else _line(message)
+            return raw if moderation is None else jsonrpc.line(message)
         refused = refusal_result(call, moderation)
         if "resultType" in result:
             refused["resultType"] = result["resultType"]
         refused["content"][0]["text"] = f"soda-guard withheld the result of `{call.qualified_name}` ({moderation.action.value}): {moderation.why}."
         # what the client got, not what was withheld, is what later calls are judged after
         self.session.record(call, refused)
-        return _line({"jsonrpc": "2.0", "id": message["id"], "result": refused})
+        return jsonrpc.line({"jsonrpc": "2.0", "id": message["id"], "result": refused})
 
     async def server_gone(self) -> None:
         """The server closed its output (exited or crashed): every request it still owed gets
@@ -339,7 +307,7 @@ class Relay:
                 self.session.record(forwarded.call, None, error="the MCP server exited")
             if not forwarded.done.done():
                 forwarded.done.set_result(None)
-            await self.send_client(_error(_unkey(request_id), INTERNAL_ERROR, "the MCP server exited before answering"))
+            await self.send_client(jsonrpc.error(_unkey(request_id), INTERNAL_ERROR, "the MCP server exited before answering"))
 
     async def close(self) -> None:
         for task in list(self._judging.values()):
@@ -358,7 +326,7 @@ def _elicits(params: dict[str, Any]) -> bool:
     return isinstance(capabilities, dict) and isinstance(capabilities.get("elicitation"), dict)
 
 
-def _approves(answer: Any) -> bool:
+def approves(answer: Any) -> bool:
     """Only an accepted form whose `approve` is true: decline, cancel, an error or anything
     malformed is a rejection."""
     return (
@@ -369,8 +337,8 @@ def _approves(answer: Any) -> bool:
     )
 
 
-def _how(answer: Any) -> str:
-    if _approves(answer):
+def how(answer: Any) -> str:
+    if approves(answer):
         return "approved by the user through MCP elicitation"
     return f"not approved through MCP elicitation ({json.dumps(answer, default=str)[:200]})"
 
@@ -382,72 +350,6 @@ def _key(request_id: Any) -> Any:
 
 def _unkey(key: Any) -> Any:
     return key[1]
-
-
-async def _lines(reader: asyncio.StreamReader) -> Any:
-    """Lines of `reader`; one longer than its limit comes back as its length in a too-long
-    marker (bytes of that size are not kept), so the relay answers it instead of dying."""
-    while True:
-        try:
-            line = await reader.readuntil(b"\n")
-        except asyncio.IncompleteReadError as end:
-            if end.partial:
-                yield end.partial
-            return
-        except asyncio.LimitOverrunError as over:
-            skipped = 0
-            while True:
-                try:
-                    chunk = await reader.readuntil(b"\n")
-                    skipped += len(chunk)
-                    break
-                except asyncio.LimitOverrunError as more:
-                    skipped += more.consumed
-                    await reader.readexactly(more.consumed)
-                except asyncio.IncompleteReadError:
-                    return
-            yield _TooLong(max(over.consumed, skipped))
-            continue
-        yield line
-
-
-class _TooLong(bytes):
-    """Stands for a line over the limit: its length, none of its bytes."""
-
-    def __new__(cls, size: int) -> _TooLong:
-        instance = super().__new__(cls, b"")
-        instance.size = size  # type: ignore[attr-defined]
-        return instance
-
-
-async def start_server(command: Sequence[str]) -> asyncio.subprocess.Process:
-    """The real server, in its own process group so that cleaning up takes its children too;
-    its stderr is the proxy's (MCP servers log there)."""
-    return await asyncio.create_subprocess_exec(
-        *command,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=None,
-        limit=DEFAULT_MAX_MESSAGE_BYTES * 4,
-        start_new_session=True,
-    )
-
-
-async def stop_server(process: asyncio.subprocess.Process, grace_s: float = 2.0) -> None:
-    """Close its input (the MCP way to ask a stdio server to exit), then SIGTERM, then SIGKILL
-    its process group."""
-    if process.returncode is None and process.stdin is not None:
-        with contextlib.suppress(Exception):
-            process.stdin.close()
-    for sig in (None, signal.SIGTERM, signal.SIGKILL):
-        if sig is not None and process.returncode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, sig)
-        try:
-            await asyncio.wait_for(process.wait(), grace_s)
-            return
-        except asyncio.TimeoutError:
-            continue
 
 
 async def relay(
@@ -465,15 +367,15 @@ async def relay(
     assert server.stdout is not None
 
     async def pump_client() -> None:
-        async for line in _lines(client_in):
-            if isinstance(line, _TooLong):
-                await proxy.send_client(_error(None, INVALID_REQUEST, f"message of {line.size} bytes exceeds the proxy's limit of {options.max_message_bytes}"))  # type: ignore[attr-defined]
+        async for line in lines(client_in):
+            if isinstance(line, TooLong):
+                await proxy.send_client(jsonrpc.error(None, INVALID_REQUEST, f"message of {line.size} bytes exceeds the proxy's limit of {options.max_message_bytes}"))  # type: ignore[attr-defined]
                 continue
             await proxy.from_client(line)
 
     async def pump_server() -> None:
-        async for line in _lines(server.stdout):  # type: ignore[arg-type]
-            if isinstance(line, _TooLong):
+        async for line in lines(server.stdout):  # type: ignore[arg-type]
+            if isinstance(line, TooLong):
                 continue
             await proxy.from_server(line)
         await proxy.server_gone()
