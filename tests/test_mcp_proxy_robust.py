@@ -199,3 +199,27 @@ def _parent(pid: int) -> int | None:
         return None
     fields = stat.rsplit(")", 1)[1].split()
     return None if fields[0] == "Z" else int(fields[1])
+
+
+async def test_an_approval_covers_only_the_call_the_user_was_asked_about(raw):
+    """2026-07-28: the retry carrying the user's approval must be the asked call; other
+    arguments under the same `requestState` are refused, and the state is good only once."""
+    policy = {**POLICY, "rules": [POLICY["rules"][0], {"tools": ["files:delete_*"], "action": "escalate"}]}
+    client = await raw(policy)
+    meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {"elicitation": {}}}
+    asked = client.call("delete_file", {"path": "report.txt"})
+    asked["params"]["_meta"] = meta
+    await client.send(asked)
+    question = (await client.receive())["result"]
+    assert question["resultType"] == "input_required"
+    approval = {"soda-guard/approval": {"action": "accept", "content": {"approve": True}}}
+    swapped = client.call("delete_file", {"path": "notes.txt"})
+    swapped["params"].update({"_meta": meta, "requestState": question["requestState"], "inputResponses": approval})
+    await client.send(swapped)
+    assert (await client.receive())["result"]["isError"] is True
+    replay = client.call("delete_file", {"path": "report.txt"})
+    replay["params"].update({"_meta": meta, "requestState": question["requestState"], "inputResponses": approval})
+    await client.send(replay)
+    assert (await client.receive())["result"]["resultType"] == "input_required", "asked again, not run"
+    assert await client.ran() == []
