@@ -27,6 +27,7 @@ SERVER = [sys.executable, str(ROOT / "examples" / "mcp_files_server.py")]
 LAUNCHER = str(ROOT / "tests" / "mcp_proxy_scripted.py")
 #: every call is judged (no rule short-circuits), by the scripted judge
 POLICY = {"version": 1, "judges": {"soda": {"kind": "soda", "model": "scripted"}}}
+CONTEXT = {"soda-guard/context": {"messages": [{"role": "user", "content": "What is in notes.txt?"}]}}
 
 
 async def timed(once: Callable[[], Awaitable[Any]]) -> float:
@@ -44,6 +45,8 @@ async def measure(direct: StdioServerParameters, proxied: StdioServerParameters,
         figures = {}
         for kind, make in (
             ("tools/call", lambda client: lambda: client.call_tool("read_file", {"path": "notes.txt"})),
+            # a client that sends its context each call: the session restarts from it
+            ("tools/call+ctx", lambda client: lambda: client.call_tool("read_file", {"path": "notes.txt"}, meta=CONTEXT)),
             ("tools/list", lambda client: client.list_tools),
         ):
             base: list[float] = []
@@ -68,9 +71,9 @@ async def main() -> None:
         direct = StdioServerParameters(command=SERVER[0], args=SERVER[1:])
         proxied = StdioServerParameters(command=sys.executable, args=[LAUNCHER, str(policy), "never-unsafe", "--", *SERVER])
         figures = await measure(direct, proxied, args.calls)
-    print(f"{'request':<12} {'direct p50 ms':>14} {'proxy p50 ms':>13} {'added ms':>9} {'ratio':>6}")
+    print(f"{'request':<15} {'direct p50 ms':>14} {'proxy p50 ms':>13} {'added ms':>9} {'ratio':>6}")
     for kind, (base, guarded) in figures.items():
-        print(f"{kind:<12} {base:>14.2f} {guarded:>13.2f} {guarded - base:>9.2f} {guarded / base:>6.2f}")
+        print(f"{kind:<15} {base:>14.2f} {guarded:>13.2f} {guarded - base:>9.2f} {guarded / base:>6.2f}")
 
 
 if __name__ == "__main__":
