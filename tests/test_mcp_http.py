@@ -25,6 +25,18 @@ POLICY = {
 }
 
 
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.isdigit() and int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -61,9 +73,15 @@ async def test_http_proxy_blocks_forwards_and_records_the_session(tmp_path: Path
             assert deleted.is_error and "files:delete_file" in deleted.content[0].text
             ran = await client.call_tool("ran", {}, meta=context)
             assert ran.structured_content["result"] == ["read_file notes.txt"]
+        servers = children(proxy.pid)
+        assert servers, "the proxy started the server"
+        proxy.send_signal(signal.SIGTERM)  # the proxy alone: it must stop the server itself
+        assert proxy.wait(30) == 0
+        assert [pid for pid in servers if Path(f"/proc/{pid}").exists()] == []
     finally:
-        os.killpg(proxy.pid, signal.SIGTERM)
-        proxy.wait(30)
+        if proxy.poll() is None:
+            os.killpg(proxy.pid, signal.SIGKILL)
+            proxy.wait(30)
     records = [json.loads(line) for line in audit.read_text().splitlines()]
     assert [(r["tool_call"]["name"], r["action"], r["conversation_id"]) for r in records] == [
         ("read_file", "allow", "s1"), ("delete_file", "block", "s1"), ("ran", "allow", "s1")

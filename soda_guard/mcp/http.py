@@ -7,6 +7,7 @@ lists, resources and prompts arrive equal in content, not byte for byte.
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections import OrderedDict
 from typing import Any, Sequence
 
@@ -128,5 +129,15 @@ def serve_http(guard: Guard, command: Sequence[str], address: str, options: Rela
         raise SystemExit(f"--http takes HOST:PORT, not {address!r}")
     proxy = create_proxy(StdioTransport(command=command[0], args=list(command[1:])), name=options.server_name or "soda-guard")
     proxy.add_middleware(GuardMiddleware(guard, options))
-    proxy.run(transport="http", host=host, port=int(port), show_banner=False)
+    # SIGTERM's default action would end the process without a shutdown, leaving the server
+    # it started running; as an interrupt the server is closed on the way out
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        proxy.run(transport="http", host=host, port=int(port), show_banner=False)
+    except KeyboardInterrupt:
+        pass
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
