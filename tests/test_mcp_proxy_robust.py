@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,18 @@ async def test_a_client_leaving_mid_call_stops_the_server(raw):
     children = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _parent(int(pid)) == client.process.pid]
     assert children, "the proxy started the server"
     assert await client.close() == 0
+    for pid in children:
+        assert _parent(pid) is None, f"server process {pid} outlived the proxy"
+
+
+async def test_sigterm_stops_the_proxy_and_its_server(raw):
+    client = await raw()
+    await client.send(client.call("sleep", {"seconds": 60}))
+    await asyncio.sleep(1)
+    children = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _parent(int(pid)) == client.process.pid]
+    assert children
+    client.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(client.process.wait(), 20) == 0
     for pid in children:
         assert _parent(pid) is None, f"server process {pid} outlived the proxy"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -414,4 +415,22 @@ async def serve_stdio(guard: Guard, command: Sequence[str], options: RelayOption
         writer.write(data)
         await writer.drain()
 
-    return await relay(guard, command, reader, write, options)
+    # SIGTERM (how clients end a stdio server that outlives its stdin) stops the proxy the
+    # same way a closed stdin does: the server it started is stopped too
+    task = asyncio.current_task()
+    terminated = asyncio.Event()
+
+    def terminate() -> None:
+        terminated.set()
+        if task is not None:
+            task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, terminate)
+    try:
+        return await relay(guard, command, reader, write, options)
+    except asyncio.CancelledError:
+        if terminated.is_set():
+            return 0
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
