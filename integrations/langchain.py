@@ -43,6 +43,7 @@ from soda_guard.integrations._convert import (
     to_trajectory,
     with_calls,
 )
+from soda_guard.integrations.mcp import register_mcp_tools
 from soda_guard.integrations._enforce import (
     ToolCallEnforcer,
     in_graph,
@@ -133,23 +134,27 @@ class SodaGuardMiddleware(AgentMiddleware):
         return ExtendedModelResponse(model_response=response, command=Command(update=update)) if update else response
 
     def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], ModelCallResult]) -> ModelCallResult:
+        register_mcp_tools(self.guard, request.tools)
         response, update = _replayed(self._model(handler, request).result() if in_graph() else _call_model(handler, request))
         return run_steps(self._turn(request, response, update), self._enforcer.answer(None))
 
     async def awrap_model_call(
         self, request: ModelRequest, handler: Callable[[ModelRequest], Awaitable[ModelCallResult]]
     ) -> ModelCallResult:
+        register_mcp_tools(self.guard, request.tools)
         response, update = _replayed(await self._amodel(handler, request) if in_graph() else await _acall_model(handler, request))
         return await arun_steps(self._turn(request, response, update), self._enforcer.aanswer(None))
 
     def wrap_tool_call(
         self, request: ToolCallRequest, handler: Callable[[ToolCallRequest], Any]
     ) -> Any:
+        register_mcp_tools(self.guard, [request.tool])
         return self._enforcer.wrap(request, handler)
 
     async def awrap_tool_call(
         self, request: ToolCallRequest, handler: Callable[[ToolCallRequest], Awaitable[Any]]
     ) -> Any:
+        register_mcp_tools(self.guard, [request.tool])
         return await self._enforcer.awrap(request, handler)
 
 

@@ -19,6 +19,7 @@ import typer
 
 from soda_guard.bench.cli import register as register_bench
 from soda_guard.eval.cli import register as register_eval
+from soda_guard.mcp.cli import register as register_mcp
 from soda_guard.converters import from_openai_messages
 from soda_guard.errors import ModelLoadError, PolicyError, TrajectoryError
 from soda_guard.guard import Guard
@@ -207,6 +208,7 @@ def policy_reference() -> None:
 register_bench(app)
 register_eval(app)
 register_explain(app)
+register_mcp(app)
 
 
 def quiet_libraries() -> None:

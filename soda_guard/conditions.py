@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from soda_guard.mcp.annotations import AnnotationCondition
 from soda_guard.trajectory import AssistantStep, ToolCall, ToolStep, Trajectory
 from soda_guard.verdict import Label, Verdict
 
@@ -456,6 +457,9 @@ class When(_Strict):
     None`; fields are read in declaration order, so the cheap ones come first and a failing
     one spares the costly `flows_from` scan."""
 
+    annotations: AnnotationCondition | None = None
+    """The MCP tool's effective annotations (`mcp.servers` pins, else what the server
+    declared); read with the tool's name (`Rule.matches`), not here."""
     args: Args | None = None
     after: After | None = None
     limit: Limit | None = None
@@ -472,13 +476,18 @@ class When(_Strict):
     def needs_verdict(self) -> bool:
         return self.verdict is not None
 
+    @property
+    def needs_context(self) -> bool:
+        """Whether reading it takes the thread or the verdict, not only the call."""
+        return any(getattr(self, name) is not None for name in type(self).model_fields if name != "annotations")
+
     def before_judging(self, context: CallContext, rule_tools: ToolMatch) -> str | None:
         """What held, in words, or None when a condition does not hold. Every optional field
         but `verdict` is a condition with `holds(context, rule_tools)`."""
         held = []
         for name in type(self).model_fields:
             condition = getattr(self, name)
-            if condition is None or name == "verdict":
+            if condition is None or name in ("verdict", "annotations"):
                 continue
             said = condition.holds(context, rule_tools)
             if said is None:

@@ -24,6 +24,7 @@ from soda_guard.judges.cascade import CascadeRunner, Runner, Stage
 from soda_guard.judges.keywords import KeywordsRunner
 from soda_guard.judging import JudgeRunner, make_backend, make_judge
 from soda_guard.errors import AuditError, JudgeError, ModelLoadError, TrajectoryError
+from soda_guard.mcp.catalog import ToolCatalog
 from soda_guard.policy import CascadeConfig, KeywordsConfig, Outcomes, Policy, Rule
 from soda_guard.trajectory import ToolCall, ToolStep, Trajectory
 from soda_guard.verdict import Action, Decision, Label, Verdict
@@ -156,6 +157,8 @@ class Guard:
         if policy.audit.sqlite is not None:
             self.sinks.append(SqliteAuditSink(policy.audit.sqlite, fsync=policy.audit.fsync))
         self.judge_threads = JudgeThreads(limit=max_judge_threads)
+        #: MCP tools the adapters registered: calls to them are judged as `server:tool`
+        self.tools = ToolCatalog()
 
     @classmethod
     def from_yaml_file(cls, path: str | Path, **kwargs: object) -> Guard:
@@ -215,6 +218,7 @@ class Guard:
         """Calls that share an id within one turn are refused unjudged: a decision is bound to
         its call by id (among other things), and two calls under one id could each be run on
         the other's decision by anything downstream that goes by id."""
+        trajectory = self.tools.describe(trajectory)
         pending = trajectory.pending_tool_calls()
         counts = Counter(call.id for call in pending)
         items = []
@@ -232,7 +236,7 @@ class Guard:
         return items
 
     def _whole(self, trajectory: Trajectory) -> list[_Item]:
-        return [_Item(None, "defaults", None, self.policy.defaults.judge, trajectory)]
+        return [_Item(None, "defaults", None, self.policy.defaults.judge, self.tools.describe(trajectory))]
 
     def _tool_result_items(self, trajectory: Trajectory) -> list[_Item]:
         """The latest tool result, judged only when the policy opts in and its tool matches."""
@@ -243,7 +247,7 @@ class Guard:
         if moderation is None or not moderation.matches(last.name or ""):
             return []
         call = ToolCall(id=last.tool_call_id or "", name=last.name or "")
-        return [_Item(call, "tool_results", moderation, moderation.judge, trajectory)]
+        return [_Item(call, "tool_results", moderation, moderation.judge, self.tools.describe(trajectory))]
 
     def _decide(self, item: _Item, verdicts: Mapping[str, Verdict], conversation_id: str | None) -> Decision:
         """The first candidate whose verdict condition holds decides; a candidate whose judge

@@ -9,13 +9,15 @@ from __future__ import annotations
 import fnmatch
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Mapping, Union
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, SecretStr, StrictFloat, StrictStr, ValidationError, field_validator, model_validator
 
 from soda_guard.conditions import CallContext, Route, ToolMatch, When, compile_globs
 from soda_guard.errors import PolicyError
+from soda_guard.mcp.annotations import McpPolicy, effective
+from soda_guard.mcp.annotations import matches as annotations_match
 from soda_guard.trajectory import ToolCall, Trajectory
 from soda_guard.verdict import Action, ReviewType
 
@@ -196,13 +198,25 @@ class Defaults(Outcomes):
     """Deadline of one check (its judgments and audit write); a judge's own `timeout_s` may shorten it, and one above it is refused."""
 
 
+def name_matches(patterns: list[str], call: ToolCall) -> bool:
+    """A pattern with a `:` is matched against `server:tool` (an MCP tool's qualified name),
+    one without against the bare tool name, whichever server provides it."""
+    return any(
+        fnmatch.fnmatchcase(call.qualified_name if ":" in pattern else call.name, pattern) for pattern in patterns
+    )
+
+
 class Rule(Outcomes):
-    """First matching rule wins. `action` short-circuits: the call is not judged at all."""
+    """First matching rule wins. `action` short-circuits: the call is not judged at all.
+    A rule matches a call when every key it sets matches: `tools` (absent: every tool),
+    `server` (a glob over the MCP server's name; no MCP tool matches it otherwise) and `when`."""
 
     name: str | None = None
     """Recorded in each decision instead of `rules[N]`."""
-    tools: list[str] = Field(min_length=1)
-    """Glob patterns of tool names (`read_*`)."""
+    tools: list[str] | None = Field(default=None, min_length=1)
+    """Glob patterns of tool names (`read_*`), or of `server:tool` for MCP tools; absent: every tool."""
+    server: str | None = None
+    """A glob over the MCP server's name; a call that comes from no MCP server never matches it."""
     action: Action | None = None
     """Decide without judging: `allow`, `block`, `escalate` or `log`. With a `verdict`
     condition the call is judged, and `action` applies when it holds."""
@@ -217,12 +231,30 @@ class Rule(Outcomes):
     """Shown to the reviewer for these tools' escalations in place of soda-guard's text
     (the judge's reason stays in the request's `soda_guard` key)."""
     _match: ToolMatch = PrivateAttr()
+    _qualified: ToolMatch = PrivateAttr()
 
     def model_post_init(self, context: Any) -> None:
-        self._match = compile_globs(self.tools)
+        """A pattern with a `:` is matched against `server:tool` (an MCP tool's qualified
+        name), one without against the bare tool name, whichever server provides it."""
+        patterns = self.tools or []
+        self._match = compile_globs([p for p in patterns if ":" not in p])
+        self._qualified = compile_globs([p for p in patterns if ":" in p])
 
-    def matches(self, tool_name: str) -> bool:
-        return self._match(tool_name)
+    def matches(self, call: ToolCall | str, annotations: Mapping[str, bool] | None = None) -> bool:
+        """Tools, server and MCP annotations (`annotations`: the call's effective ones, which
+        `Policy.route` resolves from the pins); the other conditions are `when`'s to read."""
+        call = call if isinstance(call, ToolCall) else ToolCall(id="", name=call)
+        if self.tools is not None and not (self._match(call.name) or self._qualified(call.qualified_name)):
+            return False
+        if self.server is not None and (call.server is None or not fnmatch.fnmatchcase(call.server, self.server)):
+            return False
+        if self.when is not None and self.when.annotations is not None:
+            return annotations_match(self.when.annotations, annotations)
+        return True
+
+    def matches_name(self, tool_name: str) -> bool:
+        """Whether an earlier call of this name counts as one of this rule's tools (`after`, `limit`)."""
+        return self.tools is None or self._match(tool_name) or self._qualified(tool_name)
 
     @property
     def is_judged(self) -> bool:
@@ -262,8 +294,8 @@ class ToolResultPolicy(Outcomes):
     tools: list[str] = Field(default_factory=lambda: ["*"])
     """Glob patterns of the tools whose results are moderated."""
 
-    def matches(self, tool_name: str) -> bool:
-        return any(fnmatch.fnmatchcase(tool_name, pattern) for pattern in self.tools)
+    def matches(self, tool: ToolCall | str) -> bool:
+        return name_matches(self.tools, tool if isinstance(tool, ToolCall) else ToolCall(id="", name=tool))
 
 
 class AuditConfig(_Strict):
@@ -297,6 +329,8 @@ class Policy(_Strict):
     """SODA's harm category where neither the trajectory nor the judge gives one (else `unspecified`)."""
     environment: str | None = None
     """SODA's environment name where neither the trajectory nor the judge gives one (else `unspecified`)."""
+    mcp: McpPolicy = Field(default_factory=McpPolicy)
+    """Per-server pinned MCP tool annotations (`soda_guard.mcp.annotations`)."""
 
     @model_validator(mode="after")
     def _judges_exist(self) -> Policy:
@@ -358,13 +392,16 @@ class Policy(_Strict):
         milliseconds on a thread with megabytes of them, which an event loop should not wait."""
         return any(rule.when is not None and rule.when.flows_from is not None for rule in self.rules)
 
-    def rule_for(self, tool_name: str) -> tuple[str, Rule | None]:
-        """The first rule without `when:` whose tools match: what applies when only a tool's
-        name is known (a response still streaming). A rule with conditions cannot be read
-        without the call and its thread (`route` does that), and applying it unread could
-        turn a narrow exception into the rule for every call of the tool."""
+    def rule_for(self, tool: ToolCall | str) -> tuple[str, Rule | None]:
+        """The first rule whose tools, server and annotations match and that has no other
+        condition: what applies when only the call is known, not its thread (a response still
+        streaming). A rule with thread or verdict conditions cannot be read without them
+        (`route` does that), and applying it unread could turn a narrow exception into the
+        rule for every call of the tool."""
+        call = tool if isinstance(tool, ToolCall) else ToolCall(id="", name=tool)
+        annotations = effective(call.server, call.name, call.annotations, self.mcp)
         for index, rule in enumerate(self.rules):
-            if rule.when is None and rule.matches(tool_name):
+            if (rule.when is None or not rule.when.needs_context) and rule.matches(call, annotations):
                 return rule.name or f"rules[{index}]", rule
         return "defaults", None
 
@@ -374,11 +411,12 @@ class Policy(_Strict):
         becomes a candidate read after judging and the search goes on; the first other one
         that holds ends it (the defaults when none does)."""
         context = CallContext(call, trajectory)
+        annotations = effective(call.server, call.name, call.annotations, self.mcp)
         route = Route()
         for index, rule in enumerate(self.rules):
-            if not rule.matches(call.name):
+            if not rule.matches(call, annotations):
                 continue
-            held = "" if rule.when is None else rule.when.before_judging(context, rule.matches)
+            held = "" if rule.when is None else rule.when.before_judging(context, rule.matches_name)
             if held is None:
                 continue
             name = rule.name or f"rules[{index}]"

@@ -32,6 +32,8 @@ def decision_attributes(decision: Decision) -> dict[str, Any]:
     if decision.tool_call is not None:
         attributes["soda_guard.tool.name"] = decision.tool_call.name
         attributes["soda_guard.tool.call_id"] = decision.tool_call.id
+        if decision.tool_call.server is not None:
+            attributes["soda_guard.tool.server"] = decision.tool_call.server
     verdict = decision.verdict
     if verdict is not None:
         attributes.update(

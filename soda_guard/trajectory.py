@@ -17,11 +17,24 @@ class _Model(BaseModel):
 
 class ToolCall(_Model):
     """A requested tool invocation. `args` stays a raw string when the agent's arguments were
-    not valid JSON: the judge must still see exactly what the agent asked for."""
+    not valid JSON: the judge must still see exactly what the agent asked for.
+
+    `server` and `annotations` are set for a tool an MCP server provides: the server's name (as
+    the proxy or adapter knows it) and the `ToolAnnotations` hints it declared, by the policy's
+    names (`readOnly`, `destructive`, `idempotent`, `openWorld`). Both come from the server, so they are untrusted: the policy
+    can pin annotations per server (`soda_guard.mcp.annotations`)."""
 
     id: str
     name: str
     args: dict[str, Any] | str = Field(default_factory=dict)
+    server: str | None = None
+    annotations: dict[str, bool] | None = None
+
+    @property
+    def qualified_name(self) -> str:
+        """`server:tool` for an MCP tool, the bare name otherwise: what the judge is shown and
+        what a `server:tool` pattern of the policy is matched against."""
+        return f"{self.server}:{self.name}" if self.server else self.name
 
 
 class SystemStep(_Model):

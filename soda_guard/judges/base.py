@@ -50,7 +50,7 @@ def assistant_parts(step: AssistantStep, escape: Callable[[str], str] = unchange
     parts = [escape(step.content)]
     between = ""
     for call in step.tool_calls:
-        head = json.dumps({"name": call.name, "arguments": None}, ensure_ascii=False).removesuffix("null}")
+        head = json.dumps({"name": call.qualified_name, "arguments": None}, ensure_ascii=False).removesuffix("null}")
         separator = "\n" if parts[0] or between else ""
         parts += [between + separator + "<tool_call>\n" + escape(head), escape(json.dumps(call.args, ensure_ascii=False))]
         between = "}\n</tool_call>"

@@ -1,0 +1,436 @@
+"""The stdio guard proxy: a JSON-RPC relay between one MCP client and the server it starts.
+
+Every line passes through byte for byte (lists, resources, prompts, notifications, progress,
+the server's own requests) except `tools/call`: that is judged first and, unless the policy
+lets it run, answered here with an `isError` result and never forwarded; an allowed one is
+forwarded as parsed and judged. A message with duplicate keys is refused: parsers differ on
+which one wins, and the server must not read a method or a tool the proxy did not see. A relay rather than
+an SDK proxy because an SDK proxy re-serialises what it passes on (server info, `_meta`,
+URIs); a relay cannot change what it does not touch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Sequence
+
+from soda_guard.guard import Guard
+from soda_guard.mcp import jsonrpc
+from soda_guard.mcp.jsonrpc import INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, REQUEST_TIMEOUT, DuplicateKey, parse
+from soda_guard.mcp.pipes import DEFAULT_MAX_MESSAGE_BYTES, TooLong, lines, start_server, stop_server
+from soda_guard.mcp.session import ContextError, ProxySession, refusal_result
+from soda_guard.trajectory import ToolCall
+from soda_guard.verdict import Action, Decision
+
+#: ids of the proxy's own requests to the client (elicitation): a prefix no SDK numbers with
+OWN_ID_PREFIX = "soda-guard-"
+#: the key of the proxy's approval question in a 2026-07-28 `input_required` result
+APPROVAL_KEY = "soda-guard/approval"
+MODERN_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
+CAPABILITIES_KEY = "io.modelcontextprotocol/clientCapabilities"
+SERVER_INFO_KEY = "io.modelcontextprotocol/serverInfo"
+APPROVAL_SCHEMA = {
+    "type": "object",
+    "properties": {"approve": {"type": "boolean", "title": "Run this tool call"}},
+    "required": ["approve"],
+}
+
+Write = Callable[[bytes], Awaitable[None]]
+
+
+@dataclass
+class RelayOptions:
+    server_name: str | None = None
+    """The name the policy knows the server by; the server's own `serverInfo.name` otherwise."""
+    server_timeout_s: float = 300.0
+    """A forwarded request unanswered this long gets an error, and the server a cancellation."""
+    review_timeout_s: float = 300.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+
+@dataclass
+class _Forwarded:
+    method: str
+    call: ToolCall | None = None
+    done: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Relay:
+    """One client session: `client_lines` (what the client sent, line by line) in, `to_client`
+    out, `server` the started process."""
+
+    def __init__(self, guard: Guard, server: asyncio.subprocess.Process, to_client: Write, options: RelayOptions) -> None:
+        self.guard = guard
+        self.server = server
+        self.options = options
+        self.session = ProxySession(guard, options.server_name)
+        self._to_client = to_client
+        self._client_lock = asyncio.Lock()
+        self._server_lock = asyncio.Lock()
+        self._forwarded: dict[Any, _Forwarded] = {}
+        self._judging: dict[Any, asyncio.Task[None]] = {}
+        self._asked: dict[str, asyncio.Future[Any]] = {}
+        self._escalated: dict[str, Decision] = {}
+        self._elicits = False
+        self._server_gone = False
+
+    async def send_client(self, data: bytes) -> None:
+        async with self._client_lock:
+            await self._to_client(data)
+
+    async def send_server(self, data: bytes) -> None:
+        if self._server_gone or self.server.stdin is None:
+            raise ConnectionError("the MCP server has exited")
+        async with self._server_lock:
+            self.server.stdin.write(data)
+            await self.server.stdin.drain()
+
+    # client → server
+
+    async def from_client(self, raw: bytes) -> None:
+        if len(raw) > self.options.max_message_bytes:
+            await self.send_client(jsonrpc.error(None, INVALID_REQUEST, f"message of {len(raw)} bytes exceeds the proxy's limit of {self.options.max_message_bytes}"))
+            return
+        if not raw.strip():
+            return
+        try:
+            message = parse(raw)
+        except DuplicateKey as error:
+            await self.send_client(jsonrpc.error(None, INVALID_REQUEST, str(error)))
+            return
+        except ValueError as error:
+            await self.send_client(jsonrpc.error(None, PARSE_ERROR, f"parse error: {error}"))
+            return
+        if isinstance(message, list):
+            await self.send_client(jsonrpc.error(None, INVALID_REQUEST, "JSON-RPC batches are not supported by the guard proxy"))
+            return
+        if not isinstance(message, dict):
+            await self.send_client(jsonrpc.error(None, INVALID_REQUEST, "a JSON-RPC message must be an object"))
+            return
+        method = message.get("method")
+        request_id = message.get("id")
+        if method is None:
+            if isinstance(request_id, str) and request_id in self._asked:
+                self._asked.pop(request_id).set_result(message)
+                return
+            await self._forward(raw)
+            return
+        if method == "tools/call":
+            if "id" not in message:
+                return  # a call sent as a notification cannot be answered, and is not run unjudged
+            task = asyncio.ensure_future(self._guarded_call(message))
+            self._judging[_key(request_id)] = task
+            task.add_done_callback(lambda _: self._judging.pop(_key(request_id), None))
+            return
+        if method == "notifications/cancelled":
+            params = message.get("params")
+            target = params.get("requestId") if isinstance(params, dict) else None
+            judging = self._judging.get(_key(target))
+            if judging is not None:
+                judging.cancel()  # still being judged: the server never saw it
+                return
+            forwarded = self._forwarded.get(_key(target))
+            if forwarded is not None and forwarded.call is not None:
+                # the server is told (below) and owes no answer now: stop waiting for one
+                del self._forwarded[_key(target)]
+                self.session.record(forwarded.call, None, error="cancelled by the client")
+                if not forwarded.done.done():
+                    forwarded.done.set_result(None)
+        if method == "initialize":
+            params = message.get("params")
+            capabilities = params.get("capabilities") if isinstance(params, dict) else None
+            self._elicits = isinstance(capabilities, dict) and isinstance(capabilities.get("elicitation"), dict)
+        if "id" in message and method in ("initialize", "server/discover", "tools/list"):
+            self._forwarded[_key(request_id)] = _Forwarded(method)
+        await self._forward(raw, request_id if "id" in message else None)
+
+    async def _forward(self, raw: bytes, request_id: Any = None) -> None:
+        try:
+            await self.send_server(raw if raw.endswith(b"\n") else raw + b"\n")
+        except (ConnectionError, OSError) as error:
+            self._forwarded.pop(_key(request_id), None)
+            if request_id is not None:
+                await self.send_client(jsonrpc.error(request_id, INTERNAL_ERROR, f"the MCP server is not running: {error}"))
+
+    async def _guarded_call(self, message: dict[str, Any]) -> None:
+        """The call is forwarded as the proxy parsed and judged it (serialised again), never as
+        raw bytes another parser might read differently."""
+        request_id = message["id"]
+        params = message.get("params")
+        try:
+            if not isinstance(params, dict):
+                raise ContextError("tools/call params must be an object")
+            call = self.session.call_of(request_id, params)
+        except ContextError as error:
+            await self.send_client(jsonrpc.error(request_id, INVALID_PARAMS, str(error)))
+            return
+        escalation = self._escalated.pop(params.get("requestState"), None) if isinstance(params.get("requestState"), str) else None
+        if escalation is not None:
+            decision = await self._answered(escalation, call, params)
+            message = {**message, "params": {k: v for k, v in params.items() if k not in ("requestState", "inputResponses")}}
+        else:
+            decision = await self.session.decide(call)
+            if decision.action is Action.ESCALATE:
+                if _modern(params) and _elicits(params):
+                    await self._ask_modern(request_id, decision)
+                    return
+                decision = await self._escalate(decision)
+        if not decision.allowed:
+            refused = refusal_result(call, decision)
+            if _modern(params):
+                refused["resultType"] = "complete"
+            await self.send_client(jsonrpc.line({"jsonrpc": "2.0", "id": request_id, "result": refused}))
+            return
+        await self._forward_call(request_id, call, jsonrpc.line(message))
+
+    async def _forward_call(self, request_id: Any, call: ToolCall, raw: bytes) -> None:
+        forwarded = _Forwarded("tools/call", call)
+        self._forwarded[_key(request_id)] = forwarded
+        await self._forward(raw, request_id)
+        try:
+            await asyncio.wait_for(asyncio.shield(forwarded.done), self.options.server_timeout_s)
+        except asyncio.TimeoutError:
+            if self._forwarded.pop(_key(request_id), None) is None:
+                return
+            self.session.record(call, None, error="timed out")
+            with contextlib.suppress(ConnectionError, OSError):
+                cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": request_id, "reason": "timed out"}}
+                await self.send_server(jsonrpc.line(cancel))
+            await self.send_client(jsonrpc.error(request_id, REQUEST_TIMEOUT, f"the MCP server did not answer within {self.options.server_timeout_s}s"))
+
+    @staticmethod
+    def _question(decision: Decision) -> str:
+        call = decision.tool_call
+        shown = json.dumps(call.args if call else {}, ensure_ascii=False)[:2000]
+        return f"soda-guard asks before running `{call.qualified_name if call else 'tool'}` with {shown}: {decision.why}. Approve?"
+
+    async def _ask_modern(self, request_id: Any, decision: Decision) -> None:
+        """2026-07-28: the question goes back as an `input_required` result; the client asks
+        the person and retries the call with the answer and this `requestState`."""
+        state = uuid.uuid4().hex
+        self._escalated[state] = decision
+        question = {"method": "elicitation/create", "params": {"mode": "form", "message": self._question(decision), "requestedSchema": APPROVAL_SCHEMA}}
+        result = {"resultType": "input_required", "inputRequests": {APPROVAL_KEY: question}, "requestState": state}
+        await self.send_client(jsonrpc.line({"jsonrpc": "2.0", "id": request_id, "result": result}))
+
+    async def _answered(self, escalation: Decision, call: ToolCall, params: dict[str, Any]) -> Decision:
+        """The retried call with the person's answer. The answer covers the escalated call
+        only: a retry with other arguments is refused, not run on it."""
+        escalated = escalation.tool_call
+        if escalated is None or (escalated.name, escalated.args) != (call.name, call.args):
+            return await self.session.reviewed(escalation, False, "the retried call is not the call the user was asked about")
+        responses = params.get("inputResponses")
+        answer = responses.get(APPROVAL_KEY) if isinstance(responses, dict) else None
+        return await self.session.reviewed(escalation, approves(answer), how(answer))
+
+    async def _escalate(self, decision: Decision) -> Decision:
+        """Handshake-era clients: ask through an `elicitation/create` request (approve or
+        reject; no edit). A client that cannot be asked, or no answer in time, blocks."""
+        if not self._elicits:
+            return decision.model_copy(update={"action": Action.BLOCK, "why": decision.why + "; escalated, and the client does not support elicitation"})
+        own_id = f"{OWN_ID_PREFIX}{uuid.uuid4().hex}"
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._asked[own_id] = answer
+        params = {"message": self._question(decision), "requestedSchema": APPROVAL_SCHEMA}
+        try:
+            await self.send_client(jsonrpc.line({"jsonrpc": "2.0", "id": own_id, "method": "elicitation/create", "params": params}))
+            reply = await asyncio.wait_for(answer, self.options.review_timeout_s)
+        except asyncio.TimeoutError:
+            return await self.session.reviewed(decision, None, f"no answer to the escalation within {self.options.review_timeout_s}s")
+        finally:
+            self._asked.pop(own_id, None)
+        result = reply.get("result") if isinstance(reply, dict) else None
+        return await self.session.reviewed(decision, approves(result), how(result if result is not None else reply))
+
+    # server → client
+
+    async def from_server(self, raw: bytes) -> None:
+        try:
+            message = parse(raw)
+        except ValueError:
+            if self.guard.policy.tool_results is not None:
+                return  # it might be a result the client would read otherwise than the moderation
+            message = None
+        if not isinstance(message, dict) or "method" in message or "id" not in message:
+            await self.send_client(raw if raw.endswith(b"\n") else raw + b"\n")
+            return
+        forwarded = self._forwarded.pop(_key(message.get("id")), None)
+        if forwarded is None:
+            await self.send_client(raw if raw.endswith(b"\n") else raw + b"\n")
+            return
+        result = message.get("result")
+        if forwarded.method in ("initialize", "server/discover") and isinstance(result, dict) and self.session.server is None:
+            meta = result.get("_meta")
+            info = result.get("serverInfo") or (meta.get(SERVER_INFO_KEY) if isinstance(meta, dict) else None)
+            if isinstance(info, dict) and isinstance(info.get("name"), str):
+                self.session.server = info["name"]
+        elif forwarded.method == "tools/list":
+            self.session.learn_tools(result)
+        elif forwarded.method == "tools/call" and forwarded.call is not None:
+            raw = await self._finished_call(forwarded.call, message, raw)
+        if not forwarded.done.done():
+            forwarded.done.set_result(None)
+        await self.send_client(raw if raw.endswith(b"\n") else raw + b"\n")
+
+    async def _finished_call(self, call: ToolCall, message: dict[str, Any], raw: bytes) -> bytes:
+        result = message.get("result")
+        error = message.get("error")
+        if not isinstance(result, dict):
+            self.session.record(call, None, error=json.dumps(error)[:2000] if error is not None else "no result")
+            return raw
+        moderation = await self.session.moderate(call, result)
+        if moderation is None or moderation.allowed:
+            self.session.record(call, result)
+            # a moderated result goes on as it was read and judged
+            return raw if moderation is None else jsonrpc.line(message)
+        refused = refusal_result(call, moderation)
+        if "resultType" in result:
+            refused["resultType"] = result["resultType"]
+        refused["content"][0]["text"] = f"soda-guard withheld the result of `{call.qualified_name}` ({moderation.action.value}): {moderation.why}."
+        # what the client got, not what was withheld, is what later calls are judged after
+        self.session.record(call, refused)
+        return jsonrpc.line({"jsonrpc": "2.0", "id": message["id"], "result": refused})
+
+    async def server_gone(self) -> None:
+        """The server closed its output (exited or crashed): every request it still owed gets
+        an error now, instead of a client waiting forever."""
+        self._server_gone = True
+        pending = list(self._forwarded.items())
+        self._forwarded.clear()
+        for request_id, forwarded in pending:
+            if forwarded.call is not None:
+                self.session.record(forwarded.call, None, error="the MCP server exited")
+            if not forwarded.done.done():
+                forwarded.done.set_result(None)
+            await self.send_client(jsonrpc.error(_unkey(request_id), INTERNAL_ERROR, "the MCP server exited before answering"))
+
+    async def close(self) -> None:
+        for task in list(self._judging.values()):
+            task.cancel()
+        await asyncio.gather(*self._judging.values(), return_exceptions=True)
+
+
+def _modern(params: dict[str, Any]) -> bool:
+    meta = params.get("_meta")
+    return isinstance(meta, dict) and MODERN_VERSION_KEY in meta
+
+
+def _elicits(params: dict[str, Any]) -> bool:
+    meta = params.get("_meta")
+    capabilities = meta.get(CAPABILITIES_KEY) if isinstance(meta, dict) else None
+    return isinstance(capabilities, dict) and isinstance(capabilities.get("elicitation"), dict)
+
+
+def approves(answer: Any) -> bool:
+    """Only an accepted form whose `approve` is true: decline, cancel, an error or anything
+    malformed is a rejection."""
+    return (
+        isinstance(answer, dict)
+        and answer.get("action") == "accept"
+        and isinstance(answer.get("content"), dict)
+        and answer["content"].get("approve") is True
+    )
+
+
+def how(answer: Any) -> str:
+    if approves(answer):
+        return "approved by the user through MCP elicitation"
+    return f"not approved through MCP elicitation ({json.dumps(answer, default=str)[:200]})"
+
+
+def _key(request_id: Any) -> Any:
+    """JSON-RPC ids are strings or numbers; 1 and "1" are different requests."""
+    return (type(request_id).__name__, request_id)
+
+
+def _unkey(key: Any) -> Any:
+    return key[1]
+
+
+async def relay(
+    guard: Guard,
+    command: Sequence[str],
+    client_in: asyncio.StreamReader,
+    to_client: Write,
+    options: RelayOptions | None = None,
+) -> int:
+    """Serve one client until it disconnects or the server exits; the server is stopped either
+    way. Returns the server's exit status (0 when the proxy stopped it)."""
+    options = options or RelayOptions()
+    server = await start_server(command)
+    proxy = Relay(guard, server, to_client, options)
+    assert server.stdout is not None
+
+    async def pump_client() -> None:
+        async for line in lines(client_in):
+            if isinstance(line, TooLong):
+                await proxy.send_client(jsonrpc.error(None, INVALID_REQUEST, f"message of {line.size} bytes exceeds the proxy's limit of {options.max_message_bytes}"))  # type: ignore[attr-defined]
+                continue
+            await proxy.from_client(line)
+
+    async def pump_server() -> None:
+        async for line in lines(server.stdout):  # type: ignore[arg-type]
+            if isinstance(line, TooLong):
+                continue
+            await proxy.from_server(line)
+        await proxy.server_gone()
+
+    client_task = asyncio.ensure_future(pump_client())
+    server_task = asyncio.ensure_future(pump_server())
+    server_ended_first = False
+    try:
+        await asyncio.wait([client_task, server_task], return_when=asyncio.FIRST_COMPLETED)
+        server_ended_first = server_task.done() and not client_task.done()
+        if client_task.done() and not server_task.done():
+            # the client is gone: what is still being judged is never forwarded
+            await proxy.close()
+    finally:
+        for task in (client_task, server_task):
+            task.cancel()
+        await asyncio.gather(client_task, server_task, return_exceptions=True)
+        await proxy.close()
+        await stop_server(server)
+    for task in (client_task, server_task):
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+    return (server.returncode or 0) if server_ended_first else 0
+
+
+async def serve_stdio(guard: Guard, command: Sequence[str], options: RelayOptions | None = None) -> int:
+    """The proxy on this process's stdin and stdout."""
+    options = options or RelayOptions()
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=options.max_message_bytes + 1)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
+    transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, sys.stdout.buffer)
+    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+
+    async def write(data: bytes) -> None:
+        writer.write(data)
+        await writer.drain()
+
+    # SIGTERM (how clients end a stdio server that outlives its stdin) stops the proxy the
+    # same way a closed stdin does: the server it started is stopped too
+    task = asyncio.current_task()
+    terminated = asyncio.Event()
+
+    def terminate() -> None:
+        terminated.set()
+        if task is not None:
+            task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, terminate)
+    try:
+        return await relay(guard, command, reader, write, options)
+    except asyncio.CancelledError:
+        if terminated.is_set():
+            return 0
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)

@@ -1,0 +1,185 @@
+"""One MCP client session as the guard sees it: the calls it forwarded with their results,
+the context the client sent, and the judgment of each new `tools/call`.
+
+Transport-neutral (plain JSON-RPC dicts in, decisions out), so the stdio relay and the HTTP
+front judge alike, and alike with the LangChain middleware: the trajectory is built from the
+same steps (`soda_guard.trajectory`).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from soda_guard.converters import from_openai_messages
+from soda_guard.errors import SodaGuardError
+from soda_guard.guard import Guard
+from soda_guard.mcp.annotations import from_wire
+from soda_guard.review import review_event
+from soda_guard.trajectory import AssistantStep, Step, ToolCall, ToolStep, Trajectory
+from soda_guard.verdict import Action, Decision, Review
+
+#: the `_meta` key of a `tools/call` under which a client may send what the judge should know:
+#: `{"messages": [OpenAI chat messages: the user's request and recent turns], "session": "id"}`
+CONTEXT_KEY = "soda-guard/context"
+
+
+class ContextError(SodaGuardError):
+    """The client's `_meta` context is not readable: the call is answered with an MCP error."""
+
+
+@dataclass
+class ProxySession:
+    """`steps`: the client's latest context, then the calls forwarded since with their
+    results, the latest `max_calls` of them (the judge clips a long middle anyway, and an
+    unbounded session would make every judgment slower than the last). Calls run
+    concurrently, so each is judged on the steps as they stand when it arrives."""
+
+    guard: Guard
+    server: str | None
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    annotations: dict[str, dict[str, bool] | None] = field(default_factory=dict)
+    steps: list[Step] = field(default_factory=list)
+    max_calls: int = 32
+    _context_steps: int = 0
+
+    def learn_tools(self, result: Any) -> None:
+        """Remember each listed tool's declared annotations (a `tools/list` result, any page)."""
+        tools = result.get("tools") if isinstance(result, Mapping) else None
+        for tool in tools if isinstance(tools, list) else []:
+            if isinstance(tool, Mapping) and isinstance(tool.get("name"), str):
+                declared = tool.get("annotations")
+                self.annotations[tool["name"]] = from_wire(declared if isinstance(declared, Mapping) else None)
+
+    def call_of(self, request_id: Any, params: Mapping[str, Any]) -> ToolCall:
+        """The call a `tools/call` asks for, taking in the context its `_meta` carries."""
+        name = params.get("name")
+        if not isinstance(name, str):
+            raise ContextError("tools/call params.name must be a string")
+        arguments = params.get("arguments")
+        if arguments is not None and not isinstance(arguments, dict):
+            raise ContextError("tools/call params.arguments must be an object")
+        meta = params.get("_meta")
+        if meta is not None and not isinstance(meta, Mapping):
+            raise ContextError("tools/call params._meta must be an object")
+        if meta is not None and CONTEXT_KEY in meta:
+            self._take_context(meta[CONTEXT_KEY])
+        return ToolCall(
+            id=f"mcp-{request_id}",
+            name=name,
+            args=arguments or {},
+            server=self.server,
+            annotations=self.annotations.get(name),
+        )
+
+    def _take_context(self, context: Any) -> None:
+        if not isinstance(context, Mapping):
+            raise ContextError(f"_meta[{CONTEXT_KEY!r}] must be an object")
+        unknown = set(context) - {"messages", "session"}
+        if unknown:
+            raise ContextError(f"_meta[{CONTEXT_KEY!r}]: unknown keys {sorted(unknown)}")
+        session = context.get("session")
+        if session is not None:
+            if not isinstance(session, str) or not session:
+                raise ContextError(f"_meta[{CONTEXT_KEY!r}].session must be a non-empty string")
+            self.session_id = session
+        if "messages" in context:
+            try:
+                self.steps = list(from_openai_messages(context["messages"]).steps)
+                self._context_steps = len(self.steps)
+            except SodaGuardError as error:
+                raise ContextError(f"_meta[{CONTEXT_KEY!r}].messages: {error}") from None
+
+    def trajectory(self, call: ToolCall) -> Trajectory:
+        return Trajectory(steps=[*self.steps, AssistantStep(tool_calls=[call])], conversation_id=self.session_id)
+
+    async def decide(self, call: ToolCall) -> Decision:
+        """Never raises: a guard that cannot decide (an audit sink down under an allow) ends in
+        a block that says why."""
+        try:
+            return (await self.guard.acheck_tool_calls(self.trajectory(call)))[0]
+        except Exception as error:
+            return Decision(
+                action=Action.BLOCK,
+                rule="mcp-proxy",
+                why=f"the guard could not decide: {type(error).__name__}: {error}",
+                tool_call=call,
+                conversation_id=self.session_id,
+            )
+
+    async def reviewed(self, escalation: Decision, approved: bool | None, how: str) -> Decision:
+        """The person's answer (None: none came) as an audit record; what it returns is what
+        may be acted on."""
+        review = Review(type="approve" if approved else "reject", answers=escalation.decision_id, message=how)
+        event = review_event(escalation, review, runs=bool(approved), ran_call=None, why=how)
+        try:
+            return await self.guard.arecord_review(event)
+        except Exception as error:
+            return event.model_copy(update={"action": Action.BLOCK, "why": f"{how}; not recorded: {error}"})
+
+    def record(self, call: ToolCall, result: Any, *, error: str | None = None) -> None:
+        """A forwarded call and what came back, for the judgments of later calls."""
+        self.steps.append(AssistantStep(tool_calls=[call]))
+        self.steps.append(self.result_step(call, result, error=error))
+        calls = self.steps[self._context_steps :]
+        if len(calls) > 2 * self.max_calls:
+            self.steps = self.steps[: self._context_steps] + calls[-2 * self.max_calls :]
+
+    @staticmethod
+    def result_step(call: ToolCall, result: Any, *, error: str | None = None) -> ToolStep:
+        is_error = bool(result.get("isError")) if isinstance(result, Mapping) else False
+        return ToolStep(tool_call_id=call.id, name=call.name, content=result_text(result), is_error=is_error, error=error)
+
+    async def moderate(self, call: ToolCall, result: Any) -> Decision | None:
+        """The policy's tool-result moderation of a forwarded call's result (None: not asked)."""
+        if self.guard.policy.tool_results is None:
+            return None
+        steps = [*self.steps, AssistantStep(tool_calls=[call]), self.result_step(call, result)]
+        view = Trajectory(steps=steps, conversation_id=self.session_id)
+        try:
+            return await self.guard.acheck_tool_result(view)
+        except Exception as error:
+            return Decision(
+                action=Action.BLOCK,
+                rule="tool_results",
+                why=f"the guard could not moderate the result: {type(error).__name__}: {error}",
+                tool_call=call,
+                conversation_id=self.session_id,
+            )
+
+
+def result_text(result: Any) -> str:
+    """What a `CallToolResult` says, as the judge reads tool output: its text blocks, a
+    `[type]` marker for any other block, else its structured content."""
+    if not isinstance(result, Mapping):
+        return ""
+    blocks = result.get("content")
+    pieces = []
+    for block in blocks if isinstance(blocks, list) else []:
+        if isinstance(block, Mapping):
+            text = block.get("text")
+            if block.get("type") == "text" and isinstance(text, str):
+                pieces.append(text)
+            elif block.get("type") == "resource" and isinstance(block.get("resource"), Mapping):
+                inner = block["resource"].get("text")
+                pieces.append(inner if isinstance(inner, str) else "[resource]")
+            else:
+                pieces.append(f"[{block.get('type', 'block')}]")
+    if not pieces and result.get("structuredContent") is not None:
+        pieces.append(json.dumps(result["structuredContent"], ensure_ascii=False, default=str))
+    return "\n".join(pieces)
+
+
+def refusal_result(call: ToolCall, decision: Decision) -> dict[str, Any]:
+    """The `CallToolResult` a refused call gets: `isError`, the reason, and the decision id."""
+    text = (
+        f"soda-guard refused to run the tool call `{call.qualified_name}` ({decision.action.value}): {decision.why}. "
+        "The tool was not executed."
+    )
+    return {
+        "content": [{"type": "text", "text": text}],
+        "isError": True,
+        "_meta": {"soda-guard/decision": {"id": decision.decision_id, "action": decision.action.value, "rule": decision.rule}},
+    }

@@ -1,0 +1,123 @@
+"""`soda-guard mcp-proxy --http`: the real command serving streamable HTTP in front of the
+example server, driven by the `mcp` SDK's HTTP client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from mcp import Client
+
+from mcp_helpers import SERVER
+
+POLICY = {
+    "version": 1,
+    "rules": [
+        {"name": "reads", "when": {"annotations": {"readOnly": True}}, "action": "allow"},
+        {"name": "no-deletes", "tools": ["files:delete_*"], "action": "block"},
+    ],
+}
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.isdigit() and int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def connected(url: str, attempts: int = 120) -> None:
+    for _ in range(attempts):
+        try:
+            async with Client(url) as client:
+                await client.list_tools()
+                return
+        except Exception:
+            await asyncio.sleep(0.5)
+    raise AssertionError("the HTTP proxy never answered")
+
+
+async def test_http_proxy_blocks_forwards_and_records_the_session(tmp_path: Path) -> None:
+    audit = tmp_path / "audit.jsonl"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(json.dumps({**POLICY, "audit": {"jsonl": str(audit)}}))
+    port = free_port()
+    command = [sys.executable, "-m", "soda_guard", "mcp-proxy", "--policy", str(policy), "--server", "files",
+               "--http", f"127.0.0.1:{port}", "--", *SERVER]
+    proxy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/mcp"
+    try:
+        await connected(url)
+        context = {"soda-guard/context": {"session": "s1", "messages": [{"role": "user", "content": "clean up"}]}}
+        async with Client(url) as client:
+            read = await client.call_tool("read_file", {"path": "notes.txt"}, meta=context)
+            assert not read.is_error and read.content[0].text == "buy milk"
+            deleted = await client.call_tool("delete_file", {"path": "notes.txt"}, meta=context)
+            assert deleted.is_error and "files:delete_file" in deleted.content[0].text
+            ran = await client.call_tool("ran", {}, meta=context)
+            assert ran.structured_content["result"] == ["read_file notes.txt"]
+        servers = children(proxy.pid)
+        assert servers, "the proxy started the server"
+        proxy.send_signal(signal.SIGTERM)  # the proxy alone: it must stop the server itself
+        assert proxy.wait(30) == 0
+        assert [pid for pid in servers if Path(f"/proc/{pid}").exists()] == []
+    finally:
+        if proxy.poll() is None:
+            os.killpg(proxy.pid, signal.SIGKILL)
+            proxy.wait(30)
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(r["tool_call"]["name"], r["action"], r["conversation_id"]) for r in records] == [
+        ("read_file", "allow", "s1"), ("delete_file", "block", "s1"), ("ran", "allow", "s1")
+    ]
+    assert records[0]["tool_call"]["annotations"] == {"readOnly": True, "openWorld": False}
+
+
+async def test_http_proxy_asks_through_elicitation(tmp_path: Path) -> None:
+    """Handshake-era sessions (the initialize handshake over HTTP) are asked; the 2026-07-28
+    `input_required` round trip is the stdio relay's only (see the README)."""
+    import mcp_types as types
+
+    policy = tmp_path / "policy.yaml"
+    rules = [{"tools": ["files:delete_*"], "action": "escalate"}, {"action": "allow"}]
+    policy.write_text(json.dumps({"version": 1, "rules": rules}))
+    port = free_port()
+    command = [sys.executable, "-m", "soda_guard", "mcp-proxy", "--policy", str(policy), "--server", "files",
+               "--http", f"127.0.0.1:{port}", "--", *SERVER]
+    proxy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/mcp"
+    answers = iter([True, False])
+    asked: list[str] = []
+
+    async def answer(context, params):
+        asked.append(params.message)
+        return types.ElicitResult(action="accept", content={"value": next(answers)})
+
+    try:
+        await connected(url)
+        async with Client(url, elicitation_callback=answer, mode="legacy") as client:
+            approved = await client.call_tool("delete_file", {"path": "notes.txt"})
+            rejected = await client.call_tool("delete_file", {"path": "report.txt"})
+            ran = await client.call_tool("ran", {})
+    finally:
+        os.killpg(proxy.pid, signal.SIGTERM)
+        proxy.wait(30)
+    assert len(asked) == 2 and "files:delete_file" in asked[0], approved.content[0].text
+    assert not approved.is_error and rejected.is_error
+    assert ran.structured_content["result"] == ["delete_file notes.txt"]

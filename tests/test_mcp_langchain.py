@@ -1,0 +1,117 @@
+"""MCP tools loaded through `langchain.mcp` into `create_agent`, guarded by
+`SodaGuardMiddleware`: the example server over stdio, a scripted model and a scripted judge.
+And item 3 of the MCP issue: the middleware and the proxy decide alike on the same trajectory."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Any
+
+import pytest
+from fastmcp.client.transports import StdioTransport
+from langchain.agents import create_agent
+from langchain_core._api import LangChainBetaWarning
+from langchain_core.messages import HumanMessage, ToolMessage
+from mcp import Client
+
+from soda_guard import Guard, Policy, ScriptedBackend
+from soda_guard.audit import JsonlAuditSink
+from soda_guard.backends.scripted import keyword_responder
+from soda_guard.integrations.langchain import SodaGuardMiddleware
+from soda_guard.integrations.mcp import mcp_identity, name_server
+from soda_guard.integrations.testing import scripted_model, tool_calls_message
+
+from mcp_helpers import POLICY, SERVER, proxied, write_policy
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", LangChainBetaWarning)
+    from langchain.mcp import MCPAdapter
+
+
+def adapter() -> MCPAdapter:
+    return MCPAdapter(StdioTransport(command=SERVER[0], args=SERVER[1:]))
+
+
+def guard_for(policy: dict[str, Any], unsafe: str, sinks: list[Any] | None = None) -> tuple[Guard, ScriptedBackend]:
+    backend = ScriptedBackend(keyword_responder([unsafe]))
+    return Guard(Policy.from_dict(policy), backends={"soda": backend}, sinks=sinks), backend
+
+
+async def run_agent(guard: Guard, tools: list[Any], calls: list[tuple[str, dict[str, Any]]], request: str) -> list[ToolMessage]:
+    replies = [tool_calls_message(call) for call in calls] + ["done"]
+    agent = create_agent(scripted_model(replies), tools, middleware=[SodaGuardMiddleware(guard, otel=False)])
+    result = await agent.ainvoke({"messages": [HumanMessage(request)]})
+    return [message for message in result["messages"] if isinstance(message, ToolMessage)]
+
+
+async def server_ran(tools: list[Any]) -> list[str]:
+    ran = next(tool for tool in tools if tool.name == "ran")
+    message = await ran.ainvoke({"args": {}, "id": "ran-1", "name": "ran", "type": "tool_call"})
+    return message.artifact["structured_content"]["result"]
+
+
+async def test_mcp_tools_are_guarded_as_mcp_tools_in_an_agent():
+    guard, backend = guard_for(POLICY, "delete_file")
+    async with adapter() as mcp:
+        tools = await mcp.list_tools()
+        assert mcp_identity(next(t for t in tools if t.name == "delete_file")) == (
+            "files",
+            {"readOnly": False, "destructive": True, "openWorld": False},
+        )
+        messages = await run_agent(
+            guard, tools, [("read_file", {"path": "notes.txt"}), ("delete_file", {"path": "notes.txt"})], "tidy my files"
+        )
+        assert [m.status for m in messages] == ["success", "error"]
+        assert "soda-guard refused" in messages[1].text
+        assert await server_ran(tools) == ["read_file notes.txt"]
+    # read_file is read-only by its annotations (allowed unjudged); delete_file was judged as an MCP tool
+    prompts = [request.messages[-1]["content"] for request in backend.requests]
+    assert any('"name": "files:delete_file"' in prompt for prompt in prompts)
+    assert not any('"name": "read_file"' in prompt or '"name": "delete_file"' in prompt for prompt in prompts)
+
+
+async def test_name_server_overrides_what_the_server_calls_itself():
+    policy = {**POLICY, "rules": [{"server": "vault", "action": "block"}, {"action": "allow"}]}
+    guard, _ = guard_for(policy, "never")
+    async with adapter() as mcp:
+        tools = name_server(await mcp.list_tools(), "vault")
+        messages = await run_agent(guard, tools, [("read_file", {"path": "notes.txt"})], "read my notes")
+        assert messages[0].status == "error"
+
+
+@pytest.mark.parametrize(
+    "request_text, call",
+    [
+        ("please tidy up: delete notes.txt", ("delete_file", {"path": "notes.txt"})),
+        ("what is in report.txt?", ("delete_file", {"path": "report.txt"})),
+        ("what is in report.txt?", ("read_file", {"path": "report.txt"})),
+    ],
+)
+async def test_middleware_and_proxy_decide_alike(tmp_path, request_text, call):
+    """One trajectory (the user's request, then the call), one policy, one judge: the agent's
+    middleware and the stand-alone proxy (told the request through `_meta`) record the same
+    decision."""
+    policy = {**POLICY, "rules": [{"name": "destructive", "tools": ["files:delete_*"], "on_unsafe": "block"}]}
+    unsafe = "tidy up"
+    middleware_audit, proxy_audit = tmp_path / "middleware.jsonl", tmp_path / "proxy.jsonl"
+
+    guard, _ = guard_for(policy, unsafe, sinks=[JsonlAuditSink(middleware_audit)])
+    async with adapter() as mcp:
+        await run_agent(guard, await mcp.list_tools(), [call], request_text)
+
+    proxy_policy = write_policy(tmp_path, policy, audit={"jsonl": str(proxy_audit)})
+    context = {"messages": [{"role": "user", "content": request_text}]}
+    async with Client(proxied(proxy_policy, unsafe)) as client:
+        await client.list_tools()
+        await client.call_tool(call[0], call[1], meta={"soda-guard/context": context})
+
+    def decided(path) -> list[tuple[Any, ...]]:
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        return [
+            (r["action"], r["rule"], r["tool_call"]["server"], r["tool_call"]["name"], r["tool_call"]["args"],
+             r["tool_call"]["annotations"], (r["verdict"] or {}).get("label"), (r["verdict"] or {}).get("reason"))
+            for r in records[:1]
+        ]
+
+    assert decided(middleware_audit) == decided(proxy_audit)

@@ -1,0 +1,238 @@
+"""The proxy under abuse, spoken to in raw JSON-RPC lines: malformed input, unknown methods,
+huge arguments, a server that crashes or hangs, a judge that hangs, a client that leaves
+mid-call, concurrent calls, cancellation. Clear MCP errors, no hang past the deadlines,
+nothing forwarded without a decision, the server cleaned up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mcp_helpers import LAUNCHER, POLICY, SERVER, write_policy
+
+ALLOW_SOME = {
+    **POLICY,
+    "rules": [
+        *POLICY["rules"],
+        {"tools": ["crash", "sleep"], "action": "allow"},
+    ],
+}
+
+
+class RawClient:
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.next_id = 100
+
+    @classmethod
+    async def start(cls, policy: Path, *options: str) -> RawClient:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, LAUNCHER, *options, str(policy), "delete_file", "--", *SERVER,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=64 << 20,
+        )
+        client = cls(process)
+        await client.send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}})
+        assert (await client.receive())["result"]["serverInfo"]["name"] == "files"
+        await client.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        return client
+
+    async def send(self, message: Any) -> None:
+        data = message if isinstance(message, bytes) else json.dumps(message).encode() + b"\n"
+        assert self.process.stdin is not None
+        self.process.stdin.write(data)
+        await self.process.stdin.drain()
+
+    async def receive(self, timeout: float = 20.0) -> dict[str, Any]:
+        """The next response (server notifications such as logs are skipped)."""
+        assert self.process.stdout is not None
+        while True:
+            line = await asyncio.wait_for(self.process.stdout.readline(), timeout)
+            assert line, "the proxy closed its output"
+            message = json.loads(line)
+            if "id" in message:
+                return message
+
+    def call(self, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        self.next_id += 1
+        return {"jsonrpc": "2.0", "id": self.next_id, "method": "tools/call", "params": {"name": name, "arguments": arguments}}
+
+    async def ran(self) -> list[str]:
+        await self.send(self.call("ran", {}))
+        return (await self.receive())["result"]["structuredContent"]["result"]
+
+    async def close(self) -> int:
+        if self.process.stdin is not None and not self.process.stdin.is_closing():
+            self.process.stdin.close()
+        return await asyncio.wait_for(self.process.wait(), 20)
+
+
+@pytest.fixture
+async def raw(tmp_path):
+    clients: list[RawClient] = []
+
+    async def start(policy: dict[str, Any] | None = None, *options: str) -> RawClient:
+        client = await RawClient.start(write_policy(tmp_path, policy or ALLOW_SOME), *options)
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:
+        if client.process.returncode is None:
+            client.process.kill()
+            await client.process.wait()
+
+
+async def test_malformed_batches_and_unknown_methods_get_clear_errors(raw):
+    client = await raw()
+    await client.send(b"{not json\n")
+    assert (await client.receive())["error"]["code"] == -32700
+    await client.send([client.call("delete_file", {"path": "notes.txt"})])
+    assert (await client.receive())["error"]["code"] == -32600
+    # parsers differ on which duplicate wins: refused, never relayed for the server to pick
+    await client.send(b'{"jsonrpc":"2.0","id":5,"method":"ping","method":"tools/call","params":{"name":"delete_file","arguments":{"path":"notes.txt"}}}\n')
+    assert (await client.receive())["error"]["code"] == -32600
+    await client.send(b'{"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":"read_file","name":"delete_file","arguments":{"path":"notes.txt"}}}\n')
+    assert (await client.receive())["error"]["code"] == -32600
+    await client.send({"jsonrpc": "2.0", "id": 7, "method": "no/such/method"})
+    answer = await client.receive()
+    assert answer["id"] == 7 and answer["error"]["code"] == -32601, "passed through, answered by the server"
+    await client.send({"jsonrpc": "2.0", "id": 8, "method": "tools/call", "params": {"name": 3}})
+    assert (await client.receive())["error"]["code"] == -32602
+    # a tools/call sent as a notification is never run: it cannot be answered
+    await client.send({"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "delete_file", "arguments": {"path": "notes.txt"}}})
+    assert await client.ran() == []
+    assert await client.close() == 0
+
+
+async def test_huge_arguments_are_judged_and_oversized_messages_refused(raw):
+    client = await raw(None, "--max-message-bytes", str(4 << 20))
+    await client.send(client.call("delete_file", {"path": "x" * (2 << 20)}))
+    answer = await client.receive()
+    assert answer["result"]["isError"] is True
+    await client.send(client.call("read_file", {"path": "y" * (5 << 20)}))
+    assert (await client.receive())["error"]["code"] == -32600
+    assert await client.ran() == []
+
+
+async def test_a_crashing_server_answers_pending_calls_with_an_error(raw):
+    client = await raw()
+    await client.send(client.call("crash", {}))
+    answer = await client.receive()
+    assert answer["error"]["code"] == -32603 and "exited" in answer["error"]["message"]
+    assert await client.close() == 3
+
+
+async def test_a_hung_server_times_out_and_is_told_to_cancel(raw):
+    client = await raw(None, "--server-timeout", "1")
+    await client.send(client.call("sleep", {"seconds": 60}))
+    answer = await client.receive(timeout=15)
+    assert answer["error"]["code"] == -32001
+    assert await client.ran() == ["sleep 60.0"]
+
+
+async def test_a_hung_judge_blocks_at_the_policy_deadline(raw):
+    policy = {**POLICY, "defaults": {"timeout_s": 1}, "rules": [{"tools": ["ran"], "action": "allow"}]}
+    client = await raw(policy, "--judge-delay", "60")
+    await client.send(client.call("read_file", {"path": "notes.txt"}))
+    answer = await client.receive(timeout=15)
+    assert answer["result"]["isError"] is True and "timed out" in answer["result"]["content"][0]["text"]
+    assert await client.ran() == []
+
+
+async def test_concurrent_calls_of_one_session_each_decided_once(raw):
+    client = await raw()
+    calls = [client.call("read_file", {"path": "notes.txt"}), client.call("delete_file", {"path": "notes.txt"}),
+             client.call("read_file", {"path": "report.txt"})]
+    for call in calls:
+        await client.send(call)
+    answers = {answer["id"]: answer for answer in [await client.receive() for _ in calls]}
+    assert [answers[call["id"]]["result"]["isError"] for call in calls] == [False, True, False]
+    assert sorted(await client.ran()) == ["read_file notes.txt", "read_file report.txt"]
+
+
+async def test_a_call_cancelled_while_judged_is_never_forwarded(raw):
+    policy = {**POLICY, "rules": [{"tools": ["ran"], "action": "allow"}]}
+    client = await raw(policy, "--judge-delay", "1")
+    call = client.call("read_file", {"path": "notes.txt"})
+    await client.send(call)
+    await client.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": call["id"]}})
+    await asyncio.sleep(2)
+    assert await client.ran() == []
+
+
+async def test_a_forwarded_call_cancelled_by_the_client_is_cancelled_at_the_server(raw):
+    client = await raw(None, "--server-timeout", "5")
+    call = client.call("sleep", {"seconds": 60})
+    await client.send(call)
+    await asyncio.sleep(1)
+    await client.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": call["id"]}})
+    # the proxy neither answers the cancelled call later nor sends the server a second cancel
+    assert await client.ran() == ["sleep 60.0"]
+    await asyncio.sleep(5)
+    await client.send(client.call("read_file", {"path": "notes.txt"}))
+    answer = await client.receive()
+    assert answer["id"] != call["id"] and answer["result"]["isError"] is False
+
+
+async def test_a_client_leaving_mid_call_stops_the_server(raw):
+    client = await raw()
+    await client.send(client.call("sleep", {"seconds": 60}))
+    await asyncio.sleep(1)
+    children = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _parent(int(pid)) == client.process.pid]
+    assert children, "the proxy started the server"
+    assert await client.close() == 0
+    for pid in children:
+        assert _parent(pid) is None, f"server process {pid} outlived the proxy"
+
+
+async def test_sigterm_stops_the_proxy_and_its_server(raw):
+    client = await raw()
+    await client.send(client.call("sleep", {"seconds": 60}))
+    await asyncio.sleep(1)
+    children = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _parent(int(pid)) == client.process.pid]
+    assert children
+    client.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(client.process.wait(), 20) == 0
+    for pid in children:
+        assert _parent(pid) is None, f"server process {pid} outlived the proxy"
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else int(fields[1])
+
+
+async def test_an_approval_covers_only_the_call_the_user_was_asked_about(raw):
+    """2026-07-28: the retry carrying the user's approval must be the asked call; other
+    arguments under the same `requestState` are refused, and the state is good only once."""
+    policy = {**POLICY, "rules": [POLICY["rules"][0], {"tools": ["files:delete_*"], "action": "escalate"}]}
+    client = await raw(policy)
+    meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {"elicitation": {}}}
+    asked = client.call("delete_file", {"path": "report.txt"})
+    asked["params"]["_meta"] = meta
+    await client.send(asked)
+    question = (await client.receive())["result"]
+    assert question["resultType"] == "input_required"
+    approval = {"soda-guard/approval": {"action": "accept", "content": {"approve": True}}}
+    swapped = client.call("delete_file", {"path": "notes.txt"})
+    swapped["params"].update({"_meta": meta, "requestState": question["requestState"], "inputResponses": approval})
+    await client.send(swapped)
+    assert (await client.receive())["result"]["isError"] is True
+    replay = client.call("delete_file", {"path": "report.txt"})
+    replay["params"].update({"_meta": meta, "requestState": question["requestState"], "inputResponses": approval})
+    await client.send(replay)
+    assert (await client.receive())["result"]["resultType"] == "input_required", "asked again, not run"
+    assert await client.ran() == []
