@@ -129,8 +129,9 @@ class ToolResultPolicy(Outcomes):
 class AuditConfig(_Strict):
     jsonl: Path | None = None
     fsync: Literal["decision", "batch", "off"] = "decision"
-    """`decision`: every record fsynced on its own; `batch`: one fsync per guard call; `off`:
-    written before return (survives a crashed process, not a power cut)."""
+    """`decision` (and `batch`, the same): every record fsynced before its decision is returned,
+    one fsync shared by concurrent checks; `off`: written before return (survives a crashed
+    process, not a power cut)."""
     sqlite: Path | None = None
 
 
