@@ -219,19 +219,24 @@ class Guard:
         def outcome(field: str) -> Action:
             return self.policy.outcome(item.rule, field)
 
-        base = {"rule": item.rule_name, "tool_call": item.call, "verdict": verdict, "conversation_id": conversation_id}
+        def decision(action: Action, why: str) -> Decision:
+            # built from objects already validated (the policy, the trajectory's call, a
+            # checked verdict): validating them again is most of a decision's cost
+            return Decision.model_construct(
+                action=action, why=why, rule=item.rule_name, tool_call=item.call, verdict=verdict, conversation_id=conversation_id
+            )
+
         if item.refusal is not None:
-            return Decision(action=Action.BLOCK, why=item.refusal, **base)
+            return decision(Action.BLOCK, item.refusal)
         fixed = getattr(item.rule, "action", None)
         if fixed is not None:
-            return Decision(action=fixed, why=f"{item.rule_name} sets {fixed.value} without judging", **base)
+            return decision(fixed, f"{item.rule_name} sets {fixed.value} without judging")
         if verdict is None:
-            return Decision(action=outcome("on_error"), why="no judge is configured for this call", **base)
+            return decision(outcome("on_error"), "no judge is configured for this call")
         if verdict.failed:
-            return Decision(action=outcome("on_error"), why=f"judge failed: {verdict.error}", **base)
+            return decision(outcome("on_error"), f"judge failed: {verdict.error}")
         if verdict.truncated and self.policy.outcome(item.rule, "on_truncated") == "error":
-            why = "the judge prompt was truncated to fit its budget and on_truncated is error"
-            return Decision(action=outcome("on_error"), why=why, **base)
+            return decision(outcome("on_error"), "the judge prompt was truncated to fit its budget and on_truncated is error")
         threshold = outcome("threshold")
         label = verdict.label
         why = f"{verdict.judge} said {label.value}"
@@ -243,7 +248,7 @@ class Guard:
             elif label is Label.UNSAFE:
                 label = Label.SAFE
         action = outcome({Label.SAFE: "on_safe", Label.UNSAFE: "on_unsafe", Label.CONTROVERSIAL: "on_controversial"}[label])
-        return Decision(action=action, why=why, **base)
+        return decision(action, why)
 
     def _groups(self, items: list[_Item]) -> dict[str, list[int]]:
         groups: dict[str, list[int]] = {}

@@ -109,9 +109,11 @@ class JudgeRunner:
             return failed.model_copy(
                 update={"raw_output": result.text, "reason": parsed.reason, "truncated": rendered.truncated}
             )
-        return Verdict(
+        # every field is the judge's own parse or a result `_result_problem` has checked:
+        # validating them again would be most of a verdict's cost
+        return Verdict.model_construct(
             label=parsed.label,
-            score=result.score,
+            score=None if result.score is None else float(result.score),
             reason=parsed.reason,
             categories=parsed.categories,
             refusal=parsed.refusal,
@@ -212,4 +214,8 @@ def _result_problem(result: object) -> str | None:
     score = getattr(result, "score", None)
     if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float)) or not 0.0 <= score <= 1.0):
         return f"score {score!r} is not a probability"
+    for name in ("prompt_tokens", "generated_tokens"):
+        count = getattr(result, name, None)
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+            return f"{name} {count!r} is not a count"
     return None
