@@ -32,6 +32,9 @@ class GenerationRequest:
     deadline: float | None = None
     """`time.monotonic()` value after which nobody waits for the answer any more: in-process
     work on it is dropped (before it starts, or between decode steps) instead of finished."""
+    prefill_only: bool = False
+    """A warm-up: compute and keep the prompt's keys and values (the prefix cache), generate
+    nothing; answered with an empty result."""
 
 
 @dataclass

@@ -137,6 +137,7 @@ class Guard:
         if policy.audit.sqlite is not None:
             self.sinks.append(SqliteAuditSink(policy.audit.sqlite, fsync=policy.audit.fsync))
         self.judge_threads = JudgeThreads(limit=max_judge_threads)
+        self._warmer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="soda-guard-warm-up")
 
     @classmethod
     def from_yaml_file(cls, path: str | Path, **kwargs: object) -> Guard:
@@ -182,6 +183,28 @@ class Guard:
         """`load` on a worker thread: loading weights takes seconds to minutes, which must not
         stall the caller's event loop."""
         await asyncio.to_thread(self.load)
+
+    def warm_up(self, conversation: Trajectory | Callable[[], Trajectory]) -> concurrent.futures.Future[Any] | None:
+        """Start warming the judges for the next tool calls of `conversation` (the trajectory,
+        or a function that builds it, so converting it is not the caller's cost either) while
+        the agent's model is still thinking: every loaded judge whose backend can prefill gets
+        the prompt up to the coming action, so the judgment then prefills only the action.
+        Returns at once: the work runs on the guard's warm-up thread and each backend's own
+        worker, and a newer warm-up of the same conversation supersedes an older one still
+        queued. A warm-up changes no verdict (the prefix cache holds the keys and values the
+        judgment would compute) and its failure only costs the time it would have saved. The
+        future is for tests and benchmarks; None when no judge can be warmed."""
+        runners = [runner for name in self.policy.judges_in_use() if (runner := self._runners.get(name)) is not None]
+        if not any(callable(getattr(runner.backend, "prefill", None)) for runner in runners):
+            return None
+        try:
+            return self._warmer.submit(_warm, runners, conversation)
+        except RuntimeError:  # closed
+            return None
+
+    async def awarm_up(self, conversation: Trajectory | Callable[[], Trajectory]) -> concurrent.futures.Future[Any] | None:
+        """`warm_up` from async code: it only queues work, so nothing is awaited."""
+        return self.warm_up(conversation)
 
     def _plan(self, trajectory: Trajectory) -> list[_Item]:
         """Calls that share an id within one turn are refused unjudged: a decision is bound to
@@ -448,6 +471,7 @@ class Guard:
         is not torn down while a worker is inside the model; backends passed in belong to the
         caller. Threads stuck in a hung judge are daemons and die with the process."""
         self.judge_threads.close()
+        self._warmer.shutdown(wait=False, cancel_futures=True)
         close_each(self._made)
         close_each(self.sinks)
 
@@ -468,6 +492,12 @@ def _audit_failed(decision: Decision, action: Action, cause: Exception) -> Decis
         f"{decision.decision_id} ({decision.action.value}: {decision.why})"
     )
     return decision.model_copy(update={"decision_id": uuid.uuid4().hex, "timestamp": time.time(), "action": action, "why": why})
+
+
+def _warm(runners: Sequence[JudgeRunner], conversation: Trajectory | Callable[[], Trajectory]) -> list[object]:
+    """On the warm-up thread: the trajectory built, and each judge's prefill queued."""
+    trajectory = conversation() if callable(conversation) else conversation
+    return [runner.prefill(trajectory) for runner in runners]
 
 
 def _consume(task: asyncio.Future[Any]) -> None:

@@ -20,7 +20,7 @@ from soda_guard.judges.context import ContextBudget
 from soda_guard.judges.qwen3guard_gen import Qwen3GuardGenJudge
 from soda_guard.judges.soda import SodaJudge
 from soda_guard.policy import JudgeConfig, Policy
-from soda_guard.trajectory import Trajectory
+from soda_guard.trajectory import AssistantStep, Trajectory
 from soda_guard.verdict import Label, Verdict
 
 
@@ -61,6 +61,7 @@ def make_backend(config: JudgeConfig) -> Backend:
             max_concurrency=config.max_concurrency,
             retries=config.retries,
             max_response_bytes=config.max_response_bytes,
+            warm_up=config.warm_up,
         )
     raise NotImplementedError(f"backend {config.backend!r} is not available in this build")
 
@@ -176,6 +177,19 @@ class JudgeRunner:
                 raise JudgeError(f"backend returned an unusable result: {problem}")
         except Exception as error:
             raise ModelLoadError(f"judge {self.judge.name!r} ({self.model_id}) failed its warm-up judgment: {error}") from error
+
+    def prefill(self, trajectory: Trajectory) -> object:
+        """Warm the backend's prefix cache with the prompt this judge will read for the next
+        action of `trajectory`: rendered with an empty assistant turn in the action's place,
+        so everything before it is what the judgment will send (the token prefix they share
+        is what the cache reuses). What the backend's `prefill` returns (a future), or None
+        where it cannot warm."""
+        prefill = getattr(self.backend, "prefill", None)
+        if not callable(prefill) or trajectory.conversation_id is None:
+            return None
+        placeholder = trajectory.model_copy(update={"steps": [*trajectory.steps, AssistantStep()]})
+        _, request = self.prepare(placeholder)
+        return prefill(request)
 
     def verdicts(self, trajectories: Sequence[Trajectory], deadline: float | None = None) -> list[Verdict]:
         """One batched backend call; errors propagate so the caller applies its fail mode.

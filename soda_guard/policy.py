@@ -64,6 +64,11 @@ class JudgeConfig(_Strict):
     """Whole judge prompt, in characters; the trajectory's middle is elided beyond it."""
     max_message_chars: int = Field(default=16_000, ge=256)
     """One message (a huge tool result) is clipped beyond this, head and tail kept."""
+    warm_up: bool = False
+    """`backend: openai`: while the agent's model runs, send the server the conversation so far
+    (`max_tokens: 1`) so that its prefix cache holds it when the judgment comes. Off by
+    default: it costs a request per model call. (`backend: transformers` always warms: a
+    prefill-only job into its own prefix cache.)"""
 
     @model_validator(mode="after")
     def _server_named(self) -> JudgeConfig:

@@ -15,6 +15,7 @@ import time
 from concurrent.futures import Future
 from typing import Any, Sequence
 
+from soda_guard.backends.prefill import LatestPerKey
 from soda_guard.engine.batcher import MicroBatcher
 from soda_guard.engine.decode import Engine, EngineStats, Job
 from soda_guard.generation import GenerationRequest, GenerationResult
@@ -83,6 +84,7 @@ class TransformersBackend:
         timeout_s: float = 300.0,
     ) -> None:
         self.timeout_s = timeout_s
+        self._warming = LatestPerKey()
         self.engine = Engine(
             self.model,
             self.tokenizer,
@@ -99,6 +101,20 @@ class TransformersBackend:
             max_wait_s=max_wait_ms / 1000.0,
             expired=lambda job: job.expired(time.monotonic()),
         )
+
+    def prefill(self, request: GenerationRequest) -> Future[GenerationResult] | None:
+        """Fire and forget: queue a prefill-only job that leaves the request's keys and values
+        in the prefix cache, so the judgment that follows prefills only what is new. The
+        caller (the guard's warm-up thread) waits for nothing; an older warm-up of the same
+        conversation still queued is cancelled. The result changes no verdict: the cache holds
+        the same keys and values the judgment would compute. None when the request has no
+        conversation key to warm or the engine keeps no prefix cache."""
+        if request.cache_key is None or self.engine.cache is None:
+            return None
+        job = self.engine.job(dataclasses.replace(self._with_deadline(request), prefill_only=True, max_new_tokens=1))
+        future = self._batcher.submit([job])[0]
+        self._warming.replace(request.cache_key, future)
+        return future
 
     @property
     def stats(self) -> EngineStats:
