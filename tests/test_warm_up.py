@@ -122,3 +122,48 @@ def test_the_http_warm_up_is_off_by_default_and_asks_for_one_token_when_on(monke
     future.result(timeout=10)
     assert sent == [{"model": "judge", "messages": request.messages, "temperature": 0, "max_tokens": 1}]
     backend.close()
+
+
+class _Prefilling(ScriptedBackend):
+    """A scripted judge that can be warmed: it records what each warm-up would prefill."""
+
+    def __init__(self) -> None:
+        super().__init__([soda_reply(False)])
+        self.warmed: list[GenerationRequest] = []
+        self.done = threading.Event()
+
+    def prefill(self, request: GenerationRequest) -> None:
+        self.warmed.append(request)
+        self.done.set()
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_the_middleware_warms_the_judge_before_each_model_call(asynchronous: bool) -> None:
+    import asyncio
+
+    from langchain.agents import create_agent
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from soda_guard.integrations.langchain import SodaGuardMiddleware
+    from soda_guard.integrations.testing import scripted_model, tool_calls_message
+
+    from integration_helpers import make_tools
+
+    backend = _Prefilling()
+    guard = Guard(Policy.from_dict({"judges": {"soda": {"kind": "soda", "model": "scripted"}}}), backends={"soda": backend})
+    guard.runner("soda")
+    ran: list[Any] = []
+    replies = [tool_calls_message(("read_file", {"path": "notes.txt"})), "Done."]
+    agent = create_agent(scripted_model(replies), make_tools(ran), middleware=[SodaGuardMiddleware(guard)], checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "t1"}}
+    user = {"messages": [{"role": "user", "content": "Read my notes."}]}
+    if asynchronous:
+        asyncio.run(agent.ainvoke(user, config))
+    else:
+        agent.invoke(user, config)
+    guard._warmer.shutdown(wait=True)  # the warm-ups queued have run
+    guard.close()
+    prompts = [request.messages[-1]["content"] for request in backend.warmed]
+    assert [request.cache_key for request in backend.warmed] == ["t1", "t1"]
+    assert "[TOOL]" not in prompts[0] and "[TOOL]" in prompts[1]  # the second model call came after the tool ran
+    assert ran == [("read_file", {"path": "notes.txt"})]
