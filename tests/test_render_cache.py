@@ -114,3 +114,24 @@ def test_a_turns_calls_share_one_prepared_history() -> None:
     judge._blocks.get = lambda key, make: calls.append(key) or original(key, make)  # type: ignore[method-assign]
     judge.render(second)
     assert len(calls) == 1  # the pending call's own block only
+
+
+@pytest.mark.parametrize("window", ["history", "full"])
+def test_cached_rendering_matches_the_reference_at_every_budget_of_a_long_run(window: str) -> None:
+    """Every prompt budget from the least to more than the whole run, one character apart, so
+    each stopping point of the elision walk (and each omission marker's cost) is crossed."""
+    steps: list = [UserStep(content="Earlier request: archive the old reports.")]
+    for index in range(40):
+        steps += [
+            AssistantStep(content=f"Step {index}.", tool_calls=[ToolCall(id=f"c{index}", name="archive", args={"n": index})]),
+            ToolStep(tool_call_id=f"c{index}", content=f"archived report {index} " * (1 + index % 5)),
+        ]
+        if index == 25:
+            steps.append(UserStep(content="Now delete everything that is archived."))
+    steps.append(AssistantStep(tool_calls=[ToolCall(id="x", name="delete_all", args={})]))
+    trajectory = Trajectory(steps=steps)
+    for room in range(4096, 9000, 11):
+        judge = SodaJudge(window=window, budget=ContextBudget(max_prompt_chars=room, max_message_chars=300))  # type: ignore[arg-type]
+        assert _cached(judge, trajectory) == _reference(judge, trajectory), room
+        gen = Qwen3GuardGenJudge(budget=ContextBudget(max_prompt_chars=room, max_message_chars=300))
+        assert _cached(gen, trajectory) == _reference(gen, trajectory), room
