@@ -167,3 +167,13 @@ def test_the_middleware_warms_the_judge_before_each_model_call(asynchronous: boo
     assert [request.cache_key for request in backend.warmed] == ["t1", "t1"]
     assert "[TOOL]" not in prompts[0] and "[TOOL]" in prompts[1]  # the second model call came after the tool ran
     assert ran == [("read_file", {"path": "notes.txt"})]
+
+
+def test_the_judge_config_flag_turns_the_http_warm_up_on() -> None:
+    from soda_guard.judging import make_backend
+    from soda_guard.policy import JudgeConfig
+
+    for flag in (False, True):
+        config = JudgeConfig(kind="soda", model="judge", backend="openai", base_url="http://127.0.0.1:9/v1", warm_up=flag)
+        backend = make_backend(config)
+        assert isinstance(backend, OpenAIBackend) and backend.warm_up is flag
