@@ -177,3 +177,16 @@ def test_the_judge_config_flag_turns_the_http_warm_up_on() -> None:
         config = JudgeConfig(kind="soda", model="judge", backend="openai", base_url="http://127.0.0.1:9/v1", warm_up=flag)
         backend = make_backend(config)
         assert isinstance(backend, OpenAIBackend) and backend.warm_up is flag
+
+
+def test_http_warm_ups_never_take_more_than_half_the_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+    backend = OpenAIBackend("judge", base_url="http://127.0.0.1:9/v1", warm_up=True, max_concurrency=4)
+    monkeypatch.setattr(backend, "_send", lambda client, server, body, deadline: release.wait(30))
+    started = [backend.prefill(GenerationRequest(messages=[{"role": "user", "content": "x"}], cache_key=f"c{n}")) for n in range(4)]
+    assert [future is not None for future in started] == [True, True, False, False]
+    release.set()
+    for future in started[:2]:
+        assert future is not None
+        future.result(timeout=10)
+    backend.close()

@@ -225,9 +225,11 @@ class OpenAIBackend:
         `max_tokens: 1`, which a server with prefix caching (vLLM, SGLang) keeps, so that the
         judgment that follows prefills only what is new; the server is the one the
         conversation sticks to. Never waited for, never retried, its failure ignored; sent only
-        while at least half the workers are free, so it never holds up a judgment; an older
-        warm-up of the conversation still queued is cancelled. None when not sent."""
-        if not self.warm_up or request.cache_key is None or self._in_flight * 2 >= self.max_concurrency:
+        while judgments and warm-ups together hold under half the workers, so warm-ups never
+        leave a judgment waiting for one; an older warm-up of the conversation still queued is
+        cancelled. None when not sent."""
+        busy = self._in_flight + len(self._warming)  # judgments and warm-ups holding or awaiting a worker
+        if not self.warm_up or request.cache_key is None or busy * 2 >= self.max_concurrency:
             return None
         client, workers = self._ensure()
         body = {"model": self.model_id, "messages": request.messages, "temperature": 0, "max_tokens": 1}

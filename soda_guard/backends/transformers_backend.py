@@ -106,10 +106,12 @@ class TransformersBackend:
         """Fire and forget: queue a prefill-only job that leaves the request's keys and values
         in the prefix cache, so the judgment that follows prefills only what is new. The
         caller (the guard's warm-up thread) waits for nothing; an older warm-up of the same
-        conversation still queued is cancelled. The result changes no verdict: the cache holds
-        the same keys and values the judgment would compute. None when the request has no
-        conversation key to warm or the engine keeps no prefix cache."""
-        if request.cache_key is None or self.engine.cache is None:
+        conversation still queued is cancelled, and none is queued behind judgments waiting
+        for the model (it would only hold them up). The result changes no verdict: the cache
+        holds the same keys and values the judgment would compute. None when not queued: no
+        conversation key, no prefix cache, or work waiting."""
+        judgments_waiting = self._batcher.pending > len(self._warming)
+        if request.cache_key is None or self.engine.cache is None or judgments_waiting:
             return None
         job = self.engine.job(dataclasses.replace(self._with_deadline(request), prefill_only=True, max_new_tokens=1))
         future = self._batcher.submit([job])[0]

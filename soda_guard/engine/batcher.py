@@ -43,6 +43,11 @@ class MicroBatcher(Generic[Item, Result]):
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
+    @property
+    def pending(self) -> int:
+        """Items queued and not yet taken into a batch."""
+        return self._queue.qsize()
+
     def submit(self, items: Sequence[Item]) -> list[Future[Result]]:
         self._ensure_started()
         futures: list[Future[Result]] = []
