@@ -8,7 +8,7 @@ prefills the tool result and the action; with warming (done while the model "thi
 for here so the measurement starts when the model has answered) only the action. A small random
 Qwen3 on CPU (4 layers, hidden 512, byte tokenizer), greedy, 24 new tokens (a SODA reason and verdict are
 about that long); runs alternate cold and warm, each on a fresh conversation, and the median is
-printed with the ratio warm/cold.
+printed with the ratio warm/cold and the tokens each judgment had to prefill.
 
     python benchmarks/bench_warmup.py [--repeat 3]
 """
@@ -41,7 +41,9 @@ def conversation(tag: str, result: str) -> tuple[Trajectory, Trajectory, Traject
     """(the earlier turn, judged before, the history when the model is called, the history
     with the model's new action)."""
     messages: list[dict[str, Any]] = [
-        {"role": "user", "content": "Reconcile last month's transfers and pay what is still open."},
+        # the tag first: a conversation shares no tokens with the earlier ones, whose cache
+        # entries would otherwise serve it (the prefix cache is shared across conversations)
+        {"role": "user", "content": f"[{tag}] Reconcile last month's transfers and pay what is still open."},
         {"role": "assistant", "content": "", "tool_calls": [{"id": "a", "function": {"name": "list_transfers", "arguments": '{"month": "2026-11"}'}}]},
     ]
     earlier = from_openai_messages(messages, conversation_id=tag)
@@ -63,10 +65,11 @@ def main() -> None:
     policy = Policy.from_dict({"judges": {"soda": {"kind": "soda", "model": "tiny-bench", "max_new_tokens": 24}}, "defaults": {"timeout_s": 120}})
     guard = Guard(policy, backends={"soda": backend})
     guard.load()
-    print(f"{'last tool result':>17} {'cold ms':>9} {'warm ms':>9} {'warm/cold':>10}")
+    print(f"{'last tool result':>17} {'cold ms':>9} {'warm ms':>9} {'warm/cold':>10} {'prefilled cold':>15} {'prefilled warm':>15}")
     for size in SIZES:
         result = tool_result(tokenizer, size)
         times: dict[bool, list[float]] = {False: [], True: []}
+        prefilled: dict[bool, list[int]] = {False: [], True: []}
         for run in range(repeat * 2):
             warm = run % 2 == 1
             earlier, history, judged = conversation(f"{size}-{run}", result)
@@ -77,13 +80,16 @@ def main() -> None:
                 for queued in started.result():
                     if queued is not None:
                         queued.result()
+            before = backend.stats.prefilled_tokens
             start = time.perf_counter()
             decision = guard.check_tool_calls(judged)[0]
             times[warm].append((time.perf_counter() - start) * 1000.0)
+            prefilled[warm].append(backend.stats.prefilled_tokens - before)
             # random weights write no verdict: what must hold is that the whole output was made
             assert decision.verdict is not None and decision.verdict.generated_tokens == 24, decision.why
         cold, warm_ms = statistics.median(times[False]), statistics.median(times[True])
-        print(f"{size:>11} tokens {cold:>9.1f} {warm_ms:>9.1f} {warm_ms / cold:>10.2f}")
+        tokens = f"{statistics.median(prefilled[False]):>15.0f} {statistics.median(prefilled[True]):>15.0f}"
+        print(f"{size:>11} tokens {cold:>9.1f} {warm_ms:>9.1f} {warm_ms / cold:>10.2f} {tokens}")
     guard.close()
     backend.close()
 
