@@ -23,7 +23,7 @@ import threading
 from collections import OrderedDict
 from typing import Callable, Generic, Hashable, Sequence, TypeVar
 
-from soda_guard.judges.context import Block, Fitted, Omitted, omission_marker
+from soda_guard.judges.context import Block, Omitted, omission_marker
 
 V = TypeVar("V")
 
@@ -77,10 +77,11 @@ class PreparedHistory:
     """The messages before the last one, fitted for every stopping point of the elision walk.
 
     Built from the history's blocks (flags set as in the full list of `count` blocks) with the
-    parameters `fit_blocks` gets. `fit(tail, room)` then returns exactly what
-    `fit_blocks(history + tail, room, ...)` returns when every tail block is protected and
-    shown, or None where it cannot say (the protected messages alone overflow and must be
-    clipped to a common level: the caller runs `fit_blocks` itself)."""
+    parameters `fit_blocks` gets. For a tail of protected, shown blocks, `items(removals)`
+    followed by the tail `stop(tail, room)` returns is exactly what
+    `fit_blocks(history + tail, room, ...)` returns; `stop` is None where it cannot say (the
+    protected messages alone overflow and must be clipped to a common level: the caller runs
+    `fit_blocks` itself)."""
 
     def __init__(
         self,
@@ -153,13 +154,6 @@ class PreparedHistory:
         made = tuple(items)
         with self._lock:
             return self._items.setdefault(removals, made)
-
-    def fit(self, tail: Sequence[Block], room: int) -> Fitted | None:
-        stop = self.stop(tail, room)
-        if stop is None:
-            return None
-        removals, shown, truncated = stop
-        return Fitted([*self.items(removals), *shown], truncated)
 
     def rendered(self, removals: int, key: Hashable, render: Callable[[tuple[Block | Omitted, ...]], V]) -> V:
         """A judge's own rendering of the history at a stopping point, made once and shared by

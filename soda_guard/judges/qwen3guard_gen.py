@@ -253,6 +253,7 @@ class Qwen3GuardGenJudge(Judge):
         if stop is None:  # the kept messages overflow: clipped to a common level, uncached
             return fit_gen_messages(trajectory, self.mode, self.budget)
         removals, shown, truncated = stop
+        # the history's message dicts are shared by the turn's prompts: read, never edited
         earlier, prefix = prepared.rendered(removals, "gen", _messages)
         return [*earlier, *_messages(shown, prefix)[0]], truncated
 

@@ -129,8 +129,8 @@ def _block(step: UserStep | AssistantStep | ToolStep, **flags: bool) -> Block:
 
 
 def _head(harm: str, environment: str) -> str:
-    """`_render_items` up to the first message, in pieces: the cached renderer joins a shared
-    history text between this and `_tail_text`."""
+    """`_render_items` up to the first message: the cached renderer puts the turn's shared
+    history text and the judged message between this and `_FOOT`."""
     return "\n".join((*HEADER_LINES, f"Harm category: {harm}", f"Environment: {environment}", "", CONVERSATION_LINE, "")) + "\n"
 
 
@@ -146,10 +146,7 @@ _FOOT = f"{END_LINE}\n\n{QUESTION_LINE}"
 def _block_key(step: UserStep | AssistantStep | ToolStep) -> Hashable:
     """What a step's block is rendered from, and nothing else: equal keys render equally."""
     if isinstance(step, AssistantStep):
-        calls = tuple(
-            (call.name, call.args if isinstance(call.args, str) else None, None if isinstance(call.args, str) else json.dumps(call.args, ensure_ascii=False))
-            for call in step.tool_calls
-        )
+        calls = tuple((call.name, type(call.args), json.dumps(call.args, ensure_ascii=False)) for call in step.tool_calls)
         return ("assistant", step.content, calls)
     if isinstance(step, ToolStep):
         return ("tool", tool_result_text(step))
