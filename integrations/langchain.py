@@ -133,8 +133,16 @@ class SodaGuardMiddleware(AgentMiddleware):
             update = [*update, (STATE_KEY, state_form(turn, self._enforcer.seal))]
         return ExtendedModelResponse(model_response=response, command=Command(update=update)) if update else response
 
+    def _warm_up(self, request: ModelRequest) -> None:
+        """Start warming the judge with the conversation so far, just before the model is
+        called: only the coming action is then left for the judgment to prefill. Queues
+        work and returns; the conversion runs on the guard's warm-up thread."""
+        messages, thread = list(request.state.get("messages", [])), thread_id()
+        self.guard.warm_up(lambda: to_trajectory(messages, conversation_id=thread, harm=self.harm, environment=self.environment))
+
     def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], ModelCallResult]) -> ModelCallResult:
         register_mcp_tools(self.guard, request.tools)
+        self._warm_up(request)
         response, update = _replayed(self._model(handler, request).result() if in_graph() else _call_model(handler, request))
         return run_steps(self._turn(request, response, update), self._enforcer.answer(None))
 
@@ -142,6 +150,7 @@ class SodaGuardMiddleware(AgentMiddleware):
         self, request: ModelRequest, handler: Callable[[ModelRequest], Awaitable[ModelCallResult]]
     ) -> ModelCallResult:
         register_mcp_tools(self.guard, request.tools)
+        self._warm_up(request)
         response, update = _replayed(await self._amodel(handler, request) if in_graph() else await _acall_model(handler, request))
         return await arun_steps(self._turn(request, response, update), self._enforcer.aanswer(None))
 

@@ -82,40 +82,125 @@ def _write_all(fd: int, payload: bytes) -> None:
         view = view[written:]
 
 
-class JsonlAuditSink:
-    """Append-only JSONL on an `O_APPEND` handle under `flock`.
+class _GroupSync:
+    """The fsyncs of one open log, shared by the writers waiting for them (group commit).
 
-    `fsync="decision"` writes and fsyncs record by record, `"batch"` writes one guard call's
-    records together with a single fsync, `"off"` only writes (durable against a crashed
-    process, not against a crashed machine). In every mode the write completes before the
-    decisions are returned."""
+    Each write gets a ticket as its record is in the file; it returns once an fsync that
+    began after that has finished. While one fsync runs, the writers that arrive queue their
+    records and the next fsync covers them all, so concurrent checks pay for about one fsync
+    each round instead of one each. A failed fsync fails every write it covered and leaves the
+    handle broken for good: the kernel may clear the error, so a retry on the same handle
+    could report data as durable that is lost."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self.fd = fd
+        self.path = path
+        self._cond = threading.Condition()
+        self._written = 0
+        self._durable = 0
+        self._syncing = False
+        self.broken: OSError | None = None
+
+    def ticket(self) -> int:
+        with self._cond:
+            self._written += 1
+            return self._written
+
+    def wait_durable(self, ticket: int, deadline: float | None) -> None:
+        with self._cond:
+            while self._durable < ticket:
+                if self.broken is not None:
+                    raise AuditError(f"audit log {self.path}: fsync failed: {self.broken}")
+                if not self._syncing:
+                    self._lead()
+                    continue
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise AuditError(f"audit log {self.path}: its fsync did not finish by the deadline")
+                self._cond.wait(left)
+
+    def _lead(self) -> None:
+        """One fsync for every record written so far; called, and returns, holding `_cond`."""
+        self._syncing = True
+        target = self._written
+        self._cond.release()
+        failure: OSError | None = None
+        try:
+            os.fsync(self.fd)
+        except OSError as error:
+            failure = error
+        finally:
+            self._cond.acquire()
+            self._syncing = False
+            self._cond.notify_all()
+        if failure is not None:
+            self.broken = failure
+        else:
+            self._durable = max(self._durable, target)
+
+
+class JsonlAuditSink:
+    """Append-only JSONL on an `O_APPEND` handle under `flock`, kept open between writes.
+
+    With `fsync` on (`"decision"` or `"batch"`, the same since group commit) a write returns
+    only after its records are fsynced, one fsync shared by the writes that arrive together
+    (`_GroupSync`); `"off"` only writes (durable against a crashed process, not against a
+    crashed machine). In every mode the write completes before the decisions are returned. A
+    log renamed or removed (rotation) is followed: the next write opens the file at `path`."""
 
     def __init__(self, path: str | Path, *, fsync: FsyncMode | bool = "decision") -> None:
         self.path = Path(path)
         self.fsync = _fsync_mode(fsync)
         self._lock = threading.Lock()
+        self._log: _GroupSync | None = None
+        self._identity: tuple[int, int] | None = None
+        self._retired: list[_GroupSync] = []
         self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _open(self) -> _GroupSync:
+        """The open log, reopened when `path` names another file now or its fsync failed;
+        a replaced handle stays open (writers may still be waiting on its fsync) until
+        `close`. Called holding `_lock`."""
+        try:
+            at_path = os.stat(self.path)
+            current = (at_path.st_dev, at_path.st_ino)
+        except FileNotFoundError:
+            current = None
+        if self._log is not None and self._log.broken is None and current == self._identity:
+            return self._log
+        if self._log is not None:
+            self._retired.append(self._log)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        opened = os.fstat(fd)
+        self._identity = (opened.st_dev, opened.st_ino)
+        self._log = _GroupSync(fd, self.path)
+        return self._log
 
     def write(self, decisions: Sequence[Decision], *, deadline: float | None = None) -> None:
         if not decisions:
             return
-        records = [decision.model_dump_json().encode("utf-8") + b"\n" for decision in decisions]
-        chunks = records if self.fsync == "decision" else [b"".join(records)]
+        payload = b"".join(decision.model_dump_json().encode("utf-8") + b"\n" for decision in decisions)
         _acquire(self._lock, deadline, f"audit log {self.path}")
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            log = self._open()
+            _flock(log.fd, deadline, self.path)
             try:
-                _flock(fd, deadline, self.path)
-                if _ends_torn(fd):
-                    _write_all(fd, b"\n")
-                for chunk in chunks:
-                    _write_all(fd, chunk)
-                    if self.fsync != "off":
-                        os.fsync(fd)
+                if _ends_torn(log.fd):
+                    _write_all(log.fd, b"\n")
+                _write_all(log.fd, payload)
             finally:
-                os.close(fd)  # closing releases the flock
+                fcntl.flock(log.fd, fcntl.LOCK_UN)
+            ticket = log.ticket()
         finally:
             self._lock.release()
+        if self.fsync != "off":
+            log.wait_durable(ticket, deadline)
+
+    def close(self) -> None:
+        with self._lock:
+            for log in [*self._retired, *([self._log] if self._log else [])]:
+                os.close(log.fd)
+            self._log, self._retired, self._identity = None, [], None
 
 
 def _ends_torn(fd: int) -> bool:

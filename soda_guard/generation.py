@@ -36,6 +36,9 @@ class GenerationRequest:
     deadline: float | None = None
     """`time.monotonic()` value after which nobody waits for the answer any more: in-process
     work on it is dropped (before it starts, or between decode steps) instead of finished."""
+    prefill_only: bool = False
+    """A warm-up: compute and keep the prompt's keys and values (the prefix cache), generate
+    nothing; answered with an empty result."""
     cancelled: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
     """Set when the caller stops waiting before the deadline (its task was cancelled, another
     judgment of its batch failed, the backend is closing): the work is dropped the same way."""

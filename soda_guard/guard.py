@@ -159,6 +159,7 @@ class Guard:
         self.judge_threads = JudgeThreads(limit=max_judge_threads)
         #: MCP tools the adapters registered: calls to them are judged as `server:tool`
         self.tools = ToolCatalog()
+        self._warmer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="soda-guard-warm-up")
 
     @classmethod
     def from_yaml_file(cls, path: str | Path, **kwargs: object) -> Guard:
@@ -213,6 +214,28 @@ class Guard:
         """`load` on a worker thread: loading weights takes seconds to minutes, which must not
         stall the caller's event loop."""
         await asyncio.to_thread(self.load)
+
+    def warm_up(self, conversation: Trajectory | Callable[[], Trajectory]) -> concurrent.futures.Future[Any] | None:
+        """Start warming the judges for the next tool calls of `conversation` (the trajectory,
+        or a function that builds it, so converting it is not the caller's cost either) while
+        the agent's model is still thinking: every loaded judge whose backend can prefill gets
+        the prompt up to the coming action, so the judgment then prefills only the action.
+        Returns at once: the work runs on the guard's warm-up thread and each backend's own
+        worker, and a newer warm-up of the same conversation supersedes an older one still
+        queued. A warm-up changes no verdict (the prefix cache holds the keys and values the
+        judgment would compute) and its failure only costs the time it would have saved. The
+        future is for tests and benchmarks; None when no judge can be warmed."""
+        runners = [runner for name in self.policy.judges_in_use() if (runner := self._runners.get(name)) is not None]
+        if not any(callable(getattr(runner.backend, "prefill", None)) for runner in runners):
+            return None
+        try:
+            return self._warmer.submit(_warm, runners, conversation)
+        except RuntimeError:  # closed
+            return None
+
+    async def awarm_up(self, conversation: Trajectory | Callable[[], Trajectory]) -> concurrent.futures.Future[Any] | None:
+        """`warm_up` from async code: it only queues work, so nothing is awaited."""
+        return self.warm_up(conversation)
 
     def _plan(self, trajectory: Trajectory) -> list[_Item]:
         """Calls that share an id within one turn are refused unjudged: a decision is bound to
@@ -276,7 +299,7 @@ class Guard:
         verdict = verdicts.get(item.judge) if item.judge is not None else None
         base = {"rule": item.rule_name, "tool_call": item.call, "verdict": verdict, "conversation_id": conversation_id}
         if item.refusal is not None:
-            return Decision(action=Action.BLOCK, why=item.refusal, **base)
+            return decision(Action.BLOCK, item.refusal)
         fixed = getattr(item.rule, "action", None)
         if fixed is not None:
             why = f"{item.rule_name} sets {fixed.value} without judging"
@@ -287,7 +310,9 @@ class Guard:
     def _decision(base: dict[str, Any], action: Action, why: str, condition: str | None) -> Decision:
         verdict = base["verdict"]
         stage = verdict.settled_by if verdict is not None else None
-        return Decision(action=action, why=why, condition=condition, stage=stage, **base)
+        # built from objects already validated (the policy, the trajectory's call, a checked
+        # verdict): validating them again is most of a decision's cost
+        return Decision.model_construct(action=action, why=why, condition=condition, stage=stage, **base)
 
     def _judged(
         self, rule_name: str, rule: Outcomes | None, verdict: Verdict | None, base: dict[str, Any], condition: str | None,
@@ -542,6 +567,7 @@ class Guard:
         belong to the caller. Not calling it is safe too: the engine's worker is joined at
         interpreter exit, and threads stuck in a hung judge are daemons."""
         self.judge_threads.close()
+        self._warmer.shutdown(wait=False, cancel_futures=True)
         close_each(self._made)
         close_each(self.sinks)
 
@@ -582,6 +608,12 @@ def _audit_failed(decision: Decision, action: Action, cause: Exception) -> Decis
         f"{decision.decision_id} ({decision.action.value}: {decision.why})"
     )
     return decision.model_copy(update={"decision_id": uuid.uuid4().hex, "timestamp": time.time(), "action": action, "why": why})
+
+
+def _warm(runners: Sequence[JudgeRunner], conversation: Trajectory | Callable[[], Trajectory]) -> list[object]:
+    """On the warm-up thread: the trajectory built, and each judge's prefill queued."""
+    trajectory = conversation() if callable(conversation) else conversation
+    return [runner.prefill(trajectory) for runner in runners]
 
 
 def _consume(task: asyncio.Future[Any]) -> None:

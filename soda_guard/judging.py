@@ -22,7 +22,7 @@ from soda_guard.judges.qwen3guard_gen import Qwen3GuardGenJudge
 from soda_guard.model_source import check_local_folder
 from soda_guard.judges.soda import SodaJudge
 from soda_guard.policy import JudgeConfig, Policy
-from soda_guard.trajectory import Trajectory
+from soda_guard.trajectory import AssistantStep, Trajectory
 from soda_guard.verdict import Label, Verdict
 
 
@@ -64,6 +64,7 @@ def make_backend(config: JudgeConfig) -> Backend:
             max_concurrency=config.max_concurrency,
             retries=config.retries,
             max_response_bytes=config.max_response_bytes,
+            warm_up=config.warm_up,
         )
     raise NotImplementedError(f"backend {config.backend!r} is not available in this build")
 
@@ -114,9 +115,11 @@ class JudgeRunner:
             return failed.model_copy(
                 update={"raw_output": result.text, "reason": parsed.reason, "truncated": rendered.truncated}
             )
-        return Verdict(
+        # every field is the judge's own parse or a result `_result_problem` has checked:
+        # validating them again would be most of a verdict's cost
+        return Verdict.model_construct(
             label=parsed.label,
-            score=result.score,
+            score=None if result.score is None else float(result.score),
             reason=parsed.reason,
             categories=parsed.categories,
             refusal=parsed.refusal,
@@ -180,6 +183,19 @@ class JudgeRunner:
         except Exception as error:
             raise ModelLoadError(f"judge {self.judge.name!r} ({self.model_id}) failed its warm-up judgment: {error}") from error
 
+    def prefill(self, trajectory: Trajectory) -> object:
+        """Warm the backend's prefix cache with the prompt this judge will read for the next
+        action of `trajectory`: rendered with an empty assistant turn in the action's place,
+        so everything before it is what the judgment will send (the token prefix they share
+        is what the cache reuses). What the backend's `prefill` returns (a future), or None
+        where it cannot warm."""
+        prefill = getattr(self.backend, "prefill", None)
+        if not callable(prefill) or trajectory.conversation_id is None:
+            return None
+        placeholder = trajectory.model_copy(update={"steps": [*trajectory.steps, AssistantStep()]})
+        _, request = self.prepare(placeholder)
+        return prefill(request)
+
     def verdicts(self, trajectories: Sequence[Trajectory], deadline: float | None = None) -> list[Verdict]:
         """One batched backend call; errors propagate so the caller applies its fail mode.
         `deadline` (`time.monotonic()`) travels on each request so a backend can stop working
@@ -217,6 +233,10 @@ def _result_problem(result: object) -> str | None:
     score = getattr(result, "score", None)
     if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float)) or not 0.0 <= score <= 1.0):
         return f"score {score!r} is not a probability"
+    for name in ("prompt_tokens", "generated_tokens"):
+        count = getattr(result, name, None)
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+            return f"{name} {count!r} is not a count"
     return None
 
 

@@ -104,6 +104,11 @@ class JudgeConfig(_Strict):
     """Whole judge prompt, in characters; the trajectory's middle is elided beyond it."""
     max_message_chars: _strict_int(ge=256) = 16_000
     """One message (a huge tool result) is clipped beyond this, head and tail kept."""
+    warm_up: bool = False
+    """`backend: openai`: while the agent's model runs, send the server the conversation so far
+    (`max_tokens: 1`) so that its prefix cache holds it when the judgment comes. Off by
+    default: it costs a request per model call. (`backend: transformers` always warms: a
+    prefill-only job into its own prefix cache.)"""
 
     @model_validator(mode="after")
     def _server_named(self) -> JudgeConfig:
@@ -302,8 +307,9 @@ class AuditConfig(_Strict):
     jsonl: Path | None = None
     """Append every decision to this JSON-lines file."""
     fsync: Literal["decision", "batch", "off"] = "decision"
-    """`decision`: every record fsynced on its own; `batch`: one fsync per guard call; `off`:
-    written before return (survives a crashed process, not a power cut)."""
+    """`decision` (and `batch`, the same): every record fsynced before its decision is returned,
+    one fsync shared by concurrent checks; `off`: written before return (survives a crashed
+    process, not a power cut)."""
     sqlite: Path | None = None
     """Also write every decision to this SQLite database."""
 

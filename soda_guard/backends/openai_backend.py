@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import httpcore
 
 from soda_guard.backends.deadline_http import CONNECTION_LOST, Aborted, BodyTooLarge, DeadlineClient, Reply
+from soda_guard.backends.prefill import LatestPerKey
 from soda_guard.backends.server_pool import Server, ServerPool
 from soda_guard.backends.waiting import await_all, wait_all
 from soda_guard.errors import JudgeError
@@ -108,6 +109,7 @@ class OpenAIBackend:
         backoff_s: float = 0.05,
         cooldown_s: float = 5.0,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        warm_up: bool = False,
     ) -> None:
         urls = list(base_urls or []) + ([base_url] if base_url else [])
         if not urls:
@@ -126,6 +128,8 @@ class OpenAIBackend:
                 raise JudgeError(f"the judge server's API key variable {api_key_env!r} (api_key_env) is not set")
         self.model_id = model
         self.timeout_s = timeout_s
+        self.warm_up = warm_up
+        self._warming = LatestPerKey()
         self.max_concurrency = max_concurrency
         self.retries = retries
         self.top_logprobs = top_logprobs
@@ -274,6 +278,32 @@ class OpenAIBackend:
     def _backoff(self, attempt: int, retry_after: float | None, remaining: float) -> float:
         delay = retry_after if retry_after is not None else self.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
         return max(0.0, min(delay, remaining))
+
+    def prefill(self, request: GenerationRequest) -> Future[Any] | None:
+        """With `warm_up` on, fire and forget one request for the conversation so far with
+        `max_tokens: 1`, which a server with prefix caching (vLLM, SGLang) keeps, so that the
+        judgment that follows prefills only what is new; the server is the one the
+        conversation sticks to. Never waited for, never retried, its failure ignored; sent only
+        while judgments and warm-ups together hold under half the workers, so warm-ups never
+        leave a judgment waiting for one; an older warm-up of the conversation still queued is
+        cancelled. None when not sent."""
+        busy = self._in_flight + len(self._warming)  # judgments and warm-ups holding or awaiting a worker
+        if not self.warm_up or request.cache_key is None or busy * 2 >= self.max_concurrency:
+            return None
+        client, workers = self._ensure()
+        body = {"model": self.model_id, "messages": request.messages, "temperature": 0, "max_tokens": 1}
+        future = workers.submit(self._warm, client, request, body, time.monotonic() + self.timeout_s)
+        self._warming.replace(request.cache_key, future)
+        return future
+
+    def _warm(self, client: DeadlineClient, request: GenerationRequest, body: dict[str, Any], deadline: float) -> None:
+        server = self.pool.checkout(request.cache_key)
+        try:
+            self._send(client, server, body, deadline, request)
+        except Exception:  # noqa: BLE001 - a failed warm-up only leaves the judgment to prefill it all
+            pass
+        finally:
+            self.pool.checkin(server)
 
     def _deadline(self, request: GenerationRequest, now: float) -> float:
         own = now + self.timeout_s

@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from typing import Any, Sequence
 
 from soda_guard.backends.waiting import await_all, wait_all
+from soda_guard.backends.prefill import LatestPerKey
 from soda_guard.engine.batcher import MicroBatcher
 from soda_guard.engine.decode import Engine, EngineStats, Job
 from soda_guard.generation import GenerationRequest, GenerationResult
@@ -84,6 +85,7 @@ class TransformersBackend:
         timeout_s: float = 300.0,
     ) -> None:
         self.timeout_s = timeout_s
+        self._warming = LatestPerKey()
         self.engine = Engine(
             self.model,
             self.tokenizer,
@@ -101,6 +103,22 @@ class TransformersBackend:
             expired=lambda job: job.expired(time.monotonic()),
             abandon=lambda job: job.request.abandon(),
         )
+
+    def prefill(self, request: GenerationRequest) -> Future[GenerationResult] | None:
+        """Fire and forget: queue a prefill-only job that leaves the request's keys and values
+        in the prefix cache, so the judgment that follows prefills only what is new. The
+        caller (the guard's warm-up thread) waits for nothing; an older warm-up of the same
+        conversation still queued is cancelled, and none is queued behind judgments waiting
+        for the model (it would only hold them up). The result changes no verdict: the cache
+        holds the same keys and values the judgment would compute. None when not queued: no
+        conversation key, no prefix cache, or work waiting."""
+        judgments_waiting = self._batcher.pending > len(self._warming)
+        if request.cache_key is None or self.engine.cache is None or judgments_waiting:
+            return None
+        job = self.engine.job(dataclasses.replace(self._with_deadline(request), prefill_only=True, max_new_tokens=1))
+        future = self._batcher.submit([job])[0]
+        self._warming.replace(request.cache_key, future)
+        return future
 
     @property
     def stats(self) -> EngineStats:

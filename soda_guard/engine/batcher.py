@@ -63,6 +63,11 @@ class MicroBatcher(Generic[Item, Result]):
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
+    @property
+    def pending(self) -> int:
+        """Items queued and not yet taken into a batch."""
+        return self._queue.qsize()
+
     def submit(self, items: Sequence[Item]) -> list[Future[Result]]:
         futures: list[Future[Result]] = [Future() for _ in items]
         if _exiting.is_set():

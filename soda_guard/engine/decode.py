@@ -168,6 +168,12 @@ class Engine:
         self.stats.batches += 1
         self.stats.judgments += len(jobs)
         indexes, logits, caches = self._prefill(jobs, answer)
+        warmed = [row for row, index in enumerate(indexes) if jobs[index].request.prefill_only]
+        if warmed:  # their keys and values are in the prefix cache now: nothing to generate
+            for row in warmed:
+                answer(indexes[row], GenerationResult(text="", prompt_tokens=jobs[indexes[row]].prompt_tokens, generated_tokens=0))
+            kept = [row for row in range(len(indexes)) if row not in set(warmed)]
+            indexes, logits, caches = [indexes[row] for row in kept], logits[kept], [caches[row] for row in kept]
         if not indexes:
             return
         live = [jobs[index] for index in indexes]

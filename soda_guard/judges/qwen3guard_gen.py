@@ -7,8 +7,10 @@ and it renders only string user/assistant content: agent actions must be turned 
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Literal
+from dataclasses import replace
+from typing import Hashable, Literal, Sequence
 
 from soda_guard.errors import TrajectoryError
 from soda_guard.judges.base import (
@@ -30,6 +32,7 @@ from soda_guard.judges.context import (
     fit_blocks,
     neutralise,
 )
+from soda_guard.judges.incremental import BlockMemo, HistoryMemo, PreparedHistory
 from soda_guard.trajectory import AssistantStep, SystemStep, ToolStep, Trajectory, UserStep
 from soda_guard.verdict import Label
 
@@ -86,6 +89,46 @@ def _as_message(item: Block, prefix: str) -> dict[str, str]:
     if item.role == "tool":
         return {"role": "user", "content": prefix + _wrap_tool_response(item.text)}
     return {"role": item.role, "content": prefix + item.text}
+
+
+def _block_key(step: SystemStep | UserStep | AssistantStep | ToolStep) -> Hashable:
+    """What a step's block is rendered from, and nothing else: equal keys render equally."""
+    if isinstance(step, AssistantStep):
+        return ("assistant", step.content, tuple((call.name, type(call.args), json.dumps(call.args, ensure_ascii=False)) for call in step.tool_calls))
+    if isinstance(step, ToolStep):
+        return ("tool", tool_result_text(step))
+    return (step.role, step.content)
+
+
+def _messages(items: Sequence[Block | Omitted], prefix: str = "") -> tuple[list[dict[str, str]], str]:
+    """The items as template messages, an elided run announced at the start of the next kept
+    message; with the marker still waiting for its message."""
+    messages = []
+    for item in items:
+        if isinstance(item, Omitted):
+            prefix = item.marker + "\n"
+        else:
+            messages.append(_as_message(item, prefix))
+            prefix = ""
+    return messages, prefix
+
+
+def _window(trajectory: Trajectory, mode: Mode) -> tuple[list[SystemStep | UserStep | AssistantStep | ToolStep], int, int | None]:
+    """(the messages shown, the request's index among them, the judged action's)."""
+    start = trajectory.latest_user_index()
+    if start is None:
+        raise TrajectoryError(None, "Qwen3Guard needs a user message to moderate against")
+    end = start
+    if mode != "prompt":
+        target = AssistantStep if mode == "response" else ToolStep
+        end = next((i for i in range(len(trajectory.steps) - 1, start - 1, -1) if isinstance(trajectory.steps[i], target)), -1)
+        if end < 0:
+            raise TrajectoryError(None, f"no {target.__name__.removesuffix('Step').lower()} message to moderate in {mode} mode")
+    steps = trajectory.steps
+    window = [steps[0], *(step for step in steps[1 : end + 1] if not isinstance(step, SystemStep))]
+    request = len(window) - 1 - sum(1 for step in steps[start + 1 : end + 1] if not isinstance(step, SystemStep))
+    action = next((i for i in range(len(window) - 1, request - 1, -1) if isinstance(window[i], AssistantStep)), None)
+    return window, request, action
 
 
 def fit_gen_messages(
@@ -180,9 +223,42 @@ class Qwen3GuardGenJudge(Judge):
         super().__init__(name)
         self.mode: Mode = mode
         self.budget = budget or ContextBudget()
+        self._blocks = BlockMemo()
+        self._histories = HistoryMemo()
+
+    def _block(self, index: int, step: SystemStep | UserStep | AssistantStep | ToolStep, keep: tuple[int | None, ...]) -> Block:
+        base = self._blocks.get(_block_key(step), lambda: _as_block(step, False))
+        whole = index in keep[:2] and not isinstance(step, ToolStep)
+        return replace(base, protected=index in keep, whole=whole)
+
+    def fit(self, trajectory: Trajectory) -> tuple[list[dict[str, str]], bool]:
+        """`fit_gen_messages`, message for message, from blocks rendered once per message and a
+        history fitted once per turn (`incremental`)."""
+        window, request, action = _window(trajectory, self.mode)
+        last = len(window) - 1
+        keep = (request, action, last)
+        history = window[:last]
+        prepared = self._histories.get(
+            history,
+            (self.mode, request, action),
+            lambda: PreparedHistory(
+                [self._block(i, step, keep) for i, step in enumerate(history)],
+                len(window),
+                overhead=lambda block: len(_wrap_tool_response("")) if block.role == "tool" else 0,
+                marker_overhead=1,
+                max_message_chars=self.budget.max_message_chars,
+            ),
+        )
+        stop = prepared.stop([self._block(last, window[last], keep)], self.budget.max_prompt_chars)
+        if stop is None:  # the kept messages overflow: clipped to a common level, uncached
+            return fit_gen_messages(trajectory, self.mode, self.budget)
+        removals, shown, truncated = stop
+        # the history's message dicts are shared by the turn's prompts: read, never edited
+        earlier, prefix = prepared.rendered(removals, "gen", _messages)
+        return [*earlier, *_messages(shown, prefix)[0]], truncated
 
     def render(self, trajectory: Trajectory) -> RenderedPrompt:
-        messages, truncated = fit_gen_messages(trajectory, self.mode, self.budget)
+        messages, truncated = self.fit(trajectory)
         return RenderedPrompt(messages=messages, truncated=truncated)
 
     def parse(self, text: str) -> ParsedOutput:

@@ -6,8 +6,10 @@ The prompt is reproduced byte for byte from the model's training format
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Literal
+from dataclasses import replace
+from typing import Hashable, Literal, Sequence
 
 from soda_guard.judges.base import (
     Judge,
@@ -30,6 +32,7 @@ from soda_guard.judges.context import (
     header_field,
     neutralise,
 )
+from soda_guard.judges.incremental import BlockMemo, HistoryMemo, PreparedHistory
 from soda_guard.trajectory import AssistantStep, SystemStep, ToolStep, Trajectory, UserStep
 from soda_guard.verdict import Label, Source
 
@@ -97,7 +100,7 @@ def render_user_message(
     return _render_items([Block(step.role.upper(), _role_text(step)) for step in steps], harm, environment)
 
 
-def _render_items(items: list[Block | Omitted], harm: str, environment: str) -> str:
+def _render_items(items: Sequence[Block | Omitted], harm: str, environment: str) -> str:
     lines = [
         *HEADER_LINES,
         f"Harm category: {harm}",
@@ -123,6 +126,46 @@ def _block(step: UserStep | AssistantStep | ToolStep, **flags: bool) -> Block:
     if isinstance(step, ToolStep):
         return Block(role, _neutralised(tool_result_text(step)), rank=RANK_TOOL_RESULT, **flags)
     return Block(role, _neutralised(step.content), rank=RANK_USER, **flags)
+
+
+def _head(harm: str, environment: str) -> str:
+    """`_render_items` up to the first message: the cached renderer puts the turn's shared
+    history text and the judged message between this and `_FOOT`."""
+    return "\n".join((*HEADER_LINES, f"Harm category: {harm}", f"Environment: {environment}", "", CONVERSATION_LINE, "")) + "\n"
+
+
+def _items_text(items: Sequence[Block | Omitted]) -> str:
+    return "".join(
+        f"{item.marker}\n\n" if isinstance(item, Omitted) else f"[{item.role}]\n{item.text}\n\n" for item in items
+    )
+
+
+_FOOT = f"{END_LINE}\n\n{QUESTION_LINE}"
+
+
+def _block_key(step: UserStep | AssistantStep | ToolStep) -> Hashable:
+    """What a step's block is rendered from, and nothing else: equal keys render equally."""
+    if isinstance(step, AssistantStep):
+        calls = tuple((call.name, type(call.args), json.dumps(call.args, ensure_ascii=False)) for call in step.tool_calls)
+        return ("assistant", step.content, calls)
+    if isinstance(step, ToolStep):
+        return ("tool", tool_result_text(step))
+    return ("user", step.content)
+
+
+def _flags(index: int, user_index: int | None, action_index: int | None, last: int, window: Window, assistant: bool) -> dict[str, bool]:
+    return {
+        "protected": index in (user_index, action_index, last),
+        "whole": index in (user_index, action_index),
+        "shown": not (window == "history" and assistant and index < (user_index or 0)),
+    }
+
+
+def _last_index(steps: Sequence[object], kind: type) -> int | None:
+    for index in range(len(steps) - 1, -1, -1):
+        if isinstance(steps[index], kind):
+            return index
+    return None
 
 
 def fit_conversation(
@@ -221,12 +264,47 @@ class SodaJudge(Judge):
         self.harm = harm
         self.environment = environment
         self.budget = budget or ContextBudget()
+        self._blocks = BlockMemo()
+        self._histories = HistoryMemo()
+
+    def _block(self, index: int, step: UserStep | AssistantStep | ToolStep, user_index: int | None, action_index: int | None, last: int) -> Block:
+        base = self._blocks.get(_block_key(step), lambda: _block(step))
+        return replace(base, **_flags(index, user_index, action_index, last, self.window, isinstance(step, AssistantStep)))
+
+    def fit(self, steps: list[UserStep | AssistantStep | ToolStep], harm: str, environment: str) -> tuple[str, bool]:
+        """`fit_conversation`, byte for byte, from blocks rendered once per message and a
+        history fitted once per turn (`incremental`)."""
+        if not steps:
+            return fit_conversation(steps, harm, environment, self.budget, self.window)
+        harm_line = header_field(harm, self.budget.max_field_chars)
+        environment_line = header_field(environment, self.budget.max_field_chars)
+        user_index, action_index = _last_index(steps, UserStep), _last_index(steps, AssistantStep)
+        last = len(steps) - 1
+        history = steps[:last]
+        prepared = self._histories.get(
+            history,
+            (user_index, action_index),
+            lambda: PreparedHistory(
+                [self._block(i, step, user_index, action_index, last) for i, step in enumerate(history)],
+                len(steps),
+                overhead=lambda block: len(block.role) + 5,
+                marker_overhead=2,
+                max_message_chars=self.budget.max_message_chars,
+            ),
+        )
+        head = _head(harm_line, environment_line)
+        room = self.budget.max_prompt_chars - len(SODA_SYSTEM_PROMPT) - len(head) - len(_FOOT)
+        stop = prepared.stop([self._block(last, steps[last], user_index, action_index, last)], room)
+        if stop is None:  # the kept messages overflow: clipped to a common level, uncached
+            return fit_conversation(steps, harm, environment, self.budget, self.window)
+        removals, shown, truncated = stop
+        return head + prepared.rendered(removals, "soda", _items_text) + _items_text(shown) + _FOOT, truncated
 
     def render(self, trajectory: Trajectory) -> RenderedPrompt:
         harm, harm_source = _pick(trajectory.harm, self.harm)
         environment, environment_source = _pick(trajectory.environment, self.environment)
         steps = conversation_steps(trajectory, self.window)
-        user, truncated = fit_conversation(steps, harm, environment, self.budget, self.window)
+        user, truncated = self.fit(steps, harm, environment)
         return RenderedPrompt(
             messages=[
                 {"role": "system", "content": SODA_SYSTEM_PROMPT},

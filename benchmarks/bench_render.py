@@ -1,0 +1,76 @@
+"""Judge-prompt render time per call at 10, 100 and 1,000 steps: the uncached reference
+(`fit_conversation`, every message rendered and fitted at every call) against the judge's
+cached renderer, both for the first call of a turn (the conversation re-converted into new
+step objects, as every adapter does each turn, so only the new messages are rendered) and for
+the turn's other calls (the history shared). Prints ms per call and the ratios.
+
+    python benchmarks/bench_render.py [--repeat 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from soda_guard.judges.soda import SodaJudge, _pick, conversation_steps, fit_conversation
+from soda_guard.trajectory import AssistantStep, ToolCall, ToolStep, Trajectory, UserStep
+
+
+def conversation(steps: int) -> list[dict]:
+    """Plain data (as a framework holds it): converted into new step objects at every turn."""
+    messages: list[dict] = [{"role": "user", "content": "Summarise my inbox and pay the bills that are due."}]
+    index = 0
+    while len(messages) < steps:
+        messages.append({"role": "assistant", "content": "Checking.", "tool_calls": [{"id": f"c{index}", "name": "read_email", "args": {"id": index}}]})
+        messages.append({"role": "tool", "tool_call_id": f"c{index}", "name": "read_email", "content": f"From: billing{index}@example.com\nAmount due: {index} EUR\n" * 8})
+        index += 1
+    messages.append({"role": "assistant", "content": "", "tool_calls": [{"id": "pay", "name": "send_money", "args": {"to": "ACME", "amount": 10}}]})
+    return messages
+
+
+def trajectory(messages: list[dict]) -> Trajectory:
+    steps = []
+    for message in messages:
+        if message["role"] == "user":
+            steps.append(UserStep(content=message["content"]))
+        elif message["role"] == "assistant":
+            steps.append(AssistantStep(content=message["content"], tool_calls=[ToolCall(**call) for call in message["tool_calls"]]))
+        else:
+            steps.append(ToolStep(tool_call_id=message["tool_call_id"], name=message["name"], content=message["content"]))
+    return Trajectory(steps=steps, conversation_id="bench")
+
+
+def per_call_ms(action, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        action()
+        best = min(best, time.perf_counter() - start)
+    return best * 1000.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=20)
+    repeat = parser.parse_args().repeat
+    print(f"{'steps':>6} {'uncached ms':>12} {'turn first ms':>14} {'turn rest ms':>13} {'first/uncached':>15} {'rest/uncached':>14}")
+    for steps in (10, 100, 1000):
+        messages = conversation(steps)
+        judge = SodaJudge()
+        judge.render(trajectory(messages[:-2]))  # the earlier turns were judged already
+
+        def uncached() -> None:
+            view = trajectory(messages)
+            fit_conversation(conversation_steps(view, judge.window), _pick(None, None)[0], _pick(None, None)[0], judge.budget, judge.window)
+
+        fresh = [trajectory(messages) for _ in range(repeat)]
+        first = per_call_ms(lambda: judge.render(fresh.pop()), repeat) - per_call_ms(lambda: trajectory(messages), repeat)
+        shared = trajectory(messages)
+        judge.render(shared)
+        rest = per_call_ms(lambda: judge.render(shared), repeat)
+        reference = per_call_ms(uncached, repeat) - per_call_ms(lambda: trajectory(messages), repeat)
+        print(f"{steps:>6} {reference:>12.3f} {first:>14.3f} {rest:>13.3f} {first / reference:>15.3f} {rest / reference:>14.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Time from the agent model's response to the guard's decision, with and without warming the
+judge while the model thinks (`Guard.warm_up`), on conversations whose last tool result is
+500, 2,000 and 8,000 tokens.
+
+Both runs have judged the conversation's earlier turn already (its prompt is in the prefix
+cache, as in a real agent loop); then a long tool result arrives. Without warming the judgment
+prefills the tool result and the action; with warming (done while the model "thinks", waited
+for here so the measurement starts when the model has answered) only the action. A small random
+Qwen3 on CPU (4 layers, hidden 512, byte tokenizer), greedy, 24 new tokens (a SODA reason and verdict are
+about that long); runs alternate cold and warm, each on a fresh conversation, and the median is
+printed with the ratio warm/cold and the tokens each judgment had to prefill.
+
+    python benchmarks/bench_warmup.py [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import torch
+from transformers import Qwen3ForCausalLM
+
+from soda_guard import Guard, Policy, from_openai_messages
+from soda_guard.backends.transformers_backend import TransformersBackend
+from soda_guard.testing import load_test_tokenizer, tiny_qwen3_config
+from soda_guard.trajectory import AssistantStep, ToolCall, Trajectory
+
+SIZES = (500, 2000, 8000)
+
+
+def tool_result(tokenizer: Any, tokens: int) -> str:
+    line = "2026-11-03 transfer 1,250.00 EUR to DE89 3704 0044 0532 0130 00 approved\n"
+    per_line = len(tokenizer(line, add_special_tokens=False)["input_ids"])
+    return line * max(1, tokens // per_line)
+
+
+def conversation(tag: str, result: str) -> tuple[Trajectory, Trajectory, Trajectory]:
+    """(the earlier turn, judged before, the history when the model is called, the history
+    with the model's new action)."""
+    messages: list[dict[str, Any]] = [
+        # the tag first: a conversation shares no tokens with the earlier ones, whose cache
+        # entries would otherwise serve it (the prefix cache is shared across conversations)
+        {"role": "user", "content": f"[{tag}] Reconcile last month's transfers and pay what is still open."},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "a", "function": {"name": "list_transfers", "arguments": '{"month": "2026-11"}'}}]},
+    ]
+    earlier = from_openai_messages(messages, conversation_id=tag)
+    history = from_openai_messages([*messages, {"role": "tool", "tool_call_id": "a", "content": result}], conversation_id=tag)
+    action = AssistantStep(content="Paying the open one.", tool_calls=[ToolCall(id="b", name="send_money", args={"iban": "DE89", "amount": 1250})])
+    return earlier, history, history.model_copy(update={"steps": [*history.steps, action]})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    repeat = parser.parse_args().repeat
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    tokenizer = load_test_tokenizer()  # bytes: a small vocabulary, so the output layer does not hide the prefill
+    config = tiny_qwen3_config(len(tokenizer), hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8, head_dim=64)
+    model = Qwen3ForCausalLM(config).eval()
+    backend = TransformersBackend.from_model(model, tokenizer, model_id="tiny-bench", ignore_eos=True, max_wait_ms=0.0)
+    policy = Policy.from_dict({"judges": {"soda": {"kind": "soda", "model": "tiny-bench", "max_new_tokens": 24}}, "defaults": {"timeout_s": 120}})
+    guard = Guard(policy, backends={"soda": backend})
+    guard.load()
+    print(f"{'last tool result':>17} {'cold ms':>9} {'warm ms':>9} {'warm/cold':>10} {'prefilled cold':>15} {'prefilled warm':>15}")
+    for size in SIZES:
+        result = tool_result(tokenizer, size)
+        times: dict[bool, list[float]] = {False: [], True: []}
+        prefilled: dict[bool, list[int]] = {False: [], True: []}
+        for run in range(repeat * 2):
+            warm = run % 2 == 1
+            earlier, history, judged = conversation(f"{size}-{run}", result)
+            guard.check(earlier)  # the previous judgment of this conversation
+            if warm:
+                started = guard.warm_up(history)
+                assert started is not None
+                for queued in started.result():
+                    if queued is not None:
+                        queued.result()
+            before = backend.stats.prefilled_tokens
+            start = time.perf_counter()
+            decision = guard.check_tool_calls(judged)[0]
+            times[warm].append((time.perf_counter() - start) * 1000.0)
+            prefilled[warm].append(backend.stats.prefilled_tokens - before)
+            # random weights write no verdict: what must hold is that the whole output was made
+            assert decision.verdict is not None and decision.verdict.generated_tokens == 24, decision.why
+        cold, warm_ms = statistics.median(times[False]), statistics.median(times[True])
+        tokens = f"{statistics.median(prefilled[False]):>15.0f} {statistics.median(prefilled[True]):>15.0f}"
+        print(f"{size:>11} tokens {cold:>9.1f} {warm_ms:>9.1f} {warm_ms / cold:>10.2f} {tokens}")
+    guard.close()
+    backend.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The cached renderer (`soda_guard.judges.incremental`) against the uncached reference
+(`fit_conversation`, `fit_gen_messages`): identical prompts on every prefix of every shared
+dataset conversation and on fuzzed trajectories, with budgets that force elision and clipping."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from soda_guard.converters import from_agent_record
+from soda_guard.errors import TrajectoryError
+from soda_guard.judges import Qwen3GuardGenJudge, SodaJudge
+from soda_guard.judges.context import ContextBudget
+from soda_guard.judges.qwen3guard_gen import fit_gen_messages
+from soda_guard.judges.soda import _pick, conversation_steps, fit_conversation
+from soda_guard.trajectory import AssistantStep, SystemStep, ToolCall, ToolStep, Trajectory, UserStep
+
+BUDGETS = (ContextBudget(), ContextBudget(max_prompt_chars=4096, max_message_chars=256), ContextBudget(max_prompt_chars=6000, max_message_chars=2000))
+
+
+def _judges() -> list[SodaJudge | Qwen3GuardGenJudge]:
+    judges: list[SodaJudge | Qwen3GuardGenJudge] = []
+    for budget in BUDGETS:
+        judges += [SodaJudge(window=window, budget=budget) for window in ("latest", "history", "full")]
+        judges += [Qwen3GuardGenJudge(mode=mode, budget=budget) for mode in ("prompt", "response", "tool_result")]
+    return judges
+
+
+def _reference(judge: SodaJudge | Qwen3GuardGenJudge, trajectory: Trajectory) -> object:
+    try:
+        if isinstance(judge, SodaJudge):
+            harm, _ = _pick(trajectory.harm, judge.harm)
+            environment, _ = _pick(trajectory.environment, judge.environment)
+            steps = conversation_steps(trajectory, judge.window)
+            return fit_conversation(steps, harm, environment, judge.budget, judge.window)
+        return fit_gen_messages(trajectory, judge.mode, judge.budget)
+    except (TrajectoryError, ValueError) as error:
+        return type(error), str(error)
+
+
+def _cached(judge: SodaJudge | Qwen3GuardGenJudge, trajectory: Trajectory) -> object:
+    try:
+        rendered = judge.render(trajectory)
+    except (TrajectoryError, ValueError) as error:
+        return type(error), str(error)
+    if isinstance(judge, SodaJudge):
+        return rendered.messages[1]["content"], rendered.truncated
+    return rendered.messages, rendered.truncated
+
+
+def _views(trajectory: Trajectory) -> list[Trajectory]:
+    """What a guard judges along a run: every prefix, and each pending call of a turn alone."""
+    views = []
+    for end in range(1, len(trajectory.steps) + 1):
+        prefix = trajectory.model_copy(update={"steps": trajectory.steps[:end]})
+        views.append(prefix)
+        pending = prefix.pending_tool_calls()
+        if len(pending) > 1:
+            views += [prefix.with_only_pending_call(call.id) for call in pending]
+    return views
+
+
+def _assert_same(judges: list[SodaJudge | Qwen3GuardGenJudge], trajectory: Trajectory) -> None:
+    for view in _views(trajectory):
+        for judge in judges:
+            assert _cached(judge, view) == _reference(judge, view), (judge.name, len(view.steps))
+
+
+@pytest.mark.parametrize("name", ["rjudge.json", "agentharm_trajectories.json"])
+def test_cached_rendering_matches_the_reference_on_every_dataset_prefix(datasets_dir: Path, name: str) -> None:
+    judges = _judges()  # shared across records, as a guard's judges are across conversations
+    records = json.loads((datasets_dir / name).read_text())
+    for record in records:
+        _assert_same(judges, from_agent_record(record))
+
+
+_TEXT = st.lists(
+    st.sampled_from(list("ab \n=[]:<>|/\\") + ["=== END ===", "[USER]", "[Verdict] SAFE", "<|im_end|>", "User:", "\u2028", "é", "x" * 300]),
+    max_size=40,
+).map("".join)
+_CALL = st.builds(ToolCall, id=st.sampled_from(["a", "b", "c"]), name=_TEXT, args=st.one_of(_TEXT, st.dictionaries(_TEXT, _TEXT, max_size=2)))
+_STEP = st.one_of(
+    st.builds(SystemStep, content=_TEXT),
+    st.builds(UserStep, content=_TEXT),
+    st.builds(AssistantStep, content=_TEXT, tool_calls=st.lists(_CALL, max_size=3, unique_by=lambda call: call.id)),
+    st.builds(ToolStep, tool_call_id=st.sampled_from(["a", "b", None]), content=st.one_of(st.none(), _TEXT), is_error=st.booleans(), error=st.one_of(st.none(), _TEXT)),
+)
+_FUZZ_JUDGES = _judges()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(_STEP, max_size=30), harm=st.one_of(st.none(), _TEXT))
+def test_cached_rendering_matches_the_reference_on_fuzzed_trajectories(steps: list, harm: str | None) -> None:
+    _assert_same(_FUZZ_JUDGES, Trajectory(steps=steps, harm=harm or None, conversation_id="fuzz"))
+
+
+def test_a_turns_calls_share_one_prepared_history() -> None:
+    """The second call of a turn renders nothing of the history again: its blocks come from
+    the memo by identity, so the block renderer is never reached."""
+    steps = [UserStep(content="do it")]
+    for index in range(50):
+        steps += [AssistantStep(tool_calls=[ToolCall(id=f"c{index}", name="read", args={"n": index})]), ToolStep(tool_call_id=f"c{index}", content="data " * 50)]
+    steps.append(AssistantStep(tool_calls=[ToolCall(id="x", name="send", args={}), ToolCall(id="y", name="send", args={"to": 1})]))
+    trajectory = Trajectory(steps=steps)
+    judge = SodaJudge()
+    first, second = (trajectory.with_only_pending_call(call_id) for call_id in ("x", "y"))
+    judge.render(first)
+    calls = []
+    original = judge._blocks.get
+    judge._blocks.get = lambda key, make: calls.append(key) or original(key, make)  # type: ignore[method-assign]
+    judge.render(second)
+    assert len(calls) == 1  # the pending call's own block only
+
+
+@pytest.mark.parametrize("window", ["history", "full"])
+def test_cached_rendering_matches_the_reference_at_every_budget_of_a_long_run(window: str) -> None:
+    """Every prompt budget from the least to more than the whole run, one character apart, so
+    each stopping point of the elision walk (and each omission marker's cost) is crossed."""
+    steps: list = [UserStep(content="Earlier request: archive the old reports.")]
+    for index in range(40):
+        steps += [
+            AssistantStep(content=f"Step {index}.", tool_calls=[ToolCall(id=f"c{index}", name="archive", args={"n": index})]),
+            ToolStep(tool_call_id=f"c{index}", content=f"archived report {index} " * (1 + index % 5)),
+        ]
+        if index == 25:
+            steps.append(UserStep(content="Now delete everything that is archived."))
+    steps.append(AssistantStep(tool_calls=[ToolCall(id="x", name="delete_all", args={})]))
+    trajectory = Trajectory(steps=steps)
+    for room in range(4096, 9000, 11):
+        judge = SodaJudge(window=window, budget=ContextBudget(max_prompt_chars=room, max_message_chars=300))  # type: ignore[arg-type]
+        assert _cached(judge, trajectory) == _reference(judge, trajectory), room
+        gen = Qwen3GuardGenJudge(budget=ContextBudget(max_prompt_chars=room, max_message_chars=300))
+        assert _cached(gen, trajectory) == _reference(gen, trajectory), room

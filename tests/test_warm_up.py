@@ -1,0 +1,192 @@
+"""Warming the judge while the agent's model thinks (`Guard.warm_up`): it prefills the judge's
+prefix cache with the conversation so far, never waits, never changes a verdict, and a newer
+warm-up of a conversation supersedes an older one still queued."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from soda_guard import Guard, Policy, ScriptedBackend, from_openai_messages
+from soda_guard.backends.base import GenerationRequest
+from soda_guard.backends.openai_backend import OpenAIBackend
+from soda_guard.backends.prefill import LatestPerKey
+from soda_guard.backends.scripted import soda_reply
+from soda_guard.backends.transformers_backend import TransformersBackend
+from soda_guard.testing import make_tiny_judge
+from soda_guard.trajectory import AssistantStep, ToolCall, Trajectory
+
+POLICY = {"judges": {"soda": {"kind": "soda", "model": "tiny"}}}
+
+
+def _history(tag: str) -> list[dict[str, Any]]:
+    return [
+        {"role": "user", "content": f"{tag}: tidy the shared drive."},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "a", "function": {"name": "list_files", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "a", "content": "report.pdf (2 MB)\n" * 40},
+    ]
+
+
+def _with_action(conversation: Trajectory) -> Trajectory:
+    action = AssistantStep(content="Deleting.", tool_calls=[ToolCall(id="b", name="delete_file", args={"path": "/share"})])
+    return conversation.model_copy(update={"steps": [*conversation.steps, action]})
+
+
+@pytest.fixture(scope="module")
+def judge_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_judge(tmp_path_factory.mktemp("warm-judge"), seed=3, initializer_range=0.3)
+
+
+@pytest.fixture
+def guards(judge_dir: Path) -> Iterator[tuple[Guard, Guard]]:
+    made = [TransformersBackend(str(judge_dir), device="cpu", dtype="float32") for _ in range(2)]
+    guards = tuple(Guard(Policy.from_dict(POLICY), backends={"soda": backend}) for backend in made)
+    for guard in guards:
+        guard.runner("soda")
+    yield guards  # type: ignore[misc]
+    for guard, backend in zip(guards, made):
+        guard.close()
+        backend.close()
+
+
+def test_warming_changes_no_verdict_and_leaves_only_the_action_to_prefill(guards: tuple[Guard, Guard]) -> None:
+    cold, warm = guards
+    conversation = from_openai_messages(_history("w"), conversation_id="w")
+    started = warm.warm_up(conversation)
+    assert started is not None
+    (prefilled,) = started.result(timeout=60)
+    prefilled.result(timeout=60)
+    backend = warm.runner("soda").backend
+    assert isinstance(backend, TransformersBackend)
+    before = backend.stats.prefilled_tokens
+    warmed = warm.check_tool_calls(_with_action(conversation))[0]
+    unwarmed = cold.check_tool_calls(_with_action(conversation))[0]
+    assert warmed.verdict is not None and unwarmed.verdict is not None
+    assert (warmed.action, warmed.verdict.raw_output, warmed.verdict.score, warmed.verdict.label) == (
+        unwarmed.action,
+        unwarmed.verdict.raw_output,
+        unwarmed.verdict.score,
+        unwarmed.verdict.label,
+    )
+    cold_backend = cold.runner("soda").backend
+    assert isinstance(cold_backend, TransformersBackend)
+    assert backend.stats.prefilled_tokens - before < cold_backend.stats.prefilled_tokens / 4
+
+
+def test_warm_up_returns_while_the_conversation_is_still_being_built(guards: tuple[Guard, Guard]) -> None:
+    guard = guards[0]
+    release = threading.Event()
+
+    def conversation() -> Trajectory:
+        release.wait(30)
+        return from_openai_messages(_history("slow"), conversation_id="slow")
+
+    started = guard.warm_up(conversation)
+    assert started is not None and not started.done()  # returned, the warm-up thread still waiting
+    release.set()
+    started.result(timeout=60)
+
+
+def test_a_newer_warm_up_cancels_the_older_one_still_queued() -> None:
+    pending = LatestPerKey()
+    older: Future[None] = Future()
+    newer: Future[None] = Future()
+    other: Future[None] = Future()
+    pending.replace("c", older)
+    pending.replace("d", other)
+    pending.replace("c", newer)
+    assert older.cancelled() and not newer.cancelled() and not other.cancelled()
+    newer.set_result(None)
+    other.set_result(None)
+    assert len(pending) == 0
+
+
+def test_nothing_is_warmed_where_no_backend_can_prefill() -> None:
+    guard = Guard(Policy.from_dict(POLICY), backends={"soda": ScriptedBackend([soda_reply(False)])})
+    guard.runner("soda")
+    assert guard.warm_up(from_openai_messages(_history("s"), conversation_id="s")) is None
+
+
+def test_the_http_warm_up_is_off_by_default_and_asks_for_one_token_when_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    request = GenerationRequest(messages=[{"role": "user", "content": "x"}], cache_key="c")
+    assert OpenAIBackend("judge", base_url="http://127.0.0.1:9/v1").prefill(request) is None
+    sent: list[dict[str, Any]] = []
+    backend = OpenAIBackend("judge", base_url="http://127.0.0.1:9/v1", warm_up=True)
+    monkeypatch.setattr(backend, "_send", lambda client, server, body, deadline: sent.append(body))
+    future = backend.prefill(request)
+    assert future is not None
+    future.result(timeout=10)
+    assert sent == [{"model": "judge", "messages": request.messages, "temperature": 0, "max_tokens": 1}]
+    backend.close()
+
+
+class _Prefilling(ScriptedBackend):
+    """A scripted judge that can be warmed: it records what each warm-up would prefill."""
+
+    def __init__(self) -> None:
+        super().__init__([soda_reply(False)])
+        self.warmed: list[GenerationRequest] = []
+        self.done = threading.Event()
+
+    def prefill(self, request: GenerationRequest) -> None:
+        self.warmed.append(request)
+        self.done.set()
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_the_middleware_warms_the_judge_before_each_model_call(asynchronous: bool) -> None:
+    import asyncio
+
+    from langchain.agents import create_agent
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from soda_guard.integrations.langchain import SodaGuardMiddleware
+    from soda_guard.integrations.testing import scripted_model, tool_calls_message
+
+    from integration_helpers import make_tools
+
+    backend = _Prefilling()
+    guard = Guard(Policy.from_dict({"judges": {"soda": {"kind": "soda", "model": "scripted"}}}), backends={"soda": backend})
+    guard.runner("soda")
+    ran: list[Any] = []
+    replies = [tool_calls_message(("read_file", {"path": "notes.txt"})), "Done."]
+    agent = create_agent(scripted_model(replies), make_tools(ran), middleware=[SodaGuardMiddleware(guard)], checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "t1"}}
+    user = {"messages": [{"role": "user", "content": "Read my notes."}]}
+    if asynchronous:
+        asyncio.run(agent.ainvoke(user, config))
+    else:
+        agent.invoke(user, config)
+    guard._warmer.shutdown(wait=True)  # the warm-ups queued have run
+    guard.close()
+    prompts = [request.messages[-1]["content"] for request in backend.warmed]
+    assert [request.cache_key for request in backend.warmed] == ["t1", "t1"]
+    assert "[TOOL]" not in prompts[0] and "[TOOL]" in prompts[1]  # the second model call came after the tool ran
+    assert ran == [("read_file", {"path": "notes.txt"})]
+
+
+def test_the_judge_config_flag_turns_the_http_warm_up_on() -> None:
+    from soda_guard.judging import make_backend
+    from soda_guard.policy import JudgeConfig
+
+    for flag in (False, True):
+        config = JudgeConfig(kind="soda", model="judge", backend="openai", base_url="http://127.0.0.1:9/v1", warm_up=flag)
+        backend = make_backend(config)
+        assert isinstance(backend, OpenAIBackend) and backend.warm_up is flag
+
+
+def test_http_warm_ups_never_take_more_than_half_the_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+    backend = OpenAIBackend("judge", base_url="http://127.0.0.1:9/v1", warm_up=True, max_concurrency=4)
+    monkeypatch.setattr(backend, "_send", lambda client, server, body, deadline: release.wait(30))
+    started = [backend.prefill(GenerationRequest(messages=[{"role": "user", "content": "x"}], cache_key=f"c{n}")) for n in range(4)]
+    assert [future is not None for future in started] == [True, True, False, False]
+    release.set()
+    for future in started[:2]:
+        assert future is not None
+        future.result(timeout=10)
+    backend.close()
