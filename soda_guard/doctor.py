@@ -108,7 +108,7 @@ def _http_findings(name: str, config: JudgeConfig) -> Iterator[Finding]:
         headers["Authorization"] = f"Bearer {key}"
     for url in [*config.base_urls, *([config.base_url] if config.base_url else [])]:
         try:
-            served = served_models(url, headers=headers, timeout_s=min(PROBE_TIMEOUT_S, config.timeout_s))
+            served = served_models(url, headers=headers, timeout_s=min(PROBE_TIMEOUT_S, config.timeout_s or PROBE_TIMEOUT_S))
         except ServedModelsError as error:
             yield Finding(False, subject, f"server cannot be asked what it serves: {error}")
             continue
@@ -143,6 +143,9 @@ def check_policy(policy: Policy, *, load: bool = False) -> list[Finding]:
     findings = [Finding(True, "policy", f"valid; judges in use: {', '.join(in_use) or 'none'}")]
     for name in in_use:
         config = policy.judges[name]
+        if not isinstance(config, JudgeConfig):  # a cascade (its stages are in use too) or a keyword screen
+            findings.append(Finding(True, f"judge {name}", f"{config.kind}: {config.model}, no model of its own"))
+            continue
         judge_findings = list(_http_findings(name, config) if config.backend == "openai" else _local_findings(name, config))
         findings += judge_findings
         if load and all(finding.ok for finding in judge_findings):

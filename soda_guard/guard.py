@@ -299,7 +299,7 @@ class Guard:
         verdict = verdicts.get(item.judge) if item.judge is not None else None
         base = {"rule": item.rule_name, "tool_call": item.call, "verdict": verdict, "conversation_id": conversation_id}
         if item.refusal is not None:
-            return decision(Action.BLOCK, item.refusal)
+            return self._decision(base, Action.BLOCK, item.refusal, None)
         fixed = getattr(item.rule, "action", None)
         if fixed is not None:
             why = f"{item.rule_name} sets {fixed.value} without judging"

@@ -124,8 +124,11 @@ class KeywordsConfig(_Strict):
     the call on)."""
 
     kind: Literal["keywords"]
+    """A screen by regular expressions, no model."""
     unsafe: list[StrictStr] = Field(default_factory=list)
+    """Regexes: any match scores the call 1 (unsafe)."""
     safe: list[StrictStr] = Field(default_factory=list)
+    """Regexes: with no unsafe match, any match scores the call 0 (safe)."""
     match: Literal["calls", "all"] = "calls"
     """`calls`: the pending calls' names and arguments (every call shown, when none is
     pending); `all`: every message of the trajectory."""
@@ -151,9 +154,13 @@ class CascadeConfig(_Strict):
     score in between) passes it to the next stage, and the last stage always decides."""
 
     kind: Literal["cascade"]
+    """Judges asked in turn, cheapest first."""
     stages: list[StrictStr] = Field(min_length=2)
+    """Names of declared judges, in the order they are asked; the last always decides."""
     settle_below: StrictFloat = Field(default=0.05, ge=0.0, le=1.0)
+    """A stage's score below it settles the call as safe."""
     settle_above: StrictFloat = Field(default=0.95, ge=0.0, le=1.0)
+    """A stage's score above it settles the call as unsafe."""
 
     @model_validator(mode="after")
     def _ordered(self) -> CascadeConfig:
@@ -287,7 +294,9 @@ class RecordsPolicy(_Strict):
     again, escalations asked again). Give every worker of a deployment the same key."""
 
     key: SecretStr | None = Field(default=None, min_length=16)
+    """The HMAC key itself (at least 16 characters); prefer `key_env` to keep it out of the file."""
     key_env: str = "SODA_GUARD_STATE_KEY"
+    """The environment variable holding the key, read when `key` is not set."""
 
 
 class ToolResultPolicy(Outcomes):

@@ -12,17 +12,33 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from soda_guard.policy import AuditConfig, Defaults, JudgeConfig, Policy, ReviewPolicy, Rule, ToolResultPolicy
+from soda_guard.mcp.annotations import McpPolicy
+from soda_guard.policy import (
+    AuditConfig,
+    CascadeConfig,
+    Defaults,
+    JudgeConfig,
+    KeywordsConfig,
+    Policy,
+    RecordsPolicy,
+    ReviewPolicy,
+    Rule,
+    ToolResultPolicy,
+)
 
 #: (where the section's keys sit in a policy, its model), in the order a policy reads
 SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("(top level)", Policy),
     ("judges.NAME", JudgeConfig),
+    ("judges.NAME (kind: keywords)", KeywordsConfig),
+    ("judges.NAME (kind: cascade)", CascadeConfig),
     ("defaults", Defaults),
     ("rules[]", Rule),
     ("tool_results", ToolResultPolicy),
     ("audit", AuditConfig),
     ("review", ReviewPolicy),
+    ("records", RecordsPolicy),
+    ("mcp", McpPolicy),
 )
 
 COMMAND = "soda-guard policy reference > docs/policy-reference.md"

@@ -60,7 +60,7 @@ def runnable() -> list[Block]:
 
 def test_every_code_block_is_known() -> None:
     """A block in another language would be neither run nor checked."""
-    unknown = [block.name for block in blocks() if block.language not in {*RUNNABLE, "yaml", ""}]
+    unknown = [block.name for block in blocks() if block.language not in {*RUNNABLE, "yaml", "json", ""}]
     assert not unknown, f"README blocks in a language this test does not run: {unknown}"
 
 
@@ -89,3 +89,13 @@ def test_fragments_say_why() -> None:
     """`<!-- fragment -->` without a reason would let any block opt out silently."""
     text = README.read_text(encoding="utf-8")
     assert text.count("<!-- fragment") == sum(block.fragment is not None for block in blocks())
+
+
+def test_every_json_block_is_json() -> None:
+    """A configuration a user copies (an MCP client's, a request's `_meta`) must parse."""
+    import json
+
+    found = [block for block in blocks() if block.language == "json"]
+    assert found
+    for block in found:
+        json.loads(block.code)

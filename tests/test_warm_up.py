@@ -116,7 +116,7 @@ def test_the_http_warm_up_is_off_by_default_and_asks_for_one_token_when_on(monke
     assert OpenAIBackend("judge", base_url="http://127.0.0.1:9/v1").prefill(request) is None
     sent: list[dict[str, Any]] = []
     backend = OpenAIBackend("judge", base_url="http://127.0.0.1:9/v1", warm_up=True)
-    monkeypatch.setattr(backend, "_send", lambda client, server, body, deadline: sent.append(body))
+    monkeypatch.setattr(backend, "_send", lambda client, server, body, deadline, request: sent.append(body))
     future = backend.prefill(request)
     assert future is not None
     future.result(timeout=10)
@@ -182,7 +182,7 @@ def test_the_judge_config_flag_turns_the_http_warm_up_on() -> None:
 def test_http_warm_ups_never_take_more_than_half_the_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     release = threading.Event()
     backend = OpenAIBackend("judge", base_url="http://127.0.0.1:9/v1", warm_up=True, max_concurrency=4)
-    monkeypatch.setattr(backend, "_send", lambda client, server, body, deadline: release.wait(30))
+    monkeypatch.setattr(backend, "_send", lambda client, server, body, deadline, request: release.wait(30))
     started = [backend.prefill(GenerationRequest(messages=[{"role": "user", "content": "x"}], cache_key=f"c{n}")) for n in range(4)]
     assert [future is not None for future in started] == [True, True, False, False]
     release.set()

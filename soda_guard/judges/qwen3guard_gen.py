@@ -94,7 +94,7 @@ def _as_message(item: Block, prefix: str) -> dict[str, str]:
 def _block_key(step: SystemStep | UserStep | AssistantStep | ToolStep) -> Hashable:
     """What a step's block is rendered from, and nothing else: equal keys render equally."""
     if isinstance(step, AssistantStep):
-        return ("assistant", step.content, tuple((call.name, type(call.args), json.dumps(call.args, ensure_ascii=False)) for call in step.tool_calls))
+        return ("assistant", step.content, tuple((call.qualified_name, type(call.args), json.dumps(call.args, ensure_ascii=False)) for call in step.tool_calls))
     if isinstance(step, ToolStep):
         return ("tool", tool_result_text(step))
     return (step.role, step.content)

@@ -146,7 +146,7 @@ _FOOT = f"{END_LINE}\n\n{QUESTION_LINE}"
 def _block_key(step: UserStep | AssistantStep | ToolStep) -> Hashable:
     """What a step's block is rendered from, and nothing else: equal keys render equally."""
     if isinstance(step, AssistantStep):
-        calls = tuple((call.name, type(call.args), json.dumps(call.args, ensure_ascii=False)) for call in step.tool_calls)
+        calls = tuple((call.qualified_name, type(call.args), json.dumps(call.args, ensure_ascii=False)) for call in step.tool_calls)
         return ("assistant", step.content, calls)
     if isinstance(step, ToolStep):
         return ("tool", tool_result_text(step))

@@ -59,9 +59,13 @@ class McpServerPolicy(BaseModel):
 
 
 class McpPolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """`mcp:`: what the policy trusts about MCP servers instead of what they declare."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     servers: dict[str, McpServerPolicy] = Field(default_factory=dict)
+    """Per server name: pinned tool annotations (`annotations: {GLOB: {readOnly: ..., ...}}`),
+    which replace whatever that server declares."""
 
 
 def from_wire(annotations: Mapping[str, Any] | None) -> dict[str, bool] | None:
