@@ -46,12 +46,12 @@ def _json(value: Any) -> Any:
 
 
 def allowed_decisions(record: CallRecord, policy: Policy) -> list[ReviewType]:
-    _, rule = policy.rule_for(record.call.name)
+    rule = policy.rule_named(record.decision.rule)
     return list(rule.allowed_decisions if rule is not None and rule.allowed_decisions else REVIEW_TYPES)
 
 
 def _description(record: CallRecord, policy: Policy) -> str:
-    _, rule = policy.rule_for(record.call.name)
+    rule = policy.rule_named(record.decision.rule)
     if rule is not None and rule.description is not None:
         return rule.description
     verdict = record.decision.verdict

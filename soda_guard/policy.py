@@ -442,6 +442,15 @@ class Policy(_Strict):
             return route
         return route
 
+    def rule_named(self, name: str | None) -> Rule | None:
+        """The rule a decision names (`Decision.rule`: its `name`, else `rules[N]`); None for
+        the defaults and the guard's own refusals. What a reviewer may answer is the rule's
+        that escalated the call, conditions and all, not the first rule for the tool's name."""
+        for index, rule in enumerate(self.rules):
+            if name == (rule.name or f"rules[{index}]"):
+                return rule
+        return None
+
     def outcome(self, rule: Outcomes | None, field: str) -> Any:
         value = getattr(rule, field) if rule is not None else None
         return value if value is not None else getattr(self.defaults, field)

@@ -105,6 +105,24 @@ async def test_allowed_decisions_and_description_come_from_the_rule(path: str) -
     assert ran == [] and "not allowed" in again["__interrupt__"][0].value["error"]
 
 
+CONDITIONAL = [
+    {"tools": ["delete_file"], "when": {"args": {"path": {"eq": "/etc"}}}, "allowed_decisions": ["reject"], "description": "System paths: reject only."},
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_the_review_fields_are_the_escalating_rules_even_when_it_has_conditions(path: str) -> None:
+    """The rule that escalated the call sets what may be answered, not the first rule without
+    conditions for the tool's name (which would be none here, widening the answers)."""
+    graph, ran = two_escalations(path, rules=CONDITIONAL)
+    [pause] = (await drive(path, graph, USER))["__interrupt__"]
+    configs = pause.value["review_configs"]
+    assert [c["allowed_decisions"] for c in configs] == [["approve", "edit", "reject", "respond"], ["reject"], ["approve", "edit", "reject", "respond"]]
+    assert pause.value["action_requests"][1]["description"] == "System paths: reject only."
+    again = await drive(path, graph, Command(resume={"decisions": [{"type": "reject"}, {"type": "approve"}, {"type": "reject"}]}))
+    assert ran == [] and "not allowed" in again["__interrupt__"][0].value["error"]
+
+
 def test_rule_review_fields_are_strict() -> None:
     policy = Policy.from_dict({"rules": RULES})
     assert policy.rules[0].allowed_decisions == ["approve", "reject"]
