@@ -144,19 +144,7 @@ def fit_gen_messages(
     the role sequence the template reads. Later system messages are left out, as the template
     leaves them out."""
     budget = budget or ContextBudget()
-    start = trajectory.latest_user_index()
-    if start is None:
-        raise TrajectoryError(None, "Qwen3Guard needs a user message to moderate against")
-    end = start
-    if mode != "prompt":
-        target = AssistantStep if mode == "response" else ToolStep
-        end = max((i for i in range(start, len(trajectory.steps)) if isinstance(trajectory.steps[i], target)), default=-1)
-        if end < 0:
-            raise TrajectoryError(None, f"no {target.__name__.removesuffix('Step').lower()} message to moderate in {mode} mode")
-    shown = [i for i in range(end + 1) if i == 0 or not isinstance(trajectory.steps[i], SystemStep)]
-    window = [trajectory.steps[i] for i in shown]
-    request = shown.index(start)
-    action = max((i for i in range(request, len(window)) if isinstance(window[i], AssistantStep)), default=None)
+    window, request, action = _window(trajectory, mode)
     keep = {request, action, len(window) - 1}
     blocks = [_as_block(step, index in keep, index in (request, action)) for index, step in enumerate(window)]
     fitted = fit_blocks(
