@@ -66,10 +66,10 @@ def node_graph(guard: Guard, replies: list[Any], ran: list[Any], *, wrap: Callab
     return builder.compile(checkpointer=InMemorySaver())
 
 
-def wrapper_graph(wrapper: SodaGuardToolWrapper, replies: list[Any], ran: list[Any]) -> Any:
+def wrapper_graph(wrapper: SodaGuardToolWrapper, replies: list[Any], ran: list[Any], state: type = MessagesState) -> Any:
     """A plain ToolNode behind `tools_condition`, guarded by the wrapper alone."""
     model = scripted_model(replies)
-    builder = StateGraph(MessagesState)
+    builder = StateGraph(state)
     builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
     builder.add_node("tools", ToolNode(make_tools(ran), wrap_tool_call=wrapper, awrap_tool_call=wrapper.awrap))
     builder.add_edge(START, "agent")
