@@ -101,13 +101,7 @@ class ProxySession:
         try:
             return (await self.guard.acheck_tool_calls(self.trajectory(call)))[0]
         except Exception as error:
-            return Decision(
-                action=Action.BLOCK,
-                rule="mcp-proxy",
-                why=f"the guard could not decide: {type(error).__name__}: {error}",
-                tool_call=call,
-                conversation_id=self.session_id,
-            )
+            return self._failed(call, "mcp-proxy", f"the guard could not decide: {type(error).__name__}: {error}")
 
     async def reviewed(self, escalation: Decision, approved: bool | None, how: str) -> Decision:
         """The person's answer (None: none came) as an audit record; what it returns is what
@@ -141,13 +135,11 @@ class ProxySession:
         try:
             return await self.guard.acheck_tool_result(view)
         except Exception as error:
-            return Decision(
-                action=Action.BLOCK,
-                rule="tool_results",
-                why=f"the guard could not moderate the result: {type(error).__name__}: {error}",
-                tool_call=call,
-                conversation_id=self.session_id,
-            )
+            return self._failed(call, "tool_results", f"the guard could not moderate the result: {type(error).__name__}: {error}")
+
+    def _failed(self, call: ToolCall, rule: str, why: str) -> Decision:
+        """A block standing in for a decision the guard could not make, so nothing runs unrecorded."""
+        return Decision(action=Action.BLOCK, rule=rule, why=why, tool_call=call, conversation_id=self.session_id)
 
 
 def result_text(result: Any) -> str:
