@@ -311,8 +311,12 @@ class Guard:
         verdict = base["verdict"]
         stage = verdict.settled_by if verdict is not None else None
         # built from objects already validated (the policy, the trajectory's call, a checked
-        # verdict): validating them again is most of a decision's cost
-        return Decision.model_construct(action=action, why=why, condition=condition, stage=stage, **base)
+        # verdict): validating them again is most of a decision's cost. The defaults made by a
+        # factory are given here: `model_construct` inspects each factory's signature per call.
+        return Decision.model_construct(
+            decision_id=uuid.uuid4().hex, timestamp=time.time(), action=action, why=why, condition=condition, stage=stage,
+            **base,
+        )
 
     def _judged(
         self, rule_name: str, rule: Outcomes | None, verdict: Verdict | None, base: dict[str, Any], condition: str | None,
@@ -421,6 +425,10 @@ class Guard:
         for judge_name, indexes in self._groups(items).items():
             views = [items[i].view for i in indexes]
             judge_deadline = self._judge_deadline(judge_name, submitted_at)
+            runner = self._runners.get(judge_name)
+            if runner is not None and getattr(runner, "inline", False):
+                submitted.append((judge_name, indexes, _inline(lambda: runner.verdicts(views, judge_deadline))))
+                continue
             try:
                 future: concurrent.futures.Future[Any] | BaseException = self.judge_threads.submit(
                     lambda name=judge_name, views=views, at=judge_deadline: self._judge_group(name, views, start, at),  # type: ignore[misc]
@@ -594,6 +602,18 @@ def close_each(things: Sequence[object]) -> None:
         closer = getattr(thing, "close", None)
         if callable(closer):
             closer()
+
+
+def _inline(judge: Callable[[], list[Verdict]]) -> concurrent.futures.Future[Any]:
+    """An inline judge's answer (`Runner.inline`), as the future a judge thread would give."""
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    try:
+        future.set_result(judge())
+    except Exception as error:
+        future.set_exception(error)
+    except BaseException as error:  # as on a judge thread: a judge must not take the caller down
+        future.set_exception(JudgeError(f"judge raised {type(error).__name__}: {error}"))
+    return future
 
 
 def _carried(decisions: list[Decision], carry_out: CarryOut | None) -> list[Decision]:

@@ -94,6 +94,11 @@ class JudgeRunner:
     def model_id(self) -> str:
         return self.backend.model_id
 
+    @property
+    def inline(self) -> bool:
+        """Whether the backend answers at once without waiting on anything (`Runner.inline`)."""
+        return bool(getattr(self.backend, "inline", False))
+
     def prepare(self, trajectory: Trajectory, deadline: float | None = None) -> tuple[RenderedPrompt, GenerationRequest]:
         rendered = self.judge.render(trajectory)
         if trajectory.truncated:
@@ -137,6 +142,7 @@ class JudgeRunner:
             prompt_tokens=result.prompt_tokens,
             generated_tokens=result.generated_tokens,
             truncated=rendered.truncated,
+            stages=[],
         )
 
     def failure(self, error: str, latency_ms: float, rendered: RenderedPrompt | None = None) -> Verdict:

@@ -43,6 +43,8 @@ class ScriptedBackend:
             self._responder = lambda request: replies[min(len(self.requests) - 1, len(replies) - 1)]
         self.model_id = model_id
         self.delay_s = delay_s
+        self.inline = delay_s == 0 and not callable(responder)
+        """Answers from a fixed list at once, so the guard calls it on the caller's thread."""
         self.requests: list[GenerationRequest] = []
         self.batches: list[int] = []
         self._lock = threading.Lock()

@@ -26,6 +26,14 @@ class Runner(Protocol):
     @property
     def model_id(self) -> str: ...
 
+    @property
+    def inline(self) -> bool:
+        """Answers at once on the caller's thread, waiting on nothing (a regex screen, a
+        scripted reply): the guard then calls it there instead of handing the call to one of
+        its judge threads, a hop that costs more than such a judgment. Any judge that could
+        wait (a model, a server) says False and keeps the hop that bounds it by the deadline."""
+        ...
+
     def verdicts(self, trajectories: Sequence[Trajectory], deadline: float | None = None) -> list[Verdict]: ...
 
     async def averdicts(self, trajectories: Sequence[Trajectory], deadline: float | None = None) -> list[Verdict]: ...
@@ -56,6 +64,10 @@ class CascadeRunner:
         self.config = config
         self.stages = list(stages)
         self.model_id = config.model
+
+    @property
+    def inline(self) -> bool:
+        return all(stage.runner is not None and getattr(stage.runner, "inline", False) for stage in self.stages)
 
     def settles(self, verdict: Verdict) -> bool:
         return (

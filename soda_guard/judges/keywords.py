@@ -23,6 +23,7 @@ class KeywordsRunner:
 
     kind = "keywords"
     model_id = "keywords"
+    inline = True
 
     def __init__(self, name: str, config: KeywordsConfig) -> None:
         self.name = name
