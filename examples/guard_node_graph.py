@@ -19,7 +19,7 @@ from langgraph.graph import START, StateGraph
 from langgraph.prebuilt import ToolNode
 from langgraph.types import Command
 
-from soda_guard import Guard, Policy, ScriptedBackend
+from soda_guard import Guard, Policy, ScriptedBackend, TurnRecords
 from soda_guard.backends.scripted import keyword_responder
 from soda_guard.integrations.langgraph import GuardState, SodaGuardToolWrapper, guard_node
 from soda_guard.integrations.testing import scripted_model, tool_calls_message
@@ -89,9 +89,10 @@ def main() -> None:
                     print(f"review: {action['name']} {action['args']} -> {action['description']}; answering reject")
                 answers = [{"type": "reject", "message": "No doxxing."} for _ in request["action_requests"]]
                 result = graph.invoke(Command(resume={"decisions": answers}), config)
-            for record in result.get("soda_guard", {}).get("records", []):
-                decision, call = record["decision"], record["call"]
-                print(f"{call['id']} {call['name']}: {decision['action']} ({decision['why']}) -> {record['outcome']}")
+            turn = TurnRecords.read(result.get("soda_guard"))
+            for record in turn.records if turn is not None else []:
+                decision, call = record.decision, record.call
+                print(f"{call.id} {call.name}: {decision.action.value} ({decision.why}) -> {record.outcome}")
             print(f"final answer: {result['messages'][-1].content}")
         finally:
             guard.close()  # stop the judge's workers before the process ends

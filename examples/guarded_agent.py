@@ -21,7 +21,7 @@ from langchain_core.tools import tool
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.types import Command
 
-from soda_guard import Guard, Policy, ScriptedBackend
+from soda_guard import Guard, Policy, ScriptedBackend, TurnRecords
 from soda_guard.backends.scripted import keyword_responder
 from soda_guard.integrations.langchain import SodaGuardMiddleware
 from soda_guard.integrations.testing import scripted_model, tool_calls_message
@@ -76,11 +76,11 @@ def build(args: argparse.Namespace, connection: sqlite3.Connection) -> tuple[Any
 
 
 def show(result: dict[str, Any]) -> None:
-    for record in (result.get("soda_guard") or {}).get("records", []):
-        decision, call = record["decision"], record["call"]
-        review = record.get("review")
-        extra = f", review: {review['type']} -> {record['outcome']}" if review else ""
-        print(f"  {call['id']} {call['name']}: {decision['action']} ({decision['why']}){extra}")
+    turn = TurnRecords.read(result.get("soda_guard"))
+    for record in turn.records if turn is not None else []:
+        decision, call = record.decision, record.call
+        extra = f", review: {record.review.type} -> {record.outcome}" if record.review else ""
+        print(f"  {call.id} {call.name}: {decision.action.value} ({decision.why}){extra}")
     for pause in result.get("__interrupt__", []):
         for call in pause.value["soda_guard"]["turn"]:
             print(f"  {call['tool_call_id']} {call['name']}: {call['action']} ({call['why']})")

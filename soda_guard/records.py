@@ -8,16 +8,24 @@ used for no other.
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict
 
 from soda_guard.binding import CallBinding, args_digest
-from soda_guard.seal import RecordSeal
+from soda_guard.seal import RECORD_KEY, RecordSeal
 from soda_guard.trajectory import ToolCall
 from soda_guard.verdict import Action, Decision, Review, Verdict
 
 Outcome = Literal["run", "refuse", "respond"]
+
+_KEPT = {"label", "score", "judge", "kind", "model", "parse_failure", "error", "truncated"}
+_LEAN_DECISION: dict[str, Any] = {"tool_call": True, "verdict": {name for name in Verdict.model_fields if name not in _KEPT}}
+_LEAN = {"decision": _LEAN_DECISION, "edit_decision": _LEAN_DECISION}
+"""What a state record leaves out of its decisions: the call (the record's own) and all of the
+verdict but what enforcement and the message summary read."""
 
 
 class CallRecord(BaseModel):
@@ -122,28 +130,23 @@ class TurnRecords(BaseModel):
     answered, and the records are kept only to be read. Enforcement never uses them again
     (a call made pending again by removing its result is judged and asked about again)."""
 
-    def _header(self) -> dict[str, Any]:
-        return {"thread_id": self.thread_id, "turn_id": self.turn_id, "replay": self.replay, "closed": self.closed}
+    def _header(self) -> str:
+        return json.dumps([self.thread_id, self.turn_id, self.replay, self.closed])
 
     def for_state(self, seal: RecordSeal) -> dict[str, Any]:
         """JSON for the graph state, with only what enforcing the turn reads: the graph stores
         its state again at every step, and the full decisions (the judge's reason and raw
         output, timings, sources) are in the audit sinks and the trace. Each record is signed
         (`seal`): the state is writable by others, and only the guard's records are used."""
-        def lean(decision: Decision | None) -> Decision | None:
-            if decision is None:
-                return None
-            verdict = decision.verdict
-            if verdict is not None:
-                kept = {"label", "score", "judge", "kind", "model", "parse_failure", "error", "truncated"}
-                verdict = Verdict(**{name: getattr(verdict, name) for name in kept})
-            return decision.model_copy(update={"verdict": verdict, "tool_call": None})
-
-        records = [
-            r.model_copy(update={"decision": lean(r.decision), "edit_decision": lean(r.edit_decision)}) for r in self.records
+        raw: dict[str, Any] = {"thread_id": self.thread_id, "turn_id": self.turn_id}
+        if self.replay is not None:
+            raw["replay"] = self.replay
+        if self.closed:
+            raw["closed"] = True
+        header = self._header()
+        raw["records"] = [
+            seal.sign(record.model_dump_json(exclude=_LEAN, exclude_defaults=True), header) for record in self.records
         ]
-        raw = self.model_copy(update={"records": records}).model_dump(mode="json", exclude_defaults=True)
-        raw["records"] = [seal.sign(record, self._header()) for record in raw.get("records", [])]
         return raw
 
     @classmethod
@@ -160,7 +163,20 @@ class TurnRecords(BaseModel):
         header = turn._header()
         trusted = [record for record in (seal.verified(r, header) for r in raw.get("records", [])) if record is not None]
         try:
-            return turn.model_copy(update={"records": [CallRecord.model_validate(r) for r in trusted]})
+            return turn.model_copy(update={"records": [_parsed(r) for r in trusted]})
+        except ValueError:
+            return None
+
+    @classmethod
+    def read(cls, raw: Any) -> TurnRecords | None:
+        """The records of `raw` (graph state's `soda_guard` key) as stored, without checking
+        their MACs: for showing them. Enforcement uses only records that verify (`from_state`)."""
+        if not isinstance(raw, Mapping) or not isinstance(raw.get("records", []), list):
+            return None
+        stored = [r.get(RECORD_KEY) for r in raw.get("records", []) if isinstance(r, Mapping)]
+        try:
+            turn = cls.model_validate({**raw, "records": []})
+            return turn.model_copy(update={"records": [CallRecord.model_validate_json(r) for r in stored if isinstance(r, str)]})
         except ValueError:
             return None
 
@@ -179,3 +195,11 @@ class TurnRecords(BaseModel):
 
     def replace(self, record: CallRecord) -> TurnRecords:
         return self.model_copy(update={"records": [record if r.binding == record.binding else r for r in self.records]})
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed(stored: str) -> CallRecord:
+    """A verified record's JSON, parsed once: every call of a turn, and the next model turn,
+    read the same records again. Keyed by the exact text, which its MAC covers; records are
+    never changed in place (`model_copy` makes each new one)."""
+    return CallRecord.model_validate_json(stored)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 import secrets
 from typing import Any, Mapping
@@ -24,12 +23,15 @@ from typing import Any, Mapping
 from soda_guard.policy import Policy
 
 MAC_KEY = "mac"
+RECORD_KEY = "record"
 
 _PROCESS_KEY = secrets.token_bytes(32)
 
 
 class RecordSeal:
-    """Signs and verifies one record's JSON form (`CallRecord` as stored in state)."""
+    """Signs and verifies one record's JSON (`CallRecord` as stored in state). The MAC is
+    over the JSON text itself, which is stored as text: verifying it needs no parse and no
+    canonical form, and only a record that verifies is parsed."""
 
     def __init__(self, key: bytes) -> None:
         if len(key) < 16:
@@ -46,19 +48,22 @@ class RecordSeal:
             return cls(from_env.encode())
         return cls(_PROCESS_KEY)
 
-    def _mac(self, record: Mapping[str, Any], turn: Mapping[str, Any]) -> str:
-        signed = {"record": record, "turn": turn}
-        canonical = json.dumps(signed, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-        return hmac.new(self._key, canonical.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+    def _mac(self, record: str, turn: str) -> str:
+        # `turn` is JSON, which escapes every newline: the separator cannot be forged
+        signed = f"{turn}\n{record}".encode("utf-8", "surrogatepass")
+        return hmac.new(self._key, signed, hashlib.sha256).hexdigest()
 
-    def sign(self, record: Mapping[str, Any], turn: Mapping[str, Any]) -> dict[str, Any]:
-        """`record` with its MAC, which also covers `turn` (the fields of the turn the record
-        is stored with), so neither can be moved to or changed in another turn's records."""
-        return {**record, MAC_KEY: self._mac(record, turn)}
+    def sign(self, record: str, turn: str) -> dict[str, str]:
+        """`record` (its JSON) with its MAC, which also covers `turn` (the JSON of the fields of
+        the turn the record is stored with), so neither can be moved to or changed in another
+        turn's records."""
+        return {RECORD_KEY: record, MAC_KEY: self._mac(record, turn)}
 
-    def verified(self, stored: Any, turn: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The record without its MAC when the MAC is the guard's, else None."""
-        if not isinstance(stored, Mapping) or not isinstance(stored.get(MAC_KEY), str):
+    def verified(self, stored: Any, turn: str) -> str | None:
+        """The record's JSON when the MAC is the guard's, else None."""
+        if not isinstance(stored, Mapping):
             return None
-        record = {name: value for name, value in stored.items() if name != MAC_KEY}
-        return record if hmac.compare_digest(self._mac(record, turn), stored[MAC_KEY]) else None
+        record, mac = stored.get(RECORD_KEY), stored.get(MAC_KEY)
+        if not isinstance(record, str) or not isinstance(mac, str):
+            return None
+        return record if hmac.compare_digest(self._mac(record, turn), mac) else None

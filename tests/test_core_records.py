@@ -82,7 +82,8 @@ def test_a_state_record_changed_or_signed_with_another_key_is_dropped() -> None:
     allowed = CallRecord.judged(binding(), CALL, decision(Action.ALLOW))
     blocked = CallRecord.judged(binding(args={"to": "2"}), CALL, decision(Action.BLOCK))
     state = TurnRecords(thread_id="t", turn_id="m1", records=[allowed, blocked]).for_state(SEAL)
-    state["records"][1]["outcome"] = "run"
+    state["records"][1]["record"] = state["records"][1]["record"].replace('"refuse"', '"run"')
+    assert '"run"' in state["records"][1]["record"]
     back = TurnRecords.from_state(state, SEAL)
     assert back is not None and [r.binding for r in back.records] == [allowed.binding]
     other = TurnRecords.from_state(state, RecordSeal(b"another key, 32 bytes long......"))

@@ -6,6 +6,7 @@ decisions were bound to their calls."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
 import pytest
@@ -293,7 +294,7 @@ def test_the_graph_state_holds_only_the_latest_turn() -> None:
     ran: list[Any] = []
     agent = middleware_agent(guard, [turn(READ, ids=["x0"]), turn(("send_email", {"to": "a@b.c"}), ids=["x1"]), "done"], ran)
     result = agent.invoke(USER, config())
-    assert [record["call"]["id"] for record in result["soda_guard"]["records"]] == ["x1"]
+    assert [json.loads(record["record"])["call"]["id"] for record in result["soda_guard"]["records"]] == ["x1"]
     first_turn = next(m for m in result["messages"] if isinstance(m, ToolMessage) and m.tool_call_id == "x0")
     assert first_turn.response_metadata["soda_guard"]["action"] == "allow"
 

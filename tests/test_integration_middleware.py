@@ -36,8 +36,9 @@ def tool_messages(result: dict[str, Any]) -> list[ToolMessage]:
 
 
 def records(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The latest turn's records in the graph state, by call id."""
-    return {record["call"]["id"]: record for record in result["soda_guard"]["records"]}
+    """The latest turn's records in the graph state (each stored as its signed JSON), by call id."""
+    stored = [json.loads(record["record"]) for record in result["soda_guard"]["records"]]
+    return {record["call"]["id"]: record for record in stored}
 
 
 def test_parallel_calls_are_judged_in_one_batch_and_blocked_calls_never_run() -> None:
@@ -223,7 +224,7 @@ def test_judge_failure_falls_back_to_on_error(on_error: str) -> None:
     guard = Guard(policy, backends={"soda": Boom()})
     ran: list[Any] = []
     result = build(guard, [tool_calls_message(("read_file", {"path": "a"})), "finished"], ran).invoke(USER)
-    record = result["soda_guard"]["records"][0]["decision"]
+    record = next(iter(records(result).values()))["decision"]
     assert record["action"] == on_error and "judge exploded" in record["why"]
     assert tool_messages(result)[0].response_metadata["soda_guard"]["action"] == on_error
     assert bool(ran) is (on_error == "log")
@@ -272,9 +273,9 @@ def test_real_tiny_transformers_judge_parse_failure_takes_on_error(tiny_judge_di
     guard = Guard(policy)
     ran: list[Any] = []
     result = build(guard, [tool_calls_message(("read_file", {"path": "a"}), ("delete_file", {"path": "/"})), "done"], ran).invoke(USER)
-    records = [record["decision"] for record in result["soda_guard"]["records"]]
-    assert [r["action"] for r in records] == ["log", "log"]
+    decisions = [record["decision"] for record in records(result).values()]
+    assert [r["action"] for r in decisions] == ["log", "log"]
     assert [m.response_metadata["soda_guard"]["action"] for m in tool_messages(result)] == ["log", "log"]
-    assert all(r["verdict"]["parse_failure"] and r["verdict"]["label"] is None for r in records)
-    assert all(r["verdict"]["model"] == str(tiny_judge_dir) or r["verdict"]["model"] for r in records)
+    assert all(r["verdict"]["parse_failure"] and r["verdict"]["label"] is None for r in decisions)
+    assert all(r["verdict"]["model"] == str(tiny_judge_dir) or r["verdict"]["model"] for r in decisions)
     assert len(ran) == 2
