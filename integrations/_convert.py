@@ -279,16 +279,15 @@ def binding_of(call: ToolCall, *, thread: str | None, turn: str) -> CallBinding:
     return CallBinding.of(thread_id=thread, turn_id=turn, call_id=call.id, tool=call.name, args=call.args)
 
 
-def turn_records(state: Any, key: str, seal: RecordSeal, replay: str | None) -> TurnRecords | None:
+def turn_records(state: Any, key: str, seal: RecordSeal) -> TurnRecords | None:
     """The stored records of the current turn that the guard itself wrote (their MAC
-    verifies), that no later turn closed, and, in a time-travel replay, that it wrote in this
-    replay; anything else (a forged record, a closed turn's, one copied from the first run, an
-    older format) reads as none, and those calls are judged again."""
+    verifies) and that no later turn closed; anything else (a forged record, a closed turn's,
+    an older format) reads as none, and those calls are judged again."""
     raw = state.get(key) if isinstance(state, Mapping) else getattr(state, key, None)
     if not isinstance(raw, Mapping) or "turn_id" not in raw:
         return None
     stored = TurnRecords.from_state(raw, seal)
-    return stored.for_replay(replay) if stored is not None and not stored.closed else None
+    return stored if stored is not None and not stored.closed else None
 
 
 def refusal_text(name: str, why: str) -> str:

@@ -17,9 +17,14 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Generator, Mapping, Sequence, TypeVar
 
+from langchain_core.callbacks import BaseCallbackManager
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.runnables import RunnableLambda
+from langchain_core.runnables.config import var_child_runnable_config
+from langgraph._internal._constants import CONFIG_KEY_CHECKPOINTER
 from langgraph.func import task
+from langgraph.pregel._messages import StreamMessagesHandler
+from langsmith.utils import tracing_is_enabled as tracing_enabled
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
 
@@ -160,6 +165,30 @@ def in_graph() -> bool:
     return True
 
 
+def checkpointed() -> bool:
+    """Whether the node runs in a graph with a checkpointer: only there can it pause for a
+    reviewer and resume, and only there does a LangGraph task's result outlive the node run."""
+    from langgraph.config import get_config
+
+    try:
+        configurable = get_config().get("configurable") or {}
+    except RuntimeError:
+        return False
+    return configurable.get(CONFIG_KEY_CHECKPOINTER) is not None
+
+
+def listening() -> bool:
+    """Whether a tracer or callback handler would see a "soda_guard" run: building one costs
+    more than an instant judgment, so nobody listening means no run. LangGraph's own
+    handler for `stream_mode="messages"` reads chat model runs only."""
+    if tracing_enabled():
+        return True
+    config = var_child_runnable_config.get()
+    callbacks = config.get("callbacks") if config else None
+    handlers = callbacks.handlers if isinstance(callbacks, BaseCallbackManager) else callbacks or []
+    return any(not isinstance(handler, StreamMessagesHandler) for handler in handlers)
+
+
 def _run_config(kind: str, calls: Sequence[ToolCall]) -> dict[str, Any]:
     return {
         "run_name": RUN_NAME,
@@ -212,13 +241,16 @@ class Judging:
     """Runs the guard as a child LangChain run named "soda_guard" of whatever is running now,
     so tracers (LangSmith included) show every verdict and review as the run's output.
 
-    Inside a LangGraph node the judgment is also a LangGraph task, whose result the
-    checkpointer keeps: a node that pauses for review after judging does not judge again when
-    it resumes, even in a new process. A replayed result is used only if it answers exactly
-    the calls asked about."""
+    Where a node can pause for review (a checkpointed graph, a policy that can escalate) the
+    judgment is also a LangGraph task, whose result the checkpointer keeps: a node that
+    pauses for review after judging does not judge again when it resumes, even in a new
+    process. A replayed result is used only if it answers exactly the calls asked about.
+    Where no node can pause, a re-run node only ever follows a failure, and judging again
+    then is what an unguarded agent does too: no task is paid for."""
 
     def __init__(self, guard: Guard) -> None:
         self.guard = guard
+        self.pauses = guard.policy.can_escalate()
         self._task = task(self._judge, name="soda_guard_judgment")
         self._atask = task(self._ajudge, name="soda_guard_judgment")
         self._asked = task(_asked, name="soda_guard_question")
@@ -238,13 +270,17 @@ class Judging:
             return question
         return Asked(*(await self._aasked(question.digest, question.nonce)))
 
+    def durable(self) -> bool:
+        """Whether this node can pause for review and resume (see the class)."""
+        return self.pauses and checkpointed()
+
     def replayed(self, mark: Replayed) -> Replayed:
-        if not in_graph():
+        if not self.durable():
             return mark
         return Replayed(self._replayed(mark.replay or "").result() or None)
 
     async def areplayed(self, mark: Replayed) -> Replayed:
-        if not in_graph():
+        if not self.durable():
             return mark
         return Replayed(await self._areplayed(mark.replay or "") or None)
 
@@ -275,21 +311,23 @@ class Judging:
         return [d.model_dump(mode="json") for d in await self.atraced_calls(trajectory, calls)]
 
     def calls(self, trajectory: Trajectory, calls: list[ToolCall]) -> list[Decision]:
-        if in_graph():
+        if self.durable():
             found = [Decision.model_validate(d) for d in self._task(trajectory, calls).result()]
             if _same_calls(found, calls):
                 return found
         return self.traced_calls(trajectory, calls)
 
     async def acalls(self, trajectory: Trajectory, calls: list[ToolCall]) -> list[Decision]:
-        if in_graph():
+        if self.durable():
             found = [Decision.model_validate(d) for d in await self._atask(trajectory, calls)]
             if _same_calls(found, calls):
                 return found
         return await self.atraced_calls(trajectory, calls)
 
     def _traced(self, kind: str, calls: list[ToolCall], work: Callable[[], list[Decision]]) -> list[Decision]:
-        """`work` as the "soda_guard" run, its decisions the run's output."""
+        """`work` as the "soda_guard" run, its decisions the run's output (`listening`)."""
+        if not listening():
+            return work()
         found: list[Decision] = []
 
         def run(_: Any) -> dict[str, Any]:
@@ -302,6 +340,8 @@ class Judging:
     async def _atraced(
         self, kind: str, calls: list[ToolCall], work: Callable[[], Awaitable[list[Decision]]]
     ) -> list[Decision]:
+        if not listening():
+            return await work()
         found: list[Decision] = []
 
         async def run(_: Any) -> dict[str, Any]:
@@ -388,20 +428,17 @@ def review_records(
     return done
 
 
-def resolve_turn(
+def judge_turn(
     messages: Sequence[BaseMessage],
     stored: TurnRecords | None,
     *,
     thread: str | None,
-    policy: Policy,
-    hold_turn: bool,
     harm: str | None,
     environment: str | None,
-) -> Generator[Judge | Record | Asked | Ruled | Refused, Any, TurnRecords | None]:
-    """The records of the latest model turn's pending calls: kept where they bind to a
-    stored record of this very turn, judged (in one batch) where they do not, and, with
-    `hold_turn`, every escalation of the turn reviewed in one interrupt. None when the
-    latest turn has no pending call."""
+) -> Generator[Judge, Any, tuple[Trajectory, TurnRecords] | None]:
+    """The records of the latest model turn's pending calls, before any review: kept where
+    they bind to a stored record of this very turn, judged (in one batch) where they do not.
+    None when the latest turn has no pending call."""
     trajectory = to_trajectory(messages, conversation_id=thread, harm=harm, environment=environment)
     pending = trajectory.pending_tool_calls()
     located = last_turn(messages)
@@ -420,7 +457,25 @@ def resolve_turn(
             record or CallRecord.judged(binding_of(call, thread=thread, turn=turn), call, next(decisions))
             for call, record in zip(pending, records)
         ]
-    result = TurnRecords(thread_id=thread, turn_id=turn, records=[r for r in records if r is not None])
+    return trajectory, TurnRecords(thread_id=thread, turn_id=turn, records=[r for r in records if r is not None])
+
+
+def resolve_turn(
+    messages: Sequence[BaseMessage],
+    stored: TurnRecords | None,
+    *,
+    thread: str | None,
+    policy: Policy,
+    hold_turn: bool,
+    harm: str | None,
+    environment: str | None,
+) -> Generator[Judge | Record | Asked | Ruled | Refused, Any, TurnRecords | None]:
+    """The turn's records (`judge_turn`) and, with `hold_turn`, every escalation of the turn
+    reviewed in one interrupt. None when the latest turn has no pending call."""
+    judged = yield from judge_turn(messages, stored, thread=thread, harm=harm, environment=environment)
+    if judged is None:
+        return None
+    trajectory, result = judged
     waiting = [record for record in result.records if record.awaiting_review]
     if waiting and hold_turn:
         for reviewed in (yield from review_records(waiting, trajectory, policy, result.records)):

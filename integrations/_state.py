@@ -48,11 +48,13 @@ class Replayed:
 def stored_turn(state: Any, key: str, seal: RecordSeal) -> Generator[Replayed, Any, TurnRecords | None]:
     """The turn's records in `state` that this node may use (see `turn_records`). Whether
     the node runs in a replay is recorded only when there are records to use: the parallel
-    calls of one `ToolNode` run share one task counter, and a task per call would race."""
-    if turn_records(state, key, seal, None) is None:
+    calls of one `ToolNode` run share one task counter, and a task per call would race. A
+    replay's records, too, are those it wrote itself (`TurnRecords.for_replay`)."""
+    stored = turn_records(state, key, seal)
+    if stored is None:
         return None
     replay = (yield Replayed(replay_of())).replay
-    return turn_records(state, key, seal, replay)
+    return stored.for_replay(replay)
 
 
 def state_form(turn: TurnRecords, seal: RecordSeal) -> dict[str, Any]:

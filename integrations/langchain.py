@@ -32,6 +32,7 @@ from soda_guard.binding import CallBinding
 from soda_guard.errors import SodaGuardError
 from soda_guard.guard import Guard
 from soda_guard.policy import Policy
+from soda_guard.records import TurnRecords
 from soda_guard.trajectory import AssistantStep, ToolCall, ToolStep, Trajectory
 from soda_guard.verdict import Decision
 
@@ -45,10 +46,11 @@ from soda_guard.integrations._convert import (
 )
 from soda_guard.integrations.mcp import register_mcp_tools
 from soda_guard.integrations._enforce import (
+    Judge,
     ToolCallEnforcer,
-    in_graph,
     arun_steps,
     as_guard,
+    judge_turn,
     resolve_turn,
     run_steps,
     thread_id,
@@ -110,19 +112,21 @@ class SodaGuardMiddleware(AgentMiddleware):
         self.environment = environment
         self._enforcer = ToolCallEnforcer(self.guard, state_key=STATE_KEY, harm=harm, environment=environment)
         # named "model" so that streamed tokens keep the model step's name in their metadata
-        self._model = task(_call_model, name="model")
-        self._amodel = task(_acall_model, name="model")
+        self._model = task(self._call_and_judge, name="model")
+        self._amodel = task(self._acall_and_judge, name="model")
 
     def _turn(
-        self, request: ModelRequest, response: ModelResponse, update: list[tuple[str, Any]]
+        self, request: ModelRequest, stored: TurnRecords | None, recorded: dict[str, Any], judged: TurnRecords | None
     ) -> Generator[Any, Any, ModelCallResult]:
-        stored = yield from stored_turn(request.state, STATE_KEY, self._enforcer.seal)
+        """The turn's records, reviewed: `judged` when the model's task judged the turn,
+        else judged here (every pending call binds to a record of `judged`, so it is not
+        judged again); and the records stored, or the previous turn's closed."""
+        response, update = _replayed(recorded)
         messages = [*request.state.get("messages", []), *response.result]
-        thread = thread_id()
         turn = yield from resolve_turn(
             messages,
-            stored,
-            thread=thread,
+            judged or stored,
+            thread=thread_id(),
             policy=self.guard.policy,
             hold_turn=self.guard.policy.review.hold_turn,
             harm=self.harm,
@@ -132,6 +136,41 @@ class SodaGuardMiddleware(AgentMiddleware):
         if turn is not None and turn != stored:
             update = [*update, (STATE_KEY, state_form(turn, self._enforcer.seal))]
         return ExtendedModelResponse(model_response=response, command=Command(update=update)) if update else response
+
+    def _judgment(
+        self, request: ModelRequest, recorded: dict[str, Any], stored: TurnRecords | None
+    ) -> Generator[Judge, Any, TurnRecords | None]:
+        messages = [*request.state.get("messages", []), *recorded["messages"]]
+        judged = yield from judge_turn(messages, stored, thread=thread_id(), harm=self.harm, environment=self.environment)
+        return None if judged is None else judged[1]
+
+    def _call_and_judge(
+        self, handler: Callable[[ModelRequest], ModelCallResult], request: ModelRequest, stored: TurnRecords | None,
+        judged: dict[str, TurnRecords | None],
+    ) -> dict[str, Any]:
+        """The model's answer and the judgment of its calls as one LangGraph task, where the
+        node can pause for review (`Judging.durable`): a node resumed after the review
+        neither calls the model nor judges again, even in a new process. The records come
+        back through `judged` on the run that made them, and as JSON from the checkpointer."""
+        recorded = _call_model(handler, request)
+        turn = run_steps(self._judgment(request, recorded, stored), self._judge_now)
+        judged["turn"] = turn
+        return {**recorded, "turn": None if turn is None else turn.model_dump(mode="json")}
+
+    async def _acall_and_judge(
+        self, handler: Callable[[ModelRequest], Awaitable[ModelCallResult]], request: ModelRequest,
+        stored: TurnRecords | None, judged: dict[str, TurnRecords | None],
+    ) -> dict[str, Any]:
+        recorded = await _acall_model(handler, request)
+        turn = await arun_steps(self._judgment(request, recorded, stored), self._ajudge_now)
+        judged["turn"] = turn
+        return {**recorded, "turn": None if turn is None else turn.model_dump(mode="json")}
+
+    def _judge_now(self, need: Judge) -> list[Decision]:
+        return self._enforcer.judging.traced_calls(need.trajectory, need.calls)
+
+    async def _ajudge_now(self, need: Judge) -> list[Decision]:
+        return await self._enforcer.judging.atraced_calls(need.trajectory, need.calls)
 
     def _warm_up(self, request: ModelRequest) -> None:
         """Start warming the judge with the conversation so far, just before the model is
@@ -143,16 +182,30 @@ class SodaGuardMiddleware(AgentMiddleware):
     def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], ModelCallResult]) -> ModelCallResult:
         register_mcp_tools(self.guard, request.tools)
         self._warm_up(request)
-        response, update = _replayed(self._model(handler, request).result() if in_graph() else _call_model(handler, request))
-        return run_steps(self._turn(request, response, update), self._enforcer.answer(None))
+        answer = self._enforcer.answer(None)
+        stored = run_steps(stored_turn(request.state, STATE_KEY, self._enforcer.seal), answer)
+        if self._enforcer.judging.durable():
+            judged: dict[str, TurnRecords | None] = {}
+            recorded = self._model(handler, request, stored, judged).result()
+            turn = judged["turn"] if "turn" in judged else _recorded_turn(recorded)
+        else:
+            recorded, turn = _call_model(handler, request), None
+        return run_steps(self._turn(request, stored, recorded, turn), answer)
 
     async def awrap_model_call(
         self, request: ModelRequest, handler: Callable[[ModelRequest], Awaitable[ModelCallResult]]
     ) -> ModelCallResult:
         register_mcp_tools(self.guard, request.tools)
         self._warm_up(request)
-        response, update = _replayed(await self._amodel(handler, request) if in_graph() else await _acall_model(handler, request))
-        return await arun_steps(self._turn(request, response, update), self._enforcer.aanswer(None))
+        answer = self._enforcer.aanswer(None)
+        stored = await arun_steps(stored_turn(request.state, STATE_KEY, self._enforcer.seal), answer)
+        if self._enforcer.judging.durable():
+            judged: dict[str, TurnRecords | None] = {}
+            recorded = await self._amodel(handler, request, stored, judged)
+            turn = judged["turn"] if "turn" in judged else _recorded_turn(recorded)
+        else:
+            recorded, turn = await _acall_model(handler, request), None
+        return await arun_steps(self._turn(request, stored, recorded, turn), answer)
 
     def wrap_tool_call(
         self, request: ToolCallRequest, handler: Callable[[ToolCallRequest], Any]
@@ -191,6 +244,13 @@ def _recorded(result: ModelResponse | ExtendedModelResponse) -> dict[str, Any]:
         update = list(raw.items()) if isinstance(raw, Mapping) else list(raw or [])
         result = result.model_response
     return {"messages": list(result.result), "structured_response": result.structured_response, "update": update}
+
+
+def _recorded_turn(recorded: dict[str, Any]) -> TurnRecords | None:
+    """The records the model's task made, as the checkpointer gave them back (None from a
+    task of an older version, whose calls are then judged again)."""
+    raw = recorded.get("turn")
+    return TurnRecords.model_validate(raw) if isinstance(raw, Mapping) else None
 
 
 def _replayed(recorded: dict[str, Any]) -> tuple[ModelResponse, list[tuple[str, Any]]]:

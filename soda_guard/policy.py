@@ -455,6 +455,34 @@ class Policy(_Strict):
         value = getattr(rule, field) if rule is not None else None
         return value if value is not None else getattr(self.defaults, field)
 
+    def can_escalate(self) -> bool:
+        """Whether any tool call can be escalated to a reviewer under this policy. Where none
+        can, no graph node ever pauses for one, and adapters skip the durable bookkeeping a
+        pause needs (a LangGraph task per judgment). Judged conservatively: a rule's judge that
+        cannot be told apart counts as one that may answer controversial."""
+        for rule in [None, *self.rules]:
+            if rule is not None and rule.action is Action.ESCALATE:
+                return True
+            if rule is not None and not rule.is_judged:
+                continue
+            fields = ["on_safe", "on_unsafe", "on_error"]
+            if self._may_be_controversial(rule.judge if rule is not None and rule.judge else self.defaults.judge):
+                fields.append("on_controversial")
+            if any(self.outcome(rule, field) is Action.ESCALATE for field in fields):
+                return True
+        return False
+
+    def _may_be_controversial(self, judge: str | None) -> bool:
+        """Only a SODA judge answers strictly SAFE or UNSAFE; a cascade answers what its stages do."""
+        configs = [self.judges[judge]] if judge in self.judges else list(self.judges.values())
+        for config in configs:
+            if isinstance(config, CascadeConfig):
+                if any(stage not in self.judges or self._may_be_controversial(stage) for stage in config.stages):
+                    return True
+            elif config.kind != "soda":
+                return True
+        return False
+
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "policy") -> Policy:
         if not isinstance(data, dict):
