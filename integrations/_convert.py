@@ -17,6 +17,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from langgraph.types import Command
 
 from soda_guard.binding import CallBinding
+from soda_guard.judges.incremental import Lru
 from soda_guard.records import TurnRecords
 from soda_guard.seal import RecordSeal
 from soda_guard.trajectory import AssistantStep, SystemStep, ToolCall, ToolStep, Trajectory, UserStep
@@ -188,7 +189,48 @@ def to_tool_call(call: Mapping[str, Any], index: int = 0) -> ToolCall:
     return ToolCall(id=call_id(call, index), name=str(call.get("name") or ""), args=args)
 
 
-def to_step(message: BaseMessage) -> SystemStep | UserStep | AssistantStep | ToolStep | None:
+Step = SystemStep | UserStep | AssistantStep | ToolStep
+
+
+def to_step(message: BaseMessage) -> Step | None:
+    """The judge's step for a message. Every turn converts the whole conversation again, so a
+    message with text content is converted once per distinct value (`_step_of`): the key is
+    all that the step is made of, and a message changed in any way is converted anew."""
+    key = _step_key(message)
+    if key is None:
+        return _converted(message)
+    step = _STEPS.get(key)
+    if step is None:
+        step = _converted(message)
+        _STEPS.put(key, step, 1)
+    return step
+
+
+def _step_key(message: BaseMessage) -> tuple[Any, ...] | None:
+    content = message.content
+    if not isinstance(content, str):
+        return None
+    if isinstance(message, SystemMessage):
+        return ("system", content)
+    if isinstance(message, HumanMessage):
+        return ("user", content)
+    if isinstance(message, AIMessage):
+        try:
+            calls = json.dumps(message.tool_calls, sort_keys=True, ensure_ascii=False)
+        except (TypeError, ValueError):  # arguments that are not JSON: converted as they are
+            return None
+        return ("assistant", content, calls)
+    if isinstance(message, ToolMessage):
+        return ("tool", content, message.tool_call_id, message.name, message.status == "error")
+    return None
+
+
+_STEPS: Lru[Any] = Lru(8192)
+"""Steps by `_step_key`: steps are values that nothing edits in place, so one may stand in
+every trajectory the message is part of."""
+
+
+def _converted(message: BaseMessage) -> Step | None:
     text = message_text(message.content)
     if isinstance(message, SystemMessage):
         return SystemStep(content=text)

@@ -22,10 +22,15 @@ from soda_guard.verdict import Action, Decision, Review, Verdict
 Outcome = Literal["run", "refuse", "respond"]
 
 _KEPT = {"label", "score", "judge", "kind", "model", "parse_failure", "error", "truncated"}
-_LEAN_DECISION: dict[str, Any] = {"tool_call": True, "verdict": {name for name in Verdict.model_fields if name not in _KEPT}}
-_LEAN = {"decision": _LEAN_DECISION, "edit_decision": _LEAN_DECISION}
-"""What a state record leaves out of its decisions: the call (the record's own) and all of the
-verdict but what enforcement and the message summary read."""
+_LEAN_DECISION: dict[str, Any] = {
+    "tool_call": True,
+    "conversation_id": True,
+    "verdict": {name for name in Verdict.model_fields if name not in _KEPT},
+}
+_LEAN = {"binding": True, "decision": _LEAN_DECISION, "edit_decision": _LEAN_DECISION}
+"""What a state record leaves out: what its turn says already (the binding's thread and turn,
+the decisions' conversation, the call), and all of each verdict but what enforcement and the
+message summary read."""
 
 
 class CallRecord(BaseModel):
@@ -147,6 +152,7 @@ class TurnRecords(BaseModel):
         raw["records"] = [
             seal.sign(record.model_dump_json(exclude=_LEAN, exclude_defaults=True), header) for record in self.records
         ]
+        seal.remember(raw, self)
         return raw
 
     @classmethod
@@ -156,6 +162,9 @@ class TurnRecords(BaseModel):
         records at all."""
         if not isinstance(raw, Mapping) or not isinstance(raw.get("records", []), list):
             return None
+        signed = seal.recall(raw)
+        if isinstance(signed, TurnRecords):
+            return signed
         try:
             turn = cls.model_validate({**raw, "records": []})
         except ValueError:
@@ -163,7 +172,7 @@ class TurnRecords(BaseModel):
         header = turn._header()
         trusted = [record for record in (seal.verified(r, header) for r in raw.get("records", [])) if record is not None]
         try:
-            return turn.model_copy(update={"records": [_parsed(r) for r in trusted]})
+            return turn.model_copy(update={"records": [_parsed(r, turn.thread_id, turn.turn_id) for r in trusted]})
         except ValueError:
             return None
 
@@ -176,7 +185,8 @@ class TurnRecords(BaseModel):
         stored = [r.get(RECORD_KEY) for r in raw.get("records", []) if isinstance(r, Mapping)]
         try:
             turn = cls.model_validate({**raw, "records": []})
-            return turn.model_copy(update={"records": [CallRecord.model_validate_json(r) for r in stored if isinstance(r, str)]})
+            records = [_parsed(r, turn.thread_id, turn.turn_id) for r in stored if isinstance(r, str)]
+            return turn.model_copy(update={"records": records})
         except ValueError:
             return None
 
@@ -198,8 +208,19 @@ class TurnRecords(BaseModel):
 
 
 @functools.lru_cache(maxsize=4096)
-def _parsed(stored: str) -> CallRecord:
-    """A verified record's JSON, parsed once: every call of a turn, and the next model turn,
-    read the same records again. Keyed by the exact text, which its MAC covers; records are
-    never changed in place (`model_copy` makes each new one)."""
-    return CallRecord.model_validate_json(stored)
+def _parsed(stored: str, thread_id: str | None, turn_id: str) -> CallRecord:
+    """A record's JSON as its turn stored it, parsed once: every call of a turn, and the next
+    model turn, read the same records again. What the turn says (thread, turn) is put back:
+    the MAC covers it with the text. Records are never changed in place (`model_copy` makes
+    each new one), so one parse may serve every reader."""
+    raw = json.loads(stored)
+    call = raw.get("call") if isinstance(raw, dict) else None
+    if not isinstance(call, dict):
+        raise ValueError("a stored record without its call")
+    binding = CallBinding.of(
+        thread_id=thread_id, turn_id=turn_id, call_id=call.get("id"), tool=call.get("name"), args=call.get("args", {})
+    )
+    for name in ("decision", "edit_decision"):
+        if isinstance(raw.get(name), dict):
+            raw[name]["conversation_id"] = thread_id
+    return CallRecord.model_validate({**raw, "binding": binding})

@@ -18,6 +18,8 @@ import hashlib
 import hmac
 import os
 import secrets
+import threading
+from collections import OrderedDict
 from typing import Any, Mapping
 
 from soda_guard.policy import Policy
@@ -26,6 +28,7 @@ MAC_KEY = "mac"
 RECORD_KEY = "record"
 
 _PROCESS_KEY = secrets.token_bytes(32)
+_REMEMBERED = 1024
 
 
 class RecordSeal:
@@ -37,6 +40,8 @@ class RecordSeal:
         if len(key) < 16:
             raise ValueError("a state-record key needs at least 16 bytes")
         self._key = key
+        self._signed: OrderedDict[int, tuple[dict[str, Any], list[Any], Any]] = OrderedDict()
+        self._lock = threading.Lock()
 
     @classmethod
     def for_policy(cls, policy: Policy) -> RecordSeal:
@@ -51,7 +56,30 @@ class RecordSeal:
     def _mac(self, record: str, turn: str) -> str:
         # `turn` is JSON, which escapes every newline: the separator cannot be forged
         signed = f"{turn}\n{record}".encode("utf-8", "surrogatepass")
-        return hmac.new(self._key, signed, hashlib.sha256).hexdigest()
+        return hmac.digest(self._key, signed, hashlib.sha256).hex()
+
+    def remember(self, stored: dict[str, Any], turn: Any) -> None:
+        """Note that this process signed `stored` (a turn's state form) for `turn`, the typed
+        records it holds: the graph hands the same object to the next node, which then need
+        not verify and parse it again (`recall`)."""
+        with self._lock:
+            self._signed[id(stored)] = (stored, _parts(stored), turn)
+            self._signed.move_to_end(id(stored))
+            while len(self._signed) > _REMEMBERED:
+                self._signed.popitem(last=False)
+
+    def recall(self, stored: Any) -> Any:
+        """The typed records `remember` noted for this very object, if nothing in it was
+        replaced since (every part is compared by identity, and kept alive so that an identity
+        is never reused); None otherwise, and the caller verifies it."""
+        with self._lock:
+            found = self._signed.get(id(stored))
+        if found is None or found[0] is not stored:
+            return None
+        parts = _parts(stored)
+        if len(parts) != len(found[1]) or any(a is not b for a, b in zip(parts, found[1])):
+            return None
+        return found[2]
 
     def sign(self, record: str, turn: str) -> dict[str, str]:
         """`record` (its JSON) with its MAC, which also covers `turn` (the JSON of the fields of
@@ -67,3 +95,17 @@ class RecordSeal:
         if not isinstance(record, str) or not isinstance(mac, str):
             return None
         return record if hmac.compare_digest(self._mac(record, turn), mac) else None
+
+
+def _parts(stored: Mapping[str, Any]) -> list[Any]:
+    """Every object of a state form that what it says depends on: the header's values, the
+    records list, each record's dict, text and MAC."""
+    records = stored.get("records")
+    parts: list[Any] = [stored.get(name) for name in ("thread_id", "turn_id", "replay", "closed")]
+    parts.append(records)
+    for record in records if isinstance(records, list) else []:
+        parts.append(record)
+        if isinstance(record, Mapping):
+            parts += [record.get(RECORD_KEY), record.get(MAC_KEY)]
+    parts.append(len(stored))
+    return parts

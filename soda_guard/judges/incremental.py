@@ -28,7 +28,7 @@ from soda_guard.judges.context import Block, Omitted, omission_marker
 V = TypeVar("V")
 
 
-class _Lru(Generic[V]):
+class Lru(Generic[V]):
     """A lock-guarded least-recently-used map bounded by a total weight."""
 
     def __init__(self, max_weight: int) -> None:
@@ -63,7 +63,7 @@ class BlockMemo:
     """Rendered blocks by content key, bounded by the characters they hold."""
 
     def __init__(self, max_chars: int = 32 << 20) -> None:
-        self._lru: _Lru[Block] = _Lru(max_chars)
+        self._lru: Lru[Block] = Lru(max_chars)
 
     def get(self, key: Hashable, make: Callable[[], Block]) -> Block:
         found = self._lru.get(key)
@@ -172,7 +172,7 @@ class HistoryMemo:
     the flags the caller derived from the whole conversation (`shape`)."""
 
     def __init__(self, max_entries: int = 64) -> None:
-        self._lru: _Lru[tuple[tuple[object, ...], PreparedHistory]] = _Lru(max_entries)
+        self._lru: Lru[tuple[tuple[object, ...], PreparedHistory]] = Lru(max_entries)
 
     def get(self, steps: Sequence[object], shape: Hashable, prepare: Callable[[], PreparedHistory]) -> PreparedHistory:
         key = (shape, len(steps), id(steps[0]) if steps else 0, id(steps[-1]) if steps else 0)

@@ -1,0 +1,93 @@
+"""The caches on the guard's hot path never stand in for what changed: a state form edited in
+place after the guard signed it is verified again, a stored record reads back bound to its own
+turn, and a message converted once is converted again the moment any part of it differs."""
+
+from __future__ import annotations
+
+import json
+
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+
+from soda_guard import Action, CallBinding, CallRecord, Decision, Label, ToolCall, TurnRecords, Verdict
+from soda_guard.integrations._convert import to_step, to_trajectory
+from soda_guard.seal import RecordSeal
+
+SEAL = RecordSeal(b"a test key of 32 bytes, no more.")
+CALL = ToolCall(id="c1", name="transfer", args={"to": "1", "amount": 5})
+
+
+def record(action: Action, call: ToolCall = CALL, turn: str = "m1") -> CallRecord:
+    verdict = Verdict(label=Label.SAFE, score=0.1, judge="soda", kind="soda", model="m", reason="fine", raw_output="x" * 300)
+    decision = Decision(action=action, rule="defaults", why="soda said safe", tool_call=call, verdict=verdict, conversation_id="t")
+    binding = CallBinding.of(thread_id="t", turn_id=turn, call_id=call.id, tool=call.name, args=call.args)
+    return CallRecord.judged(binding, call, decision)
+
+
+def test_the_form_the_guard_signed_is_read_back_without_a_second_parse() -> None:
+    turn = TurnRecords(thread_id="t", turn_id="m1", records=[record(Action.ALLOW)])
+    state = turn.for_state(SEAL)
+    assert TurnRecords.from_state(state, SEAL) is turn
+    copied = TurnRecords.from_state(json.loads(json.dumps(state)), SEAL)  # as after a restart: verified, parsed
+    assert copied is not None and copied is not turn and [r.call for r in copied.records] == [CALL]
+
+
+def test_a_signed_form_changed_in_place_is_verified_again() -> None:
+    blocked = record(Action.BLOCK)
+    state = TurnRecords(thread_id="t", turn_id="m1", records=[blocked]).for_state(SEAL)
+    # a forged text swapped into the very dict the guard returned: its MAC no longer verifies
+    state["records"][0]["record"] = state["records"][0]["record"].replace('"refuse"', '"run"')
+    back = TurnRecords.from_state(state, SEAL)
+    assert back is not None and back.records == []
+
+
+def test_a_record_appended_to_the_signed_list_is_not_taken_on_trust() -> None:
+    state = TurnRecords(thread_id="t", turn_id="m1", records=[record(Action.BLOCK)]).for_state(SEAL)
+    forged = TurnRecords(thread_id="t", turn_id="m1", records=[record(Action.ALLOW, ToolCall(id="c2", name="wipe"))])
+    state["records"].append(forged.for_state(RecordSeal(b"not the guard's key, 32 bytes!!"))["records"][0])
+    back = TurnRecords.from_state(state, SEAL)
+    assert back is not None and [r.call.id for r in back.records] == ["c1"]
+
+
+def test_a_header_changed_in_place_is_verified_again() -> None:
+    state = TurnRecords(thread_id="t", turn_id="m1", records=[record(Action.ALLOW)]).for_state(SEAL)
+    state["turn_id"] = "m2"  # moved to another turn: the MAC covers the turn it was made for
+    back = TurnRecords.from_state(state, SEAL)
+    assert back is not None and back.turn_id == "m2" and back.records == []
+
+
+def test_a_stored_record_is_bound_to_its_own_turn_and_thread_when_read_back() -> None:
+    state = TurnRecords(thread_id="t", turn_id="m1", records=[record(Action.ALLOW)]).for_state(SEAL)
+    text = state["records"][0]["record"]
+    assert "binding" not in json.loads(text) and "x" * 100 not in text
+    back = TurnRecords.from_state(json.loads(json.dumps(state)), SEAL)
+    assert back is not None
+    [read] = back.records
+    assert read.binding == record(Action.ALLOW).binding
+    assert read.decision.conversation_id == "t" and read.decision.verdict is not None and read.decision.verdict.score == 0.1
+
+
+def test_a_message_converted_once_is_converted_again_when_it_differs() -> None:
+    asked = AIMessage("", id="a1", tool_calls=[{"name": "transfer", "args": {"to": "1"}, "id": "c1"}])
+    changed = AIMessage("", id="a1", tool_calls=[{"name": "transfer", "args": {"to": "999"}, "id": "c1"}])
+    assert to_step(asked) is to_step(AIMessage("", id="a1", tool_calls=[{"name": "transfer", "args": {"to": "1"}, "id": "c1"}]))
+    assert to_step(changed).tool_calls[0].args == {"to": "999"}  # type: ignore[union-attr]
+    asked.tool_calls[0]["args"]["to"] = "777"  # edited in place after it was converted
+    assert to_step(asked).tool_calls[0].args == {"to": "777"}  # type: ignore[union-attr]
+    result = ToolMessage("ok", tool_call_id="c1", name="transfer")
+    failed = ToolMessage("ok", tool_call_id="c1", name="transfer", status="error")
+    assert to_step(result).is_error is False and to_step(failed).is_error is True  # type: ignore[union-attr]
+    assert to_step(ToolMessage("ok", tool_call_id="c2", name="transfer")).tool_call_id == "c2"  # type: ignore[union-attr]
+
+
+def test_a_trajectory_from_cached_steps_equals_one_converted_afresh() -> None:
+    messages = [
+        HumanMessage("pay the bill"),
+        AIMessage("", tool_calls=[{"name": "read_file", "args": {"path": "bill.txt"}, "id": "r1"}]),
+        ToolMessage("amount: 98.70", tool_call_id="r1", name="read_file"),
+        AIMessage("", tool_calls=[{"name": "send_money", "args": {"amount": 98.7, "to": ["a", "b"]}, "id": "s1"}]),
+    ]
+    first = to_trajectory(messages, conversation_id="t")
+    again = to_trajectory(messages, conversation_id="t")
+    assert first == again and again.pending_tool_calls()[0].args == {"amount": 98.7, "to": ["a", "b"]}
+    blocks = AIMessage([{"type": "text", "text": "calling"}], tool_calls=[{"name": "x", "args": {}, "id": "b1"}])
+    assert to_step(blocks).content == "calling"  # type: ignore[union-attr]
