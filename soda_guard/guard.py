@@ -85,6 +85,10 @@ class JudgeThreads:
     def threads(self) -> int:
         return self._threads
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def submit(self, fn: Callable[[], Any], key: str | None = None) -> concurrent.futures.Future[Any]:
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._lock:
@@ -426,7 +430,7 @@ class Guard:
             views = [items[i].view for i in indexes]
             judge_deadline = self._judge_deadline(judge_name, submitted_at)
             runner = self._runners.get(judge_name)
-            if runner is not None and getattr(runner, "inline", False):
+            if runner is not None and getattr(runner, "inline", False) and not self.judge_threads.closed:
                 submitted.append((judge_name, indexes, _inline(lambda: runner.verdicts(views, judge_deadline))))
                 continue
             try:
