@@ -21,6 +21,7 @@ from langchain_core.tools import BaseTool
 from pydantic import BaseModel
 
 from soda_guard.errors import SodaGuardError
+from soda_guard.ids import new_run_id
 from soda_guard.trajectory import ToolCall
 from soda_guard.verdict import Decision
 
@@ -128,7 +129,7 @@ class SealedTool:
         return {**config, "callbacks": callbacks, "run_id": handler.outer_run}
 
     def _nested(self) -> _Nested:
-        return _Nested(uuid.uuid4(), self._tool.name, self._check)
+        return _Nested(new_run_id(), self._tool.name, self._check)
 
     def invoke(self, input: Any, config: Any = None, **kwargs: Any) -> Any:
         call = self._arrived(input)

@@ -92,9 +92,10 @@ class SodaGuardMiddleware(AgentMiddleware):
 
     The turn is judged inside the model's own step rather than in an `after_model` step of its
     own: every step of a checkpointed graph stores the whole conversation again, and a step
-    per turn would grow the checkpoints by half. The model call, the judgment and the question
-    are LangGraph tasks, so a run resumed after a review neither calls the model nor judges
-    again, even in a new process."""
+    per turn would grow the checkpoints by half. Where the graph can pause for review (a
+    checkpointer, a policy that can escalate), the model call with its judgment, and the
+    question, are LangGraph tasks, so a run resumed after a review neither calls the model nor
+    judges again, even in a new process; where it cannot, no task is paid for."""
 
     state_schema = SodaGuardState
 

@@ -12,7 +12,6 @@ import concurrent.futures
 import queue
 import threading
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from soda_guard.audit import AuditSink, JsonlAuditSink, SqliteAuditSink
 from soda_guard.backends.base import Backend
 from soda_guard.judges.cascade import CascadeRunner, Runner, Stage
 from soda_guard.judges.keywords import KeywordsRunner
+from soda_guard.ids import new_id
 from soda_guard.judging import JudgeRunner, make_backend, make_judge
 from soda_guard.errors import AuditError, JudgeError, ModelLoadError, TrajectoryError
 from soda_guard.mcp.catalog import ToolCatalog
@@ -318,7 +318,7 @@ class Guard:
         # verdict): validating them again is most of a decision's cost. The defaults made by a
         # factory are given here: `model_construct` inspects each factory's signature per call.
         return Decision.model_construct(
-            decision_id=uuid.uuid4().hex, timestamp=time.time(), action=action, why=why, condition=condition, stage=stage,
+            decision_id=new_id(), timestamp=time.time(), action=action, why=why, condition=condition, stage=stage,
             **base,
         )
 
@@ -615,6 +615,8 @@ def _inline(judge: Callable[[], list[Verdict]]) -> concurrent.futures.Future[Any
         future.set_result(judge())
     except Exception as error:
         future.set_exception(error)
+    except KeyboardInterrupt:  # the caller's own Ctrl-C, which a judge thread would never see
+        raise
     except BaseException as error:  # as on a judge thread: a judge must not take the caller down
         future.set_exception(JudgeError(f"judge raised {type(error).__name__}: {error}"))
     return future
@@ -631,7 +633,7 @@ def _audit_failed(decision: Decision, action: Action, cause: Exception) -> Decis
         f"audit sink unavailable ({type(cause).__name__}: {cause}); on_error replaces decision "
         f"{decision.decision_id} ({decision.action.value}: {decision.why})"
     )
-    return decision.model_copy(update={"decision_id": uuid.uuid4().hex, "timestamp": time.time(), "action": action, "why": why})
+    return decision.model_copy(update={"decision_id": new_id(), "timestamp": time.time(), "action": action, "why": why})
 
 
 def _warm(runners: Sequence[JudgeRunner], conversation: Trajectory | Callable[[], Trajectory]) -> list[object]:

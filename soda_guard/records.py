@@ -28,9 +28,10 @@ _LEAN_DECISION: dict[str, Any] = {
     "verdict": {name for name in Verdict.model_fields if name not in _KEPT},
 }
 _LEAN = {"binding": True, "decision": _LEAN_DECISION, "edit_decision": _LEAN_DECISION}
-"""What a state record leaves out: what its turn says already (the binding's thread and turn,
-the decisions' conversation, the call), and all of each verdict but what enforcement and the
-message summary read."""
+"""What a state record leaves out, besides every None (`exclude_defaults` would call each
+default factory per record to compare): what its turn says already (the binding's thread and
+turn, the decisions' conversation, the call), and all of each verdict but what enforcement and
+the message summary read."""
 
 
 class CallRecord(BaseModel):
@@ -150,7 +151,7 @@ class TurnRecords(BaseModel):
             raw["closed"] = True
         header = self._header()
         raw["records"] = [
-            seal.sign(record.model_dump_json(exclude=_LEAN, exclude_defaults=True), header) for record in self.records
+            seal.sign(record.model_dump_json(exclude=_LEAN, exclude_none=True), header) for record in self.records
         ]
         seal.remember(raw, self)
         return raw
@@ -221,6 +222,9 @@ def _parsed(stored: str, thread_id: str | None, turn_id: str) -> CallRecord:
         thread_id=thread_id, turn_id=turn_id, call_id=call.get("id"), tool=call.get("name"), args=call.get("args", {})
     )
     for name in ("decision", "edit_decision"):
-        if isinstance(raw.get(name), dict):
-            raw[name]["conversation_id"] = thread_id
+        decision = raw.get(name)
+        if isinstance(decision, dict):
+            decision["conversation_id"] = thread_id
+            if isinstance(decision.get("verdict"), dict):
+                decision["verdict"].setdefault("label", None)  # the one field that is both required and nullable
     return CallRecord.model_validate({**raw, "binding": binding})

@@ -7,12 +7,12 @@ traces and the CLI without a second serialisation path.
 from __future__ import annotations
 
 import time
-import uuid
 from enum import Enum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from soda_guard.ids import new_id
 from soda_guard.trajectory import ToolCall
 
 
@@ -92,7 +92,7 @@ class Decision(BaseModel):
     `review` is set on the audit record of a person's answer to an escalation (rule
     `review`), which names the escalation it answers."""
 
-    decision_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    decision_id: str = Field(default_factory=new_id)
     timestamp: float = Field(default_factory=time.time)
     action: Action
     rule: str
