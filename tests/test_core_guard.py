@@ -250,3 +250,87 @@ def test_close_stops_the_backends_the_guard_made_and_leaves_the_callers(monkeypa
     guard.load()
     guard.close()
     assert (made.closed, given.closed) == (1, 0)
+
+
+class InlineFailing:
+    """An inline backend (one the guard calls on the caller's thread) that raises `error`."""
+
+    inline = True
+    model_id = "inline-failing"
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def generate(self, requests: Any) -> Any:
+        raise self.error
+
+    async def agenerate(self, requests: Any) -> Any:
+        raise self.error
+
+
+def loaded(guard: Guard) -> Guard:
+    """`guard` with its judges built (as after `load`): a judge not yet built is built on a
+    judge thread, where a slow load stays under the deadline."""
+    for name in guard.policy.judges:
+        guard.runner(name)
+    return guard
+
+
+def test_a_scripted_list_judge_answers_on_the_callers_thread() -> None:
+    guard, backend = make_guard([soda_reply(True)])
+    decisions = loaded(guard).check_tool_calls(from_openai_messages(turn(("1", "read_x"), ("2", "lookup"), ("3", "transfer_all"))))
+    assert [d.action for d in decisions] == [Action.ALLOW, Action.BLOCK, Action.ESCALATE]
+    assert decisions[1].verdict.label.value == "unsafe" and len(backend.requests) == 2
+    assert guard.judge_threads.threads == 0
+
+
+@pytest.mark.parametrize("kind", ["delay", "callable"])
+def test_a_judge_that_may_wait_is_called_on_a_judge_thread(kind: str) -> None:
+    threads: list[threading.Thread] = []
+
+    def respond(request: GenerationRequest) -> str:
+        threads.append(threading.current_thread())
+        return soda_reply(True)
+
+    guard, _ = make_guard([soda_reply(True)], delay_s=0.01) if kind == "delay" else make_guard(respond)
+    [decision] = loaded(guard).check_tool_calls(from_openai_messages(turn(("1", "lookup"))))
+    assert decision.action is Action.BLOCK and decision.verdict.label.value == "unsafe"
+    assert guard.judge_threads.threads >= 1
+    assert all(thread is not threading.current_thread() for thread in threads)
+
+
+def test_a_keywords_screen_and_a_cascade_of_inline_stages_answer_on_the_callers_thread() -> None:
+    policy = Policy.from_dict({
+        "judges": {
+            "screen": {"kind": "keywords", "unsafe": ["delete"], "safe": ["^read_"]},
+            "soda": {"kind": "soda", "model": "m"},
+            "both": {"kind": "cascade", "stages": ["screen", "soda"]},
+        },
+        "defaults": {"judge": "both"},
+        "rules": [{"tools": ["delete_*"], "judge": "screen"}],
+    })
+    guard = Guard(policy, backends={"soda": ScriptedBackend([soda_reply(False)])})
+    guard.load()  # a cascade's stages load on first use, or here
+    trajectory = from_openai_messages(turn(("1", "delete_all"), ("2", "read_x"), ("3", "lookup")))
+    decisions = guard.check_tool_calls(trajectory)
+    assert [d.action for d in decisions] == [Action.BLOCK, Action.ALLOW, Action.ALLOW]
+    assert [d.stage for d in decisions] == [None, "screen", "soda"]
+    assert guard.judge_threads.threads == 0
+    waits = Guard(policy, backends={"soda": ScriptedBackend(lambda request: soda_reply(False))})
+    waits.load()
+    assert [d.action for d in waits.check_tool_calls(trajectory)] == [Action.BLOCK, Action.ALLOW, Action.ALLOW]
+    assert waits.judge_threads.threads >= 1
+
+
+@pytest.mark.parametrize(
+    "error", [RuntimeError("judge exploded"), SystemExit("judge exited")], ids=["exception", "system-exit"]
+)
+def test_an_inline_judge_that_raises_takes_on_error(error: BaseException) -> None:
+    """On the caller's thread too, a judge's failure is a failed verdict, never the caller's
+    exception: not even a BaseException that would otherwise end the process."""
+    policy = Policy.from_yaml(POLICY.replace("on_error: block", "on_error: log"))
+    guard = loaded(Guard(policy, backends={"soda": InlineFailing(error)}))
+    [decision] = guard.check_tool_calls(from_openai_messages(turn(("1", "lookup"))))
+    assert decision.action is Action.LOG and decision.verdict.error is not None
+    assert type(error).__name__ in decision.verdict.error and str(error) in decision.verdict.error
+    assert guard.judge_threads.threads == 0

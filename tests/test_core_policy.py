@@ -130,3 +130,40 @@ def test_duplicate_keys_in_a_file_name_the_file(tmp_path: Path) -> None:
     path.write_text("version: 1\nversion: 1\n")
     with pytest.raises(PolicyError, match=f"{path.name}: invalid YAML: duplicate key 'version' on line 2"):
         Policy.from_yaml_file(path)
+
+
+SODA = {"soda": {"kind": "soda", "model": "m"}}
+QWEN = {"qwen": {"kind": "qwen3guard", "model": "q"}}
+SCREEN = {"screen": {"kind": "keywords", "unsafe": ["delete"]}}
+
+
+@pytest.mark.parametrize(
+    ("data", "escalates"),
+    [
+        ({"judges": SODA}, False),
+        ({"judges": QWEN}, True),
+        ({"judges": SODA, "rules": [{"tools": ["transfer_*"], "action": "escalate"}]}, True),
+        ({"judges": SODA, "defaults": {"on_unsafe": "escalate"}}, True),
+        ({"judges": SODA, "defaults": {"on_error": "escalate"}}, True),
+        ({"judges": SODA, "rules": [{"tools": ["transfer_*"], "on_safe": "escalate"}]}, True),
+        ({"judges": {**SODA, **QWEN}, "defaults": {"judge": "soda"}, "rules": [{"tools": ["x"], "judge": "qwen"}]}, True),
+        ({"judges": {**SCREEN, **SODA, "both": {"kind": "cascade", "stages": ["screen", "soda"]}}, "defaults": {"judge": "both"}}, True),
+        ({"judges": SODA, "defaults": {"on_controversial": "escalate"}}, False),
+        ({"judges": SODA, "rules": [{"tools": ["x"], "on_controversial": "escalate"}]}, False),
+        ({"judges": SODA, "rules": [{"tools": ["read_*"], "action": "allow", "on_unsafe": "escalate"}]}, False),
+        ({"judges": {**SODA, **QWEN}, "defaults": {"judge": "soda"}, "rules": [{"tools": ["x"], "judge": "qwen", "action": "block"}]}, False),
+        ({"judges": QWEN, "defaults": {"on_controversial": "block"}}, False),
+    ],
+    ids=[
+        "soda-defaults", "qwen3guard-defaults", "rule-action-escalate", "on_unsafe-escalate", "on_error-escalate",
+        "rule-on_safe-escalate", "a-rule-judged-by-qwen3guard", "cascade-with-a-keywords-stage",
+        "soda-on_controversial-escalate", "soda-rule-on_controversial-escalate", "unjudged-rule-on_unsafe-escalate",
+        "qwen3guard-only-on-an-unjudged-rule", "qwen3guard-on_controversial-block",
+    ],
+)
+def test_can_escalate_says_whether_any_call_can_reach_a_reviewer(data: dict, escalates: bool) -> None:
+    """Adapters skip the durable bookkeeping a review pause needs (a LangGraph task per model
+    turn) when this is False: a False for a policy that can escalate would lose a judged turn
+    on resume, a True for one that cannot only costs time. SODA answers only SAFE or UNSAFE; a
+    qwen3guard or keywords judge (also as a cascade stage) may answer controversial."""
+    assert Policy.from_dict(data).can_escalate() is escalates

@@ -112,3 +112,61 @@ def test_the_message_summary_is_small_and_says_why_a_call_did_not_run() -> None:
     assert summary["action"] == "block" and summary["why"] == "soda said unsafe" and summary["score"] == 0.91
     assert len(json.dumps(summary)) < 200
     assert "why" not in CallRecord.judged(binding(), CALL, decision(Action.ALLOW)).summary()
+
+
+def test_read_shows_records_signed_with_any_key_which_from_state_drops() -> None:
+    """`read` is for showing the state (examples, dashboards), which need not hold the key;
+    enforcement reads through `from_state`, which must still refuse another key's records."""
+    record = CallRecord.judged(binding(), CALL, decision(Action.BLOCK))
+    state = TurnRecords(thread_id="t", turn_id="m1", records=[record]).for_state(RecordSeal(b"another key, 32 bytes long......"))
+    shown = TurnRecords.read(json.loads(json.dumps(state)))
+    assert shown is not None and (shown.thread_id, shown.turn_id) == ("t", "m1")
+    assert [(r.binding, r.outcome, r.decision.action) for r in shown.records] == [(record.binding, "refuse", Action.BLOCK)]
+    trusted = TurnRecords.from_state(state, SEAL)
+    assert trusted is not None and trusted.records == []
+
+
+def test_the_mac_is_over_the_stored_text_so_even_an_equivalent_rewrite_is_dropped() -> None:
+    record = CallRecord.judged(binding(), CALL, decision(Action.ALLOW))
+    state = TurnRecords(thread_id="t", turn_id="m1", records=[record]).for_state(SEAL)
+    text = state["records"][0]["record"]
+    respaced = json.dumps(json.loads(text), indent=1)
+    assert respaced != text and json.loads(respaced) == json.loads(text)
+    state["records"][0]["record"] = respaced
+    back = TurnRecords.from_state(state, SEAL)
+    assert back is not None and back.records == []
+    shown = TurnRecords.read(state)
+    assert shown is not None and [r.binding for r in shown.records] == [record.binding]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        None,
+        "records",
+        ["a", "list"],
+        {1: 2},
+        {"turn_id": "m1", "thread_id": "t", "records": "not a list"},
+        {"turn_id": "m1", "thread_id": "t", "records": None},
+        {"turn_id": 5, "thread_id": "t", "records": []},
+        {"turn_id": "m1", "thread_id": "t", "records": [], "unknown": 1},
+        {"turn_id": "m1", "thread_id": "t", "records": [{"record": "not json", "mac": "0" * 64}]},
+        {"turn_id": "m1", "thread_id": "t", "records": [{"record": "{}", "mac": "0" * 64}]},
+        {"turn_id": "m1", "thread_id": "t", "records": [{"record": "null"}]},
+        {"turn_id": "m1", "thread_id": "t", "records": [{"record": "[" * 100_000}]},
+        {"turn_id": "m1", "thread_id": "t", "records": [{"record": "\ud800"}]},
+    ],
+)
+def test_reading_garbage_gives_none_never_an_exception(raw: object) -> None:
+    assert TurnRecords.read(raw) is None
+    assert TurnRecords.from_state(raw, SEAL) is None or TurnRecords.from_state(raw, SEAL).records == []
+
+
+def test_reading_skips_entries_that_hold_no_record_text() -> None:
+    record = CallRecord.judged(binding(), CALL, decision(Action.ALLOW))
+    state = TurnRecords(thread_id="t", turn_id="m1", records=[record]).for_state(SEAL)
+    state["records"] = [1, "text", {"record": 5}, {"mac": "0" * 64}, *state["records"]]
+    shown = TurnRecords.read(state)
+    assert shown is not None and [r.binding for r in shown.records] == [record.binding]
+    trusted = TurnRecords.from_state(state, SEAL)
+    assert trusted is not None and [r.binding for r in trusted.records] == [record.binding]
