@@ -214,7 +214,10 @@ def _parsed(stored: str, thread_id: str | None, turn_id: str) -> CallRecord:
     model turn, read the same records again. What the turn says (thread, turn) is put back:
     the MAC covers it with the text. Records are never changed in place (`model_copy` makes
     each new one), so one parse may serve every reader."""
-    raw = json.loads(stored)
+    try:
+        raw = json.loads(stored)
+    except RecursionError:
+        raise ValueError("a stored record nested too deeply") from None
     call = raw.get("call") if isinstance(raw, dict) else None
     if not isinstance(call, dict):
         raise ValueError("a stored record without its call")
