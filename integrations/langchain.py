@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import threading
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Generator, Mapping
 from uuid import UUID
@@ -30,6 +29,7 @@ from typing_extensions import NotRequired
 
 from soda_guard.binding import CallBinding
 from soda_guard.errors import SodaGuardError
+from soda_guard.ids import new_run_id
 from soda_guard.guard import Guard
 from soda_guard.policy import Policy
 from soda_guard.records import TurnRecords
@@ -230,7 +230,7 @@ def _with_message_ids(result: ModelCallResult) -> ModelResponse | ExtendedModelR
     if isinstance(result, ModelResponse):
         for message in result.result:
             if message.id is None:
-                message.id = f"lc_{uuid.uuid4()}"
+                message.id = f"lc_{new_run_id()}"
     return result
 
 

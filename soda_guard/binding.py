@@ -8,11 +8,12 @@ the tool and the arguments all match; anything else is a new call and is judged 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
+
+from soda_guard.hashing import sha256_hex
 
 
 def args_digest(args: Any) -> str:
@@ -22,7 +23,7 @@ def args_digest(args: Any) -> str:
         canonical = "s:" + args
     else:
         canonical = "j:" + json.dumps(args, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=repr)
-    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+    return sha256_hex(canonical.encode("utf-8", "surrogatepass"))
 
 
 class CallBinding(BaseModel):

@@ -14,7 +14,6 @@ and their calls are judged again, an escalation asked again.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import secrets
@@ -22,6 +21,7 @@ import threading
 from collections import OrderedDict
 from typing import Any, Mapping
 
+from soda_guard.hashing import Hmac
 from soda_guard.policy import Policy
 
 MAC_KEY = "mac"
@@ -39,7 +39,7 @@ class RecordSeal:
     def __init__(self, key: bytes) -> None:
         if len(key) < 16:
             raise ValueError("a state-record key needs at least 16 bytes")
-        self._key = key
+        self._hmac = Hmac(key)
         self._signed: OrderedDict[int, tuple[dict[str, Any], list[Any], Any]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -55,8 +55,7 @@ class RecordSeal:
 
     def _mac(self, record: str, turn: str) -> str:
         # `turn` is JSON, which escapes every newline: the separator cannot be forged
-        signed = f"{turn}\n{record}".encode("utf-8", "surrogatepass")
-        return hmac.digest(self._key, signed, hashlib.sha256).hex()
+        return self._hmac.hex(f"{turn}\n{record}".encode("utf-8", "surrogatepass"))
 
     def remember(self, stored: dict[str, Any], turn: Any) -> None:
         """Note that this process signed `stored` (a turn's state form) for `turn`, the typed
