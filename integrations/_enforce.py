@@ -506,8 +506,11 @@ class ToolCallEnforcer:
     def follow_wait_s(self) -> float:
         return 3 * self.guard.policy.defaults.timeout_s + 5.0
 
-    def _messages(self, state: Any) -> list[BaseMessage]:
-        return list(state.get("messages", []) if isinstance(state, Mapping) else getattr(state, "messages", []))
+    def _messages(self, state: Any) -> Sequence[BaseMessage]:
+        """The state's own list (read, never changed here: a copy per call is a copy of the
+        whole conversation per tool call)."""
+        messages = state.get("messages", []) if isinstance(state, Mapping) else getattr(state, "messages", [])
+        return messages if isinstance(messages, list) else list(messages)
 
     def _steps(self, request: ToolCallRequest) -> Generator[Any, Any, ToolMessage | Command[Any]]:
         messages = self._messages(request.state)
@@ -537,7 +540,7 @@ class ToolCallEnforcer:
         return (yield from self._enforce(request, trajectory, record))
 
     def _shared_turn(
-        self, messages: list[BaseMessage], trajectory: Trajectory, call: ToolCall, thread: str | None, turn: str
+        self, messages: Sequence[BaseMessage], trajectory: Trajectory, call: ToolCall, thread: str | None, turn: str
     ) -> Generator[Any, Any, TurnRecords | None]:
         pending = trajectory.pending_tool_calls()
         unique = [c for c in pending if sum(1 for other in pending if other.id == c.id) == 1]

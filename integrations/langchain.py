@@ -177,6 +177,8 @@ class SodaGuardMiddleware(AgentMiddleware):
         """Start warming the judge with the conversation so far, just before the model is
         called: only the coming action is then left for the judgment to prefill. Queues
         work and returns; the conversion runs on the guard's warm-up thread."""
+        if not self.guard.warmable():
+            return
         messages, thread = list(request.state.get("messages", [])), thread_id()
         self.guard.warm_up(lambda: to_trajectory(messages, conversation_id=thread, harm=self.harm, environment=self.environment))
 

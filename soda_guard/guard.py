@@ -164,6 +164,7 @@ class Guard:
         #: MCP tools the adapters registered: calls to them are judged as `server:tool`
         self.tools = ToolCatalog()
         self._warmer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="soda-guard-warm-up")
+        self._in_use = policy.judges_in_use()
 
     @classmethod
     def from_yaml_file(cls, path: str | Path, **kwargs: object) -> Guard:
@@ -229,13 +230,21 @@ class Guard:
         queued. A warm-up changes no verdict (the prefix cache holds the keys and values the
         judgment would compute) and its failure only costs the time it would have saved. The
         future is for tests and benchmarks; None when no judge can be warmed."""
-        runners = [runner for name in self.policy.judges_in_use() if (runner := self._runners.get(name)) is not None]
-        if not any(callable(getattr(runner.backend, "prefill", None)) for runner in runners):
+        runners = self.warmable()
+        if not runners:
             return None
         try:
             return self._warmer.submit(_warm, runners, conversation)
         except RuntimeError:  # closed
             return None
+
+    def warmable(self) -> list[Runner]:
+        """The loaded judges a warm-up would prefill (those whose backend can): none means a
+        warm-up does nothing, and a caller need not even build the conversation."""
+        return [
+            runner for name in self._in_use
+            if (runner := self._runners.get(name)) is not None and callable(getattr(getattr(runner, "backend", None), "prefill", None))
+        ]
 
     async def awarm_up(self, conversation: Trajectory | Callable[[], Trajectory]) -> concurrent.futures.Future[Any] | None:
         """`warm_up` from async code: it only queues work, so nothing is awaited."""

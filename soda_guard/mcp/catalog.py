@@ -8,7 +8,7 @@ annotations onto the calls it judges, so the policy and the judge see them as MC
 from __future__ import annotations
 
 import threading
-from typing import Mapping
+from typing import Any, Mapping
 
 from soda_guard.trajectory import AssistantStep, Trajectory
 
@@ -20,6 +20,8 @@ class ToolCatalog:
     def __init__(self) -> None:
         self._tools: dict[str, tuple[str, dict[str, bool] | None]] = {}
         self._lock = threading.Lock()
+        #: tool objects an adapter has read already, by identity (kept alive, so an id is not reused)
+        self.seen: dict[int, tuple[Any, Any]] = {}
 
     def add(self, name: str, server: str, annotations: Mapping[str, bool] | None) -> None:
         with self._lock:
