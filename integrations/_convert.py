@@ -206,6 +206,10 @@ def to_step(message: BaseMessage) -> Step | None:
     return step
 
 
+_CALLS_KEY = json.JSONEncoder(sort_keys=True, ensure_ascii=False)
+"""Built once: `json.dumps` with any option builds a new encoder per call."""
+
+
 def _step_key(message: BaseMessage) -> tuple[Any, ...] | None:
     content = message.content
     if not isinstance(content, str):
@@ -216,7 +220,7 @@ def _step_key(message: BaseMessage) -> tuple[Any, ...] | None:
         return ("user", content)
     if isinstance(message, AIMessage):
         try:
-            calls = json.dumps(message.tool_calls, sort_keys=True, ensure_ascii=False)
+            calls = _CALLS_KEY.encode(message.tool_calls)
         except (TypeError, ValueError):  # arguments that are not JSON: converted as they are
             return None
         return ("assistant", content, calls)

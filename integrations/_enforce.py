@@ -446,16 +446,16 @@ def judge_turn(
         return None
     turn = turn_id(located[1], located[0])
     same_turn = stored is not None and stored.turn_id == turn and stored.thread_id == thread
-    records: list[CallRecord | None] = []
-    for call in pending:
-        binding = binding_of(call, thread=thread, turn=turn)
-        records.append(stored.find(binding) if same_turn and stored is not None else None)
+    bindings = [binding_of(call, thread=thread, turn=turn) for call in pending]
+    records: list[CallRecord | None] = [
+        stored.find(binding) if same_turn and stored is not None else None for binding in bindings
+    ]
     unjudged = [call for call, record in zip(pending, records) if record is None]
     if unjudged:
         decisions = iter((yield Judge(trajectory, unjudged)))
         records = [
-            record or CallRecord.judged(binding_of(call, thread=thread, turn=turn), call, next(decisions))
-            for call, record in zip(pending, records)
+            record or CallRecord.judged(binding, call, next(decisions))
+            for call, binding, record in zip(pending, bindings, records)
         ]
     return trajectory, TurnRecords(thread_id=thread, turn_id=turn, records=[r for r in records if r is not None])
 

@@ -16,13 +16,17 @@ from pydantic import BaseModel, ConfigDict
 from soda_guard.hashing import sha256_hex
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=repr)
+"""Built once: `json.dumps` with any option builds a new encoder per call."""
+
+
 def args_digest(args: Any) -> str:
     """A canonical hash of tool arguments: key order does not matter, any other change does.
     Raw-string arguments (not valid JSON) hash differently from any object."""
     if isinstance(args, str):
         canonical = "s:" + args
     else:
-        canonical = "j:" + json.dumps(args, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=repr)
+        canonical = "j:" + _CANONICAL.encode(args)
     return sha256_hex(canonical.encode("utf-8", "surrogatepass"))
 
 

@@ -323,10 +323,10 @@ class Guard:
     def _decision(base: dict[str, Any], action: Action, why: str, condition: str | None) -> Decision:
         verdict = base["verdict"]
         stage = verdict.settled_by if verdict is not None else None
-        # built from objects already validated (the policy, the trajectory's call, a checked
-        # verdict): validating them again is most of a decision's cost. The defaults made by a
-        # factory are given here: `model_construct` inspects each factory's signature per call.
-        return Decision.model_construct(
+        # every field is given (the factory-made ones too): pydantic-core checks them, with the
+        # call and the verdict passed through as the instances they are, faster than
+        # `model_construct` fills in what is missing
+        return Decision(
             decision_id=new_id(), timestamp=time.time(), action=action, why=why, condition=condition, stage=stage,
             **base,
         )

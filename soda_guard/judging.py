@@ -120,9 +120,8 @@ class JudgeRunner:
             return failed.model_copy(
                 update={"raw_output": result.text, "reason": parsed.reason, "truncated": rendered.truncated}
             )
-        # every field is the judge's own parse or a result `_result_problem` has checked:
-        # validating them again would be most of a verdict's cost
-        return Verdict.model_construct(
+        # every field is given: pydantic-core checks them faster than `model_construct` fills defaults
+        return Verdict(
             label=parsed.label,
             score=None if result.score is None else float(result.score),
             reason=parsed.reason,

@@ -143,10 +143,14 @@ def _items_text(items: Sequence[Block | Omitted]) -> str:
 _FOOT = f"{END_LINE}\n\n{QUESTION_LINE}"
 
 
+_ARGS_KEY = json.JSONEncoder(ensure_ascii=False)
+"""Built once: `json.dumps` with any option builds a new encoder per call."""
+
+
 def _block_key(step: UserStep | AssistantStep | ToolStep) -> Hashable:
     """What a step's block is rendered from, and nothing else: equal keys render equally."""
     if isinstance(step, AssistantStep):
-        calls = tuple((call.qualified_name, type(call.args), json.dumps(call.args, ensure_ascii=False)) for call in step.tool_calls)
+        calls = tuple((call.qualified_name, type(call.args), _ARGS_KEY.encode(call.args)) for call in step.tool_calls)
         return ("assistant", step.content, calls)
     if isinstance(step, ToolStep):
         return ("tool", tool_result_text(step))
