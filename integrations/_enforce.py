@@ -12,10 +12,10 @@ a moderation, an audit record) and are sent the answer; `run_steps` answers with
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Generator, Mapping, Sequence, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any, Awaitable, Callable, Generator, TypeVar
 
 from langchain_core.callbacks import BaseCallbackManager
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
@@ -521,9 +521,13 @@ class ToolCallEnforcer:
         call = to_tool_call(request.tool_call, index)
         binding = binding_of(call, thread=thread, turn=turn)
         # converted only when needed: a call with a stored record is enforced without it
-        trajectory = functools.cache(
-            lambda: to_trajectory(messages, conversation_id=thread, harm=self.harm, environment=self.environment)
-        )
+        converted: list[Trajectory] = []
+
+        def trajectory() -> Trajectory:
+            if not converted:
+                converted.append(to_trajectory(messages, conversation_id=thread, harm=self.harm, environment=self.environment))
+            return converted[0]
+
         stored = yield from stored_turn(request.state, self.state_key, self.seal)
         record = None
         if stored is not None and stored.turn_id == turn and stored.thread_id == thread:

@@ -8,7 +8,8 @@ else is ignored and its calls are judged (and reviewed) again.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Generator, Sequence
+from collections.abc import Sequence
+from typing import Any, Generator
 
 from langchain_core.messages import BaseMessage
 

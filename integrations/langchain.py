@@ -14,7 +14,8 @@ import importlib.util
 import json
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Generator, Mapping
+from collections.abc import Mapping
+from typing import Any, Awaitable, Callable, Generator
 from uuid import UUID
 
 from langchain.agents.middleware import AgentMiddleware, AgentState

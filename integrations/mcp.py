@@ -8,7 +8,8 @@ it declares about itself unless `name_server` gives the tools the name the polic
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from langchain_core.tools import BaseTool
 

@@ -19,7 +19,8 @@ import os
 import secrets
 import threading
 from collections import OrderedDict
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from soda_guard.hashing import Hmac
 from soda_guard.policy import Policy

@@ -23,7 +23,8 @@ import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 from soda_guard.judges.confusables import is_delimiter
 

@@ -21,7 +21,8 @@ import bisect
 import operator
 import threading
 from collections import OrderedDict
-from typing import Callable, Generic, Hashable, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import Callable, Generic, Hashable, TypeVar
 
 from soda_guard.judges.context import Block, Omitted, omission_marker
 

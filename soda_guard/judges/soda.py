@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import replace
-from typing import Hashable, Literal, Sequence
+from collections.abc import Sequence
+from typing import Hashable, Literal
 
 from soda_guard.judges.base import (
     Judge,

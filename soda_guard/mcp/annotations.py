@@ -9,7 +9,8 @@ declares is ignored.
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 

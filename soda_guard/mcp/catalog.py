@@ -8,7 +8,8 @@ annotations onto the calls it judges, so the policy and the judge see them as MC
 from __future__ import annotations
 
 import threading
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from soda_guard.trajectory import AssistantStep, Trajectory
 
