@@ -47,6 +47,8 @@ class _Nested(BaseCallbackHandler):
     before its body; LangChain runs this sync handler off the event loop on async paths."""
 
     raise_error = True
+    # model, retriever, retry and custom events are never read here: not even dispatched
+    ignore_llm = ignore_retry = ignore_retriever = ignore_chat_model = ignore_custom_event = True
 
     def __init__(self, outer_run: uuid.UUID, outer: str, check: Check) -> None:
         self.outer_run = outer_run
