@@ -202,9 +202,23 @@ def to_step(message: BaseMessage) -> Step | None:
         return _converted(message)
     step = _STEPS.get(key)
     if step is None:
-        step = _converted(message)
+        step = _from_key(key)
         _STEPS.put(key, step, 1)
     return step
+
+
+def _from_key(key: tuple[Any, ...]) -> Step:
+    """A step made from its key alone: it owns every object in it (the arguments are parsed
+    from the key's JSON), so nothing that edits the message later reaches the cached step."""
+    kind, text = key[0], key[1]
+    if kind == "system":
+        return SystemStep(content=text)
+    if kind == "user":
+        return UserStep(content=text)
+    if kind == "assistant":
+        calls = [to_tool_call(call, index) for index, call in enumerate(json.loads(key[2]))]
+        return AssistantStep(content=text, tool_calls=calls)
+    return ToolStep(tool_call_id=key[2], name=key[3], content=text, is_error=key[4])
 
 
 _CALLS_KEY = json.JSONEncoder(sort_keys=True, ensure_ascii=False)

@@ -12,6 +12,7 @@ a moderation, an audit record) and are sent the answer; `run_steps` answers with
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
@@ -577,7 +578,9 @@ class ToolCallEnforcer:
             return _stamped(ToolMessage(content=record.message or "", tool_call_id=call.id, name=call.name), record)
         ran = record.ran_call()
         sealed = self._sealed(request, trajectory, ran)
-        result = yield Run(request.override(tool_call={**request.tool_call, "args": ran.args}, tool=sealed))
+        # a copy: what runs after the guard may edit the arguments it is handed in place, and
+        # must not reach the judged record (or the steps cached with it) that way
+        result = yield Run(request.override(tool_call={**request.tool_call, "args": copy.deepcopy(ran.args)}, tool=sealed))
         if sealed is not None and sealed.refused is not None:
             stopped = record.model_copy(update={"decision": sealed.refused, "outcome": "refuse", "message": sealed.refused.why})
             return _stamped(result, stopped) if isinstance(result, ToolMessage) else result

@@ -21,6 +21,7 @@ from langchain_core.messages import ToolMessage
 from langchain_core.tools import BaseTool
 from pydantic import BaseModel
 
+from soda_guard.binding import args_digest
 from soda_guard.errors import SodaGuardError
 from soda_guard.ids import new_run_id
 from soda_guard.trajectory import ToolCall
@@ -90,6 +91,11 @@ class SealedTool:
         self._check = check
         self._acheck = acheck
         self.refused: Decision | None = None
+        # the judged arguments as they are now, before anything inside the guard runs: the
+        # dict is shared with the model's call and the request, and may be edited in place
+        self._expected = {args_digest(sealed.args)}
+        if isinstance(sealed.args, Mapping):
+            self._expected.add(args_digest(_model_args(tool, sealed.args)))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._tool, name)
@@ -101,11 +107,9 @@ class SealedTool:
         return ToolCall(id=call_id or self._sealed.id, name=self._tool.name, args=args)
 
     def _unchanged(self, call: ToolCall) -> bool:
-        sealed = self._sealed.args
-        if call.name == self._sealed.name and _canonical(call.args) == _canonical(sealed):
-            return True
-        expected = _model_args(self._tool, sealed) if isinstance(sealed, Mapping) else sealed
-        return call.name == self._sealed.name and _canonical(call.args) == _canonical(expected)
+        """The call as judged: the same tool, and arguments equal to the judged ones as they
+        were when the call was sealed (or to those less the arguments the ToolNode injects)."""
+        return call.name == self._sealed.name and args_digest(call.args) in self._expected
 
     def _refusal(self, decision: Decision, call: ToolCall, input: Any) -> ToolMessage:
         self.refused = decision

@@ -91,3 +91,14 @@ def test_a_trajectory_from_cached_steps_equals_one_converted_afresh() -> None:
     assert first == again and again.pending_tool_calls()[0].args == {"amount": 98.7, "to": ["a", "b"]}
     blocks = AIMessage([{"type": "text", "text": "calling"}], tool_calls=[{"name": "x", "args": {}, "id": "b1"}])
     assert to_step(blocks).content == "calling"  # type: ignore[union-attr]
+
+
+def test_a_cached_step_shares_no_object_with_the_message_it_was_made_from() -> None:
+    message = AIMessage("", id="a7", tool_calls=[{"name": "send", "args": {"to": ["ann"], "memo": {"n": 1}}, "id": "s7"}])
+    step = to_step(message)
+    message.tool_calls[0]["args"]["to"].append("mallory")  # nested values edited in place
+    message.tool_calls[0]["args"]["memo"]["n"] = 2
+    assert step.tool_calls[0].args == {"to": ["ann"], "memo": {"n": 1}}  # type: ignore[union-attr]
+    fresh = AIMessage("", id="a7", tool_calls=[{"name": "send", "args": {"to": ["ann"], "memo": {"n": 1}}, "id": "s7"}])
+    assert to_step(fresh).tool_calls[0].args == {"to": ["ann"], "memo": {"n": 1}}  # type: ignore[union-attr]
+    assert to_step(message).tool_calls[0].args == {"to": ["ann", "mallory"], "memo": {"n": 2}}  # type: ignore[union-attr]

@@ -125,6 +125,29 @@ async def test_arguments_rewritten_inside_the_guard_are_judged_as_they_run(path:
     assert len(backend.requests) == 2
 
 
+def args_changed_in_place(args: dict[str, Any]) -> Rewrite:
+    """Middleware that edits the arguments dict it was handed instead of replacing it: the very
+    object the model's call, the judged record and the request all share."""
+
+    def rewrite(request: Any) -> Any:
+        request.tool_call["args"].update(args)
+        return request
+
+    return rewrite
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_arguments_changed_in_place_inside_the_guard_are_judged_as_they_run(path: str) -> None:
+    guard, backend = make_guard(unsafe=('"/"',))
+    ran: list[Any] = []
+    agent = agent_for(path, guard, make_tools(ran), [turn(("delete_file", {"path": "/tmp/x"}), ids=["d"]), "done"],
+                      inner=args_changed_in_place({"path": "/"}))
+    result = await drive(path, agent)
+    assert ran == []
+    [message] = [m for m in result["messages"] if isinstance(m, ToolMessage)]
+    assert message.status == "error" and message.response_metadata["soda_guard"]["action"] == "block"
+
+
 @pytest.mark.parametrize("path", PATHS)
 async def test_arguments_left_alone_inside_the_guard_are_not_judged_again(path: str) -> None:
     guard, backend = make_guard(unsafe=('"/"',))
