@@ -180,10 +180,6 @@ def _model_args(tool: BaseTool, args: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in args.items() if key not in injected}
 
 
-def _canonical(args: Any) -> str:
-    return json.dumps(args, sort_keys=True, default=str)
-
-
 def _call_id(input: Any, sealed: ToolCall) -> str:
     found = input.get("id") if isinstance(input, Mapping) else None
     return str(found or sealed.id)
