@@ -157,7 +157,7 @@ class SodaGuardMiddleware(AgentMiddleware):
         recorded = _call_model(handler, request)
         turn = run_steps(self._judgment(request, recorded, stored), self._judge_now)
         judged["turn"] = turn
-        return {**recorded, "turn": None if turn is None else turn.model_dump(mode="json")}
+        return {**recorded, "turn": None if turn is None else turn.for_task()}
 
     async def _acall_and_judge(
         self, handler: Callable[[ModelRequest], Awaitable[ModelCallResult]], request: ModelRequest,
@@ -166,7 +166,7 @@ class SodaGuardMiddleware(AgentMiddleware):
         recorded = await _acall_model(handler, request)
         turn = await arun_steps(self._judgment(request, recorded, stored), self._ajudge_now)
         judged["turn"] = turn
-        return {**recorded, "turn": None if turn is None else turn.model_dump(mode="json")}
+        return {**recorded, "turn": None if turn is None else turn.for_task()}
 
     def _judge_now(self, need: Judge) -> list[Decision]:
         return self._enforcer.judging.traced_calls(need.trajectory, need.calls)

@@ -29,6 +29,8 @@ _LEAN_DECISION: dict[str, Any] = {
     "verdict": {name for name in Verdict.model_fields if name not in _KEPT},
 }
 _LEAN = {"binding": True, "decision": _LEAN_DECISION, "edit_decision": _LEAN_DECISION}
+_UNREAD = {"raw_output", "stages", "latency_ms", "prompt_tokens", "generated_tokens", "harm", "harm_source", "environment", "environment_source"}
+_TASK_LEAN = {"decision": {"verdict": _UNREAD}, "edit_decision": {"verdict": _UNREAD}, "result_decision": {"verdict": _UNREAD}}
 """What a state record leaves out, besides every None (`exclude_defaults` would call each
 default factory per record to compare): what its turn says already (the binding's thread and
 turn, the decisions' conversation, the call), and all of each verdict but what enforcement and
@@ -156,6 +158,12 @@ class TurnRecords(BaseModel):
         ]
         seal.remember(raw, self)
         return raw
+
+    def for_task(self) -> dict[str, Any]:
+        """JSON for a LangGraph task's result (kept by the checkpointer until the turn ends):
+        what a resumed node reads from it, the reviewer's view included (the judge's reason),
+        without the judge's raw output, timings and sources, which the audit sinks hold."""
+        return self.model_dump(mode="json", exclude={"records": {"__all__": _TASK_LEAN}})
 
     @classmethod
     def from_state(cls, raw: Any, seal: RecordSeal) -> TurnRecords | None:

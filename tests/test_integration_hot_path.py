@@ -131,6 +131,8 @@ async def test_an_escalating_policy_records_each_model_turn_as_one_task_and_resu
     assert [request["name"] for request in pause.value["action_requests"]] == ["delete_file"]
     turns = model_turns(saver)
     assert [[r["call"]["id"] for r in t["turn"]["records"]] for t in turns] == [["r"], ["d"]]
+    kept = turns[1]["turn"]["records"][0]["decision"]["verdict"]
+    assert "raw_output" not in kept and kept["label"] in ("unsafe", "controversial")  # the audit sinks hold the rest
 
     result = await drive(mode, agent, Command(resume={"decisions": [{"type": "approve"}]}), config())
     assert ran == [READ, DELETE]
