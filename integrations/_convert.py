@@ -195,8 +195,8 @@ Step = SystemStep | UserStep | AssistantStep | ToolStep
 
 def to_step(message: BaseMessage) -> Step | None:
     """The judge's step for a message. Every turn converts the whole conversation again, so a
-    message with text content is converted once per distinct value (`_step_of`): the key is
-    all that the step is made of, and a message changed in any way is converted anew."""
+    message with text content is converted once per distinct value (`_STEPS`): the key is all
+    that the step is made of, and a message changed in any way is converted anew."""
     key = _step_key(message)
     if key is None:
         return _converted(message)
@@ -244,7 +244,7 @@ def _step_key(message: BaseMessage) -> tuple[Any, ...] | None:
     return None
 
 
-_STEPS: Lru[Any] = Lru(8192)
+_STEPS: Lru[Step] = Lru(8192)
 """Steps by `_step_key`: steps are values that nothing edits in place, so one may stand in
 every trajectory the message is part of."""
 
@@ -349,6 +349,19 @@ def turn_records(state: Any, key: str, seal: RecordSeal) -> TurnRecords | None:
         return None
     stored = TurnRecords.from_state(raw, seal)
     return stored if stored is not None and not stored.closed else None
+
+
+def started_tool(serialized: Mapping[str, Any] | None, input_str: str, inputs: Any, extra: Mapping[str, Any]) -> tuple[str, Any]:
+    """The tool name and arguments an `on_tool_start` callback is given: `inputs` when
+    LangChain passes them, else the input string, parsed when it is a JSON object."""
+    name = (serialized or {}).get("name") or extra.get("name") or "tool"
+    if inputs is not None:
+        return name, inputs
+    try:
+        parsed = json.loads(input_str)
+    except (TypeError, ValueError):
+        return name, input_str
+    return name, parsed if isinstance(parsed, dict) else input_str
 
 
 def refusal_text(name: str, why: str) -> str:

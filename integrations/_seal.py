@@ -10,7 +10,6 @@ judges every tool run nested inside it before that tool's body starts.
 
 from __future__ import annotations
 
-import json
 import threading
 import uuid
 from collections.abc import Mapping
@@ -27,7 +26,7 @@ from soda_guard.ids import new_run_id
 from soda_guard.trajectory import ToolCall
 from soda_guard.verdict import Decision
 
-from soda_guard.integrations._convert import refusal_text
+from soda_guard.integrations._convert import refusal_text, started_tool
 
 Check = Callable[[ToolCall], Decision]
 
@@ -69,8 +68,7 @@ class _Nested(BaseCallbackHandler):
     ) -> None:
         if run_id == self.outer_run:
             return
-        name = (serialized or {}).get("name") or kwargs.get("name") or "tool"
-        args: Any = inputs if inputs is not None else _parsed(input_str)
+        name, args = started_tool(serialized, input_str, inputs, kwargs)
         call = ToolCall(id=kwargs.get("tool_call_id") or str(run_id), name=name, args=args)
         decision = self.check(call)
         if not decision.allowed:
@@ -183,11 +181,3 @@ def _model_args(tool: BaseTool, args: Mapping[str, Any]) -> dict[str, Any]:
 def _call_id(input: Any, sealed: ToolCall) -> str:
     found = input.get("id") if isinstance(input, Mapping) else None
     return str(found or sealed.id)
-
-
-def _parsed(input_str: str) -> dict[str, Any] | str:
-    try:
-        parsed = json.loads(input_str)
-    except (TypeError, ValueError):
-        return input_str
-    return parsed if isinstance(parsed, dict) else input_str

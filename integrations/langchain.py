@@ -41,6 +41,7 @@ from soda_guard.integrations._convert import (
     STATE_KEY,
     refusal_text,
     result_text,
+    started_tool,
     to_step,
     to_trajectory,
     with_calls,
@@ -460,8 +461,7 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
         turn when used, and a call that matches no pending call (arguments changed since the
         model asked, a reused id, a tool run outside a model turn, a tool called by a tool) is
         judged on its own."""
-        name = (serialized or {}).get("name") or kwargs.get("name") or "tool"
-        args: Any = inputs if inputs is not None else _parse_args(input_str)
+        name, args = started_tool(serialized, input_str, inputs, kwargs)
         with self._lock:
             self._parents[run_id] = parent_run_id
             key = self._enclosing_tool(parent_run_id)
@@ -501,14 +501,6 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
             self._scope(run.scope).trajectory.append(
                 ToolStep(tool_call_id=run.call.id, name=run.call.name, content=text, is_error=is_error or failed)
             )
-
-
-def _parse_args(input_str: str) -> dict[str, Any] | str:
-    try:
-        parsed = json.loads(input_str)
-    except (TypeError, ValueError):
-        return input_str
-    return parsed if isinstance(parsed, dict) else input_str
 
 
 def _same_args(left: Any, right: Any) -> bool:

@@ -43,20 +43,12 @@ def mcp_identity(tool: Any) -> tuple[str, dict[str, bool] | None] | None:
 def register_mcp_tools(guard: Guard, tools: Iterable[Any]) -> None:
     """Tell the guard which tools come from MCP servers. The agent hands the same tool objects
     at every step: each is read once, unless its name or metadata object was replaced."""
-    seen = guard.tools.seen
     for tool in tools:
-        if tool is None:
-            continue
-        mark = (getattr(tool, "name", None), id(getattr(tool, "metadata", None)))
-        known = seen.get(id(tool))
-        if known is not None and known[0] is tool and known[1] == mark:
+        if tool is None or not guard.tools.unread(tool):
             continue
         identity = mcp_identity(tool)
         if identity is not None:
             guard.tools.add(tool.name, *identity)
-        if len(seen) >= 4096:  # an agent that makes new tool objects per request
-            seen.clear()
-        seen[id(tool)] = (tool, mark)
 
 
 def name_server(tools: Iterable[BaseTool], name: str) -> list[BaseTool]:

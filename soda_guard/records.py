@@ -29,12 +29,13 @@ _LEAN_DECISION: dict[str, Any] = {
     "verdict": {name for name in Verdict.model_fields if name not in _KEPT},
 }
 _LEAN = {"binding": True, "decision": _LEAN_DECISION, "edit_decision": _LEAN_DECISION}
-_UNREAD = {"raw_output", "stages", "latency_ms", "prompt_tokens", "generated_tokens", "harm", "harm_source", "environment", "environment_source"}
-_TASK_LEAN = {"decision": {"verdict": _UNREAD}, "edit_decision": {"verdict": _UNREAD}, "result_decision": {"verdict": _UNREAD}}
 """What a state record leaves out, besides every None (`exclude_defaults` would call each
 default factory per record to compare): what its turn says already (the binding's thread and
 turn, the decisions' conversation, the call), and all of each verdict but what enforcement and
 the message summary read."""
+_UNREAD = {"raw_output", "stages", "latency_ms", "prompt_tokens", "generated_tokens", "harm", "harm_source", "environment", "environment_source"}
+_TASK_LEAN = {"decision": {"verdict": _UNREAD}, "edit_decision": {"verdict": _UNREAD}, "result_decision": {"verdict": _UNREAD}}
+"""What a task result leaves out: the parts of each verdict a resumed node never reads."""
 
 
 class CallRecord(BaseModel):
@@ -180,11 +181,7 @@ class TurnRecords(BaseModel):
         except ValueError:
             return None
         header = turn._header()
-        trusted = [record for record in (seal.verified(r, header) for r in raw.get("records", [])) if record is not None]
-        try:
-            return turn.model_copy(update={"records": [_parsed(r, turn.thread_id, turn.turn_id) for r in trusted]})
-        except ValueError:
-            return None
+        return turn._with([record for record in (seal.verified(r, header) for r in raw.get("records", [])) if record is not None])
 
     @classmethod
     def read(cls, raw: Any) -> TurnRecords | None:
@@ -192,11 +189,17 @@ class TurnRecords(BaseModel):
         their MACs: for showing them. Enforcement uses only records that verify (`from_state`)."""
         if not isinstance(raw, Mapping) or not isinstance(raw.get("records", []), list):
             return None
-        stored = [r.get(RECORD_KEY) for r in raw.get("records", []) if isinstance(r, Mapping)]
         try:
             turn = cls.model_validate({**raw, "records": []})
-            records = [_parsed(r, turn.thread_id, turn.turn_id) for r in stored if isinstance(r, str)]
-            return turn.model_copy(update={"records": records})
+        except ValueError:
+            return None
+        stored = [r.get(RECORD_KEY) for r in raw.get("records", []) if isinstance(r, Mapping)]
+        return turn._with([r for r in stored if isinstance(r, str)])
+
+    def _with(self, texts: list[str]) -> TurnRecords | None:
+        """This turn's header with the records stored as `texts`; None when one cannot be read."""
+        try:
+            return self.model_copy(update={"records": [_parsed(text, self.thread_id, self.turn_id) for text in texts]})
         except ValueError:
             return None
 

@@ -102,3 +102,18 @@ def test_a_cached_step_shares_no_object_with_the_message_it_was_made_from() -> N
     fresh = AIMessage("", id="a7", tool_calls=[{"name": "send", "args": {"to": ["ann"], "memo": {"n": 1}}, "id": "s7"}])
     assert to_step(fresh).tool_calls[0].args == {"to": ["ann"], "memo": {"n": 1}}  # type: ignore[union-attr]
     assert to_step(message).tool_calls[0].args == {"to": ["ann", "mallory"], "memo": {"n": 2}}  # type: ignore[union-attr]
+
+
+def test_a_tool_object_is_read_again_once_its_name_or_metadata_is_replaced() -> None:
+    from langchain_core.tools import StructuredTool
+
+    from soda_guard.mcp.catalog import ToolCatalog
+
+    catalog = ToolCatalog()
+    tool = StructuredTool.from_function(lambda path: path, name="read_file", description="Read.")
+    assert catalog.unread(tool) and not catalog.unread(tool)
+    tool.metadata = {"mcp": {"server": {"name": "files"}}}
+    assert catalog.unread(tool) and not catalog.unread(tool)
+    tool.name = "read_files"
+    assert catalog.unread(tool)
+    assert catalog.unread(StructuredTool.from_function(lambda path: path, name="read_file", description="Read."))

@@ -112,19 +112,6 @@ async def test_a_call_renamed_to_a_tool_that_does_not_exist_is_refused(path: str
     assert message.status == "error"
 
 
-@pytest.mark.parametrize("path", PATHS)
-async def test_arguments_rewritten_inside_the_guard_are_judged_as_they_run(path: str) -> None:
-    guard, backend = make_guard(unsafe=('"/"',))
-    ran: list[Any] = []
-    agent = agent_for(path, guard, make_tools(ran), [turn(("delete_file", {"path": "/tmp/x"}), ids=["d"]), "done"],
-                      inner=args_to({"path": "/"}))
-    result = await drive(path, agent)
-    assert ran == []
-    [message] = [m for m in result["messages"] if isinstance(m, ToolMessage)]
-    assert message.status == "error" and message.response_metadata["soda_guard"]["action"] == "block"
-    assert len(backend.requests) == 2
-
-
 def args_changed_in_place(args: dict[str, Any]) -> Rewrite:
     """Middleware that edits the arguments dict it was handed instead of replacing it: the very
     object the model's call, the judged record and the request all share."""
@@ -136,16 +123,18 @@ def args_changed_in_place(args: dict[str, Any]) -> Rewrite:
     return rewrite
 
 
+@pytest.mark.parametrize("rewrite", [args_to, args_changed_in_place], ids=["replaced", "changed_in_place"])
 @pytest.mark.parametrize("path", PATHS)
-async def test_arguments_changed_in_place_inside_the_guard_are_judged_as_they_run(path: str) -> None:
+async def test_arguments_rewritten_inside_the_guard_are_judged_as_they_run(path: str, rewrite: Callable[..., Rewrite]) -> None:
     guard, backend = make_guard(unsafe=('"/"',))
     ran: list[Any] = []
     agent = agent_for(path, guard, make_tools(ran), [turn(("delete_file", {"path": "/tmp/x"}), ids=["d"]), "done"],
-                      inner=args_changed_in_place({"path": "/"}))
+                      inner=rewrite({"path": "/"}))
     result = await drive(path, agent)
     assert ran == []
     [message] = [m for m in result["messages"] if isinstance(m, ToolMessage)]
     assert message.status == "error" and message.response_metadata["soda_guard"]["action"] == "block"
+    assert len(backend.requests) == 2
 
 
 @pytest.mark.parametrize("path", PATHS)

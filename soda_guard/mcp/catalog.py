@@ -21,12 +21,25 @@ class ToolCatalog:
     def __init__(self) -> None:
         self._tools: dict[str, tuple[str, dict[str, bool] | None]] = {}
         self._lock = threading.Lock()
-        #: tool objects an adapter has read already, by identity (kept alive, so an id is not reused)
-        self.seen: dict[int, tuple[Any, Any]] = {}
+        self._seen: dict[int, tuple[Any, Any]] = {}
 
     def add(self, name: str, server: str, annotations: Mapping[str, bool] | None) -> None:
         with self._lock:
             self._tools[name] = (server, dict(annotations) if annotations else None)
+
+    def unread(self, tool: Any) -> bool:
+        """Whether an adapter has yet to read this tool object (or its name or metadata object
+        was replaced since): agents hand the same tool objects at every step. Seen objects are
+        kept alive, so an id is never reused, and forgotten in bulk past 4,096 (an agent that
+        makes new tool objects per request)."""
+        mark = (getattr(tool, "name", None), id(getattr(tool, "metadata", None)))
+        known = self._seen.get(id(tool))
+        if known is not None and known[0] is tool and known[1] == mark:
+            return False
+        if len(self._seen) >= 4096:
+            self._seen.clear()
+        self._seen[id(tool)] = (tool, mark)
+        return True
 
     def __contains__(self, name: object) -> bool:
         return name in self._tools
