@@ -11,6 +11,7 @@ import base64
 import binascii
 import dataclasses
 import json
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from langgraph.types import Command
 
 from soda_guard.binding import CallBinding
-from soda_guard.judges.incremental import Lru
+from soda_guard.judges.incremental import IdentityMemo, Lru
 from soda_guard.records import TurnRecords
 from soda_guard.seal import RecordSeal
 from soda_guard.trajectory import AssistantStep, SystemStep, ToolCall, ToolStep, Trajectory, UserStep
@@ -207,6 +208,37 @@ def to_step(message: BaseMessage) -> Step | None:
     return step
 
 
+def _earlier_step(message: BaseMessage) -> Step | None:
+    """`to_step` for a message of an earlier turn, found by the message object while none of
+    the fields its step is made of has been given another value (`_BY_MESSAGE`): a turn then
+    reads only its new messages, and the judge finds their blocks by the same step objects."""
+    fields = _FIELDS.get(type(message))
+    if fields is None:
+        return to_step(message)
+    seen = _BY_MESSAGE.get(message)
+    if seen is not None and all(map(operator.is_, fields(message), seen[0])):
+        return seen[1]
+    step = to_step(message)
+    if step is not None and isinstance(message.content, str):
+        _BY_MESSAGE.put(message, (fields(message), step))
+    return step
+
+
+_FIELDS = {
+    SystemMessage: operator.attrgetter("content", "type"),
+    HumanMessage: operator.attrgetter("content", "type"),
+    AIMessage: operator.attrgetter("content", "tool_calls"),
+    ToolMessage: operator.attrgetter("content", "tool_call_id", "name", "status"),
+}
+"""What a message's step is made of, by message class (subclasses are converted by value)."""
+
+_BY_MESSAGE: IdentityMemo[tuple[tuple[Any, ...], Step]] = IdentityMemo()
+"""Steps by message object, with the field values they were made from. A message's fields
+given new values are converted anew; a tool call's arguments edited in place inside an
+earlier turn's message are not seen again (that call ran as it was judged: `SealedTool`),
+and the latest assistant turn, whose calls may be pending, is always read whole."""
+
+
 def _from_key(key: tuple[Any, ...]) -> Step:
     """A step made from its key alone: it owns every object in it (the arguments are parsed
     from the key's JSON), so nothing that edits the message later reaches the cached step."""
@@ -279,8 +311,12 @@ def to_trajectory(
     harm: str | None = None,
     environment: str | None = None,
 ) -> Trajectory:
-    """Messages of types the judge cannot use (removals, function messages) are skipped."""
-    steps = [step for step in (to_step(message) for message in messages) if step is not None]
+    """Messages of types the judge cannot use (removals, function messages) are skipped. The
+    latest assistant turn and what follows it, whose calls may be pending, are read whole."""
+    messages = messages if isinstance(messages, Sequence) else list(messages)
+    latest = next((i for i in range(len(messages) - 1, -1, -1) if isinstance(messages[i], AIMessage)), len(messages))
+    converted = [*map(_earlier_step, messages[:latest]), *map(to_step, messages[latest:])]
+    steps = [step for step in converted if step is not None]
     return Trajectory(steps=steps, conversation_id=conversation_id, harm=harm, environment=environment)
 
 

@@ -109,11 +109,33 @@ def test_a_turns_calls_share_one_prepared_history() -> None:
     judge = SodaJudge()
     first, second = (trajectory.with_only_pending_call(call_id) for call_id in ("x", "y"))
     judge.render(first)
-    calls = []
-    original = judge._blocks.get
-    judge._blocks.get = lambda key, make: calls.append(key) or original(key, make)  # type: ignore[method-assign]
+    keyed = _count_keys(judge)
     judge.render(second)
-    assert len(calls) == 1  # the pending call's own block only
+    assert len(keyed) == 1  # the pending call's own block only
+
+
+def _count_keys(judge: SodaJudge | Qwen3GuardGenJudge) -> list:
+    """The steps whose content the judge's block memo had to read (a step it has seen is
+    found by identity, without reading it)."""
+    keyed: list = []
+    original = judge._blocks._key
+    judge._blocks._key = lambda step: keyed.append(step) or original(step)  # type: ignore[method-assign]
+    return keyed
+
+
+@pytest.mark.parametrize("make_judge", [SodaJudge, lambda: Qwen3GuardGenJudge(mode="response")])
+def test_a_new_turn_reads_only_its_new_messages(make_judge) -> None:
+    """Turn after turn the conversation keeps its step objects (the adapters convert a message
+    once); what a turn reads is what is new, however long the history, and the prompt is still
+    the reference renderer's."""
+    judge = make_judge()
+    steps: list = [UserStep(content="do it")]
+    for index in range(60):
+        steps += [AssistantStep(content=f"step {index}", tool_calls=[ToolCall(id=f"c{index}", name="read", args={"n": index})]), ToolStep(tool_call_id=f"c{index}", content=f"data {index} " * 20)]
+        keyed = _count_keys(judge)
+        trajectory = Trajectory(steps=list(steps))
+        assert _cached(judge, trajectory) == _reference(judge, trajectory)
+        assert len(keyed) <= (3 if index == 0 else 2), index
 
 
 @pytest.mark.parametrize("window", ["history", "full"])

@@ -5,14 +5,16 @@ rendered from scratch, every call of a 1,000-step conversation re-neutralises an
 it. Two caches make a call's cost flat in the conversation's length, with output identical to
 the uncached renderer (`fit_blocks`), which stays the reference:
 
-- `BlockMemo`: a message's rendered block (neutralised text, structure parts), keyed by its
-  content, so a message is neutralised once in the conversation, whichever turn sees it again;
+- `BlockMemo`: a message's rendered block (neutralised text, structure parts), found by the
+  step object itself while it lives and else by its content, so a message is neutralised once
+  in the conversation, whichever turn sees it again, and a turn pays a dictionary lookup for
+  each message it has seen before;
 - `HistoryMemo`: everything before the message being judged, keyed by the identity of its step
   objects (steps are values: nothing edits one in place), fitted once per turn as a
   `PreparedHistory` that the turn's calls share. `fit_blocks` elides along a fixed order while
   the prompt is too long; with the protected last message outside the history, the walk is the
-  same for every call of the turn, so its running totals are computed once and each call finds
-  where its own walk stops by bisection.
+  same for every call of the turn, so its running totals are computed once (and only when the
+  prompt does not fit whole) and each call finds where its own walk stops by bisection.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 import bisect
 import operator
 import threading
+import weakref
+from dataclasses import replace
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Callable, Generic, Hashable, TypeVar
@@ -27,6 +31,7 @@ from typing import Callable, Generic, Hashable, TypeVar
 from soda_guard.judges.context import Block, Omitted, omission_marker
 
 V = TypeVar("V")
+S = TypeVar("S")
 
 
 class Lru(Generic[V]):
@@ -60,17 +65,67 @@ class Lru(Generic[V]):
                 self.weight -= evicted
 
 
-class BlockMemo:
-    """Rendered blocks by content key, bounded by the characters they hold."""
+class IdentityMemo(Generic[V]):
+    """Values by the identity of the object they were made from, each entry gone with its
+    object: a lookup is a dictionary read, and the memo holds no object alive (so it needs no
+    bound of its own). Only for objects that nothing edits in place, or with a check of what
+    the value was made from (`value` may carry it)."""
 
-    def __init__(self, max_chars: int = 32 << 20) -> None:
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref[object], V]] = {}
+
+    def get(self, obj: object) -> V | None:
+        found = self._entries.get(id(obj))
+        if found is None or found[0]() is not obj:
+            return None
+        return found[1]
+
+    def put(self, obj: object, value: V) -> None:
+        key = id(obj)
+        entries = self._entries
+
+        def forget(ref: weakref.ref[object]) -> None:
+            if (entry := entries.get(key)) is not None and entry[0] is ref:
+                entries.pop(key, None)
+
+        entries[key] = (weakref.ref(obj, forget), value)
+
+
+class BlockMemo(Generic[S]):
+    """Rendered blocks by step (`IdentityMemo`: steps are values) and else by content key,
+    bounded by the characters they hold; and a block's variants with other flags, made once."""
+
+    def __init__(self, key: Callable[[S], Hashable], make: Callable[[S], Block], max_chars: int = 32 << 20) -> None:
+        self._key = key
+        self._make = make
         self._lru: Lru[Block] = Lru(max_chars)
+        self._steps: IdentityMemo[Block] = IdentityMemo()
+        self._variants: IdentityMemo[dict[tuple[bool, bool, bool], Block]] = IdentityMemo()
 
-    def get(self, key: Hashable, make: Callable[[], Block]) -> Block:
+    def get(self, step: S) -> Block:
+        found = self._steps.get(step)
+        if found is not None:
+            return found
+        key = self._key(step)
         found = self._lru.get(key)
         if found is None:
-            found = make()
+            found = self._make(step)
             self._lru.put(key, found, len(found.text) + 64)
+        self._steps.put(step, found)
+        return found
+
+    def flagged(self, base: Block, *, protected: bool = False, whole: bool = False, shown: bool = True) -> Block:
+        """`base` (made with the default flags) with these flags."""
+        if not protected and not whole and shown:
+            return base
+        variants = self._variants.get(base)
+        if variants is None:
+            variants = {}
+            self._variants.put(base, variants)
+        flags = (protected, whole, shown)
+        found = variants.get(flags)
+        if found is None:
+            found = variants.setdefault(flags, replace(base, protected=protected, whole=whole, shown=shown))
         return found
 
 
@@ -97,31 +152,39 @@ class PreparedHistory:
         self.max_message_chars = max_message_chars
         self.clipped = [b if b.whole or not b.shown else b.clipped(max_message_chars) for b in blocks]
         self.truncated = any(c.text != b.text for c, b in zip(self.clipped, blocks))
-        widest = len(omission_marker(count)) + marker_overhead
-        size = len(self.clipped)
+        self._widest = len(omission_marker(count)) + marker_overhead
         removed = [not b.shown for b in self.clipped]
-        gaps = sum(1 for i in range(size) if removed[i] and (i == 0 or not removed[i - 1]))
-        total = sum(overhead(b) + len(b.text) for b, gone in zip(self.clipped, removed) if not gone)
-        self.order = sorted(
-            (i for i, b in enumerate(self.clipped) if not b.protected and b.shown), key=lambda i: (self.clipped[i].rank, i)
-        )
-        # lowest[k]: the least prompt length (tail excluded) the walk reaches within k removals,
-        # negated so that it ascends and the first stop under a limit is found by bisection
-        lowest: list[int] = []
+        self._gaps = sum(1 for i in range(len(removed)) if removed[i] and (i == 0 or not removed[i - 1]))
+        self._total = sum(overhead(b) + len(b.text) for b in self.clipped if b.shown)
+        self._walk: tuple[list[int], list[int]] | None = None
+        self._items: dict[int, tuple[Block | Omitted, ...]] = {}
+        self._rendered: dict[tuple[int, Hashable], object] = {}
+        self._lock = threading.Lock()
+
+    def walk(self) -> tuple[list[int], list[int]]:
+        """(removal order, lowest) where lowest[k] is the least prompt length (tail excluded)
+        the walk reaches within k removals, negated so that it ascends and the first stop under
+        a limit is found by bisection. Made on first need: a prompt that fits whole needs none."""
+        if self._walk is not None:
+            return self._walk
+        clipped, size, widest = self.clipped, len(self.clipped), self._widest
+        removed = [not b.shown for b in clipped]
+        gaps, total = self._gaps, self._total
+        order = sorted((i for i, b in enumerate(clipped) if not b.protected and b.shown), key=lambda i: (clipped[i].rank, i))
         least = total + gaps * widest
-        lowest.append(-least)
-        for index in self.order:
+        lowest = [-least]
+        for index in order:
             left = index > 0 and removed[index - 1]
             right = index + 1 < size and removed[index + 1]
             gaps += 1 - left - right
             removed[index] = True
-            total -= overhead(self.clipped[index]) + len(self.clipped[index].text)
+            total -= self.overhead(clipped[index]) + len(clipped[index].text)
             least = min(least, total + gaps * widest)
             lowest.append(-least)
-        self._lowest = lowest
-        self._items: dict[int, tuple[Block | Omitted, ...]] = {}
-        self._rendered: dict[tuple[int, Hashable], object] = {}
-        self._lock = threading.Lock()
+        with self._lock:
+            if self._walk is None:
+                self._walk = (order, lowest)
+            return self._walk
 
     def stop(self, tail: Sequence[Block], room: int) -> tuple[int, list[Block], bool] | None:
         """(how many history messages the walk removes, the tail as shown, whether anything was
@@ -131,8 +194,11 @@ class PreparedHistory:
         shown = [b if b.whole else b.clipped(self.max_message_chars) for b in tail]
         truncated = self.truncated or any(c.text != b.text for c, b in zip(shown, tail))
         limit = room - sum(self.overhead(b) + len(b.text) for b in shown)
-        removals = bisect.bisect_left(self._lowest, -limit)
-        if removals == len(self._lowest):
+        if self._total + self._gaps * self._widest <= limit:
+            return 0, shown, truncated
+        lowest = self.walk()[1]
+        removals = bisect.bisect_left(lowest, -limit)
+        if removals == len(lowest):
             return None
         return removals, shown, truncated or removals > 0
 
@@ -143,7 +209,7 @@ class PreparedHistory:
             found = self._items.get(removals)
         if found is not None:
             return found
-        gone = set(self.order[:removals])
+        gone = set(self.walk()[0][:removals]) if removals else set()
         items: list[Block | Omitted] = []
         for index, block in enumerate(self.clipped):
             if block.shown and index not in gone:

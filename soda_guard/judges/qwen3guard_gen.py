@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import replace
 from typing import Hashable, Literal, Sequence
 
 from soda_guard.errors import TrajectoryError
@@ -83,6 +82,10 @@ def _as_block(step: SystemStep | UserStep | AssistantStep | ToolStep, protected:
     if isinstance(step, ToolStep):
         return Block("tool", _neutralised(tool_result_text(step)), protected, RANK_TOOL_RESULT)
     return Block("user", _neutralised(step.content), protected, RANK_USER, whole)
+
+
+def _base_block(step: SystemStep | UserStep | AssistantStep | ToolStep) -> Block:
+    return _as_block(step, False)
 
 
 def _as_message(item: Block, prefix: str) -> dict[str, str]:
@@ -211,13 +214,18 @@ class Qwen3GuardGenJudge(Judge):
         super().__init__(name)
         self.mode: Mode = mode
         self.budget = budget or ContextBudget()
-        self._blocks = BlockMemo()
+        self._blocks: BlockMemo[SystemStep | UserStep | AssistantStep | ToolStep] = BlockMemo(_block_key, _base_block)
         self._histories = HistoryMemo()
 
-    def _block(self, index: int, step: SystemStep | UserStep | AssistantStep | ToolStep, keep: tuple[int | None, ...]) -> Block:
-        base = self._blocks.get(_block_key(step), lambda: _as_block(step, False))
-        whole = index in keep[:2] and not isinstance(step, ToolStep)
-        return replace(base, protected=index in keep, whole=whole)
+    def _blocks_of(self, steps: Sequence[SystemStep | UserStep | AssistantStep | ToolStep], keep: tuple[int | None, ...]) -> list[Block]:
+        """The steps' blocks, the kept ones (indexes in `keep`, which may lie past `steps`)
+        protected: only those differ from the defaults, so only those are looked at."""
+        blocks = list(map(self._blocks.get, steps))
+        for index in set(keep):
+            if index is not None and index < len(steps):
+                whole = index in keep[:2] and not isinstance(steps[index], ToolStep)
+                blocks[index] = self._blocks.flagged(blocks[index], protected=True, whole=whole)
+        return blocks
 
     def fit(self, trajectory: Trajectory) -> tuple[list[dict[str, str]], bool]:
         """`fit_gen_messages`, message for message, from blocks rendered once per message and a
@@ -230,14 +238,16 @@ class Qwen3GuardGenJudge(Judge):
             history,
             (self.mode, request, action),
             lambda: PreparedHistory(
-                [self._block(i, step, keep) for i, step in enumerate(history)],
+                self._blocks_of(history, keep),
                 len(window),
                 overhead=lambda block: len(_wrap_tool_response("")) if block.role == "tool" else 0,
                 marker_overhead=1,
                 max_message_chars=self.budget.max_message_chars,
             ),
         )
-        stop = prepared.stop([self._block(last, window[last], keep)], self.budget.max_prompt_chars)
+        whole = last in keep[:2] and not isinstance(window[last], ToolStep)
+        tail = [self._blocks.flagged(self._blocks.get(window[last]), protected=True, whole=whole)]
+        stop = prepared.stop(tail, self.budget.max_prompt_chars)
         if stop is None:  # the kept messages overflow: clipped to a common level, uncached
             return fit_gen_messages(trajectory, self.mode, self.budget)
         removals, shown, truncated = stop

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import replace
 from collections.abc import Sequence
 from typing import Hashable, Literal
 
@@ -269,12 +268,23 @@ class SodaJudge(Judge):
         self.harm = harm
         self.environment = environment
         self.budget = budget or ContextBudget()
-        self._blocks = BlockMemo()
+        self._blocks: BlockMemo[UserStep | AssistantStep | ToolStep] = BlockMemo(_block_key, _block)
         self._histories = HistoryMemo()
 
-    def _block(self, index: int, step: UserStep | AssistantStep | ToolStep, user_index: int | None, action_index: int | None, last: int) -> Block:
-        base = self._blocks.get(_block_key(step), lambda: _block(step))
-        return replace(base, **_flags(index, user_index, action_index, last, self.window, isinstance(step, AssistantStep)))
+    def _blocks_of(self, steps: Sequence[UserStep | AssistantStep | ToolStep], user_index: int | None, action_index: int | None, last: int) -> list[Block]:
+        """The steps' blocks with `_flags` applied (`last` may lie past `steps`): only the
+        hidden earlier assistant turns and the kept messages differ from the defaults, so
+        only those are looked at."""
+        blocks = list(map(self._blocks.get, steps))
+        if self.window == "history":
+            for index in range(min(user_index or 0, len(steps))):
+                if isinstance(steps[index], AssistantStep):
+                    blocks[index] = self._blocks.flagged(blocks[index], shown=False)
+        for index in {user_index, action_index, last}:
+            if index is not None and index < len(steps):
+                flags = _flags(index, user_index, action_index, last, self.window, isinstance(steps[index], AssistantStep))
+                blocks[index] = self._blocks.flagged(self._blocks.get(steps[index]), **flags)
+        return blocks
 
     def fit(self, steps: list[UserStep | AssistantStep | ToolStep], harm: str, environment: str) -> tuple[str, bool]:
         """`fit_conversation`, byte for byte, from blocks rendered once per message and a
@@ -290,16 +300,18 @@ class SodaJudge(Judge):
             history,
             (user_index, action_index),
             lambda: PreparedHistory(
-                [self._block(i, step, user_index, action_index, last) for i, step in enumerate(history)],
+                self._blocks_of(history, user_index, action_index, last),
                 len(steps),
                 overhead=lambda block: len(block.role) + 5,
                 marker_overhead=2,
                 max_message_chars=self.budget.max_message_chars,
             ),
         )
+        flags = _flags(last, user_index, action_index, last, self.window, isinstance(steps[last], AssistantStep))
+        tail = [self._blocks.flagged(self._blocks.get(steps[last]), **flags)]
         head = _head(harm_line, environment_line)
         room = self.budget.max_prompt_chars - len(SODA_SYSTEM_PROMPT) - len(head) - len(_FOOT)
-        stop = prepared.stop([self._block(last, steps[last], user_index, action_index, last)], room)
+        stop = prepared.stop(tail, room)
         if stop is None:  # the kept messages overflow: clipped to a common level, uncached
             return fit_conversation(steps, harm, environment, self.budget, self.window)
         removals, shown, truncated = stop
