@@ -99,12 +99,15 @@ class CallRecord(BaseModel):
         return self.model_copy(update=update)
 
     def summary(self) -> dict[str, Any]:
-        """What a ToolMessage carries (`response_metadata["soda_guard"]`): the decision's id,
-        action and score, why a call did not run, and the review. Checkpointers store every
-        message again at every step, so this stays a few dozen bytes; the full record (the
+        """What a ToolMessage carries (`response_metadata["soda_guard"]`): the decision's id
+        and action; unless the call was simply allowed, also the label and score, why it did
+        not run, and the review. Checkpointers store every message again at every step, so
+        this stays a few dozen bytes (and fewer on the common path); the full record (the
         verdict's reason, raw judge output, prompt sizes) is in the audit sinks and the trace,
         found by `decision_id`."""
         out: dict[str, Any] = {"decision_id": self.decision.decision_id, "action": self.decision.action.value}
+        if self.decision.action is Action.ALLOW and self.outcome == "run" and self.review is None and self.result_decision is None:
+            return out
         verdict = self.decision.verdict
         if verdict is not None and verdict.label is not None:
             out["label"] = verdict.label.value

@@ -111,7 +111,10 @@ def test_the_message_summary_is_small_and_says_why_a_call_did_not_run() -> None:
     summary = CallRecord.judged(binding(), CALL, decision(Action.BLOCK, raw="x" * 5000)).summary()
     assert summary["action"] == "block" and summary["why"] == "soda said unsafe" and summary["score"] == 0.91
     assert len(json.dumps(summary)) < 200
-    assert "why" not in CallRecord.judged(binding(), CALL, decision(Action.ALLOW)).summary()
+    allowed = CallRecord.judged(binding(), CALL, decision(Action.ALLOW))
+    assert allowed.summary() == {"decision_id": allowed.decision.decision_id, "action": "allow"}
+    logged = CallRecord.judged(binding(), CALL, decision(Action.LOG)).summary()
+    assert logged["action"] == "log" and "score" in logged and "why" not in logged
 
 
 def test_read_shows_records_signed_with_any_key_which_from_state_drops() -> None:
