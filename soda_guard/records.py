@@ -33,6 +33,9 @@ _LEAN = {"binding": True, "decision": _LEAN_DECISION, "edit_decision": _LEAN_DEC
 default factory per record to compare): what its turn says already (the binding's thread and
 turn, the decisions' conversation, the call), and all of each verdict but what enforcement and
 the message summary read."""
+_LEAN_ALLOWED = {**_LEAN, "decision": {"tool_call": True, "conversation_id": True, "verdict": True}}
+"""A simply allowed call's record (`CallRecord.simply_allowed`) leaves out its verdict too:
+enforcement reads only that it runs, and the message summary only the decision's id."""
 _UNREAD = {"raw_output", "stages", "latency_ms", "prompt_tokens", "generated_tokens", "harm", "harm_source", "environment", "environment_source"}
 _TASK_LEAN = {"decision": {"verdict": _UNREAD}, "edit_decision": {"verdict": _UNREAD}, "result_decision": {"verdict": _UNREAD}}
 """What a task result leaves out: the parts of each verdict a resumed node never reads."""
@@ -66,6 +69,11 @@ class CallRecord(BaseModel):
     @property
     def awaiting_review(self) -> bool:
         return self.outcome is None
+
+    @property
+    def simply_allowed(self) -> bool:
+        """Allowed by the judge and run as asked, with nothing else to tell: the common case."""
+        return self.decision.action is Action.ALLOW and self.outcome == "run" and self.review is None and self.result_decision is None
 
     def binds(self, binding: CallBinding) -> bool:
         """The call as the model asked for it, or as the reviewer edited it (a graph that
@@ -106,7 +114,7 @@ class CallRecord(BaseModel):
         verdict's reason, raw judge output, prompt sizes) is in the audit sinks and the trace,
         found by `decision_id`."""
         out: dict[str, Any] = {"decision_id": self.decision.decision_id, "action": self.decision.action.value}
-        if self.decision.action is Action.ALLOW and self.outcome == "run" and self.review is None and self.result_decision is None:
+        if self.simply_allowed:
             return out
         verdict = self.decision.verdict
         if verdict is not None and verdict.label is not None:
@@ -158,7 +166,8 @@ class TurnRecords(BaseModel):
             raw["closed"] = True
         header = self._header()
         raw["records"] = [
-            seal.sign(record.model_dump_json(exclude=_LEAN, exclude_none=True), header) for record in self.records
+            seal.sign(record.model_dump_json(exclude=_LEAN_ALLOWED if record.simply_allowed else _LEAN, exclude_none=True), header)
+            for record in self.records
         ]
         seal.remember(raw, self)
         return raw

@@ -5,6 +5,8 @@ checkpoint. A record there that says a call was allowed or approved would let th
 unjudged if it were taken at its word, so each record carries an HMAC-SHA256 over its whole
 content (binding, decision, review, outcome, arguments that run) under a key only the guard
 holds, and a record that does not verify is ignored: its call is judged (and reviewed) again.
+The tag is the MAC's first 128 bits (as HMAC-SHA-256-128 of RFC 4868): forging one takes
+about 2**128 tries, and the graph stores it again at every step.
 
 The key comes from the policy (`records.key`), else from the environment variable the policy
 names (`records.key_env`, default `SODA_GUARD_STATE_KEY`), else from a random key made once per
@@ -30,6 +32,7 @@ RECORD_KEY = "record"
 
 _PROCESS_KEY = secrets.token_bytes(32)
 _REMEMBERED = 1024
+_TAG_HEX = 32
 
 
 class RecordSeal:
@@ -56,7 +59,7 @@ class RecordSeal:
 
     def _mac(self, record: str, turn: str) -> str:
         # `turn` is JSON, which escapes every newline: the separator cannot be forged
-        return self._hmac.hex(f"{turn}\n{record}".encode("utf-8", "surrogatepass"))
+        return self._hmac.hex(f"{turn}\n{record}".encode("utf-8", "surrogatepass"))[:_TAG_HEX]
 
     def remember(self, stored: dict[str, Any], turn: Any) -> None:
         """Note that this process signed `stored` (a turn's state form) for `turn`, the typed

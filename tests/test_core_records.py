@@ -71,11 +71,17 @@ def test_an_edited_record_binds_the_call_as_asked_and_as_edited_only() -> None:
 
 
 def test_the_state_form_drops_the_raw_output_and_reads_back() -> None:
-    record = CallRecord.judged(binding(), CALL, decision(Action.ALLOW, raw="x" * 5000))
-    state = TurnRecords(thread_id="t", turn_id="m1", records=[record]).for_state(SEAL)
+    """Only what enforcement and the message summary read: a simply allowed call keeps no
+    verdict at all, a logged or blocked one its label and score."""
+    allowed = CallRecord.judged(binding(), CALL, decision(Action.ALLOW, raw="x" * 5000))
+    logged = CallRecord.judged(binding(args={"to": "2"}), CALL, decision(Action.LOG, raw="x" * 5000))
+    state = TurnRecords(thread_id="t", turn_id="m1", records=[allowed, logged]).for_state(SEAL)
     assert "x" * 100 not in json.dumps(state)
     back = TurnRecords.from_state(json.loads(json.dumps(state)), SEAL)
-    assert back is not None and back.find(binding()) is not None and back.records[0].decision.verdict.score == 0.91
+    assert back is not None and back.find(binding()) is not None
+    assert [r.summary() for r in back.records] == [allowed.summary(), logged.summary()]
+    assert back.records[0].decision.verdict is None and back.records[1].decision.verdict.score == 0.91
+    assert len(state["records"][0]["record"]) < len(state["records"][1]["record"]) - 50
 
 
 def test_a_state_record_changed_or_signed_with_another_key_is_dropped() -> None:

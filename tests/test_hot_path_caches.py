@@ -56,13 +56,13 @@ def test_a_header_changed_in_place_is_verified_again() -> None:
 
 
 def test_a_stored_record_is_bound_to_its_own_turn_and_thread_when_read_back() -> None:
-    state = TurnRecords(thread_id="t", turn_id="m1", records=[record(Action.ALLOW)]).for_state(SEAL)
+    state = TurnRecords(thread_id="t", turn_id="m1", records=[record(Action.LOG)]).for_state(SEAL)
     text = state["records"][0]["record"]
     assert "binding" not in json.loads(text) and "x" * 100 not in text
     back = TurnRecords.from_state(json.loads(json.dumps(state)), SEAL)
     assert back is not None
     [read] = back.records
-    assert read.binding == record(Action.ALLOW).binding
+    assert read.binding == record(Action.LOG).binding
     assert read.decision.conversation_id == "t" and read.decision.verdict is not None and read.decision.verdict.score == 0.1
 
 
