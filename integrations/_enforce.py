@@ -708,5 +708,10 @@ def _with_edit_notice(content: Any, call: ToolCall) -> Any:
 
 
 def _stamped(message: ToolMessage, record: CallRecord) -> ToolMessage:
+    """`message` with the record's summary, where there is something to tell: a simply allowed
+    call's result goes unmarked, since checkpointers store every message again at every step
+    and its decision is in the audit sinks and the trace (by tool call id and decision id)."""
+    if record.simply_allowed:
+        return message
     metadata = {**message.response_metadata, METADATA_KEY: record.summary()}
     return message.model_copy(update={"response_metadata": metadata})

@@ -89,8 +89,9 @@ class SodaGuardMiddleware(AgentMiddleware):
     and, when any is escalated, asks a reviewer once for the turn (a LangChain `HITLRequest`
     interrupt) before any call of it runs (`wrap_model_call`); then enforces each call where
     the tool would run (`wrap_tool_call`), only on the record bound to that exact call: allow
-    and log run the tool, block answers the model with an error `ToolMessage`. Each
-    ToolMessage carries a summary in `response_metadata["soda_guard"]`.
+    and log run the tool, block answers the model with an error `ToolMessage`. A ToolMessage
+    of a call the guard did more than allow carries a summary in
+    `response_metadata["soda_guard"]`.
 
     The turn is judged inside the model's own step rather than in an `after_model` step of its
     own: every step of a checkpointed graph stores the whole conversation again, and a step

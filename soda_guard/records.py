@@ -107,12 +107,12 @@ class CallRecord(BaseModel):
         return self.model_copy(update=update)
 
     def summary(self) -> dict[str, Any]:
-        """What a ToolMessage carries (`response_metadata["soda_guard"]`): the decision's id
-        and action; unless the call was simply allowed, also the label and score, why it did
-        not run, and the review. Checkpointers store every message again at every step, so
-        this stays a few dozen bytes (and fewer on the common path); the full record (the
-        verdict's reason, raw judge output, prompt sizes) is in the audit sinks and the trace,
-        found by `decision_id`."""
+        """What a ToolMessage carries (`response_metadata["soda_guard"]`) where the guard did
+        more than allow the call: the decision's id, action, label and score, why the call did
+        not run, and the review (a simply allowed call's message carries nothing: `_stamped`).
+        Checkpointers store every message again at every step, so this stays a few dozen
+        bytes; the full record (the verdict's reason, raw judge output, prompt sizes) is in
+        the audit sinks and the trace, found by `decision_id`."""
         out: dict[str, Any] = {"decision_id": self.decision.decision_id, "action": self.decision.action.value}
         if self.simply_allowed:
             return out

@@ -190,7 +190,7 @@ def test_tool_result_moderation_blocks_injected_output(tmp_path: Path) -> None:
     assert page.status == "error" and "IGNORE" not in page.content and "withheld" in page.content
     assert page.response_metadata["soda_guard"]["result_decision"]["action"] == "block"
     other = next(m for m in tool_messages(result) if m.tool_call_id == "call_1")
-    assert "result_decision" not in other.response_metadata["soda_guard"]
+    assert "soda_guard" not in other.response_metadata
 
 
 def test_verdicts_reach_metadata_state_tracer_and_audit(tmp_path: Path) -> None:
@@ -205,7 +205,9 @@ def test_verdicts_reach_metadata_state_tracer_and_audit(tmp_path: Path) -> None:
     assert run.outputs["decisions"][1]["verdict"]["label"] == "unsafe"
     logged = [d.decision_id for d in read_audit(audit)]
     assert logged == [records(result)[f"call_{i}"]["decision"]["decision_id"] for i in range(3)]
-    assert all("soda_guard" in m.response_metadata for m in tool_messages(result))
+    stamped = {m.tool_call_id: m.response_metadata.get("soda_guard") for m in tool_messages(result)}
+    assert stamped["call_0"] is None and stamped["call_2"] is None  # simply allowed: in the audit only
+    assert stamped["call_1"] == {"decision_id": logged[1], "action": "block", "label": "unsafe", "score": 0.97, "why": stamped["call_1"]["why"]}
 
 
 class Boom:
@@ -258,7 +260,7 @@ def test_bad_input_unknown_tool_huge_args_list_content_and_tool_errors() -> None
     assert by_id["c0"].status == "error" and "launch_missiles" in by_id["c0"].content
     assert [len(args["path"]) for name, args in ran if name == "read_file"] == [200_000]
     assert by_id["c2"].status == "error" and "service is down" in by_id["c2"].content
-    assert all("soda_guard" in by_id[i].response_metadata for i in ("c0", "c1", "c2"))
+    assert all("soda_guard" not in by_id[i].response_metadata for i in ("c0", "c1", "c2"))  # all three allowed by the judge
     assert by_id["c3"].status == "error" and "send_email" not in [name for name, _ in ran]
     assert result["messages"][-1].content == "recovered"
 
