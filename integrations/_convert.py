@@ -12,6 +12,7 @@ import binascii
 import dataclasses
 import json
 import operator
+from itertools import repeat
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -312,12 +313,56 @@ def to_trajectory(
     environment: str | None = None,
 ) -> Trajectory:
     """Messages of types the judge cannot use (removals, function messages) are skipped. The
-    latest assistant turn and what follows it, whose calls may be pending, are read whole."""
-    messages = messages if isinstance(messages, Sequence) else list(messages)
+    latest assistant turn and what follows it, whose calls may be pending, are read whole;
+    the earlier turns of a conversation converted before are taken from that conversion
+    (`_reused`), so a turn costs what it adds."""
+    messages = tuple(messages)
     latest = next((i for i in range(len(messages) - 1, -1, -1) if isinstance(messages[i], AIMessage)), len(messages))
-    converted = [*map(_earlier_step, messages[:latest]), *map(to_step, messages[latest:])]
+    stored = tuple(map(_FIELD_VALUES, messages))
+    fields = [tuple(map(dict.get, stored, repeat(name))) for name in _WATCHED]
+    before = _CONVERSIONS.get(conversation_id) if conversation_id is not None else None
+    reused = _reused(before, messages, fields, latest) if before is not None else 0
+    converted = [
+        *(before.steps[:reused] if before is not None else ()),
+        *map(_earlier_step, messages[reused:latest]),
+        *map(to_step, messages[max(reused, latest) :]),
+    ]
+    if conversation_id is not None:
+        _CONVERSIONS.put(conversation_id, _Conversion(messages, fields, converted), len(messages) + 1)
     steps = [step for step in converted if step is not None]
-    return Trajectory(steps=steps, conversation_id=conversation_id, harm=harm, environment=environment)
+    # every step is one this module made (validated as it was made): the list need not be again
+    return Trajectory.model_construct(steps=steps, conversation_id=conversation_id, harm=harm, environment=environment, truncated=False)
+
+
+_WATCHED = ("content", "tool_calls", "tool_call_id", "name", "status", "type")
+"""Every field a message's step is made of, read for all messages at once (at C speed)."""
+_FIELD_VALUES = operator.attrgetter("__dict__")
+"""A message's field values (pydantic keeps them in the instance dictionary): a field a
+message class does not have reads as None there, without pydantic's missing-attribute path."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Conversion:
+    messages: tuple[BaseMessage, ...]
+    fields: list[tuple[Any, ...]]
+    steps: list[Step | None]
+
+
+_CONVERSIONS: Lru[_Conversion] = Lru(1 << 15)
+"""The latest conversion of each conversation, bounded by the messages held (the messages are
+held so that their identities stay theirs)."""
+
+
+def _reused(before: _Conversion, messages: tuple[BaseMessage, ...], fields: list[tuple[Any, ...]], latest: int) -> int:
+    """How many leading messages (all before the latest assistant turn) are the very objects
+    converted before, with every watched field the very value it had and text content: their
+    steps stand (`_BY_MESSAGE`'s rule, checked for the whole prefix in a few passes)."""
+    size = min(len(before.messages), latest)
+    if size == 0 or not all(map(operator.is_, before.messages[:size], messages)):
+        return 0
+    if not all(all(map(operator.is_, old[:size], new)) for old, new in zip(before.fields, fields)):
+        return 0
+    return size if all(map(isinstance, fields[0][:size], repeat(str))) else 0
 
 
 def with_calls(trajectory: Trajectory, calls: list[ToolCall]) -> Trajectory:

@@ -25,7 +25,7 @@ import threading
 import weakref
 from dataclasses import replace
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Callable, Generic, Hashable, TypeVar
 
 from soda_guard.judges.context import Block, Omitted, omission_marker
@@ -50,6 +50,10 @@ class Lru(Generic[V]):
                 return None
             self._entries.move_to_end(key)
             return found[0]
+
+    def values(self) -> list[V]:
+        with self._lock:
+            return [value for value, _ in self._entries.values()]
 
     def put(self, key: Hashable, value: V, weight: int) -> None:
         if weight > self.max_weight:
@@ -149,9 +153,11 @@ class PreparedHistory:
         max_message_chars: int,
     ) -> None:
         self.overhead = overhead
+        self.marker_overhead = marker_overhead
         self.max_message_chars = max_message_chars
-        self.clipped = [b if b.whole or not b.shown else b.clipped(max_message_chars) for b in blocks]
-        self.truncated = any(c.text != b.text for c, b in zip(self.clipped, blocks))
+        self.blocks = list(blocks)
+        self.clipped = [self._clip(b) for b in self.blocks]
+        self._cut = sum(1 for c, b in zip(self.clipped, self.blocks) if c.text != b.text)
         self._widest = len(omission_marker(count)) + marker_overhead
         removed = [not b.shown for b in self.clipped]
         self._gaps = sum(1 for i in range(len(removed)) if removed[i] and (i == 0 or not removed[i - 1]))
@@ -160,6 +166,49 @@ class PreparedHistory:
         self._items: dict[int, tuple[Block | Omitted, ...]] = {}
         self._rendered: dict[tuple[int, Hashable], object] = {}
         self._lock = threading.Lock()
+
+    def _clip(self, block: Block) -> Block:
+        return block if block.whole or not block.shown else block.clipped(self.max_message_chars)
+
+    @property
+    def truncated(self) -> bool:
+        return self._cut > 0
+
+    def extended(self, changed: Mapping[int, Block], appended: Sequence[Block], count: int) -> PreparedHistory | None:
+        """The prepared history of this one's blocks with those at `changed` indexes replaced
+        and `appended` after them (the next turn of the same conversation), in time linear in
+        what changed rather than in the history's length; None when a replaced block is shown
+        where it was not, or the other way round (the caller prepares it whole)."""
+        blocks, clipped = self.blocks, self.clipped
+        if any(index >= len(blocks) or blocks[index].shown != block.shown for index, block in changed.items()):
+            return None
+        made = object.__new__(PreparedHistory)
+        made.overhead, made.marker_overhead, made.max_message_chars = self.overhead, self.marker_overhead, self.max_message_chars
+        made.blocks, made.clipped = blocks[:], clipped[:]
+        cut, total, gaps = self._cut, self._total, self._gaps
+        for index, block in changed.items():
+            old = clipped[index]
+            cut -= old.text != blocks[index].text
+            total -= (self.overhead(old) + len(old.text)) if old.shown else 0
+            new = self._clip(block)
+            made.blocks[index], made.clipped[index] = block, new
+            cut += new.text != block.text
+            total += (self.overhead(new) + len(new.text)) if new.shown else 0
+        removed = bool(blocks) and not blocks[-1].shown
+        for block in appended:
+            new = self._clip(block)
+            made.blocks.append(block)
+            made.clipped.append(new)
+            cut += new.text != block.text
+            if new.shown:
+                total += self.overhead(new) + len(new.text)
+            elif not removed:
+                gaps += 1
+            removed = not new.shown
+        made._cut, made._total, made._gaps = cut, total, gaps
+        made._widest = len(omission_marker(count)) + self.marker_overhead
+        made._walk, made._items, made._rendered, made._lock = None, {}, {}, threading.Lock()
+        return made
 
     def walk(self) -> tuple[list[int], list[int]]:
         """(removal order, lowest) where lowest[k] is the least prompt length (tail excluded)
@@ -236,16 +285,43 @@ class PreparedHistory:
 
 class HistoryMemo:
     """Prepared histories of recent turns, keyed by the identity of their step objects and
-    the flags the caller derived from the whole conversation (`shape`)."""
+    the flags the caller derived from the whole conversation (`shape`). A history that is a
+    recent one with new steps after it (the conversation's next turn) is prepared from that
+    one by the caller's `extend`, so a turn costs what it adds."""
 
     def __init__(self, max_entries: int = 64) -> None:
-        self._lru: Lru[tuple[tuple[object, ...], PreparedHistory]] = Lru(max_entries)
+        self._lru: Lru[tuple[tuple[object, ...], Hashable, PreparedHistory]] = Lru(max_entries)
 
-    def get(self, steps: Sequence[object], shape: Hashable, prepare: Callable[[], PreparedHistory]) -> PreparedHistory:
+    def get(
+        self,
+        steps: Sequence[object],
+        shape: Hashable,
+        prepare: Callable[[], PreparedHistory],
+        extend: Callable[[PreparedHistory, Hashable], PreparedHistory | None] | None = None,
+    ) -> PreparedHistory:
         key = (shape, len(steps), id(steps[0]) if steps else 0, id(steps[-1]) if steps else 0)
         found = self._lru.get(key)
         if found is not None and len(found[0]) == len(steps) and all(map(operator.is_, found[0], steps)):
-            return found[1]
-        prepared = prepare()
-        self._lru.put(key, (tuple(steps), prepared), 1)
+            return found[2]
+        prepared = None
+        if extend is not None and steps:
+            base = self._prefix_of(steps)
+            if base is not None:
+                prepared = extend(base[2], base[1])
+        if prepared is None:
+            prepared = prepare()
+        self._lru.put(key, (tuple(steps), shape, prepared), 1)
         return prepared
+
+    def _prefix_of(self, steps: Sequence[object]) -> tuple[tuple[object, ...], Hashable, PreparedHistory] | None:
+        """The longest recent history whose steps are the first steps of `steps` (the ends
+        compared first, so only a likely one is compared whole)."""
+        candidates = [
+            entry
+            for entry in self._lru.values()
+            if 0 < len(entry[0]) < len(steps) and entry[0][0] is steps[0] and entry[0][-1] is steps[len(entry[0]) - 1]
+        ]
+        for entry in sorted(candidates, key=lambda entry: len(entry[0]), reverse=True):
+            if all(map(operator.is_, entry[0], steps)):
+                return entry
+        return None

@@ -91,7 +91,7 @@ def conversation_steps(trajectory: Trajectory, window: Window) -> list[UserStep 
     start = 0
     if window == "latest":
         start = trajectory.latest_user_index() or 0
-    return [step for step in trajectory.steps[start:] if not isinstance(step, SystemStep)]
+    return [step for step in trajectory.steps[start:] if step.role != "system"]  # type: ignore[misc]
 
 
 def render_user_message(
@@ -165,9 +165,12 @@ def _flags(index: int, user_index: int | None, action_index: int | None, last: i
     }
 
 
-def _last_index(steps: Sequence[object], kind: type) -> int | None:
+def _last_index(steps: Sequence[UserStep | AssistantStep | ToolStep], role: str) -> int | None:
+    """By `role`, which tells the step types apart as `isinstance` does, at a fraction of the
+    cost (pydantic classes check instances through `ABCMeta`): the scan may cross the whole
+    conversation."""
     for index in range(len(steps) - 1, -1, -1):
-        if isinstance(steps[index], kind):
+        if steps[index].role == role:
             return index
     return None
 
@@ -271,44 +274,64 @@ class SodaJudge(Judge):
         self._blocks: BlockMemo[UserStep | AssistantStep | ToolStep] = BlockMemo(_block_key, _block)
         self._histories = HistoryMemo()
 
-    def _blocks_of(self, steps: Sequence[UserStep | AssistantStep | ToolStep], user_index: int | None, action_index: int | None, last: int) -> list[Block]:
-        """The steps' blocks with `_flags` applied (`last` may lie past `steps`): only the
-        hidden earlier assistant turns and the kept messages differ from the defaults, so
-        only those are looked at."""
+    def _blocks_of(self, steps: Sequence[UserStep | AssistantStep | ToolStep], user_index: int | None, action_index: int | None, last: int, start: int = 0) -> list[Block]:
+        """The blocks of `steps` (the conversation's from index `start` on) with `_flags`
+        applied: only the hidden earlier assistant turns and the kept messages differ from the
+        defaults, so only those are looked at."""
         blocks = list(map(self._blocks.get, steps))
         if self.window == "history":
-            for index in range(min(user_index or 0, len(steps))):
-                if isinstance(steps[index], AssistantStep):
-                    blocks[index] = self._blocks.flagged(blocks[index], shown=False)
+            for index in range(start, min(user_index or 0, start + len(steps))):
+                if isinstance(steps[index - start], AssistantStep):
+                    blocks[index - start] = self._blocks.flagged(blocks[index - start], shown=False)
         for index in {user_index, action_index, last}:
-            if index is not None and index < len(steps):
-                flags = _flags(index, user_index, action_index, last, self.window, isinstance(steps[index], AssistantStep))
-                blocks[index] = self._blocks.flagged(self._blocks.get(steps[index]), **flags)
+            if index is not None and start <= index < start + len(steps):
+                blocks[index - start] = self._flagged(steps[index - start], index, user_index, action_index, last)
         return blocks
+
+    def _flagged(self, step: UserStep | AssistantStep | ToolStep, index: int, user_index: int | None, action_index: int | None, last: int) -> Block:
+        flags = _flags(index, user_index, action_index, last, self.window, isinstance(step, AssistantStep))
+        return self._blocks.flagged(self._blocks.get(step), **flags)
+
+    def _prepare(self, history: list[UserStep | AssistantStep | ToolStep], user_index: int | None, action_index: int | None, count: int) -> PreparedHistory:
+        return PreparedHistory(
+            self._blocks_of(history, user_index, action_index, count - 1),
+            count,
+            overhead=lambda block: len(block.role) + 5,
+            marker_overhead=2,
+            max_message_chars=self.budget.max_message_chars,
+        )
+
+    def _extend(self, history: list[UserStep | AssistantStep | ToolStep], user_index: int | None, action_index: int | None, count: int, base: PreparedHistory, base_shape: object) -> PreparedHistory | None:
+        """The next turn's history from the previous one's: with the same latest request, only
+        the previous action's flags change (it is no longer the action judged) and the new
+        messages are added."""
+        base_user, base_action = base_shape  # type: ignore[misc]
+        if base_user != user_index:
+            return None
+        size = len(base.blocks)
+        changed = {}
+        if base_action is not None and base_action < size and base_action != action_index:
+            changed[base_action] = self._flagged(history[base_action], base_action, user_index, action_index, count - 1)
+        appended = self._blocks_of(history[size:], user_index, action_index, count - 1, start=size)
+        return base.extended(changed, appended, count)
 
     def fit(self, steps: list[UserStep | AssistantStep | ToolStep], harm: str, environment: str) -> tuple[str, bool]:
         """`fit_conversation`, byte for byte, from blocks rendered once per message and a
-        history fitted once per turn (`incremental`)."""
+        history fitted once per turn and extended turn by turn (`incremental`)."""
         if not steps:
             return fit_conversation(steps, harm, environment, self.budget, self.window)
         harm_line = header_field(harm, self.budget.max_field_chars)
         environment_line = header_field(environment, self.budget.max_field_chars)
-        user_index, action_index = _last_index(steps, UserStep), _last_index(steps, AssistantStep)
+        user_index, action_index = _last_index(steps, "user"), _last_index(steps, "assistant")
         last = len(steps) - 1
         history = steps[:last]
         prepared = self._histories.get(
             history,
             (user_index, action_index),
-            lambda: PreparedHistory(
-                self._blocks_of(history, user_index, action_index, last),
-                len(steps),
-                overhead=lambda block: len(block.role) + 5,
-                marker_overhead=2,
-                max_message_chars=self.budget.max_message_chars,
-            ),
+            lambda: self._prepare(history, user_index, action_index, len(steps)),
+            lambda base, shape: self._extend(history, user_index, action_index, len(steps), base, shape),
         )
-        flags = _flags(last, user_index, action_index, last, self.window, isinstance(steps[last], AssistantStep))
-        tail = [self._blocks.flagged(self._blocks.get(steps[last]), **flags)]
+        tail = [self._flagged(steps[last], last, user_index, action_index, last)]
         head = _head(harm_line, environment_line)
         room = self.budget.max_prompt_chars - len(SODA_SYSTEM_PROMPT) - len(head) - len(_FOOT)
         stop = prepared.stop(tail, room)
