@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import json
 import operator
 from itertools import repeat
@@ -329,12 +330,13 @@ def to_trajectory(
     ]
     if conversation_id is not None:
         _CONVERSIONS.put(conversation_id, _Conversion(messages, fields, converted), len(messages) + 1)
-    steps = [step for step in converted if step is not None]
+    steps = list(filter(_IS_STEP, converted))
     # every step is one this module made (validated as it was made): the list need not be again
     return Trajectory.model_construct(steps=steps, conversation_id=conversation_id, harm=harm, environment=environment, truncated=False)
 
 
-_WATCHED = ("content", "tool_calls", "tool_call_id", "name", "status", "type")
+_IS_STEP = functools.partial(operator.is_not, None)
+_WATCHED = ("content", "tool_calls", "tool_call_id", "name", "status")
 """Every field a message's step is made of, read for all messages at once (at C speed)."""
 _FIELD_VALUES = operator.attrgetter("__dict__")
 """A message's field values (pydantic keeps them in the instance dictionary): a field a
@@ -354,13 +356,15 @@ held so that their identities stay theirs)."""
 
 
 def _reused(before: _Conversion, messages: tuple[BaseMessage, ...], fields: list[tuple[Any, ...]], latest: int) -> int:
-    """How many leading messages (all before the latest assistant turn) are the very objects
-    converted before, with every watched field the very value it had and text content: their
-    steps stand (`_BY_MESSAGE`'s rule, checked for the whole prefix in a few passes)."""
+    """How many leading messages (all before the latest assistant turn) are the messages
+    converted before (the very objects, as a conversation's state keeps them), with every
+    watched field the value it had and text content: their steps stand (`_BY_MESSAGE`'s rule,
+    checked for the whole prefix by a few tuple comparisons, which compare identical objects
+    at C speed and others by value)."""
     size = min(len(before.messages), latest)
-    if size == 0 or not all(map(operator.is_, before.messages[:size], messages)):
+    if size == 0 or before.messages[:size] != messages[:size]:
         return 0
-    if not all(all(map(operator.is_, old[:size], new)) for old, new in zip(before.fields, fields)):
+    if any(old[:size] != new[:size] for old, new in zip(before.fields, fields)):
         return 0
     return size if all(map(isinstance, fields[0][:size], repeat(str))) else 0
 

@@ -165,6 +165,7 @@ class PreparedHistory:
         self._walk: tuple[list[int], list[int]] | None = None
         self._items: dict[int, tuple[Block | Omitted, ...]] = {}
         self._rendered: dict[tuple[int, Hashable], object] = {}
+        self._grown: tuple[int, dict[Hashable, object]] | None = None
         self._lock = threading.Lock()
 
     def _clip(self, block: Block) -> Block:
@@ -208,6 +209,15 @@ class PreparedHistory:
         made._cut, made._total, made._gaps = cut, total, gaps
         made._widest = len(omission_marker(count)) + self.marker_overhead
         made._walk, made._items, made._rendered, made._lock = None, {}, {}, threading.Lock()
+        # shown whole, this history reads as the earlier one's rendering and then the added
+        # blocks, when the replaced blocks read as they did and every added one is shown
+        unchanged = all(clipped[index].text == made.clipped[index].text for index in changed)
+        if unchanged and all(block.shown for block in made.clipped[len(blocks) :]):
+            with self._lock:
+                whole = {key: value for (removals, key), value in self._rendered.items() if removals == 0}
+            made._grown = (len(blocks), whole)
+        else:
+            made._grown = None
         return made
 
     def walk(self) -> tuple[list[int], list[int]]:
@@ -271,14 +281,26 @@ class PreparedHistory:
         with self._lock:
             return self._items.setdefault(removals, made)
 
-    def rendered(self, removals: int, key: Hashable, render: Callable[[tuple[Block | Omitted, ...]], V]) -> V:
+    def rendered(
+        self,
+        removals: int,
+        key: Hashable,
+        render: Callable[[tuple[Block | Omitted, ...]], V],
+        append: Callable[[V, tuple[Block, ...]], V] | None = None,
+    ) -> V:
         """A judge's own rendering of the history at a stopping point, made once and shared by
-        the turn's calls (`key` tells judges' renderings apart)."""
+        the turn's calls (`key` tells judges' renderings apart). With `append` (the rendering
+        of some items followed by more blocks), a history extended from an earlier one and
+        shown whole is rendered from that one's rendering and the blocks added."""
         with self._lock:
             found = self._rendered.get((removals, key))
         if found is not None:
             return found  # type: ignore[return-value]
-        made = render(self.items(removals))
+        earlier = self._grown[1].get(key) if removals == 0 and append is not None and self._grown is not None else None
+        if earlier is not None and append is not None and self._grown is not None:
+            made = append(earlier, tuple(self.clipped[self._grown[0] :]))  # type: ignore[arg-type]
+        else:
+            made = render(self.items(removals))
         with self._lock:
             return self._rendered.setdefault((removals, key), made)  # type: ignore[return-value]
 

@@ -7,6 +7,7 @@ The prompt is reproduced byte for byte from the model's training format
 from __future__ import annotations
 
 import json
+import operator
 import re
 from collections.abc import Sequence
 from typing import Hashable, Literal
@@ -88,9 +89,10 @@ def conversation_steps(trajectory: Trajectory, window: Window) -> list[UserStep 
     """The messages the judge is given: from the latest user request onward (the authors pass
     `messages[threat_msg_idx:]`), or everything with `history` and `full`; system messages
     never. (`history` then leaves the earlier assistant turns out: `fit_conversation`.)"""
-    start = 0
-    if window == "latest":
-        start = trajectory.latest_user_index() or 0
+    roles = list(map(_ROLE, trajectory.steps))
+    start = (_last_index(roles, "user") or 0) if window == "latest" else 0
+    if "system" not in roles:
+        return trajectory.steps[start:]  # type: ignore[return-value]
     return [step for step in trajectory.steps[start:] if step.role != "system"]  # type: ignore[misc]
 
 
@@ -140,6 +142,10 @@ def _items_text(items: Sequence[Block | Omitted]) -> str:
     )
 
 
+def _appended(text: str, blocks: Sequence[Block]) -> str:
+    return text + _items_text(blocks)
+
+
 _FOOT = f"{END_LINE}\n\n{QUESTION_LINE}"
 
 
@@ -165,14 +171,18 @@ def _flags(index: int, user_index: int | None, action_index: int | None, last: i
     }
 
 
-def _last_index(steps: Sequence[UserStep | AssistantStep | ToolStep], role: str) -> int | None:
-    """By `role`, which tells the step types apart as `isinstance` does, at a fraction of the
-    cost (pydantic classes check instances through `ABCMeta`): the scan may cross the whole
-    conversation."""
-    for index in range(len(steps) - 1, -1, -1):
-        if steps[index].role == role:
-            return index
-    return None
+_ROLE = operator.attrgetter("role")
+"""A step's role, which tells the step types apart as `isinstance` does: read for a whole
+conversation at C speed (pydantic classes check instances through `ABCMeta`)."""
+
+
+def _last_index(roles: list[str], role: str) -> int | None:
+    """The index of the last `role` in `roles`, found at C speed (a scan may cross the whole
+    conversation)."""
+    try:
+        return len(roles) - 1 - roles[::-1].index(role)
+    except ValueError:
+        return None
 
 
 def fit_conversation(
@@ -322,7 +332,8 @@ class SodaJudge(Judge):
             return fit_conversation(steps, harm, environment, self.budget, self.window)
         harm_line = header_field(harm, self.budget.max_field_chars)
         environment_line = header_field(environment, self.budget.max_field_chars)
-        user_index, action_index = _last_index(steps, "user"), _last_index(steps, "assistant")
+        roles = list(map(_ROLE, steps))
+        user_index, action_index = _last_index(roles, "user"), _last_index(roles, "assistant")
         last = len(steps) - 1
         history = steps[:last]
         prepared = self._histories.get(
@@ -338,7 +349,7 @@ class SodaJudge(Judge):
         if stop is None:  # the kept messages overflow: clipped to a common level, uncached
             return fit_conversation(steps, harm, environment, self.budget, self.window)
         removals, shown, truncated = stop
-        return head + prepared.rendered(removals, "soda", _items_text) + _items_text(shown) + _FOOT, truncated
+        return head + prepared.rendered(removals, "soda", _items_text, _appended) + _items_text(shown) + _FOOT, truncated
 
     def render(self, trajectory: Trajectory) -> RenderedPrompt:
         harm, harm_source = _pick(trajectory.harm, self.harm)
