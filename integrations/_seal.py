@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from soda_guard.binding import args_digest
 from soda_guard.errors import SodaGuardError
 from soda_guard.ids import new_run_id
+from soda_guard.judges.incremental import IdentityMemo
 from soda_guard.trajectory import ToolCall
 from soda_guard.verdict import Decision
 
@@ -168,14 +169,29 @@ class SealedTool:
 def _model_args(tool: BaseTool, args: Mapping[str, Any]) -> dict[str, Any]:
     """The arguments the model controls: those the ToolNode injects (state, store, runtime:
     in the tool's input schema but not in the schema shown to the model) are left out."""
+    injected = _injected(tool)
+    return {key: value for key, value in args.items() if key not in injected}
+
+
+def _injected(tool: BaseTool) -> frozenset[str]:
+    """The names of the arguments the ToolNode injects into `tool`, read once per tool and
+    schema (LangChain builds the model's schema anew at every read)."""
+    schema = tool.args_schema
+    known = _INJECTED.get(tool)
+    if known is not None and known[0] is schema:
+        return known[1]
     try:
         full, shown = tool.get_input_schema(), tool.tool_call_schema
     except Exception:
-        return dict(args)
-    if not (isinstance(shown, type) and issubclass(shown, BaseModel)):
-        return dict(args)
-    injected = set(getattr(full, "model_fields", {})) - set(shown.model_fields)
-    return {key: value for key, value in args.items() if key not in injected}
+        injected: frozenset[str] = frozenset()
+    else:
+        shown_fields = getattr(shown, "model_fields", None) if isinstance(shown, type) and issubclass(shown, BaseModel) else None
+        injected = frozenset() if shown_fields is None else frozenset(getattr(full, "model_fields", {})) - frozenset(shown_fields)
+    _INJECTED.put(tool, (schema, injected))
+    return injected
+
+
+_INJECTED: IdentityMemo[tuple[Any, frozenset[str]]] = IdentityMemo()
 
 
 def _call_id(input: Any, sealed: ToolCall) -> str:

@@ -313,6 +313,8 @@ class HistoryMemo:
 
     def __init__(self, max_entries: int = 64) -> None:
         self._lru: Lru[tuple[tuple[object, ...], Hashable, PreparedHistory]] = Lru(max_entries)
+        self._latest: IdentityMemo[tuple[tuple[object, ...], Hashable, PreparedHistory]] = IdentityMemo()
+        """The latest history by its last step: the next turn's history grows from it."""
 
     def get(
         self,
@@ -332,12 +334,20 @@ class HistoryMemo:
                 prepared = extend(base[2], base[1])
         if prepared is None:
             prepared = prepare()
-        self._lru.put(key, (tuple(steps), shape, prepared), 1)
+        entry = (tuple(steps), shape, prepared)
+        self._lru.put(key, entry, 1)
+        if steps:
+            self._latest.put(steps[-1], entry)
         return prepared
 
     def _prefix_of(self, steps: Sequence[object]) -> tuple[tuple[object, ...], Hashable, PreparedHistory] | None:
-        """The longest recent history whose steps are the first steps of `steps` (the ends
-        compared first, so only a likely one is compared whole)."""
+        """The longest recent history whose steps are the first steps of `steps`: the one that
+        ended where one of the last few new steps begins (the previous turn's), else found
+        among the recent ones (the ends compared first, so only a likely one is compared whole)."""
+        for end in range(len(steps) - 2, max(-1, len(steps) - 34), -1):
+            latest = self._latest.get(steps[end])
+            if latest is not None and len(latest[0]) == end + 1 and latest[0] == tuple(steps[: end + 1]):
+                return latest
         candidates = [
             entry
             for entry in self._lru.values()
