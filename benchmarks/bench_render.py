@@ -1,8 +1,10 @@
 """Judge-prompt render time per call at 10, 100 and 1,000 steps: the uncached reference
 (`fit_conversation`, every message rendered and fitted at every call) against the judge's
-cached renderer, both for the first call of a turn (the conversation re-converted into new
-step objects, as every adapter does each turn, so only the new messages are rendered) and for
-the turn's other calls (the history shared). Prints ms per call and the ratios.
+cached renderer, for the first call of a turn on a conversation converted into new step
+objects (only the new messages are rendered; the history is fitted again), for the first call
+of the next turn as the adapters make it (the same step objects, one call and its result
+added: the history is extended from the previous turn's) and for the turn's other calls (the
+history shared). Prints ms per call and the ratios.
 
     python benchmarks/bench_render.py [--repeat 20]
 """
@@ -53,7 +55,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=20)
     repeat = parser.parse_args().repeat
-    print(f"{'steps':>6} {'uncached ms':>12} {'turn first ms':>14} {'turn rest ms':>13} {'first/uncached':>15} {'rest/uncached':>14}")
+    print(
+        f"{'steps':>6} {'uncached ms':>12} {'turn first ms':>14} {'next turn':>10} {'turn rest ms':>13}"
+        f" {'first/uncached':>15} {'next/uncached':>13} {'rest/uncached':>14}"
+    )
     for steps in (10, 100, 1000):
         messages = conversation(steps)
         judge = SodaJudge()
@@ -69,7 +74,25 @@ def main() -> None:
         judge.render(shared)
         rest = per_call_ms(lambda: judge.render(shared), repeat)
         reference = per_call_ms(uncached, repeat) - per_call_ms(lambda: trajectory(messages), repeat)
-        print(f"{steps:>6} {reference:>12.3f} {first:>14.3f} {rest:>13.3f} {first / reference:>15.3f} {rest / reference:>14.3f}")
+        grown = _next_turn_ms(shared, repeat)
+        print(
+            f"{steps:>6} {reference:>12.3f} {first:>14.3f} {grown:>10.3f} {rest:>13.3f}"
+            f" {first / reference:>15.3f} {grown / reference:>13.3f} {rest / reference:>14.3f}"
+        )
+
+
+def _next_turn_ms(conversation: Trajectory, repeat: int) -> float:
+    """The first call of a turn as the adapters make it: the same step objects as the turn
+    before (a conversation's messages are converted once), one call and its result added."""
+    best = float("inf")
+    previous = conversation.model_copy(update={"steps": conversation.steps[:-2]})
+    for _ in range(repeat):
+        judge = SodaJudge()
+        judge.render(previous)
+        start = time.perf_counter()
+        judge.render(conversation)
+        best = min(best, time.perf_counter() - start)
+    return best * 1000.0
 
 
 if __name__ == "__main__":
