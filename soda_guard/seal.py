@@ -73,14 +73,16 @@ class RecordSeal:
 
     def recall(self, stored: Any) -> Any:
         """The typed records `remember` noted for this very object, if nothing in it was
-        replaced since (every part is compared by identity, and kept alive so that an identity
-        is never reused); None otherwise, and the caller verifies it."""
+        replaced or edited since (every part is compared with what was signed: the record
+        texts and MACs are strings, so an edit in place of a record's dict shows as another
+        text; the parts are kept alive so that an identity is never reused); None otherwise,
+        and the caller verifies it."""
         with self._lock:
             found = self._signed.get(id(stored))
         if found is None or found[0] is not stored:
             return None
-        parts = _parts(stored)
-        if len(parts) != len(found[1]) or any(a is not b for a, b in zip(parts, found[1])):
+        # identical parts compare at C speed; a part replaced by an equal value reads the same
+        if _parts(stored) != found[1]:
             return None
         return found[2]
 
