@@ -3,7 +3,9 @@ a checkpointed agent run.
 
 One `create_agent` run of N tool calls (one model turn per `--parallel` calls, then a final
 answer) over `SqliteSaver`, once without the guard and once with `SodaGuardMiddleware` and a
-scripted judge (so the figures are the guard's bookkeeping, not a model). Printed: the
+scripted judge that answers at once on the caller's thread, as a keyword screen does (so the
+figures are the guard's bookkeeping, not a model); `--judge-thread` puts it on a judge thread,
+as a model or a server is, to show that hop's cost too. Printed: the
 checkpoint database's size and the run's wall time for both, and their ratios. Each run gets
 a fresh database in a temporary folder; with `--repeat N` the two runs alternate N times and
 the fastest of each is kept (the sizes do not vary), so a busy machine blurs the ratio less.
@@ -14,6 +16,7 @@ of ~100 ms that the earlier runs' garbage made due lands in whichever run comes 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import sqlite3
@@ -46,12 +49,15 @@ def replies(calls: int, parallel: int) -> list[Any]:
     return [*turns, "All orders are on their way."]
 
 
-def run(calls: int, parallel: int, guarded: bool, folder: Path) -> tuple[int, float]:
+def run(calls: int, parallel: int, guarded: bool, folder: Path, judge_thread: bool = False) -> tuple[int, float]:
     path = folder / ("guarded.sqlite" if guarded else "plain.sqlite")
     middleware = []
     if guarded:
         policy = Policy.from_dict({"judges": {"soda": {"kind": "soda", "model": "scripted"}}})
-        guard = Guard(policy, backends={"soda": ScriptedBackend(keyword_responder(["refund_everything"]))})
+        responder = keyword_responder(["refund_everything"])
+        if judge_thread:  # a responder not marked instant: answered on a judge thread, as a model is
+            responder = functools.partial(responder)
+        guard = Guard(policy, backends={"soda": ScriptedBackend(responder)})
         middleware = [SodaGuardMiddleware(guard, otel=False)]
     with sqlite3.connect(path, check_same_thread=False) as connection:
         agent = create_agent(scripted_model(replies(calls, parallel)), [lookup_order], middleware=middleware,
@@ -70,17 +76,19 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=150)
     parser.add_argument("--parallel", type=int, default=1, help="tool calls per model turn")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--judge-thread", action="store_true", help="judge on a judge thread, as a model or server is")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     plain_s = guarded_s = float("inf")
     for _ in range(args.repeat):
         with tempfile.TemporaryDirectory() as folder:
             plain_size, plain_time = run(args.calls, args.parallel, False, Path(folder))
-            guarded_size, guarded_time = run(args.calls, args.parallel, True, Path(folder))
+            guarded_size, guarded_time = run(args.calls, args.parallel, True, Path(folder), args.judge_thread)
         plain_s, guarded_s = min(plain_s, plain_time), min(guarded_s, guarded_time)
     figures = {
         "calls": args.calls,
         "parallel": args.parallel,
+        "judge_thread": args.judge_thread,
         "db_mb_unguarded": round(plain_size / 2**20, 2),
         "db_mb_guarded": round(guarded_size / 2**20, 2),
         "db_size_ratio": round(guarded_size / plain_size, 3),

@@ -157,7 +157,8 @@ def test_gen_output_round_trips(safety: str, categories: list[str], refusal: str
 @given(text)
 def test_neutralise_leaves_no_delimiter_line(content: str) -> None:
     escaped = neutralise(content, SODA_DELIMITERS)
-    assert "<|" not in escaped.replace("<\\|", "")
+    # no text the tokenizer would read as a special token or tag is left (a bare `<|` is not one)
+    assert re.search(r"<(?:\|[^|<>\s]{1,64}\|>|/?(?:tool_call|tool_response|think)>)", escaped) is None
     for line in re.split(r"\r\n|[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]", escaped):
         assert line.startswith("\\") or not re.match(
             r"[\s\u200b-\u200f\u2060-\u2064\ufeff]*(=={1,}.*[A-Za-z]|\[\s*(user|assistant|tool|verdict|reason)\s*\])",

@@ -31,6 +31,7 @@ def keyword_responder(unsafe_patterns: Sequence[str], *, score: bool = True) -> 
         text = soda_reply(unsafe, "The call matches a forbidden action." if unsafe else "The call is benign.")
         return GenerationResult(text=text, score=(0.97 if unsafe else 0.02) if score else None)
 
+    respond.instant = True  # type: ignore[attr-defined]
     return respond
 
 
@@ -43,8 +44,10 @@ class ScriptedBackend:
             self._responder = lambda request: replies[min(len(self.requests) - 1, len(replies) - 1)]
         self.model_id = model_id
         self.delay_s = delay_s
-        self.inline = delay_s == 0 and not callable(responder)
-        """Answers from a fixed list at once, so the guard calls it on the caller's thread."""
+        self.inline = delay_s == 0 and (not callable(responder) or getattr(responder, "instant", False) is True)
+        """Answers at once (from a fixed list, or a responder marked `instant`, as
+        `keyword_responder`'s pattern scan is), so the guard calls it on the caller's thread;
+        any other responder may wait and gets a judge thread, bounded by the deadline."""
         self.requests: list[GenerationRequest] = []
         self.batches: list[int] = []
         self._lock = threading.Lock()
