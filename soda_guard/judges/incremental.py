@@ -313,8 +313,9 @@ class HistoryMemo:
 
     def __init__(self, max_entries: int = 64) -> None:
         self._lru: Lru[tuple[tuple[object, ...], Hashable, PreparedHistory]] = Lru(max_entries)
-        self._latest: IdentityMemo[tuple[tuple[object, ...], Hashable, PreparedHistory]] = IdentityMemo()
-        """The latest history by its last step: the next turn's history grows from it."""
+        self._latest: Lru[Hashable] = Lru(4 * max_entries)
+        """The key of the latest history by its last step's id: the next turn's history grows
+        from it (the entry itself stays in `_lru` alone, which bounds what is held)."""
 
     def get(
         self,
@@ -334,10 +335,9 @@ class HistoryMemo:
                 prepared = extend(base[2], base[1])
         if prepared is None:
             prepared = prepare()
-        entry = (tuple(steps), shape, prepared)
-        self._lru.put(key, entry, 1)
+        self._lru.put(key, (tuple(steps), shape, prepared), 1)
         if steps:
-            self._latest.put(steps[-1], entry)
+            self._latest.put(id(steps[-1]), key, 1)
         return prepared
 
     def _prefix_of(self, steps: Sequence[object]) -> tuple[tuple[object, ...], Hashable, PreparedHistory] | None:
@@ -345,7 +345,8 @@ class HistoryMemo:
         ended where one of the last few new steps begins (the previous turn's), else found
         among the recent ones (the ends compared first, so only a likely one is compared whole)."""
         for end in range(len(steps) - 2, max(-1, len(steps) - 34), -1):
-            latest = self._latest.get(steps[end])
+            key = self._latest.get(id(steps[end]))
+            latest = self._lru.get(key) if key is not None else None
             if latest is not None and len(latest[0]) == end + 1 and latest[0] == tuple(steps[: end + 1]):
                 return latest
         candidates = [
