@@ -4,6 +4,7 @@ failures mapped to on_error, audit written."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from pathlib import Path
@@ -320,6 +321,18 @@ def test_a_keywords_screen_and_a_cascade_of_inline_stages_answer_on_the_callers_
     waits.load()
     assert [d.action for d in waits.check_tool_calls(trajectory)] == [Action.BLOCK, Action.ALLOW, Action.ALLOW]
     assert waits.judge_threads.threads >= 1
+
+
+def test_a_keyword_responder_answers_on_the_callers_thread_and_a_wrapped_one_on_a_judge_thread() -> None:
+    """`keyword_responder` is marked instant (a pattern scan); any responder that is not, even
+    one that only calls it, may wait and gets a judge thread; so does an instant one with a delay."""
+    trajectory = from_openai_messages(turn(("1", "delete_all"), ("2", "lookup")))
+    instant, _ = make_guard(keyword_responder(["delete_all"]))
+    wrapped, _ = make_guard(functools.partial(keyword_responder(["delete_all"])))
+    delayed, _ = make_guard(keyword_responder(["delete_all"]), delay_s=0.01)
+    for guard, threads in ((instant, 0), (wrapped, 1), (delayed, 1)):
+        assert [d.action for d in loaded(guard).check_tool_calls(trajectory)] == [Action.BLOCK, Action.ALLOW]
+        assert min(guard.judge_threads.threads, 1) == threads
 
 
 @pytest.mark.parametrize(
