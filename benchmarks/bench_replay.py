@@ -12,11 +12,13 @@ audit sink and with the default durable JSONL audit (fsync), also alternating. P
 wall milliseconds per tool call, p50/p95/p99 over calls (each run's added time shared by its
 calls), for both guarded variants. With `--repeat N` each run is done N times in each variant,
 alternating, and the fastest of each is kept: a shared machine's stalls only ever add time.
+With `--async` every run goes through `ainvoke` (the middleware's async hooks) on one event loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import random
 import statistics
@@ -127,10 +129,22 @@ def _agent(run: dict[str, Any], guard: Guard | None) -> Any:
     return create_agent(scripted_model(replies), _tools(run), middleware=middleware, checkpointer=InMemorySaver())
 
 
-def _timed(run: dict[str, Any], guard: Guard | None, index: int) -> float:
+def _timed(run: dict[str, Any], guard: Guard | None, index: int, loop: asyncio.AbstractEventLoop | None = None) -> float:
+    """Wall ms of one run, through `invoke`, or through `ainvoke` on `loop` (the agent's async
+    path: the middleware's async hooks, the guard's async checks)."""
     agent = _agent(run, guard)
+    inputs = {"messages": [{"role": "user", "content": run["task"]}]}
+    config = {"configurable": {"thread_id": f"run-{index}"}, "recursion_limit": 100}
+    if loop is not None:
+        return loop.run_until_complete(_atimed(agent, inputs, config))
     start = time.perf_counter()
-    agent.invoke({"messages": [{"role": "user", "content": run["task"]}]}, {"configurable": {"thread_id": f"run-{index}"}, "recursion_limit": 100})
+    agent.invoke(inputs, config)
+    return (time.perf_counter() - start) * 1000.0
+
+
+async def _atimed(agent: Any, inputs: dict[str, Any], config: dict[str, Any]) -> float:
+    start = time.perf_counter()
+    await agent.ainvoke(inputs, config)
     return (time.perf_counter() - start) * 1000.0
 
 
@@ -145,8 +159,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--async", dest="use_async", action="store_true", help="run the agents with ainvoke")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    loop = asyncio.new_event_loop() if args.use_async else None
     runs = make_runs(args.runs, args.seed)
     policy = {"judges": {"soda": {"kind": "soda", "model": "scripted"}}}
     with tempfile.TemporaryDirectory() as folder:
@@ -156,7 +172,7 @@ def main() -> None:
             backends={"soda": ScriptedBackend([soda_reply(False)])},
         )
         for index, run in enumerate(runs[:5]):  # imports, first compiles and caches warmed
-            _timed(run, None, index), _timed(run, plain, index), _timed(run, audited, index)
+            _timed(run, None, index, loop), _timed(run, plain, index, loop), _timed(run, audited, index, loop)
         added: dict[str, list[float]] = {"no audit": [], "jsonl audit": []}
         unguarded_per_call: list[float] = []
         calls = 0
@@ -169,14 +185,17 @@ def main() -> None:
             times: dict[str, float] = {}
             for attempt in range(max(1, args.repeat)):
                 for guard, name in order:
-                    elapsed = _timed(run, guard, 1000 * (attempt + 1) + index)
+                    elapsed = _timed(run, guard, 1000 * (attempt + 1) + index, loop)
                     times[name] = min(times.get(name, elapsed), elapsed)
             unguarded_per_call += [times["unguarded"] / count] * count
             for name in added:
                 added[name] += [(times[name] - times["unguarded"]) / count] * count
         plain.close()
         audited.close()
+    if loop is not None:
+        loop.close()
     figures = {
+        "mode": "async" if args.use_async else "sync",
         "runs": args.runs,
         "repeat": args.repeat,
         "tool_calls": calls,
