@@ -137,9 +137,10 @@ def test_guard_memory_does_not_grow_with_conversations(tmp_path: Path) -> None:
 
 
 def test_async_checks_render_prompts_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rendering neutralises every line of every message (seconds for megabytes of tool
-    output), so the async path must not do it on the caller's loop."""
+    """Rendering neutralises every line of every new message (seconds for megabytes of tool
+    output), so the async path must not do a render with much new text on the caller's loop."""
     from soda_guard.judges import SodaJudge
+    from soda_guard.trajectory import AssistantStep, ToolCall, ToolStep
 
     rendered_on: list[threading.Thread] = []
     render = SodaJudge.render
@@ -152,9 +153,52 @@ def test_async_checks_render_prompts_off_the_event_loop(monkeypatch: pytest.Monk
     guard = Guard(Policy.from_yaml("version: 1\njudges:\n  soda: {kind: soda, model: m}\n"), backends={"soda": ScriptedBackend(respond)})
     try:
         async def check() -> tuple[list[object], threading.Thread]:
-            return await guard.acheck_tool_calls(conversation(1, 0)), threading.current_thread()
+            small = conversation(1, 0)
+            read = [AssistantStep(tool_calls=[ToolCall(id="r", name="read")]), ToolStep(tool_call_id="r", content="x" * 100_000)]
+            large = small.model_copy(update={"steps": [small.steps[0], *read, *small.steps[1:]]})
+            return await guard.acheck_tool_calls(large), threading.current_thread()
 
         decisions, loop_thread = asyncio.run(check())
     finally:
         guard.close()
     assert decisions and rendered_on and loop_thread not in rendered_on
+
+
+def test_async_checks_render_a_small_job_on_the_loop_and_large_new_text_off_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A few new steps on a history whose blocks the judge knows (the adapters keep a
+    conversation's step objects) are a small job: rendered on the loop, without a thread hop.
+    A large new step (a 200 KB argument, a 100 KB tool result) goes to a worker thread."""
+    from soda_guard.judges import SodaJudge
+    from soda_guard.trajectory import AssistantStep, ToolCall, ToolStep
+
+    rendered_on: list[threading.Thread] = []
+    render = SodaJudge.render
+
+    def recording(self: SodaJudge, trajectory: Trajectory) -> object:
+        rendered_on.append(threading.current_thread())
+        return render(self, trajectory)
+
+    monkeypatch.setattr(SodaJudge, "render", recording)
+    guard = Guard(Policy.from_yaml("version: 1\njudges:\n  soda: {kind: soda, model: m}\n"), backends={"soda": ScriptedBackend(respond)})
+    first = conversation(1, 0)
+    answered = [ToolStep(tool_call_id=call.id, content="done") for call in first.pending_tool_calls()]
+
+    def next_turn(*new: object) -> Trajectory:
+        return first.model_copy(update={"steps": [*first.steps, *answered, *new]})
+
+    small = AssistantStep(tool_calls=[ToolCall(id="n1", name="tool_0", args={"path": "a.txt"})])
+    huge_args = AssistantStep(tool_calls=[ToolCall(id="n2", name="tool_0", args={"path": ["p" * 50_000] * 4})])
+    huge_result = [ToolStep(tool_call_id="x", content="r" * 100_000), small]
+    try:
+        async def on_the_loop(trajectory: Trajectory) -> bool:
+            rendered_on.clear()
+            await guard.acheck_tool_calls(trajectory)
+            return bool(rendered_on) and all(thread is threading.current_thread() for thread in rendered_on)
+
+        async def run() -> list[bool]:
+            await guard.acheck_tool_calls(first)
+            return [await on_the_loop(next_turn(small)), await on_the_loop(next_turn(huge_args)), await on_the_loop(next_turn(*huge_result))]
+
+        assert asyncio.run(run()) == [True, False, False]
+    finally:
+        guard.close()

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Callable
 
 from soda_guard.generation import ScoreSpec
-from soda_guard.trajectory import AssistantStep, ToolStep, Trajectory
+from soda_guard.trajectory import AssistantStep, SystemStep, ToolStep, Trajectory, UserStep
 from soda_guard.verdict import Label, Source
 
 
@@ -71,6 +72,27 @@ def tool_result_text(step: ToolStep) -> str:
     return content
 
 
+def text_size(step: SystemStep | UserStep | AssistantStep | ToolStep, limit: int) -> int:
+    """About how many characters `step` renders from (content, error, each call's name and
+    arguments), counted only until past `limit`: a guess at the cost of rendering it that never
+    costs more than the limit itself (arguments nested however deep are walked, not recursed)."""
+    size = len(getattr(step, "content", None) or "") + len(getattr(step, "error", None) or "")
+    pending: list[object] = [call.name for call in getattr(step, "tool_calls", ())]
+    pending += [call.args for call in getattr(step, "tool_calls", ())]
+    while pending and size <= limit:
+        value = pending.pop()
+        if isinstance(value, str):
+            size += len(value)
+        elif isinstance(value, Mapping):
+            pending += value.keys()
+            pending += value.values()
+        elif isinstance(value, (list, tuple)):
+            pending += value
+        else:
+            size += 8
+    return size
+
+
 def render_assistant(step: AssistantStep, escape: Callable[[str], str] = unchanged) -> str:
     return "".join(assistant_parts(step, escape))
 
@@ -87,6 +109,11 @@ class Judge(ABC):
 
     @abstractmethod
     def render(self, trajectory: Trajectory) -> RenderedPrompt: ...
+
+    def renders_at_once(self, trajectories: Sequence[Trajectory]) -> bool:
+        """Whether rendering `trajectories` is a small job (so an async caller may do it on its
+        event loop rather than hand it to a worker thread): False unless a judge knows."""
+        return False
 
     @abstractmethod
     def parse(self, text: str) -> ParsedOutput: ...

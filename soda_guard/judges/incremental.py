@@ -118,6 +118,26 @@ class BlockMemo(Generic[S]):
         self._steps.put(step, found)
         return found
 
+    def all_seen(self, views: Sequence[Sequence[S]], new_text: Callable[[S, int], int], *, max_steps: int = 1024, max_new_chars: int = 16384) -> bool:
+        """Whether rendering `views` (conversations sharing most of their steps, as a turn's
+        parallel calls do) is a small job: each of at most `max_steps`, and every distinct step
+        with its block found by identity but for at most `max_new_chars` of new text in all
+        (`new_text(step, limit)` measures a step's, stopping past `limit`)."""
+        if any(len(steps) > max_steps for steps in views):
+            return False
+        left = max_new_chars
+        checked: set[int] = set()
+        for steps in views:
+            for step in steps:
+                if id(step) in checked:
+                    continue
+                checked.add(id(step))
+                if self._steps.get(step) is None:
+                    left -= new_text(step, left)
+                    if left < 0:
+                        return False
+        return True
+
     def flagged(self, base: Block, *, protected: bool = False, whole: bool = False, shown: bool = True) -> Block:
         """`base` (made with the default flags) with these flags."""
         if not protected and not whole and shown:

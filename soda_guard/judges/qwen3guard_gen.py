@@ -18,6 +18,7 @@ from soda_guard.judges.base import (
     RenderedPrompt,
     ScoreSpec,
     assistant_parts,
+    text_size,
     tool_result_text,
 )
 from soda_guard.judges.context import (
@@ -254,6 +255,14 @@ class Qwen3GuardGenJudge(Judge):
         # the history's message dicts are shared by the turn's prompts: read, never edited
         earlier, prefix = prepared.rendered(removals, "gen", _messages)
         return [*earlier, *_messages(shown, prefix)[0]], truncated
+
+    def renders_at_once(self, trajectories: Sequence[Trajectory]) -> bool:
+        """As `SodaJudge.renders_at_once`: only a few new messages on known blocks."""
+        try:
+            windows = [_window(trajectory, self.mode)[0] for trajectory in trajectories]
+        except TrajectoryError:
+            return False
+        return self._blocks.all_seen(windows, text_size)
 
     def render(self, trajectory: Trajectory) -> RenderedPrompt:
         messages, truncated = self.fit(trajectory)

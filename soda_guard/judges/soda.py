@@ -19,6 +19,7 @@ from soda_guard.judges.base import (
     ScoreSpec,
     assistant_parts,
     render_assistant,
+    text_size,
     tool_result_text,
 )
 from soda_guard.judges.context import (
@@ -350,6 +351,11 @@ class SodaJudge(Judge):
             return fit_conversation(steps, harm, environment, self.budget, self.window)
         removals, shown, truncated = stop
         return head + prepared.rendered(removals, "soda", _items_text, _appended) + _items_text(shown) + _FOOT, truncated
+
+    def renders_at_once(self, trajectories: Sequence[Trajectory]) -> bool:
+        """A few new messages on a history whose blocks are all known: the render extends a
+        prepared history and neutralises only what is new (`BlockMemo.all_seen`)."""
+        return self._blocks.all_seen([conversation_steps(t, self.window) for t in trajectories], text_size)
 
     def render(self, trajectory: Trajectory) -> RenderedPrompt:
         harm, harm_source = _pick(trajectory.harm, self.harm)
