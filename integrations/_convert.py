@@ -211,34 +211,34 @@ def to_step(message: BaseMessage) -> Step | None:
 
 
 def _earlier_step(message: BaseMessage) -> Step | None:
-    """`to_step` for a message of an earlier turn, found by the message object while none of
-    the fields its step is made of has been given another value (`_BY_MESSAGE`): a turn then
+    """`to_step` for a message of an earlier turn, found by the message object while every
+    field its step is made of (`_WATCHED`) holds the value it held (`_BY_MESSAGE`): a turn then
     reads only its new messages, and the judge finds their blocks by the same step objects."""
-    fields = _FIELDS.get(type(message))
-    if fields is None:
-        return to_step(message)
+    watched = _watched(message)
     seen = _BY_MESSAGE.get(message)
-    if seen is not None and all(map(operator.is_, fields(message), seen[0])):
+    if seen is not None and seen[0] == watched:
         return seen[1]
     step = to_step(message)
     if step is not None and isinstance(message.content, str):
-        _BY_MESSAGE.put(message, (fields(message), step))
+        _BY_MESSAGE.put(message, (watched, step))
     return step
 
-
-_FIELDS = {
-    SystemMessage: operator.attrgetter("content", "type"),
-    HumanMessage: operator.attrgetter("content", "type"),
-    AIMessage: operator.attrgetter("content", "tool_calls"),
-    ToolMessage: operator.attrgetter("content", "tool_call_id", "name", "status"),
-}
-"""What a message's step is made of, by message class (subclasses are converted by value)."""
 
 _BY_MESSAGE: IdentityMemo[tuple[tuple[Any, ...], Step]] = IdentityMemo()
 """Steps by message object, with the field values they were made from. A message's fields
 given new values are converted anew; a tool call's arguments edited in place inside an
 earlier turn's message are not seen again (that call ran as it was judged: `SealedTool`),
 and the latest assistant turn, whose calls may be pending, is always read whole."""
+
+_WATCHED = ("content", "tool_calls", "tool_call_id", "name", "status", "role")
+"""Every field a message's step is made of (`role` for a `ChatMessage`)."""
+_FIELD_VALUES = operator.attrgetter("__dict__")
+"""A message's field values (pydantic keeps them in the instance dictionary): a field a
+message class does not have reads as None there, without pydantic's missing-attribute path."""
+
+
+def _watched(message: BaseMessage) -> tuple[Any, ...]:
+    return tuple(map(_FIELD_VALUES(message).get, _WATCHED))
 
 
 def _from_key(key: tuple[Any, ...]) -> Step:
@@ -319,6 +319,7 @@ def to_trajectory(
     (`_reused`), so a turn costs what it adds."""
     messages = tuple(messages)
     latest = next((i for i in range(len(messages) - 1, -1, -1) if isinstance(messages[i], AIMessage)), len(messages))
+    # `_WATCHED` read for all messages at once, field by field (at C speed)
     stored = tuple(map(_FIELD_VALUES, messages))
     fields = [tuple(map(dict.get, stored, repeat(name))) for name in _WATCHED]
     before = _CONVERSIONS.get(conversation_id) if conversation_id is not None else None
@@ -336,11 +337,6 @@ def to_trajectory(
 
 
 _IS_STEP = functools.partial(operator.is_not, None)
-_WATCHED = ("content", "tool_calls", "tool_call_id", "name", "status")
-"""Every field a message's step is made of, read for all messages at once (at C speed)."""
-_FIELD_VALUES = operator.attrgetter("__dict__")
-"""A message's field values (pydantic keeps them in the instance dictionary): a field a
-message class does not have reads as None there, without pydantic's missing-attribute path."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -214,10 +214,10 @@ class JudgeRunner:
         # rendering neutralises every line of every new message: seconds for a trajectory of
         # large tool results, which must not stall the caller's event loop; a few new messages
         # on a known history are a small job, done here rather than paying a thread hop
-        if self.judge.renders_at_once(trajectories):
-            prepared = [self.prepare(t, deadline) for t in trajectories]
-        else:
-            prepared = await asyncio.to_thread(lambda: [self.prepare(t, deadline) for t in trajectories])
+        def prepare_all() -> list[tuple[RenderedPrompt, GenerationRequest]]:
+            return [self.prepare(t, deadline) for t in trajectories]
+
+        prepared = prepare_all() if self.judge.renders_at_once(trajectories) else await asyncio.to_thread(prepare_all)
         start = time.perf_counter()
         results = await self.backend.agenerate([request for _, request in prepared])
         return self._finish(prepared, results, start)

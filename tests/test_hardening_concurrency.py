@@ -16,6 +16,7 @@ import pytest
 from soda_guard import Action, Guard, Policy, ScriptedBackend, Trajectory, from_openai_messages, read_audit
 from soda_guard.backends.base import GenerationRequest, GenerationResult
 from soda_guard.backends.scripted import soda_reply
+from soda_guard.trajectory import AssistantStep, ToolCall, ToolStep
 
 AGENTS = 200
 THREADS = 16
@@ -136,11 +137,9 @@ def test_guard_memory_does_not_grow_with_conversations(tmp_path: Path) -> None:
     assert guard.judge_threads.threads == 0
 
 
-def test_async_checks_render_prompts_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rendering neutralises every line of every new message (seconds for megabytes of tool
-    output), so the async path must not do a render with much new text on the caller's loop."""
+def _render_threads(monkeypatch: pytest.MonkeyPatch) -> list[threading.Thread]:
+    """The threads the SODA judge renders on, one entry per render, from now on."""
     from soda_guard.judges import SodaJudge
-    from soda_guard.trajectory import AssistantStep, ToolCall, ToolStep
 
     rendered_on: list[threading.Thread] = []
     render = SodaJudge.render
@@ -150,6 +149,13 @@ def test_async_checks_render_prompts_off_the_event_loop(monkeypatch: pytest.Monk
         return render(self, trajectory)
 
     monkeypatch.setattr(SodaJudge, "render", recording)
+    return rendered_on
+
+
+def test_async_checks_render_prompts_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rendering neutralises every line of every new message (seconds for megabytes of tool
+    output), so the async path must not do a render with much new text on the caller's loop."""
+    rendered_on = _render_threads(monkeypatch)
     guard = Guard(Policy.from_yaml("version: 1\njudges:\n  soda: {kind: soda, model: m}\n"), backends={"soda": ScriptedBackend(respond)})
     try:
         async def check() -> tuple[list[object], threading.Thread]:
@@ -168,17 +174,7 @@ def test_async_checks_render_a_small_job_on_the_loop_and_large_new_text_off_it(m
     """A few new steps on a history whose blocks the judge knows (the adapters keep a
     conversation's step objects) are a small job: rendered on the loop, without a thread hop.
     A large new step (a 200 KB argument, a 100 KB tool result) goes to a worker thread."""
-    from soda_guard.judges import SodaJudge
-    from soda_guard.trajectory import AssistantStep, ToolCall, ToolStep
-
-    rendered_on: list[threading.Thread] = []
-    render = SodaJudge.render
-
-    def recording(self: SodaJudge, trajectory: Trajectory) -> object:
-        rendered_on.append(threading.current_thread())
-        return render(self, trajectory)
-
-    monkeypatch.setattr(SodaJudge, "render", recording)
+    rendered_on = _render_threads(monkeypatch)
     guard = Guard(Policy.from_yaml("version: 1\njudges:\n  soda: {kind: soda, model: m}\n"), backends={"soda": ScriptedBackend(respond)})
     first = conversation(1, 0)
     answered = [ToolStep(tool_call_id=call.id, content="done") for call in first.pending_tool_calls()]

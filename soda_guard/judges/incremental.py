@@ -175,13 +175,30 @@ class PreparedHistory:
         self.overhead = overhead
         self.marker_overhead = marker_overhead
         self.max_message_chars = max_message_chars
-        self.blocks = list(blocks)
-        self.clipped = [self._clip(b) for b in self.blocks]
-        self._cut = sum(1 for c, b in zip(self.clipped, self.blocks) if c.text != b.text)
-        self._widest = len(omission_marker(count)) + marker_overhead
-        removed = [not b.shown for b in self.clipped]
-        self._gaps = sum(1 for i in range(len(removed)) if removed[i] and (i == 0 or not removed[i - 1]))
-        self._total = sum(overhead(b) + len(b.text) for b in self.clipped if b.shown)
+        self.blocks: list[Block] = []
+        self.clipped: list[Block] = []
+        self._cut = self._total = self._gaps = 0
+        self._add(blocks)
+        self._fresh(count)
+
+    def _add(self, blocks: Sequence[Block]) -> None:
+        """Append `blocks`, keeping the running figures: how many were clipped, the shown text's
+        length with its overhead, and the runs of blocks left out (each one marker)."""
+        removed = bool(self.blocks) and not self.blocks[-1].shown
+        for block in blocks:
+            clipped = self._clip(block)
+            self.blocks.append(block)
+            self.clipped.append(clipped)
+            self._cut += clipped.text != block.text
+            if clipped.shown:
+                self._total += self.overhead(clipped) + len(clipped.text)
+            elif not removed:
+                self._gaps += 1
+            removed = not clipped.shown
+
+    def _fresh(self, count: int) -> None:
+        """What is made from the whole history on first need, empty; the marker cost for `count`."""
+        self._widest = len(omission_marker(count)) + self.marker_overhead
         self._walk: tuple[list[int], list[int]] | None = None
         self._items: dict[int, tuple[Block | Omitted, ...]] = {}
         self._rendered: dict[tuple[int, Hashable], object] = {}
@@ -206,29 +223,15 @@ class PreparedHistory:
         made = object.__new__(PreparedHistory)
         made.overhead, made.marker_overhead, made.max_message_chars = self.overhead, self.marker_overhead, self.max_message_chars
         made.blocks, made.clipped = blocks[:], clipped[:]
-        cut, total, gaps = self._cut, self._total, self._gaps
-        for index, block in changed.items():
-            old = clipped[index]
-            cut -= old.text != blocks[index].text
-            total -= (self.overhead(old) + len(old.text)) if old.shown else 0
-            new = self._clip(block)
+        made._cut, made._total, made._gaps = self._cut, self._total, self._gaps
+        for index, block in changed.items():  # shown as before: the runs left out stay as they were
+            old, new = clipped[index], self._clip(block)
             made.blocks[index], made.clipped[index] = block, new
-            cut += new.text != block.text
-            total += (self.overhead(new) + len(new.text)) if new.shown else 0
-        removed = bool(blocks) and not blocks[-1].shown
-        for block in appended:
-            new = self._clip(block)
-            made.blocks.append(block)
-            made.clipped.append(new)
-            cut += new.text != block.text
+            made._cut += (new.text != block.text) - (old.text != blocks[index].text)
             if new.shown:
-                total += self.overhead(new) + len(new.text)
-            elif not removed:
-                gaps += 1
-            removed = not new.shown
-        made._cut, made._total, made._gaps = cut, total, gaps
-        made._widest = len(omission_marker(count)) + self.marker_overhead
-        made._walk, made._items, made._rendered, made._lock = None, {}, {}, threading.Lock()
+                made._total += self.overhead(new) + len(new.text) - self.overhead(old) - len(old.text)
+        made._add(appended)
+        made._fresh(count)
         # shown whole, this history reads as the earlier one's rendering and then the added
         # blocks, when the replaced blocks read as they did and every added one is shown
         unchanged = all(clipped[index].text == made.clipped[index].text for index in changed)
@@ -236,8 +239,6 @@ class PreparedHistory:
             with self._lock:
                 whole = {key: value for (removals, key), value in self._rendered.items() if removals == 0}
             made._grown = (len(blocks), whole)
-        else:
-            made._grown = None
         return made
 
     def walk(self) -> tuple[list[int], list[int]]:
