@@ -56,7 +56,8 @@ from soda_guard.integrations._convert import (
 )
 from soda_guard.integrations._review import Asked, Refused, Ruled, ask
 from soda_guard.integrations._seal import SealedTool
-from soda_guard.integrations._state import Replayed, stored_turn
+from soda_guard.integrations._handoff import TurnHandoff
+from soda_guard.integrations._state import Replayed, replay_of, stored_turn
 from soda_guard.integrations._turns import TURNS, Key, TurnCoordinator
 
 Handler = Callable[[ToolCallRequest], "ToolMessage | Command[Any]"]
@@ -486,7 +487,8 @@ def resolve_turn(
 
 class ToolCallEnforcer:
     """Enforces one tool call inside a `wrap_tool_call` chain. The call runs only on a record
-    bound to it: one the middleware or guard node stored for this turn, or one made here (the
+    bound to it: one the middleware handed over (`handoff`) or it or the guard node stored for
+    this turn, or one made here (the
     whole turn judged once, led by its first call) when there is none. A call whose arguments
     were changed after judging matches no record and is judged again on its own. What runs is
     the tool of the call's own name, sealed to the call (`SealedTool`), so whatever runs inside
@@ -502,6 +504,7 @@ class ToolCallEnforcer:
         self.coordinator = coordinator or TURNS
         self._policy_key = hashlib.sha256(guard.policy.model_dump_json().encode()).hexdigest()
         self.seal = RecordSeal.for_policy(guard.policy)
+        self.handoff = TurnHandoff()
 
     @property
     def follow_wait_s(self) -> float:
@@ -529,13 +532,14 @@ class ToolCallEnforcer:
                 converted.append(to_trajectory(messages, conversation_id=thread, harm=self.harm, environment=self.environment))
             return converted[0]
 
-        stored = yield from stored_turn(request.state, self.state_key, self.seal)
-        record = None
-        if stored is not None and stored.turn_id == turn and stored.thread_id == thread:
-            record = stored.find(binding)
-        elif located is not None:
-            shared = yield from self._shared_turn(messages, trajectory(), call, thread, turn)
-            record = shared.find(binding) if shared is not None else None
+        record = self.handoff.take(binding, replay_of())
+        if record is None:
+            stored = yield from stored_turn(request.state, self.state_key, self.seal)
+            if stored is not None and stored.turn_id == turn and stored.thread_id == thread:
+                record = stored.find(binding)
+            elif located is not None:
+                shared = yield from self._shared_turn(messages, trajectory(), call, thread, turn)
+                record = shared.find(binding) if shared is not None else None
         if record is None:
             same_id = [c for c in _turn_calls(located, call) if c.id == call.id]
             decisions = yield Judge(trajectory(), same_id if len(same_id) > 1 else [call])

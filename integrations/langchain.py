@@ -57,7 +57,8 @@ from soda_guard.integrations._enforce import (
     run_steps,
     thread_id,
 )
-from soda_guard.integrations._state import closing, state_form, stored_turn
+from soda_guard.integrations._handoff import TurnHandoff
+from soda_guard.integrations._state import closing, replay_of, state_form, stored_turn
 
 HAS_DECISION_MODELS = importlib.util.find_spec("langchain_core.decisions") is not None
 
@@ -76,10 +77,11 @@ if HAS_DECISION_MODELS:
 
 
 class SodaGuardState(AgentState):
-    """Agent state plus the records of the latest model turn (`soda_guard.records.TurnRecords`
-    as JSON), replaced when the next turn is judged. A call's finished record travels on in
-    its ToolMessage's metadata and in the audit sinks, so the state does not grow with the
-    thread and the checkpoints stay small."""
+    """Agent state plus the records of the latest model turn that needed more than a plain
+    allow (`soda_guard.records.TurnRecords` as JSON), replaced or closed when the next turn is
+    judged (a turn of simply allowed calls is handed to the tool step in memory). A call's
+    finished record travels on in its ToolMessage's metadata and in the audit sinks, so the
+    state does not grow with the thread and the checkpoints stay small."""
 
     soda_guard: NotRequired[dict[str, Any]]
 
@@ -136,6 +138,9 @@ class SodaGuardMiddleware(AgentMiddleware):
             harm=self.harm,
             environment=self.environment,
         )
+        if turn is not None and TurnHandoff.takes(turn):
+            self._enforcer.handoff.put(turn, replay_of())
+            turn = None
         turn = turn or closing(stored, messages)
         if turn is not None and turn != stored:
             update = [*update, (STATE_KEY, state_form(turn, self._enforcer.seal))]

@@ -289,14 +289,18 @@ def test_reviews_are_audit_events_in_every_sink(tmp_path: Any) -> None:
     assert [run.outputs["decisions"][0]["review"]["type"] for run in reviews] == ["edit"]
 
 
-def test_the_graph_state_holds_only_the_latest_turn() -> None:
-    guard, _ = make_guard()
+def test_the_graph_state_holds_only_the_latest_turn_with_something_to_keep() -> None:
+    """A simply allowed turn is handed to the tool step in memory: nothing in state, nothing
+    on its message; a blocked turn's records are stored, and closed by the final answer."""
+    guard, backend = make_guard()
     ran: list[Any] = []
-    agent = middleware_agent(guard, [turn(READ, ids=["x0"]), turn(("send_email", {"to": "a@b.c"}), ids=["x1"]), "done"], ran)
+    agent = middleware_agent(guard, [turn(READ, ids=["x0"]), turn(DELETE, ids=["x1"]), "done"], ran)
     result = agent.invoke(USER, config())
     assert [json.loads(record["record"])["call"]["id"] for record in result["soda_guard"]["records"]] == ["x1"]
+    assert result["soda_guard"]["closed"] is True
     first_turn = next(m for m in result["messages"] if isinstance(m, ToolMessage) and m.tool_call_id == "x0")
     assert "soda_guard" not in first_turn.response_metadata  # simply allowed: nothing to tell
+    assert ran == [READ] and backend.batches == [1, 1]  # each turn judged once, by the model step
 
 
 def test_tool_calls_message_mints_unique_ids() -> None:
