@@ -166,6 +166,11 @@ class Guard:
         self.tools = ToolCatalog()
         self._warmer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="soda-guard-warm-up")
         self._in_use = policy.judges_in_use()
+        # a judge whose backend was handed in has nothing to load: made now, so that an
+        # instant backend answers even a judge's first check on the caller's thread
+        for name in self._in_use:
+            if name in self._backends and not isinstance(policy.judges[name], CascadeConfig):
+                self.runner(name)
 
     @classmethod
     def from_yaml_file(cls, path: str | Path, **kwargs: object) -> Guard:

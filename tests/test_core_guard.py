@@ -270,8 +270,8 @@ class InlineFailing:
 
 
 def loaded(guard: Guard) -> Guard:
-    """`guard` with its judges built (as after `load`): a judge not yet built is built on a
-    judge thread, where a slow load stays under the deadline."""
+    """`guard` with its judges built (as after `load`): a judge whose backend the guard makes
+    is built on a judge thread, where a slow load stays under the deadline."""
     for name in guard.policy.judges:
         guard.runner(name)
     return guard
@@ -283,6 +283,19 @@ def test_a_scripted_list_judge_answers_on_the_callers_thread() -> None:
     assert [d.action for d in decisions] == [Action.ALLOW, Action.BLOCK, Action.ESCALATE]
     assert decisions[1].verdict.label.value == "unsafe" and len(backend.requests) == 2
     assert guard.judge_threads.threads == 0
+
+
+def test_a_handed_in_instant_backend_answers_the_first_check_on_the_callers_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing to load: the judge is built with the guard, so not even its first check pays a
+    thread; a judge whose backend the guard must make still loads on a judge thread."""
+    guard, backend = make_guard([soda_reply(True)])
+    [decision] = guard.check_tool_calls(from_openai_messages(turn(("1", "lookup"))))
+    assert decision.action is Action.BLOCK and len(backend.requests) == 1
+    assert guard.judge_threads.threads == 0
+    monkeypatch.setattr("soda_guard.guard.make_backend", lambda config: ScriptedBackend([soda_reply(True)]))
+    made = Guard(Policy.from_yaml(POLICY))
+    [decision] = made.check_tool_calls(from_openai_messages(turn(("1", "lookup"))))
+    assert decision.action is Action.BLOCK and made.judge_threads.threads == 1
 
 
 @pytest.mark.parametrize("kind", ["delay", "callable"])
