@@ -581,7 +581,8 @@ class ToolCallEnforcer:
         if record.outcome == "respond":
             return _stamped(ToolMessage(content=record.message or "", tool_call_id=call.id, name=call.name), record)
         ran = record.ran_call()
-        sealed = self._sealed(request, trajectory, ran)
+        # the call as judged: its arguments are those the binding's digest was made of
+        sealed = self._sealed(request, trajectory, ran, record.binding.args_digest if record.run_args is None else None)
         # a copy: what runs after the guard may edit the arguments it is handed in place, and
         # must not reach the judged record (or the steps cached with it) that way
         result = yield Run(request.override(tool_call={**request.tool_call, "args": copy.deepcopy(ran.args)}, tool=sealed))
@@ -615,7 +616,9 @@ class ToolCallEnforcer:
             messages = [*messages[:index], _stamped(answer, record), *messages[index + 1 :]]
         return messages[0] if isinstance(result, ToolMessage) else with_command_messages(result, messages)  # type: ignore[return-value]
 
-    def _sealed(self, request: ToolCallRequest, trajectory: Callable[[], Trajectory], call: ToolCall) -> SealedTool | None:
+    def _sealed(
+        self, request: ToolCallRequest, trajectory: Callable[[], Trajectory], call: ToolCall, digest: str | None
+    ) -> SealedTool | None:
         """The tool of the call's name, sealed to the call (see `SealedTool`); None where no
         tool has that name (the ToolNode then answers that the tool does not exist). An outer
         `wrap_tool_call` that renamed the call left the old name's tool in the request: that
@@ -633,7 +636,7 @@ class ToolCallEnforcer:
         async def acheck(nested: ToolCall) -> Decision:
             return (await self.judging.atraced_calls(trajectory(), [nested]))[0]
 
-        return SealedTool(tool, call, check, acheck)
+        return SealedTool(tool, call, check, acheck, digest)
 
     def answer(self, handler: Handler | None) -> Callable[[Any], Any]:
         def answer(need: Any) -> Any:

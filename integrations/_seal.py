@@ -84,16 +84,19 @@ class SealedTool:
     refused unless the policy lets it run as is. `refused` holds the decision that stopped the
     call or a tool nested in it, for the call's record. Every other attribute is the tool's."""
 
-    def __init__(self, tool: BaseTool, sealed: ToolCall, check: Check, acheck: Callable[[ToolCall], Any]) -> None:
+    def __init__(
+        self, tool: BaseTool, sealed: ToolCall, check: Check, acheck: Callable[[ToolCall], Any], digest: str | None = None
+    ) -> None:
         self._tool = tool
         self._sealed = sealed
         self._check = check
         self._acheck = acheck
         self.refused: Decision | None = None
-        # the judged arguments as they are now, before anything inside the guard runs: the
-        # dict is shared with the model's call and the request, and may be edited in place
-        self._expected = {args_digest(sealed.args)}
-        if isinstance(sealed.args, Mapping):
+        # the judged arguments' digest (`digest`: the binding's, what the judge saw), else as
+        # they are now, before anything inside the guard runs: the dict is shared with the
+        # model's call and the request, and may be edited in place
+        self._expected = {digest or args_digest(sealed.args)}
+        if isinstance(sealed.args, Mapping) and _injected(tool):
             self._expected.add(args_digest(_model_args(tool, sealed.args)))
 
     def __getattr__(self, name: str) -> Any:

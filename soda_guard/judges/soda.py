@@ -90,11 +90,17 @@ def conversation_steps(trajectory: Trajectory, window: Window) -> list[UserStep 
     """The messages the judge is given: from the latest user request onward (the authors pass
     `messages[threat_msg_idx:]`), or everything with `history` and `full`; system messages
     never. (`history` then leaves the earlier assistant turns out: `fit_conversation`.)"""
+    return _conversation(trajectory, window)[0]
+
+
+def _conversation(trajectory: Trajectory, window: Window) -> tuple[list[UserStep | AssistantStep | ToolStep], list[str]]:
+    """`conversation_steps` and their roles, read once for both (a read of every step)."""
     roles = list(map(_ROLE, trajectory.steps))
     start = (_last_index(roles, "user") or 0) if window == "latest" else 0
     if "system" not in roles:
-        return trajectory.steps[start:]  # type: ignore[return-value]
-    return [step for step in trajectory.steps[start:] if step.role != "system"]  # type: ignore[misc]
+        return trajectory.steps[start:], roles[start:] if start else roles  # type: ignore[return-value]
+    steps = [step for step in trajectory.steps[start:] if step.role != "system"]
+    return steps, list(map(_ROLE, steps))  # type: ignore[return-value]
 
 
 def render_user_message(
@@ -326,14 +332,17 @@ class SodaJudge(Judge):
         appended = self._blocks_of(history[size:], user_index, action_index, count - 1, start=size)
         return base.extended(changed, appended, count)
 
-    def fit(self, steps: list[UserStep | AssistantStep | ToolStep], harm: str, environment: str) -> tuple[str, bool]:
+    def fit(
+        self, steps: list[UserStep | AssistantStep | ToolStep], harm: str, environment: str, roles: list[str] | None = None
+    ) -> tuple[str, bool]:
         """`fit_conversation`, byte for byte, from blocks rendered once per message and a
-        history fitted once per turn and extended turn by turn (`incremental`)."""
+        history fitted once per turn and extended turn by turn (`incremental`). `roles`: the
+        steps' roles, where the caller has read them."""
         if not steps:
             return fit_conversation(steps, harm, environment, self.budget, self.window)
         harm_line = header_field(harm, self.budget.max_field_chars)
         environment_line = header_field(environment, self.budget.max_field_chars)
-        roles = list(map(_ROLE, steps))
+        roles = roles if roles is not None else list(map(_ROLE, steps))
         user_index, action_index = _last_index(roles, "user"), _last_index(roles, "assistant")
         last = len(steps) - 1
         history = steps[:last]
@@ -360,8 +369,8 @@ class SodaJudge(Judge):
     def render(self, trajectory: Trajectory) -> RenderedPrompt:
         harm, harm_source = _pick(trajectory.harm, self.harm)
         environment, environment_source = _pick(trajectory.environment, self.environment)
-        steps = conversation_steps(trajectory, self.window)
-        user, truncated = self.fit(steps, harm, environment)
+        steps, roles = _conversation(trajectory, self.window)
+        user, truncated = self.fit(steps, harm, environment, roles)
         return RenderedPrompt(
             messages=[
                 {"role": "system", "content": SODA_SYSTEM_PROMPT},
