@@ -157,3 +157,20 @@ def test_cached_rendering_matches_the_reference_at_every_budget_of_a_long_run(wi
         assert _cached(judge, trajectory) == _reference(judge, trajectory), room
         gen = Qwen3GuardGenJudge(budget=ContextBudget(max_prompt_chars=room, max_message_chars=300))
         assert _cached(gen, trajectory) == _reference(gen, trajectory), room
+
+
+class _Request(UserStep):
+    """A step type of the caller's own, made from one of ours."""
+
+
+class _Action(AssistantStep):
+    pass
+
+
+def test_steps_of_a_subclassed_type_render_as_their_role() -> None:
+    """Roles are read by exact type where they can be; a subclass is read by its `role`."""
+    call = ToolCall(id="c1", name="delete_file", args={"path": "/"})
+    plain = Trajectory(steps=[UserStep(content="Tidy up."), AssistantStep(content="", tool_calls=[call])])
+    subclassed = Trajectory.model_construct(steps=[_Request(content="Tidy up."), _Action(content="", tool_calls=[call])])
+    for window in ("latest", "history", "full"):
+        assert SodaJudge(window=window).render(subclassed) == SodaJudge(window=window).render(plain)
