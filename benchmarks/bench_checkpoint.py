@@ -7,8 +7,9 @@ scripted judge that answers at once on the caller's thread, as a keyword screen 
 figures are the guard's bookkeeping, not a model); `--judge-thread` puts it on a judge thread,
 as a model or a server is, to show that hop's cost too. Printed: the
 checkpoint database's size and the run's wall time for both, and their ratios. Each run gets
-a fresh database in a temporary folder; with `--repeat N` the two runs alternate N times and
-the fastest of each is kept (the sizes do not vary), so a busy machine blurs the ratio less.
+a fresh database in a temporary folder; with `--repeat N` the two runs alternate N times (each
+first every other time) and the fastest of each is kept (the sizes do not vary), so a busy
+machine blurs the ratio less.
 Each timed run starts from a collected heap (`gc.collect()`): otherwise a full collection
 of ~100 ms that the earlier runs' garbage made due lands in whichever run comes next.
 """
@@ -80,11 +81,15 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     plain_s = guarded_s = float("inf")
-    for _ in range(args.repeat):
+    for round_ in range(args.repeat):
         with tempfile.TemporaryDirectory() as folder:
-            plain_size, plain_time = run(args.calls, args.parallel, False, Path(folder))
-            guarded_size, guarded_time = run(args.calls, args.parallel, True, Path(folder), args.judge_thread)
-        plain_s, guarded_s = min(plain_s, plain_time), min(guarded_s, guarded_time)
+            # each goes first every other round, so neither always runs on what the other left
+            for guarded in (False, True) if round_ % 2 == 0 else (True, False):
+                size, elapsed = run(args.calls, args.parallel, guarded, Path(folder), guarded and args.judge_thread)
+                if guarded:
+                    guarded_size, guarded_s = size, min(guarded_s, elapsed)
+                else:
+                    plain_size, plain_s = size, min(plain_s, elapsed)
     figures = {
         "calls": args.calls,
         "parallel": args.parallel,
