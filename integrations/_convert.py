@@ -216,7 +216,7 @@ def _earlier_step(message: BaseMessage) -> Step | None:
     reads only its new messages, and the judge finds their blocks by the same step objects."""
     watched = _watched(message)
     seen = _BY_MESSAGE.get(message)
-    if seen is not None and seen[0] == watched:
+    if seen is not None and seen[0] == watched and isinstance(watched[0], str):  # equal, and text
         return seen[1]
     step = to_step(message)
     if step is not None and isinstance(message.content, str):
@@ -330,7 +330,10 @@ def to_trajectory(
         *map(to_step, messages[max(reused, latest) :]),
     ]
     if conversation_id is not None:
-        _CONVERSIONS.put(conversation_id, _Conversion(messages, fields, converted), len(messages) + 1)
+        # the prefix taken over has text content (`_reused` checked it); the rest is read here
+        text = list(map(isinstance, fields[0][reused:], repeat(str)))
+        textual = reused + (text.index(False) if False in text else len(text))
+        _CONVERSIONS.put(conversation_id, _Conversion(messages, fields, converted, textual), len(messages) + 1)
     steps = list(filter(_IS_STEP, converted))
     # every step is one this module made (validated as it was made): the list need not be again
     return Trajectory.model_construct(steps=steps, conversation_id=conversation_id, harm=harm, environment=environment, truncated=False)
@@ -344,6 +347,8 @@ class _Conversion:
     messages: tuple[BaseMessage, ...]
     fields: list[tuple[Any, ...]]
     steps: list[Step | None]
+    textual: int
+    """How many leading messages have text content."""
 
 
 _CONVERSIONS: Lru[_Conversion] = Lru(1 << 15)
@@ -362,6 +367,10 @@ def _reused(before: _Conversion, messages: tuple[BaseMessage, ...], fields: list
         return 0
     if any(old[:size] != new[:size] for old, new in zip(before.fields, fields)):
         return 0
+    # the very content objects found to be text before need not be looked at again (each
+    # look reads every message's content object: a cache miss apiece in a running agent)
+    if before.textual >= size and all(map(operator.is_, before.fields[0][:size], fields[0][:size])):
+        return size
     return size if all(map(isinstance, fields[0][:size], repeat(str))) else 0
 
 
@@ -372,6 +381,8 @@ def with_calls(trajectory: Trajectory, calls: list[ToolCall]) -> Trajectory:
     for index in range(len(trajectory.steps) - 1, -1, -1):
         step = trajectory.steps[index]
         if isinstance(step, AssistantStep):
+            if index == len(trajectory.steps) - 1 and step.tool_calls == calls:
+                return trajectory  # already exactly that (the judge then knows the step by its object)
             steps = list(trajectory.steps[:index]) + [step.model_copy(update={"tool_calls": list(calls)})]
             return trajectory.model_copy(update={"steps": steps})
     return trajectory.model_copy(update={"steps": [*trajectory.steps, AssistantStep(tool_calls=list(calls))]})

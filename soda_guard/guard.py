@@ -440,7 +440,7 @@ class Guard:
         # the same deadline on the clock the backends and the audit sinks read
         submitted_at = time.monotonic()
         monotonic_deadline = submitted_at + self.policy.defaults.timeout_s
-        submitted: list[tuple[str, list[int], concurrent.futures.Future[Any] | BaseException]] = []
+        submitted: list[tuple[str, list[int], concurrent.futures.Future[Any] | _Answered | BaseException]] = []
         for judge_name, indexes in self._groups(items).items():
             views = [items[i].view for i in indexes]
             judge_deadline = self._judge_deadline(judge_name, submitted_at)
@@ -461,7 +461,8 @@ class Guard:
             try:
                 if isinstance(future, BaseException):
                     raise future
-                results = self._checked(judge_name, len(indexes), future.result(timeout=max(0.0, deadline - time.perf_counter())), start)
+                answered = future.value if isinstance(future, _Answered) else future.result(timeout=max(0.0, deadline - time.perf_counter()))
+                results = self._checked(judge_name, len(indexes), answered, start)
             except Exception as error:
                 results = self._failure_verdicts(judge_name, len(indexes), error, start)
             for index, verdict in zip(indexes, results):
@@ -623,18 +624,24 @@ def close_each(things: Sequence[object]) -> None:
             closer()
 
 
-def _inline(judge: Callable[[], list[Verdict]]) -> concurrent.futures.Future[Any]:
-    """An inline judge's answer (`Runner.inline`), as the future a judge thread would give."""
-    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+@dataclass(frozen=True)
+class _Answered:
+    """What an inline judge answered (checked later like a judge thread's result)."""
+
+    value: Any
+
+
+def _inline(judge: Callable[[], list[Verdict]]) -> _Answered | BaseException:
+    """An inline judge's answer (`Runner.inline`), or what it raised, as a judge thread's
+    future would give either, without the future."""
     try:
-        future.set_result(judge())
+        return _Answered(judge())
     except Exception as error:
-        future.set_exception(error)
+        return error
     except KeyboardInterrupt:  # the caller's own Ctrl-C, which a judge thread would never see
         raise
     except BaseException as error:  # as on a judge thread: a judge must not take the caller down
-        future.set_exception(JudgeError(f"judge raised {type(error).__name__}: {error}"))
-    return future
+        return JudgeError(f"judge raised {type(error).__name__}: {error}")
 
 
 def _carried(decisions: list[Decision], carry_out: CarryOut | None) -> list[Decision]:

@@ -370,7 +370,7 @@ class SodaJudge(Judge):
         if stop is None:  # the kept messages overflow: clipped to a common level, uncached
             return fit_conversation(steps, harm, environment, self.budget, self.window)
         removals, shown, truncated = stop
-        return head + prepared.rendered(removals, "soda", _items_text, _appended) + _items_text(shown) + _FOOT, truncated
+        return "".join((head, prepared.rendered(removals, "soda", _items_text, _appended), _items_text(shown), _FOOT)), truncated
 
     def renders_at_once(self, trajectories: Sequence[Trajectory]) -> bool:
         """A few new messages on a history whose blocks are all known: the render extends a
