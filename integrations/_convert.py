@@ -218,6 +218,16 @@ def _earlier_step(message: BaseMessage) -> Step | None:
     seen = _BY_MESSAGE.get(message)
     if seen is not None and seen[0] == watched and isinstance(watched[0], str):  # equal, and text
         return seen[1]
+    return _remembered(message, watched)
+
+
+def _latest_step(message: BaseMessage) -> Step | None:
+    """`to_step`, read whole (the latest turn's calls may be pending), and remembered for the
+    turns after, where the message is an earlier one (`_earlier_step`)."""
+    return _remembered(message, _watched(message))
+
+
+def _remembered(message: BaseMessage, watched: tuple[Any, ...]) -> Step | None:
     step = to_step(message)
     if step is not None and isinstance(message.content, str):
         _BY_MESSAGE.put(message, (watched, step))
@@ -327,7 +337,7 @@ def to_trajectory(
     converted = [
         *(before.steps[:reused] if before is not None else ()),
         *map(_earlier_step, messages[reused:latest]),
-        *map(to_step, messages[max(reused, latest) :]),
+        *map(_latest_step, messages[max(reused, latest) :]),
     ]
     if conversation_id is not None:
         # the prefix taken over has text content (`_reused` checked it); the rest is read here
