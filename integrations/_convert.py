@@ -186,11 +186,16 @@ def call_id(call: Mapping[str, Any], index: int) -> str:
     return str(call.get("id") or f"{call.get('name', 'tool')}#{index}")
 
 
-def to_tool_call(call: Mapping[str, Any], index: int = 0) -> ToolCall:
+def call_args(call: Mapping[str, Any]) -> dict[str, Any] | str:
+    """A LangChain tool call's arguments as a `ToolCall` holds them."""
     args = call.get("args")
     if not isinstance(args, (dict, str)):
         args = {} if args is None else str(args)
-    return ToolCall(id=call_id(call, index), name=str(call.get("name") or ""), args=args)
+    return args
+
+
+def to_tool_call(call: Mapping[str, Any], index: int = 0) -> ToolCall:
+    return ToolCall(id=call_id(call, index), name=str(call.get("name") or ""), args=call_args(call))
 
 
 Step = SystemStep | UserStep | AssistantStep | ToolStep

@@ -35,12 +35,15 @@ from soda_guard.records import CallRecord, TurnRecords
 from soda_guard.review import review_event
 from soda_guard.seal import RecordSeal
 from soda_guard.tracing import OpenTelemetrySink
+from soda_guard.binding import CallBinding, args_digest
 from soda_guard.trajectory import ToolCall, Trajectory
 from soda_guard.verdict import Action, Decision
 
 from soda_guard.integrations._convert import (
     METADATA_KEY,
     binding_of,
+    call_args,
+    call_id,
     command_messages,
     last_turn,
     read_as_one,
@@ -522,8 +525,8 @@ class ToolCallEnforcer:
         located = turn_of_call(messages, request.tool_call)
         turn = turn_id(located[1], located[0]) if located else "#none"
         index = _position(located[1], request.tool_call) if located else 0
-        call = to_tool_call(request.tool_call, index)
-        binding = binding_of(call, thread=thread, turn=turn)
+        name, args = str(request.tool_call.get("name") or ""), call_args(request.tool_call)
+        key = (thread, turn, call_id(request.tool_call, index), name, args_digest(args))
         # converted only when needed: a call with a stored record is enforced without it
         converted: list[Trajectory] = []
 
@@ -532,18 +535,20 @@ class ToolCallEnforcer:
                 converted.append(to_trajectory(messages, conversation_id=thread, harm=self.harm, environment=self.environment))
             return converted[0]
 
-        record = self.handoff.take(binding, replay_of())
+        record = self.handoff.take(key, replay_of())
         if record is None:
+            call = ToolCall(id=key[2], name=name, args=args)
+            binding = CallBinding(thread_id=thread, turn_id=turn, call_id=key[2], tool=name, args_digest=key[4])
             stored = yield from stored_turn(request.state, self.state_key, self.seal)
             if stored is not None and stored.turn_id == turn and stored.thread_id == thread:
                 record = stored.find(binding)
             elif located is not None:
                 shared = yield from self._shared_turn(messages, trajectory(), call, thread, turn)
                 record = shared.find(binding) if shared is not None else None
-        if record is None:
-            same_id = [c for c in _turn_calls(located, call) if c.id == call.id]
-            decisions = yield Judge(trajectory(), same_id if len(same_id) > 1 else [call])
-            record = CallRecord.judged(binding, call, next((d for d in decisions if d.tool_call == call), decisions[0]))
+            if record is None:
+                same_id = [c for c in _turn_calls(located, call) if c.id == call.id]
+                decisions = yield Judge(trajectory(), same_id if len(same_id) > 1 else [call])
+                record = CallRecord.judged(binding, call, next((d for d in decisions if d.tool_call == call), decisions[0]))
         if record.awaiting_review:
             [record] = yield from review_records([record], trajectory(), self.guard.policy)
         return (yield from self._enforce(request, trajectory, record))

@@ -23,13 +23,22 @@ from soda_guard.binding import CallBinding
 from soda_guard.records import CallRecord, TurnRecords
 
 
+Key = tuple[str | None, str, str, str, str]
+"""A binding's parts, in `CallBinding`'s order: the tool step finds a record by them before
+(and without) building its own binding."""
+
+
+def key_of(binding: CallBinding) -> Key:
+    return (binding.thread_id, binding.turn_id, binding.call_id, binding.tool, binding.args_digest)
+
+
 class TurnHandoff:
     """Records of simply allowed turns by (replay, binding), bounded by the records held: a
     turn whose tool step never comes (the run stopped in between) is evicted with the oldest."""
 
     def __init__(self, max_records: int = 1 << 16) -> None:
         self.max_records = max_records
-        self._records: OrderedDict[tuple[str | None, CallBinding], CallRecord] = OrderedDict()
+        self._records: OrderedDict[tuple[str | None, Key], CallRecord] = OrderedDict()
         self._lock = threading.Lock()
 
     @staticmethod
@@ -40,12 +49,12 @@ class TurnHandoff:
     def put(self, turn: TurnRecords, replay: str | None) -> None:
         with self._lock:
             for record in turn.records:
-                self._records[(replay, record.binding)] = record
+                self._records[(replay, key_of(record.binding))] = record
             while len(self._records) > self.max_records:
                 self._records.popitem(last=False)
 
-    def take(self, binding: CallBinding, replay: str | None) -> CallRecord | None:
+    def take(self, key: Key, replay: str | None) -> CallRecord | None:
         if not self._records:
             return None
         with self._lock:
-            return self._records.pop((replay, binding), None)
+            return self._records.pop((replay, key), None)

@@ -13,7 +13,7 @@ from langchain_core.messages import HumanMessage, RemoveMessage, ToolMessage
 from soda_guard import Action, CallRecord, Decision, Guard, Policy, ScriptedBackend, ToolCall, TurnRecords
 from soda_guard.backends.scripted import soda_reply
 from soda_guard.binding import CallBinding
-from soda_guard.integrations._handoff import TurnHandoff
+from soda_guard.integrations._handoff import TurnHandoff, key_of
 
 from integration_helpers import make_guard
 from test_integration_binding import DELETE, READ, config, middleware_agent, turn
@@ -115,11 +115,11 @@ def test_a_record_is_taken_once_and_only_by_its_replay() -> None:
     handoff = TurnHandoff()
     turn_records = _turn(Action.ALLOW, Action.ALLOW)
     handoff.put(turn_records, replay=None)
-    first, second = (record.binding for record in turn_records.records)
+    first, second = (key_of(record.binding) for record in turn_records.records)
     assert handoff.take(first, replay="cp-1") is None
     assert handoff.take(first, replay=None) == turn_records.records[0]
     assert handoff.take(first, replay=None) is None
-    other_thread = second.model_copy(update={"thread_id": "u"})
+    other_thread = ("u", *second[1:])
     assert handoff.take(other_thread, replay=None) is None
     assert handoff.take(second, replay=None) == turn_records.records[1]
 
@@ -129,5 +129,5 @@ def test_the_handoff_is_bounded() -> None:
     turns = [_turn(Action.ALLOW, Action.ALLOW, thread=str(n)) for n in range(3)]
     for turn_records in turns:
         handoff.put(turn_records, replay=None)
-    assert handoff.take(turns[0].records[0].binding, replay=None) is None  # the oldest went first
-    assert all(handoff.take(r.binding, replay=None) is not None for t in turns[1:] for r in t.records)
+    assert handoff.take(key_of(turns[0].records[0].binding), replay=None) is None  # the oldest went first
+    assert all(handoff.take(key_of(r.binding), replay=None) is not None for t in turns[1:] for r in t.records)
