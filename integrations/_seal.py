@@ -102,16 +102,16 @@ class SealedTool:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._tool, name)
 
-    def _arrived(self, input: Any) -> ToolCall:
+    def _arrived(self, input: Any) -> ToolCall | None:
+        """The call as it reaches the tool, where it is not the call as judged: another tool,
+        or arguments whose digest is not the judged ones' as they were when the call was sealed
+        (or those less the arguments the ToolNode injects). None where it is that call."""
         raw = input.get("args", {}) if isinstance(input, Mapping) and input.get("type") == "tool_call" else input
-        call_id = input.get("id") if isinstance(input, Mapping) else None
         args = _model_args(self._tool, raw) if isinstance(raw, Mapping) else str(raw)
+        if self._tool.name == self._sealed.name and args_digest(args) in self._expected:
+            return None
+        call_id = input.get("id") if isinstance(input, Mapping) else None
         return ToolCall(id=call_id or self._sealed.id, name=self._tool.name, args=args)
-
-    def _unchanged(self, call: ToolCall) -> bool:
-        """The call as judged: the same tool, and arguments equal to the judged ones as they
-        were when the call was sealed (or to those less the arguments the ToolNode injects)."""
-        return call.name == self._sealed.name and args_digest(call.args) in self._expected
 
     def _refusal(self, decision: Decision, call: ToolCall, input: Any) -> ToolMessage:
         self.refused = decision
@@ -142,7 +142,7 @@ class SealedTool:
 
     def invoke(self, input: Any, config: Any = None, **kwargs: Any) -> Any:
         call = self._arrived(input)
-        if not self._unchanged(call):
+        if call is not None:
             decision = self._check(call)
             if not decision.allowed:
                 return self._refusal(decision, call, input)
@@ -156,7 +156,7 @@ class SealedTool:
 
     async def ainvoke(self, input: Any, config: Any = None, **kwargs: Any) -> Any:
         call = self._arrived(input)
-        if not self._unchanged(call):
+        if call is not None:
             decision = await self._acheck(call)
             if not decision.allowed:
                 return self._refusal(decision, call, input)
