@@ -382,8 +382,7 @@ def _reused(before: _Conversion, messages: tuple[BaseMessage, ...], fields: list
         return 0
     if any(old[:size] != new[:size] for old, new in zip(before.fields, fields)):
         return 0
-    # the very content objects found to be text before need not be looked at again (each
-    # look reads every message's content object: a cache miss apiece in a running agent)
+    # the very content objects found to be text before need not be checked again
     if before.textual >= size and all(map(operator.is_, before.fields[0][:size], fields[0][:size])):
         return size
     return size if all(map(isinstance, fields[0][:size], repeat(str))) else 0

@@ -490,12 +490,12 @@ def resolve_turn(
 
 class ToolCallEnforcer:
     """Enforces one tool call inside a `wrap_tool_call` chain. The call runs only on a record
-    bound to it: one the middleware handed over (`handoff`) or it or the guard node stored for
-    this turn, or one made here (the
-    whole turn judged once, led by its first call) when there is none. A call whose arguments
-    were changed after judging matches no record and is judged again on its own. What runs is
-    the tool of the call's own name, sealed to the call (`SealedTool`), so whatever runs inside
-    this wrapper (later middleware, tools nested in the tool's body) is judged too."""
+    bound to it: one the middleware handed over (`handoff`), one it or the guard node stored
+    for this turn, or one made here (the whole turn judged once, led by its first call) when
+    there is none. A call whose arguments were changed after judging matches no record and is
+    judged again on its own. What runs is the tool of the call's own name, sealed to the call
+    (`SealedTool`), so whatever runs inside this wrapper (later middleware, tools nested in the
+    tool's body) is judged too."""
 
     def __init__(self, guard: Guard, *, state_key: str, harm: str | None = None,
                  environment: str | None = None, coordinator: TurnCoordinator | None = None) -> None:
