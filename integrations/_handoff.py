@@ -34,9 +34,12 @@ def key_of(binding: CallBinding) -> Key:
 
 class TurnHandoff:
     """Records of simply allowed turns by (replay, binding), bounded by the records held: a
-    turn whose tool step never comes (the run stopped in between) is evicted with the oldest."""
+    turn whose tool step never comes (the run stopped in between, a thread abandoned at a
+    breakpoint) is evicted with the oldest. Only calls between their model step and their tool
+    step are held, so the bound is on concurrency, not on history; a record evicted before its
+    tool step only makes that step judge its turn again."""
 
-    def __init__(self, max_records: int = 1 << 16) -> None:
+    def __init__(self, max_records: int = 1 << 12) -> None:
         self.max_records = max_records
         self._records: OrderedDict[tuple[str | None, Key], CallRecord] = OrderedDict()
         self._lock = threading.Lock()
