@@ -167,10 +167,14 @@ class Guard:
         self._warmer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="soda-guard-warm-up")
         self._in_use = policy.judges_in_use()
         # a judge whose backend was handed in has nothing to load: made now, so that an
-        # instant backend answers even a judge's first check on the caller's thread
+        # instant backend answers even a judge's first check on the caller's thread (one that
+        # cannot be made fails as before, in the first check that needs it)
         for name in self._in_use:
             if name in self._backends and not isinstance(policy.judges[name], CascadeConfig):
-                self.runner(name)
+                try:
+                    self.runner(name)
+                except Exception:
+                    continue
 
     @classmethod
     def from_yaml_file(cls, path: str | Path, **kwargs: object) -> Guard:
