@@ -526,7 +526,7 @@ class ToolCallEnforcer:
         turn = turn_id(located[1], located[0]) if located else "#none"
         index = _position(located[1], request.tool_call) if located else 0
         name, args = str(request.tool_call.get("name") or ""), call_args(request.tool_call)
-        key = (thread, turn, call_id(request.tool_call, index), name, args_digest(args))
+        id_, digest = call_id(request.tool_call, index), args_digest(args)
         # converted only when needed: a call with a stored record is enforced without it
         converted: list[Trajectory] = []
 
@@ -535,10 +535,11 @@ class ToolCallEnforcer:
                 converted.append(to_trajectory(messages, conversation_id=thread, harm=self.harm, environment=self.environment))
             return converted[0]
 
-        record = self.handoff.take(key, replay_of())
+        # found by the binding's parts, before (and without) building the call and binding
+        record = self.handoff.take((thread, turn, id_, name, digest), replay_of())
         if record is None:
-            call = ToolCall(id=key[2], name=name, args=args)
-            binding = CallBinding(thread_id=thread, turn_id=turn, call_id=key[2], tool=name, args_digest=key[4])
+            call = ToolCall(id=id_, name=name, args=args)
+            binding = CallBinding(thread_id=thread, turn_id=turn, call_id=id_, tool=name, args_digest=digest)
             stored = yield from stored_turn(request.state, self.state_key, self.seal)
             if stored is not None and stored.turn_id == turn and stored.thread_id == thread:
                 record = stored.find(binding)

@@ -196,10 +196,10 @@ class SodaGuardToolWrapper:
     """`ToolNode(tools, wrap_tool_call=wrapper, awrap_tool_call=wrapper.awrap)`: enforces the
     verdicts the guard node stored (so it never judges twice), moderates tool results when the
     policy asks, and stamps `response_metadata["soda_guard"]` where it did more than allow a
-    call. Used without the guard node it
-    judges each turn itself: the turn's first call leads, judging all of the turn's calls in one
-    batch and asking a reviewer once for its escalations, while the other calls wait for it
-    (give the ToolNode the whole model message, as `tools_condition` routing does)."""
+    call. Used without the guard node it judges each turn itself: the turn's first call leads,
+    judging all of the turn's calls in one batch and asking a reviewer once for its
+    escalations, while the other calls wait for it (give the ToolNode the whole model message,
+    as `tools_condition` routing does)."""
 
     def __init__(
         self,

@@ -224,9 +224,14 @@ class Qwen3GuardGenJudge(Judge):
         blocks = list(map(self._blocks.get, steps))
         for index in set(keep):
             if index is not None and index < len(steps):
-                whole = index in keep[:2] and not isinstance(steps[index], ToolStep)
-                blocks[index] = self._blocks.flagged(blocks[index], protected=True, whole=whole)
+                blocks[index] = self._kept(steps[index], index, keep)
         return blocks
+
+    def _kept(self, step: SystemStep | UserStep | AssistantStep | ToolStep, index: int, keep: tuple[int | None, ...]) -> Block:
+        """A kept step's block: protected, and whole unless it is a tool result (the request
+        and the action are never clipped)."""
+        whole = index in keep[:2] and not isinstance(step, ToolStep)
+        return self._blocks.flagged(self._blocks.get(step), protected=True, whole=whole)
 
     def fit(self, trajectory: Trajectory) -> tuple[list[dict[str, str]], bool]:
         """`fit_gen_messages`, message for message, from blocks rendered once per message and a
@@ -246,9 +251,7 @@ class Qwen3GuardGenJudge(Judge):
                 max_message_chars=self.budget.max_message_chars,
             ),
         )
-        whole = last in keep[:2] and not isinstance(window[last], ToolStep)
-        tail = [self._blocks.flagged(self._blocks.get(window[last]), protected=True, whole=whole)]
-        stop = prepared.stop(tail, self.budget.max_prompt_chars)
+        stop = prepared.stop([self._kept(window[last], last, keep)], self.budget.max_prompt_chars)
         if stop is None:  # the kept messages overflow: clipped to a common level, uncached
             return fit_gen_messages(trajectory, self.mode, self.budget)
         removals, shown, truncated = stop
