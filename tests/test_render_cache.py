@@ -159,6 +159,46 @@ def test_cached_rendering_matches_the_reference_at_every_budget_of_a_long_run(wi
         assert _cached(gen, trajectory) == _reference(gen, trajectory), room
 
 
+def test_a_growing_run_matches_the_reference_as_it_outgrows_the_budget() -> None:
+    """Turn by turn, one judge per budget, as a guard judges a conversation: the turns that
+    still fit whole append to the previous turn's rendering (`SodaJudge._grown`), clipping
+    long tool results, and the turn that first overflows, the markers of earlier turns
+    hidden since the second request included, must read as the reference renderer's.
+    Budgets closer than a marker's width cross every turn's boundary."""
+    steps: list = [UserStep(content="Archive the old reports.")]
+    ends = []  # the guard's view each turn (the history and a pending call), and every third
+    # turn a view that ends in the tool's result: its action (long then, so clipped once it is
+    # not the action) is part of the history the next turn extends
+    for index in range(24):
+        long = index % 3 == 0
+        steps.append(AssistantStep(content=f"Step {index}." + " Details." * (40 if long else 0), tool_calls=[ToolCall(id=f"c{index}", name="archive", args={"n": index})]))
+        ends.append(len(steps))
+        steps.append(ToolStep(tool_call_id=f"c{index}", content=f"archived report {index} " * (4 + index % 13 + (10 if long else 0))))
+        if long:
+            ends.append(len(steps))
+        if index == 7:
+            steps.append(UserStep(content="Now delete everything that is archived."))
+    judged = [Trajectory(steps=steps[:end], conversation_id="run") for end in ends]
+    for room in range(4096, 9000, 41):
+        judge = SodaJudge(budget=ContextBudget(max_prompt_chars=room, max_message_chars=256))
+        for view in judged:
+            assert _cached(judge, view) == _reference(judge, view), (room, len(view.steps))
+
+
+def test_an_earlier_step_that_only_compares_equal_is_rendered_as_itself() -> None:
+    """`1 == True`: a step whose arguments compare equal to an earlier turn's, but render
+    otherwise, is not taken for that step by the turn-to-turn caches (they go by identity)."""
+    judge = SodaJudge()
+    turn = [ToolStep(tool_call_id="c1", content="ok"), AssistantStep(tool_calls=[ToolCall(id="c2", name="get", args={})])]
+    first = [UserStep(content="Set the flag."), AssistantStep(tool_calls=[ToolCall(id="c1", name="set", args={"flag": True})]), *turn]
+    judge.render(Trajectory(steps=first, conversation_id="run"))
+    equal = [first[0], AssistantStep(tool_calls=[ToolCall(id="c1", name="set", args={"flag": 1})]), *turn]
+    assert equal == first
+    later = Trajectory(steps=[*equal, ToolStep(tool_call_id="c2", content="set"), AssistantStep(tool_calls=[ToolCall(id="c3", name="get", args={})])], conversation_id="run")
+    assert _cached(judge, later) == _reference(judge, later)
+    assert '"flag": 1' in _cached(judge, later)[0]  # type: ignore[index]
+
+
 class _Request(UserStep):
     """A step type of the caller's own, made from one of ours."""
 

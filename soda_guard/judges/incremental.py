@@ -9,6 +9,9 @@ the uncached renderer (`fit_blocks`), which stays the reference:
   step object itself while it lives and else by its content, so a message is neutralised once
   in the conversation, whichever turn sees it again, and a turn pays a dictionary lookup for
   each message it has seen before;
+- `ShownWhole`: a conversation's latest history while it is shown whole (nothing elided), so
+  the next turn that still fits appends its new blocks to that rendering without preparing
+  anything (the common case: a conversation within the judge's budget);
 - `HistoryMemo`: everything before the message being judged, keyed by the identity of its step
   objects (steps are values: nothing edits one in place), fitted once per turn as a
   `PreparedHistory` that the turn's calls share. `fit_blocks` elides along a fixed order while
@@ -23,7 +26,7 @@ import bisect
 import operator
 import threading
 import weakref
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Callable, Generic, Hashable, TypeVar
@@ -153,6 +156,23 @@ class BlockMemo(Generic[S]):
         return found
 
 
+@dataclass(frozen=True)
+class ShownWhole:
+    """A history shown whole, as a judge rendered it, with the figures its fit is checked by.
+
+    `steps` is the history itself (held, so that a later conversation is known to continue it
+    by the identity of its first steps); `shape` the flags the caller derived from the whole
+    conversation, as `HistoryMemo`'s; `total` the shown blocks' length with their overhead and
+    `gaps` the runs of blocks left out (one marker each); `cut` whether a block was clipped."""
+
+    steps: list[object]
+    shape: Hashable
+    text: str
+    total: int
+    gaps: int
+    cut: bool
+
+
 class PreparedHistory:
     """The messages before the last one, fitted for every stopping point of the elision walk.
 
@@ -211,6 +231,10 @@ class PreparedHistory:
     @property
     def truncated(self) -> bool:
         return self._cut > 0
+
+    def shown_whole(self, steps: list[object], shape: Hashable, text: str) -> ShownWhole:
+        """This history shown whole (`text`, its rendering with no removals) as `ShownWhole`."""
+        return ShownWhole(steps, shape, text, self._total, self._gaps, self.truncated)
 
     def extended(self, changed: Mapping[int, Block], appended: Sequence[Block], count: int) -> PreparedHistory | None:
         """The prepared history of this one's blocks with those at `changed` indexes replaced
@@ -368,7 +392,7 @@ class HistoryMemo:
         for end in range(len(steps) - 2, max(-1, len(steps) - 34), -1):
             key = self._latest.get(id(steps[end]))
             latest = self._lru.get(key) if key is not None else None
-            if latest is not None and len(latest[0]) == end + 1 and latest[0] == tuple(steps[: end + 1]):
+            if latest is not None and len(latest[0]) == end + 1 and all(map(operator.is_, latest[0], steps)):
                 return latest
         candidates = [
             entry

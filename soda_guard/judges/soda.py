@@ -33,8 +33,9 @@ from soda_guard.judges.context import (
     fit_blocks,
     header_field,
     neutralise,
+    omission_marker,
 )
-from soda_guard.judges.incremental import BlockMemo, HistoryMemo, PreparedHistory
+from soda_guard.judges.incremental import BlockMemo, HistoryMemo, Lru, PreparedHistory, ShownWhole
 from soda_guard.trajectory import AssistantStep, SystemStep, ToolStep, Trajectory, UserStep
 from soda_guard.verdict import Label, Source
 
@@ -80,6 +81,15 @@ def _role_text(step: UserStep | AssistantStep | ToolStep) -> str:
     if isinstance(step, ToolStep):
         return tool_result_text(step)
     return step.content
+
+
+def _overhead(block: Block) -> int:
+    """What a block costs besides its text: the `[ROLE]` line and the blank line after it."""
+    return len(block.role) + 5
+
+
+MARKER_OVERHEAD = 2
+"""What an omission marker costs besides its text: the blank line after it."""
 
 
 def _neutralised(text: str) -> str:
@@ -233,11 +243,7 @@ def fit_conversation(
     ]
     room = budget.max_prompt_chars - len(SODA_SYSTEM_PROMPT) - len(_render_items([], harm, environment))
     fitted = fit_blocks(
-        blocks,
-        room,
-        overhead=lambda block: len(block.role) + 5,
-        marker_overhead=2,
-        max_message_chars=budget.max_message_chars,
+        blocks, room, overhead=_overhead, marker_overhead=MARKER_OVERHEAD, max_message_chars=budget.max_message_chars
     )
     return _render_items(fitted.items, harm, environment), fitted.truncated
 
@@ -301,6 +307,8 @@ class SodaJudge(Judge):
         self.budget = budget or ContextBudget()
         self._blocks: BlockMemo[UserStep | AssistantStep | ToolStep] = BlockMemo(_block_key, _block)
         self._histories = HistoryMemo()
+        self._shown: Lru[ShownWhole] = Lru(8 << 20)
+        """Each conversation's latest history while it is shown whole (`_grown`), by id."""
 
     def _blocks_of(self, steps: Sequence[UserStep | AssistantStep | ToolStep], user_index: int | None, action_index: int | None, last: int, start: int = 0) -> list[Block]:
         """The blocks of `steps` (the conversation's from index `start` on) with `_flags`
@@ -324,8 +332,8 @@ class SodaJudge(Judge):
         return PreparedHistory(
             self._blocks_of(history, user_index, action_index, count - 1),
             count,
-            overhead=lambda block: len(block.role) + 5,
-            marker_overhead=2,
+            overhead=_overhead,
+            marker_overhead=MARKER_OVERHEAD,
             max_message_chars=self.budget.max_message_chars,
         )
 
@@ -349,11 +357,15 @@ class SodaJudge(Judge):
         """`fit_conversation`, byte for byte, from blocks rendered once per message and a
         history fitted once per turn and extended turn by turn (`incremental`). `roles`: the
         steps' roles, where the caller has read them."""
+        user, truncated, _ = self._fit(steps, harm, environment, roles if roles is not None else _roles(steps))
+        return user, truncated
+
+    def _fit(
+        self, steps: list[UserStep | AssistantStep | ToolStep], harm: str, environment: str, roles: list[str]
+    ) -> tuple[str, bool, ShownWhole | None]:
+        """`fit`, and its history as `ShownWhole` where it was shown whole."""
         if not steps:
-            return fit_conversation(steps, harm, environment, self.budget, self.window)
-        harm_line = header_field(harm, self.budget.max_field_chars)
-        environment_line = header_field(environment, self.budget.max_field_chars)
-        roles = roles if roles is not None else _roles(steps)
+            return *fit_conversation(steps, harm, environment, self.budget, self.window), None
         user_index, action_index = _last_index(roles, "user"), _last_index(roles, "assistant")
         last = len(steps) - 1
         history = steps[:last]
@@ -364,13 +376,60 @@ class SodaJudge(Judge):
             lambda base, shape: self._extend(history, user_index, action_index, len(steps), base, shape),
         )
         tail = [self._flagged(steps[last], last, user_index, action_index, last)]
-        head = _head(harm_line, environment_line)
-        room = self.budget.max_prompt_chars - len(SODA_SYSTEM_PROMPT) - len(head) - len(_FOOT)
-        stop = prepared.stop(tail, room)
+        head = self._head(harm, environment)
+        stop = prepared.stop(tail, self._room(head))
         if stop is None:  # the kept messages overflow: clipped to a common level, uncached
-            return fit_conversation(steps, harm, environment, self.budget, self.window)
+            return *fit_conversation(steps, harm, environment, self.budget, self.window), None
         removals, shown, truncated = stop
-        return "".join((head, prepared.rendered(removals, "soda", _items_text, _appended), _items_text(shown), _FOOT)), truncated
+        text = prepared.rendered(removals, "soda", _items_text, _appended)
+        whole = prepared.shown_whole(history, (user_index, action_index), text) if removals == 0 and history else None  # type: ignore[arg-type]
+        return "".join((head, text, _items_text(shown), _FOOT)), truncated, whole
+
+    def _head(self, harm: str, environment: str) -> str:
+        return _head(header_field(harm, self.budget.max_field_chars), header_field(environment, self.budget.max_field_chars))
+
+    def _room(self, head: str) -> int:
+        """The characters the conversation's messages may take."""
+        return self.budget.max_prompt_chars - len(SODA_SYSTEM_PROMPT) - len(head) - len(_FOOT)
+
+    def _grown(self, trajectory: Trajectory, harm: str, environment: str) -> tuple[str, bool] | None:
+        """`fit`'s prompt for a conversation that continues the history it had when it was last
+        rendered shown whole, and is shown whole still: that rendering, the new messages'
+        blocks and the message judged, computed from what is new alone (None where that does
+        not hold: `fit` then prepares the history). The conditions are those under which every
+        earlier block keeps its flags: the same latest request, and the same action judged
+        where that action is part of the earlier history."""
+        whole = self._shown.get(trajectory.conversation_id)
+        steps = trajectory.steps
+        last = len(steps) - 1
+        if whole is None or len(whole.steps) > last or not all(map(operator.is_, whole.steps, steps)):
+            return None  # by identity: steps that compare equal may still render otherwise (`1 == True`)
+        size = len(whole.steps)
+        roles = _roles(steps[size:])
+        if "user" in roles or "system" in roles:
+            return None  # a new request changes which earlier turns are shown
+        user_index, before = whole.shape  # type: ignore[misc]
+        newest = _last_index(roles, "assistant")
+        action_index = before if newest is None else size + newest
+        if before is not None and before < size and action_index != before:
+            return None
+        limit = self.budget.max_message_chars
+        blocks = self._blocks_of(steps[size:last], user_index, action_index, last, start=size)  # type: ignore[arg-type]
+        appended = [block if block.whole else block.clipped(limit) for block in blocks]
+        tail = self._flagged(steps[last], last, user_index, action_index, last)  # type: ignore[arg-type]
+        shown = tail if tail.whole else tail.clipped(limit)
+        total = whole.total + sum(_overhead(block) + len(block.text) for block in appended)
+        head = self._head(harm, environment)
+        widest = len(omission_marker(len(steps))) + MARKER_OVERHEAD
+        if total + whole.gaps * widest > self._room(head) - _overhead(shown) - len(shown.text):
+            return None
+        cut = whole.cut or any(clipped.text != block.text for clipped, block in zip(appended, blocks))
+        text = _appended(whole.text, appended)
+        self._remember(trajectory.conversation_id, ShownWhole(steps[:last], (user_index, action_index), text, total, whole.gaps, cut))
+        return "".join((head, text, _items_text((shown,)), _FOOT)), cut or shown.text != tail.text
+
+    def _remember(self, conversation: str | None, whole: ShownWhole) -> None:
+        self._shown.put(conversation, whole, len(whole.text) + 64 * len(whole.steps))
 
     def renders_at_once(self, trajectories: Sequence[Trajectory]) -> bool:
         """A few new messages on a history whose blocks are all known: the render extends a
@@ -380,8 +439,14 @@ class SodaJudge(Judge):
     def render(self, trajectory: Trajectory) -> RenderedPrompt:
         harm, harm_source = _pick(trajectory.harm, self.harm)
         environment, environment_source = _pick(trajectory.environment, self.environment)
-        steps, roles = _conversation(trajectory, self.window)
-        user, truncated = self.fit(steps, harm, environment, roles)
+        grown = self._grown(trajectory, harm, environment) if self.window != "latest" else None
+        if grown is None:
+            steps, roles = _conversation(trajectory, self.window)
+            user, truncated, whole = self._fit(steps, harm, environment, roles)
+            if whole is not None and self.window != "latest" and "system" not in roles:
+                self._remember(trajectory.conversation_id, whole)
+        else:
+            user, truncated = grown
         return RenderedPrompt(
             messages=[
                 {"role": "system", "content": SODA_SYSTEM_PROMPT},
