@@ -221,7 +221,8 @@ def _earlier_step(message: BaseMessage) -> Step | None:
     reads only its new messages, and the judge finds their blocks by the same step objects."""
     watched = _watched(message)
     seen = _BY_MESSAGE.get(message)
-    if seen is not None and seen[0] == watched and isinstance(watched[0], str):  # equal, and text
+    # the very field values, not equal ones: `{"n": 1} == {"n": True}`, yet each renders as itself
+    if seen is not None and all(map(operator.is_, seen[0], watched)) and isinstance(watched[0], str):
         return seen[1]
     return _remembered(message, watched)
 
@@ -374,18 +375,16 @@ held so that their identities stay theirs)."""
 def _reused(before: _Conversion, messages: tuple[BaseMessage, ...], fields: list[tuple[Any, ...]], latest: int) -> int:
     """How many leading messages (all before the latest assistant turn) are the messages
     converted before (the very objects, as a conversation's state keeps them), with every
-    watched field the value it had and text content: their steps stand (`_BY_MESSAGE`'s rule,
-    checked for the whole prefix by a few tuple comparisons, which compare identical objects
-    at C speed and others by value)."""
+    watched field the very value it had and text content: their steps stand (`_BY_MESSAGE`'s
+    rule, checked for the whole prefix at C speed). Identity, not equality: a value that only
+    compares equal (`1 == True` in arguments) renders otherwise."""
     size = min(len(before.messages), latest)
-    if size == 0 or before.messages[:size] != messages[:size]:
+    if size == 0 or not all(map(operator.is_, before.messages[:size], messages[:size])):
         return 0
-    if any(old[:size] != new[:size] for old, new in zip(before.fields, fields)):
+    if not all(all(map(operator.is_, old[:size], new[:size])) for old, new in zip(before.fields, fields)):
         return 0
     # the very content objects found to be text before need not be checked again
-    if before.textual >= size and all(map(operator.is_, before.fields[0][:size], fields[0][:size])):
-        return size
-    return size if all(map(isinstance, fields[0][:size], repeat(str))) else 0
+    return size if before.textual >= size else 0
 
 
 def with_calls(trajectory: Trajectory, calls: list[ToolCall]) -> Trajectory:

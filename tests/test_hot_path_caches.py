@@ -126,6 +126,24 @@ def test_a_trajectory_reads_the_latest_turn_whole_and_earlier_turns_by_message(c
     assert "mallory" in convert(messages).steps[2].content  # type: ignore[union-attr,operator]
 
 
+@pytest.mark.parametrize("conversation", [None, "thread-1"])
+def test_an_earlier_call_given_arguments_that_only_compare_equal_is_read_again(conversation: str | None) -> None:
+    """`{"flag": 1} == {"flag": True}`, yet the judge would be shown `1` for `true`: an earlier
+    message's field given a new value is read again even when the value compares equal (both
+    the conversation's previous conversion and the by-message memo go by identity)."""
+    earlier = AIMessage("", tool_calls=[{"name": "set_flag", "args": {"flag": 1}, "id": "f1"}])
+    messages = [
+        HumanMessage("set the flag"),
+        earlier,
+        ToolMessage("done", tool_call_id="f1", name="set_flag"),
+        AIMessage("", tool_calls=[{"name": "read_flag", "args": {}, "id": "r1"}]),
+    ]
+    assert to_trajectory(messages, conversation_id=conversation).steps[1].tool_calls[0].args == {"flag": 1}  # type: ignore[union-attr]
+    earlier.tool_calls = [{"name": "set_flag", "args": {"flag": True}, "id": "f1", "type": "tool_call"}]
+    args = to_trajectory(messages, conversation_id=conversation).steps[1].tool_calls[0].args  # type: ignore[union-attr]
+    assert args == {"flag": True} and args["flag"] is True  # type: ignore[index]
+
+
 class _LooksLikeText:
     """Content that claims to equal any text while saying something else."""
 
