@@ -172,6 +172,55 @@ class ShownWhole:
     gaps: int
     cut: bool
 
+    def grown(
+        self,
+        steps: list[object],
+        shape: Hashable,
+        blocks: Sequence[Block],
+        tail: Sequence[Block],
+        room: int,
+        count: int,
+        *,
+        overhead: Callable[[Block], int],
+        marker_overhead: int,
+        max_message_chars: int,
+        append: Callable[[str, Sequence[Block]], str],
+    ) -> tuple[ShownWhole, list[Block], bool] | None:
+        """This history followed by `blocks` (`steps`, with the same flags on every earlier
+        block), still shown whole before `tail`: (that history, the tail as shown, whether
+        anything was cut), from the running figures and the new blocks alone; None where the
+        prompt would not fit whole in `room` (the walk must elide: `PreparedHistory`), or a
+        new block is not shown. The figures are `PreparedHistory`'s, by the same rules."""
+        if not all(block.shown for block in blocks):
+            return None
+        appended = [clip(block, max_message_chars) for block in blocks]
+        shown, limit = shown_tail(tail, room, overhead, max_message_chars)
+        total = self.total + sum(overhead(block) + len(block.text) for block in appended)
+        if total + self.gaps * widest_marker(count, marker_overhead) > limit:
+            return None
+        cut = self.cut or any(clipped.text != block.text for clipped, block in zip(appended, blocks))
+        whole = ShownWhole(steps, shape, append(self.text, appended), total, self.gaps, cut)
+        return whole, shown, cut or any(clipped.text != block.text for clipped, block in zip(shown, tail))
+
+
+def clip(block: Block, max_message_chars: int) -> Block:
+    """A history block as `fit_blocks` shows it before eliding anything: clipped to the
+    per-message limit unless it is kept whole or not shown at all."""
+    return block if block.whole or not block.shown else block.clipped(max_message_chars)
+
+
+def widest_marker(count: int, marker_overhead: int) -> int:
+    """What one omission marker may cost in a conversation of `count` messages."""
+    return len(omission_marker(count)) + marker_overhead
+
+
+def shown_tail(
+    tail: Sequence[Block], room: int, overhead: Callable[[Block], int], max_message_chars: int
+) -> tuple[list[Block], int]:
+    """The protected tail as shown, and the room it leaves the history."""
+    shown = [block if block.whole else block.clipped(max_message_chars) for block in tail]
+    return shown, room - sum(overhead(block) + len(block.text) for block in shown)
+
 
 class PreparedHistory:
     """The messages before the last one, fitted for every stopping point of the elision walk.
@@ -218,7 +267,7 @@ class PreparedHistory:
 
     def _fresh(self, count: int) -> None:
         """What is made from the whole history on first need, empty; the marker cost for `count`."""
-        self._widest = len(omission_marker(count)) + self.marker_overhead
+        self._widest = widest_marker(count, self.marker_overhead)
         self._walk: tuple[list[int], list[int]] | None = None
         self._items: dict[int, tuple[Block | Omitted, ...]] = {}
         self._rendered: dict[tuple[int, Hashable], object] = {}
@@ -226,7 +275,7 @@ class PreparedHistory:
         self._lock = threading.Lock()
 
     def _clip(self, block: Block) -> Block:
-        return block if block.whole or not block.shown else block.clipped(self.max_message_chars)
+        return clip(block, self.max_message_chars)
 
     @property
     def truncated(self) -> bool:
@@ -295,9 +344,8 @@ class PreparedHistory:
         cut), or None when the walk removes all it can and the prompt still overflows."""
         if not all(b.protected and b.shown for b in tail):
             raise ValueError("a prepared history takes only protected, shown tail blocks")
-        shown = [b if b.whole else b.clipped(self.max_message_chars) for b in tail]
+        shown, limit = shown_tail(tail, room, self.overhead, self.max_message_chars)
         truncated = self.truncated or any(c.text != b.text for c, b in zip(shown, tail))
-        limit = room - sum(self.overhead(b) + len(b.text) for b in shown)
         if self._total + self._gaps * self._widest <= limit:
             return 0, shown, truncated
         lowest = self.walk()[1]

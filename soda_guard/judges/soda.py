@@ -33,7 +33,6 @@ from soda_guard.judges.context import (
     fit_blocks,
     header_field,
     neutralise,
-    omission_marker,
 )
 from soda_guard.judges.incremental import BlockMemo, HistoryMemo, Lru, PreparedHistory, ShownWhole
 from soda_guard.trajectory import AssistantStep, SystemStep, ToolStep, Trajectory, UserStep
@@ -413,20 +412,19 @@ class SodaJudge(Judge):
         action_index = before if newest is None else size + newest
         if before is not None and before < size and action_index != before:
             return None
-        limit = self.budget.max_message_chars
         blocks = self._blocks_of(steps[size:last], user_index, action_index, last, start=size)  # type: ignore[arg-type]
-        appended = [block if block.whole else block.clipped(limit) for block in blocks]
         tail = self._flagged(steps[last], last, user_index, action_index, last)  # type: ignore[arg-type]
-        shown = tail if tail.whole else tail.clipped(limit)
-        total = whole.total + sum(_overhead(block) + len(block.text) for block in appended)
         head = self._head(harm, environment)
-        widest = len(omission_marker(len(steps))) + MARKER_OVERHEAD
-        if total + whole.gaps * widest > self._room(head) - _overhead(shown) - len(shown.text):
+        grown = whole.grown(
+            steps[:last], (user_index, action_index), blocks, (tail,), self._room(head), len(steps),
+            overhead=_overhead, marker_overhead=MARKER_OVERHEAD, max_message_chars=self.budget.max_message_chars,
+            append=_appended,
+        )
+        if grown is None:
             return None
-        cut = whole.cut or any(clipped.text != block.text for clipped, block in zip(appended, blocks))
-        text = _appended(whole.text, appended)
-        self._remember(trajectory.conversation_id, ShownWhole(steps[:last], (user_index, action_index), text, total, whole.gaps, cut))
-        return "".join((head, text, _items_text((shown,)), _FOOT)), cut or shown.text != tail.text
+        history, shown, truncated = grown
+        self._remember(trajectory.conversation_id, history)
+        return "".join((head, history.text, _items_text(shown), _FOOT)), truncated
 
     def _remember(self, conversation: str | None, whole: ShownWhole) -> None:
         self._shown.put(conversation, whole, len(whole.text) + 64 * len(whole.steps))
