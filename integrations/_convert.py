@@ -375,16 +375,27 @@ held so that their identities stay theirs)."""
 def _reused(before: _Conversion, messages: tuple[BaseMessage, ...], fields: list[tuple[Any, ...]], latest: int) -> int:
     """How many leading messages (all before the latest assistant turn) are the messages
     converted before (the very objects, as a conversation's state keeps them), with every
-    watched field the very value it had and text content: their steps stand (`_BY_MESSAGE`'s
-    rule, checked for the whole prefix at C speed). Identity, not equality: a value that only
-    compares equal (`1 == True` in arguments) renders otherwise."""
+    watched field the value it had and text content: their steps stand (`_BY_MESSAGE`'s rule,
+    checked for the whole prefix at C speed). Content and tool calls are matched by identity
+    (`{"n": 1} == {"n": True}`, yet each renders as itself); the messages and the other fields
+    by a tuple comparison, several times faster than an identity check element by element,
+    which compares identical objects at once and others by value: the other fields hold
+    strings, where an equal one renders the same, and a message equal to another is of its
+    type (the step's kind) with equal fields (its content and calls then checked here)."""
     size = min(len(before.messages), latest)
-    if size == 0 or not all(map(operator.is_, before.messages[:size], messages[:size])):
+    if size == 0 or before.messages[:size] != messages[:size]:
         return 0
-    if not all(all(map(operator.is_, old[:size], new[:size])) for old, new in zip(before.fields, fields)):
+    if any(before.fields[index][:size] != fields[index][:size] for index in _COMPARED):
+        return 0
+    if not all(map(operator.is_, before.fields[_TOOL_CALLS][:size], fields[_TOOL_CALLS][:size])):
         return 0
     # the very content objects found to be text before need not be checked again
-    return size if before.textual >= size else 0
+    return size if before.textual >= size and all(map(operator.is_, before.fields[0][:size], fields[0][:size])) else 0
+
+
+_TOOL_CALLS = _WATCHED.index("tool_calls")
+_COMPARED = tuple(index for index, name in enumerate(_WATCHED) if name not in ("content", "tool_calls"))
+"""The watched fields that hold strings (or None), compared by value."""
 
 
 def with_calls(trajectory: Trajectory, calls: list[ToolCall]) -> Trajectory:

@@ -142,6 +142,10 @@ def test_an_earlier_call_given_arguments_that_only_compare_equal_is_read_again(c
     earlier.tool_calls = [{"name": "set_flag", "args": {"flag": True}, "id": "f1", "type": "tool_call"}]
     args = to_trajectory(messages, conversation_id=conversation).steps[1].tool_calls[0].args  # type: ignore[union-attr]
     assert args == {"flag": True} and args["flag"] is True  # type: ignore[index]
+    messages[1] = AIMessage("", tool_calls=[{"name": "set_flag", "args": {"flag": 1}, "id": "f1"}])  # a copy, equal
+    assert messages[1] == earlier
+    args = to_trajectory(messages, conversation_id=conversation).steps[1].tool_calls[0].args  # type: ignore[union-attr]
+    assert args == {"flag": 1} and type(args["flag"]) is int  # type: ignore[index]
 
 
 class _LooksLikeText:
