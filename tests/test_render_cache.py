@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from soda_guard.converters import from_agent_record
 from soda_guard.errors import TrajectoryError
 from soda_guard.judges import Qwen3GuardGenJudge, SodaJudge
+from soda_guard.judges.base import text_size
+from soda_guard.judges.incremental import AT_ONCE_MAX_STEPS
 from soda_guard.judges.context import ContextBudget
 from soda_guard.judges.qwen3guard_gen import fit_gen_messages
 from soda_guard.judges.soda import _pick, conversation_steps, fit_conversation
@@ -183,6 +185,55 @@ def test_a_growing_run_matches_the_reference_as_it_outgrows_the_budget() -> None
         judge = SodaJudge(budget=ContextBudget(max_prompt_chars=room, max_message_chars=256))
         for view in judged:
             assert _cached(judge, view) == _reference(judge, view), (room, len(view.steps))
+
+
+@pytest.mark.parametrize("window", ["history", "full", "latest"])
+def test_whether_a_render_is_a_small_job_is_read_from_the_new_steps(window: str) -> None:
+    """Before each async judgment the guard asks whether the render is a small job (done on
+    the event loop) or not (a worker thread). The answer must be the one a walk of the whole
+    conversation gives, and, for a conversation that continues the history its judge last
+    showed whole, be read from the steps after that history alone."""
+    judge = SodaJudge(window=window, budget=ContextBudget(max_prompt_chars=30_000, max_message_chars=256))
+    looked_at: list[object] = []
+    memo = judge._blocks._steps
+    original = memo.get
+    memo.get = lambda step: looked_at.append(step) or original(step)  # type: ignore[method-assign]
+    steps: list = [UserStep(content="Archive the old reports.")]
+    answers = []
+    for index in range(40):
+        steps.append(AssistantStep(content=f"Step {index}.", tool_calls=[ToolCall(id=f"c{index}", name="archive", args={"n": index})]))
+        view = Trajectory(steps=list(steps), conversation_id="run")
+        shown = judge._shown.get("run")
+        continues = shown is not None and window != "latest" and all(a is b for a, b in zip(shown.steps, view.steps))
+        looked_at.clear()
+        expected = judge._blocks.all_seen([conversation_steps(view, window)], text_size)
+        looked_at.clear()
+        answers.append(judge.renders_at_once([view]))
+        assert answers[-1] == expected, index
+        if continues:
+            assert len(looked_at) <= len(view.steps) - len(shown.steps), index  # type: ignore[union-attr]
+        judge.render(view)
+        big = index % 5 == 4  # a tool result too large for the loop, now and then
+        steps.append(ToolStep(tool_call_id=f"c{index}", content=("r" * 20_000) if big else f"archived report {index}"))
+        if index % 11 == 10:
+            steps.append(SystemStep(content="Reminder: be brief.") if index % 2 else UserStep(content=f"Also report {index}."))
+    assert True in answers and False in answers
+    # another conversation under the same id (a reused thread id), with a large message of
+    # its own where the shown history had another: not that history, so read whole
+    judge = SodaJudge(window=window)
+    first = [UserStep(content="Archive it."), AssistantStep(tool_calls=[ToolCall(id="c0", name="archive", args={})]),
+             ToolStep(tool_call_id="c0", content="done"), AssistantStep(tool_calls=[ToolCall(id="c1", name="archive", args={})])]
+    judge.render(Trajectory(steps=first, conversation_id="run"))
+    forked = Trajectory(steps=[first[0], ToolStep(tool_call_id="x", content="o" * 20_000), *first[2:]], conversation_id="run")
+    assert judge.renders_at_once([forked]) is False
+    # a conversation past `AT_ONCE_MAX_STEPS` is never called a small job, known blocks or not
+    judge = SodaJudge(window=window, budget=ContextBudget(max_prompt_chars=400_000))
+    long: list = [UserStep(content="Archive it.")]
+    for index in range(AT_ONCE_MAX_STEPS // 2 + 1):
+        long += [AssistantStep(tool_calls=[ToolCall(id=f"c{index}", name="archive", args={})]), ToolStep(tool_call_id=f"c{index}", content="ok")]
+    judge.render(Trajectory(steps=long[:-1], conversation_id="long"))
+    assert judge.renders_at_once([Trajectory(steps=long[:-1], conversation_id="long")]) is False
+    assert judge.renders_at_once([Trajectory(steps=[*long, AssistantStep(content="done")], conversation_id="long")]) is False
 
 
 def test_an_earlier_step_that_only_compares_equal_is_rendered_as_itself() -> None:

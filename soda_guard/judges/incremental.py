@@ -98,6 +98,10 @@ class IdentityMemo(Generic[V]):
         entries[key] = (weakref.ref(obj, forget), value)
 
 
+AT_ONCE_MAX_STEPS = 1024
+"""The longest conversation whose render `BlockMemo.all_seen` may call a small job."""
+
+
 class BlockMemo(Generic[S]):
     """Rendered blocks by step (`IdentityMemo`: steps are values) and else by content key,
     bounded by the characters they hold; and a block's variants with other flags, made once."""
@@ -121,7 +125,7 @@ class BlockMemo(Generic[S]):
         self._steps.put(step, found)
         return found
 
-    def all_seen(self, views: Sequence[Sequence[S]], new_text: Callable[[S, int], int], *, max_steps: int = 1024, max_new_chars: int = 16384) -> bool:
+    def all_seen(self, views: Sequence[Sequence[S]], new_text: Callable[[S, int], int], *, max_steps: int = AT_ONCE_MAX_STEPS, max_new_chars: int = 16384) -> bool:
         """Whether rendering `views` (conversations sharing most of their steps, as a turn's
         parallel calls do) is a small job: each of at most `max_steps`, and every distinct step
         with its block found by identity but for at most `max_new_chars` of new text in all

@@ -34,7 +34,7 @@ from soda_guard.judges.context import (
     header_field,
     neutralise,
 )
-from soda_guard.judges.incremental import BlockMemo, HistoryMemo, Lru, PreparedHistory, ShownWhole
+from soda_guard.judges.incremental import AT_ONCE_MAX_STEPS, BlockMemo, HistoryMemo, Lru, PreparedHistory, ShownWhole
 from soda_guard.trajectory import AssistantStep, SystemStep, ToolStep, Trajectory, UserStep
 from soda_guard.verdict import Label, Source
 
@@ -431,8 +431,24 @@ class SodaJudge(Judge):
 
     def renders_at_once(self, trajectories: Sequence[Trajectory]) -> bool:
         """A few new messages on a history whose blocks are all known: the render extends a
-        prepared history and neutralises only what is new (`BlockMemo.all_seen`)."""
-        return self._blocks.all_seen([conversation_steps(t, self.window) for t in trajectories], text_size)
+        prepared history and neutralises only what is new (`BlockMemo.all_seen`). The history
+        a conversation last showed whole (`_grown`) is known by the identity of its steps, whose
+        blocks the memo holds while they live: only the steps after it are looked at, so the
+        question costs what the turn adds, not a walk of the conversation."""
+        views = [self._unshown(trajectory) for trajectory in trajectories]
+        if any(count > AT_ONCE_MAX_STEPS for count, _ in views):
+            return False
+        return self._blocks.all_seen([steps for _, steps in views], text_size)
+
+    def _unshown(self, trajectory: Trajectory) -> tuple[int, Sequence[UserStep | AssistantStep | ToolStep]]:
+        """(how many steps the prompt shows, those of them not in the history last shown whole)."""
+        whole = self._shown.get(trajectory.conversation_id) if self.window != "latest" else None
+        steps = trajectory.steps
+        if whole is not None and len(whole.steps) < len(steps) and all(map(operator.is_, whole.steps, steps)):
+            new = [step for step in steps[len(whole.steps) :] if step.role != "system"]
+            return len(whole.steps) + len(new), new  # type: ignore[return-value]
+        shown = conversation_steps(trajectory, self.window)
+        return len(shown), shown
 
     def render(self, trajectory: Trajectory) -> RenderedPrompt:
         harm, harm_source = _pick(trajectory.harm, self.harm)
