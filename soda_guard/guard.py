@@ -476,35 +476,50 @@ class Guard:
 
     async def _run_async(self, items: list[_Item], conversation_id: str | None, carry_out: CarryOut | None = None) -> list[Decision]:
         """`asyncio.wait` rather than `wait_for`: a judge coroutine that swallows its
-        cancellation must not hold the caller past the deadline."""
+        cancellation must not hold the caller past the deadline. A judge whose answer is a
+        small job that waits on nothing (`JudgeRunner.at_once`) is called here instead, as the
+        sync path calls an inline judge: a task and a timed wait cost more than its judgment."""
         start = time.perf_counter()
         submitted_at = time.monotonic()
         monotonic_deadline = submitted_at + self.policy.defaults.timeout_s
         groups = list(self._groups(items).items())
-        tasks = [
-            asyncio.ensure_future(
-                self._ajudge_group(name, [items[i].view for i in indexes], start, self._judge_deadline(name, submitted_at))
-            )
-            for name, indexes in groups
-        ]
-        verdicts: dict[int, dict[str, Verdict]] = {}
+        answered: dict[str, _Answered | BaseException] = {}
+        tasks: dict[str, asyncio.Future[list[Verdict]]] = {}
+        for name, indexes in groups:
+            views = [items[i].view for i in indexes]
+            deadline = self._judge_deadline(name, submitted_at)
+            runner = self._runners.get(name)
+            at_once = getattr(runner, "at_once", None)
+            if at_once is not None and not self.judge_threads.closed and at_once(views):
+                answered[name] = _inline(lambda: runner.verdicts(views, deadline))  # type: ignore[union-attr]
+            else:
+                tasks[name] = asyncio.ensure_future(self._ajudge_group(name, views, start, deadline))
         if tasks:
             try:
-                await asyncio.wait(tasks, timeout=self.policy.defaults.timeout_s)
+                await asyncio.wait(tasks.values(), timeout=self.policy.defaults.timeout_s)
             finally:
-                for task in tasks:
+                for task in tasks.values():
                     if not task.done():
                         task.cancel()
                         task.add_done_callback(_consume)
-            for (judge_name, indexes), task in zip(groups, tasks):
-                try:
+        verdicts: dict[int, dict[str, Verdict]] = {}
+        for judge_name, indexes in groups:
+            try:
+                found = answered.get(judge_name)
+                if isinstance(found, BaseException):
+                    raise found
+                if found is not None:
+                    answer = found.value
+                else:
+                    task = tasks[judge_name]
                     if not task.done() or task.cancelled():
                         raise TimeoutError
-                    results = self._checked(judge_name, len(indexes), task.result(), start)
-                except Exception as error:
-                    results = self._failure_verdicts(judge_name, len(indexes), error, start)
-                for index, verdict in zip(indexes, results):
-                    verdicts.setdefault(index, {})[judge_name] = verdict
+                    answer = task.result()
+                results = self._checked(judge_name, len(indexes), answer, start)
+            except Exception as error:
+                results = self._failure_verdicts(judge_name, len(indexes), error, start)
+            for index, verdict in zip(indexes, results):
+                verdicts.setdefault(index, {})[judge_name] = verdict
         decisions = _carried(self._finish(items, verdicts, conversation_id), carry_out)
         if self.sinks:
             decisions = await asyncio.to_thread(self._audit, decisions, monotonic_deadline, self._on_error(items))

@@ -99,6 +99,12 @@ class JudgeRunner:
         """Whether the backend answers at once without waiting on anything (`Runner.inline`)."""
         return bool(getattr(self.backend, "inline", False))
 
+    def at_once(self, trajectories: Sequence[Trajectory]) -> bool:
+        """Whether `verdicts` for these is a small job that waits on nothing: an inline backend
+        and a render of a few new messages (`Judge.renders_at_once`). The async path then calls
+        it on the event loop, as the sync path calls an inline judge on the caller's thread."""
+        return self.inline and self.judge.renders_at_once(trajectories)
+
     def prepare(self, trajectory: Trajectory, deadline: float | None = None) -> tuple[RenderedPrompt, GenerationRequest]:
         rendered = self.judge.render(trajectory)
         if trajectory.truncated:

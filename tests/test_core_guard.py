@@ -167,6 +167,27 @@ async def test_async_path_does_not_block_the_event_loop() -> None:
     assert ticks >= 10
 
 
+@pytest.mark.asyncio
+async def test_an_inline_judge_answers_in_the_callers_task_and_its_failure_is_on_error() -> None:
+    """On the async path an inline judge with a small render is called in the caller's own
+    task, as the sync path calls it on the caller's thread (a task and a timed wait cost more
+    than its judgment); what it raises still ends in the policy's `on_error`."""
+    asked_in: list[object] = []
+
+    def respond(request: GenerationRequest) -> str:
+        asked_in.append(asyncio.current_task())
+        if "explode" in request.messages[-1]["content"]:
+            raise RuntimeError("the judge crashed")
+        return soda_reply(False)
+
+    respond.instant = True  # type: ignore[attr-defined]
+    guard = Guard(Policy.from_yaml("version: 1\njudges:\n  soda: {kind: soda, model: m}\n"), backends={"soda": ScriptedBackend(respond)})
+    (allowed,) = await guard.acheck_tool_calls(from_openai_messages(turn(("x", "lookup"))))
+    assert allowed.action is Action.ALLOW and asked_in == [asyncio.current_task()]
+    (failed,) = await guard.acheck_tool_calls(from_openai_messages(turn(("x", "explode"))))
+    assert failed.action is Action.BLOCK and "the judge crashed" in failed.why
+
+
 THREE_JUDGES = """
 version: 1
 judges:
