@@ -398,11 +398,11 @@ class SodaJudge(Judge):
         not hold: `fit` then prepares the history). The conditions are those under which every
         earlier block keeps its flags: the same latest request, and the same action judged
         where that action is part of the earlier history."""
-        whole = self._shown.get(trajectory.conversation_id)
+        whole = self._shown_before(trajectory)
+        if whole is None:
+            return None
         steps = trajectory.steps
         last = len(steps) - 1
-        if whole is None or len(whole.steps) > last or not all(map(operator.is_, whole.steps, steps)):
-            return None  # by identity: steps that compare equal may still render otherwise (`1 == True`)
         size = len(whole.steps)
         roles = _roles(steps[size:])
         if "user" in roles or "system" in roles:
@@ -426,6 +426,16 @@ class SodaJudge(Judge):
         self._remember(trajectory.conversation_id, history)
         return "".join((head, history.text, _items_text(shown), _FOOT)), truncated
 
+    def _shown_before(self, trajectory: Trajectory) -> ShownWhole | None:
+        """The history this conversation last showed whole, where the trajectory continues it
+        with at least one step; matched by identity: steps that compare equal may still render
+        otherwise (`1 == True`). None with the `latest` window, which remembers none."""
+        whole = self._shown.get(trajectory.conversation_id) if self.window != "latest" else None
+        steps = trajectory.steps
+        if whole is None or len(whole.steps) >= len(steps) or not all(map(operator.is_, whole.steps, steps)):
+            return None
+        return whole
+
     def _remember(self, conversation: str | None, whole: ShownWhole) -> None:
         self._shown.put(conversation, whole, len(whole.text) + 64 * len(whole.steps))
 
@@ -442,9 +452,9 @@ class SodaJudge(Judge):
 
     def _unshown(self, trajectory: Trajectory) -> tuple[int, Sequence[UserStep | AssistantStep | ToolStep]]:
         """(how many steps the prompt shows, those of them not in the history last shown whole)."""
-        whole = self._shown.get(trajectory.conversation_id) if self.window != "latest" else None
+        whole = self._shown_before(trajectory)
         steps = trajectory.steps
-        if whole is not None and len(whole.steps) < len(steps) and all(map(operator.is_, whole.steps, steps)):
+        if whole is not None:
             new = [step for step in steps[len(whole.steps) :] if step.role != "system"]
             return len(whole.steps) + len(new), new  # type: ignore[return-value]
         shown = conversation_steps(trajectory, self.window)
@@ -453,7 +463,7 @@ class SodaJudge(Judge):
     def render(self, trajectory: Trajectory) -> RenderedPrompt:
         harm, harm_source = _pick(trajectory.harm, self.harm)
         environment, environment_source = _pick(trajectory.environment, self.environment)
-        grown = self._grown(trajectory, harm, environment) if self.window != "latest" else None
+        grown = self._grown(trajectory, harm, environment)
         if grown is None:
             steps, roles = _conversation(trajectory, self.window)
             user, truncated, whole = self._fit(steps, harm, environment, roles)
