@@ -15,9 +15,9 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, Callable
 
-from langchain_core.callbacks import BaseCallbackHandler, BaseCallbackManager
+from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler, BaseCallbackManager, CallbackManager
 from langchain_core.messages import ToolMessage
-from langchain_core.tools import BaseTool
+from langchain_core.tools import BaseTool, StructuredTool
 from pydantic import BaseModel
 
 from soda_guard.binding import args_digest
@@ -48,15 +48,32 @@ class _Nested(BaseCallbackHandler):
     before its body; LangChain runs this sync handler off the event loop on async paths."""
 
     raise_error = True
-    # model, retriever, retry and custom events are never read here: not even dispatched
-    ignore_llm = ignore_retry = ignore_retriever = ignore_chat_model = ignore_custom_event = True
+    # only tool runs are read here (their events go by `ignore_agent`): nothing else is dispatched
+    ignore_llm = ignore_retry = ignore_retriever = ignore_chat_model = ignore_custom_event = ignore_chain = True
 
-    def __init__(self, outer_run: uuid.UUID, outer: str, check: Check) -> None:
+    def __init__(self, outer_run: uuid.UUID, outer: str, check: Check, sealed: Callable[[str, Any], bool]) -> None:
         self.outer_run = outer_run
         self.outer = outer
         self.check = check
+        self.sealed = sealed
         self.stopped: Decision | None = None
         self._lock = threading.Lock()
+
+    def started(self, serialized: dict[str, Any], input_str: str, run_id: uuid.UUID, inputs: Any, extra: dict[str, Any]) -> ToolCall | None:
+        """The call a tool run starts, None for the sealed run itself: the run under the id
+        the sealed tool was handed, starting the call as judged. A tool that passes the config
+        it was given on to another tool hands that tool its run id too, so the id alone
+        would let the other tool through unjudged."""
+        name, args = started_tool(serialized, input_str, inputs, extra)
+        if run_id == self.outer_run and self.sealed(name, args):
+            return None
+        return ToolCall(id=extra.get("tool_call_id") or str(run_id), name=name, args=args)
+
+    def decided(self, decision: Decision) -> None:
+        if not decision.allowed:
+            with self._lock:
+                self.stopped = self.stopped or decision
+            raise NestedCallStopped(decision, self.outer)
 
     def on_tool_start(
         self,
@@ -67,15 +84,38 @@ class _Nested(BaseCallbackHandler):
         inputs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        if run_id == self.outer_run:
-            return
-        name, args = started_tool(serialized, input_str, inputs, kwargs)
-        call = ToolCall(id=kwargs.get("tool_call_id") or str(run_id), name=name, args=args)
-        decision = self.check(call)
-        if not decision.allowed:
-            with self._lock:
-                self.stopped = self.stopped or decision
-            raise NestedCallStopped(decision, self.outer)
+        call = self.started(serialized, input_str, run_id, inputs, kwargs)
+        if call is not None:
+            self.decided(self.check(call))
+
+
+class _Gate(AsyncCallbackHandler):
+    """The sealed run's own handler on the async path, in place of `_Nested` (which its
+    children still inherit): LangChain awaits an inline async handler in the caller's task,
+    where it runs a sync one on an executor thread, two thread hops for every tool call. It
+    judges what `_Nested` would of a tool started on the sealed run's own callbacks (a tool
+    that hands the config it was given to another tool) and lets the sealed run itself pass."""
+
+    raise_error = True
+    run_inline = True
+    ignore_llm = ignore_retry = ignore_retriever = ignore_chat_model = ignore_custom_event = ignore_chain = True
+
+    def __init__(self, nested: _Nested, acheck: Callable[[ToolCall], Any]) -> None:
+        self.nested = nested
+        self.acheck = acheck
+
+    async def on_tool_start(
+        self,
+        serialized: dict[str, Any],
+        input_str: str,
+        *,
+        run_id: uuid.UUID,
+        inputs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        call = self.nested.started(serialized, input_str, run_id, inputs, kwargs)
+        if call is not None:
+            self.nested.decided(await self.acheck(call))
 
 
 class SealedTool:
@@ -107,8 +147,8 @@ class SealedTool:
         or arguments whose digest is not the judged ones' as they were when the call was sealed
         (or those less the arguments the ToolNode injects). None where it is that call."""
         raw = input.get("args", {}) if isinstance(input, Mapping) and input.get("type") == "tool_call" else input
-        args = _model_args(self._tool, raw) if isinstance(raw, Mapping) else str(raw)
-        if self._tool.name == self._sealed.name and args_digest(args) in self._expected:
+        args = self._model_args(raw)
+        if self._is_sealed(self._tool.name, args):
             return None
         call_id = input.get("id") if isinstance(input, Mapping) else None
         return ToolCall(id=call_id or self._sealed.id, name=self._tool.name, args=args)
@@ -127,18 +167,32 @@ class SealedTool:
             tool_call_id=_call_id(input, self._sealed), name=self._tool.name, status="error",
         )
 
-    def _config(self, config: Any, handler: _Nested) -> dict[str, Any]:
+    def _config(self, config: Any, handler: _Nested, gate: _Gate | None = None) -> dict[str, Any]:
+        """The tool's config with `handler` on its callbacks, inherited by every run inside
+        it; with `gate`, the sealed run's own events go to `gate` instead of `handler`."""
         config = dict(config or {})
         callbacks = config.get("callbacks")
         if isinstance(callbacks, BaseCallbackManager):
-            callbacks = callbacks.copy()
-            callbacks.add_handler(handler, inherit=True)
+            manager = callbacks.copy()
+        else:  # a list is handlers and inherited handlers at once
+            manager = CallbackManager(handlers=list(callbacks or []), inheritable_handlers=list(callbacks or []))
+        if gate is None:
+            manager.add_handler(handler, inherit=True)
         else:
-            callbacks = [*(callbacks or []), handler]
-        return {**config, "callbacks": callbacks, "run_id": handler.outer_run}
+            manager.add_handler(gate, inherit=False)
+            manager.inheritable_handlers.append(handler)
+        return {**config, "callbacks": manager, "run_id": handler.outer_run}
 
     def _nested(self) -> _Nested:
-        return _Nested(new_run_id(), self._tool.name, self._check)
+        return _Nested(new_run_id(), self._tool.name, self._check, self._is_sealed)
+
+    def _model_args(self, raw: Any) -> Any:
+        return _model_args(self._tool, raw) if isinstance(raw, Mapping) else str(raw)
+
+    def _is_sealed(self, name: str, args: Any) -> bool:
+        """Whether a run of the tool `name` with `args` (less any injected ones) is the call
+        as judged, with the judged arguments as they were when the call was sealed."""
+        return name == self._tool.name == self._sealed.name and args_digest(self._model_args(args)) in self._expected
 
     def invoke(self, input: Any, config: Any = None, **kwargs: Any) -> Any:
         call = self._arrived(input)
@@ -146,6 +200,7 @@ class SealedTool:
             decision = self._check(call)
             if not decision.allowed:
                 return self._refusal(decision, call, input)
+            self._expected.add(args_digest(call.args))  # judged as it runs: its own run is not a nested one
         handler = self._nested()
         try:
             result = self._tool.invoke(input, self._config(config, handler), **kwargs)
@@ -160,13 +215,28 @@ class SealedTool:
             decision = await self._acheck(call)
             if not decision.allowed:
                 return self._refusal(decision, call, input)
+            self._expected.add(args_digest(call.args))
         handler = self._nested()
         try:
-            result = await self._tool.ainvoke(input, self._config(config, handler), **kwargs)
+            gate = _Gate(handler, self._acheck) if _dispatches_async(self._tool) else None
+            result = await self._tool.ainvoke(input, self._config(config, handler, gate), **kwargs)
         except NestedCallStopped as error:
             return self._stopped(handler, error, input)
         self.refused = handler.stopped
         return result
+
+
+def _dispatches_async(tool: BaseTool) -> bool:
+    """Whether `ainvoke` sends every event of the tool's own run through LangChain's async
+    callback manager, where `_Gate` is awaited: a coroutine `StructuredTool` (an MCP tool, an
+    `async def` tool) as LangChain runs it. A sync one runs `invoke` on a thread, where the
+    manager is sync and would only run `_Gate`'s coroutine on a loop of its own, its refusal
+    logged rather than raised; a tool of any other class may do either."""
+    kind = type(tool)
+    return (
+        isinstance(tool, StructuredTool) and tool.coroutine is not None
+        and kind.ainvoke is StructuredTool.ainvoke and kind.arun is BaseTool.arun
+    )
 
 
 def _model_args(tool: BaseTool, args: Mapping[str, Any]) -> dict[str, Any]:
