@@ -34,6 +34,10 @@ _MAX_POLL_S = 0.02
 
 
 class AuditSink(Protocol):
+    """Where decisions are recorded. A sink whose `write` never waits (no lock, file or
+    server) may also answer `instant` (an attribute or property) with True: an async check
+    then writes to it in the caller's task instead of on a worker thread."""
+
     def write(self, decisions: Sequence[Decision], *, deadline: float | None = None) -> None:
         """Records every decision before returning, or raises. `deadline` (time.monotonic) is
         when the guard call that made them must end: a sink that waits for anything (a lock, a

@@ -522,8 +522,15 @@ class Guard:
                 verdicts.setdefault(index, {})[judge_name] = verdict
         decisions = _carried(self._finish(items, verdicts, conversation_id), carry_out)
         if self.sinks:
+            if self._audits_at_once():
+                return self._audit(decisions, monotonic_deadline, self._on_error(items))
             decisions = await asyncio.to_thread(self._audit, decisions, monotonic_deadline, self._on_error(items))
         return decisions
+
+    def _audits_at_once(self) -> bool:
+        """Whether every sink writes without waiting (`instant`, as an OpenTelemetry sink with
+        no SDK does): the audit is then done in the caller's task rather than on a thread."""
+        return all(getattr(sink, "instant", False) is True for sink in self.sinks)
 
     def _judge_deadline(self, judge_name: str, submitted_at: float) -> float:
         """The check's deadline, shortened by the judge's own `timeout_s` where it sets one:
@@ -604,8 +611,8 @@ class Guard:
         return self._audit([event], time.monotonic() + self.policy.defaults.timeout_s)[0]
 
     async def arecord_review(self, event: Decision) -> Decision:
-        if not self.sinks:
-            return event
+        if not self.sinks or self._audits_at_once():
+            return self.record_review(event)
         return await asyncio.to_thread(self.record_review, event)
 
     def close(self) -> None:

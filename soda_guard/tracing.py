@@ -76,10 +76,22 @@ class OpenTelemetrySink:
     shows where the guard spent time and what it decided, under the caller's current span."""
 
     def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
+        self._provider = tracer_provider
         self._tracer = trace.get_tracer("soda_guard", tracer_provider=tracer_provider)
+
+    @property
+    def instant(self) -> bool:
+        """Whether nothing would record the spans: no SDK (the API's proxy or no-op provider,
+        as given or as the global one is now). `write` then returns at once, and an async
+        check need not hand it to a thread. Read at every write: an SDK configured later is
+        used from then on."""
+        provider = self._provider if self._provider is not None else trace.get_tracer_provider()
+        return isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
 
     def write(self, decisions: Sequence[Decision], *, deadline: float | None = None) -> None:
         """`deadline` is not used: ending a span hands it to the provider's span processor."""
+        if self.instant:
+            return
         now_ns = time.time_ns()
         for decision in decisions:
             latency_ms = decision.verdict.latency_ms if decision.verdict is not None else 0.0

@@ -188,6 +188,58 @@ async def test_an_inline_judge_answers_in_the_callers_task_and_its_failure_is_on
     assert failed.action is Action.BLOCK and "the judge crashed" in failed.why
 
 
+@pytest.mark.asyncio
+async def test_an_async_check_writes_to_sinks_that_never_wait_in_its_own_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread hop per check is paid only for a sink that can wait: the default OpenTelemetry
+    sink with no SDK configured records nothing and is written in the caller's task; with an
+    SDK, or with a JSONL audit, the write goes to a thread and every decision is recorded."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from soda_guard.tracing import OpenTelemetrySink
+
+    hops: list[str] = []
+    to_thread = asyncio.to_thread
+
+    async def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
+        hops.append(func.__name__)
+        return await to_thread(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counting)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    policy = Policy.from_yaml("version: 1\njudges:\n  soda: {kind: soda, model: m}\n")
+
+    def guard(*sinks: Any) -> Guard:
+        return Guard(policy, backends={"soda": ScriptedBackend(keyword_responder(["wire"]))}, sinks=list(sinks))
+
+    assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)  # no SDK in this process
+    unrecorded = guard(OpenTelemetrySink(), OpenTelemetrySink(trace.NoOpTracerProvider()))
+    (allowed,) = await unrecorded.acheck_tool_calls(from_openai_messages(turn(("a", "lookup"))))
+    assert allowed.action is Action.ALLOW and hops == []
+    await unrecorded.arecord_review(allowed)
+    assert hops == []
+
+    traced = guard(OpenTelemetrySink(), OpenTelemetrySink(provider))
+    (blocked,) = await traced.acheck_tool_calls(from_openai_messages(turn(("b", "wire"))))
+    assert blocked.action is Action.BLOCK and hops == ["_audit"]
+    assert [span.attributes["soda_guard.action"] for span in exporter.get_finished_spans()] == ["block"]
+
+    hops.clear()
+    audited = Guard(Policy.from_dict({**policy.model_dump(), "audit": {"jsonl": str(tmp_path / "audit.jsonl")}}),
+                    backends={"soda": ScriptedBackend(keyword_responder(["wire"]))}, sinks=[OpenTelemetrySink()])
+    (logged,) = await audited.acheck_tool_calls(from_openai_messages(turn(("c", "lookup"))))
+    await audited.arecord_review(logged)
+    assert hops == ["_audit", "record_review"]
+    assert [d.decision_id for d in read_audit(tmp_path / "audit.jsonl")] == [logged.decision_id, logged.decision_id]
+    audited.close()
+
+
 THREE_JUDGES = """
 version: 1
 judges:
