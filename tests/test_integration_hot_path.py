@@ -224,3 +224,45 @@ async def test_streaming_messages_alone_builds_no_soda_guard_run(mode: str, buil
     assert [call["id"] for message in streamed for call in getattr(message, "tool_calls", [])] == ["r", "d"]
     assert ran == [READ] and len(backend.requests) == 2
     assert built == []
+
+
+async def test_with_langsmith_tracing_off_the_async_hooks_cost_no_thread_hop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`create_agent` wraps each middleware hook in LangSmith's `traceable`, whose async wrapper
+    hands the span's start and end to executor threads even with tracing off: two hops per
+    hook call, four per turn. The guard's hooks get the sync wrapper instead, and still judge
+    and enforce every call."""
+    import asyncio
+    import functools
+
+    for variable in ("LANGSMITH_TRACING", "LANGSMITH_TRACING_V2", "LANGCHAIN_TRACING", "LANGCHAIN_TRACING_V2"):
+        monkeypatch.delenv(variable, raising=False)
+    handed: list[str] = []
+    run_in_executor = asyncio.BaseEventLoop.run_in_executor
+
+    def counting(self: Any, executor: Any, func: Any, *args: Any) -> Any:
+        inner = func.args if isinstance(func, functools.partial) else ()
+        handed.extend(f.__name__ for f in inner if getattr(f, "__module__", "") == "langsmith.run_helpers")
+        return run_in_executor(self, executor, func, *args)
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "run_in_executor", counting)
+    guard, backend = make_guard()
+    ran: list[Any] = []
+    agent = agent_for(guard, [turn(READ, DELETE, ids=["r", "d"]), "done"], ran, [], InMemorySaver())
+    result = await agent.ainvoke(USER, config())
+    assert handed == [] and ran == [READ] and len(backend.requests) == 2
+    assert [m.status for m in result["messages"] if isinstance(m, ToolMessage)] == ["success", "error"]
+
+
+def test_with_langsmith_tracing_on_the_async_hooks_stay_coroutines_for_whole_spans() -> None:
+    import inspect
+
+    from langsmith import tracing_context
+
+    guard, _ = make_guard()
+    with tracing_context(enabled=True):
+        traced = SodaGuardMiddleware(guard)
+    with tracing_context(enabled=False):
+        untraced = SodaGuardMiddleware(guard)
+    assert inspect.iscoroutinefunction(traced.awrap_model_call) and inspect.iscoroutinefunction(traced.awrap_tool_call)
+    assert not inspect.iscoroutinefunction(untraced.awrap_model_call)
+    assert not inspect.iscoroutinefunction(untraced.awrap_tool_call)
