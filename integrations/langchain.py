@@ -128,8 +128,8 @@ class SodaGuardMiddleware(AgentMiddleware):
             # middleware is made, the async hooks go to it as plain functions that return their
             # coroutine, which the sync wrapper passes on to be awaited. (Tracing turned on later
             # still shows the hooks, as spans that end where they start.)
-            self.awrap_model_call = _returning_coroutine(self, SodaGuardMiddleware.awrap_model_call)  # type: ignore[method-assign]
-            self.awrap_tool_call = _returning_coroutine(self, SodaGuardMiddleware.awrap_tool_call)  # type: ignore[method-assign]
+            self.awrap_model_call = _returning_coroutine(self, type(self).awrap_model_call)  # type: ignore[method-assign]
+            self.awrap_tool_call = _returning_coroutine(self, type(self).awrap_tool_call)  # type: ignore[method-assign]
 
     def _turn(
         self, request: ModelRequest, stored: TurnRecords | None, recorded: dict[str, Any], judged: TurnRecords | None

@@ -266,3 +266,23 @@ def test_with_langsmith_tracing_on_the_async_hooks_stay_coroutines_for_whole_spa
     assert inspect.iscoroutinefunction(traced.awrap_model_call) and inspect.iscoroutinefunction(traced.awrap_tool_call)
     assert not inspect.iscoroutinefunction(untraced.awrap_model_call)
     assert not inspect.iscoroutinefunction(untraced.awrap_tool_call)
+
+
+async def test_a_subclass_keeps_its_own_async_hooks() -> None:
+    seen: list[str] = []
+
+    class Counting(SodaGuardMiddleware):
+        async def awrap_model_call(self, request: Any, handler: Any) -> Any:
+            seen.append("model")
+            return await super().awrap_model_call(request, handler)
+
+        async def awrap_tool_call(self, request: Any, handler: Any) -> Any:
+            seen.append("tool")
+            return await super().awrap_tool_call(request, handler)
+
+    guard, _ = make_guard()
+    ran: list[Any] = []
+    model = ScriptedChatModel(messages=iter([turn(READ, DELETE, ids=["r", "d"]), "done"]))
+    agent = create_agent(model, make_tools(ran), middleware=[Counting(guard)], checkpointer=InMemorySaver())
+    await agent.ainvoke(USER, config())
+    assert ran == [READ] and sorted(seen) == ["model", "model", "tool", "tool"]
