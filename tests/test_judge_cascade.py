@@ -178,6 +178,40 @@ def test_a_keyword_screen_settles_what_it_is_sure_of(mode: str) -> None:
     assert passed_on.verdict.stages[0].label.value == "controversial"
 
 
+def test_an_async_keyword_screen_of_a_few_calls_answers_without_a_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `calls` screen reads a few hundred bytes: the async path runs it in the caller's task
+    (a thread hop costs more than the regexes), alone or as a cascade's first stage, with the
+    verdicts the sync path gives. A screen over every message, or over calls too large to scan
+    on the loop, still goes to a thread."""
+    from soda_guard.judges.keywords import AT_ONCE_MAX_CHARS, KeywordsRunner
+    from soda_guard.policy import KeywordsConfig
+
+    hops: list[str] = []
+    to_thread = asyncio.to_thread
+
+    async def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
+        hops.append(getattr(func, "__name__", repr(func)))
+        return await to_thread(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counting)
+    guard, soda = make(None, scored(False, 0.3))
+    for name, args, stage in [("shell", {"cmd": "rm -rf /"}, "words"), ("get_weather", {"city": "Paris"}, "words"), ("shell", {"cmd": "ls"}, "soda")]:
+        sync, async_ = check(guard, pending(name, args), "sync"), check(guard, pending(name, args), "async")
+        assert (async_.action, async_.stage, async_.verdict.reason) == (sync.action, sync.stage, sync.verdict.reason)
+        assert async_.stage == stage
+    assert hops == []
+
+    words = KeywordsRunner("words", KeywordsConfig(kind="keywords", unsafe=["rm -rf"]))
+    small, large = pending("shell", {"cmd": "rm -rf /"}), pending("shell", {"cmd": "x" * AT_ONCE_MAX_CHARS + " rm -rf /"})
+    assert words.at_once([small]) and not words.at_once([large]) and not words.at_once([small] * 1000)
+    everything = KeywordsRunner("all", KeywordsConfig(kind="keywords", unsafe=["rm -rf"], match="all"))
+    assert not everything.at_once([small])
+    for runner, view in [(words, large), (everything, small)]:
+        hops.clear()
+        [verdict] = asyncio.run(runner.averdicts([view]))
+        assert verdict.label.value == "unsafe" and hops == ["verdicts"]
+
+
 def test_every_stage_verdict_reaches_the_audit_log(tmp_path: Path) -> None:
     log = tmp_path / "audit.jsonl"
     policy = Policy.from_yaml(POLICY + f"audit: {{jsonl: {log}}}\n")

@@ -17,6 +17,10 @@ from soda_guard.trajectory import AssistantStep, SystemStep, ToolStep, Trajector
 from soda_guard.verdict import Label, Verdict
 
 
+AT_ONCE_MAX_CHARS = 16384
+"""The most text a screen reads on the event loop; more goes to a worker thread."""
+
+
 class KeywordsRunner:
     """Answers score 1 (unsafe) on an `unsafe` pattern, 0 (safe) on a `safe` one when no
     unsafe one matches, 0.5 (controversial) otherwise."""
@@ -64,8 +68,22 @@ class KeywordsRunner:
     def verdicts(self, trajectories: Sequence[Trajectory], deadline: float | None = None) -> list[Verdict]:
         return [self.verdict(trajectory) for trajectory in trajectories]
 
+    def at_once(self, trajectories: Sequence[Trajectory]) -> bool:
+        """Whether `verdicts` is a small job: a `calls` screen over a few KB of calls, which
+        the async path then runs in the caller's task (a cascade's screen too) rather than
+        paying a thread hop for microseconds of regex. `match: all` reads every message."""
+        if self.config.match == "all":
+            return False
+        left = AT_ONCE_MAX_CHARS
+        for trajectory in trajectories:
+            left -= len(self.text(trajectory))
+            if left < 0:
+                return False
+        return True
+
     async def averdicts(self, trajectories: Sequence[Trajectory], deadline: float | None = None) -> list[Verdict]:
-        # `match: all` reads every message: off the event loop
+        if self.at_once(trajectories):
+            return self.verdicts(trajectories, deadline)
         return await asyncio.to_thread(self.verdicts, trajectories, deadline)
 
     def warm(self) -> None:
