@@ -297,6 +297,22 @@ def _water_level(lengths: Sequence[int], room: int) -> int:
     return max(ordered, default=0)
 
 
+def clip_block(block: Block, max_message_chars: int) -> Block:
+    """A block as `fit_blocks` shows it before eliding anything: clipped to the per-message
+    limit unless it is kept whole or not shown at all."""
+    return block if block.whole or not block.shown else block.clipped(max_message_chars)
+
+
+def any_clipped(clipped: Sequence[Block], blocks: Sequence[Block]) -> bool:
+    """Whether clipping changed any of `blocks` (`clipped`, in their order)."""
+    return any(c.text != b.text for c, b in zip(clipped, blocks))
+
+
+def widest_marker(count: int, marker_overhead: int) -> int:
+    """What one omission marker may cost in a conversation of `count` messages."""
+    return len(omission_marker(count)) + marker_overhead
+
+
 def fit_blocks(
     blocks: Sequence[Block],
     room: int,
@@ -314,16 +330,16 @@ def fit_blocks(
     `overhead(block)` is the characters a block costs besides its text; `marker_overhead` the
     same for a marker.
     """
-    clipped = [b if b.whole or not b.shown else b.clipped(max_message_chars) for b in blocks]
-    truncated = any(c.text != b.text for c, b in zip(clipped, blocks))
+    clipped = [clip_block(b, max_message_chars) for b in blocks]
+    truncated = any_clipped(clipped, blocks)
     count = len(clipped)
-    widest_marker = len(omission_marker(count)) + marker_overhead
+    widest = widest_marker(count, marker_overhead)
     removed = [not b.shown for b in clipped]
     gaps = sum(1 for i in range(count) if removed[i] and (i == 0 or not removed[i - 1]))
     total = sum(overhead(b) + len(b.text) for b, gone in zip(clipped, removed) if not gone)
     order = sorted((i for i, b in enumerate(clipped) if not b.protected and b.shown), key=lambda i: (clipped[i].rank, i))
     for index in order:
-        if total + gaps * widest_marker <= room:
+        if total + gaps * widest <= room:
             break
         left = index > 0 and removed[index - 1]
         right = index + 1 < count and removed[index + 1]
@@ -332,8 +348,8 @@ def fit_blocks(
         total -= overhead(clipped[index]) + len(clipped[index].text)
         truncated = True
     kept = [b for b, gone in zip(clipped, removed) if not gone]
-    if total + gaps * widest_marker > room:
-        text_room = room - gaps * widest_marker - sum(overhead(b) for b in kept)
+    if total + gaps * widest > room:
+        text_room = room - gaps * widest - sum(overhead(b) for b in kept)
         if text_room < 0:
             raise ValueError("the context budget cannot hold the messages that must be kept")
         level = _water_level([len(b.text) for b in kept], text_room)

@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Callable, Generic, Hashable, TypeVar
 
-from soda_guard.judges.context import Block, Omitted, omission_marker
+from soda_guard.judges.context import Block, Omitted, any_clipped, clip_block, widest_marker
 
 V = TypeVar("V")
 S = TypeVar("S")
@@ -197,25 +197,14 @@ class ShownWhole:
         new block is not shown. The figures are `PreparedHistory`'s, by the same rules."""
         if not all(block.shown for block in blocks):
             return None
-        appended = [clip(block, max_message_chars) for block in blocks]
+        appended = [clip_block(block, max_message_chars) for block in blocks]
         shown, limit = shown_tail(tail, room, overhead, max_message_chars)
         total = self.total + sum(overhead(block) + len(block.text) for block in appended)
         if total + self.gaps * widest_marker(count, marker_overhead) > limit:
             return None
-        cut = self.cut or any(clipped.text != block.text for clipped, block in zip(appended, blocks))
+        cut = self.cut or any_clipped(appended, blocks)
         whole = ShownWhole(steps, shape, append(self.text, appended), total, self.gaps, cut)
-        return whole, shown, cut or any(clipped.text != block.text for clipped, block in zip(shown, tail))
-
-
-def clip(block: Block, max_message_chars: int) -> Block:
-    """A history block as `fit_blocks` shows it before eliding anything: clipped to the
-    per-message limit unless it is kept whole or not shown at all."""
-    return block if block.whole or not block.shown else block.clipped(max_message_chars)
-
-
-def widest_marker(count: int, marker_overhead: int) -> int:
-    """What one omission marker may cost in a conversation of `count` messages."""
-    return len(omission_marker(count)) + marker_overhead
+        return whole, shown, cut or any_clipped(shown, tail)
 
 
 def shown_tail(
@@ -279,7 +268,7 @@ class PreparedHistory:
         self._lock = threading.Lock()
 
     def _clip(self, block: Block) -> Block:
-        return clip(block, self.max_message_chars)
+        return clip_block(block, self.max_message_chars)
 
     @property
     def truncated(self) -> bool:
@@ -349,7 +338,7 @@ class PreparedHistory:
         if not all(b.protected and b.shown for b in tail):
             raise ValueError("a prepared history takes only protected, shown tail blocks")
         shown, limit = shown_tail(tail, room, self.overhead, self.max_message_chars)
-        truncated = self.truncated or any(c.text != b.text for c, b in zip(shown, tail))
+        truncated = self.truncated or any_clipped(shown, tail)
         if self._total + self._gaps * self._widest <= limit:
             return 0, shown, truncated
         lowest = self.walk()[1]
