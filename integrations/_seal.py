@@ -148,7 +148,7 @@ class SealedTool:
         (or those less the arguments the ToolNode injects). None where it is that call."""
         raw = input.get("args", {}) if isinstance(input, Mapping) and input.get("type") == "tool_call" else input
         args = self._model_args(raw)
-        if self._is_sealed(self._tool.name, args):
+        if self._judged_as(self._tool.name, args):
             return None
         call_id = input.get("id") if isinstance(input, Mapping) else None
         return ToolCall(id=call_id or self._sealed.id, name=self._tool.name, args=args)
@@ -191,8 +191,13 @@ class SealedTool:
 
     def _is_sealed(self, name: str, args: Any) -> bool:
         """Whether a run of the tool `name` with `args` (less any injected ones) is the call
-        as judged, with the judged arguments as they were when the call was sealed."""
-        return name == self._tool.name == self._sealed.name and args_digest(self._model_args(args)) in self._expected
+        as judged."""
+        return self._judged_as(name, self._model_args(args))
+
+    def _judged_as(self, name: str, model_args: Any) -> bool:
+        """`_is_sealed` for arguments already less the injected ones: the judged arguments as
+        they were when the call was sealed."""
+        return name == self._tool.name == self._sealed.name and args_digest(model_args) in self._expected
 
     def invoke(self, input: Any, config: Any = None, **kwargs: Any) -> Any:
         call = self._arrived(input)
