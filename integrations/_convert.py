@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import dataclasses
 import functools
 import json
+import marshal
 import operator
 from itertools import repeat
 from collections.abc import Iterable, Mapping, Sequence
@@ -203,8 +205,9 @@ Step = SystemStep | UserStep | AssistantStep | ToolStep
 
 def to_step(message: BaseMessage) -> Step | None:
     """The judge's step for a message. Every turn converts the whole conversation again, so a
-    message with text content is converted once per distinct value (`_STEPS`): the key is all
-    that the step is made of, and a message changed in any way is converted anew."""
+    message with text content or a list of blocks is converted once per distinct value
+    (`_STEPS`): the key is all that the step is made of, and a message changed in any way is
+    converted anew."""
     key = _step_key(message)
     if key is None:
         return _converted(message)
@@ -217,14 +220,36 @@ def to_step(message: BaseMessage) -> Step | None:
 
 def _earlier_step(message: BaseMessage) -> Step | None:
     """`to_step` for a message of an earlier turn, found by the message object while every
-    field its step is made of (`_WATCHED`) holds the value it held (`_BY_MESSAGE`): a turn then
-    reads only its new messages, and the judge finds their blocks by the same step objects."""
+    field its step is made of (`_WATCHED`) holds the value it held, and content that is not
+    text still freezes as it did (`_BY_MESSAGE`): a turn then reads only its new messages, and
+    the judge finds their blocks by the same step objects."""
     watched = _watched(message)
     seen = _BY_MESSAGE.get(message)
     # the very field values, not equal ones: `{"n": 1} == {"n": True}`, yet each renders as itself
-    if seen is not None and all(map(operator.is_, seen[0], watched)) and isinstance(watched[0], str):
+    if seen is not None and all(map(operator.is_, seen[0], watched)) and _unchanged(watched[0], seen[2]):
         return seen[1]
     return _remembered(message, watched)
+
+
+def _unchanged(content: Any, frozen: bytes | None) -> bool:
+    """Whether content found by identity still reads as when its step was made: text cannot
+    change in place; a list of blocks can, and stands while it freezes to the same bytes."""
+    return isinstance(content, str) or (frozen is not None and _frozen(content) == frozen)
+
+
+def _frozen(content: Any) -> bytes | None:
+    """Content that is not text (a list of blocks, as Anthropic models and MCP tools send) as
+    bytes that differ wherever the content differs in any way, types included (`1`, `True` and
+    `1.0` read alike to `==`, not to the judge), written at C speed. None for content with
+    objects marshal does not write (other types, subclasses), which is read every turn."""
+    try:
+        return marshal.dumps(content, _MARSHAL_VERSION)
+    except ValueError:
+        return None
+
+
+_MARSHAL_VERSION = 2
+"""The newest version that writes no back-references, whose use depends on reference counts."""
 
 
 def _latest_step(message: BaseMessage) -> Step | None:
@@ -235,14 +260,18 @@ def _latest_step(message: BaseMessage) -> Step | None:
 
 def _remembered(message: BaseMessage, watched: tuple[Any, ...]) -> Step | None:
     step = to_step(message)
-    if step is not None and isinstance(message.content, str):
-        _BY_MESSAGE.put(message, (watched, step))
+    content = watched[0]
+    if step is not None:
+        frozen = None if isinstance(content, str) else _frozen(content)
+        if frozen is not None or isinstance(content, str):
+            _BY_MESSAGE.put(message, (watched, step, frozen))
     return step
 
 
-_BY_MESSAGE: IdentityMemo[tuple[tuple[Any, ...], Step]] = IdentityMemo()
-"""Steps by message object, with the field values they were made from. A message's fields
-given new values are converted anew; a tool call's arguments edited in place inside an
+_BY_MESSAGE: IdentityMemo[tuple[tuple[Any, ...], Step, bytes | None]] = IdentityMemo()
+"""Steps by message object, with the field values they were made from and, for content that
+is not text, that content frozen (`_frozen`). A message's fields given new values, or its
+blocks edited in place, are converted anew; a tool call's arguments edited in place inside an
 earlier turn's message are not seen again (that call ran as it was judged: `SealedTool`),
 and the latest assistant turn, whose calls may be pending, is always read whole."""
 
@@ -278,7 +307,9 @@ _CALLS_KEY = json.JSONEncoder(sort_keys=True, ensure_ascii=False)
 def _step_key(message: BaseMessage) -> tuple[Any, ...] | None:
     content = message.content
     if not isinstance(content, str):
-        return None
+        if not isinstance(content, list):
+            return None
+        content = message_text(content)  # all of a list of blocks that its step is made of
     if isinstance(message, SystemMessage):
         return ("system", content)
     if isinstance(message, HumanMessage):
@@ -346,10 +377,7 @@ def to_trajectory(
         *map(_latest_step, messages[max(reused, latest) :]),
     ]
     if conversation_id is not None:
-        # the prefix taken over has text content (`_reused` checked it); the rest is read here
-        text = list(map(isinstance, fields[0][reused:], repeat(str)))
-        textual = reused + (text.index(False) if False in text else len(text))
-        _CONVERSIONS.put(conversation_id, _Conversion(messages, fields, converted, textual), len(messages) + 1)
+        _CONVERSIONS.put(conversation_id, _conversion(before, reused, messages, fields, converted), len(messages) + 1)
     steps = list(filter(_IS_STEP, converted))
     # every step is one this module made (validated as it was made): the list need not be again
     return Trajectory.model_construct(steps=steps, conversation_id=conversation_id, harm=harm, environment=environment, truncated=False)
@@ -363,8 +391,36 @@ class _Conversion:
     messages: tuple[BaseMessage, ...]
     fields: list[tuple[Any, ...]]
     steps: list[Step | None]
-    textual: int
-    """How many leading messages have text content."""
+    reusable: int
+    """How many leading messages a later turn may take over: each has text content, or
+    content that was frozen (`_frozen`) when its step was made."""
+    frozen_at: tuple[int, ...]
+    """The indexes of the messages among those whose content is not text, in order,"""
+    frozen: tuple[bytes, ...]
+    """and their contents frozen (`_frozen`)."""
+
+
+def _conversion(
+    before: _Conversion | None, reused: int, messages: tuple[BaseMessage, ...], fields: list[tuple[Any, ...]],
+    steps: list[Step | None],
+) -> _Conversion:
+    """The conversion to keep for the next turn: the prefix taken over keeps its frozen
+    contents (`_reused` checked them); the messages read this turn add theirs, as
+    `_remembered` froze them, up to the first whose content could not be."""
+    kept = bisect.bisect_left(before.frozen_at, reused) if before is not None else 0
+    frozen_at, frozen = list(before.frozen_at[:kept]) if kept else [], list(before.frozen[:kept]) if kept else []
+    reusable = len(messages)
+    for index in range(reused, len(messages)):
+        content = fields[0][index]
+        if isinstance(content, str):
+            continue
+        seen = _BY_MESSAGE.get(messages[index])
+        if seen is None or seen[2] is None or seen[0][0] is not content:
+            reusable = index
+            break
+        frozen_at.append(index)
+        frozen.append(seen[2])
+    return _Conversion(messages, fields, steps, reusable, tuple(frozen_at), tuple(frozen))
 
 
 _CONVERSIONS: Lru[_Conversion] = Lru(1 << 15)
@@ -375,8 +431,9 @@ held so that their identities stay theirs)."""
 def _reused(before: _Conversion, messages: tuple[BaseMessage, ...], fields: list[tuple[Any, ...]], latest: int) -> int:
     """How many leading messages (all before the latest assistant turn) are the messages
     converted before (the very objects, as a conversation's state keeps them), with every
-    watched field the value it had and text content: their steps stand (`_BY_MESSAGE`'s rule,
-    checked for the whole prefix at C speed). Content and tool calls are matched by identity
+    watched field the value it had, and content that is text or a list of blocks that still
+    freezes as it did: their steps stand (`_BY_MESSAGE`'s rule, checked for the whole prefix
+    at C speed). Content and tool calls are matched by identity
     (`{"n": 1} == {"n": True}`, yet each renders as itself); the messages and the other fields
     by a tuple comparison, several times faster than an identity check element by element,
     which compares identical objects at once and others by value: the other fields hold
@@ -389,8 +446,18 @@ def _reused(before: _Conversion, messages: tuple[BaseMessage, ...], fields: list
         return 0
     if not all(map(operator.is_, before.fields[_TOOL_CALLS][:size], fields[_TOOL_CALLS][:size])):
         return 0
-    # the very content objects found to be text before need not be checked again
-    return size if before.textual >= size and all(map(operator.is_, before.fields[0][:size], fields[0][:size])) else 0
+    # the very content objects: text as it was; lists of blocks frozen as they were
+    if before.reusable < size or not all(map(operator.is_, before.fields[0][:size], fields[0][:size])):
+        return 0
+    count = bisect.bisect_left(before.frozen_at, size)
+    if count:
+        try:
+            now = tuple(map(marshal.dumps, map(fields[0].__getitem__, before.frozen_at[:count]), repeat(_MARSHAL_VERSION)))
+        except ValueError:  # an object marshal does not write, put in place since
+            return 0
+        if now != before.frozen[:count]:
+            return 0
+    return size
 
 
 _TOOL_CALLS = _WATCHED.index("tool_calls")
