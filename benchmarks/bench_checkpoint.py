@@ -5,7 +5,9 @@ One `create_agent` run of N tool calls (one model turn per `--parallel` calls, t
 answer) over `SqliteSaver`, once without the guard and once with `SodaGuardMiddleware` and a
 scripted judge that answers at once on the caller's thread, as a keyword screen does (so the
 figures are the guard's bookkeeping, not a model); `--judge-thread` puts it on a judge thread,
-as a model or a server is, to show that hop's cost too. Printed: the
+as a model or a server is, to show that hop's cost too; `--blocks` gives the model's turns
+their content as a list of blocks (a text block and a `tool_use` block per call), as
+Anthropic models send them, and the tool's results as a text block, as MCP tools do. Printed: the
 checkpoint database's size and the run's wall time for both, and their ratios. Each run gets
 a fresh database in a temporary folder; with `--repeat N` the two runs alternate N times (each
 first every other time) and the fastest of each is kept (the sizes do not vary), so a busy
@@ -42,15 +44,30 @@ def lookup_order(order_id: str) -> str:
     return f"order {order_id}: 2 items, shipped, tracking 1Z{order_id}99"
 
 
-def replies(calls: int, parallel: int) -> list[Any]:
+@tool
+def lookup_order_blocks(order_id: str) -> list[dict[str, str]]:
+    """Look up an order."""
+    return [{"type": "text", "text": f"order {order_id}: 2 items, shipped, tracking 1Z{order_id}99"}]
+
+
+def replies(calls: int, parallel: int, blocks: bool = False) -> list[Any]:
     turns: list[Any] = []
+    name = "lookup_order_blocks" if blocks else "lookup_order"
     for start in range(0, calls, parallel):
-        batch = [("lookup_order", {"order_id": f"A{n:05d}"}) for n in range(start, min(calls, start + parallel))]
-        turns.append(tool_calls_message(*batch, text="Checking the next orders."))
+        batch = [(name, {"order_id": f"A{n:05d}"}) for n in range(start, min(calls, start + parallel))]
+        message = tool_calls_message(*batch, text="Checking the next orders.")
+        if blocks:
+            message.content = [
+                {"type": "text", "text": "Checking the next orders."},
+                *({"type": "tool_use", "id": c["id"], "name": c["name"], "input": c["args"]} for c in message.tool_calls),
+            ]
+        turns.append(message)
     return [*turns, "All orders are on their way."]
 
 
-def run(calls: int, parallel: int, guarded: bool, folder: Path, judge_thread: bool = False) -> tuple[int, float]:
+def run(
+    calls: int, parallel: int, guarded: bool, folder: Path, judge_thread: bool = False, blocks: bool = False
+) -> tuple[int, float]:
     path = folder / ("guarded.sqlite" if guarded else "plain.sqlite")
     middleware = []
     if guarded:
@@ -61,7 +78,7 @@ def run(calls: int, parallel: int, guarded: bool, folder: Path, judge_thread: bo
         guard = Guard(policy, backends={"soda": ScriptedBackend(responder)})
         middleware = [SodaGuardMiddleware(guard, otel=False)]
     with sqlite3.connect(path, check_same_thread=False) as connection:
-        agent = create_agent(scripted_model(replies(calls, parallel)), [lookup_order], middleware=middleware,
+        agent = create_agent(scripted_model(replies(calls, parallel, blocks)), [lookup_order_blocks if blocks else lookup_order], middleware=middleware,
                              checkpointer=SqliteSaver(connection))
         gc.collect()  # each run starts from a collected heap: a collection the other left due lands in neither
         start = time.perf_counter()
@@ -78,6 +95,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="tool calls per model turn")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--judge-thread", action="store_true", help="judge on a judge thread, as a model or server is")
+    parser.add_argument("--blocks", action="store_true", help="content as lists of blocks, as Anthropic models and MCP tools send")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     plain_s = guarded_s = float("inf")
@@ -85,7 +103,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             # each goes first every other round, so neither always runs on what the other left
             for guarded in (False, True) if round_ % 2 == 0 else (True, False):
-                size, elapsed = run(args.calls, args.parallel, guarded, Path(folder), guarded and args.judge_thread)
+                size, elapsed = run(args.calls, args.parallel, guarded, Path(folder), guarded and args.judge_thread, args.blocks)
                 if guarded:
                     guarded_size, guarded_s = size, min(guarded_s, elapsed)
                 else:
@@ -94,6 +112,7 @@ def main() -> None:
         "calls": args.calls,
         "parallel": args.parallel,
         "judge_thread": args.judge_thread,
+        "blocks": args.blocks,
         "db_mb_unguarded": round(plain_size / 2**20, 2),
         "db_mb_guarded": round(guarded_size / 2**20, 2),
         "db_size_ratio": round(guarded_size / plain_size, 3),
