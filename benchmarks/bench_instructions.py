@@ -56,7 +56,7 @@ def _middleware(kind: str) -> list[Any]:
     return [SodaGuardMiddleware(guard, otel=False)]
 
 
-def _child(kind: str, runs: int, calls: int, parallel: int) -> None:
+def _child(kind: str, runs: int, calls: int, parallel: int, blocks: bool) -> None:
     """One process under valgrind: a warm-up run, an empty count (callgrind's first zeroing
     leaves the warm-up's worker threads counted: the window after it reads high), then `runs`
     measured ones."""
@@ -66,15 +66,15 @@ def _child(kind: str, runs: int, calls: int, parallel: int) -> None:
     from langgraph.checkpoint.sqlite import SqliteSaver
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_checkpoint import lookup_order, replies, scripted_model
+    from bench_checkpoint import lookup_order, lookup_order_blocks, replies, scripted_model
 
     for index in range(-WARM_UP_RUNS + 1, 1 + runs):
         if index == 1:
             os.getppid()
             os.getpgrp()
         with tempfile.TemporaryDirectory() as folder, sqlite3.connect(Path(folder) / "run.sqlite", check_same_thread=False) as connection:
-            agent = create_agent(scripted_model(replies(calls, parallel)), [lookup_order], middleware=_middleware(kind),
-                                 checkpointer=SqliteSaver(connection))
+            agent = create_agent(scripted_model(replies(calls, parallel, blocks)), [lookup_order_blocks if blocks else lookup_order],
+                                 middleware=_middleware(kind), checkpointer=SqliteSaver(connection))
             gc.collect()
             if index > 0:
                 os.getppid()  # callgrind zeroes its counts here (`--zero-before`) ...
@@ -84,13 +84,14 @@ def _child(kind: str, runs: int, calls: int, parallel: int) -> None:
                 os.getpgrp()  # ... and writes them out here (`--dump-before`)
 
 
-def _count(kind: str, runs: int, calls: int, parallel: int) -> int:
+def _count(kind: str, runs: int, calls: int, parallel: int, blocks: bool) -> int:
     """Instructions of the `runs` measured runs of `kind`, summed."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "callgrind.out"
         command = [
             "valgrind", "--tool=callgrind", "--zero-before=getppid", "--dump-before=getpgrp", f"--callgrind-out-file={out}",
             sys.executable, __file__, "--child", kind, "--runs", str(runs), "--calls", str(calls), "--parallel", str(parallel),
+            *(["--blocks"] if blocks else []),
         ]
         subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"}, check=True)
         parts = [Path(f"{out}.{part}") for part in range(2, runs + 2)]  # part 1: the empty count
@@ -104,19 +105,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=150)
     parser.add_argument("--parallel", type=int, default=1, help="tool calls per model turn")
+    parser.add_argument("--blocks", action="store_true", help="content as lists of blocks (bench_checkpoint.py --blocks)")
     parser.add_argument("--runs", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.child:
-        _child(args.child, args.runs, args.calls, args.parallel)
+        _child(args.child, args.runs, args.calls, args.parallel, args.blocks)
         return
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
     with ThreadPoolExecutor(max_workers=2) as pool:
-        counts = dict(zip(KINDS, pool.map(lambda kind: _count(kind, args.runs, args.calls, args.parallel), KINDS)))
+        counts = dict(zip(KINDS, pool.map(lambda kind: _count(kind, args.runs, args.calls, args.parallel, args.blocks), KINDS)))
     per_run = {kind: counts[kind] // args.runs for kind in KINDS}
-    figures: dict[str, Any] = {"calls": args.calls, "parallel": args.parallel}
+    figures: dict[str, Any] = {"calls": args.calls, "parallel": args.parallel, "blocks": args.blocks}
     for kind in KINDS:
         figures[f"instructions_{kind}"] = per_run[kind]
         figures[f"ratio_{kind}"] = round(per_run[kind] / per_run["unguarded"], 4)
