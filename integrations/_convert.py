@@ -415,7 +415,8 @@ def _conversion(
         if isinstance(content, str):
             continue
         seen = _BY_MESSAGE.get(messages[index])
-        if seen is None or seen[2] is None or seen[0][0] is not content:
+        # the entry this conversion's step came from (a warm-up thread may have put another)
+        if seen is None or seen[2] is None or seen[0][0] is not content or seen[1] is not steps[index]:
             reusable = index
             break
         frozen_at.append(index)
