@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from soda_guard.audit import AuditSink, JsonlAuditSink, SqliteAuditSink
 from soda_guard.backends.base import Backend
+from soda_guard.judges.confusables import build_tables
 from soda_guard.judges.cascade import CascadeRunner, Runner, Stage
 from soda_guard.judges.keywords import KeywordsRunner
 from soda_guard.ids import new_id
@@ -214,8 +215,10 @@ class Guard:
         """Load every judge the policy can reach and warm each with one short judgment, before
         traffic and outside any deadline. Without it the first check of each judge loads the
         model inside its own `timeout_s` (a 4B model on CPU takes far longer) and fails in
-        `on_error`; with it a judge that cannot load fails here, loudly, once.
+        `on_error`; with it a judge that cannot load fails here, loudly, once. The tables that
+        read look-alike delimiters in text outside ASCII are built here too.
         Raises ModelLoadError naming the judge."""
+        build_tables()
         for name in self.policy.judges_in_use():
             try:
                 runner = self.runner(name)

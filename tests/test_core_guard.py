@@ -15,6 +15,7 @@ import pytest
 from soda_guard import Action, Guard, ModelLoadError, Policy, ScriptedBackend, from_openai_messages, read_audit
 from soda_guard.backends.base import GenerationRequest, GenerationResult
 from soda_guard.backends.scripted import keyword_responder, soda_reply
+from soda_guard.judges import confusables
 
 POLICY = """
 version: 1
@@ -278,6 +279,16 @@ def test_after_load_the_first_check_does_not_pay_for_loading(monkeypatch: pytest
     decision = guard.check_tool_calls(from_openai_messages(turn(("c1", "lookup"))))[0]
     assert decision.action is Action.ALLOW, decision.why
     assert loads == ["scripted-judge"]
+
+
+def test_load_builds_the_tables_that_fold_lines_outside_ascii() -> None:
+    """About 0.2 s, paid in `load` rather than by the first judgment that meets a look-alike
+    character (inside its deadline)."""
+    confusables._folding.cache_clear()
+    confusables._invisible.cache_clear()
+    guard = Guard(Policy.from_yaml(POLICY), backends={"soda": ScriptedBackend(keyword_responder(["transfer"]))})
+    guard.load()
+    assert confusables._folding.cache_info().currsize == 1 and confusables._invisible.cache_info().currsize == 1
 
 
 def test_aload_loads_off_the_event_loop() -> None:
