@@ -13,6 +13,10 @@ wall milliseconds per tool call, p50/p95/p99 over calls (each run's added time s
 calls), for both guarded variants. With `--repeat N` each run is done N times in each variant,
 alternating, and the fastest of each is kept: a shared machine's stalls only ever add time.
 With `--async` every run goes through `ainvoke` (the middleware's async hooks) on one event loop.
+With `--traces FILE` the runs are real agent traces instead (an R-Judge or AgentHarm file in
+`shared/datasets/`): each record's agent actions become the model's turns, the recorded
+environment answers the tools' results, and its first user message is the task (records with
+no tool call or no user message are left out, as is one whose arguments LangGraph cannot store).
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ from langgraph.checkpoint.memory import InMemorySaver
 
 from soda_guard import Guard, Policy, ScriptedBackend
 from soda_guard.backends.scripted import soda_reply
+from soda_guard.converters import from_agent_record
+from soda_guard.errors import TrajectoryError
+from soda_guard.trajectory import AssistantStep, ToolStep, UserStep
 from soda_guard.integrations.langchain import SodaGuardMiddleware
 from soda_guard.integrations.testing import scripted_model, tool_calls_message
 
@@ -105,6 +112,40 @@ def make_runs(count: int, seed: int) -> list[dict[str, Any]]:
     return runs
 
 
+def trace_runs(path: Path, count: int) -> list[dict[str, Any]]:
+    """The records of `path` that call tools, as runs: one model turn per agent action, each
+    call answered with the environment turn that followed it (arguments the converter could
+    not parse are passed as `{"input": text}`)."""
+    runs = []
+    for record in json.loads(path.read_text(encoding="utf-8")):
+        try:
+            trajectory = from_agent_record(record)
+        except TrajectoryError:
+            continue
+        results = {step.tool_call_id: step.content for step in trajectory.steps if isinstance(step, ToolStep)}
+        turns = [
+            [(call.name, call.args if isinstance(call.args, dict) else {"input": call.args}, results.get(call.id, "") or "")
+             for call in step.tool_calls]
+            for step in trajectory.steps
+            if isinstance(step, AssistantStep) and step.tool_calls
+        ]
+        task = next((step.content for step in trajectory.steps if isinstance(step, UserStep)), "")
+        if turns and task and all(_storable(args) for turn in turns for _, args, _ in turn):
+            names = sorted({name for turn in turns for name, _, _ in turn})
+            runs.append({"suite": None, "tools": names, "task": task, "turns": turns})
+    return runs[:count]
+
+
+def _storable(value: Any) -> bool:
+    """Whether LangGraph's checkpoint serializer (msgpack) can store `value`: one R-Judge
+    record passes integers of over 64 bits, which fail the run with or without the guard."""
+    if isinstance(value, dict):
+        return all(map(_storable, value.values()))
+    if isinstance(value, list):
+        return all(map(_storable, value))
+    return not isinstance(value, int) or -(2**63) <= value < 2**64
+
+
 def _tools(run: dict[str, Any]) -> list[StructuredTool]:
     """The suite's tools, answering each call with the output scripted for it (in order)."""
     outputs: dict[str, list[str]] = {}
@@ -119,7 +160,7 @@ def _tools(run: dict[str, Any]) -> list[StructuredTool]:
         schema = {"type": "object", "properties": {}, "additionalProperties": True}
         return StructuredTool.from_function(call, name=name, description=f"AgentDojo-style {name}.", args_schema=schema)
 
-    return [make(name) for name in SUITES[run["suite"]]]
+    return [make(name) for name in run.get("tools") or SUITES[run["suite"]]]
 
 
 def _agent(run: dict[str, Any], guard: Guard | None) -> Any:
@@ -160,10 +201,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--async", dest="use_async", action="store_true", help="run the agents with ainvoke")
+    parser.add_argument("--traces", type=Path, help="replay the real agent traces of this R-Judge / AgentHarm file")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     loop = asyncio.new_event_loop() if args.use_async else None
-    runs = make_runs(args.runs, args.seed)
+    runs = trace_runs(args.traces, args.runs) if args.traces else make_runs(args.runs, args.seed)
     policy = {"judges": {"soda": {"kind": "soda", "model": "scripted"}}}
     with tempfile.TemporaryDirectory() as folder:
         plain = Guard(Policy.from_dict(policy), backends={"soda": ScriptedBackend([soda_reply(False)])})
@@ -171,6 +213,7 @@ def main() -> None:
             Policy.from_dict({**policy, "audit": {"jsonl": str(Path(folder) / "audit.jsonl")}}),
             backends={"soda": ScriptedBackend([soda_reply(False)])},
         )
+        plain.load(), audited.load()  # as the README asks before serving
         for index, run in enumerate(runs[:5]):  # imports, first compiles and caches warmed
             _timed(run, None, index, loop), _timed(run, plain, index, loop), _timed(run, audited, index, loop)
         added: dict[str, list[float]] = {"no audit": [], "jsonl audit": []}
@@ -196,7 +239,8 @@ def main() -> None:
         loop.close()
     figures = {
         "mode": "async" if args.use_async else "sync",
-        "runs": args.runs,
+        "traffic": args.traces.name if args.traces else "generated",
+        "runs": len(runs),
         "repeat": args.repeat,
         "tool_calls": calls,
         "unguarded_ms_per_call_p50": round(statistics.median(unguarded_per_call), 3),
