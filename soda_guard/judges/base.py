@@ -51,11 +51,18 @@ def assistant_parts(step: AssistantStep, escape: Callable[[str], str] = unchange
     parts = [escape(step.content)]
     between = ""
     for call in step.tool_calls:
-        head = json.dumps({"name": call.qualified_name, "arguments": None}, ensure_ascii=False).removesuffix("null}")
+        # `{"name": ..., "arguments": null}` as `json.dumps` writes it, less the `null}`
+        head = '{"name": ' + JSON_TEXT.encode(call.qualified_name) + ', "arguments": '
         separator = "\n" if parts[0] or between else ""
-        parts += [between + separator + "<tool_call>\n" + escape(head), escape(json.dumps(call.args, ensure_ascii=False))]
+        parts += [between + separator + "<tool_call>\n" + escape(head), escape(JSON_TEXT.encode(call.args))]
         between = "}\n</tool_call>"
     return (*parts, between)
+
+
+JSON_TEXT = json.JSONEncoder(ensure_ascii=False)
+"""`json.dumps(value, ensure_ascii=False)` as an encoder built once: `json.dumps` with any
+option builds a new encoder per call, and the judges' renders and screens encode arguments
+on every call."""
 
 
 TOOL_ERROR_LABEL = "Tool error: "

@@ -7,11 +7,11 @@ a read-only tool) settles the call for nothing and everything else goes on to a 
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import time
 from typing import Sequence
 
+from soda_guard.judges.base import JSON_TEXT
 from soda_guard.policy import KeywordsConfig
 from soda_guard.trajectory import AssistantStep, SystemStep, ToolStep, Trajectory, UserStep
 from soda_guard.verdict import Label, Verdict
@@ -41,7 +41,7 @@ class KeywordsRunner:
         calls = trajectory.pending_tool_calls() or [
             call for step in trajectory.steps if isinstance(step, AssistantStep) for call in step.tool_calls
         ]
-        return "\n".join(f"{call.name} {call.args if isinstance(call.args, str) else json.dumps(call.args, ensure_ascii=False)}" for call in calls)
+        return "\n".join(f"{call.name} {call.args if isinstance(call.args, str) else JSON_TEXT.encode(call.args)}" for call in calls)
 
     def verdict(self, trajectory: Trajectory) -> Verdict:
         start = time.perf_counter()
@@ -92,6 +92,6 @@ class KeywordsRunner:
 
 def _step_text(step: SystemStep | UserStep | AssistantStep | ToolStep) -> str:
     if isinstance(step, AssistantStep):
-        calls = " ".join(f"{call.name} {json.dumps(call.args, ensure_ascii=False)}" for call in step.tool_calls)
+        calls = " ".join(f"{call.name} {JSON_TEXT.encode(call.args)}" for call in step.tool_calls)
         return f"{step.content} {calls}".strip()
     return step.content or ""

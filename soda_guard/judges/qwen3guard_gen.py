@@ -7,12 +7,12 @@ and it renders only string user/assistant content: agent actions must be turned 
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Hashable, Literal, Sequence
 
 from soda_guard.errors import TrajectoryError
 from soda_guard.judges.base import (
+    JSON_TEXT,
     Judge,
     ParsedOutput,
     RenderedPrompt,
@@ -98,7 +98,7 @@ def _as_message(item: Block, prefix: str) -> dict[str, str]:
 def _block_key(step: SystemStep | UserStep | AssistantStep | ToolStep) -> Hashable:
     """What a step's block is rendered from, and nothing else: equal keys render equally."""
     if isinstance(step, AssistantStep):
-        return ("assistant", step.content, tuple((call.qualified_name, type(call.args), json.dumps(call.args, ensure_ascii=False)) for call in step.tool_calls))
+        return ("assistant", step.content, tuple((call.qualified_name, type(call.args), JSON_TEXT.encode(call.args)) for call in step.tool_calls))
     if isinstance(step, ToolStep):
         return ("tool", tool_result_text(step))
     return (step.role, step.content)

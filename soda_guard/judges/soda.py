@@ -6,13 +6,13 @@ The prompt is reproduced byte for byte from the model's training format
 
 from __future__ import annotations
 
-import json
 import operator
 import re
 from collections.abc import Sequence
 from typing import Hashable, Literal
 
 from soda_guard.judges.base import (
+    JSON_TEXT,
     Judge,
     ParsedOutput,
     RenderedPrompt,
@@ -165,14 +165,10 @@ def _appended(text: str, blocks: Sequence[Block]) -> str:
 _FOOT = f"{END_LINE}\n\n{QUESTION_LINE}"
 
 
-_ARGS_KEY = json.JSONEncoder(ensure_ascii=False)
-"""Built once: `json.dumps` with any option builds a new encoder per call."""
-
-
 def _block_key(step: UserStep | AssistantStep | ToolStep) -> Hashable:
     """What a step's block is rendered from, and nothing else: equal keys render equally."""
     if isinstance(step, AssistantStep):
-        calls = tuple((call.qualified_name, type(call.args), _ARGS_KEY.encode(call.args)) for call in step.tool_calls)
+        calls = tuple((call.qualified_name, type(call.args), JSON_TEXT.encode(call.args)) for call in step.tool_calls)
         return ("assistant", step.content, calls)
     if isinstance(step, ToolStep):
         return ("tool", tool_result_text(step))
