@@ -154,15 +154,22 @@ class _Memo:
 
 
 _MEMO_MIN_CHARS = 4096
-"""Shorter texts neutralise in microseconds: not worth a slot."""
+"""Shorter texts neutralise in microseconds: not worth a slot in `_MEMO`."""
 
 _MEMO = _Memo(max_chars=16 << 20)
+
+_SHORT_CHARS = 512
+"""Texts this short that recur (a turn's text in each of its parallel calls' prompts, a tool's
+name, the calls again as history) are looked up (`_short`) rather than scanned again: a
+few microseconds each, several times per judged call."""
 
 
 def neutralise(text: str, delimiters: re.Pattern[str]) -> str:
     """Escape every line of `text` that starts like a judge delimiter, and every special-token
     string. Patterns match line prefixes only, so a prefix of an unescaped line can never match:
     clipping after neutralising cannot create a delimiter."""
+    if len(text) < _SHORT_CHARS:
+        return _short(text, delimiters)
     if len(text) < _MEMO_MIN_CHARS:
         return _neutralise(text, delimiters)
     key = (delimiters.pattern, text)
@@ -191,6 +198,11 @@ def _neutralise(text: str, delimiters: re.Pattern[str]) -> str:
         pieces += [text[previous:start], ESCAPE]
     pieces.append(text[escapes[-1] :])
     return "".join(pieces)
+
+
+_short = functools.lru_cache(maxsize=4096)(_neutralise)
+"""`_neutralise` of short texts, by text and pattern (at most 4,096 texts of under 512
+characters held)."""
 
 
 def header_field(value: str, max_chars: int = DEFAULT_MAX_FIELD_CHARS) -> str:
