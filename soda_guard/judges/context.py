@@ -168,6 +168,8 @@ def neutralise(text: str, delimiters: re.Pattern[str]) -> str:
     """Escape every line of `text` that starts like a judge delimiter, and every special-token
     string. Patterns match line prefixes only, so a prefix of an unescaped line can never match:
     clipping after neutralising cannot create a delimiter."""
+    if type(text) is not str:  # a subclass may claim to equal a text the memos hold
+        return _neutralise(text, delimiters)
     if len(text) < _SHORT_CHARS:
         return _short(text, delimiters)
     if len(text) < _MEMO_MIN_CHARS:
