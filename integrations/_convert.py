@@ -306,7 +306,7 @@ _CALLS_KEY = json.JSONEncoder(sort_keys=True, ensure_ascii=False)
 
 def _step_key(message: BaseMessage) -> tuple[Any, ...] | None:
     content = message.content
-    if not isinstance(content, str):
+    if type(content) is not str:  # a subclass may claim to equal a text `_STEPS` holds
         if not isinstance(content, list):
             return None
         content = message_text(content)  # all of a list of blocks that its step is made of
