@@ -210,6 +210,11 @@ def test_an_async_keyword_screen_of_a_few_calls_answers_without_a_thread(monkeyp
         hops.clear()
         [verdict] = asyncio.run(runner.averdicts([view]))
         assert verdict.label.value == "unsafe" and hops == ["verdicts"]
+    read: list[Any] = []
+    text = KeywordsRunner.text
+    monkeypatch.setattr(KeywordsRunner, "text", lambda runner, view: read.append(view) or text(runner, view))
+    [verdict] = asyncio.run(words.averdicts([small]))
+    assert verdict.label.value == "unsafe" and read == [small]  # read once, for the question and the screen
 
 
 def test_every_stage_verdict_reaches_the_audit_log(tmp_path: Path) -> None:

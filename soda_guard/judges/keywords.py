@@ -45,7 +45,9 @@ class KeywordsRunner:
 
     def verdict(self, trajectory: Trajectory) -> Verdict:
         start = time.perf_counter()
-        text = self.text(trajectory)
+        return self._verdict(self.text(trajectory), start)
+
+    def _verdict(self, text: str, start: float) -> Verdict:
         hit = next((pattern.pattern for pattern in self._unsafe if pattern.search(text)), None)
         if hit is not None:
             label, score, reason = Label.UNSAFE, 1.0, f"matches unsafe pattern {hit!r}"
@@ -72,18 +74,24 @@ class KeywordsRunner:
         """Whether `verdicts` is a small job: a `calls` screen over a few KB of calls, which
         the async path then runs in the caller's task (a cascade's screen too) rather than
         paying a thread hop for microseconds of regex. `match: all` reads every message."""
+        return self._texts_at_once(trajectories) is not None
+
+    def _texts_at_once(self, trajectories: Sequence[Trajectory]) -> list[str] | None:
+        """The texts a small job screens (`at_once`), read once; None where it is not one."""
         if self.config.match == "all":
-            return False
-        left = AT_ONCE_MAX_CHARS
+            return None
+        texts, left = [], AT_ONCE_MAX_CHARS
         for trajectory in trajectories:
-            left -= len(self.text(trajectory))
+            texts.append(self.text(trajectory))
+            left -= len(texts[-1])
             if left < 0:
-                return False
-        return True
+                return None
+        return texts
 
     async def averdicts(self, trajectories: Sequence[Trajectory], deadline: float | None = None) -> list[Verdict]:
-        if self.at_once(trajectories):
-            return self.verdicts(trajectories, deadline)
+        texts = self._texts_at_once(trajectories)
+        if texts is not None:
+            return [self._verdict(text, time.perf_counter()) for text in texts]
         return await asyncio.to_thread(self.verdicts, trajectories, deadline)
 
     def warm(self) -> None:
