@@ -262,8 +262,9 @@ def _remembered(message: BaseMessage, watched: tuple[Any, ...]) -> Step | None:
     step = to_step(message)
     content = watched[0]
     if step is not None:
-        frozen = None if isinstance(content, str) else _frozen(content)
-        if frozen is not None or isinstance(content, str):
+        if isinstance(content, str):
+            _BY_MESSAGE.put(message, (watched, step, None))
+        elif (frozen := _frozen(content)) is not None:
             _BY_MESSAGE.put(message, (watched, step, frozen))
     return step
 
@@ -407,8 +408,11 @@ def _conversion(
     """The conversion to keep for the next turn: the prefix taken over keeps its frozen
     contents (`_reused` checked them); the messages read this turn add theirs, as
     `_remembered` froze them, up to the first whose content could not be."""
-    kept = bisect.bisect_left(before.frozen_at, reused) if before is not None else 0
-    frozen_at, frozen = list(before.frozen_at[:kept]) if kept else [], list(before.frozen[:kept]) if kept else []
+    frozen_at: list[int] = []
+    frozen: list[bytes] = []
+    if before is not None:
+        kept = bisect.bisect_left(before.frozen_at, reused)
+        frozen_at, frozen = list(before.frozen_at[:kept]), list(before.frozen[:kept])
     reusable = len(messages)
     for index in range(reused, len(messages)):
         content = fields[0][index]
