@@ -38,16 +38,20 @@ from soda_guard.integrations.langchain import SodaGuardMiddleware
 from soda_guard.integrations.testing import scripted_model, tool_calls_message
 
 
+def _order(order_id: str) -> str:
+    return f"order {order_id}: 2 items, shipped, tracking 1Z{order_id}99"
+
+
 @tool
 def lookup_order(order_id: str) -> str:
     """Look up an order."""
-    return f"order {order_id}: 2 items, shipped, tracking 1Z{order_id}99"
+    return _order(order_id)
 
 
 @tool
 def lookup_order_blocks(order_id: str) -> list[dict[str, str]]:
     """Look up an order."""
-    return [{"type": "text", "text": f"order {order_id}: 2 items, shipped, tracking 1Z{order_id}99"}]
+    return [{"type": "text", "text": _order(order_id)}]
 
 
 def replies(calls: int, parallel: int, blocks: bool = False) -> list[Any]:
