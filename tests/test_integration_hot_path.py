@@ -286,3 +286,46 @@ async def test_a_subclass_keeps_its_own_async_hooks() -> None:
     agent = create_agent(model, make_tools(ran), middleware=[Counting(guard)], checkpointer=InMemorySaver())
     await agent.ainvoke(USER, config())
     assert ran == [READ] and sorted(seen) == ["model", "model", "tool", "tool"]
+
+
+@pytest.mark.parametrize("tracing", [False, True], ids=["tracing-off", "tracing-on"])
+def test_the_hooks_carry_their_signature_for_langsmiths_wrapper(tracing: bool) -> None:
+    """LangSmith's `traceable` wrapper, which `create_agent` puts around every hook, reads the
+    hook's signature at every call: the hooks carry it (a bound method's is rebuilt each
+    time), with the method's own parameters, and nothing for it to follow back to the method."""
+    import inspect
+
+    from langsmith import tracing_context
+
+    guard, _ = make_guard()
+    with tracing_context(enabled=tracing):
+        middleware = SodaGuardMiddleware(guard)
+    hooks = ["wrap_model_call", "wrap_tool_call"] + ([] if tracing else ["awrap_model_call", "awrap_tool_call"])
+    for name in hooks:
+        hook = getattr(middleware, name)
+        method = getattr(SodaGuardMiddleware, name)
+        assert "__signature__" in vars(hook) and not hasattr(hook, "__wrapped__")
+        assert list(inspect.signature(hook).parameters) == ["request", "handler"]
+        assert inspect.signature(hook).parameters["handler"] == inspect.signature(method).parameters["handler"]
+        assert hook.__name__ == name
+
+
+def test_a_subclass_keeps_its_own_sync_hooks() -> None:
+    seen: list[str] = []
+
+    class Counting(SodaGuardMiddleware):
+        def wrap_model_call(self, request: Any, handler: Any) -> Any:
+            seen.append("model")
+            return super().wrap_model_call(request, handler)
+
+        def wrap_tool_call(self, request: Any, handler: Any) -> Any:
+            seen.append("tool")
+            return super().wrap_tool_call(request, handler)
+
+    guard, _ = make_guard()
+    ran: list[Any] = []
+    model = ScriptedChatModel(messages=iter([turn(READ, DELETE, ids=["r", "d"]), "done"]))
+    agent = create_agent(model, make_tools(ran), middleware=[Counting(guard)], checkpointer=InMemorySaver())
+    result = agent.invoke(USER, config())
+    assert ran == [READ] and sorted(seen) == ["model", "model", "tool", "tool"]
+    assert [m.status for m in result["messages"] if isinstance(m, ToolMessage)] == ["success", "error"]
