@@ -9,6 +9,7 @@ the tool and the arguments all match; anything else is a new call and is judged 
 from __future__ import annotations
 
 import json
+import marshal
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -22,12 +23,40 @@ _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_asci
 
 def args_digest(args: Any) -> str:
     """A canonical hash of tool arguments: key order does not matter, any other change does.
-    Raw-string arguments (not valid JSON) hash differently from any object."""
+    Raw-string arguments (not valid JSON) hash differently from any object.
+
+    One call's arguments are digested several times on their way to the tool (its binding,
+    the record's lookup, the sealed tool, the tool's own run): small ones are looked up by
+    their `marshal` bytes, which differ wherever the arguments differ in any way, types
+    included (`1`, `True` and `1.0` compare equal, not alike), and are written at C speed."""
     if isinstance(args, str):
-        canonical = "s:" + args
-    else:
-        canonical = "j:" + _CANONICAL.encode(args)
+        return _digest(args)
+    try:
+        frozen = marshal.dumps(args, _MARSHAL_VERSION)
+    except ValueError:  # an object marshal does not write (other types, subclasses)
+        return _digest(args)
+    if len(frozen) > _MEMO_MAX_BYTES:
+        return _digest(args)
+    found = _DIGESTS.get(frozen)
+    if found is None:
+        found = _digest(args)
+        if len(_DIGESTS) >= _MEMO_ENTRIES:
+            _DIGESTS.clear()
+        _DIGESTS[frozen] = found
+    return found
+
+
+def _digest(args: Any) -> str:
+    canonical = "s:" + args if isinstance(args, str) else "j:" + _CANONICAL.encode(args)
     return sha256_hex(canonical.encode("utf-8", "surrogatepass"))
+
+
+_MARSHAL_VERSION = 2
+"""The newest version that writes no back-references, whose use depends on reference counts."""
+_MEMO_MAX_BYTES = 2048
+_MEMO_ENTRIES = 4096
+_DIGESTS: dict[bytes, str] = {}
+"""Digests of recent small arguments by their `marshal` bytes (at most 8 MiB of keys)."""
 
 
 class CallBinding(BaseModel):

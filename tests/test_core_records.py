@@ -33,6 +33,36 @@ def test_the_argument_digest_ignores_key_order_and_nothing_else() -> None:
     assert args_digest('{"a": 1}') != args_digest({"a": 1})  # raw text is not the object it spells
 
 
+def test_a_digest_looked_up_again_is_the_digest_of_those_very_arguments() -> None:
+    """Small arguments' digests are remembered by their marshal bytes: a value that only
+    compares equal to one already remembered (`1`, `True`, `1.0`; a tuple for a list) gets its
+    own digest, in either order, and what is remembered is what the canonical hash gives."""
+    from soda_guard import binding as module
+
+    module._DIGESTS.clear()
+    for group in ([{"n": 1}, {"n": True}, {"n": 1.0}], [{"n": [1, "a"]}, {"n": (1, "a")}], [{"b": 1, "a": {"x": 0}}, {"a": {"x": 0}, "b": 1}]):
+        for order in (group, group[::-1]):
+            module._DIGESTS.clear()
+            seen = [args_digest(args) for args in order for _ in range(2)]
+            assert seen == [module._digest(args) for args in order for _ in range(2)]
+    assert args_digest({"n": 1}) != args_digest({"n": True}) != args_digest({"n": 1.0})
+    assert args_digest({"b": 1, "a": 2}) == args_digest({"a": 2, "b": 1})
+
+
+def test_large_or_unmarshalable_arguments_are_digested_without_being_remembered() -> None:
+    from soda_guard import binding as module
+
+    class Args(dict):  # a subclass marshal does not write
+        pass
+
+    module._DIGESTS.clear()
+    large = {"text": "x" * 4096}
+    assert args_digest(large) == module._digest(large)
+    assert args_digest(Args(a=1)) == module._digest({"a": 1})
+    assert args_digest({"at": object}) == module._digest({"at": object})
+    assert module._DIGESTS == {}
+
+
 @pytest.mark.parametrize("field", ["thread_id", "turn_id", "call_id", "tool", "args"])
 def test_a_binding_differs_when_any_part_differs(field: str) -> None:
     other = {"thread_id": "u", "turn_id": "m2", "call_id": "c2", "tool": "read", "args": {"to": "999", "amount": 5}}[field]
