@@ -23,6 +23,7 @@ from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.runnables import RunnableLambda
 from langchain_core.runnables.config import var_child_runnable_config
 from langgraph._internal._constants import CONFIG_KEY_CHECKPOINTER
+from langgraph.config import get_config
 from langgraph.func import task
 from langgraph.pregel._messages import StreamMessagesHandler
 from langsmith.utils import tracing_is_enabled as tracing_enabled
@@ -140,8 +141,6 @@ def as_guard(policy_or_guard: Policy | Guard, *, otel: bool = True) -> Guard:
 def thread_id() -> str | None:
     """The LangGraph thread, used as the conversation id (it keys the judge's prefix cache
     and is part of every binding)."""
-    from langgraph.config import get_config
-
     try:
         configurable = get_config().get("configurable") or {}
     except RuntimeError:
@@ -152,8 +151,6 @@ def thread_id() -> str | None:
 
 def task_id() -> str | None:
     """The LangGraph task running now (one per node run), None outside a graph."""
-    from langgraph.config import get_config
-
     try:
         return get_config().get("configurable", {}).get("__pregel_task_id")
     except RuntimeError:
@@ -161,8 +158,6 @@ def task_id() -> str | None:
 
 
 def in_graph() -> bool:
-    from langgraph.config import get_config
-
     try:
         get_config()
     except RuntimeError:
@@ -173,8 +168,6 @@ def in_graph() -> bool:
 def checkpointed() -> bool:
     """Whether the node runs in a graph with a checkpointer: only there can it pause for a
     reviewer and resume, and only there does a LangGraph task's result outlive the node run."""
-    from langgraph.config import get_config
-
     try:
         configurable = get_config().get("configurable") or {}
     except RuntimeError:

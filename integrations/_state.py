@@ -13,6 +13,7 @@ from typing import Any, Generator
 
 from langchain_core.messages import BaseMessage
 
+from langgraph.config import get_config
 from langgraph._internal._constants import CONFIG_KEY_REPLAY_STATE
 
 from soda_guard.records import TurnRecords
@@ -26,8 +27,6 @@ def replay_of() -> str | None:
     from, which LangGraph marks in the run's config; None in any other run. LangGraph re-runs
     the steps after that checkpoint, so records in the forked state were made for steps that
     already ran once."""
-    from langgraph.config import get_config
-
     try:
         configurable = get_config().get("configurable") or {}
     except RuntimeError:
