@@ -155,6 +155,7 @@ class Guard:
         self._backends: dict[str, Backend] = dict(backends or {})
         self._made: list[Backend] = []
         self._runners: dict[str, Runner] = {}
+        self._warmable: tuple[int, tuple[Runner, ...]] | None = None
         self._load_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self.sinks: list[AuditSink] = list(sinks or [])
@@ -251,13 +252,21 @@ class Guard:
         except RuntimeError:  # closed
             return None
 
-    def warmable(self) -> list[Runner]:
+    def warmable(self) -> tuple[Runner, ...]:
         """The loaded judges a warm-up would prefill (those whose backend can): none means a
-        warm-up does nothing, and a caller need not even build the conversation."""
-        return [
+        warm-up does nothing, and a caller need not even build the conversation. Asked before
+        every model call; read again only once another judge has loaded (judges are only
+        ever added, and a runner keeps its backend)."""
+        loaded = len(self._runners)
+        known = self._warmable
+        if known is not None and known[0] == loaded:
+            return known[1]
+        found = tuple(
             runner for name in self._in_use
             if (runner := self._runners.get(name)) is not None and callable(getattr(getattr(runner, "backend", None), "prefill", None))
-        ]
+        )
+        self._warmable = (loaded, found)
+        return found
 
     async def awarm_up(self, conversation: Trajectory | Callable[[], Trajectory]) -> concurrent.futures.Future[Any] | None:
         """`warm_up` from async code: it only queues work, so nothing is awaited."""

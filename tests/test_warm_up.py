@@ -190,3 +190,16 @@ def test_http_warm_ups_never_take_more_than_half_the_workers(monkeypatch: pytest
         assert future is not None
         future.result(timeout=10)
     backend.close()
+
+
+def test_a_judge_loaded_after_the_first_question_is_warmed_from_then_on() -> None:
+    """What can be warmed is asked before every model call and remembered: a judge that loads
+    later (on first use) is found the next time it is asked."""
+    policy = Policy.from_dict(
+        {"judges": {"soda": {"kind": "soda", "model": "judge", "backend": "openai", "base_url": "http://127.0.0.1:9/v1", "warm_up": True}}}
+    )
+    guard = Guard(policy)
+    assert guard.warmable() == ()
+    guard.runner("soda")
+    assert guard.warmable() == (guard.runner("soda"),)
+    guard.close()
