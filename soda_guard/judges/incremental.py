@@ -72,6 +72,13 @@ class Lru(Generic[V]):
                 self.weight -= evicted
 
 
+class _KeyedRef(weakref.ref):  # type: ignore[type-arg]
+    """A weak reference that knows its entry's key: one callback serves the whole memo,
+    instead of a closure made per entry."""
+
+    __slots__ = ("key",)
+
+
 class IdentityMemo(Generic[V]):
     """Values by the identity of the object they were made from, each entry gone with its
     object: a lookup is a dictionary read, and the memo holds no object alive (so it needs no
@@ -80,6 +87,13 @@ class IdentityMemo(Generic[V]):
 
     def __init__(self) -> None:
         self._entries: dict[int, tuple[weakref.ref[object], V]] = {}
+        entries = self._entries
+
+        def forget(ref: _KeyedRef) -> None:
+            if (entry := entries.get(ref.key)) is not None and entry[0] is ref:
+                entries.pop(ref.key, None)
+
+        self._forget = forget
 
     def get(self, obj: object) -> V | None:
         found = self._entries.get(id(obj))
@@ -88,14 +102,9 @@ class IdentityMemo(Generic[V]):
         return found[1]
 
     def put(self, obj: object, value: V) -> None:
-        key = id(obj)
-        entries = self._entries
-
-        def forget(ref: weakref.ref[object]) -> None:
-            if (entry := entries.get(key)) is not None and entry[0] is ref:
-                entries.pop(key, None)
-
-        entries[key] = (weakref.ref(obj, forget), value)
+        ref = _KeyedRef(obj, self._forget)
+        ref.key = id(obj)
+        self._entries[ref.key] = (ref, value)
 
 
 AT_ONCE_MAX_STEPS = 1024
