@@ -584,7 +584,7 @@ class ToolCallEnforcer:
         sealed = self._sealed(request, trajectory, ran, record.binding.args_digest if record.run_args is None else None)
         # a copy: what runs after the guard may edit the arguments it is handed in place, and
         # must not reach the judged record (or the steps cached with it) that way
-        result = yield Run(request.override(tool_call={**request.tool_call, "args": copy.deepcopy(ran.args)}, tool=sealed))
+        result = yield Run(request.override(tool_call={**request.tool_call, "args": _copied(ran.args)}, tool=sealed))
         if sealed is not None and sealed.refused is not None:
             stopped = record.model_copy(update={"decision": sealed.refused, "outcome": "refuse", "message": sealed.refused.why})
             return _stamped(result, stopped) if isinstance(result, ToolMessage) else result
@@ -688,6 +688,17 @@ class ToolCallEnforcer:
             return await self.judging.aresult(need.trajectory, need.call, need.message)
 
         return answer
+
+
+_ATOMS = frozenset({str, int, float, bool, type(None)})
+
+
+def _copied(args: Any) -> Any:
+    """A deep copy of a call's arguments: for the common flat object of plain values (which
+    a deep copy would share anyway), a new dict, at a tenth of `copy.deepcopy`'s cost."""
+    if type(args) is dict and all(type(value) in _ATOMS for value in args.values()):
+        return dict(args)
+    return copy.deepcopy(args)
 
 
 def _position(message: AIMessage, call: Mapping[str, Any]) -> int:

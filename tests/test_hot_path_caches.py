@@ -288,3 +288,19 @@ def test_a_tool_object_is_read_again_once_its_name_or_metadata_is_replaced() -> 
     tool.name = "read_files"
     assert catalog.unread(tool)
     assert catalog.unread(StructuredTool.from_function(lambda path: path, name="read_file", description="Read."))
+
+
+def test_the_arguments_handed_to_the_tool_share_nothing_mutable_with_the_judged_call() -> None:
+    """What runs after the guard may edit the arguments it is handed in place; the judged
+    record must not change with them, flat or nested."""
+    from soda_guard.integrations._enforce import _copied
+
+    class Text(str):
+        pass
+
+    for args in ({"path": "/tmp/x", "n": 1, "force": None}, {"a": {"b": [1, 2]}}, {"path": Text("/tmp/x")}, [1, {"c": 2}]):
+        copied = _copied(args)
+        assert copied == args and copied is not args
+        if isinstance(args, dict) and isinstance(args.get("a"), dict):
+            assert copied["a"] is not args["a"] and copied["a"]["b"] is not args["a"]["b"]
+    assert "path" in _copied({"path": "/"}) and _copied("raw text") == "raw text"
