@@ -22,7 +22,7 @@ from typing import Any
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage, convert_to_messages
 from langgraph.types import Command
 
-from soda_guard.binding import CallBinding
+from soda_guard.binding import MARSHAL_VERSION, CallBinding
 from soda_guard.judges.incremental import IdentityMemo, Lru
 from soda_guard.records import TurnRecords
 from soda_guard.seal import RecordSeal
@@ -243,13 +243,9 @@ def _frozen(content: Any) -> bytes | None:
     `1.0` read alike to `==`, not to the judge), written at C speed. None for content with
     objects marshal does not write (other types, subclasses), which is read every turn."""
     try:
-        return marshal.dumps(content, _MARSHAL_VERSION)
+        return marshal.dumps(content, MARSHAL_VERSION)
     except ValueError:
         return None
-
-
-_MARSHAL_VERSION = 2
-"""The newest version that writes no back-references, whose use depends on reference counts."""
 
 
 def _latest_step(message: BaseMessage) -> Step | None:
@@ -457,7 +453,7 @@ def _reused(before: _Conversion, messages: tuple[BaseMessage, ...], fields: list
     count = bisect.bisect_left(before.frozen_at, size)
     if count:
         try:
-            now = tuple(map(marshal.dumps, map(fields[0].__getitem__, before.frozen_at[:count]), repeat(_MARSHAL_VERSION)))
+            now = tuple(map(marshal.dumps, map(fields[0].__getitem__, before.frozen_at[:count]), repeat(MARSHAL_VERSION)))
         except ValueError:  # an object marshal does not write, put in place since
             return 0
         if now != before.frozen[:count]:

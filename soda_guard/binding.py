@@ -32,7 +32,7 @@ def args_digest(args: Any) -> str:
     if isinstance(args, str):
         return _digest(args)
     try:
-        frozen = marshal.dumps(args, _MARSHAL_VERSION)
+        frozen = marshal.dumps(args, MARSHAL_VERSION)
     except ValueError:  # an object marshal does not write (other types, subclasses)
         return _digest(args)
     if len(frozen) > _MEMO_MAX_BYTES:
@@ -51,8 +51,9 @@ def _digest(args: Any) -> str:
     return sha256_hex(canonical.encode("utf-8", "surrogatepass"))
 
 
-_MARSHAL_VERSION = 2
-"""The newest version that writes no back-references, whose use depends on reference counts."""
+MARSHAL_VERSION = 2
+"""The `marshal` version the caches that tell values apart by their bytes write: the newest
+that writes no back-references, whose use depends on reference counts."""
 _MEMO_MAX_BYTES = 2048
 _MEMO_ENTRIES = 4096
 _DIGESTS: dict[bytes, str] = {}
