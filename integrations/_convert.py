@@ -363,11 +363,13 @@ def to_trajectory(
     (`_reused`), so a turn costs what it adds."""
     messages = tuple(messages)
     latest = next((i for i in range(len(messages) - 1, -1, -1) if isinstance(messages[i], AIMessage)), len(messages))
-    # `_WATCHED` read for all messages at once, field by field (at C speed)
     stored = tuple(map(_FIELD_VALUES, messages))
-    fields = [tuple(map(dict.get, stored, repeat(name))) for name in _WATCHED]
     before = _CONVERSIONS.get(conversation_id) if conversation_id is not None else None
-    reused = _reused(before, messages, fields, latest) if before is not None else 0
+    size = min(len(before.messages), latest) if before is not None else 0
+    # the very messages converted before, or equal ones: of the same types, so of the same kinds
+    same = before is not None and size > 0 and before.messages[:size] == messages[:size]
+    fields = _Fields.read(messages, stored, before.fields if same else None, size if same else 0)  # type: ignore[union-attr]
+    reused = _reused(before, fields, size) if same else 0  # type: ignore[arg-type]
     converted = [
         *(before.steps[:reused] if before is not None else ()),
         *map(_earlier_step, messages[reused:latest]),
@@ -382,11 +384,70 @@ def to_trajectory(
 
 _IS_STEP = functools.partial(operator.is_not, None)
 
+_CALLS, _RESULT, _OTHER = range(3)
+"""The kinds of message whose steps are made of more than their content: a model's turn, a
+tool's result, and any other class (a system or user message's step is its content alone)."""
+_KIND_FIELDS = (("tool_calls",), ("tool_call_id", "name", "status"), ("role", "type"))
+"""Each kind's fields besides its content that its step is made of (`_step_key`, `_converted`)."""
+_BY_IDENTITY = (("tool_calls",), (), ())
+"""Those matched by identity (`{"n": 1} == {"n": True}`, yet each renders as itself); the
+others hold strings (or None), where an equal one renders the same."""
+_KINDS: dict[type, int | None] = {}
+
+
+def _kind(cls: type) -> int | None:
+    """A message class's kind, None for a system or user message: in `_step_key`'s order."""
+    try:
+        return _KINDS[cls]
+    except KeyError:
+        pass
+    if issubclass(cls, (SystemMessage, HumanMessage)):
+        kind: int | None = None
+    elif issubclass(cls, AIMessage):
+        kind = _CALLS
+    else:
+        kind = _RESULT if issubclass(cls, ToolMessage) else _OTHER
+    _KINDS[cls] = kind
+    return kind
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fields:
+    """Every field the steps of a conversation's messages are made of, read for all of them at
+    once (at C speed): each message's content, and each kind's own fields for the messages of
+    that kind only (`indexes[kind]`, in order; `values[kind][field]` aligned with them), so a
+    turn reads a model's turn for two fields and a tool's result for four instead of six each."""
+
+    content: tuple[Any, ...]
+    indexes: tuple[tuple[int, ...], ...]
+    values: tuple[tuple[tuple[Any, ...], ...], ...]
+
+    @classmethod
+    def read(
+        cls, messages: tuple[BaseMessage, ...], stored: tuple[dict[str, Any], ...], before: _Fields | None, size: int
+    ) -> _Fields:
+        """The fields of `messages` (their instance dictionaries `stored`); the kinds of the
+        first `size` are `before`'s (the same messages, or equal ones, converted before)."""
+        added: tuple[list[int], ...] = ([], [], [])
+        for index in range(size, len(messages)):
+            kind = _kind(type(messages[index]))
+            if kind is not None:
+                added[kind].append(index)
+        if before is None:
+            indexes = tuple(map(tuple, added))
+        else:
+            indexes = tuple(old[: bisect.bisect_left(old, size)] + tuple(new) for old, new in zip(before.indexes, added))
+        values = tuple(
+            tuple(tuple(map(dict.get, holders, repeat(name))) for name in names)
+            for holders, names in zip((tuple(map(stored.__getitem__, kind)) for kind in indexes), _KIND_FIELDS)
+        )
+        return cls(tuple(map(dict.get, stored, repeat("content"))), indexes, values)
+
 
 @dataclasses.dataclass(frozen=True)
 class _Conversion:
     messages: tuple[BaseMessage, ...]
-    fields: list[tuple[Any, ...]]
+    fields: _Fields
     steps: list[Step | None]
     reusable: int
     """How many leading messages a later turn may take over: each has text content, or
@@ -398,7 +459,7 @@ class _Conversion:
 
 
 def _conversion(
-    before: _Conversion | None, reused: int, messages: tuple[BaseMessage, ...], fields: list[tuple[Any, ...]],
+    before: _Conversion | None, reused: int, messages: tuple[BaseMessage, ...], fields: _Fields,
     steps: list[Step | None],
 ) -> _Conversion:
     """The conversion to keep for the next turn: the prefix taken over keeps its frozen
@@ -411,7 +472,7 @@ def _conversion(
         frozen_at, frozen = list(before.frozen_at[:kept]), list(before.frozen[:kept])
     reusable = len(messages)
     for index in range(reused, len(messages)):
-        content = fields[0][index]
+        content = fields.content[index]
         if isinstance(content, str):
             continue
         seen = _BY_MESSAGE.get(messages[index])
@@ -429,41 +490,35 @@ _CONVERSIONS: Lru[_Conversion] = Lru(1 << 15)
 held so that their identities stay theirs)."""
 
 
-def _reused(before: _Conversion, messages: tuple[BaseMessage, ...], fields: list[tuple[Any, ...]], latest: int) -> int:
-    """How many leading messages (all before the latest assistant turn) are the messages
-    converted before (the very objects, as a conversation's state keeps them), with every
-    watched field the value it had, and content that is text or a list of blocks that still
-    freezes as it did: their steps stand (`_BY_MESSAGE`'s rule, checked for the whole prefix
-    at C speed). Content and tool calls are matched by identity
-    (`{"n": 1} == {"n": True}`, yet each renders as itself); the messages and the other fields
-    by a tuple comparison, several times faster than an identity check element by element,
-    which compares identical objects at once and others by value: the other fields hold
-    strings, where an equal one renders the same, and a message equal to another is of its
-    type (the step's kind) with equal fields (its content and calls then checked here)."""
-    size = min(len(before.messages), latest)
-    if size == 0 or before.messages[:size] != messages[:size]:
-        return 0
-    if any(before.fields[index][:size] != fields[index][:size] for index in _COMPARED):
-        return 0
-    if not all(map(operator.is_, before.fields[_TOOL_CALLS][:size], fields[_TOOL_CALLS][:size])):
-        return 0
+def _reused(before: _Conversion, fields: _Fields, size: int) -> int:
+    """How many leading messages (the first `size`, all before the latest assistant turn, which
+    the caller found to be the messages converted before: the very objects, as a conversation's
+    state keeps them, or equal ones) still have every field their step is made of as it was,
+    and content that is text or a list of blocks that still freezes as it did: their steps
+    stand (`_BY_MESSAGE`'s rule, checked for the whole prefix at C speed). Content and tool
+    calls are matched by identity, the string fields by a tuple comparison (identical objects
+    at once, others by value)."""
+    old = before.fields
     # the very content objects: text as it was; lists of blocks frozen as they were
-    if before.reusable < size or not all(map(operator.is_, before.fields[0][:size], fields[0][:size])):
+    if before.reusable < size or not all(map(operator.is_, old.content[:size], fields.content[:size])):
         return 0
+    for indexes, was, now, names, identical in zip(old.indexes, old.values, fields.values, _KIND_FIELDS, _BY_IDENTITY):
+        count = bisect.bisect_left(indexes, size)
+        for name, before_values, values in zip(names, was, now):
+            if name in identical:
+                if not all(map(operator.is_, before_values[:count], values[:count])):
+                    return 0
+            elif before_values[:count] != values[:count]:
+                return 0
     count = bisect.bisect_left(before.frozen_at, size)
     if count:
         try:
-            now = tuple(map(marshal.dumps, map(fields[0].__getitem__, before.frozen_at[:count]), repeat(MARSHAL_VERSION)))
+            now_frozen = tuple(map(marshal.dumps, map(fields.content.__getitem__, before.frozen_at[:count]), repeat(MARSHAL_VERSION)))
         except ValueError:  # an object marshal does not write, put in place since
             return 0
-        if now != before.frozen[:count]:
+        if now_frozen != before.frozen[:count]:
             return 0
     return size
-
-
-_TOOL_CALLS = _WATCHED.index("tool_calls")
-_COMPARED = tuple(index for index, name in enumerate(_WATCHED) if name not in ("content", "tool_calls"))
-"""The watched fields that hold strings (or None), compared by value."""
 
 
 def with_calls(trajectory: Trajectory, calls: list[ToolCall]) -> Trajectory:
