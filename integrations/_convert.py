@@ -272,8 +272,16 @@ blocks edited in place, are converted anew; a tool call's arguments edited in pl
 earlier turn's message are not seen again (that call ran as it was judged: `SealedTool`),
 and the latest assistant turn, whose calls may be pending, is always read whole."""
 
-_WATCHED = ("content", "tool_calls", "tool_call_id", "name", "status", "role")
-"""Every field a message's step is made of (`role` for a `ChatMessage`)."""
+_CALLS, _RESULT, _OTHER = range(3)
+"""The kinds of message whose steps are made of more than their content: a model's turn, a
+tool's result, and any other class (a system or user message's step is its content alone)."""
+_KIND_FIELDS = (("tool_calls",), ("tool_call_id", "name", "status"), ("role", "type"))
+"""Each kind's fields besides its content that its step is made of (`_step_key`, `_converted`)."""
+_BY_IDENTITY = (("tool_calls",), (), ())
+"""Those matched by identity (`{"n": 1} == {"n": True}`, yet each renders as itself); the
+others hold strings (or None), where an equal one renders the same."""
+_WATCHED = ("content", *dict.fromkeys(name for names in _KIND_FIELDS for name in names))
+"""Every field a message's step is made of, whatever its kind."""
 _FIELD_VALUES = operator.attrgetter("__dict__")
 """A message's field values (pydantic keeps them in the instance dictionary): a field a
 message class does not have reads as None there, without pydantic's missing-attribute path."""
@@ -384,14 +392,6 @@ def to_trajectory(
 
 _IS_STEP = functools.partial(operator.is_not, None)
 
-_CALLS, _RESULT, _OTHER = range(3)
-"""The kinds of message whose steps are made of more than their content: a model's turn, a
-tool's result, and any other class (a system or user message's step is its content alone)."""
-_KIND_FIELDS = (("tool_calls",), ("tool_call_id", "name", "status"), ("role", "type"))
-"""Each kind's fields besides its content that its step is made of (`_step_key`, `_converted`)."""
-_BY_IDENTITY = (("tool_calls",), (), ())
-"""Those matched by identity (`{"n": 1} == {"n": True}`, yet each renders as itself); the
-others hold strings (or None), where an equal one renders the same."""
 _KINDS: dict[type, int | None] = {}
 
 
