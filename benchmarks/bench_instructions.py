@@ -4,10 +4,11 @@ to a checkpointed agent run, counted in instructions instead of seconds.
 On a shared machine the wall-clock ratio of `bench_checkpoint.py` moves by more than the
 differences worth measuring; the instructions a run executes move far less (a few tenths of a
 percent between invocations, where LangGraph's thread pools interleave differently: compare
-changes larger than that, or count both versions side by side). This runs the same runs as `bench_checkpoint.py` (unguarded, a pass-through
-middleware with the guard's hooks and state, guarded) under `valgrind --tool=callgrind`, each
-kind in a process of its own: a warm-up run, then two runs counted from just after the
-`gc.collect()` that precedes each (as `bench_checkpoint.py` starts its clock) to the run's end.
+changes larger than that, or count both versions side by side). This runs the same runs as
+`bench_checkpoint.py` (unguarded, a pass-through middleware with the guard's hooks and state,
+guarded) under `valgrind --tool=callgrind`, each kind in a process of its own: a warm-up run,
+then two runs counted from just after the `gc.collect()` that precedes each (as
+`bench_checkpoint.py` starts its clock) to the run's end.
 Printed: instructions per run and the ratios to the unguarded run. Needs valgrind
 (`apt-get install valgrind`); a few minutes. A count is not a time (it leaves out cache misses
 and waits), so it complements the wall-clock benchmark rather than replacing it.
