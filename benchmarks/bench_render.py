@@ -6,7 +6,7 @@ of the next turn as the adapters make it (the same step objects, one call and it
 added: the history is extended from the previous turn's) and for the turn's other calls (the
 history shared). Prints ms per call and the ratios.
 
-    python benchmarks/bench_render.py [--repeat 20]
+    python benchmarks/bench_render.py [--repeat 20] [--steps 10,100,1000]
 """
 
 from __future__ import annotations
@@ -54,12 +54,14 @@ def per_call_ms(action, repeat: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=20)
-    repeat = parser.parse_args().repeat
+    parser.add_argument("--steps", default="10,100,1000", help="conversation lengths, comma-separated")
+    arguments = parser.parse_args()
+    repeat = arguments.repeat
     print(
         f"{'steps':>6} {'uncached ms':>12} {'turn first ms':>14} {'next turn':>10} {'turn rest ms':>13}"
         f" {'first/uncached':>15} {'next/uncached':>13} {'rest/uncached':>14}"
     )
-    for steps in (10, 100, 1000):
+    for steps in map(int, arguments.steps.split(",")):
         messages = conversation(steps)
         judge = SodaJudge()
         judge.render(trajectory(messages[:-2]))  # the earlier turns were judged already

@@ -5,6 +5,7 @@ dataset conversation and on fuzzed trajectories, with budgets that force elision
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,71 @@ def test_steps_of_a_subclassed_type_render_as_their_role() -> None:
     subclassed = Trajectory.model_construct(steps=[_Request(content="Tidy up."), _Action(content="", tool_calls=[call])])
     for window in ("latest", "history", "full"):
         assert SodaJudge(window=window).render(subclassed) == SodaJudge(window=window).render(plain)
+
+
+_SIZES = st.sampled_from([0, 1, 2, 5, 30, 120, 400, 3000])
+"""Message lengths from empty (a removal that costs less than the marker it adds) to longer
+than the per-message limit (clipped unless it is the action)."""
+_TURN = st.fixed_dictionaries(
+    {
+        "say": _SIZES,
+        "calls": st.lists(_SIZES, min_size=1, max_size=3),
+        "judged_after_results": st.booleans(),
+        "then": st.sampled_from(["", "", "", "user", "system"]),
+    }
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(turns=st.lists(_TURN, min_size=1, max_size=40), room=st.integers(4096, 7000), window=st.sampled_from(["history", "full"]))
+def test_a_conversation_past_the_budget_matches_the_reference_turn_by_turn(turns: list, room: int, window: str) -> None:
+    """The walk and the rendering a turn past the budget edits from the previous turn's
+    (`elision`) must read as the reference renderer's at every turn, each pending call judged
+    alone and the turn whole: new results among the already-elided ones, empty messages whose
+    removal costs more than it saves, actions clipped once they are no longer the action,
+    new requests that hide earlier turns."""
+    judge = SodaJudge(window=window, budget=ContextBudget(max_prompt_chars=room, max_message_chars=256))  # type: ignore[arg-type]
+    steps: list = [UserStep(content="Archive the old reports.")]
+    for number, turn in enumerate(turns):
+        calls = [ToolCall(id=f"c{number}.{index}", name="archive", args={"n": index}) for index in range(len(turn["calls"]))]
+        steps.append(AssistantStep(content="s" * turn["say"], tool_calls=calls))
+        view = Trajectory(steps=list(steps), conversation_id="run")
+        for judged in (view, *(view.with_only_pending_call(call.id) for call in calls[1:])):
+            assert _cached(judge, judged) == _reference(judge, judged), (number, len(judged.steps))
+        steps += [ToolStep(tool_call_id=call.id, content=f"r{number} " + "x" * size) for call, size in zip(calls, turn["calls"])]
+        if turn["judged_after_results"]:
+            view = Trajectory(steps=list(steps), conversation_id="run")
+            assert _cached(judge, view) == _reference(judge, view), (number, "results")
+        if turn["then"] == "user":
+            steps.append(UserStep(content=f"Now the next batch, {number}."))
+        elif turn["then"] == "system":
+            steps.append(SystemStep(content="Be brief."))
+
+
+def test_a_turn_past_the_budget_edits_the_previous_turns_walk_and_rendering(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once a conversation outgrows the budget, each turn's elision walk and rendered
+    history are the previous turn's with the new messages edited in: neither is made again
+    from the whole history (the cost a turn would otherwise pay in the conversation's
+    length), the walk but when the conversation first overflows and when its message count
+    gains a digit (every marker's cost changes), and the prompt is still the reference
+    renderer's."""
+    from soda_guard.judges import elision
+
+    made: list[tuple[str, int]] = []
+    steps: list = [UserStep(content="Archive the old reports.")]
+    for cls in (elision.Walk, elision.Elision):
+
+        def counted(cls: type, *args: object, _made: Callable = cls.made.__func__) -> object:  # type: ignore[type-arg]
+            made.append((cls.__name__, len(steps)))
+            return _made(cls, *args)
+
+        monkeypatch.setattr(cls, "made", classmethod(counted))
+    judge = SodaJudge(budget=ContextBudget(max_prompt_chars=8000, max_message_chars=300))
+    for index in range(150):
+        steps.append(AssistantStep(content=f"Step {index}.", tool_calls=[ToolCall(id=f"c{index}", name="archive", args={"n": index})]))
+        view = Trajectory(steps=list(steps), conversation_id="run")
+        assert _cached(judge, view) == _reference(judge, view), index
+        steps.append(ToolStep(tool_call_id=f"c{index}", content=f"archived report {index} " * (1 + index % 7)))
+    overflowed = made[1][1]
+    assert 20 < overflowed < 100  # past the budget from then on
+    assert made == [("Elision", 2), ("Walk", overflowed), ("Walk", 100)]

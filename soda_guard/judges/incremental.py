@@ -17,12 +17,13 @@ the uncached renderer (`fit_blocks`), which stays the reference:
   `PreparedHistory` that the turn's calls share. `fit_blocks` elides along a fixed order while
   the prompt is too long; with the protected last message outside the history, the walk is the
   same for every call of the turn, so its running totals are computed once (and only when the
-  prompt does not fit whole) and each call finds where its own walk stops by bisection.
+  prompt does not fit whole) and each call finds where its own walk stops by bisection. Past
+  the budget, the next turn's walk and rendering are the previous turn's with the new messages
+  edited in (`elision`).
 """
 
 from __future__ import annotations
 
-import bisect
 import operator
 import threading
 import weakref
@@ -32,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from typing import Callable, Generic, Hashable, TypeVar
 
 from soda_guard.judges.context import Block, Omitted, any_clipped, clip_block, widest_marker
+from soda_guard.judges.elision import Elision, Pieces, Walk
 
 V = TypeVar("V")
 S = TypeVar("S")
@@ -270,10 +272,12 @@ class PreparedHistory:
     def _fresh(self, count: int) -> None:
         """What is made from the whole history on first need, empty; the marker cost for `count`."""
         self._widest = widest_marker(count, self.marker_overhead)
-        self._walk: tuple[list[int], list[int]] | None = None
+        self._walk: Walk | None = None
         self._items: dict[int, tuple[Block | Omitted, ...]] = {}
         self._rendered: dict[tuple[int, Hashable], object] = {}
-        self._grown: tuple[int, dict[Hashable, object]] | None = None
+        self._joined: dict[tuple[int, Pieces], tuple[Elision | None, str]] = {}
+        self._grown: tuple[int, dict[Pieces, str]] | None = None
+        self._inherited: _Inherited | None = None
         self._lock = threading.Lock()
 
     def _clip(self, block: Block) -> Block:
@@ -310,36 +314,33 @@ class PreparedHistory:
         # shown whole, this history reads as the earlier one's rendering and then the added
         # blocks, when the replaced blocks read as they did and every added one is shown
         unchanged = all(clipped[index].text == made.clipped[index].text for index in changed)
-        if unchanged and all(block.shown for block in made.clipped[len(blocks) :]):
-            with self._lock:
-                whole = {key: value for (removals, key), value in self._rendered.items() if removals == 0}
-            made._grown = (len(blocks), whole)
+        added_shown = all(block.shown for block in made.clipped[len(blocks) :])
+        with self._lock:
+            walk, joined = self._walk, dict(self._joined)
+        if unchanged and added_shown:
+            made._grown = (len(blocks), {pieces: text for (removals, pieces), (_, text) in joined.items() if removals == 0})
+        kept: dict[int, int] = {}
+        if walk is not None:  # which blocks the walk takes first does not depend on a marker's cost
+            continued, kept = walk.continued(self.clipped, made.clipped, changed, made._start(), self.overhead)
+            made._walk = continued if made._widest == self._widest else None
+        states = [state for state, _ in joined.values() if state is not None and state.precedes(kept)]
+        if states and added_shown:
+            made._inherited = _Inherited(tuple(changed), states)
         return made
 
-    def walk(self) -> tuple[list[int], list[int]]:
-        """(removal order, lowest) where lowest[k] is the least prompt length (tail excluded)
-        the walk reaches within k removals, negated so that it ascends and the first stop under
-        a limit is found by bisection. Made on first need: a prompt that fits whole needs none."""
-        if self._walk is not None:
-            return self._walk
-        clipped, size, widest = self.clipped, len(self.clipped), self._widest
-        removed = [not b.shown for b in clipped]
-        gaps, total = self._gaps, self._total
-        order = sorted((i for i, b in enumerate(clipped) if not b.protected and b.shown), key=lambda i: (clipped[i].rank, i))
-        least = total + gaps * widest
-        lowest = [-least]
-        for index in order:
-            left = index > 0 and removed[index - 1]
-            right = index + 1 < size and removed[index + 1]
-            gaps += 1 - left - right
-            removed[index] = True
-            total -= self.overhead(clipped[index]) + len(clipped[index].text)
-            least = min(least, total + gaps * widest)
-            lowest.append(-least)
-        with self._lock:
-            if self._walk is None:
-                self._walk = (order, lowest)
-            return self._walk
+    def _start(self) -> int:
+        """The prompt's length, tail excluded, with nothing removed."""
+        return self._total + self._gaps * self._widest
+
+    def walk(self) -> Walk:
+        """The elision walk over this history, made on first need: a prompt that fits whole
+        needs none, and a history extended from one that needed it edits that one's."""
+        walk = self._walk
+        if walk is None:
+            walk = Walk.made(self.clipped, self._start(), self._widest, self.overhead)
+            with self._lock:
+                walk = self._walk = self._walk or walk
+        return walk
 
     def stop(self, tail: Sequence[Block], room: int) -> tuple[int, list[Block], bool] | None:
         """(how many history messages the walk removes, the tail as shown, whether anything was
@@ -348,11 +349,10 @@ class PreparedHistory:
             raise ValueError("a prepared history takes only protected, shown tail blocks")
         shown, limit = shown_tail(tail, room, self.overhead, self.max_message_chars)
         truncated = self.truncated or any_clipped(shown, tail)
-        if self._total + self._gaps * self._widest <= limit:
+        if self._start() <= limit:
             return 0, shown, truncated
-        lowest = self.walk()[1]
-        removals = bisect.bisect_left(lowest, -limit)
-        if removals == len(lowest):
+        removals = self.walk().first_under(limit)
+        if removals is None:
             return None
         return removals, shown, truncated or removals > 0
 
@@ -363,7 +363,7 @@ class PreparedHistory:
             found = self._items.get(removals)
         if found is not None:
             return found
-        gone = set(self.walk()[0][:removals]) if removals else set()
+        gone = set(self.walk().removed(removals))
         items: list[Block | Omitted] = []
         for index, block in enumerate(self.clipped):
             if block.shown and index not in gone:
@@ -376,28 +376,67 @@ class PreparedHistory:
         with self._lock:
             return self._items.setdefault(removals, made)
 
-    def rendered(
-        self,
-        removals: int,
-        key: Hashable,
-        render: Callable[[tuple[Block | Omitted, ...]], V],
-        append: Callable[[V, tuple[Block, ...]], V] | None = None,
-    ) -> V:
+    def rendered(self, removals: int, key: Hashable, render: Callable[[tuple[Block | Omitted, ...]], V]) -> V:
         """A judge's own rendering of the history at a stopping point, made once and shared by
-        the turn's calls (`key` tells judges' renderings apart). With `append` (the rendering
-        of some items followed by more blocks), a history extended from an earlier one and
-        shown whole is rendered from that one's rendering and the blocks added."""
+        the turn's calls (`key` tells judges' renderings apart)."""
         with self._lock:
             found = self._rendered.get((removals, key))
         if found is not None:
             return found  # type: ignore[return-value]
-        earlier = self._grown[1].get(key) if removals == 0 and append is not None and self._grown is not None else None
-        if earlier is not None and append is not None and self._grown is not None:
-            made = append(earlier, tuple(self.clipped[self._grown[0] :]))  # type: ignore[arg-type]
-        else:
-            made = render(self.items(removals))
+        made = render(self.items(removals))
         with self._lock:
             return self._rendered.setdefault((removals, key), made)  # type: ignore[return-value]
+
+    def joined(self, removals: int, pieces: Pieces) -> str:
+        """The history at a stopping point rendered by a judge whose rendering is its `pieces`
+        joined, made once and shared by the turn's calls. A history extended from an earlier
+        one is made from that one's: shown whole, its text and the added blocks' pieces; past
+        the budget, its pieces with the added blocks' and those the walk removes since edited
+        (`Elision`), so a turn costs what it adds and what it elides, not the history's length."""
+        with self._lock:
+            found = self._joined.get((removals, pieces))
+        if found is not None:
+            return found[1]
+        earlier = self._grown[1].get(pieces) if removals == 0 and self._grown is not None else None
+        state = None
+        if earlier is not None and self._grown is not None:
+            text = earlier + "".join(map(pieces.block, self.clipped[self._grown[0] :]))
+        else:
+            state = self._elision(removals, pieces)
+            text = "".join(state.pieces)
+        with self._lock:
+            return self._joined.setdefault((removals, pieces), (state, text))[1]
+
+    def _elision(self, removals: int, pieces: Pieces) -> Elision:
+        """The pieces after `removals` steps of the walk, from the nearest earlier state of
+        this history or of the one it extends, else made whole."""
+        walk = self.walk() if removals else None
+        cut = walk.cut(removals) if walk is not None else {}
+        with self._lock:
+            own = [state for state, _ in self._joined.values() if state is not None and state.pieces_of is pieces]
+            inherited = self._inherited
+        earlier = [state for state in own if state.precedes(cut)]
+        if earlier:
+            return max(earlier, key=_removals).removed(walk, removals) if walk is not None else earlier[0]
+        if inherited is not None:
+            states = [state for state in inherited.states if state.pieces_of is pieces and state.precedes(cut)]
+            if states:
+                state = max(states, key=_removals).extended(self.clipped, inherited.changed)
+                return state.removed(walk, removals) if walk is not None else state
+        return Elision.made(self.clipped, walk, removals, pieces)
+
+
+_removals = operator.attrgetter("removals")
+
+
+@dataclass(frozen=True)
+class _Inherited:
+    """What a history extended from another takes of its renderings past the budget: the
+    indexes of the other's blocks replaced, and its states whose removed blocks are the first
+    ones of this history's walk too."""
+
+    changed: tuple[int, ...]
+    states: list[Elision]
 
 
 class HistoryMemo:

@@ -33,7 +33,9 @@ from soda_guard.judges.context import (
     fit_blocks,
     header_field,
     neutralise,
+    omission_marker,
 )
+from soda_guard.judges.elision import Pieces
 from soda_guard.judges.incremental import AT_ONCE_MAX_STEPS, BlockMemo, HistoryMemo, Lru, PreparedHistory, ShownWhole
 from soda_guard.trajectory import AssistantStep, SystemStep, ToolStep, Trajectory, UserStep
 from soda_guard.verdict import Label, Source
@@ -152,10 +154,20 @@ def _head(harm: str, environment: str) -> str:
     return "\n".join((*HEADER_LINES, f"Harm category: {harm}", f"Environment: {environment}", "", CONVERSATION_LINE, "")) + "\n"
 
 
+def _block_piece(block: Block) -> str:
+    return f"[{block.role}]\n{block.text}\n\n"
+
+
+def _omitted_piece(count: int) -> str:
+    return f"{omission_marker(count)}\n\n"
+
+
+_PIECES = Pieces(_block_piece, _omitted_piece)
+"""`_render_items`'s conversation as pieces joined, one per message or run of omitted ones."""
+
+
 def _items_text(items: Sequence[Block | Omitted]) -> str:
-    return "".join(
-        f"{item.marker}\n\n" if isinstance(item, Omitted) else f"[{item.role}]\n{item.text}\n\n" for item in items
-    )
+    return "".join(_omitted_piece(item.count) if isinstance(item, Omitted) else _block_piece(item) for item in items)
 
 
 def _appended(text: str, blocks: Sequence[Block]) -> str:
@@ -376,7 +388,7 @@ class SodaJudge(Judge):
         if stop is None:  # the kept messages overflow: clipped to a common level, uncached
             return *fit_conversation(steps, harm, environment, self.budget, self.window), None
         removals, shown, truncated = stop
-        text = prepared.rendered(removals, "soda", _items_text, _appended)
+        text = prepared.joined(removals, _PIECES)
         whole = prepared.shown_whole(history, (user_index, action_index), text) if removals == 0 and history else None  # type: ignore[arg-type]
         return "".join((head, text, _items_text(shown), _FOOT)), truncated, whole
 

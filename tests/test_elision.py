@@ -1,0 +1,112 @@
+"""The elision walk edited turn to turn (`elision`) against the walk made whole and against
+`fit_blocks`, the reference, on arbitrary blocks: any ranks, flags and lengths, any blocks
+replaced, any appended."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from soda_guard.judges.context import Block, fit_blocks, widest_marker
+from soda_guard.judges.elision import Elision, Pieces, Walk
+from soda_guard.judges.incremental import PreparedHistory
+
+PIECES = Pieces(lambda block: f"<{block.role}:{block.text}>", lambda count: f"[{count} gone]")
+WIDTH = widest_marker(40, 2)
+
+
+def _overhead(block: Block) -> int:
+    return len(block.role) + 5
+
+
+_BLOCK = st.builds(
+    Block,
+    role=st.sampled_from(["USER", "ASSISTANT", "TOOL"]),
+    text=st.sampled_from(["", "a", "ok", "x" * 30, "y" * 60, "z" * 200]),
+    protected=st.booleans(),
+    rank=st.integers(0, 2),
+    shown=st.booleans(),
+)
+
+
+def _start(blocks: list[Block]) -> int:
+    gaps = sum(1 for index, block in enumerate(blocks) if not block.shown and (index == 0 or blocks[index - 1].shown))
+    return sum(_overhead(block) + len(block.text) for block in blocks if block.shown) + gaps * WIDTH
+
+
+def _shown(elision: Elision) -> tuple[object, ...]:
+    """What an elision says: the ends of a run are read at its ends alone."""
+    gone = elision.gone
+    bounds = {index: elision.ends[index] for index, left in enumerate(gone) if left and (index == 0 or not gone[index - 1] or index + 1 == len(gone) or not gone[index + 1])}
+    return elision.cut, gone, elision.pieces, bounds
+
+
+def _plain(walk: Walk) -> list[tuple[int, list[int], list[int], list[int], list[int]]]:
+    return [(rank, part.indexes, part.drops, part.sums, part.peaks) for rank, part in walk.ranks]
+
+
+@settings(max_examples=400, deadline=None)
+@given(before=st.lists(_BLOCK, max_size=30), data=st.data())
+def test_a_continued_walk_is_the_walk_made_whole(before: list[Block], data: st.DataObject) -> None:
+    """Replace any blocks (shown as before) and append any: the walk edited from the earlier
+    one equals the walk made from the whole list, and the entries it says keep their places
+    do."""
+    changed = data.draw(st.sets(st.integers(0, len(before) - 1), max_size=4)) if before else set()
+    after = list(before)
+    for index in changed:
+        after[index] = data.draw(_BLOCK.map(lambda block, shown=before[index].shown: Block(block.role, block.text, block.protected, block.rank, shown=shown)))
+    after += data.draw(st.lists(_BLOCK, max_size=6))
+    earlier = Walk.made(before, _start(before), WIDTH, _overhead)
+    continued, kept = earlier.continued(before, after, changed, _start(after), _overhead)
+    assert _plain(continued) == _plain(Walk.made(after, _start(after), WIDTH, _overhead))
+    assert continued.start == _start(after)
+    now = {rank: part.indexes for rank, part in continued.ranks}
+    for rank, part in earlier.ranks:
+        assert now.get(rank, [])[: kept[rank]] == part.indexes[: kept[rank]]
+
+
+@settings(max_examples=400, deadline=None)
+@given(blocks=st.lists(_BLOCK, max_size=30), data=st.data())
+def test_pieces_edited_from_fewer_removals_are_the_pieces_made_whole(blocks: list[Block], data: st.DataObject) -> None:
+    walk = Walk.made(blocks, _start(blocks), WIDTH, _overhead)
+    total = sum(len(part.indexes) for _, part in walk.ranks)
+    fewer = data.draw(st.integers(0, total))
+    more = data.draw(st.integers(fewer, total))
+    made = Elision.made(blocks, walk, more, PIECES)
+    assert _shown(Elision.made(blocks, walk, fewer, PIECES).removed(walk, more)) == _shown(made)
+    appended = data.draw(st.lists(_BLOCK.map(lambda block: Block(block.role, block.text, block.protected, block.rank)), max_size=4))
+    grown = [*blocks, *appended]
+    if fewer == 0:
+        assert _shown(Elision.made(blocks, None, 0, PIECES).extended(grown, ())) == _shown(Elision.made(grown, None, 0, PIECES))
+
+
+@settings(max_examples=400, deadline=None)
+@given(blocks=st.lists(_BLOCK, min_size=1, max_size=30), room=st.integers(0, 1500), data=st.data())
+def test_a_prepared_history_extended_turn_by_turn_fits_as_the_reference(blocks: list[Block], room: int, data: st.DataObject) -> None:
+    """A prepared history extended by appended blocks reads as `fit_blocks` on the whole list
+    (its items and its joined pieces), at any budget and at one next to a length the walk
+    reaches (where a removal that costs more than it saves may be passed over)."""
+    tail = [Block("ASSISTANT", "call", protected=True, whole=True)]
+    prepared = PreparedHistory(blocks[:1], 2, overhead=_overhead, marker_overhead=2, max_message_chars=50)
+    for end in range(1, len(blocks) + 1):
+        if end > 1:
+            extended = prepared.extended({}, blocks[len(prepared.blocks) : end], end + 1)
+            assert extended is not None
+            prepared = extended
+        walk = prepared.walk()
+        lengths = [walk.start] + [walk.start - sum(part.sums[-1] for _, part in walk.ranks[:at]) - sums for at, (_, part) in enumerate(walk.ranks) for sums in part.sums]
+        near = data.draw(st.sampled_from(lengths)) + data.draw(st.sampled_from([-1, 0, 1])) - sum(map(_overhead, tail)) - 4
+        for limit in (room, near):
+            stop = prepared.stop(tail, limit)
+            try:
+                reference = fit_blocks([*blocks[:end], *tail], limit, overhead=_overhead, marker_overhead=2, max_message_chars=50)
+            except ValueError:
+                assert stop is None
+                continue
+            if stop is None:
+                continue  # the kept blocks are clipped to a level: the caller runs `fit_blocks`
+            removals, shown, truncated = stop
+            assert [*prepared.items(removals), *shown] == reference.items
+            assert truncated == reference.truncated
+            expected = "".join(f"[{item.count} gone]" if not isinstance(item, Block) else PIECES.block(item) for item in reference.items[:-1])
+            assert prepared.joined(removals, PIECES) == expected
