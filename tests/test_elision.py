@@ -68,16 +68,21 @@ def test_a_continued_walk_is_the_walk_made_whole(before: list[Block], data: st.D
 @settings(max_examples=400, deadline=None)
 @given(blocks=st.lists(_BLOCK, max_size=30), data=st.data())
 def test_pieces_edited_from_fewer_removals_are_the_pieces_made_whole(blocks: list[Block], data: st.DataObject) -> None:
+    """After more removals, and with blocks appended where the walk's first removals stay
+    the same: the pieces edited from an earlier state are those made from the whole list."""
     walk = Walk.made(blocks, _start(blocks), WIDTH, _overhead)
     total = sum(len(part.indexes) for _, part in walk.ranks)
     fewer = data.draw(st.integers(0, total))
     more = data.draw(st.integers(fewer, total))
     made = Elision.made(blocks, walk, more, PIECES)
-    assert _shown(Elision.made(blocks, walk, fewer, PIECES).removed(walk, more)) == _shown(made)
+    assert _shown(Elision.made(blocks, walk, fewer, PIECES).following(walk, more)) == _shown(made)
     appended = data.draw(st.lists(_BLOCK.map(lambda block: Block(block.role, block.text, block.protected, block.rank)), max_size=4))
     grown = [*blocks, *appended]
-    if fewer == 0:
-        assert _shown(Elision.made(blocks, None, 0, PIECES).extended(grown, ())) == _shown(Elision.made(grown, None, 0, PIECES))
+    later, kept = walk.continued(blocks, grown, (), _start(grown), _overhead)
+    earlier = Elision.made(blocks, walk, fewer, PIECES)
+    most = data.draw(st.integers(0, sum(len(part.indexes) for _, part in later.ranks)))
+    if earlier.precedes(kept) and earlier.precedes(later.cut(most)):  # what `PreparedHistory` checks
+        assert _shown(earlier.following(later, most, grown, ())) == _shown(Elision.made(grown, later, most, PIECES))
 
 
 @settings(max_examples=400, deadline=None)

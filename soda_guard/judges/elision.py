@@ -220,24 +220,25 @@ class Elision:
         this one's)."""
         return all(count <= cut.get(rank, 0) for rank, count in self.cut.items())
 
-    def extended(self, blocks: Sequence[Block], changed: Collection[int]) -> Elision:
-        """These pieces for `blocks`: this history's blocks, those at `changed` replaced
-        (shown as before) and the rest appended, all shown."""
-        size, pieces = len(self.gone), self.pieces_of
-        texts = self.pieces[:]
-        texts += map(pieces.block, blocks[size:])
-        for index in changed:
-            if not self.gone[index]:
-                texts[index] = pieces.block(blocks[index])
-        added = len(blocks) - size
-        return Elision(self.cut, pieces, self.gone + [False] * added, self.ends + list(range(size, len(blocks))), texts)
-
-    def removed(self, walk: Walk, removals: int) -> Elision:
-        """These pieces after `removals` steps of `walk`, this being after a part of them."""
-        cut = walk.cut(removals)
-        if cut == self.cut:
+    def following(self, walk: Walk | None, removals: int, blocks: Sequence[Block] | None = None, changed: Collection[int] = ()) -> Elision:
+        """These pieces after `removals` steps of `walk` (None where that is 0), this being
+        after a part of them; for `blocks` where given: this history's blocks, those at
+        `changed` replaced (shown as before) and the rest appended, all shown."""
+        cut = walk.cut(removals) if walk is not None else {}
+        if blocks is None and cut == self.cut:
             return self
-        gone, ends, texts, omitted = self.gone[:], self.ends[:], self.pieces[:], self.pieces_of.omitted
+        gone, ends, texts, pieces = self.gone[:], self.ends[:], self.pieces[:], self.pieces_of
+        if blocks is not None:
+            size = len(gone)
+            for index in changed:
+                if not gone[index]:
+                    texts[index] = pieces.block(blocks[index])
+            texts += map(pieces.block, blocks[size:])
+            gone += [False] * (len(blocks) - size)
+            ends += range(size, len(blocks))
+        if walk is None:
+            return Elision(cut, pieces, gone, ends, texts)
+        omitted = pieces.omitted
         last = len(gone) - 1
         for rank, part in walk.ranks:
             for index in part.indexes[self.cut.get(rank, 0) : cut.get(rank, 0)]:
@@ -249,4 +250,4 @@ class Elision:
                 if end > index:
                     texts[index + 1] = ""
                 texts[start] = omitted(end - start + 1)
-        return Elision(cut, self.pieces_of, gone, ends, texts)
+        return Elision(cut, pieces, gone, ends, texts)

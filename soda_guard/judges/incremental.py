@@ -417,12 +417,11 @@ class PreparedHistory:
             inherited = self._inherited
         earlier = [state for state in own if state.precedes(cut)]
         if earlier:
-            return max(earlier, key=_removals).removed(walk, removals) if walk is not None else earlier[0]
+            return max(earlier, key=_removals).following(walk, removals)
         if inherited is not None:
             states = [state for state in inherited.states if state.pieces_of is pieces and state.precedes(cut)]
             if states:
-                state = max(states, key=_removals).extended(self.clipped, inherited.changed)
-                return state.removed(walk, removals) if walk is not None else state
+                return max(states, key=_removals).following(walk, removals, self.clipped, inherited.changed)
         return Elision.made(self.clipped, walk, removals, pieces)
 
 
