@@ -1,19 +1,22 @@
 """Judge-prompt render time per call at 10, 100 and 1,000 steps: the uncached reference
-(`fit_conversation`, every message rendered and fitted at every call) against the judge's
-cached renderer, for the first call of a turn on a conversation converted into new step
-objects (only the new messages are rendered; the history is fitted again), for the first call
-of the next turn as the adapters make it (the same step objects, one call and its result
-added: the history is extended from the previous turn's) and for the turn's other calls (the
-history shared). Prints ms per call and the ratios.
+(`fit_conversation`, or `fit_gen_messages` with `--judge gen`: every message rendered and
+fitted at every call) against the judge's cached renderer, for the first call of a turn on a
+conversation converted into new step objects (only the new messages are rendered; the history
+is fitted again), for the first call of the next turn as the adapters make it (the same step
+objects, one call and its result added: the history is extended from the previous turn's) and
+for the turn's other calls (the history shared). Prints ms per call and the ratios.
 
-    python benchmarks/bench_render.py [--repeat 20] [--steps 10,100,1000]
+    python benchmarks/bench_render.py [--repeat 20] [--steps 10,100,1000] [--judge soda|gen]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
+from soda_guard.judges.base import Judge
+from soda_guard.judges.qwen3guard_gen import Qwen3GuardGenJudge, fit_gen_messages
 from soda_guard.judges.soda import SodaJudge, _pick, conversation_steps, fit_conversation
 from soda_guard.trajectory import AssistantStep, ToolCall, ToolStep, Trajectory, UserStep
 
@@ -55,20 +58,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--steps", default="10,100,1000", help="conversation lengths, comma-separated")
+    parser.add_argument("--judge", choices=("soda", "gen"), default="soda", help="the SODA judge, or Qwen3Guard-Gen in response mode")
     arguments = parser.parse_args()
     repeat = arguments.repeat
+    make = SodaJudge if arguments.judge == "soda" else lambda: Qwen3GuardGenJudge(mode="response")
     print(
         f"{'steps':>6} {'uncached ms':>12} {'turn first ms':>14} {'next turn':>10} {'turn rest ms':>13}"
         f" {'first/uncached':>15} {'next/uncached':>13} {'rest/uncached':>14}"
     )
     for steps in map(int, arguments.steps.split(",")):
         messages = conversation(steps)
-        judge = SodaJudge()
+        judge = make()
         judge.render(trajectory(messages[:-2]))  # the earlier turns were judged already
 
         def uncached() -> None:
             view = trajectory(messages)
-            fit_conversation(conversation_steps(view, judge.window), _pick(None, None)[0], _pick(None, None)[0], judge.budget, judge.window)
+            if isinstance(judge, SodaJudge):
+                fit_conversation(conversation_steps(view, judge.window), _pick(None, None)[0], _pick(None, None)[0], judge.budget, judge.window)
+            else:
+                fit_gen_messages(view, judge.mode, judge.budget)
 
         fresh = [trajectory(messages) for _ in range(repeat)]
         first = per_call_ms(lambda: judge.render(fresh.pop()), repeat)  # built beforehand: not timed
@@ -76,20 +84,20 @@ def main() -> None:
         judge.render(shared)
         rest = per_call_ms(lambda: judge.render(shared), repeat)
         reference = per_call_ms(uncached, repeat) - per_call_ms(lambda: trajectory(messages), repeat)
-        grown = _next_turn_ms(shared, repeat)
+        grown = _next_turn_ms(make, shared, repeat)
         print(
             f"{steps:>6} {reference:>12.3f} {first:>14.3f} {grown:>10.3f} {rest:>13.3f}"
             f" {first / reference:>15.3f} {grown / reference:>13.3f} {rest / reference:>14.3f}"
         )
 
 
-def _next_turn_ms(conversation: Trajectory, repeat: int) -> float:
+def _next_turn_ms(make: Callable[[], Judge], conversation: Trajectory, repeat: int) -> float:
     """The first call of a turn as the adapters make it: the same step objects as the turn
     before (a conversation's messages are converted once), one call and its result added."""
     best = float("inf")
     previous = conversation.model_copy(update={"steps": conversation.steps[:-2]})
     for _ in range(repeat):
-        judge = SodaJudge()
+        judge = make()
         judge.render(previous)
         start = time.perf_counter()
         judge.render(conversation)

@@ -4,6 +4,7 @@ replaced, any appended."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,7 +12,15 @@ from soda_guard.judges.context import Block, fit_blocks, widest_marker
 from soda_guard.judges.elision import Elision, Pieces, Walk
 from soda_guard.judges.incremental import PreparedHistory
 
-PIECES = Pieces(lambda block: f"<{block.role}:{block.text}>", lambda count: f"[{count} gone]")
+PIECES = Pieces(lambda block: f"<{block.role}:{block.text}>", lambda count: f"[{count} gone]", lambda pieces, trailing: "".join(pieces))
+AFTER = Pieces(
+    lambda block: (block.role, block.text),
+    lambda count: "",
+    lambda pieces, trailing: ([piece for piece in pieces if piece], trailing),
+    lambda block, count: (block.role, f"[{count} gone]" + block.text),
+)
+"""Pieces that put a run's marker on the next message (Qwen3Guard-Gen's way), a run that ends
+the history told apart."""
 WIDTH = widest_marker(40, 2)
 
 
@@ -32,6 +41,17 @@ _BLOCK = st.builds(
 def _start(blocks: list[Block]) -> int:
     gaps = sum(1 for index, block in enumerate(blocks) if not block.shown and (index == 0 or blocks[index - 1].shown))
     return sum(_overhead(block) + len(block.text) for block in blocks if block.shown) + gaps * WIDTH
+
+
+def _marker_on_next(items: list) -> tuple[list[tuple[str, str]], int]:
+    messages, waiting = [], 0
+    for item in items:
+        if isinstance(item, Block):
+            messages.append((item.role, (f"[{waiting} gone]" if waiting else "") + item.text))
+            waiting = 0
+        else:
+            waiting = item.count
+    return messages, waiting
 
 
 def _shown(elision: Elision) -> tuple[object, ...]:
@@ -65,37 +85,45 @@ def test_a_continued_walk_is_the_walk_made_whole(before: list[Block], data: st.D
         assert now.get(rank, [])[: kept[rank]] == part.indexes[: kept[rank]]
 
 
-@settings(max_examples=400, deadline=None)
+@pytest.mark.parametrize("pieces", [PIECES, AFTER], ids=["marker-in-place", "marker-on-next"])
+@settings(max_examples=300, deadline=None)
 @given(blocks=st.lists(_BLOCK, max_size=30), data=st.data())
-def test_pieces_edited_from_fewer_removals_are_the_pieces_made_whole(blocks: list[Block], data: st.DataObject) -> None:
+def test_pieces_edited_from_fewer_removals_are_the_pieces_made_whole(pieces: Pieces, blocks: list[Block], data: st.DataObject) -> None:
     """After more removals, and with blocks appended where the walk's first removals stay
     the same: the pieces edited from an earlier state are those made from the whole list."""
     walk = Walk.made(blocks, _start(blocks), WIDTH, _overhead)
     total = sum(len(part.indexes) for _, part in walk.ranks)
     fewer = data.draw(st.integers(0, total))
     more = data.draw(st.integers(fewer, total))
-    made = Elision.made(blocks, walk, more, PIECES)
-    assert _shown(Elision.made(blocks, walk, fewer, PIECES).following(walk, more)) == _shown(made)
+    made = Elision.made(blocks, walk, more, pieces)
+    assert _shown(Elision.made(blocks, walk, fewer, pieces).following(blocks, walk, more)) == _shown(made)
     appended = data.draw(st.lists(_BLOCK.map(lambda block: Block(block.role, block.text, block.protected, block.rank)), max_size=4))
     grown = [*blocks, *appended]
     later, kept = walk.continued(blocks, grown, (), _start(grown), _overhead)
-    earlier = Elision.made(blocks, walk, fewer, PIECES)
+    earlier = Elision.made(blocks, walk, fewer, pieces)
     most = data.draw(st.integers(0, sum(len(part.indexes) for _, part in later.ranks)))
     if earlier.precedes(kept) and earlier.precedes(later.cut(most)):  # what `PreparedHistory` checks
-        assert _shown(earlier.following(later, most, grown, ())) == _shown(Elision.made(grown, later, most, PIECES))
+        assert _shown(earlier.following(grown, later, most)) == _shown(Elision.made(grown, later, most, pieces))
 
 
 @settings(max_examples=400, deadline=None)
 @given(blocks=st.lists(_BLOCK, min_size=1, max_size=30), room=st.integers(0, 1500), data=st.data())
 def test_a_prepared_history_extended_turn_by_turn_fits_as_the_reference(blocks: list[Block], room: int, data: st.DataObject) -> None:
-    """A prepared history extended by appended blocks reads as `fit_blocks` on the whole list
-    (its items and its joined pieces), at any budget and at one next to a length the walk
-    reaches (where a removal that costs more than it saves may be passed over)."""
+    """A prepared history extended turn by turn (blocks appended, earlier ones replaced, as an
+    action that is no longer the action) reads as `fit_blocks` on the whole list (its items
+    and its joined pieces, either way of placing a marker), at any budget and at one next to a
+    length the walk reaches (where a removal that costs more than it saves may be passed over)."""
     tail = [Block("ASSISTANT", "call", protected=True, whole=True)]
     prepared = PreparedHistory(blocks[:1], 2, overhead=_overhead, marker_overhead=2, max_message_chars=50)
+    current = blocks[:1]
     for end in range(1, len(blocks) + 1):
         if end > 1:
-            extended = prepared.extended({}, blocks[len(prepared.blocks) : end], end + 1)
+            changed = {
+                index: data.draw(_BLOCK.map(lambda block, shown=current[index].shown: Block(block.role, block.text, block.protected, block.rank, shown=shown)))
+                for index in data.draw(st.sets(st.integers(0, len(current) - 1), max_size=2))
+            }
+            current = [changed.get(index, block) for index, block in enumerate(current)] + blocks[len(current) : end]
+            extended = prepared.extended(changed, blocks[len(prepared.blocks) : end], end + 1)
             assert extended is not None
             prepared = extended
         walk = prepared.walk()
@@ -104,7 +132,7 @@ def test_a_prepared_history_extended_turn_by_turn_fits_as_the_reference(blocks: 
         for limit in (room, near):
             stop = prepared.stop(tail, limit)
             try:
-                reference = fit_blocks([*blocks[:end], *tail], limit, overhead=_overhead, marker_overhead=2, max_message_chars=50)
+                reference = fit_blocks([*current, *tail], limit, overhead=_overhead, marker_overhead=2, max_message_chars=50)
             except ValueError:
                 assert stop is None
                 continue
@@ -113,5 +141,6 @@ def test_a_prepared_history_extended_turn_by_turn_fits_as_the_reference(blocks: 
             removals, shown, truncated = stop
             assert [*prepared.items(removals), *shown] == reference.items
             assert truncated == reference.truncated
-            expected = "".join(f"[{item.count} gone]" if not isinstance(item, Block) else PIECES.block(item) for item in reference.items[:-1])
-            assert prepared.joined(removals, PIECES) == expected
+            history = reference.items[:-1]
+            assert prepared.joined(removals, PIECES) == "".join(PIECES.block(item) if isinstance(item, Block) else f"[{item.count} gone]" for item in history)
+            assert prepared.joined(removals, AFTER) == _marker_on_next(history)

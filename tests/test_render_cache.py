@@ -281,16 +281,22 @@ _TURN = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(turns=st.lists(_TURN, min_size=1, max_size=40), room=st.integers(4096, 7000), window=st.sampled_from(["history", "full"]))
-def test_a_conversation_past_the_budget_matches_the_reference_turn_by_turn(turns: list, room: int, window: str) -> None:
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    turns=st.lists(_TURN, min_size=1, max_size=40),
+    room=st.integers(4096, 7000),
+    kind=st.sampled_from(["history", "full", "response", "tool_result"]),
+)
+def test_a_conversation_past_the_budget_matches_the_reference_turn_by_turn(turns: list, room: int, kind: str) -> None:
     """The walk and the rendering a turn past the budget edits from the previous turn's
     (`elision`) must read as the reference renderer's at every turn, each pending call judged
-    alone and the turn whole: new results among the already-elided ones, empty messages whose
+    alone and the turn whole, for the SODA judge and Qwen3Guard-Gen (which puts a run's marker
+    on the next message): new results among the already-elided ones, empty messages whose
     removal costs more than it saves, actions clipped once they are no longer the action,
-    new requests that hide earlier turns."""
-    judge = SodaJudge(window=window, budget=ContextBudget(max_prompt_chars=room, max_message_chars=256))  # type: ignore[arg-type]
-    steps: list = [UserStep(content="Archive the old reports.")]
+    new requests that hide earlier turns, system messages the window leaves out."""
+    budget = ContextBudget(max_prompt_chars=room, max_message_chars=256)
+    judge = SodaJudge(window=kind, budget=budget) if kind in ("history", "full") else Qwen3GuardGenJudge(mode=kind, budget=budget)  # type: ignore[arg-type]
+    steps: list = [SystemStep(content="You archive reports."), UserStep(content="Archive the old reports.")]
     for number, turn in enumerate(turns):
         calls = [ToolCall(id=f"c{number}.{index}", name="archive", args={"n": index}) for index in range(len(turn["calls"]))]
         steps.append(AssistantStep(content="s" * turn["say"], tool_calls=calls))

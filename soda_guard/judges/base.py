@@ -4,6 +4,7 @@ and a score spec (where in its output the verdict token sits)."""
 from __future__ import annotations
 
 import json
+import operator
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from collections.abc import Mapping, Sequence
@@ -124,3 +125,28 @@ class Judge(ABC):
 
     @abstractmethod
     def parse(self, text: str) -> ParsedOutput: ...
+
+
+_ROLE = operator.attrgetter("role")
+"""A step's role, which tells the step types apart as `isinstance` does: read for a whole
+conversation at C speed (pydantic classes check instances through `ABCMeta`)."""
+
+_ROLE_OF_TYPE = {SystemStep: "system", UserStep: "user", AssistantStep: "assistant", ToolStep: "tool"}.__getitem__
+
+
+def step_roles(steps: Sequence[object]) -> list[str]:
+    """The steps' roles, by their exact types (half the time of reading the attribute, which
+    goes through pydantic's attribute hook); by the attribute for a subclass of a step type."""
+    try:
+        return list(map(_ROLE_OF_TYPE, map(type, steps)))
+    except KeyError:
+        return list(map(_ROLE, steps))
+
+
+def last_index(roles: list[str], role: str) -> int | None:
+    """The index of the last `role` in `roles`, found at C speed (a scan may cross the whole
+    conversation)."""
+    try:
+        return len(roles) - 1 - roles[::-1].index(role)
+    except ValueError:
+        return None

@@ -19,17 +19,31 @@ import bisect
 import itertools
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from soda_guard.judges.context import Block
 
+P = TypeVar("P")
+R = TypeVar("R")
+
 
 @dataclass(frozen=True, eq=False)
-class Pieces:
-    """A judge's rendering of a history as pieces joined: `block` a shown block's, `omitted`
-    a run of `count` omitted messages' (its marker). Compared by identity: one per judge kind."""
+class Pieces(Generic[P, R]):
+    """A judge's rendering of a history as one piece per block: `block` a shown block's,
+    `omitted` a run of `count` omitted messages' (at the run's first block; "" where the marker
+    goes elsewhere), `after` a shown block's right after such a run (where the judge puts the
+    marker on the next message; by default its `block` piece), and `join` the rendering from
+    the pieces, "" left out of the count, and the length of a run that ends the history (0
+    where none). Compared by identity: one per judge kind."""
 
-    block: Callable[[Block], str]
-    omitted: Callable[[int], str]
+    block: Callable[[Block], P]
+    omitted: Callable[[int], P | str]
+    join: Callable[[list[P | str], int], R]
+    after: Callable[[Block, int], P] | None = None
+
+    def following(self, block: Block, count: int) -> P:
+        """A shown block's piece after a run of `count` omitted messages (0: none)."""
+        return self.after(block, count) if count and self.after is not None else self.block(block)
 
 
 def _walked(block: Block) -> bool:
@@ -182,14 +196,15 @@ class Elision:
     """A history's rendering as pieces after some removals (`cut`: how many of each rank's
     blocks): `gone` whether each block is left out; `ends`, for each run of left-out blocks,
     its other end at either end, so a removal that joins runs finds and rewrites the run's
-    marker (carried by its first block) without walking the run; `pieces` each block's
-    piece ("" inside a run). Never edited once made: a later stop copies the lists."""
+    marker (carried by its first block, or by the block after it) without walking the run;
+    `pieces` each block's piece ("" inside a run). Never edited once made: a later stop copies
+    the lists."""
 
     cut: dict[int, int]
     pieces_of: Pieces
     gone: list[bool]
     ends: list[int]
-    pieces: list[str]
+    pieces: list[object]
 
     @classmethod
     def made(cls, blocks: Sequence[Block], walk: Walk | None, removals: int, pieces: Pieces) -> Elision:
@@ -198,17 +213,19 @@ class Elision:
         for index in walk.removed(removals) if walk is not None else ():
             gone[index] = True
         ends = list(range(len(blocks)))
-        texts = [""] * len(blocks)
-        start = 0
+        texts: list[object] = [""] * len(blocks)
+        start = run = 0
         for index, block in enumerate(blocks):
             if not gone[index]:
-                texts[index] = pieces.block(block)
+                texts[index] = pieces.following(block, run)
+                run = 0
                 continue
             if index == 0 or not gone[index - 1]:
                 start = index
             if index + 1 == len(blocks) or not gone[index + 1]:
                 ends[start], ends[index] = index, start
-                texts[start] = pieces.omitted(index - start + 1)
+                run = index - start + 1
+                texts[start] = pieces.omitted(run)
         return cls(walk.cut(removals) if walk is not None else {}, pieces, gone, ends, texts)
 
     @property
@@ -220,25 +237,34 @@ class Elision:
         this one's)."""
         return all(count <= cut.get(rank, 0) for rank, count in self.cut.items())
 
-    def following(self, walk: Walk | None, removals: int, blocks: Sequence[Block] | None = None, changed: Collection[int] = ()) -> Elision:
+    def rendering(self) -> object:
+        gone = self.gone
+        return self.pieces_of.join(self.pieces, len(gone) - self.ends[-1] if gone and gone[-1] else 0)
+
+    def following(self, blocks: Sequence[Block], walk: Walk | None, removals: int, changed: Collection[int] = ()) -> Elision:
         """These pieces after `removals` steps of `walk` (None where that is 0), this being
-        after a part of them; for `blocks` where given: this history's blocks, those at
-        `changed` replaced (shown as before) and the rest appended, all shown."""
+        after a part of them, for `blocks`: this history's blocks, those at `changed` replaced
+        (shown as before) and any more appended, all shown."""
         cut = walk.cut(removals) if walk is not None else {}
-        if blocks is None and cut == self.cut:
+        size = len(self.gone)
+        if cut == self.cut and size == len(blocks) and not changed:
             return self
         gone, ends, texts, pieces = self.gone[:], self.ends[:], self.pieces[:], self.pieces_of
-        if blocks is not None:
-            size = len(gone)
-            for index in changed:
-                if not gone[index]:
-                    texts[index] = pieces.block(blocks[index])
-            texts += map(pieces.block, blocks[size:])
+
+        def run_before(index: int) -> int:
+            return index - ends[index - 1] if index > 0 and gone[index - 1] else 0
+
+        for index in changed:
+            if not gone[index]:
+                texts[index] = pieces.following(blocks[index], run_before(index))
+        if len(blocks) > size:
+            texts.append(pieces.following(blocks[size], run_before(size)))
+            texts += map(pieces.block, blocks[size + 1 :])
             gone += [False] * (len(blocks) - size)
             ends += range(size, len(blocks))
         if walk is None:
             return Elision(cut, pieces, gone, ends, texts)
-        omitted = pieces.omitted
+        omitted, after = pieces.omitted, pieces.after
         last = len(gone) - 1
         for rank, part in walk.ranks:
             for index in part.indexes[self.cut.get(rank, 0) : cut.get(rank, 0)]:
@@ -250,4 +276,6 @@ class Elision:
                 if end > index:
                     texts[index + 1] = ""
                 texts[start] = omitted(end - start + 1)
+                if after is not None and end < last:
+                    texts[end + 1] = after(blocks[end + 1], end - start + 1)
         return Elision(cut, pieces, gone, ends, texts)

@@ -37,6 +37,8 @@ from soda_guard.judges.elision import Elision, Pieces, Walk
 
 V = TypeVar("V")
 S = TypeVar("S")
+P = TypeVar("P")
+R = TypeVar("R")
 
 
 class Lru(Generic[V]):
@@ -275,8 +277,7 @@ class PreparedHistory:
         self._walk: Walk | None = None
         self._items: dict[int, tuple[Block | Omitted, ...]] = {}
         self._rendered: dict[tuple[int, Hashable], object] = {}
-        self._joined: dict[tuple[int, Pieces], tuple[Elision | None, str]] = {}
-        self._grown: tuple[int, dict[Pieces, str]] | None = None
+        self._joined: dict[tuple[int, Pieces], tuple[Elision, object]] = {}
         self._inherited: _Inherited | None = None
         self._lock = threading.Lock()
 
@@ -311,19 +312,14 @@ class PreparedHistory:
                 made._total += self.overhead(new) + len(new.text) - self.overhead(old) - len(old.text)
         made._add(appended)
         made._fresh(count)
-        # shown whole, this history reads as the earlier one's rendering and then the added
-        # blocks, when the replaced blocks read as they did and every added one is shown
-        unchanged = all(clipped[index].text == made.clipped[index].text for index in changed)
         added_shown = all(block.shown for block in made.clipped[len(blocks) :])
         with self._lock:
             walk, joined = self._walk, dict(self._joined)
-        if unchanged and added_shown:
-            made._grown = (len(blocks), {pieces: text for (removals, pieces), (_, text) in joined.items() if removals == 0})
         kept: dict[int, int] = {}
         if walk is not None:  # which blocks the walk takes first does not depend on a marker's cost
             continued, kept = walk.continued(self.clipped, made.clipped, changed, made._start(), self.overhead)
             made._walk = continued if made._widest == self._widest else None
-        states = [state for state, _ in joined.values() if state is not None and state.precedes(kept)]
+        states = [state for state, _ in joined.values() if state.precedes(kept)]
         if states and added_shown:
             made._inherited = _Inherited(tuple(changed), states)
         return made
@@ -387,25 +383,20 @@ class PreparedHistory:
         with self._lock:
             return self._rendered.setdefault((removals, key), made)  # type: ignore[return-value]
 
-    def joined(self, removals: int, pieces: Pieces) -> str:
-        """The history at a stopping point rendered by a judge whose rendering is its `pieces`
-        joined, made once and shared by the turn's calls. A history extended from an earlier
-        one is made from that one's: shown whole, its text and the added blocks' pieces; past
-        the budget, its pieces with the added blocks' and those the walk removes since edited
-        (`Elision`), so a turn costs what it adds and what it elides, not the history's length."""
+    def joined(self, removals: int, pieces: Pieces[P, R]) -> R:
+        """The history at a stopping point rendered by a judge whose rendering is made of one
+        piece per block (`Pieces`), made once and shared by the turn's calls. A history
+        extended from an earlier one takes that one's pieces, adds the new blocks' and edits
+        those the walk removes since (`Elision`), so a turn costs what it adds and what it
+        elides, not the history's length."""
         with self._lock:
             found = self._joined.get((removals, pieces))
         if found is not None:
-            return found[1]
-        earlier = self._grown[1].get(pieces) if removals == 0 and self._grown is not None else None
-        state = None
-        if earlier is not None and self._grown is not None:
-            text = earlier + "".join(map(pieces.block, self.clipped[self._grown[0] :]))
-        else:
-            state = self._elision(removals, pieces)
-            text = "".join(state.pieces)
+            return found[1]  # type: ignore[return-value]
+        state = self._elision(removals, pieces)
+        made = state.rendering()
         with self._lock:
-            return self._joined.setdefault((removals, pieces), (state, text))[1]
+            return self._joined.setdefault((removals, pieces), (state, made))[1]  # type: ignore[return-value]
 
     def _elision(self, removals: int, pieces: Pieces) -> Elision:
         """The pieces after `removals` steps of the walk, from the nearest earlier state of
@@ -413,15 +404,15 @@ class PreparedHistory:
         walk = self.walk() if removals else None
         cut = walk.cut(removals) if walk is not None else {}
         with self._lock:
-            own = [state for state, _ in self._joined.values() if state is not None and state.pieces_of is pieces]
+            own = [state for state, _ in self._joined.values() if state.pieces_of is pieces]
             inherited = self._inherited
         earlier = [state for state in own if state.precedes(cut)]
         if earlier:
-            return max(earlier, key=_removals).following(walk, removals)
+            return max(earlier, key=_removals).following(self.clipped, walk, removals)
         if inherited is not None:
             states = [state for state in inherited.states if state.pieces_of is pieces and state.precedes(cut)]
             if states:
-                return max(states, key=_removals).following(walk, removals, self.clipped, inherited.changed)
+                return max(states, key=_removals).following(self.clipped, walk, removals, inherited.changed)
         return Elision.made(self.clipped, walk, removals, pieces)
 
 

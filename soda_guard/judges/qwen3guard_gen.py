@@ -18,6 +18,8 @@ from soda_guard.judges.base import (
     RenderedPrompt,
     ScoreSpec,
     assistant_parts,
+    last_index,
+    step_roles,
     text_size,
     tool_result_text,
 )
@@ -31,7 +33,9 @@ from soda_guard.judges.context import (
     Omitted,
     fit_blocks,
     neutralise,
+    omission_marker,
 )
+from soda_guard.judges.elision import Pieces
 from soda_guard.judges.incremental import BlockMemo, HistoryMemo, PreparedHistory
 from soda_guard.trajectory import AssistantStep, SystemStep, ToolStep, Trajectory, UserStep
 from soda_guard.verdict import Label
@@ -70,6 +74,9 @@ def _wrap_tool_response(content: str) -> str:
     return f"<tool_response>\n{content}\n</tool_response>"
 
 
+_TOOL_WRAPPER = len(_wrap_tool_response(""))
+
+
 def _neutralised(text: str) -> str:
     return neutralise(text, GEN_DELIMITERS)
 
@@ -85,6 +92,11 @@ def _as_block(step: SystemStep | UserStep | AssistantStep | ToolStep, protected:
     return Block("user", _neutralised(step.content), protected, RANK_USER, whole)
 
 
+def _overhead(block: Block) -> int:
+    """What a block costs besides its text: a tool result's wrapper."""
+    return _TOOL_WRAPPER if block.role == "tool" else 0
+
+
 def _base_block(step: SystemStep | UserStep | AssistantStep | ToolStep) -> Block:
     return _as_block(step, False)
 
@@ -95,6 +107,10 @@ def _as_message(item: Block, prefix: str) -> dict[str, str]:
     return {"role": item.role, "content": prefix + item.text}
 
 
+def _message(item: Block) -> dict[str, str]:
+    return _as_message(item, "")
+
+
 def _block_key(step: SystemStep | UserStep | AssistantStep | ToolStep) -> Hashable:
     """What a step's block is rendered from, and nothing else: equal keys render equally."""
     if isinstance(step, AssistantStep):
@@ -102,6 +118,20 @@ def _block_key(step: SystemStep | UserStep | AssistantStep | ToolStep) -> Hashab
     if isinstance(step, ToolStep):
         return ("tool", tool_result_text(step))
     return (step.role, step.content)
+
+
+def _after(block: Block, count: int) -> dict[str, str]:
+    return _as_message(block, omission_marker(count) + "\n")
+
+
+def _joined(pieces: list[dict[str, str] | str], trailing: int) -> tuple[list[dict[str, str]], str]:
+    return list(filter(None, pieces)), omission_marker(trailing) + "\n" if trailing else ""  # type: ignore[arg-type]
+
+
+_PIECES = Pieces(_message, lambda count: "", _joined, _after)
+"""`_messages` as one piece per block: a kept message's dict, the marker of a run before it
+at the start of its content, "" for a left-out one; and the marker still waiting when a run
+ends the history."""
 
 
 def _messages(items: Sequence[Block | Omitted], prefix: str = "") -> tuple[list[dict[str, str]], str]:
@@ -118,21 +148,30 @@ def _messages(items: Sequence[Block | Omitted], prefix: str = "") -> tuple[list[
 
 
 def _window(trajectory: Trajectory, mode: Mode) -> tuple[list[SystemStep | UserStep | AssistantStep | ToolStep], int, int | None]:
-    """(the messages shown, the request's index among them, the judged action's)."""
-    start = trajectory.latest_user_index()
+    """(the messages shown, the request's index among them, the judged action's), found by
+    the steps' roles at C speed: a guard asks at every call, across the whole conversation."""
+    steps = trajectory.steps
+    roles = step_roles(steps)
+    start = last_index(roles, "user")
     if start is None:
         raise TrajectoryError(None, "Qwen3Guard needs a user message to moderate against")
     end = start
     if mode != "prompt":
-        target = AssistantStep if mode == "response" else ToolStep
-        end = next((i for i in range(len(trajectory.steps) - 1, start - 1, -1) if isinstance(trajectory.steps[i], target)), -1)
-        if end < 0:
-            raise TrajectoryError(None, f"no {target.__name__.removesuffix('Step').lower()} message to moderate in {mode} mode")
-    steps = trajectory.steps
-    window = [steps[0], *(step for step in steps[1 : end + 1] if not isinstance(step, SystemStep))]
-    request = len(window) - 1 - sum(1 for step in steps[start + 1 : end + 1] if not isinstance(step, SystemStep))
-    action = next((i for i in range(len(window) - 1, request - 1, -1) if isinstance(window[i], AssistantStep)), None)
-    return window, request, action
+        target = "assistant" if mode == "response" else "tool"
+        found = last_index(roles, target)
+        if found is None or found < start:
+            raise TrajectoryError(None, f"no {target} message to moderate in {mode} mode")
+        end = found
+    try:
+        roles.index("system", 1, end + 1)
+    except ValueError:  # no later system message to leave out: the window is a slice
+        window, shown, request = steps[: end + 1], roles[: end + 1], start
+    else:
+        kept = [0, *(index for index in range(1, end + 1) if roles[index] != "system")]
+        window, shown = [steps[index] for index in kept], [roles[index] for index in kept]
+        request = kept.index(start)
+    action = last_index(shown, "assistant")
+    return window, request, action if action is not None and action >= request else None
 
 
 def fit_gen_messages(
@@ -154,7 +193,7 @@ def fit_gen_messages(
     fitted = fit_blocks(
         blocks,
         budget.max_prompt_chars,
-        overhead=lambda block: len(_wrap_tool_response("")) if block.role == "tool" else 0,
+        overhead=_overhead,
         marker_overhead=1,
         max_message_chars=budget.max_message_chars,
     )
@@ -218,13 +257,14 @@ class Qwen3GuardGenJudge(Judge):
         self._blocks: BlockMemo[SystemStep | UserStep | AssistantStep | ToolStep] = BlockMemo(_block_key, _base_block)
         self._histories = HistoryMemo()
 
-    def _blocks_of(self, steps: Sequence[SystemStep | UserStep | AssistantStep | ToolStep], keep: tuple[int | None, ...]) -> list[Block]:
-        """The steps' blocks, the kept ones (indexes in `keep`, which may lie past `steps`)
-        protected: only those differ from the defaults, so only those are looked at."""
+    def _blocks_of(self, steps: Sequence[SystemStep | UserStep | AssistantStep | ToolStep], keep: tuple[int | None, ...], start: int = 0) -> list[Block]:
+        """The blocks of `steps` (the window's from index `start` on), the kept ones (indexes
+        in `keep`, which may lie past `steps`) protected: only those differ from the defaults,
+        so only those are looked at."""
         blocks = list(map(self._blocks.get, steps))
         for index in set(keep):
-            if index is not None and index < len(steps):
-                blocks[index] = self._kept(steps[index], index, keep)
+            if index is not None and start <= index < start + len(steps):
+                blocks[index - start] = self._kept(steps[index - start], index, keep)
         return blocks
 
     def _kept(self, step: SystemStep | UserStep | AssistantStep | ToolStep, index: int, keep: tuple[int | None, ...]) -> Block:
@@ -233,9 +273,29 @@ class Qwen3GuardGenJudge(Judge):
         whole = index in keep[:2] and not isinstance(step, ToolStep)
         return self._blocks.flagged(self._blocks.get(step), protected=True, whole=whole)
 
+    def _prepare(self, history: list[SystemStep | UserStep | AssistantStep | ToolStep], keep: tuple[int | None, ...], count: int) -> PreparedHistory:
+        return PreparedHistory(
+            self._blocks_of(history, keep), count, overhead=_overhead, marker_overhead=1, max_message_chars=self.budget.max_message_chars
+        )
+
+    def _extend(self, history: list[SystemStep | UserStep | AssistantStep | ToolStep], keep: tuple[int | None, ...], count: int, base: PreparedHistory, base_shape: object) -> PreparedHistory | None:
+        """The next turn's history from the previous one's: with the same request, only the
+        previous action's flags and the new action's can differ, and the new messages are added."""
+        _, base_request, base_action = base_shape  # type: ignore[misc]
+        if base_request != keep[0]:
+            return None
+        size = len(base.blocks)
+        changed = {}
+        for index in {base_action, keep[1]}:
+            if index is not None and index < size:
+                block = self._blocks_of([history[index]], keep, start=index)[0]
+                if block is not base.blocks[index]:
+                    changed[index] = block
+        return base.extended(changed, self._blocks_of(history[size:], keep, start=size), count)
+
     def fit(self, trajectory: Trajectory) -> tuple[list[dict[str, str]], bool]:
         """`fit_gen_messages`, message for message, from blocks rendered once per message and a
-        history fitted once per turn (`incremental`)."""
+        history fitted once per turn and extended turn by turn (`incremental`)."""
         window, request, action = _window(trajectory, self.mode)
         last = len(window) - 1
         keep = (request, action, last)
@@ -243,20 +303,16 @@ class Qwen3GuardGenJudge(Judge):
         prepared = self._histories.get(
             history,
             (self.mode, request, action),
-            lambda: PreparedHistory(
-                self._blocks_of(history, keep),
-                len(window),
-                overhead=lambda block: len(_wrap_tool_response("")) if block.role == "tool" else 0,
-                marker_overhead=1,
-                max_message_chars=self.budget.max_message_chars,
-            ),
+            lambda: self._prepare(history, keep, len(window)),
+            lambda base, shape: self._extend(history, keep, len(window), base, shape),
         )
         stop = prepared.stop([self._kept(window[last], last, keep)], self.budget.max_prompt_chars)
         if stop is None:  # the kept messages overflow: clipped to a common level, uncached
             return fit_gen_messages(trajectory, self.mode, self.budget)
         removals, shown, truncated = stop
-        # the history's message dicts are shared by the turn's prompts: read, never edited
-        earlier, prefix = prepared.rendered(removals, "gen", _messages)
+        # the history's message dicts are shared by the turn's prompts and the later turns'
+        # (`Elision` carries them over): read, never edited
+        earlier, prefix = prepared.joined(removals, _PIECES)
         return [*earlier, *_messages(shown, prefix)[0]], truncated
 
     def renders_at_once(self, trajectories: Sequence[Trajectory]) -> bool:

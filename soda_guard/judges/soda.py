@@ -18,7 +18,9 @@ from soda_guard.judges.base import (
     RenderedPrompt,
     ScoreSpec,
     assistant_parts,
+    last_index,
     render_assistant,
+    step_roles,
     text_size,
     tool_result_text,
 )
@@ -37,7 +39,7 @@ from soda_guard.judges.context import (
 )
 from soda_guard.judges.elision import Pieces
 from soda_guard.judges.incremental import AT_ONCE_MAX_STEPS, BlockMemo, HistoryMemo, Lru, PreparedHistory, ShownWhole
-from soda_guard.trajectory import AssistantStep, SystemStep, ToolStep, Trajectory, UserStep
+from soda_guard.trajectory import AssistantStep, ToolStep, Trajectory, UserStep
 from soda_guard.verdict import Label, Source
 
 SODA_MODEL_ID = "cesun/SODA-Agent-Safety-Judge"
@@ -106,12 +108,12 @@ def conversation_steps(trajectory: Trajectory, window: Window) -> list[UserStep 
 
 def _conversation(trajectory: Trajectory, window: Window) -> tuple[list[UserStep | AssistantStep | ToolStep], list[str]]:
     """`conversation_steps` and their roles, read once for both (a read of every step)."""
-    roles = _roles(trajectory.steps)
-    start = (_last_index(roles, "user") or 0) if window == "latest" else 0
+    roles = step_roles(trajectory.steps)
+    start = (last_index(roles, "user") or 0) if window == "latest" else 0
     if "system" not in roles:
         return trajectory.steps[start:], roles[start:] if start else roles  # type: ignore[return-value]
     steps = [step for step in trajectory.steps[start:] if step.role != "system"]
-    return steps, _roles(steps)  # type: ignore[return-value]
+    return steps, step_roles(steps)  # type: ignore[return-value]
 
 
 def render_user_message(
@@ -162,7 +164,11 @@ def _omitted_piece(count: int) -> str:
     return f"{omission_marker(count)}\n\n"
 
 
-_PIECES = Pieces(_block_piece, _omitted_piece)
+def _text(pieces: list[str], trailing: int) -> str:
+    return "".join(pieces)
+
+
+_PIECES = Pieces(_block_piece, _omitted_piece, _text)
 """`_render_items`'s conversation as pieces joined, one per message or run of omitted ones."""
 
 
@@ -193,31 +199,6 @@ def _flags(index: int, user_index: int | None, action_index: int | None, last: i
         "whole": index in (user_index, action_index),
         "shown": not (window == "history" and assistant and index < (user_index or 0)),
     }
-
-
-_ROLE = operator.attrgetter("role")
-"""A step's role, which tells the step types apart as `isinstance` does: read for a whole
-conversation at C speed (pydantic classes check instances through `ABCMeta`)."""
-
-_ROLE_OF_TYPE = {SystemStep: "system", UserStep: "user", AssistantStep: "assistant", ToolStep: "tool"}.__getitem__
-
-
-def _roles(steps: Sequence[object]) -> list[str]:
-    """The steps' roles, by their exact types (half the time of reading the attribute, which
-    goes through pydantic's attribute hook); by the attribute for a subclass of a step type."""
-    try:
-        return list(map(_ROLE_OF_TYPE, map(type, steps)))
-    except KeyError:
-        return list(map(_ROLE, steps))
-
-
-def _last_index(roles: list[str], role: str) -> int | None:
-    """The index of the last `role` in `roles`, found at C speed (a scan may cross the whole
-    conversation)."""
-    try:
-        return len(roles) - 1 - roles[::-1].index(role)
-    except ValueError:
-        return None
 
 
 def fit_conversation(
@@ -364,7 +345,7 @@ class SodaJudge(Judge):
         """`fit_conversation`, byte for byte, from blocks rendered once per message and a
         history fitted once per turn and extended turn by turn (`incremental`). `roles`: the
         steps' roles, where the caller has read them."""
-        user, truncated, _ = self._fit(steps, harm, environment, roles if roles is not None else _roles(steps))
+        user, truncated, _ = self._fit(steps, harm, environment, roles if roles is not None else step_roles(steps))
         return user, truncated
 
     def _fit(
@@ -373,7 +354,7 @@ class SodaJudge(Judge):
         """`fit`, and its history as `ShownWhole` where it was shown whole."""
         if not steps:
             return *fit_conversation(steps, harm, environment, self.budget, self.window), None
-        user_index, action_index = _last_index(roles, "user"), _last_index(roles, "assistant")
+        user_index, action_index = last_index(roles, "user"), last_index(roles, "assistant")
         last = len(steps) - 1
         history = steps[:last]
         prepared = self._histories.get(
@@ -412,11 +393,11 @@ class SodaJudge(Judge):
         steps = trajectory.steps
         last = len(steps) - 1
         size = len(whole.steps)
-        roles = _roles(steps[size:])
+        roles = step_roles(steps[size:])
         if "user" in roles or "system" in roles:
             return None  # a new request changes which earlier turns are shown
         user_index, before = whole.shape  # type: ignore[misc]
-        newest = _last_index(roles, "assistant")
+        newest = last_index(roles, "assistant")
         action_index = before if newest is None else size + newest
         if before is not None and before < size and action_index != before:
             return None
