@@ -236,7 +236,9 @@ class PreparedHistory:
     followed by the tail `stop(tail, room)` returns is exactly what
     `fit_blocks(history + tail, room, ...)` returns; `stop` is None where it cannot say (the
     protected messages alone overflow and must be clipped to a common level: the caller runs
-    `fit_blocks` itself)."""
+    `fit_blocks` itself). A judge renders those items with `joined`, which builds on the
+    rendering of the history this one extends rather than on `items`, kept as the form the
+    stop is checked in."""
 
     def __init__(
         self,
@@ -276,7 +278,6 @@ class PreparedHistory:
         self._widest = widest_marker(count, self.marker_overhead)
         self._walk: Walk | None = None
         self._items: dict[int, tuple[Block | Omitted, ...]] = {}
-        self._rendered: dict[tuple[int, Hashable], object] = {}
         self._joined: dict[tuple[int, Pieces], tuple[Elision, object]] = {}
         self._inherited: _Inherited | None = None
         self._lock = threading.Lock()
@@ -371,17 +372,6 @@ class PreparedHistory:
         made = tuple(items)
         with self._lock:
             return self._items.setdefault(removals, made)
-
-    def rendered(self, removals: int, key: Hashable, render: Callable[[tuple[Block | Omitted, ...]], V]) -> V:
-        """A judge's own rendering of the history at a stopping point, made once and shared by
-        the turn's calls (`key` tells judges' renderings apart)."""
-        with self._lock:
-            found = self._rendered.get((removals, key))
-        if found is not None:
-            return found  # type: ignore[return-value]
-        made = render(self.items(removals))
-        with self._lock:
-            return self._rendered.setdefault((removals, key), made)  # type: ignore[return-value]
 
     def joined(self, removals: int, pieces: Pieces[P, R]) -> R:
         """The history at a stopping point rendered by a judge whose rendering is made of one
