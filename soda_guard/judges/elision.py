@@ -85,6 +85,7 @@ class Walk:
 
     @classmethod
     def made(cls, blocks: Sequence[Block], start: int, width: int, overhead: Callable[[Block], int]) -> Walk:
+        """Made from the whole history: when it first overflows, or a marker's cost changed."""
         drop = _Drops(blocks, width, overhead)
         parts: dict[int, tuple[list[int], list[int]]] = {}
         for index, block in enumerate(blocks):
@@ -238,6 +239,7 @@ class Elision:
         return all(count <= cut.get(rank, 0) for rank, count in self.cut.items())
 
     def rendering(self) -> object:
+        """The judge's rendering (`Pieces.join`), told the length of a run that ends the history."""
         gone = self.gone
         return self.pieces_of.join(self.pieces, len(gone) - self.ends[-1] if gone and gone[-1] else 0)
 
