@@ -340,3 +340,21 @@ def test_a_turn_past_the_budget_edits_the_previous_turns_walk_and_rendering(monk
     overflowed = made[1][1]
     assert 20 < overflowed < 100  # past the budget from then on
     assert made == [("Elision", 2), ("Walk", overflowed), ("Walk", 100)]
+
+
+@pytest.mark.parametrize("window", ["history", "full"])
+def test_the_same_history_judged_again_with_another_action_is_rendered_for_that_action(window: str) -> None:
+    """Past the budget, a conversation's next render continues the history it last rendered
+    (`SodaJudge._continued`). The same history with another action in place of the message
+    last judged (a retried or forked turn) is that history, but its action is not the action
+    any more: no longer kept whole nor kept at all, it must be clipped and elided like any
+    earlier turn, not shown as it was."""
+    judge = SodaJudge(window=window, budget=ContextBudget(max_prompt_chars=6000, max_message_chars=256))  # type: ignore[arg-type]
+    steps: list = [UserStep(content="Archive the old reports.")]
+    for index in range(30):
+        steps.append(AssistantStep(content=f"Step {index}. " + "Reasoning at length. " * 30, tool_calls=[ToolCall(id=f"c{index}", name="archive", args={"n": index})]))
+        steps.append(ToolStep(tool_call_id=f"c{index}", content=f"archived report {index} " * 12))
+        view = Trajectory(steps=list(steps), conversation_id="run")
+        assert _cached(judge, view) == _reference(judge, view), index
+        other = Trajectory(steps=[*steps[:-1], AssistantStep(tool_calls=[ToolCall(id="x", name="wipe", args={})])], conversation_id="run")
+        assert _cached(judge, other) == _reference(judge, other), index

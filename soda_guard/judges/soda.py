@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import operator
 import re
+from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Hashable, Literal
 
@@ -273,6 +274,17 @@ def locate_soda_label(text: str) -> int | None:
     return parse_soda_output(text).label_at
 
 
+@dataclass(frozen=True)
+class _Elided:
+    """A history rendered past the budget: its steps (held, so that a later conversation is
+    known to continue it by the identity of its first steps), the flags derived from the
+    whole conversation (`ShownWhole`'s shape), and the history prepared."""
+
+    steps: list[object]
+    shape: tuple[int | None, int | None]
+    prepared: PreparedHistory
+
+
 class SodaJudge(Judge):
     kind = "soda"
     score_spec = ScoreSpec(
@@ -295,8 +307,8 @@ class SodaJudge(Judge):
         self.budget = budget or ContextBudget()
         self._blocks: BlockMemo[UserStep | AssistantStep | ToolStep] = BlockMemo(_block_key, _block)
         self._histories = HistoryMemo()
-        self._shown: Lru[ShownWhole] = Lru(8 << 20)
-        """Each conversation's latest history while it is shown whole (`_grown`), by id."""
+        self._shown: Lru[ShownWhole | _Elided] = Lru(8 << 20)
+        """Each conversation's latest history (`_grown`), by id."""
 
     def _blocks_of(self, steps: Sequence[UserStep | AssistantStep | ToolStep], user_index: int | None, action_index: int | None, last: int, start: int = 0) -> list[Block]:
         """The blocks of `steps` (the conversation's from index `start` on) with `_flags`
@@ -350,28 +362,48 @@ class SodaJudge(Judge):
 
     def _fit(
         self, steps: list[UserStep | AssistantStep | ToolStep], harm: str, environment: str, roles: list[str]
-    ) -> tuple[str, bool, ShownWhole | None]:
-        """`fit`, and its history as `ShownWhole` where it was shown whole."""
+    ) -> tuple[str, bool, ShownWhole | _Elided | None]:
+        """`fit`, and what the conversation's next render may continue (`_remember`)."""
         if not steps:
             return *fit_conversation(steps, harm, environment, self.budget, self.window), None
         user_index, action_index = last_index(roles, "user"), last_index(roles, "assistant")
-        last = len(steps) - 1
-        history = steps[:last]
+        history = steps[:-1]
         prepared = self._histories.get(
             history,
             (user_index, action_index),
             lambda: self._prepare(history, user_index, action_index, len(steps)),
             lambda base, shape: self._extend(history, user_index, action_index, len(steps), base, shape),
         )
+        made = self._prompt(prepared, steps, history, user_index, action_index, harm, environment)
+        if made is None:  # the kept messages overflow: clipped to a common level, uncached
+            return *fit_conversation(steps, harm, environment, self.budget, self.window), None
+        return made
+
+    def _prompt(
+        self,
+        prepared: PreparedHistory,
+        steps: Sequence[UserStep | AssistantStep | ToolStep],
+        history: list[UserStep | AssistantStep | ToolStep],
+        user_index: int | None,
+        action_index: int | None,
+        harm: str,
+        environment: str,
+    ) -> tuple[str, bool, ShownWhole | _Elided | None] | None:
+        """The prompt from the history prepared and the message judged, and the record of
+        it the next render may continue; None where the kept messages alone overflow."""
+        last = len(steps) - 1
         tail = [self._flagged(steps[last], last, user_index, action_index, last)]
         head = self._head(harm, environment)
         stop = prepared.stop(tail, self._room(head))
-        if stop is None:  # the kept messages overflow: clipped to a common level, uncached
-            return *fit_conversation(steps, harm, environment, self.budget, self.window), None
+        if stop is None:
+            return None
         removals, shown, truncated = stop
         text = prepared.joined(removals, _PIECES)
-        whole = prepared.shown_whole(history, (user_index, action_index), text) if removals == 0 and history else None  # type: ignore[arg-type]
-        return "".join((head, text, _items_text(shown), _FOOT)), truncated, whole
+        shape = (user_index, action_index)
+        record: ShownWhole | _Elided | None = None
+        if history:
+            record = prepared.shown_whole(history, shape, text) if removals == 0 else _Elided(history, shape, prepared)  # type: ignore[arg-type]
+        return "".join((head, text, _items_text(shown), _FOOT)), truncated, record
 
     def _head(self, harm: str, environment: str) -> str:
         return _head(header_field(harm, self.budget.max_field_chars), header_field(environment, self.budget.max_field_chars))
@@ -382,29 +414,32 @@ class SodaJudge(Judge):
 
     def _grown(self, trajectory: Trajectory, harm: str, environment: str) -> tuple[str, bool] | None:
         """`fit`'s prompt for a conversation that continues the history it had when it was last
-        rendered shown whole, and is shown whole still: that rendering, the new messages'
-        blocks and the message judged, computed from what is new alone (None where that does
-        not hold: `fit` then prepares the history). The conditions are those under which every
-        earlier block keeps its flags: the same latest request, and the same action judged
-        where that action is part of the earlier history."""
-        whole = self._shown_before(trajectory)
-        if whole is None:
+        rendered, computed from what is new alone (None where that does not hold: `fit` then
+        prepares the history). Shown whole then and still: that rendering, the new messages'
+        blocks and the message judged, under the conditions in which every earlier block keeps
+        its flags (the same latest request, and the same action judged where that action is
+        part of the earlier history). Past the budget then: its prepared history, extended
+        (`_extend`), with the same latest request."""
+        record = self._shown_before(trajectory)
+        if record is None:
             return None
         steps = trajectory.steps
         last = len(steps) - 1
-        size = len(whole.steps)
+        size = len(record.steps)
         roles = step_roles(steps[size:])
         if "user" in roles or "system" in roles:
             return None  # a new request changes which earlier turns are shown
-        user_index, before = whole.shape  # type: ignore[misc]
+        user_index, before = record.shape  # type: ignore[misc]
         newest = last_index(roles, "assistant")
         action_index = before if newest is None else size + newest
+        if isinstance(record, _Elided):
+            return self._continued(record, trajectory, user_index, action_index, harm, environment)
         if before is not None and before < size and action_index != before:
             return None
         blocks = self._blocks_of(steps[size:last], user_index, action_index, last, start=size)  # type: ignore[arg-type]
         tail = self._flagged(steps[last], last, user_index, action_index, last)  # type: ignore[arg-type]
         head = self._head(harm, environment)
-        grown = whole.grown(
+        grown = record.grown(
             steps[:last], (user_index, action_index), blocks, (tail,), self._room(head), len(steps),
             overhead=_overhead, marker_overhead=MARKER_OVERHEAD, max_message_chars=self.budget.max_message_chars,
             append=_appended,
@@ -415,18 +450,36 @@ class SodaJudge(Judge):
         self._remember(trajectory.conversation_id, history)
         return "".join((head, history.text, _items_text(shown), _FOOT)), truncated
 
-    def _shown_before(self, trajectory: Trajectory) -> ShownWhole | None:
-        """The history this conversation last showed whole, where the trajectory continues it
+    def _continued(self, record: _Elided, trajectory: Trajectory, user_index: int | None, action_index: int | None, harm: str, environment: str) -> tuple[str, bool] | None:
+        """`_grown` for a conversation that was past the budget: the turn's other calls share
+        its prepared history, the next turn extends it."""
+        steps = trajectory.steps
+        history = steps[:-1]
+        if len(history) == len(record.steps) and record.shape == (user_index, action_index):
+            prepared: PreparedHistory | None = record.prepared
+        else:
+            prepared = self._extend(history, user_index, action_index, len(steps), record.prepared, record.shape)  # type: ignore[arg-type]
+        made = self._prompt(prepared, steps, history, user_index, action_index, harm, environment) if prepared is not None else None  # type: ignore[arg-type]
+        if made is None:
+            return None
+        user, truncated, remembered = made
+        if remembered is not None:
+            self._remember(trajectory.conversation_id, remembered)
+        return user, truncated
+
+    def _shown_before(self, trajectory: Trajectory) -> ShownWhole | _Elided | None:
+        """The history this conversation last rendered, where the trajectory continues it
         with at least one step; matched by identity: steps that compare equal may still render
         otherwise (`1 == True`). None with the `latest` window, which remembers none."""
-        whole = self._shown.get(trajectory.conversation_id) if self.window != "latest" else None
+        record = self._shown.get(trajectory.conversation_id) if self.window != "latest" else None
         steps = trajectory.steps
-        if whole is None or len(whole.steps) >= len(steps) or not all(map(operator.is_, whole.steps, steps)):
+        if record is None or len(record.steps) >= len(steps) or not all(map(operator.is_, record.steps, steps)):
             return None
-        return whole
+        return record
 
-    def _remember(self, conversation: str | None, whole: ShownWhole) -> None:
-        self._shown.put(conversation, whole, len(whole.text) + 64 * len(whole.steps))
+    def _remember(self, conversation: str | None, record: ShownWhole | _Elided) -> None:
+        text = record.text if isinstance(record, ShownWhole) else ""
+        self._shown.put(conversation, record, len(text) + 64 * len(record.steps))
 
     def renders_at_once(self, trajectories: Sequence[Trajectory]) -> bool:
         """A few new messages on a history whose blocks are all known: the render extends a
@@ -455,9 +508,9 @@ class SodaJudge(Judge):
         grown = self._grown(trajectory, harm, environment)
         if grown is None:
             steps, roles = _conversation(trajectory, self.window)
-            user, truncated, whole = self._fit(steps, harm, environment, roles)
-            if whole is not None and self.window != "latest" and "system" not in roles:
-                self._remember(trajectory.conversation_id, whole)
+            user, truncated, record = self._fit(steps, harm, environment, roles)
+            if record is not None and self.window != "latest" and "system" not in roles:
+                self._remember(trajectory.conversation_id, record)
         else:
             user, truncated = grown
         return RenderedPrompt(
