@@ -342,14 +342,15 @@ def test_a_turn_past_the_budget_edits_the_previous_turns_walk_and_rendering(monk
     assert made == [("Elision", 2), ("Walk", overflowed), ("Walk", 100)]
 
 
-@pytest.mark.parametrize("window", ["history", "full"])
-def test_the_same_history_judged_again_with_another_action_is_rendered_for_that_action(window: str) -> None:
-    """Past the budget, a conversation's next render continues the history it last rendered
-    (`SodaJudge._continued`). The same history with another action in place of the message
-    last judged (a retried or forked turn) is that history, but its action is not the action
-    any more: no longer kept whole nor kept at all, it must be clipped and elided like any
-    earlier turn, not shown as it was."""
-    judge = SodaJudge(window=window, budget=ContextBudget(max_prompt_chars=6000, max_message_chars=256))  # type: ignore[arg-type]
+@pytest.mark.parametrize("kind", ["history", "full", "response", "tool_result"])
+def test_the_same_history_judged_again_with_another_action_is_rendered_for_that_action(kind: str) -> None:
+    """A conversation's next render continues the history it last rendered
+    (`SodaJudge._continued`, `Qwen3GuardGenJudge._continued`). The same history with another
+    action in place of the message last judged (a retried or forked turn) is that history, but
+    its action is not the action any more: no longer kept whole nor kept at all, it must be
+    clipped and elided like any earlier turn, not shown as it was."""
+    budget = ContextBudget(max_prompt_chars=6000, max_message_chars=256)
+    judge = SodaJudge(window=kind, budget=budget) if kind in ("history", "full") else Qwen3GuardGenJudge(mode=kind, budget=budget)  # type: ignore[arg-type]
     steps: list = [UserStep(content="Archive the old reports.")]
     for index in range(30):
         steps.append(AssistantStep(content=f"Step {index}. " + "Reasoning at length. " * 30, tool_calls=[ToolCall(id=f"c{index}", name="archive", args={"n": index})]))
@@ -358,3 +359,6 @@ def test_the_same_history_judged_again_with_another_action_is_rendered_for_that_
         assert _cached(judge, view) == _reference(judge, view), index
         other = Trajectory(steps=[*steps[:-1], AssistantStep(tool_calls=[ToolCall(id="x", name="wipe", args={})])], conversation_id="run")
         assert _cached(judge, other) == _reference(judge, other), index
+        if kind == "tool_result":  # the action it judges is the last assistant turn before the result
+            other = Trajectory(steps=[*steps[:-1], AssistantStep(tool_calls=[ToolCall(id="x", name="wipe", args={})]), ToolStep(tool_call_id="x", content="wiped")], conversation_id="run")
+            assert _cached(judge, other) == _reference(judge, other), index

@@ -7,7 +7,9 @@ and it renders only string user/assistant content: agent actions must be turned 
 
 from __future__ import annotations
 
+import operator
 import re
+from dataclasses import dataclass
 from typing import Hashable, Literal, Sequence
 
 from soda_guard.errors import TrajectoryError
@@ -36,7 +38,7 @@ from soda_guard.judges.context import (
     omission_marker,
 )
 from soda_guard.judges.elision import Pieces
-from soda_guard.judges.incremental import BlockMemo, HistoryMemo, PreparedHistory
+from soda_guard.judges.incremental import BlockMemo, HistoryMemo, Lru, PreparedHistory
 from soda_guard.trajectory import AssistantStep, SystemStep, ToolStep, Trajectory, UserStep
 from soda_guard.verdict import Label
 
@@ -148,8 +150,14 @@ def _messages(items: Sequence[Block | Omitted], prefix: str = "") -> tuple[list[
 
 
 def _window(trajectory: Trajectory, mode: Mode) -> tuple[list[SystemStep | UserStep | AssistantStep | ToolStep], int, int | None]:
-    """(the messages shown, the request's index among them, the judged action's), found by
-    the steps' roles at C speed: a guard asks at every call, across the whole conversation."""
+    """(the messages shown, the request's index among them, the judged action's)."""
+    return _window_parts(trajectory, mode)[:3]  # type: ignore[return-value]
+
+
+def _window_parts(trajectory: Trajectory, mode: Mode) -> tuple[list[SystemStep | UserStep | AssistantStep | ToolStep], int, int | None, bool]:
+    """`_window`, and whether it is the conversation's first steps as they are (no later
+    system message left out); found by the steps' roles at C speed: a guard asks at every
+    call, across the whole conversation."""
     steps = trajectory.steps
     roles = step_roles(steps)
     start = last_index(roles, "user")
@@ -157,7 +165,7 @@ def _window(trajectory: Trajectory, mode: Mode) -> tuple[list[SystemStep | UserS
         raise TrajectoryError(None, "Qwen3Guard needs a user message to moderate against")
     end = start
     if mode != "prompt":
-        target = "assistant" if mode == "response" else "tool"
+        target = _TARGET[mode]
         found = last_index(roles, target)
         if found is None or found < start:
             raise TrajectoryError(None, f"no {target} message to moderate in {mode} mode")
@@ -165,13 +173,28 @@ def _window(trajectory: Trajectory, mode: Mode) -> tuple[list[SystemStep | UserS
     try:
         roles.index("system", 1, end + 1)
     except ValueError:  # no later system message to leave out: the window is a slice
-        window, shown, request = steps[: end + 1], roles[: end + 1], start
+        window, shown, request, plain = steps[: end + 1], roles[: end + 1], start, True
     else:
         kept = [0, *(index for index in range(1, end + 1) if roles[index] != "system")]
-        window, shown = [steps[index] for index in kept], [roles[index] for index in kept]
-        request = kept.index(start)
+        window, shown, request, plain = [steps[index] for index in kept], [roles[index] for index in kept], kept.index(start), False
     action = last_index(shown, "assistant")
-    return window, request, action if action is not None and action >= request else None
+    return window, request, action if action is not None and action >= request else None, plain
+
+
+_TARGET = {"response": "assistant", "tool_result": "tool"}
+"""The role of the message each mode moderates after the request."""
+
+
+@dataclass(frozen=True)
+class _Window:
+    """What a conversation's last render showed before the message moderated: its steps
+    (held, so that a later trajectory is known to continue them by the identity of its first
+    steps), the request's and the action's indexes, and the history prepared."""
+
+    steps: list[SystemStep | UserStep | AssistantStep | ToolStep]
+    request: int
+    action: int | None
+    prepared: PreparedHistory
 
 
 def fit_gen_messages(
@@ -256,6 +279,8 @@ class Qwen3GuardGenJudge(Judge):
         self.budget = budget or ContextBudget()
         self._blocks: BlockMemo[SystemStep | UserStep | AssistantStep | ToolStep] = BlockMemo(_block_key, _base_block)
         self._histories = HistoryMemo()
+        self._latest: Lru[_Window] = Lru(8 << 20)
+        """Each conversation's last window (`_continued`), by id."""
 
     def _blocks_of(self, steps: Sequence[SystemStep | UserStep | AssistantStep | ToolStep], keep: tuple[int | None, ...], start: int = 0) -> list[Block]:
         """The blocks of `steps` (the window's from index `start` on), the kept ones (indexes
@@ -296,24 +321,59 @@ class Qwen3GuardGenJudge(Judge):
     def fit(self, trajectory: Trajectory) -> tuple[list[dict[str, str]], bool]:
         """`fit_gen_messages`, message for message, from blocks rendered once per message and a
         history fitted once per turn and extended turn by turn (`incremental`)."""
-        window, request, action = _window(trajectory, self.mode)
-        last = len(window) - 1
-        keep = (request, action, last)
-        history = window[:last]
-        prepared = self._histories.get(
-            history,
-            (self.mode, request, action),
-            lambda: self._prepare(history, keep, len(window)),
-            lambda base, shape: self._extend(history, keep, len(window), base, shape),
-        )
-        stop = prepared.stop([self._kept(window[last], last, keep)], self.budget.max_prompt_chars)
+        found = self._continued(trajectory)
+        if found is None:
+            window, request, action, plain = _window_parts(trajectory, self.mode)
+            last = len(window) - 1
+            keep: tuple[int | None, ...] = (request, action, last)
+            history, tail = window[:last], window[last]
+            prepared = self._histories.get(
+                history,
+                (self.mode, request, action),
+                lambda: self._prepare(history, keep, len(window)),
+                lambda base, shape: self._extend(history, keep, len(window), base, shape),
+            )
+        else:
+            history, tail, keep, prepared = found
+            plain = True
+        stop = prepared.stop([self._kept(tail, len(history), keep)], self.budget.max_prompt_chars)
         if stop is None:  # the kept messages overflow: clipped to a common level, uncached
             return fit_gen_messages(trajectory, self.mode, self.budget)
+        if plain and history and self.mode != "prompt":
+            self._latest.put(trajectory.conversation_id, _Window(history, keep[0], keep[1], prepared), 64 * len(history))  # type: ignore[arg-type]
         removals, shown, truncated = stop
         # the history's message dicts are shared by the turn's prompts and the later turns'
         # (`Elision` carries them over): read, never edited
         earlier, prefix = prepared.joined(removals, _PIECES)
         return [*earlier, *_messages(shown, prefix)[0]], truncated
+
+    def _continued(
+        self, trajectory: Trajectory
+    ) -> tuple[list[SystemStep | UserStep | AssistantStep | ToolStep], SystemStep | UserStep | AssistantStep | ToolStep, tuple[int | None, ...], PreparedHistory] | None:
+        """(history, message moderated, kept indexes, history prepared) for a conversation that
+        continues the window its last render showed with no new request or system message:
+        the roles of the new steps alone are read, the turn's other calls share the prepared
+        history, the next turn extends it. None where that does not hold (`fit` then finds the
+        window in the whole conversation)."""
+        record = self._latest.get(trajectory.conversation_id) if self.mode != "prompt" else None
+        steps = trajectory.steps
+        if record is None or len(record.steps) >= len(steps) or not all(map(operator.is_, record.steps, steps)):
+            return None
+        size = len(record.steps)
+        roles = step_roles(steps[size:])
+        if "user" in roles or "system" in roles:
+            return None
+        found = last_index(roles, _TARGET[self.mode])
+        if found is None:
+            return None
+        newest = last_index(roles[: found + 1], "assistant")
+        action = record.action if newest is None else size + newest
+        end = size + found
+        history, keep = steps[:end], (record.request, action, end)
+        if end == size:  # the same history; the message moderated is where it was, so is the action
+            return history, steps[end], keep, record.prepared
+        prepared = self._extend(history, keep, end + 1, record.prepared, (self.mode, record.request, record.action))
+        return None if prepared is None else (history, steps[end], keep, prepared)
 
     def renders_at_once(self, trajectories: Sequence[Trajectory]) -> bool:
         """As `SodaJudge.renders_at_once`: only a few new messages on known blocks."""
