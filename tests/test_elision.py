@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from soda_guard.judges.context import Block, fit_blocks, widest_marker
+from soda_guard.judges.context import Block, Omitted, fit_blocks, widest_marker
 from soda_guard.judges.elision import Elision, Pieces, Walk
 from soda_guard.judges.incremental import PreparedHistory
 
@@ -21,6 +21,8 @@ AFTER = Pieces(
 )
 """Pieces that put a run's marker on the next message (Qwen3Guard-Gen's way), a run that ends
 the history told apart."""
+ITEMS = Pieces(lambda block: block, Omitted, lambda pieces, trailing: [piece for piece in pieces if piece != ""])
+"""The history's items themselves, blocks and markers, as `fit_blocks` returns them."""
 WIDTH = widest_marker(40, 2)
 
 
@@ -139,7 +141,7 @@ def test_a_prepared_history_extended_turn_by_turn_fits_as_the_reference(blocks: 
             if stop is None:
                 continue  # the kept blocks are clipped to a level: the caller runs `fit_blocks`
             removals, shown, truncated = stop
-            assert [*prepared.items(removals), *shown] == reference.items
+            assert [*prepared.joined(removals, ITEMS), *shown] == reference.items
             assert truncated == reference.truncated
             history = reference.items[:-1]
             assert prepared.joined(removals, PIECES) == "".join(PIECES.block(item) if isinstance(item, Block) else f"[{item.count} gone]" for item in history)

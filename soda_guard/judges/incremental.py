@@ -32,7 +32,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Callable, Generic, Hashable, TypeVar
 
-from soda_guard.judges.context import Block, Omitted, any_clipped, clip_block, widest_marker
+from soda_guard.judges.context import Block, any_clipped, clip_block, widest_marker
 from soda_guard.judges.elision import Elision, Pieces, Walk
 
 V = TypeVar("V")
@@ -232,13 +232,12 @@ class PreparedHistory:
     """The messages before the last one, fitted for every stopping point of the elision walk.
 
     Built from the history's blocks (flags set as in the full list of `count` blocks) with the
-    parameters `fit_blocks` gets. For a tail of protected, shown blocks, `items(removals)`
-    followed by the tail `stop(tail, room)` returns is exactly what
-    `fit_blocks(history + tail, room, ...)` returns; `stop` is None where it cannot say (the
-    protected messages alone overflow and must be clipped to a common level: the caller runs
-    `fit_blocks` itself). A judge renders those items with `joined`, which builds on the
-    rendering of the history this one extends rather than on `items`, kept as the form the
-    stop is checked in."""
+    parameters `fit_blocks` gets. For a tail of protected, shown blocks, the history's items
+    after `removals` steps of the walk followed by the tail `stop(tail, room)` returns are
+    exactly what `fit_blocks(history + tail, room, ...)` returns; `stop` is None where it cannot
+    say (the protected messages alone overflow and must be clipped to a common level: the
+    caller runs `fit_blocks` itself). A judge renders those items with `joined`, one piece per
+    block, building on the rendering of the history this one extends."""
 
     def __init__(
         self,
@@ -277,7 +276,6 @@ class PreparedHistory:
         """What is made from the whole history on first need, empty; the marker cost for `count`."""
         self._widest = widest_marker(count, self.marker_overhead)
         self._walk: Walk | None = None
-        self._items: dict[int, tuple[Block | Omitted, ...]] = {}
         self._joined: dict[tuple[int, Pieces], tuple[Elision, object]] = {}
         self._inherited: _Inherited | None = None
         self._lock = threading.Lock()
@@ -352,26 +350,6 @@ class PreparedHistory:
         if removals is None:
             return None
         return removals, shown, truncated or removals > 0
-
-    def items(self, removals: int) -> tuple[Block | Omitted, ...]:
-        """The history as shown after `removals` steps of the walk, runs of removed messages
-        merged into one marker each; computed once per stopping point."""
-        with self._lock:
-            found = self._items.get(removals)
-        if found is not None:
-            return found
-        gone = set(self.walk().removed(removals))
-        items: list[Block | Omitted] = []
-        for index, block in enumerate(self.clipped):
-            if block.shown and index not in gone:
-                items.append(block)
-            elif items and isinstance(items[-1], Omitted):
-                items[-1] = Omitted(items[-1].count + 1)
-            else:
-                items.append(Omitted(1))
-        made = tuple(items)
-        with self._lock:
-            return self._items.setdefault(removals, made)
 
     def joined(self, removals: int, pieces: Pieces[P, R]) -> R:
         """The history at a stopping point rendered by a judge whose rendering is made of one
