@@ -397,6 +397,12 @@ class _Inherited:
     states: list[Elision]
 
 
+def continues(earlier: Sequence[object], steps: Sequence[object]) -> bool:
+    """Whether `steps` are `earlier` followed by at least one more step, matched by identity:
+    steps that compare equal may still render otherwise (`1 == True`)."""
+    return len(earlier) < len(steps) and all(map(operator.is_, earlier, steps))
+
+
 class HistoryMemo:
     """Prepared histories of recent turns, keyed by the identity of their step objects and
     the flags the caller derived from the whole conversation (`shape`). A history that is a

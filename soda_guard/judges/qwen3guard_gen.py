@@ -7,7 +7,6 @@ and it renders only string user/assistant content: agent actions must be turned 
 
 from __future__ import annotations
 
-import operator
 import re
 from dataclasses import dataclass
 from typing import Hashable, Literal, Sequence
@@ -38,7 +37,7 @@ from soda_guard.judges.context import (
     omission_marker,
 )
 from soda_guard.judges.elision import Pieces
-from soda_guard.judges.incremental import BlockMemo, HistoryMemo, Lru, PreparedHistory
+from soda_guard.judges.incremental import BlockMemo, HistoryMemo, Lru, PreparedHistory, continues
 from soda_guard.trajectory import AssistantStep, SystemStep, ToolStep, Trajectory, UserStep
 from soda_guard.verdict import Label
 
@@ -357,7 +356,7 @@ class Qwen3GuardGenJudge(Judge):
         window in the whole conversation)."""
         record = self._latest.get(trajectory.conversation_id) if self.mode != "prompt" else None
         steps = trajectory.steps
-        if record is None or len(record.steps) >= len(steps) or not all(map(operator.is_, record.steps, steps)):
+        if record is None or not continues(record.steps, steps):
             return None
         size = len(record.steps)
         roles = step_roles(steps[size:])

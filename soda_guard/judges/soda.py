@@ -6,7 +6,6 @@ The prompt is reproduced byte for byte from the model's training format
 
 from __future__ import annotations
 
-import operator
 import re
 from dataclasses import dataclass
 from collections.abc import Sequence
@@ -39,7 +38,7 @@ from soda_guard.judges.context import (
     omission_marker,
 )
 from soda_guard.judges.elision import Pieces
-from soda_guard.judges.incremental import AT_ONCE_MAX_STEPS, BlockMemo, HistoryMemo, Lru, PreparedHistory, ShownWhole
+from soda_guard.judges.incremental import AT_ONCE_MAX_STEPS, BlockMemo, HistoryMemo, Lru, PreparedHistory, ShownWhole, continues
 from soda_guard.trajectory import AssistantStep, ToolStep, Trajectory, UserStep
 from soda_guard.verdict import Label, Source
 
@@ -468,14 +467,10 @@ class SodaJudge(Judge):
         return user, truncated
 
     def _shown_before(self, trajectory: Trajectory) -> ShownWhole | _Elided | None:
-        """The history this conversation last rendered, where the trajectory continues it
-        with at least one step; matched by identity: steps that compare equal may still render
-        otherwise (`1 == True`). None with the `latest` window, which remembers none."""
+        """The history this conversation last rendered, where the trajectory `continues` it.
+        None with the `latest` window, which remembers none."""
         record = self._shown.get(trajectory.conversation_id) if self.window != "latest" else None
-        steps = trajectory.steps
-        if record is None or len(record.steps) >= len(steps) or not all(map(operator.is_, record.steps, steps)):
-            return None
-        return record
+        return record if record is not None and continues(record.steps, trajectory.steps) else None
 
     def _remember(self, conversation: str | None, record: ShownWhole | _Elided) -> None:
         text = record.text if isinstance(record, ShownWhole) else ""
