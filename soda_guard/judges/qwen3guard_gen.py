@@ -219,15 +219,7 @@ def fit_gen_messages(
         marker_overhead=1,
         max_message_chars=budget.max_message_chars,
     )
-    messages = []
-    prefix = ""
-    for item in fitted.items:
-        if isinstance(item, Omitted):
-            prefix = item.marker + "\n"
-        else:
-            messages.append(_as_message(item, prefix))
-            prefix = ""
-    return messages, fitted.truncated
+    return _messages(fitted.items)[0], fitted.truncated
 
 
 def render_gen_messages(trajectory: Trajectory, mode: Mode, budget: ContextBudget | None = None) -> list[dict[str, str]]:
