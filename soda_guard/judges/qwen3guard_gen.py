@@ -360,9 +360,10 @@ class Qwen3GuardGenJudge(Judge):
         newest = last_index(roles[: found + 1], "assistant")
         action = record.action if newest is None else size + newest
         end = size + found
-        history, keep = steps[:end], (record.request, action, end)
+        keep = (record.request, action, end)
         if end == size:  # the same history; the message moderated is where it was, so is the action
-            return history, steps[end], keep, record.prepared
+            return record.steps, steps[end], keep, record.prepared
+        history = steps[:end]
         prepared = self._extend(history, keep, end + 1, record.prepared, (self.mode, record.request, record.action))
         return None if prepared is None else (history, steps[end], keep, prepared)
 

@@ -453,10 +453,10 @@ class SodaJudge(Judge):
         """`_grown` for a conversation that was past the budget: the turn's other calls share
         its prepared history, the next turn extends it."""
         steps = trajectory.steps
-        history = steps[:-1]
-        if len(history) == len(record.steps) and record.shape == (user_index, action_index):
-            prepared: PreparedHistory | None = record.prepared
+        if len(steps) - 1 == len(record.steps) and record.shape == (user_index, action_index):
+            history, prepared = record.steps, record.prepared  # the very steps: no copy to make
         else:
+            history = steps[:-1]
             prepared = self._extend(history, user_index, action_index, len(steps), record.prepared, record.shape)  # type: ignore[arg-type]
         made = self._prompt(prepared, steps, history, user_index, action_index, harm, environment) if prepared is not None else None  # type: ignore[arg-type]
         if made is None:
