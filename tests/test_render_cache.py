@@ -251,6 +251,27 @@ def test_an_earlier_step_that_only_compares_equal_is_rendered_as_itself() -> Non
     assert '"flag": 1' in _cached(judge, later)[0]  # type: ignore[index]
 
 
+@pytest.mark.parametrize("kind", ["history", "full", "response", "tool_result"])
+def test_past_the_budget_an_earlier_step_swapped_for_an_equal_one_is_rendered_as_itself(kind: str) -> None:
+    """The same under the same conversation id past the budget, where each judge continues the
+    history it last rendered (`_continued`): an earlier call swapped for one that only compares
+    equal (another thread's state, a rewritten history) is read anew, not taken for the one
+    judged before, and the prompt shows what the agent now holds."""
+    budget = ContextBudget(max_prompt_chars=5000, max_message_chars=256)
+    judge = SodaJudge(window=kind, budget=budget) if kind in ("history", "full") else Qwen3GuardGenJudge(mode=kind, budget=budget)  # type: ignore[arg-type]
+    steps: list = [UserStep(content="Set the flags.")]
+    for index in range(40):
+        steps += [AssistantStep(tool_calls=[ToolCall(id=f"c{index}", name="set", args={"flag": True, "n": index})]), ToolStep(tool_call_id=f"c{index}", content=f"set {index} " * 20)]
+    judge.render(Trajectory(steps=list(steps), conversation_id="run"))
+    swapped = list(steps)
+    swapped[-4] = AssistantStep(tool_calls=[ToolCall(id="c38", name="set", args={"flag": 1, "n": 38})])  # not the action
+    assert swapped == steps
+    later = Trajectory(steps=[*swapped, AssistantStep(tool_calls=[ToolCall(id="x", name="get", args={})]), ToolStep(tool_call_id="x", content="got")], conversation_id="run")
+    assert _cached(judge, later) == _reference(judge, later)
+    text, truncated = _cached(judge, later)  # type: ignore[misc]
+    assert truncated and '"flag": 1' in str(text)  # past the budget, and the swapped call shown
+
+
 class _Request(UserStep):
     """A step type of the caller's own, made from one of ours."""
 
