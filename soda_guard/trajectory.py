@@ -6,6 +6,8 @@ this one model, so the judges and the policy never see framework objects.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,23 +39,42 @@ class ToolCall(_Model):
         return f"{self.server}:{self.name}" if self.server else self.name
 
 
-class SystemStep(_Model):
+_COMPARED = itertools.count()
+"""Advanced by every comparison of two step objects that are not one and the same: how
+`same_start` tells identity from equality at the speed of a list comparison."""
+
+
+class _StepModel(_Model):
+    """A step: compared by value, as a model, with each comparison counted (`same_start`).
+    A subclass keeps this comparison: one of its own would go uncounted."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__eq__" in cls.__dict__:
+            raise TypeError(f"{cls.__name__} may not define __eq__: steps are compared by _StepModel's")
+
+    def __eq__(self, other: object) -> bool:
+        next(_COMPARED)
+        return super().__eq__(other)
+
+
+class SystemStep(_StepModel):
     role: Literal["system"] = "system"
     content: str
 
 
-class UserStep(_Model):
+class UserStep(_StepModel):
     role: Literal["user"] = "user"
     content: str
 
 
-class AssistantStep(_Model):
+class AssistantStep(_StepModel):
     role: Literal["assistant"] = "assistant"
     content: str = ""
     tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
-class ToolStep(_Model):
+class ToolStep(_StepModel):
     """A tool's result. `error` is the failure text a tool reported beside (or instead of) its
     content; the judge is shown it, marked as an error."""
 
@@ -66,6 +87,35 @@ class ToolStep(_Model):
 
 
 Step = Annotated[Union[SystemStep, UserStep, AssistantStep, ToolStep], Field(discriminator="role")]
+
+
+STEP_TYPES = frozenset({SystemStep, UserStep, AssistantStep, ToolStep})
+
+
+def exact_steps(steps: Sequence[object]) -> bool:
+    """Whether every one of `steps` is of one of the four step classes exactly: `same_start`'s
+    condition on `earlier`, whose elements must compare by `_StepModel.__eq__`, which counts
+    itself (an object of another class may compare equal uncounted). Read at C speed; a
+    subclass of a step class also compares by it, but telling one apart costs a call a step."""
+    return STEP_TYPES.issuperset(map(type, steps))
+
+
+def same_start(earlier: list[Any], steps: list[Any]) -> bool:
+    """Whether `steps` begins with the very objects in `earlier`, which are all of the step
+    classes exactly (`exact_steps`), at the speed of a list comparison rather than of a call
+    per step: Python's list comparison passes over identical elements in C and compares any
+    other pair with the earlier step's `__eq__` (or a step subclass's, which is the same),
+    which counts itself. Steps that compare equal may still render otherwise (`1 == True`),
+    so one comparison is a mismatch; so is one made by another thread meanwhile (rare: the
+    caller then does the work it hoped to skip)."""
+    if len(earlier) > len(steps):
+        return False
+    before = next(_COMPARED)
+    try:
+        earlier <= steps  # noqa: B015 - run for its comparisons, not its result
+    except TypeError:  # two different steps with no order between them
+        return False
+    return next(_COMPARED) == before + 1
 
 
 class Trajectory(_Model):

@@ -30,10 +30,11 @@ import weakref
 from dataclasses import dataclass, replace
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Callable, Generic, Hashable, TypeVar
+from typing import Any, Callable, Generic, Hashable, TypeVar
 
 from soda_guard.judges.context import Block, any_clipped, clip_block, widest_marker
 from soda_guard.judges.elision import Elision, Pieces, Walk
+from soda_guard.trajectory import exact_steps, same_start
 
 V = TypeVar("V")
 S = TypeVar("S")
@@ -397,10 +398,14 @@ class _Inherited:
     states: list[Elision]
 
 
-def continues(earlier: Sequence[object], steps: Sequence[object]) -> bool:
-    """Whether `steps` are `earlier` followed by at least one more step, matched by identity:
-    steps that compare equal may still render otherwise (`1 == True`)."""
-    return len(earlier) < len(steps) and all(map(operator.is_, earlier, steps))
+def continues(earlier: list[Any], steps: list[Any]) -> bool:
+    """Whether `steps` are `earlier` followed by at least one more step, matched by identity
+    (steps that compare equal may still render otherwise: `1 == True`), where `earlier` is a
+    judge's record of steps of the step classes exactly (`exact_steps`: checked where a
+    record is first made). The new steps are checked to be so too, so that the record the
+    judge makes of `steps` is; the earlier ones cost a list comparison (`same_start`)."""
+    size = len(earlier)
+    return size < len(steps) and exact_steps(steps[size:]) and same_start(earlier, steps)
 
 
 class HistoryMemo:

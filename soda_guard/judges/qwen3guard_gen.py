@@ -38,7 +38,7 @@ from soda_guard.judges.context import (
 )
 from soda_guard.judges.elision import Pieces
 from soda_guard.judges.incremental import BlockMemo, HistoryMemo, Lru, PreparedHistory, continues
-from soda_guard.trajectory import AssistantStep, SystemStep, ToolStep, Trajectory, UserStep
+from soda_guard.trajectory import AssistantStep, SystemStep, ToolStep, Trajectory, UserStep, exact_steps
 from soda_guard.verdict import Label
 
 QWEN3GUARD_GEN_MODEL_ID = "Qwen/Qwen3Guard-Gen-4B"
@@ -330,7 +330,7 @@ class Qwen3GuardGenJudge(Judge):
         stop = prepared.stop([self._kept(tail, len(history), keep)], self.budget.max_prompt_chars)
         if stop is None:  # the kept messages overflow: clipped to a common level, uncached
             return fit_gen_messages(trajectory, self.mode, self.budget)
-        if plain and history and self.mode != "prompt":
+        if plain and history and self.mode != "prompt" and (found is not None or exact_steps(history)):
             self._latest.put(trajectory.conversation_id, _Window(history, keep[0], keep[1], prepared), 64 * len(history))  # type: ignore[arg-type]
         removals, shown, truncated = stop
         # the history's message dicts are shared by the turn's prompts and the later turns'

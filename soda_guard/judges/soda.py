@@ -39,7 +39,7 @@ from soda_guard.judges.context import (
 )
 from soda_guard.judges.elision import Pieces
 from soda_guard.judges.incremental import AT_ONCE_MAX_STEPS, BlockMemo, HistoryMemo, Lru, PreparedHistory, ShownWhole, continues
-from soda_guard.trajectory import AssistantStep, ToolStep, Trajectory, UserStep
+from soda_guard.trajectory import AssistantStep, ToolStep, Trajectory, UserStep, exact_steps
 from soda_guard.verdict import Label, Source
 
 SODA_MODEL_ID = "cesun/SODA-Agent-Safety-Judge"
@@ -504,7 +504,7 @@ class SodaJudge(Judge):
         if grown is None:
             steps, roles = _conversation(trajectory, self.window)
             user, truncated, record = self._fit(steps, harm, environment, roles)
-            if record is not None and self.window != "latest" and "system" not in roles:
+            if record is not None and self.window != "latest" and "system" not in roles and exact_steps(record.steps):
                 self._remember(trajectory.conversation_id, record)
         else:
             user, truncated = grown
