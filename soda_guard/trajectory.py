@@ -6,7 +6,7 @@ this one model, so the judges and the policy never see framework objects.
 
 from __future__ import annotations
 
-import itertools
+import threading
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, Union
 
@@ -39,14 +39,22 @@ class ToolCall(_Model):
         return f"{self.server}:{self.name}" if self.server else self.name
 
 
-_COMPARED = itertools.count()
-"""Advanced by every comparison of two step objects that are not one and the same: how
-`same_start` tells identity from equality at the speed of a list comparison."""
+class _Comparing(threading.local):
+    """Set while this thread runs `same_start`'s list comparison."""
+
+    active = False
+
+
+_COMPARING = _Comparing()
+
+
+class _Distinct(Exception):
+    """Raised by a step's comparison inside `same_start`: two steps that are not one object."""
 
 
 class _StepModel(_Model):
-    """A step: compared by value, as a model, with each comparison counted (`same_start`).
-    A subclass keeps this comparison: one of its own would go uncounted."""
+    """A step: compared by value, as a model, except inside `same_start`, where comparing
+    two steps at all means they are not the same object. A subclass keeps this comparison."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -54,7 +62,8 @@ class _StepModel(_Model):
             raise TypeError(f"{cls.__name__} may not define __eq__: steps are compared by _StepModel's")
 
     def __eq__(self, other: object) -> bool:
-        next(_COMPARED)
+        if _COMPARING.active:
+            raise _Distinct
         return super().__eq__(other)
 
 
@@ -94,28 +103,29 @@ STEP_TYPES = frozenset({SystemStep, UserStep, AssistantStep, ToolStep})
 
 def exact_steps(steps: Sequence[object]) -> bool:
     """Whether every one of `steps` is of one of the four step classes exactly: `same_start`'s
-    condition on `earlier`, whose elements must compare by `_StepModel.__eq__`, which counts
-    itself (an object of another class may compare equal uncounted). Read at C speed; a
-    subclass of a step class also compares by it, but telling one apart costs a call a step."""
+    condition on `earlier`, whose elements must compare by `_StepModel.__eq__` (an object of
+    another class may compare equal and let the comparison go on). Read at C speed; a subclass
+    of a step class also compares by it, but telling one apart costs a call a step."""
     return STEP_TYPES.issuperset(map(type, steps))
 
 
 def same_start(earlier: list[Any], steps: list[Any]) -> bool:
     """Whether `steps` begins with the very objects in `earlier`, which are all of the step
     classes exactly (`exact_steps`), at the speed of a list comparison rather than of a call
-    per step: Python's list comparison passes over identical elements in C and compares any
-    other pair with the earlier step's `__eq__` (or a step subclass's, which is the same),
-    which counts itself. Steps that compare equal may still render otherwise (`1 == True`),
-    so one comparison is a mismatch; so is one made by another thread meanwhile (rare: the
-    caller then does the work it hoped to skip)."""
+    per step: Python's list comparison passes over identical elements in C and compares the
+    first other pair with the earlier step's `__eq__` (or a step subclass's, which is the same),
+    which here stops it. Steps that compare equal may still render otherwise (`1 == True`), so
+    equality is a mismatch too."""
     if len(earlier) > len(steps):
         return False
-    before = next(_COMPARED)
+    _COMPARING.active = True
     try:
         earlier <= steps  # noqa: B015 - run for its comparisons, not its result
-    except TypeError:  # two different steps with no order between them
+    except (_Distinct, TypeError):  # TypeError: no order between two other objects of `earlier`'s
         return False
-    return next(_COMPARED) == before + 1
+    finally:
+        _COMPARING.active = False
+    return True
 
 
 class Trajectory(_Model):

@@ -73,20 +73,44 @@ def test_a_step_subclass_may_not_compare_by_its_own_rule() -> None:
                 return True
 
 
-def test_a_comparison_made_meanwhile_by_another_thread_is_a_mismatch_not_a_match() -> None:
-    """The count is shared: any comparison of two distinct steps while the list is compared
-    turns a match into a mismatch (the judge then renders without its record: slower, right)."""
+def test_steps_compared_by_another_thread_meanwhile_compare_by_value() -> None:
+    """Only the thread running the comparison treats a step comparison as a mismatch."""
     steps = _steps(3)
+    seen: list[bool] = []
 
     class Interleaved(list):  # type: ignore[type-arg]
         def __ge__(self, other: object) -> bool:
-            thread = threading.Thread(target=lambda: UserStep(content="a") == UserStep(content="a"))
+            thread = threading.Thread(target=lambda: seen.append(UserStep(content="a") == UserStep(content="a")))
             thread.start()
             thread.join()
             return list.__ge__(self, other)  # type: ignore[operator]
 
-    assert same_start(steps[:4], steps)
-    assert not same_start(steps[:4], Interleaved(steps))
+    assert same_start(steps[:4], Interleaved(steps))
+    assert seen == [True]
+    assert UserStep(content="a") == UserStep(content="a")  # and by value again once it is done
+
+
+def test_a_fresh_copy_of_a_long_history_is_told_apart_without_comparing_values() -> None:
+    """A conversation converted again into new step objects (equal ones) is a mismatch found
+    at its first step, not after comparing every step's fields."""
+
+    class Probe:
+        compared = 0
+
+        def __eq__(self, other: object) -> bool:
+            Probe.compared += 1
+            return isinstance(other, Probe)
+
+        __hash__ = object.__hash__
+
+    def history() -> list[AssistantStep]:
+        return [AssistantStep(tool_calls=[ToolCall(id=f"c{index}", name="read", args={"probe": Probe()})]) for index in range(500)]
+
+    earlier, fresh = history(), history()
+    assert fresh == earlier and Probe.compared == 500
+    Probe.compared = 0
+    assert not same_start(earlier, [*fresh, UserStep(content="next")])
+    assert Probe.compared == 0
 
 
 def test_only_steps_of_the_step_classes_exactly_are_a_record() -> None:
