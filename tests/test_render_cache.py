@@ -363,6 +363,33 @@ def test_a_turn_past_the_budget_edits_the_previous_turns_walk_and_rendering(monk
     assert made == [("Elision", 2), ("Walk", overflowed), ("Walk", 100)]
 
 
+@pytest.mark.parametrize("window", ["history", "full"])
+@pytest.mark.parametrize("room", [8000, 64_000])
+def test_a_conversation_with_system_messages_continues_the_judges_record(monkeypatch: pytest.MonkeyPatch, window: str, room: int) -> None:
+    """System messages are left out of the SODA judge's conversation, so its history is not a
+    prefix of the trajectory's steps; the record holds the steps it was read from as well, and
+    turn after turn (within the budget and past it) the judge reads only the new steps, never
+    the whole conversation again, with the reference renderer's prompt."""
+    judge = SodaJudge(window=window, budget=ContextBudget(max_prompt_chars=room, max_message_chars=300))  # type: ignore[arg-type]
+    read: list[int] = []
+    monkeypatch.setattr(judge, "_fit", lambda steps, *rest, _fit=judge._fit: read.append(len(steps)) or _fit(steps, *rest))
+    steps: list = [SystemStep(content="You archive reports."), UserStep(content="Archive the old reports."), SystemStep(content="Be brief.")]
+    for index in range(80):
+        calls = [ToolCall(id=f"c{index}.{n}", name="archive", args={"n": n}) for n in range(1 + index % 2)]
+        steps.append(AssistantStep(content=f"Step {index}.", tool_calls=calls))
+        view = Trajectory(steps=list(steps), conversation_id="run")
+        for judged in (view, *(view.with_only_pending_call(call.id) for call in calls[1:])):
+            assert _cached(judge, judged) == _reference(judge, judged), index
+        steps += [ToolStep(tool_call_id=call.id, content=f"archived report {index} " * 9) for call in calls]
+    record = judge._shown.get("run")
+    past = type(record).__name__ == "_Elided"
+    assert past == (room == 8000)
+    # from the steps only at the first render and, past the budget, at the turn the history
+    # first stops fitting whole (the record shown whole gives way to the elision walk)
+    assert read[0] == 2 and len(read) == 1 + past
+    assert record.source is not None
+
+
 @pytest.mark.parametrize("kind", ["history", "full", "response", "tool_result"])
 def test_the_same_history_judged_again_with_another_action_is_rendered_for_that_action(kind: str) -> None:
     """A conversation's next render continues the history it last rendered

@@ -181,7 +181,8 @@ class ShownWhole:
     `steps` is the history itself (held, so that a later conversation is known to continue it
     by the identity of its first steps); `shape` the flags the caller derived from the whole
     conversation, as `HistoryMemo`'s; `total` the shown blocks' length with their overhead and
-    `gaps` the runs of blocks left out (one marker each); `cut` whether a block was clipped."""
+    `gaps` the runs of blocks left out (one marker each); `cut` whether a block was clipped;
+    `source` the steps the history was read from, where the caller left some out (None: `steps`)."""
 
     steps: list[object]
     shape: Hashable
@@ -189,6 +190,7 @@ class ShownWhole:
     total: int
     gaps: int
     cut: bool
+    source: list[object] | None = None
 
     def grown(
         self,

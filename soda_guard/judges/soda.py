@@ -7,7 +7,7 @@ The prompt is reproduced byte for byte from the model's training format
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from collections.abc import Sequence
 from typing import Hashable, Literal
 
@@ -39,7 +39,7 @@ from soda_guard.judges.context import (
 )
 from soda_guard.judges.elision import Pieces
 from soda_guard.judges.incremental import AT_ONCE_MAX_STEPS, BlockMemo, HistoryMemo, Lru, PreparedHistory, ShownWhole, continues
-from soda_guard.trajectory import AssistantStep, ToolStep, Trajectory, UserStep, exact_steps
+from soda_guard.trajectory import AssistantStep, SystemStep, ToolStep, Trajectory, UserStep, exact_steps
 from soda_guard.verdict import Label, Source
 
 SODA_MODEL_ID = "cesun/SODA-Agent-Safety-Judge"
@@ -277,11 +277,26 @@ def locate_soda_label(text: str) -> int | None:
 class _Elided:
     """A history rendered past the budget: its steps (held, so that a later conversation is
     known to continue it by the identity of its first steps), the flags derived from the
-    whole conversation (`ShownWhole`'s shape), and the history prepared."""
+    whole conversation (`ShownWhole`'s shape), the history prepared, and the trajectory's steps
+    it was read from where system messages left out make them differ (`ShownWhole`'s source)."""
 
     steps: list[object]
     shape: tuple[int | None, int | None]
     prepared: PreparedHistory
+    source: list[object] | None = None
+
+
+def _rememberable(steps: list[object]) -> bool:
+    """Whether a render from scratch of these steps may be continued: its last step is the
+    conversation's (no system message after it), and all are of the step classes exactly
+    (`continues`)."""
+    return type(steps[-1]) is not SystemStep and exact_steps(steps)
+
+
+def _source(record: ShownWhole | _Elided) -> list[object]:
+    """The trajectory's steps a record's history was read from: what a later trajectory must
+    begin with for the record to be continued."""
+    return record.steps if record.source is None else record.source
 
 
 class SodaJudge(Judge):
@@ -422,17 +437,18 @@ class SodaJudge(Judge):
         record = self._shown_before(trajectory)
         if record is None:
             return None
-        steps = trajectory.steps
-        last = len(steps) - 1
-        size = len(record.steps)
-        roles = step_roles(steps[size:])
+        new = trajectory.steps[len(_source(record)) :]
+        roles = step_roles(new)
         if "user" in roles or "system" in roles:
             return None  # a new request changes which earlier turns are shown
+        steps = trajectory.steps if record.source is None else [*record.steps, *new]  # the conversation shown
+        last = len(steps) - 1
+        size = len(record.steps)
         user_index, before = record.shape  # type: ignore[misc]
         newest = last_index(roles, "assistant")
         action_index = before if newest is None else size + newest
         if isinstance(record, _Elided):
-            return self._continued(record, trajectory, user_index, action_index, harm, environment)
+            return self._continued(record, trajectory, steps, user_index, action_index, harm, environment)
         if before is not None and before < size and action_index != before:
             return None
         blocks = self._blocks_of(steps[size:last], user_index, action_index, last, start=size)  # type: ignore[arg-type]
@@ -446,14 +462,16 @@ class SodaJudge(Judge):
         if grown is None:
             return None
         history, shown, truncated = grown
-        self._remember(trajectory.conversation_id, history)
+        self._remember(trajectory, history)
         return "".join((head, history.text, _items_text(shown), _FOOT)), truncated
 
-    def _continued(self, record: _Elided, trajectory: Trajectory, user_index: int | None, action_index: int | None, harm: str, environment: str) -> tuple[str, bool] | None:
-        """`_grown` for a conversation that was past the budget: the turn's other calls share
-        its prepared history, the next turn extends it."""
-        steps = trajectory.steps
-        if len(steps) - 1 == len(record.steps) and record.shape == (user_index, action_index):
+    def _continued(
+        self, record: _Elided, trajectory: Trajectory, steps: list[UserStep | AssistantStep | ToolStep], user_index: int | None, action_index: int | None, harm: str, environment: str
+    ) -> tuple[str, bool] | None:
+        """`_grown` for a conversation (`steps`, as shown) that was past the budget: the
+        turn's other calls share its prepared history, the next turn extends it."""
+        same = len(steps) - 1 == len(record.steps) and record.shape == (user_index, action_index)
+        if same:
             history, prepared = record.steps, record.prepared  # the very steps: no copy to make
         else:
             history = steps[:-1]
@@ -463,18 +481,26 @@ class SodaJudge(Judge):
             return None
         user, truncated, remembered = made
         if remembered is not None:
-            self._remember(trajectory.conversation_id, remembered)
+            self._remember(trajectory, remembered, record.source if same else None)
         return user, truncated
 
     def _shown_before(self, trajectory: Trajectory) -> ShownWhole | _Elided | None:
         """The history this conversation last rendered, where the trajectory `continues` it.
         None with the `latest` window, which remembers none."""
         record = self._shown.get(trajectory.conversation_id) if self.window != "latest" else None
-        return record if record is not None and continues(record.steps, trajectory.steps) else None
+        return record if record is not None and continues(_source(record), trajectory.steps) else None
 
-    def _remember(self, conversation: str | None, record: ShownWhole | _Elided) -> None:
+    def _remember(self, trajectory: Trajectory, record: ShownWhole | _Elided, source: list[object] | None = None) -> None:
+        """Keep `record`, the history before `trajectory`'s last step, for the conversation's
+        next render. Where system messages were left out of it, it also holds the steps it was
+        read from (`source`, or the trajectory's before its last)."""
+        steps = trajectory.steps
+        if source is None and len(record.steps) != len(steps) - 1:
+            source = steps[:-1]
+        if source is not None:
+            record = replace(record, source=source)
         text = record.text if isinstance(record, ShownWhole) else ""
-        self._shown.put(conversation, record, len(text) + 64 * len(record.steps))
+        self._shown.put(trajectory.conversation_id, record, len(text) + 64 * (len(record.steps) + len(record.source or ())))
 
     def renders_at_once(self, trajectories: Sequence[Trajectory]) -> bool:
         """A few new messages on a history whose blocks are all known: the render extends a
@@ -492,7 +518,7 @@ class SodaJudge(Judge):
         whole = self._shown_before(trajectory)
         steps = trajectory.steps
         if whole is not None:
-            new = [step for step in steps[len(whole.steps) :] if step.role != "system"]
+            new = [step for step in steps[len(_source(whole)) :] if step.role != "system"]
             return len(whole.steps) + len(new), new  # type: ignore[return-value]
         shown = conversation_steps(trajectory, self.window)
         return len(shown), shown
@@ -504,8 +530,8 @@ class SodaJudge(Judge):
         if grown is None:
             steps, roles = _conversation(trajectory, self.window)
             user, truncated, record = self._fit(steps, harm, environment, roles)
-            if record is not None and self.window != "latest" and "system" not in roles and exact_steps(record.steps):
-                self._remember(trajectory.conversation_id, record)
+            if record is not None and self.window != "latest" and _rememberable(trajectory.steps):
+                self._remember(trajectory, record)
         else:
             user, truncated = grown
         return RenderedPrompt(
