@@ -6,7 +6,10 @@ is fitted again), for the first call of the next turn as the adapters make it (t
 objects, one call and its result added: the history is extended from the previous turn's) and
 for the turn's other calls (the history shared). Prints ms per call and the ratios.
 
-    python benchmarks/bench_render.py [--repeat 20] [--steps 10,100,1000] [--judge soda|gen]
+    python benchmarks/bench_render.py [--repeat 20] [--steps 10,100,1000] [--judge soda|gen] [--system]
+
+`--system` starts each conversation with a system message (which the SODA judge leaves out of
+the conversation it shows).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Callable
 from soda_guard.judges.base import Judge
 from soda_guard.judges.qwen3guard_gen import Qwen3GuardGenJudge, fit_gen_messages
 from soda_guard.judges.soda import SodaJudge, _pick, conversation_steps, fit_conversation
-from soda_guard.trajectory import AssistantStep, ToolCall, ToolStep, Trajectory, UserStep
+from soda_guard.trajectory import AssistantStep, SystemStep, ToolCall, ToolStep, Trajectory, UserStep
 
 
 def conversation(steps: int) -> list[dict]:
@@ -36,7 +39,9 @@ def conversation(steps: int) -> list[dict]:
 def trajectory(messages: list[dict]) -> Trajectory:
     steps = []
     for message in messages:
-        if message["role"] == "user":
+        if message["role"] == "system":
+            steps.append(SystemStep(content=message["content"]))
+        elif message["role"] == "user":
             steps.append(UserStep(content=message["content"]))
         elif message["role"] == "assistant":
             steps.append(AssistantStep(content=message["content"], tool_calls=[ToolCall(**call) for call in message["tool_calls"]]))
@@ -59,6 +64,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--steps", default="10,100,1000", help="conversation lengths, comma-separated")
     parser.add_argument("--judge", choices=("soda", "gen"), default="soda", help="the SODA judge, or Qwen3Guard-Gen in response mode")
+    parser.add_argument("--system", action="store_true", help="each conversation starts with a system message")
     arguments = parser.parse_args()
     repeat = arguments.repeat
     make = SodaJudge if arguments.judge == "soda" else lambda: Qwen3GuardGenJudge(mode="response")
@@ -68,6 +74,8 @@ def main() -> None:
     )
     for steps in map(int, arguments.steps.split(",")):
         messages = conversation(steps)
+        if arguments.system:
+            messages.insert(0, {"role": "system", "content": "You are the user's finance assistant."})
         judge = make()
         judge.render(trajectory(messages[:-2]))  # the earlier turns were judged already
 
