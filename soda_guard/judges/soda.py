@@ -388,7 +388,7 @@ class SodaJudge(Judge):
             lambda: self._prepare(history, user_index, action_index, len(steps)),
             lambda base, shape: self._extend(history, user_index, action_index, len(steps), base, shape),
         )
-        made = self._prompt(prepared, steps, history, user_index, action_index, harm, environment)
+        made = self._prompt(prepared, steps[-1], history, user_index, action_index, harm, environment)
         if made is None:  # the kept messages overflow: clipped to a common level, uncached
             return *fit_conversation(steps, harm, environment, self.budget, self.window), None
         return made
@@ -396,17 +396,18 @@ class SodaJudge(Judge):
     def _prompt(
         self,
         prepared: PreparedHistory,
-        steps: Sequence[UserStep | AssistantStep | ToolStep],
+        judged: UserStep | AssistantStep | ToolStep,
         history: list[UserStep | AssistantStep | ToolStep],
         user_index: int | None,
         action_index: int | None,
         harm: str,
         environment: str,
     ) -> tuple[str, bool, ShownWhole | _Elided | None] | None:
-        """The prompt from the history prepared and the message judged, and the record of
-        it the next render may continue; None where the kept messages alone overflow."""
-        last = len(steps) - 1
-        tail = [self._flagged(steps[last], last, user_index, action_index, last)]
+        """The prompt from the history prepared and the message judged (the last, after
+        `history`), and the record of it the next render may continue; None where the kept
+        messages alone overflow."""
+        last = len(history)
+        tail = [self._flagged(judged, last, user_index, action_index, last)]
         head = self._head(harm, environment)
         stop = prepared.stop(tail, self._room(head))
         if stop is None:
@@ -441,21 +442,20 @@ class SodaJudge(Judge):
         roles = step_roles(new)
         if "user" in roles or "system" in roles:
             return None  # a new request changes which earlier turns are shown
-        steps = trajectory.steps if record.source is None else [*record.steps, *new]  # the conversation shown
-        last = len(steps) - 1
-        size = len(record.steps)
+        size = len(record.steps)  # the conversation shown is the record's history, then `new`
+        last = size + len(new) - 1
         user_index, before = record.shape  # type: ignore[misc]
         newest = last_index(roles, "assistant")
         action_index = before if newest is None else size + newest
         if isinstance(record, _Elided):
-            return self._continued(record, trajectory, steps, user_index, action_index, harm, environment)
+            return self._continued(record, trajectory, new, user_index, action_index, harm, environment)
         if before is not None and before < size and action_index != before:
             return None
-        blocks = self._blocks_of(steps[size:last], user_index, action_index, last, start=size)  # type: ignore[arg-type]
-        tail = self._flagged(steps[last], last, user_index, action_index, last)  # type: ignore[arg-type]
+        blocks = self._blocks_of(new[:-1], user_index, action_index, last, start=size)
+        tail = self._flagged(new[-1], last, user_index, action_index, last)
         head = self._head(harm, environment)
         grown = record.grown(
-            steps[:last], (user_index, action_index), blocks, (tail,), self._room(head), len(steps),
+            [*record.steps, *new[:-1]], (user_index, action_index), blocks, (tail,), self._room(head), last + 1,
             overhead=_overhead, marker_overhead=MARKER_OVERHEAD, max_message_chars=self.budget.max_message_chars,
             append=_appended,
         )
@@ -466,17 +466,17 @@ class SodaJudge(Judge):
         return "".join((head, history.text, _items_text(shown), _FOOT)), truncated
 
     def _continued(
-        self, record: _Elided, trajectory: Trajectory, steps: list[UserStep | AssistantStep | ToolStep], user_index: int | None, action_index: int | None, harm: str, environment: str
+        self, record: _Elided, trajectory: Trajectory, new: list[UserStep | AssistantStep | ToolStep], user_index: int | None, action_index: int | None, harm: str, environment: str
     ) -> tuple[str, bool] | None:
-        """`_grown` for a conversation (`steps`, as shown) that was past the budget: the
-        turn's other calls share its prepared history, the next turn extends it."""
-        same = len(steps) - 1 == len(record.steps) and record.shape == (user_index, action_index)
+        """`_grown` for a conversation (the record's history, then `new`) that was past the
+        budget: the turn's other calls share its prepared history, the next turn extends it."""
+        same = len(new) == 1 and record.shape == (user_index, action_index)
         if same:
             history, prepared = record.steps, record.prepared  # the very steps: no copy to make
         else:
-            history = steps[:-1]
-            prepared = self._extend(history, user_index, action_index, len(steps), record.prepared, record.shape)  # type: ignore[arg-type]
-        made = self._prompt(prepared, steps, history, user_index, action_index, harm, environment) if prepared is not None else None  # type: ignore[arg-type]
+            history = [*record.steps, *new[:-1]]
+            prepared = self._extend(history, user_index, action_index, len(history) + 1, record.prepared, record.shape)  # type: ignore[arg-type]
+        made = self._prompt(prepared, new[-1], history, user_index, action_index, harm, environment) if prepared is not None else None  # type: ignore[arg-type]
         if made is None:
             return None
         user, truncated, remembered = made
