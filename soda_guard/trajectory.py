@@ -115,8 +115,8 @@ def same_start(earlier: list[Any], steps: list[Any]) -> bool:
     per step: Python's list comparison passes over identical elements in C and compares the
     first other pair with the earlier step's `__eq__` (or a step subclass's, which is the same),
     which here stops it. Steps that compare equal may still render otherwise (`1 == True`), so
-    equality is a mismatch too."""
-    if len(earlier) > len(steps):
+    equality is a mismatch too. Plain lists only: a subclass's own comparison would run instead."""
+    if type(earlier) is not list or type(steps) is not list or len(earlier) > len(steps):
         return False
     _COMPARING.active = True
     try:

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from soda_guard import trajectory
 from soda_guard.judges.incremental import continues
 from soda_guard.judges.qwen3guard_gen import Qwen3GuardGenJudge, fit_gen_messages
 from soda_guard.judges.soda import SodaJudge, _pick, conversation_steps, fit_conversation
@@ -74,20 +75,35 @@ def test_a_step_subclass_may_not_compare_by_its_own_rule() -> None:
 
 
 def test_steps_compared_by_another_thread_meanwhile_compare_by_value() -> None:
-    """Only the thread running the comparison treats a step comparison as a mismatch."""
-    steps = _steps(3)
+    """Only the thread running the comparison takes a step comparison for a mismatch (a
+    switch between threads may fall just before or after the list comparison)."""
     seen: list[bool] = []
-
-    class Interleaved(list):  # type: ignore[type-arg]
-        def __ge__(self, other: object) -> bool:
-            thread = threading.Thread(target=lambda: seen.append(UserStep(content="a") == UserStep(content="a")))
-            thread.start()
-            thread.join()
-            return list.__ge__(self, other)  # type: ignore[operator]
-
-    assert same_start(steps[:4], Interleaved(steps))
+    trajectory._COMPARING.active = True
+    try:
+        thread = threading.Thread(target=lambda: seen.append(UserStep(content="a") == UserStep(content="a")))
+        thread.start()
+        thread.join()
+        with pytest.raises(trajectory._Distinct):
+            _ = UserStep(content="a") == UserStep(content="a")
+    finally:
+        trajectory._COMPARING.active = False
     assert seen == [True]
-    assert UserStep(content="a") == UserStep(content="a")  # and by value again once it is done
+    assert UserStep(content="a") == UserStep(content="a")
+
+
+def test_only_plain_lists_are_compared() -> None:
+    """A list subclass's own comparison (reflected first) would decide instead of the steps'."""
+    steps = _steps(3)
+
+    class Agreeing(list):  # type: ignore[type-arg]
+        def __ge__(self, other: object) -> bool:
+            return True
+
+    changed = Agreeing(steps)
+    changed[2] = ToolStep(content="other")
+    assert not same_start(steps[:4], changed)
+    assert not same_start(Agreeing(steps[:4]), steps)
+    assert same_start(steps[:4], list(steps))
 
 
 def test_a_fresh_copy_of_a_long_history_is_told_apart_without_comparing_values() -> None:
