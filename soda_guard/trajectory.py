@@ -98,7 +98,7 @@ class ToolStep(_StepModel):
 Step = Annotated[Union[SystemStep, UserStep, AssistantStep, ToolStep], Field(discriminator="role")]
 
 
-STEP_TYPES = frozenset({SystemStep, UserStep, AssistantStep, ToolStep})
+_STEP_TYPES = frozenset({SystemStep, UserStep, AssistantStep, ToolStep})
 
 
 def exact_steps(steps: Sequence[object]) -> bool:
@@ -106,7 +106,7 @@ def exact_steps(steps: Sequence[object]) -> bool:
     condition on `earlier`, whose elements must compare by `_StepModel.__eq__` (an object of
     another class may compare equal and let the comparison go on). Read at C speed; a subclass
     of a step class also compares by it, but telling one apart costs a call a step."""
-    return STEP_TYPES.issuperset(map(type, steps))
+    return _STEP_TYPES.issuperset(map(type, steps))
 
 
 def same_start(earlier: list[Any], steps: list[Any]) -> bool:
