@@ -205,14 +205,15 @@ def test_whether_a_render_is_a_small_job_is_read_from_the_new_steps(window: str)
         steps.append(AssistantStep(content=f"Step {index}.", tool_calls=[ToolCall(id=f"c{index}", name="archive", args={"n": index})]))
         view = Trajectory(steps=list(steps), conversation_id="run")
         shown = judge._shown.get("run")
-        continues = shown is not None and window != "latest" and all(a is b for a, b in zip(shown.steps, view.steps))
+        source = None if shown is None else shown.source or shown.steps
+        continues = source is not None and all(a is b for a, b in zip(source, view.steps))
         looked_at.clear()
         expected = judge._blocks.all_seen([conversation_steps(view, window)], text_size)
         looked_at.clear()
         answers.append(judge.renders_at_once([view]))
         assert answers[-1] == expected, index
         if continues:
-            assert len(looked_at) <= len(view.steps) - len(shown.steps), index  # type: ignore[union-attr]
+            assert len(looked_at) <= len(view.steps) - len(source), index  # type: ignore[arg-type]
         judge.render(view)
         big = index % 5 == 4  # a tool result too large for the loop, now and then
         steps.append(ToolStep(tool_call_id=f"c{index}", content=("r" * 20_000) if big else f"archived report {index}"))
@@ -306,7 +307,7 @@ _TURN = st.fixed_dictionaries(
 @given(
     turns=st.lists(_TURN, min_size=1, max_size=40),
     room=st.integers(4096, 7000),
-    kind=st.sampled_from(["history", "full", "response", "tool_result"]),
+    kind=st.sampled_from(["history", "full", "latest", "response", "tool_result"]),
 )
 def test_a_conversation_past_the_budget_matches_the_reference_turn_by_turn(turns: list, room: int, kind: str) -> None:
     """The walk and the rendering a turn past the budget edits from the previous turn's
@@ -316,7 +317,7 @@ def test_a_conversation_past_the_budget_matches_the_reference_turn_by_turn(turns
     removal costs more than it saves, actions clipped once they are no longer the action,
     new requests that hide earlier turns, system messages the window leaves out."""
     budget = ContextBudget(max_prompt_chars=room, max_message_chars=256)
-    judge = SodaJudge(window=kind, budget=budget) if kind in ("history", "full") else Qwen3GuardGenJudge(mode=kind, budget=budget)  # type: ignore[arg-type]
+    judge = SodaJudge(window=kind, budget=budget) if kind in ("history", "full", "latest") else Qwen3GuardGenJudge(mode=kind, budget=budget)  # type: ignore[arg-type]
     steps: list = [SystemStep(content="You archive reports."), UserStep(content="Archive the old reports.")]
     for number, turn in enumerate(turns):
         calls = [ToolCall(id=f"c{number}.{index}", name="archive", args={"n": index}) for index in range(len(turn["calls"]))]
@@ -363,17 +364,20 @@ def test_a_turn_past_the_budget_edits_the_previous_turns_walk_and_rendering(monk
     assert made == [("Elision", 2), ("Walk", overflowed), ("Walk", 100)]
 
 
-@pytest.mark.parametrize("window", ["history", "full"])
+@pytest.mark.parametrize("window", ["history", "full", "latest"])
 @pytest.mark.parametrize("room", [8000, 64_000])
 def test_a_conversation_with_system_messages_continues_the_judges_record(monkeypatch: pytest.MonkeyPatch, window: str, room: int) -> None:
-    """System messages are left out of the SODA judge's conversation, so its history is not a
-    prefix of the trajectory's steps; the record holds the steps it was read from as well, and
+    """System messages are left out of the SODA judge's conversation (and with the `latest`
+    window, everything before the latest request), so its history is not a prefix of the
+    trajectory's steps; the record holds the steps it was read from as well, and
     turn after turn (within the budget and past it) the judge reads only the new steps, never
     the whole conversation again, with the reference renderer's prompt."""
     judge = SodaJudge(window=window, budget=ContextBudget(max_prompt_chars=room, max_message_chars=300))  # type: ignore[arg-type]
     read: list[int] = []
     monkeypatch.setattr(judge, "_fit", lambda steps, *rest, _fit=judge._fit: read.append(len(steps)) or _fit(steps, *rest))
     steps: list = [SystemStep(content="You archive reports."), UserStep(content="Archive the old reports."), SystemStep(content="Be brief.")]
+    if window == "latest":
+        steps[1:1] = [UserStep(content="Hello."), AssistantStep(content="Hello! What shall I do?")]
     for index in range(80):
         calls = [ToolCall(id=f"c{index}.{n}", name="archive", args={"n": n}) for n in range(1 + index % 2)]
         steps.append(AssistantStep(content=f"Step {index}.", tool_calls=calls))

@@ -485,9 +485,8 @@ class SodaJudge(Judge):
         return user, truncated
 
     def _shown_before(self, trajectory: Trajectory) -> ShownWhole | _Elided | None:
-        """The history this conversation last rendered, where the trajectory `continues` it.
-        None with the `latest` window, which remembers none."""
-        record = self._shown.get(trajectory.conversation_id) if self.window != "latest" else None
+        """The history this conversation last rendered, where the trajectory `continues` it."""
+        record = self._shown.get(trajectory.conversation_id)
         return record if record is not None and continues(_source(record), trajectory.steps) else None
 
     def _remember(self, trajectory: Trajectory, record: ShownWhole | _Elided, source: list[object] | None = None) -> None:
@@ -530,7 +529,7 @@ class SodaJudge(Judge):
         if grown is None:
             steps, roles = _conversation(trajectory, self.window)
             user, truncated, record = self._fit(steps, harm, environment, roles)
-            if record is not None and self.window != "latest" and _rememberable(trajectory.steps):
+            if record is not None and _rememberable(trajectory.steps):
                 self._remember(trajectory, record)
         else:
             user, truncated = grown
