@@ -6,7 +6,7 @@ is fitted again), for the first call of the next turn as the adapters make it (t
 objects, one call and its result added: the history is extended from the previous turn's) and
 for the turn's other calls (the history shared). Prints ms per call and the ratios.
 
-    python benchmarks/bench_render.py [--repeat 20] [--steps 10,100,1000] [--judge soda|gen] [--system]
+    python benchmarks/bench_render.py [--repeat 20] [--steps 10,100,1000] [--judge soda|gen] [--system] [--window history|full|latest]
 
 `--system` starts each conversation with a system message (which the SODA judge leaves out of
 the conversation it shows).
@@ -65,9 +65,10 @@ def main() -> None:
     parser.add_argument("--steps", default="10,100,1000", help="conversation lengths, comma-separated")
     parser.add_argument("--judge", choices=("soda", "gen"), default="soda", help="the SODA judge, or Qwen3Guard-Gen in response mode")
     parser.add_argument("--system", action="store_true", help="each conversation starts with a system message")
+    parser.add_argument("--window", choices=("history", "full", "latest"), default="history", help="the SODA judge's window")
     arguments = parser.parse_args()
     repeat = arguments.repeat
-    make = SodaJudge if arguments.judge == "soda" else lambda: Qwen3GuardGenJudge(mode="response")
+    make = (lambda: SodaJudge(window=arguments.window)) if arguments.judge == "soda" else (lambda: Qwen3GuardGenJudge(mode="response"))
     print(
         f"{'steps':>6} {'uncached ms':>12} {'turn first ms':>14} {'next turn':>10} {'turn rest ms':>13}"
         f" {'first/uncached':>15} {'next/uncached':>13} {'rest/uncached':>14}"
