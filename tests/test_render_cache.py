@@ -414,3 +414,58 @@ def test_the_same_history_judged_again_with_another_action_is_rendered_for_that_
         if kind == "tool_result":  # the action it judges is the last assistant turn before the result
             other = Trajectory(steps=[*steps[:-1], AssistantStep(tool_calls=[ToolCall(id="x", name="wipe", args={})]), ToolStep(tool_call_id="x", content="wiped")], conversation_id="run")
             assert _cached(judge, other) == _reference(judge, other), index
+
+
+@pytest.mark.parametrize("kind", ["history", "full", "latest", "response"])
+def test_threads_rendering_one_conversation_at_once_each_get_their_own_prompt(kind: str) -> None:
+    """Real agents and evaluations render one conversation from several threads (parallel
+    calls, a replay of its prefixes), and a reused thread id puts another conversation under
+    the same id (here one whose first call differs only by `1` for `True`, equal in Python,
+    not in the prompt): the judge's record is replaced under them, and each render must still
+    be its own trajectory's, within the budget and past it."""
+    import random
+    import sys
+    import threading
+
+    budget = ContextBudget(max_prompt_chars=6000, max_message_chars=256)
+    judge = SodaJudge(window=kind, budget=budget) if kind != "response" else Qwen3GuardGenJudge(mode="response", budget=budget)  # type: ignore[arg-type]
+    steps: list = [SystemStep(content="You archive reports."), UserStep(content="Archive the old reports.")]
+    turns = []
+    for index in range(60):
+        calls = [ToolCall(id=f"c{index}.{n}", name="archive", args={"n": n, "flag": index % 2 == 0}) for n in range(1 + index % 3)]
+        steps.append(AssistantStep(content=f"Step {index}.", tool_calls=calls))
+        turns.append((len(steps), [call.id for call in calls[1:]]))
+        steps += [ToolStep(tool_call_id=call.id, content=f"archived report {index} " * (1 + index % 9)) for call in calls]
+        if index % 17 == 16:
+            steps.append(UserStep(content=f"Now batch {index}."))
+    fork = list(steps)
+    first = fork[2]
+    fork[2] = first.model_copy(update={"tool_calls": [call.model_copy(update={"args": {"n": 0, "flag": 1}}) for call in first.tool_calls]})
+    assert fork == steps
+    views = []
+    for conversation in (steps, fork):
+        for size, others in turns:
+            view = Trajectory(steps=conversation[:size], conversation_id="run")
+            views += [view, *(view.with_only_pending_call(call_id) for call_id in others)]
+    expected = [_reference(judge, view) for view in views]
+    assert any(truncated for _, truncated in expected)  # past the budget too
+    wrong: list[int] = []
+
+    def render(seed: int) -> None:
+        order = list(range(len(views)))
+        random.Random(seed).shuffle(order)
+        for at in order:
+            if _cached(judge, views[at]) != expected[at]:
+                wrong.append(at)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        threads = [threading.Thread(target=render, args=(seed,)) for seed in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not wrong
