@@ -387,6 +387,9 @@ def test_a_conversation_with_system_messages_continues_the_judges_record(monkeyp
         steps += [ToolStep(tool_call_id=call.id, content=f"archived report {index} " * 9) for call in calls]
     record = judge._shown.get("run")
     past = type(record).__name__ == "_Elided"
+    if past:  # the same history judged again (a turn's other call) leaves the record as it is
+        assert _cached(judge, view.with_only_pending_call(calls[0].id)) == _reference(judge, view.with_only_pending_call(calls[0].id))
+        assert judge._shown.get("run") is record
     assert past == (room == 8000)
     # from the steps only at the first render and, past the budget, at the turn the history
     # first stops fitting whole (the record shown whole gives way to the elision walk)

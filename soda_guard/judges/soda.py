@@ -480,7 +480,7 @@ class SodaJudge(Judge):
         if made is None:
             return None
         user, truncated, remembered = made
-        if remembered is not None:
+        if remembered is not None and not (same and isinstance(remembered, _Elided)):  # else the record as it is
             self._remember(trajectory, remembered, record.source if same else None)
         return user, truncated
 
