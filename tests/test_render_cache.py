@@ -397,6 +397,32 @@ def test_a_conversation_with_system_messages_continues_the_judges_record(monkeyp
     assert record.source is not None
 
 
+@pytest.mark.parametrize("mode", ["response", "tool_result"])
+@pytest.mark.parametrize("room", [8000, 64_000])
+def test_a_gen_window_with_a_later_system_message_continues_the_judges_record(monkeypatch: pytest.MonkeyPatch, mode: str, room: int) -> None:
+    """Qwen3Guard-Gen leaves a system message after the first out of its window, so the window
+    is not a prefix of the trajectory's steps; its record holds the steps it was read from too,
+    and turn after turn the judge reads only the new steps, with the reference's messages."""
+    judge = Qwen3GuardGenJudge(mode=mode, budget=ContextBudget(max_prompt_chars=room, max_message_chars=300))  # type: ignore[arg-type]
+    read: list[int] = []  # the renders that found the window in the whole conversation
+    monkeypatch.setattr(judge, "_continued", lambda trajectory, _continued=judge._continued: _continued(trajectory) or read.append(len(trajectory.steps)))
+    steps: list = [UserStep(content="Archive the old reports."), SystemStep(content="Be brief.")]
+    for index in range(60):
+        calls = [ToolCall(id=f"c{index}.{n}", name="archive", args={"n": n}) for n in range(1 + index % 2)]
+        steps.append(AssistantStep(content=f"Step {index}.", tool_calls=calls))
+        if mode == "response":
+            view = Trajectory(steps=list(steps), conversation_id="run")
+            assert _cached(judge, view) == _reference(judge, view), index
+        steps += [ToolStep(tool_call_id=call.id, content=f"archived report {index} " * 9) for call in calls]
+        if mode == "tool_result":
+            view = Trajectory(steps=list(steps), conversation_id="run")
+            assert _cached(judge, view) == _reference(judge, view), index
+    assert len(read) == 1
+    assert judge._latest.get("run").source is not None
+    if room == 8000:
+        assert _cached(judge, view)[1]  # past the budget (truncated)
+
+
 @pytest.mark.parametrize("kind", ["history", "full", "response", "tool_result"])
 def test_the_same_history_judged_again_with_another_action_is_rendered_for_that_action(kind: str) -> None:
     """A conversation's next render continues the history it last rendered

@@ -153,10 +153,11 @@ def _window(trajectory: Trajectory, mode: Mode) -> tuple[list[SystemStep | UserS
     return _window_parts(trajectory, mode)[:3]  # type: ignore[return-value]
 
 
-def _window_parts(trajectory: Trajectory, mode: Mode) -> tuple[list[SystemStep | UserStep | AssistantStep | ToolStep], int, int | None, bool]:
-    """`_window`, and whether it is the conversation's first steps as they are (no later
-    system message left out); found by the steps' roles at C speed: a guard asks at every
-    call, across the whole conversation."""
+def _window_parts(trajectory: Trajectory, mode: Mode) -> tuple[list[SystemStep | UserStep | AssistantStep | ToolStep], int, int | None, int]:
+    """`_window`, and the index among the trajectory's steps of the message moderated (the
+    window's last; the window is the steps before it as they are where no later system message
+    was left out); found by the steps' roles at C speed: a guard asks at every call, across the
+    whole conversation."""
     steps = trajectory.steps
     roles = step_roles(steps)
     start = last_index(roles, "user")
@@ -172,12 +173,12 @@ def _window_parts(trajectory: Trajectory, mode: Mode) -> tuple[list[SystemStep |
     try:
         roles.index("system", 1, end + 1)
     except ValueError:  # no later system message to leave out: the window is a slice
-        window, shown, request, plain = steps[: end + 1], roles[: end + 1], start, True
+        window, shown, request = steps[: end + 1], roles[: end + 1], start
     else:
         kept = [0, *(index for index in range(1, end + 1) if roles[index] != "system")]
-        window, shown, request, plain = [steps[index] for index in kept], [roles[index] for index in kept], kept.index(start), False
+        window, shown, request = [steps[index] for index in kept], [roles[index] for index in kept], kept.index(start)
     action = last_index(shown, "assistant")
-    return window, request, action if action is not None and action >= request else None, plain
+    return window, request, action if action is not None and action >= request else None, end
 
 
 _TARGET = {"response": "assistant", "tool_result": "tool"}
@@ -188,12 +189,15 @@ _TARGET = {"response": "assistant", "tool_result": "tool"}
 class _Window:
     """What a conversation's last render showed before the message moderated: its steps
     (held, so that a later trajectory is known to continue them by the identity of its first
-    steps), the request's and the action's indexes, and the history prepared."""
+    steps), the request's and the action's indexes, the history prepared, and the trajectory's
+    steps before the message moderated where system messages left out of the window make them
+    differ from `steps` (`ShownWhole`'s source)."""
 
     steps: list[SystemStep | UserStep | AssistantStep | ToolStep]
     request: int
     action: int | None
     prepared: PreparedHistory
+    source: list[SystemStep | UserStep | AssistantStep | ToolStep] | None = None
 
 
 def fit_gen_messages(
@@ -314,10 +318,12 @@ class Qwen3GuardGenJudge(Judge):
         history fitted once per turn and extended turn by turn (`incremental`)."""
         found = self._continued(trajectory)
         if found is None:
-            window, request, action, plain = _window_parts(trajectory, self.mode)
+            window, request, action, end = _window_parts(trajectory, self.mode)
             last = len(window) - 1
             keep: tuple[int | None, ...] = (request, action, last)
             history, tail = window[:last], window[last]
+            source = None if end == last else trajectory.steps[:end]
+            rememberable = exact_steps(history if source is None else source)
             prepared = self._histories.get(
                 history,
                 (self.mode, request, action),
@@ -325,13 +331,14 @@ class Qwen3GuardGenJudge(Judge):
                 lambda base, shape: self._extend(history, keep, len(window), base, shape),
             )
         else:
-            history, tail, keep, prepared = found
-            plain = True
+            history, tail, keep, prepared, source = found
+            rememberable = True
         stop = prepared.stop([self._kept(tail, len(history), keep)], self.budget.max_prompt_chars)
         if stop is None:  # the kept messages overflow: clipped to a common level, uncached
             return fit_gen_messages(trajectory, self.mode, self.budget)
-        if plain and history and self.mode != "prompt" and (found is not None or exact_steps(history)):
-            self._latest.put(trajectory.conversation_id, _Window(history, keep[0], keep[1], prepared), 64 * len(history))  # type: ignore[arg-type]
+        if rememberable and history and self.mode != "prompt":
+            weight = 64 * (len(history) + len(source or ()))
+            self._latest.put(trajectory.conversation_id, _Window(history, keep[0], keep[1], prepared, source), weight)  # type: ignore[arg-type]
         removals, shown, truncated = stop
         # the history's message dicts are shared by the turn's prompts and the later turns'
         # (`Elision` carries them over): read, never edited
@@ -340,32 +347,35 @@ class Qwen3GuardGenJudge(Judge):
 
     def _continued(
         self, trajectory: Trajectory
-    ) -> tuple[list[SystemStep | UserStep | AssistantStep | ToolStep], SystemStep | UserStep | AssistantStep | ToolStep, tuple[int | None, ...], PreparedHistory] | None:
-        """(history, message moderated, kept indexes, history prepared) for a conversation that
-        continues the window its last render showed with no new request or system message:
-        the roles of the new steps alone are read, the turn's other calls share the prepared
-        history, the next turn extends it. None where that does not hold (`fit` then finds the
-        window in the whole conversation)."""
+    ) -> tuple[list[SystemStep | UserStep | AssistantStep | ToolStep], SystemStep | UserStep | AssistantStep | ToolStep, tuple[int | None, ...], PreparedHistory, list[SystemStep | UserStep | AssistantStep | ToolStep] | None] | None:
+        """(history, message moderated, kept indexes, history prepared, the steps it was read
+        from where they differ from it) for a conversation that continues the window its last
+        render showed with no new request or system message: the roles of the new steps alone
+        are read, the turn's other calls share the prepared history, the next turn extends it.
+        None where that does not hold (`fit` then finds the window in the whole conversation)."""
         record = self._latest.get(trajectory.conversation_id) if self.mode != "prompt" else None
-        steps = trajectory.steps
-        if record is None or not continues(record.steps, steps):
+        if record is None:
             return None
-        size = len(record.steps)
-        roles = step_roles(steps[size:])
+        source = record.steps if record.source is None else record.source
+        if not continues(source, trajectory.steps):
+            return None
+        new = trajectory.steps[len(source) :]
+        roles = step_roles(new)
         if "user" in roles or "system" in roles:
             return None
         found = last_index(roles, _TARGET[self.mode])
         if found is None:
             return None
+        size = len(record.steps)  # the window is the record's history, then `new`
         newest = last_index(roles[: found + 1], "assistant")
         action = record.action if newest is None else size + newest
-        end = size + found
-        keep = (record.request, action, end)
-        if end == size:  # the same history; the message moderated is where it was, so is the action
-            return record.steps, steps[end], keep, record.prepared
-        history = steps[:end]
-        prepared = self._extend(history, keep, end + 1, record.prepared, (self.mode, record.request, record.action))
-        return None if prepared is None else (history, steps[end], keep, prepared)
+        keep = (record.request, action, size + found)
+        if found == 0:  # the same history; the message moderated is where it was, so is the action
+            return record.steps, new[0], keep, record.prepared, record.source
+        history = [*record.steps, *new[:found]]
+        prepared = self._extend(history, keep, size + found + 1, record.prepared, (self.mode, record.request, record.action))
+        later = None if record.source is None else [*record.source, *new[:found]]
+        return None if prepared is None else (history, new[found], keep, prepared, later)
 
     def renders_at_once(self, trajectories: Sequence[Trajectory]) -> bool:
         """As `SodaJudge.renders_at_once`: only a few new messages on known blocks."""
