@@ -64,7 +64,7 @@ def _shown(elision: Elision) -> tuple[object, ...]:
 
 
 def _plain(walk: Walk) -> list[tuple[int, list[int], list[int], list[int], list[int]]]:
-    return [(rank, part.indexes, part.drops, part.sums, part.peaks) for rank, part in walk.ranks]
+    return [(rank, part.indexes[: part.count], part.drops[: part.count], part.sums[: part.count + 1], part.peaks[: part.count + 1]) for rank, part in walk.ranks]
 
 
 @settings(max_examples=400, deadline=None)
@@ -72,19 +72,31 @@ def _plain(walk: Walk) -> list[tuple[int, list[int], list[int], list[int], list[
 def test_a_continued_walk_is_the_walk_made_whole(before: list[Block], data: st.DataObject) -> None:
     """Replace any blocks (shown as before) and append any: the walk edited from the earlier
     one equals the walk made from the whole list, and the entries it says keep their places
-    do."""
-    changed = data.draw(st.sets(st.integers(0, len(before) - 1), max_size=4)) if before else set()
-    after = list(before)
-    for index in changed:
-        after[index] = data.draw(_BLOCK.map(lambda block, shown=before[index].shown: Block(block.role, block.text, block.protected, block.rank, shown=shown)))
-    after += data.draw(st.lists(_BLOCK, max_size=6))
+    do. The earlier walk reads as it did (a continued rank may share its lists), and so does
+    the first continuation after another is grown from the same walk (two turns from one)."""
+
+    def grown() -> tuple[list[Block], set[int]]:
+        changed = data.draw(st.sets(st.integers(0, len(before) - 1), max_size=4)) if before and data.draw(st.booleans()) else set()
+        after = list(before)
+        for index in changed:
+            after[index] = data.draw(_BLOCK.map(lambda block, shown=before[index].shown: Block(block.role, block.text, block.protected, block.rank, shown=shown)))
+        return after + data.draw(st.lists(_BLOCK, max_size=6)), changed
+
     earlier = Walk.made(before, _start(before), WIDTH, _overhead)
+    was = _plain(earlier)
+    after, changed = grown()
     continued, kept = earlier.continued(before, after, changed, _start(after), _overhead)
     assert _plain(continued) == _plain(Walk.made(after, _start(after), WIDTH, _overhead))
     assert continued.start == _start(after)
-    now = {rank: part.indexes for rank, part in continued.ranks}
+    now = {rank: part.indexes[: part.count] for rank, part in continued.ranks}
     for rank, part in earlier.ranks:
         assert now.get(rank, [])[: kept[rank]] == part.indexes[: kept[rank]]
+    assert _plain(earlier) == was
+    other, changed = grown()
+    forked, _ = earlier.continued(before, other, changed, _start(other), _overhead)
+    assert _plain(forked) == _plain(Walk.made(other, _start(other), WIDTH, _overhead))
+    assert _plain(continued) == _plain(Walk.made(after, _start(after), WIDTH, _overhead))
+    assert _plain(earlier) == was
 
 
 @pytest.mark.parametrize("pieces", [PIECES, AFTER], ids=["marker-in-place", "marker-on-next"])
@@ -94,7 +106,7 @@ def test_pieces_edited_from_fewer_removals_are_the_pieces_made_whole(pieces: Pie
     """After more removals, and with blocks appended where the walk's first removals stay
     the same: the pieces edited from an earlier state are those made from the whole list."""
     walk = Walk.made(blocks, _start(blocks), WIDTH, _overhead)
-    total = sum(len(part.indexes) for _, part in walk.ranks)
+    total = sum(part.count for _, part in walk.ranks)
     fewer = data.draw(st.integers(0, total))
     more = data.draw(st.integers(fewer, total))
     made = Elision.made(blocks, walk, more, pieces)
@@ -103,7 +115,7 @@ def test_pieces_edited_from_fewer_removals_are_the_pieces_made_whole(pieces: Pie
     grown = [*blocks, *appended]
     later, kept = walk.continued(blocks, grown, (), _start(grown), _overhead)
     earlier = Elision.made(blocks, walk, fewer, pieces)
-    most = data.draw(st.integers(0, sum(len(part.indexes) for _, part in later.ranks)))
+    most = data.draw(st.integers(0, sum(part.count for _, part in later.ranks)))
     if earlier.precedes(kept) and earlier.precedes(later.cut(most)):  # what `PreparedHistory` checks
         assert _shown(earlier.following(grown, later, most)) == _shown(Elision.made(grown, later, most, pieces))
 
@@ -129,7 +141,7 @@ def test_a_prepared_history_extended_turn_by_turn_fits_as_the_reference(blocks: 
             assert extended is not None
             prepared = extended
         walk = prepared.walk()
-        lengths = [walk.start] + [walk.start - sum(part.sums[-1] for _, part in walk.ranks[:at]) - sums for at, (_, part) in enumerate(walk.ranks) for sums in part.sums]
+        lengths = [walk.start] + [walk.start - sum(part.sums[part.count] for _, part in walk.ranks[:at]) - sums for at, (_, part) in enumerate(walk.ranks) for sums in part.sums[: part.count + 1]]
         near = data.draw(st.sampled_from(lengths)) + data.draw(st.sampled_from([-1, 0, 1])) - sum(map(_overhead, tail)) - 4
         for limit in (room, near):
             stop = prepared.stop(tail, limit)

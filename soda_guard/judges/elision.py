@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import threading
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -50,28 +51,60 @@ def _walked(block: Block) -> bool:
     return block.shown and not block.protected
 
 
+_EXTENDING = threading.Lock()
+
+
+def _extended(items: list[int], size: int, more: list[int]) -> list[int]:
+    """`items[:size] + more`, as a list of which the caller reads only that much: `items`
+    itself, extended in place, where no other version has extended it past `size` (each
+    version reads only its own length, so appending leaves the others as they were); else a
+    copy (two turns grown from one: the second copies)."""
+    with _EXTENDING:
+        if len(items) == size:
+            items += more
+            return items
+    return [*items[:size], *more]
+
+
 @dataclass(frozen=True)
 class _Rank:
-    """One rank's part of the walk: its blocks' indexes, oldest first, what removing each
-    takes off the prompt, the running sums of those drops (`sums[t]`: the first t) and their
-    running maxima. Never edited once made: an edit copies the lists."""
+    """One rank's part of the walk: its `count` blocks' indexes, oldest first, what removing
+    each takes off the prompt, the running sums of those drops (`sums[t]`: the first t) and
+    their running maxima. The lists may run past this version's entries (a later turn's,
+    appended in place): read only `indexes[:count]` and `sums[:count + 1]`. Never edited
+    below that: an edit copies the lists."""
 
     indexes: list[int]
     drops: list[int]
     sums: list[int]
     peaks: list[int]
+    count: int
 
     @classmethod
     def of(cls, indexes: list[int], drops: list[int], kept: int = 0, earlier: _Rank | None = None) -> _Rank:
         """The rank with these entries, of which the first `kept` are `earlier`'s."""
         if earlier is None or kept == 0:
             sums = list(itertools.accumulate(drops, initial=0))
-            return cls(indexes, drops, sums, list(itertools.accumulate(sums, max)))
+            return cls(indexes, drops, sums, list(itertools.accumulate(sums, max)), len(indexes))
         sums = earlier.sums[: kept + 1]
         sums += itertools.islice(itertools.accumulate(drops[kept:], initial=sums[kept]), 1, None)
         peaks = earlier.peaks[: kept + 1]
         peaks += itertools.islice(itertools.accumulate(sums[kept + 1 :], max, initial=peaks[kept]), 1, None)
-        return cls(indexes, drops, sums, peaks)
+        return cls(indexes, drops, sums, peaks, len(indexes))
+
+    def appended(self, indexes: list[int], drops: list[int]) -> _Rank:
+        """This rank with entries after its last: its lists shared where they can be
+        (`_extended`), so a turn that only appends costs what it appends."""
+        count = self.count
+        sums = list(itertools.islice(itertools.accumulate(drops, initial=self.sums[count]), 1, None))
+        peaks = list(itertools.islice(itertools.accumulate(sums, max, initial=self.peaks[count]), 1, None))
+        return _Rank(
+            _extended(self.indexes, count, indexes),
+            _extended(self.drops, count, drops),
+            _extended(self.sums, count + 1, sums),
+            _extended(self.peaks, count + 1, peaks),
+            count + len(indexes),
+        )
 
 
 @dataclass(frozen=True)
@@ -103,10 +136,11 @@ class Walk:
             return 0
         offset = before = 0
         for _, rank in self.ranks:
-            if offset + rank.peaks[-1] >= target:
-                return before + bisect.bisect_left(rank.peaks, target - offset)
-            offset += rank.sums[-1]
-            before += len(rank.indexes)
+            count = rank.count
+            if offset + rank.peaks[count] >= target:
+                return before + bisect.bisect_left(rank.peaks, target - offset, 0, count + 1)
+            offset += rank.sums[count]
+            before += count
         return None
 
     def cut(self, removals: int) -> dict[int, int]:
@@ -115,7 +149,7 @@ class Walk:
         for rank, part in self.ranks:
             if removals <= 0:
                 break
-            cut[rank] = min(removals, len(part.indexes))
+            cut[rank] = min(removals, part.count)
             removals -= cut[rank]
         return cut
 
@@ -128,27 +162,44 @@ class Walk:
         """This walk (of `before`) for `after`: `before` with the blocks at `changed`
         replaced and more blocks appended, its prompt `start` long with nothing removed, a
         marker costing the same. Only the changed and added blocks and their neighbours are
-        looked at. Also, for each rank, how many of its first entries keep their places."""
+        looked at; a rank whose entries are only appended to (a conversation's next turn, where
+        no old block's drop changes) shares its lists with this walk's. Also, for each rank, how
+        many of its first entries keep their places."""
         size, count = len(before), len(after)
         touched = {near for index in changed for near in (index - 1, index, index + 1)}
         touched.update(range(size - 1, count))
         drop = _Drops(after, self.width, overhead)
-        parts = {rank: (part.indexes, part.drops) for rank, part in self.ranks}
-        kept = {rank: len(part.indexes) for rank, part in self.ranks}
+        earlier = dict(self.ranks)
+        kept = {rank: part.count for rank, part in self.ranks}
+        appends: dict[int, tuple[list[int], list[int]]] = {}
+        parts: dict[int, tuple[list[int], list[int]]] = {}
         edited: dict[int, int] = {}
-        copied: set[int] = set()
 
         def lists(rank: int) -> tuple[list[int], list[int]]:
-            if rank not in copied:
-                copied.add(rank)
-                indexes, drops = parts.get(rank, ([], []))
-                parts[rank] = (indexes[:], drops[:])
+            """The rank's entries, copied to be edited (with any appended so far)."""
+            if rank not in parts:
+                part = earlier.get(rank)
+                indexes, drops = (part.indexes[: part.count], part.drops[: part.count]) if part is not None else ([], [])
+                more = appends.pop(rank, ([], []))
+                parts[rank] = (indexes + more[0], drops + more[1])
                 kept.setdefault(rank, 0)
+                if more[0]:
+                    edited[rank] = min(edited.get(rank, len(indexes)), len(indexes))
             return parts[rank]
 
         for index in sorted(near for near in touched if 0 <= near < count):
             old, new = before[index] if index < size else None, after[index]
             if old is not None and _walked(old):
+                if _walked(new) and new.rank == old.rank and old.rank not in parts:
+                    part = earlier[old.rank]
+                    place = bisect.bisect_left(part.indexes, index, 0, part.count)
+                    value = drop(index)
+                    if part.drops[place] == value:
+                        continue  # the same drop: nothing to edit
+                    indexes, drops = lists(old.rank)
+                    drops[place] = value
+                    edited[old.rank] = min(edited.get(old.rank, place), place)
+                    continue
                 indexes, drops = lists(old.rank)
                 place = bisect.bisect_left(indexes, index)
                 edited[old.rank] = min(edited.get(old.rank, place), place)
@@ -158,19 +209,30 @@ class Walk:
                 del indexes[place], drops[place]
                 kept[old.rank] = min(kept[old.rank], place)
             if _walked(new):
-                indexes, drops = lists(new.rank)
+                rank, part = new.rank, earlier.get(new.rank)
+                if rank not in parts and (part is None or not part.count or part.indexes[part.count - 1] < index):
+                    more = appends.setdefault(rank, ([], []))
+                    more[0].append(index)
+                    more[1].append(drop(index))
+                    kept.setdefault(rank, 0)
+                    continue
+                indexes, drops = lists(rank)
                 place = bisect.bisect_left(indexes, index)
                 indexes.insert(place, index)
                 drops.insert(place, drop(index))
-                edited[new.rank] = min(edited.get(new.rank, place), place)
-                kept[new.rank] = min(kept[new.rank], place)
-        earlier = dict(self.ranks)
-        ranks = tuple(
-            (rank, _Rank.of(*parts[rank], edited[rank], earlier.get(rank)) if rank in edited else earlier[rank])
-            for rank in sorted(parts)
-            if parts[rank][0]
-        )
-        return Walk(ranks, start, self.width), kept
+                edited[rank] = min(edited.get(rank, place), place)
+                kept[rank] = min(kept[rank], place)
+        ranks = []
+        for rank in sorted(set(earlier) | set(parts) | set(appends)):
+            part = earlier.get(rank)
+            if rank in parts:
+                if parts[rank][0]:
+                    ranks.append((rank, _Rank.of(*parts[rank], edited.get(rank, 0), part)))
+            elif rank in appends:
+                ranks.append((rank, _Rank.of(*appends[rank]) if part is None else part.appended(*appends[rank])))
+            else:
+                ranks.append((rank, part))
+        return Walk(tuple(ranks), start, self.width), kept
 
 
 class _Drops:
