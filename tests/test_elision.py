@@ -4,26 +4,40 @@ replaced, any appended."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from soda_guard.judges import elision
 from soda_guard.judges.context import Block, Omitted, fit_blocks, widest_marker
 from soda_guard.judges.elision import Elision, Pieces, Walk
 from soda_guard.judges.incremental import PreparedHistory
 
-PIECES = Pieces(lambda block: f"<{block.role}:{block.text}>", lambda count: f"[{count} gone]", lambda pieces, trailing: "".join(pieces))
+PIECES = Pieces(lambda block: f"<{block.role}:{block.text}>", lambda count: f"[{count} gone]", "".join, lambda parts, trailing: "".join(parts))
 AFTER = Pieces(
     lambda block: (block.role, block.text),
     lambda count: "",
-    lambda pieces, trailing: ([piece for piece in pieces if piece], trailing),
+    lambda pieces: [piece for piece in pieces if piece],
+    lambda parts, trailing: ([piece for part in parts for piece in part], trailing),
     lambda block, count: (block.role, f"[{count} gone]" + block.text),
 )
 """Pieces that put a run's marker on the next message (Qwen3Guard-Gen's way), a run that ends
 the history told apart."""
-ITEMS = Pieces(lambda block: block, Omitted, lambda pieces, trailing: [piece for piece in pieces if piece != ""])
+ITEMS = Pieces(lambda block: block, Omitted, lambda pieces: [piece for piece in pieces if piece != ""], lambda parts, trailing: [piece for part in parts for piece in part])
 """The history's items themselves, blocks and markers, as `fit_blocks` returns them."""
 WIDTH = widest_marker(40, 2)
+
+
+@pytest.fixture(autouse=True, scope="module", params=[0, 2, elision.SHIFT], ids=lambda shift: f"chunks-of-{1 << shift}")
+def chunk_width(request: pytest.FixtureRequest):
+    """Elisions in chunks of one and four blocks too, so that the examples' edits and
+    appends cross chunks (the histories here are a few dozen blocks long at most)."""
+    default = elision.SHIFT
+    elision.SHIFT = request.param
+    yield
+    elision.SHIFT = default
 
 
 def _overhead(block: Block) -> int:
@@ -58,9 +72,11 @@ def _marker_on_next(items: list) -> tuple[list[tuple[str, str]], int]:
 
 def _shown(elision: Elision) -> tuple[object, ...]:
     """What an elision says: the ends of a run are read at its ends alone."""
-    gone = elision.gone
-    bounds = {index: elision.ends[index] for index, left in enumerate(gone) if left and (index == 0 or not gone[index - 1] or index + 1 == len(gone) or not gone[index + 1])}
-    return elision.cut, gone, elision.pieces, bounds
+    gone, ends, pieces = (list(itertools.chain.from_iterable(chunks)) for chunks in (elision.gone, elision.ends, elision.pieces))
+    assert len(gone) == len(ends) == len(pieces) == elision.size
+    assert all(len(chunk) == 1 << elision.shift for chunk in elision.pieces[:-1])
+    bounds = {index: ends[index] for index, left in enumerate(gone) if left and (index == 0 or not gone[index - 1] or index + 1 == len(gone) or not gone[index + 1])}
+    return elision.cut, gone, pieces, bounds, elision.rendering()
 
 
 def _plain(walk: Walk) -> list[tuple[int, list[int], list[int], list[int], list[int]]]:
@@ -110,14 +126,19 @@ def test_pieces_edited_from_fewer_removals_are_the_pieces_made_whole(pieces: Pie
     fewer = data.draw(st.integers(0, total))
     more = data.draw(st.integers(fewer, total))
     made = Elision.made(blocks, walk, more, pieces)
-    assert _shown(Elision.made(blocks, walk, fewer, pieces).following(blocks, walk, more)) == _shown(made)
+    first = Elision.made(blocks, walk, fewer, pieces)
+    was = _shown(first)
+    assert _shown(first.following(blocks, walk, more)) == _shown(made)
+    assert _shown(first) == was  # a later state shares the chunks it does not edit, edits none
     appended = data.draw(st.lists(_BLOCK.map(lambda block: Block(block.role, block.text, block.protected, block.rank)), max_size=4))
     grown = [*blocks, *appended]
     later, kept = walk.continued(blocks, grown, (), _start(grown), _overhead)
     earlier = Elision.made(blocks, walk, fewer, pieces)
     most = data.draw(st.integers(0, sum(part.count for _, part in later.ranks)))
     if earlier.precedes(kept) and earlier.precedes(later.cut(most)):  # what `PreparedHistory` checks
+        was = _shown(earlier)
         assert _shown(earlier.following(grown, later, most)) == _shown(Elision.made(grown, later, most, pieces))
+        assert _shown(earlier) == was
 
 
 @settings(max_examples=400, deadline=None)

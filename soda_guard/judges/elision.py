@@ -25,21 +25,29 @@ from typing import Generic, TypeVar
 from soda_guard.judges.context import Block
 
 P = TypeVar("P")
+Q = TypeVar("Q")
 R = TypeVar("R")
+T = TypeVar("T")
+
+SHIFT = 6
+"""An elision's lists are held in chunks of `1 << SHIFT` blocks: a later turn copies the
+directory of chunks and the chunks it edits, and joins again only those, not the history."""
 
 
 @dataclass(frozen=True, eq=False)
-class Pieces(Generic[P, R]):
+class Pieces(Generic[P, Q, R]):
     """A judge's rendering of a history as one piece per block: `block` a shown block's,
     `omitted` a run of `count` omitted messages' (at the run's first block; "" where the marker
     goes elsewhere), `after` a shown block's right after such a run (where the judge puts the
-    marker on the next message; by default its `block` piece), and `join` the rendering from
-    the pieces, "" left out of the count, and the length of a run that ends the history (0
-    where none). Compared by identity: one per judge kind."""
+    marker on the next message; by default its `block` piece). `part` joins a chunk of
+    consecutive pieces, "" left out of the count, and `join` the chunks' parts into the
+    rendering, told the length of a run that ends the history (0 where none): a turn joins
+    again only the chunks it changed. Compared by identity: one per judge kind."""
 
     block: Callable[[Block], P]
     omitted: Callable[[int], P | str]
-    join: Callable[[list[P | str], int], R]
+    part: Callable[[list[P | str]], Q]
+    join: Callable[[list[Q], int], R]
     after: Callable[[Block, int], P] | None = None
 
     def following(self, block: Block, count: int) -> P:
@@ -254,20 +262,29 @@ class _Drops:
         return self.overhead(block) + len(block.text) - markers * self.width
 
 
+def _chunked(items: list[T]) -> list[list[T]]:
+    width = 1 << SHIFT
+    return [items[start : start + width] for start in range(0, len(items), width)]
+
+
 @dataclass(frozen=True)
 class Elision:
     """A history's rendering as pieces after some removals (`cut`: how many of each rank's
-    blocks): `gone` whether each block is left out; `ends`, for each run of left-out blocks,
-    its other end at either end, so a removal that joins runs finds and rewrites the run's
-    marker (carried by its first block, or by the block after it) without walking the run;
-    `pieces` each block's piece ("" inside a run). Never edited once made: a later stop copies
-    the lists."""
+    blocks), for its `size` blocks: `gone` whether each block is left out; `ends`, for each run
+    of left-out blocks, its other end at either end, so a removal that joins runs finds and
+    rewrites the run's marker (carried by its first block, or by the block after it) without
+    walking the run; `pieces` each block's piece ("" inside a run); each in chunks of
+    `1 << shift` blocks, with `parts` each chunk's pieces joined. Never edited once made: a
+    later stop copies the chunks it edits and shares the others."""
 
     cut: dict[int, int]
     pieces_of: Pieces
-    gone: list[bool]
-    ends: list[int]
-    pieces: list[object]
+    size: int
+    shift: int
+    gone: list[list[bool]]
+    ends: list[list[int]]
+    pieces: list[list[object]]
+    parts: list[object]
 
     @classmethod
     def made(cls, blocks: Sequence[Block], walk: Walk | None, removals: int, pieces: Pieces) -> Elision:
@@ -289,7 +306,9 @@ class Elision:
                 ends[start], ends[index] = index, start
                 run = index - start + 1
                 texts[start] = pieces.omitted(run)
-        return cls(walk.cut(removals) if walk is not None else {}, pieces, gone, ends, texts)
+        chunks = _chunked(texts)
+        cut = walk.cut(removals) if walk is not None else {}
+        return cls(cut, pieces, len(blocks), SHIFT, _chunked(gone), _chunked(ends), chunks, [pieces.part(chunk) for chunk in chunks])
 
     @property
     def removals(self) -> int:
@@ -302,44 +321,75 @@ class Elision:
 
     def rendering(self) -> object:
         """The judge's rendering (`Pieces.join`), told the length of a run that ends the history."""
-        gone = self.gone
-        return self.pieces_of.join(self.pieces, len(gone) - self.ends[-1] if gone and gone[-1] else 0)
+        last, shift = self.size - 1, self.shift
+        mask = (1 << shift) - 1
+        ends_run = last >= 0 and self.gone[last >> shift][last & mask]
+        return self.pieces_of.join(self.parts, self.size - self.ends[last >> shift][last & mask] if ends_run else 0)
 
     def following(self, blocks: Sequence[Block], walk: Walk | None, removals: int, changed: Collection[int] = ()) -> Elision:
         """These pieces after `removals` steps of `walk` (None where that is 0), this being
         after a part of them, for `blocks`: this history's blocks, those at `changed` replaced
         (shown as before) and any more appended, all shown."""
         cut = walk.cut(removals) if walk is not None else {}
-        size = len(self.gone)
-        if cut == self.cut and size == len(blocks) and not changed:
+        size, count = self.size, len(blocks)
+        if cut == self.cut and size == count and not changed:
             return self
-        gone, ends, texts, pieces = self.gone[:], self.ends[:], self.pieces[:], self.pieces_of
+        shift, pieces = self.shift, self.pieces_of
+        mask = (1 << shift) - 1
+        gone, ends, texts = self.gone[:], self.ends[:], self.pieces[:]
+        mine: set[int] = set()
+
+        def own(index: int) -> int:
+            """The number of the chunk holding `index`, copied for this version on its first edit."""
+            number = index >> shift
+            if number not in mine:
+                mine.add(number)
+                gone[number], ends[number], texts[number] = gone[number][:], ends[number][:], texts[number][:]
+            return number
 
         def run_before(index: int) -> int:
-            return index - ends[index - 1] if index > 0 and gone[index - 1] else 0
+            near = index - 1
+            return index - ends[near >> shift][near & mask] if index > 0 and gone[near >> shift][near & mask] else 0
 
         for index in changed:
-            if not gone[index]:
-                texts[index] = pieces.following(blocks[index], run_before(index))
-        if len(blocks) > size:
-            texts.append(pieces.following(blocks[size], run_before(size)))
-            texts += map(pieces.block, blocks[size + 1 :])
-            gone += [False] * (len(blocks) - size)
-            ends += range(size, len(blocks))
-        if walk is None:
-            return Elision(cut, pieces, gone, ends, texts)
-        omitted, after = pieces.omitted, pieces.after
-        last = len(gone) - 1
-        for rank, part in walk.ranks:
-            for index in part.indexes[self.cut.get(rank, 0) : cut.get(rank, 0)]:
-                gone[index] = True
-                start = ends[index - 1] if index > 0 and gone[index - 1] else index
-                end = ends[index + 1] if index < last and gone[index + 1] else index
-                ends[start], ends[end] = end, start
-                texts[index] = ""
-                if end > index:
-                    texts[index + 1] = ""
-                texts[start] = omitted(end - start + 1)
-                if after is not None and end < last:
-                    texts[end + 1] = after(blocks[end + 1], end - start + 1)
-        return Elision(cut, pieces, gone, ends, texts)
+            if not gone[index >> shift][index & mask]:
+                texts[own(index)][index & mask] = pieces.following(blocks[index], run_before(index))
+        if count > size:
+            new = list(blocks[size:])
+            added: list[object] = [pieces.following(new[0], run_before(size)), *map(pieces.block, new[1:])]
+            if size & mask:
+                number = own(size - 1)
+                room = (1 << shift) - (size & mask)
+                gone[number] += [False] * min(room, len(new))
+                ends[number] += range(size, min(size + room, count))
+                texts[number] += added[:room]
+            start = -size & mask
+            for at in range(size + start, count, 1 << shift):
+                mine.add(len(texts))
+                gone.append([False] * min(1 << shift, count - at))
+                ends.append(list(range(at, min(at + (1 << shift), count))))
+                texts.append(added[at - size : at - size + (1 << shift)])
+        if walk is not None:
+            omitted, after = pieces.omitted, pieces.after
+            last = count - 1
+            for rank, part in walk.ranks:
+                for index in part.indexes[self.cut.get(rank, 0) : cut.get(rank, 0)]:
+                    number = own(index)
+                    gone[number][index & mask] = True
+                    near = index - 1
+                    start = ends[near >> shift][near & mask] if index > 0 and gone[near >> shift][near & mask] else index
+                    near = index + 1
+                    end = ends[near >> shift][near & mask] if index < last and gone[near >> shift][near & mask] else index
+                    ends[own(start)][start & mask] = end
+                    ends[own(end)][end & mask] = start
+                    texts[number][index & mask] = ""
+                    if end > index:
+                        texts[own(index + 1)][(index + 1) & mask] = ""
+                    texts[own(start)][start & mask] = omitted(end - start + 1)
+                    if after is not None and end < last:
+                        texts[own(end + 1)][(end + 1) & mask] = after(blocks[end + 1], end - start + 1)
+        parts = self.parts[:]
+        parts += [None] * (len(texts) - len(parts))
+        for number in mine:
+            parts[number] = pieces.part(texts[number])
+        return Elision(cut, pieces, count, shift, gone, ends, texts, parts)

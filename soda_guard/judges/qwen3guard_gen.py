@@ -7,6 +7,8 @@ and it renders only string user/assistant content: agent actions must be turned 
 
 from __future__ import annotations
 
+import itertools
+
 import re
 from dataclasses import dataclass
 from typing import Hashable, Literal, Sequence
@@ -125,11 +127,15 @@ def _after(block: Block, count: int) -> dict[str, str]:
     return _as_message(block, omission_marker(count) + "\n")
 
 
-def _joined(pieces: list[dict[str, str] | str], trailing: int) -> tuple[list[dict[str, str]], str]:
-    return list(filter(None, pieces)), omission_marker(trailing) + "\n" if trailing else ""  # type: ignore[arg-type]
+def _kept(pieces: list[dict[str, str] | str]) -> list[dict[str, str]]:
+    return list(filter(None, pieces))  # type: ignore[arg-type]
 
 
-_PIECES = Pieces(_message, lambda count: "", _joined, _after)
+def _joined(parts: list[list[dict[str, str]]], trailing: int) -> tuple[list[dict[str, str]], str]:
+    return list(itertools.chain.from_iterable(parts)), omission_marker(trailing) + "\n" if trailing else ""
+
+
+_PIECES = Pieces(_message, lambda count: "", _kept, _joined, _after)
 """`_messages` as one piece per block: a kept message's dict, the marker of a run before it
 at the start of its content, "" for a left-out one; and the marker still waiting when a run
 ends the history."""

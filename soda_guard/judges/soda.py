@@ -164,11 +164,11 @@ def _omitted_piece(count: int) -> str:
     return f"{omission_marker(count)}\n\n"
 
 
-def _text(pieces: list[str], trailing: int) -> str:
-    return "".join(pieces)
+def _text(parts: list[str], trailing: int) -> str:
+    return "".join(parts)
 
 
-_PIECES = Pieces(_block_piece, _omitted_piece, _text)
+_PIECES = Pieces(_block_piece, _omitted_piece, "".join, _text)
 """`_render_items`'s conversation as pieces joined, one per message or run of omitted ones."""
 
 
