@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from soda_guard.judges import elision
+from soda_guard.judges import chunked
 from soda_guard.judges.context import Block, Omitted, fit_blocks, widest_marker
 from soda_guard.judges.elision import Elision, Pieces, Walk
 from soda_guard.judges.incremental import PreparedHistory
@@ -30,14 +30,14 @@ ITEMS = Pieces(lambda block: block, Omitted, lambda pieces: [piece for piece in 
 WIDTH = widest_marker(40, 2)
 
 
-@pytest.fixture(autouse=True, scope="module", params=[0, 2, elision.SHIFT], ids=lambda shift: f"chunks-of-{1 << shift}")
+@pytest.fixture(autouse=True, scope="module", params=[0, 2, chunked.SHIFT], ids=lambda shift: f"chunks-of-{1 << shift}")
 def chunk_width(request: pytest.FixtureRequest):
-    """Elisions in chunks of one and four blocks too, so that the examples' edits and
+    """Blocks and elisions in chunks of one and four too, so that the examples' edits and
     appends cross chunks (the histories here are a few dozen blocks long at most)."""
-    default = elision.SHIFT
-    elision.SHIFT = request.param
+    default = chunked.SHIFT
+    chunked.SHIFT = request.param
     yield
-    elision.SHIFT = default
+    chunked.SHIFT = default
 
 
 def _overhead(block: Block) -> int:
@@ -158,8 +158,10 @@ def test_a_prepared_history_extended_turn_by_turn_fits_as_the_reference(blocks: 
                 for index in data.draw(st.sets(st.integers(0, len(current) - 1), max_size=2))
             }
             current = [changed.get(index, block) for index, block in enumerate(current)] + blocks[len(current) : end]
+            was = (list(prepared.blocks), list(prepared.clipped))
             extended = prepared.extended(changed, blocks[len(prepared.blocks) : end], end + 1)
             assert extended is not None
+            assert (list(prepared.blocks), list(prepared.clipped)) == was  # shared, never edited
             prepared = extended
         walk = prepared.walk()
         lengths = [walk.start] + [walk.start - sum(part.sums[part.count] for _, part in walk.ranks[:at]) - sums for at, (_, part) in enumerate(walk.ranks) for sums in part.sums[: part.count + 1]]

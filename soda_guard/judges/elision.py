@@ -22,16 +22,12 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from soda_guard.judges import chunked
 from soda_guard.judges.context import Block
 
 P = TypeVar("P")
 Q = TypeVar("Q")
 R = TypeVar("R")
-T = TypeVar("T")
-
-SHIFT = 6
-"""An elision's lists are held in chunks of `1 << SHIFT` blocks: a later turn copies the
-directory of chunks and the chunks it edits, and joins again only those, not the history."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -262,11 +258,6 @@ class _Drops:
         return self.overhead(block) + len(block.text) - markers * self.width
 
 
-def _chunked(items: list[T]) -> list[list[T]]:
-    width = 1 << SHIFT
-    return [items[start : start + width] for start in range(0, len(items), width)]
-
-
 @dataclass(frozen=True)
 class Elision:
     """A history's rendering as pieces after some removals (`cut`: how many of each rank's
@@ -306,9 +297,9 @@ class Elision:
                 ends[start], ends[index] = index, start
                 run = index - start + 1
                 texts[start] = pieces.omitted(run)
-        chunks = _chunked(texts)
+        pieces_chunks = chunked.chunks(texts)
         cut = walk.cut(removals) if walk is not None else {}
-        return cls(cut, pieces, len(blocks), SHIFT, _chunked(gone), _chunked(ends), chunks, [pieces.part(chunk) for chunk in chunks])
+        return cls(cut, pieces, len(blocks), chunked.SHIFT, chunked.chunks(gone), chunked.chunks(ends), pieces_chunks, [pieces.part(chunk) for chunk in pieces_chunks])
 
     @property
     def removals(self) -> int:

@@ -32,6 +32,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Generic, Hashable, TypeVar
 
+from soda_guard.judges.chunked import Chunked
 from soda_guard.judges.context import Block, any_clipped, clip_block, widest_marker
 from soda_guard.judges.elision import Elision, Pieces, Walk
 from soda_guard.trajectory import exact_steps, same_start
@@ -254,26 +255,27 @@ class PreparedHistory:
         self.overhead = overhead
         self.marker_overhead = marker_overhead
         self.max_message_chars = max_message_chars
-        self.blocks: list[Block] = []
-        self.clipped: list[Block] = []
+        self.blocks: Chunked[Block] = Chunked()
+        self.clipped: Chunked[Block] = self.blocks
         self._cut = self._total = self._gaps = 0
-        self._add(blocks)
+        self._add({}, {}, blocks)
         self._fresh(count)
 
-    def _add(self, blocks: Sequence[Block]) -> None:
-        """Append `blocks`, keeping the running figures: how many were clipped, the shown text's
-        length with its overhead, and the runs of blocks left out (each one marker)."""
+    def _add(self, replaced: Mapping[int, Block], clipped: Mapping[int, Block], blocks: Sequence[Block]) -> None:
+        """Replace the blocks at `replaced`'s indexes (`clipped`: as clipped) and append
+        `blocks`, keeping the running figures: how many were clipped, the shown text's length
+        with its overhead, and the runs of blocks left out (each one marker)."""
         removed = bool(self.blocks) and not self.blocks[-1].shown
-        for block in blocks:
-            clipped = self._clip(block)
-            self.blocks.append(block)
-            self.clipped.append(clipped)
-            self._cut += clipped.text != block.text
-            if clipped.shown:
-                self._total += self.overhead(clipped) + len(clipped.text)
+        appended = [self._clip(block) for block in blocks]
+        for block, made in zip(blocks, appended):
+            self._cut += made.text != block.text
+            if made.shown:
+                self._total += self.overhead(made) + len(made.text)
             elif not removed:
                 self._gaps += 1
-            removed = not clipped.shown
+            removed = not made.shown
+        self.blocks = self.blocks.edited(replaced, blocks)
+        self.clipped = self.clipped.edited(clipped, appended)
 
     def _fresh(self, count: int) -> None:
         """What is made from the whole history on first need, empty; the marker cost for `count`."""
@@ -304,15 +306,17 @@ class PreparedHistory:
             return None
         made = object.__new__(PreparedHistory)
         made.overhead, made.marker_overhead, made.max_message_chars = self.overhead, self.marker_overhead, self.max_message_chars
-        made.blocks, made.clipped = blocks[:], clipped[:]
+        made.blocks, made.clipped = blocks, clipped
         made._cut, made._total, made._gaps = self._cut, self._total, self._gaps
+        replaced: dict[int, Block] = {}
+        replaced_clipped: dict[int, Block] = {}
         for index, block in changed.items():  # shown as before: the runs left out stay as they were
             old, new = clipped[index], self._clip(block)
-            made.blocks[index], made.clipped[index] = block, new
+            replaced[index], replaced_clipped[index] = block, new
             made._cut += (new.text != block.text) - (old.text != blocks[index].text)
             if new.shown:
                 made._total += self.overhead(new) + len(new.text) - self.overhead(old) - len(old.text)
-        made._add(appended)
+        made._add(replaced, replaced_clipped, appended)
         made._fresh(count)
         added_shown = all(block.shown for block in made.clipped[len(blocks) :])
         with self._lock:
@@ -335,7 +339,7 @@ class PreparedHistory:
         needs none, and a history extended from one that needed it edits that one's."""
         walk = self._walk
         if walk is None:
-            walk = Walk.made(self.clipped, self._start(), self._widest, self.overhead)
+            walk = Walk.made(list(self.clipped), self._start(), self._widest, self.overhead)
             with self._lock:
                 walk = self._walk = self._walk or walk
         return walk
@@ -384,7 +388,7 @@ class PreparedHistory:
             states = [state for state in inherited.states if state.pieces_of is pieces and state.precedes(cut)]
             if states:
                 return max(states, key=_removals).following(self.clipped, walk, removals, inherited.changed)
-        return Elision.made(self.clipped, walk, removals, pieces)
+        return Elision.made(list(self.clipped), walk, removals, pieces)
 
 
 _removals = operator.attrgetter("removals")
