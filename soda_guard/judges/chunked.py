@@ -61,6 +61,10 @@ class Chunked(Sequence[T]):
     def __iter__(self) -> Iterator[T]:
         return itertools.chain.from_iterable(self.chunks)
 
+    def tail(self, start: int) -> list[T]:
+        """The items from `start` (within the list) on: `self[start:]` without a slice's parsing."""
+        return self._items(start, self.size)
+
     def _items(self, start: int, stop: int) -> list[T]:
         """The items from `start` to `stop` (both within the list), reading only their chunks."""
         if start >= stop:
@@ -78,23 +82,24 @@ class Chunked(Sequence[T]):
     def edited(self, changes: Mapping[int, T], appended: Iterable[T] = ()) -> Chunked[T]:
         """This list with the items at `changes`' indexes (each within it) replaced, then `appended`."""
         shift, mask = self.shift, (1 << self.shift) - 1
-        made = object.__new__(Chunked)
-        made.chunks, made.size, made.shift = self.chunks[:], self.size, shift
+        chunks, size = self.chunks[:], self.size
         copied: set[int] = set()
         for index, item in changes.items():
             number = index >> shift
             if number not in copied:
                 copied.add(number)
-                made.chunks[number] = made.chunks[number][:]
-            made.chunks[number][index & mask] = item
+                chunks[number] = chunks[number][:]
+            chunks[number][index & mask] = item
         added = appended if isinstance(appended, list) else list(appended)
         if added:
-            start = -self.size & mask  # room left in the last chunk
+            start = -size & mask  # room left in the last chunk
             if start:
-                last = len(made.chunks) - 1
+                last = len(chunks) - 1
                 if last not in copied:
-                    made.chunks[last] = made.chunks[last][:]
-                made.chunks[last] += added[:start]
-            made.chunks += [added[at : at + (1 << shift)] for at in range(start, len(added), 1 << shift)]
-            made.size += len(added)
+                    chunks[last] = chunks[last][:]
+                chunks[last] += added[:start]
+            if start < len(added):
+                chunks += [added[at : at + (1 << shift)] for at in range(start, len(added), 1 << shift)]
+        made = object.__new__(Chunked)
+        made.chunks, made.size, made.shift = chunks, size + len(added), shift
         return made

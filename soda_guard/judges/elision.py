@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from soda_guard.judges import chunked
+from soda_guard.judges.chunked import Chunked
 from soda_guard.judges.context import Block
 
 P = TypeVar("P")
@@ -346,7 +347,7 @@ class Elision:
             if not gone[index >> shift][index & mask]:
                 texts[own(index)][index & mask] = pieces.following(blocks[index], run_before(index))
         if count > size:
-            new = list(blocks[size:])
+            new = blocks.tail(size) if isinstance(blocks, Chunked) else list(blocks[size:])
             added: list[object] = [pieces.following(new[0], run_before(size)), *map(pieces.block, new[1:])]
             if size & mask:
                 number = own(size - 1)

@@ -265,7 +265,7 @@ class PreparedHistory:
         """Replace the blocks at `replaced`'s indexes (`clipped`: as clipped) and append
         `blocks`, keeping the running figures: how many were clipped, the shown text's length
         with its overhead, and the runs of blocks left out (each one marker)."""
-        removed = bool(self.blocks) and not self.blocks[-1].shown
+        removed = self.blocks.size > 0 and not self.blocks.chunks[-1][-1].shown
         appended = [self._clip(block) for block in blocks]
         for block, made in zip(blocks, appended):
             self._cut += made.text != block.text
@@ -302,7 +302,7 @@ class PreparedHistory:
         what changed rather than in the history's length; None when a replaced block is shown
         where it was not, or the other way round (the caller prepares it whole)."""
         blocks, clipped = self.blocks, self.clipped
-        if any(index >= len(blocks) or blocks[index].shown != block.shown for index, block in changed.items()):
+        if any(index >= blocks.size or blocks[index].shown != block.shown for index, block in changed.items()):
             return None
         made = object.__new__(PreparedHistory)
         made.overhead, made.marker_overhead, made.max_message_chars = self.overhead, self.marker_overhead, self.max_message_chars
@@ -318,7 +318,7 @@ class PreparedHistory:
                 made._total += self.overhead(new) + len(new.text) - self.overhead(old) - len(old.text)
         made._add(replaced, replaced_clipped, appended)
         made._fresh(count)
-        added_shown = all(block.shown for block in made.clipped[len(blocks) :])
+        added_shown = all(block.shown for block in made.clipped.tail(blocks.size))
         with self._lock:
             walk, joined = self._walk, dict(self._joined)
         kept: dict[int, int] = {}
