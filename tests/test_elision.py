@@ -181,3 +181,39 @@ def test_a_prepared_history_extended_turn_by_turn_fits_as_the_reference(blocks: 
             history = reference.items[:-1]
             assert prepared.joined(removals, PIECES) == "".join(PIECES.block(item) if isinstance(item, Block) else f"[{item.count} gone]" for item in history)
             assert prepared.joined(removals, AFTER) == _marker_on_next(history)
+
+
+def test_threads_growing_one_walk_at_once_each_get_their_own() -> None:
+    """Turns grown from one walk at once (an evaluation replaying a conversation's prefixes on
+    threads): only one may extend a rank's lists in place, the others copy, and every walk,
+    the earlier one included, reads as the walk made from its own blocks."""
+    import random
+    import sys
+    import threading
+
+    rng = random.Random(7)
+    before = [Block(rng.choice(["USER", "ASSISTANT", "TOOL"]), "x" * rng.randrange(0, 80), rank=rng.randrange(3)) for _ in range(300)]
+    earlier = Walk.made(before, _start(before), WIDTH, _overhead)
+    was = _plain(earlier)
+    grown = [before + [Block("TOOL", "y" * (10 + 7 * thread + step), rank=(thread + step) % 3) for step in range(1 + thread % 4)] for thread in range(8)]
+    results: dict[int, Walk] = {}
+    start = threading.Barrier(len(grown))
+
+    def grow(thread: int) -> None:
+        start.wait()
+        for _ in range(30):
+            results[thread] = earlier.continued(before, grown[thread], (), _start(grown[thread]), _overhead)[0]
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=grow, args=(thread,)) for thread in range(len(grown))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    for thread, after in enumerate(grown):
+        assert _plain(results[thread]) == _plain(Walk.made(after, _start(after), WIDTH, _overhead))
+    assert _plain(earlier) == was
