@@ -164,12 +164,13 @@ def _omitted_piece(count: int) -> str:
     return f"{omission_marker(count)}\n\n"
 
 
-def _text(parts: list[str], trailing: int) -> str:
-    return "".join(parts)
+def _parts(parts: list[str], trailing: int) -> tuple[str, ...]:
+    return tuple(parts)
 
 
-_PIECES = Pieces(_block_piece, _omitted_piece, "".join, _text)
-"""`_render_items`'s conversation as pieces joined, one per message or run of omitted ones."""
+_PIECES = Pieces(_block_piece, _omitted_piece, "".join, _parts)
+"""`_render_items`'s conversation as pieces, one per message or run of omitted ones, joined by
+chunk: the prompt is joined from the chunks' parts at once, not from the history joined first."""
 
 
 def _items_text(items: Sequence[Block | Omitted]) -> str:
@@ -413,12 +414,12 @@ class SodaJudge(Judge):
         if stop is None:
             return None
         removals, shown, truncated = stop
-        text = prepared.joined(removals, _PIECES)
+        parts = prepared.joined(removals, _PIECES)
         shape = (user_index, action_index)
         record: ShownWhole | _Elided | None = None
         if history:
-            record = prepared.shown_whole(history, shape, text) if removals == 0 else _Elided(history, shape, prepared)  # type: ignore[arg-type]
-        return "".join((head, text, _items_text(shown), _FOOT)), truncated, record
+            record = prepared.shown_whole(history, shape, "".join(parts)) if removals == 0 else _Elided(history, shape, prepared)  # type: ignore[arg-type]
+        return "".join([head, *parts, _items_text(shown), _FOOT]), truncated, record
 
     def _head(self, harm: str, environment: str) -> str:
         return _head(header_field(harm, self.budget.max_field_chars), header_field(environment, self.budget.max_field_chars))
