@@ -14,6 +14,7 @@ from soda_guard.judges import chunked
 from soda_guard.judges.context import Block, Omitted, fit_blocks, widest_marker
 from soda_guard.judges.elision import Elision, Pieces, Walk
 from soda_guard.judges.incremental import PreparedHistory
+from thread_helpers import run_interleaved
 
 PIECES = Pieces(lambda block: f"<{block.role}:{block.text}>", lambda count: f"[{count} gone]", "".join, lambda parts, trailing: "".join(parts))
 AFTER = Pieces(
@@ -188,7 +189,6 @@ def test_threads_growing_one_walk_at_once_each_get_their_own() -> None:
     threads): only one may extend a rank's lists in place, the others copy, and every walk,
     the earlier one included, reads as the walk made from its own blocks."""
     import random
-    import sys
     import threading
 
     rng = random.Random(7)
@@ -204,16 +204,7 @@ def test_threads_growing_one_walk_at_once_each_get_their_own() -> None:
         for _ in range(30):
             results[thread] = earlier.continued(before, grown[thread], (), _start(grown[thread]), _overhead)[0]
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=grow, args=(thread,)) for thread in range(len(grown))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(interval)
+    run_interleaved([lambda thread=thread: grow(thread) for thread in range(len(grown))], 1e-6)
     for thread, after in enumerate(grown):
         assert _plain(results[thread]) == _plain(Walk.made(after, _start(after), WIDTH, _overhead))
     assert _plain(earlier) == was

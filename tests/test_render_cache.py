@@ -21,6 +21,7 @@ from soda_guard.judges.context import ContextBudget
 from soda_guard.judges.qwen3guard_gen import fit_gen_messages
 from soda_guard.judges.soda import _pick, conversation_steps, fit_conversation
 from soda_guard.trajectory import AssistantStep, SystemStep, ToolCall, ToolStep, Trajectory, UserStep
+from thread_helpers import run_interleaved
 
 BUDGETS = (ContextBudget(), ContextBudget(max_prompt_chars=4096, max_message_chars=256), ContextBudget(max_prompt_chars=6000, max_message_chars=2000))
 
@@ -453,8 +454,6 @@ def test_threads_rendering_one_conversation_at_once_each_get_their_own_prompt(ki
     not in the prompt): the judge's record is replaced under them, and each render must still
     be its own trajectory's, within the budget and past it."""
     import random
-    import sys
-    import threading
 
     budget = ContextBudget(max_prompt_chars=6000, max_message_chars=256)
     judge = SodaJudge(window=kind, budget=budget) if kind != "response" else Qwen3GuardGenJudge(mode="response", budget=budget)  # type: ignore[arg-type]
@@ -487,14 +486,5 @@ def test_threads_rendering_one_conversation_at_once_each_get_their_own_prompt(ki
             if _cached(judge, views[at]) != expected[at]:
                 wrong.append(at)
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    try:
-        threads = [threading.Thread(target=render, args=(seed,)) for seed in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(interval)
+    run_interleaved([lambda seed=seed: render(seed) for seed in range(6)])
     assert not wrong
