@@ -358,7 +358,7 @@ class PreparedHistory:
             return None
         return removals, shown, truncated or removals > 0
 
-    def joined(self, removals: int, pieces: Pieces[P, R]) -> R:
+    def joined(self, removals: int, pieces: Pieces[P, Any, R]) -> R:
         """The history at a stopping point rendered by a judge whose rendering is made of one
         piece per block (`Pieces`), made once and shared by the turn's calls. A history
         extended from an earlier one takes that one's pieces, adds the new blocks' and edits

@@ -8,7 +8,6 @@ and it renders only string user/assistant content: agent actions must be turned 
 from __future__ import annotations
 
 import itertools
-
 import re
 from dataclasses import dataclass
 from typing import Hashable, Literal, Sequence
