@@ -28,6 +28,16 @@ def chunks(items: Sequence[T]) -> list[list[T]]:
     return [list(items[start : start + width]) for start in range(0, len(items), width)]
 
 
+def append_to_chunks(chunks: list[list[T]], size: int, added: list[T], shift: int) -> None:
+    """Append `added` to the `size` items held in `chunks` of `1 << shift`: the last chunk
+    filled, then new ones. `chunks` and its last chunk must be the caller's own copies."""
+    start = -size & ((1 << shift) - 1)  # room left in the last chunk
+    if start:
+        chunks[-1] += added[:start]
+    if start < len(added):
+        chunks += [added[at : at + (1 << shift)] for at in range(start, len(added), 1 << shift)]
+
+
 class Chunked(Sequence[T]):
     """A list never edited once made; `edited` makes a new version sharing every chunk it
     does not change."""
@@ -92,14 +102,9 @@ class Chunked(Sequence[T]):
             chunks[number][index & mask] = item
         added = appended if isinstance(appended, list) else list(appended)
         if added:
-            start = -size & mask  # room left in the last chunk
-            if start:
-                last = len(chunks) - 1
-                if last not in copied:
-                    chunks[last] = chunks[last][:]
-                chunks[last] += added[:start]
-            if start < len(added):
-                chunks += [added[at : at + (1 << shift)] for at in range(start, len(added), 1 << shift)]
+            if size & mask and len(chunks) - 1 not in copied:
+                chunks[-1] = chunks[-1][:]
+            append_to_chunks(chunks, size, added, shift)
         made = object.__new__(Chunked)
         made.chunks, made.size, made.shift = chunks, size + len(added), shift
         return made

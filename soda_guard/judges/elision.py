@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from soda_guard.judges import chunked
-from soda_guard.judges.chunked import Chunked
+from soda_guard.judges.chunked import Chunked, append_to_chunks
 from soda_guard.judges.context import Block
 
 P = TypeVar("P")
@@ -91,18 +91,19 @@ class _Rank:
         if earlier is None or kept == 0:
             sums = list(itertools.accumulate(drops, initial=0))
             return cls(indexes, drops, sums, list(itertools.accumulate(sums, max)), len(indexes))
-        sums = earlier.sums[: kept + 1]
-        sums += itertools.islice(itertools.accumulate(drops[kept:], initial=sums[kept]), 1, None)
-        peaks = earlier.peaks[: kept + 1]
-        peaks += itertools.islice(itertools.accumulate(sums[kept + 1 :], max, initial=peaks[kept]), 1, None)
-        return cls(indexes, drops, sums, peaks, len(indexes))
+        sums, peaks = earlier._running(kept, drops[kept:])
+        return cls(indexes, drops, earlier.sums[: kept + 1] + sums, earlier.peaks[: kept + 1] + peaks, len(indexes))
+
+    def _running(self, kept: int, drops: list[int]) -> tuple[list[int], list[int]]:
+        """The running sums and maxima of these drops after this rank's first `kept` entries."""
+        sums = list(itertools.islice(itertools.accumulate(drops, initial=self.sums[kept]), 1, None))
+        return sums, list(itertools.islice(itertools.accumulate(sums, max, initial=self.peaks[kept]), 1, None))
 
     def appended(self, indexes: list[int], drops: list[int]) -> _Rank:
         """This rank with entries after its last: its lists shared where they can be
         (`_extended`), so a turn that only appends costs what it appends."""
         count = self.count
-        sums = list(itertools.islice(itertools.accumulate(drops, initial=self.sums[count]), 1, None))
-        peaks = list(itertools.islice(itertools.accumulate(sums, max, initial=self.peaks[count]), 1, None))
+        sums, peaks = self._running(count, drops)
         return _Rank(
             _extended(self.indexes, count, indexes),
             _extended(self.drops, count, drops),
@@ -350,17 +351,12 @@ class Elision:
             new = blocks.tail(size) if isinstance(blocks, Chunked) else list(blocks[size:])
             added: list[object] = [pieces.following(new[0], run_before(size)), *map(pieces.block, new[1:])]
             if size & mask:
-                number = own(size - 1)
-                room = (1 << shift) - (size & mask)
-                gone[number] += [False] * min(room, len(new))
-                ends[number] += range(size, min(size + room, count))
-                texts[number] += added[:room]
-            start = -size & mask
-            for at in range(size + start, count, 1 << shift):
-                mine.add(len(texts))
-                gone.append([False] * min(1 << shift, count - at))
-                ends.append(list(range(at, min(at + (1 << shift), count))))
-                texts.append(added[at - size : at - size + (1 << shift)])
+                own(size - 1)
+            chunks_before = len(texts)
+            append_to_chunks(gone, size, [False] * len(new), shift)
+            append_to_chunks(ends, size, list(range(size, count)), shift)
+            append_to_chunks(texts, size, added, shift)
+            mine.update(range(chunks_before, len(texts)))
         if walk is not None:
             omitted, after = pieces.omitted, pieces.after
             last = count - 1
