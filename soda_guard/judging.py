@@ -203,8 +203,7 @@ class JudgeRunner:
         prefill = getattr(self.backend, "prefill", None)
         if not callable(prefill) or trajectory.conversation_id is None:
             return None
-        placeholder = trajectory.model_copy(update={"steps": [*trajectory.steps, AssistantStep()]})
-        _, request = self.prepare(placeholder)
+        _, request = self.prepare(awaiting_action(trajectory))
         return prefill(request)
 
     def verdicts(self, trajectories: Sequence[Trajectory], deadline: float | None = None) -> list[Verdict]:
@@ -227,6 +226,14 @@ class JudgeRunner:
         start = time.perf_counter()
         results = await self.backend.agenerate([request for _, request in prepared])
         return self._finish(prepared, results, start)
+
+
+def awaiting_action(trajectory: Trajectory) -> Trajectory:
+    """The conversation as a warm-up renders it when the agent's model is called: an empty
+    assistant turn in the coming action's place. Its history is the one each of the turn's
+    tool calls is judged on, so the judge renders and keeps it then (off the calls' path),
+    and a call renders only its own action."""
+    return trajectory.model_copy(update={"steps": [*trajectory.steps, AssistantStep()]})
 
 
 def _disagreement(label: Label | None, score: float | None) -> str | None:

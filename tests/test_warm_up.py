@@ -4,6 +4,7 @@ warm-up of a conversation supersedes an older one still queued."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from concurrent.futures import Future
 from pathlib import Path
@@ -17,6 +18,7 @@ from soda_guard.backends.openai_backend import OpenAIBackend
 from soda_guard.backends.prefill import LatestPerKey
 from soda_guard.backends.scripted import soda_reply
 from soda_guard.backends.transformers_backend import TransformersBackend
+from soda_guard.integrations.testing import ScriptedChatModel
 from soda_guard.testing import make_tiny_judge
 from soda_guard.trajectory import AssistantStep, ToolCall, Trajectory
 
@@ -167,6 +169,88 @@ def test_the_middleware_warms_the_judge_before_each_model_call(asynchronous: boo
     assert [request.cache_key for request in backend.warmed] == ["t1", "t1"]
     assert "[TOOL]" not in prompts[0] and "[TOOL]" in prompts[1]  # the second model call came after the tool ran
     assert ran == [("read_file", {"path": "notes.txt"})]
+
+
+class _Thinking(ScriptedChatModel):
+    """The agent's model, thinking until the warm-up its call started has been queued to the
+    backend (the judge rendered its prompt), as a real model thinks longer than that takes."""
+
+    backend: Any = None
+
+    def _generate(self, *args: Any, **kwargs: Any) -> Any:
+        assert self.backend.ready.acquire(timeout=30)
+        return super()._generate(*args, **kwargs)  # `ainvoke` too: on an executor thread
+
+
+class _Ready(ScriptedBackend):
+    """A scripted judge that can be warmed and says when a warm-up has reached it."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__([reply])
+        self.ready = threading.Semaphore(0)
+
+    def prefill(self, request: GenerationRequest) -> None:
+        self.ready.release()
+
+
+def _read_email(id: int) -> str:
+    return f"From: billing{id}@example.com\nAmount due: {id} EUR\n" * 40
+
+
+def _inbox_run(backend: ScriptedBackend, kind: str, asynchronous: bool, turns: int) -> None:
+    from langchain.agents import create_agent
+    from langchain_core.tools import StructuredTool
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from soda_guard.integrations.langchain import SodaGuardMiddleware
+    from soda_guard.integrations.testing import tool_calls_message
+
+    judge = {"kind": kind, "model": "scripted", "max_prompt_chars": 8192}
+    guard = Guard(Policy.from_dict({"judges": {"judge": judge}, "defaults": {"judge": "judge"}}), backends={"judge": backend})
+    guard.runner("judge")
+    replies = [tool_calls_message(("read_email", {"id": turn}), text=f"Reading email {turn}.") for turn in range(turns)] + ["Done."]
+    model = _Thinking(messages=iter(replies), backend=backend) if isinstance(backend, _Ready) else ScriptedChatModel(messages=iter(replies))
+    tools = [StructuredTool.from_function(_read_email, name="read_email", description="Read an email.")]
+    agent = create_agent(model, tools, middleware=[SodaGuardMiddleware(guard)], checkpointer=InMemorySaver())
+    user = {"messages": [{"role": "user", "content": "Summarise my inbox."}]}
+    config = {"configurable": {"thread_id": "inbox"}}
+    if asynchronous:
+        asyncio.run(agent.ainvoke(user, config))
+    else:
+        agent.invoke(user, config)
+    guard.close()
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+@pytest.mark.parametrize("kind", ["soda", "qwen3guard"])
+def test_a_warmed_judge_renders_only_the_action_at_the_tool_call(kind: str, asynchronous: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The warm-up at the model call renders the history every call of the turn is judged
+    on, past the judge's budget too (walk, elision): the judgment then prepares none of it,
+    but on the turn whose action itself takes the prompt past the budget (the warm-up's, with
+    an empty action, still fitted whole), and its prompts are those of a judge never warmed."""
+    from soda_guard.judges import elision, incremental
+
+    reply = soda_reply(False) if kind == "soda" else "Safety: Safe\nCategories: None"
+    cold, warm = ScriptedBackend([reply]), _Ready(reply)
+    prepared: list[tuple[bool, str, int]] = []  # (on the warm-up thread, what, judgments so far)
+    for owner, name in ((incremental.PreparedHistory, "__init__"), (incremental.PreparedHistory, "extended"), (elision.Walk, "made"), (elision.Walk, "continued"), (elision.Elision, "made")):
+        found = owner.__dict__[name]
+        original = found.__func__ if isinstance(found, classmethod) else found
+
+        def counted(*args: Any, _original: Any = original, _name: str = f"{owner.__name__}.{name}", **kwargs: Any) -> Any:
+            prepared.append((threading.current_thread().name.startswith("soda-guard-warm-up"), _name, len(warm.requests)))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, classmethod(counted) if isinstance(found, classmethod) else counted)
+    _inbox_run(cold, kind, asynchronous, turns=8)
+    prepared.clear()
+    _inbox_run(warm, kind, asynchronous, turns=8)
+    assert len(warm.requests) == 8 and "Amount due: 6 EUR" in str(warm.requests[-1].messages)
+    assert [request.messages for request in warm.requests] == [request.messages for request in cold.requests]
+    crossing = {turn for warming, _, turn in prepared if not warming}
+    assert len(crossing) <= 1
+    later = [name for warming, name, turn in prepared if warming and turn > max(crossing, default=-1)]
+    assert later.count("Walk.continued") >= 3  # past the budget, turn after turn, on the warm-up thread
 
 
 def test_the_judge_config_flag_turns_the_http_warm_up_on() -> None:
