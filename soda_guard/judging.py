@@ -196,9 +196,9 @@ class JudgeRunner:
 
     def prefill(self, trajectory: Trajectory) -> object:
         """Warm the backend's prefix cache with the prompt this judge will read for the next
-        action of `trajectory`: rendered with an empty assistant turn in the action's place,
-        so everything before it is what the judgment will send (the token prefix they share
-        is what the cache reuses). What the backend's `prefill` returns (a future), or None
+        action of `trajectory`: rendered with a stand-in in the action's place
+        (`awaiting_action`), so everything before it is what the judgment will send (the token
+        prefix they share is what the cache reuses). What the backend's `prefill` returns (a future), or None
         where it cannot warm."""
         prefill = getattr(self.backend, "prefill", None)
         if not callable(prefill) or trajectory.conversation_id is None:
@@ -229,11 +229,17 @@ class JudgeRunner:
 
 
 def awaiting_action(trajectory: Trajectory) -> Trajectory:
-    """The conversation as a warm-up renders it when the agent's model is called: an empty
-    assistant turn in the coming action's place. Its history is the one each of the turn's
-    tool calls is judged on, so the judge renders and keeps it then (off the calls' path),
-    and a call renders only its own action."""
-    return trajectory.model_copy(update={"steps": [*trajectory.steps, AssistantStep()]})
+    """The conversation as a warm-up renders it when the agent's model is called: a stand-in
+    for the coming action after it. Its history is the one each of the turn's tool calls is
+    judged on, so the judge renders and keeps it then (off the calls' path), and a call renders
+    only its own action. Past the judge's budget, how much of the history is left out depends
+    on the action's length, and a prefix cache serves a judgment only up to where its prompt
+    first differs from the one prefilled: the stand-in is a copy of the conversation's latest
+    assistant turn (an agent's next action is most likely about as long), or an empty one."""
+    steps = trajectory.steps
+    latest = next((step for step in reversed(steps) if isinstance(step, AssistantStep)), None)
+    stand_in = AssistantStep() if latest is None else AssistantStep(content=latest.content, tool_calls=latest.tool_calls)
+    return trajectory.model_copy(update={"steps": [*steps, stand_in]})
 
 
 def _disagreement(label: Label | None, score: float | None) -> str | None:

@@ -171,6 +171,25 @@ def test_the_middleware_warms_the_judge_before_each_model_call(asynchronous: boo
     assert ran == [("read_file", {"path": "notes.txt"})]
 
 
+def test_a_warm_up_renders_the_latest_action_s_copy_in_the_coming_one_s_place() -> None:
+    """How much a judge leaves out past its budget depends on the action's length: the
+    warm-up's stand-in is as long as the latest action (a new step, so that no record of the
+    judge holds the conversation's own step twice), or an empty turn where there is none."""
+    from soda_guard.judging import awaiting_action
+
+    conversation = from_openai_messages(_history("s"), conversation_id="s")
+    steps = list(conversation.steps)
+    warmed = awaiting_action(conversation)
+    latest = conversation.steps[1]
+    stand_in = warmed.steps[-1]
+    assert all(a is b for a, b in zip(warmed.steps[:-1], steps, strict=True))
+    assert type(stand_in) is AssistantStep and stand_in is not latest
+    assert (stand_in.content, stand_in.tool_calls) == (latest.content, latest.tool_calls)
+    assert conversation.steps == steps  # the trajectory warmed is left as it was
+    first = from_openai_messages([{"role": "user", "content": "Tidy the shared drive."}], conversation_id="s")
+    assert awaiting_action(first).steps[-1] == AssistantStep()
+
+
 class _Thinking(ScriptedChatModel):
     """The agent's model, thinking until the warm-up its call started has been queued to the
     backend (the judge rendered its prompt), as a real model thinks longer than that takes."""
@@ -225,20 +244,22 @@ def _inbox_run(backend: ScriptedBackend, kind: str, asynchronous: bool, turns: i
 @pytest.mark.parametrize("kind", ["soda", "qwen3guard"])
 def test_a_warmed_judge_renders_only_the_action_at_the_tool_call(kind: str, asynchronous: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The warm-up at the model call renders the history every call of the turn is judged
-    on, past the judge's budget too (walk, elision): the judgment then prepares none of it,
-    but on the turn whose action itself takes the prompt past the budget (the warm-up's, with
-    an empty action, still fitted whole), and its prompts are those of a judge never warmed."""
+    on, past the judge's budget too (walk, elision), and leaves out of it what the coming
+    action will need left out where that action is about as long as the latest one
+    (`awaiting_action`): the judgment then prepares nothing, not even on the turn whose
+    action takes the prompt past the budget, and its prompts are those of a judge never
+    warmed."""
     from soda_guard.judges import elision, incremental
 
     reply = soda_reply(False) if kind == "soda" else "Safety: Safe\nCategories: None"
     cold, warm = ScriptedBackend([reply]), _Ready(reply)
-    prepared: list[tuple[bool, str, int]] = []  # (on the warm-up thread, what, judgments so far)
-    for owner, name in ((incremental.PreparedHistory, "__init__"), (incremental.PreparedHistory, "extended"), (elision.Walk, "made"), (elision.Walk, "continued"), (elision.Elision, "made")):
+    prepared: list[tuple[bool, str]] = []  # (on the warm-up thread, what)
+    for owner, name in ((incremental.PreparedHistory, "__init__"), (incremental.PreparedHistory, "extended"), (elision.Walk, "made"), (elision.Walk, "continued"), (elision.Elision, "made"), (elision.Elision, "following")):
         found = owner.__dict__[name]
         original = found.__func__ if isinstance(found, classmethod) else found
 
         def counted(*args: Any, _original: Any = original, _name: str = f"{owner.__name__}.{name}", **kwargs: Any) -> Any:
-            prepared.append((threading.current_thread().name.startswith("soda-guard-warm-up"), _name, len(warm.requests)))
+            prepared.append((threading.current_thread().name.startswith("soda-guard-warm-up"), _name))
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(owner, name, classmethod(counted) if isinstance(found, classmethod) else counted)
@@ -247,10 +268,8 @@ def test_a_warmed_judge_renders_only_the_action_at_the_tool_call(kind: str, asyn
     _inbox_run(warm, kind, asynchronous, turns=8)
     assert len(warm.requests) == 8 and "Amount due: 6 EUR" in str(warm.requests[-1].messages)
     assert [request.messages for request in warm.requests] == [request.messages for request in cold.requests]
-    crossing = {turn for warming, _, turn in prepared if not warming}
-    assert len(crossing) <= 1
-    later = [name for warming, name, turn in prepared if warming and turn > max(crossing, default=-1)]
-    assert later.count("Walk.continued") >= 3  # past the budget, turn after turn, on the warm-up thread
+    assert [name for warming, name in prepared if not warming] == []
+    assert [name for _, name in prepared].count("Walk.continued") >= 3  # past the budget, turn after turn
 
 
 def test_the_judge_config_flag_turns_the_http_warm_up_on() -> None:
