@@ -361,6 +361,8 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
 
     A callback cannot substitute a result or wait for review; use `SodaGuardMiddleware` or the
     LangGraph node for that. Sync handler: LangChain runs it off the event loop on async paths.
+    Given a `conversation_id`, it warms the judges when the model is called, as the middleware
+    does (`Guard.warm_up`).
     """
 
     def __init__(
@@ -444,6 +446,9 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
             scope = self._scope(key)
             scope.trajectory = scope.trajectory.model_copy(update={"steps": fresh.steps})
             scope.turn.clear()
+            if key is None and scope.trajectory.conversation_id is not None and self.guard.warmable():
+                # the steps as they are now: the handler appends the model's answer to its list
+                self.guard.warm_up(scope.trajectory.model_copy(update={"steps": list(fresh.steps)}))
 
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
         with self._lock:

@@ -216,12 +216,15 @@ def _read_email(id: int) -> str:
     return f"From: billing{id}@example.com\nAmount due: {id} EUR\n" * 40
 
 
-def _inbox_run(backend: ScriptedBackend, kind: str, asynchronous: bool, turns: int) -> None:
+def _inbox_run(backend: ScriptedBackend, kind: str, path: str, turns: int) -> None:
+    """An agent reading `turns` emails one by one, through the middleware (`invoke` or
+    `ainvoke`) or a hand-written loop with the callback handler."""
     from langchain.agents import create_agent
+    from langchain_core.messages import HumanMessage
     from langchain_core.tools import StructuredTool
     from langgraph.checkpoint.memory import InMemorySaver
 
-    from soda_guard.integrations.langchain import SodaGuardMiddleware
+    from soda_guard.integrations.langchain import SodaGuardCallbackHandler, SodaGuardMiddleware
     from soda_guard.integrations.testing import tool_calls_message
 
     judge = {"kind": kind, "model": "scripted", "max_prompt_chars": 8192}
@@ -229,20 +232,26 @@ def _inbox_run(backend: ScriptedBackend, kind: str, asynchronous: bool, turns: i
     guard.runner("judge")
     replies = [tool_calls_message(("read_email", {"id": turn}), text=f"Reading email {turn}.") for turn in range(turns)] + ["Done."]
     model = _Thinking(messages=iter(replies), backend=backend) if isinstance(backend, _Ready) else ScriptedChatModel(messages=iter(replies))
-    tools = [StructuredTool.from_function(_read_email, name="read_email", description="Read an email.")]
-    agent = create_agent(model, tools, middleware=[SodaGuardMiddleware(guard)], checkpointer=InMemorySaver())
-    user = {"messages": [{"role": "user", "content": "Summarise my inbox."}]}
-    config = {"configurable": {"thread_id": "inbox"}}
-    if asynchronous:
-        asyncio.run(agent.ainvoke(user, config))
+    tool = StructuredTool.from_function(_read_email, name="read_email", description="Read an email.")
+    if path == "callback":
+        config: dict[str, Any] = {"callbacks": [SodaGuardCallbackHandler(guard, conversation_id="inbox")]}
+        messages: list[Any] = [HumanMessage("Summarise my inbox.")]
+        while (reply := model.invoke(messages, config)).tool_calls:
+            messages += [reply, *(tool.invoke(call, config) for call in reply.tool_calls)]
     else:
-        agent.invoke(user, config)
+        agent = create_agent(model, [tool], middleware=[SodaGuardMiddleware(guard)], checkpointer=InMemorySaver())
+        user = {"messages": [{"role": "user", "content": "Summarise my inbox."}]}
+        config = {"configurable": {"thread_id": "inbox"}}
+        if path == "middleware-async":
+            asyncio.run(agent.ainvoke(user, config))
+        else:
+            agent.invoke(user, config)
     guard.close()
 
 
-@pytest.mark.parametrize("asynchronous", [False, True])
+@pytest.mark.parametrize("path", ["middleware", "middleware-async", "callback"])
 @pytest.mark.parametrize("kind", ["soda", "qwen3guard"])
-def test_a_warmed_judge_renders_only_the_action_at_the_tool_call(kind: str, asynchronous: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_warmed_judge_renders_only_the_action_at_the_tool_call(kind: str, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The warm-up at the model call renders the history every call of the turn is judged
     on, past the judge's budget too (walk, elision), and leaves out of it what the coming
     action will need left out where that action is about as long as the latest one
@@ -263,13 +272,42 @@ def test_a_warmed_judge_renders_only_the_action_at_the_tool_call(kind: str, asyn
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(owner, name, classmethod(counted) if isinstance(found, classmethod) else counted)
-    _inbox_run(cold, kind, asynchronous, turns=8)
+    _inbox_run(cold, kind, path, turns=8)
     prepared.clear()
-    _inbox_run(warm, kind, asynchronous, turns=8)
+    _inbox_run(warm, kind, path, turns=8)
     assert len(warm.requests) == 8 and "Amount due: 6 EUR" in str(warm.requests[-1].messages)
     assert [request.messages for request in warm.requests] == [request.messages for request in cold.requests]
     assert [name for warming, name in prepared if not warming] == []
     assert [name for _, name in prepared].count("Walk.continued") >= 3  # past the budget, turn after turn
+
+
+def test_the_callback_handler_warms_the_conversation_as_it_was_when_the_model_was_called() -> None:
+    """The warm-up runs later, on its own thread, while the handler appends the model's answer
+    to the conversation it follows: the warm-up renders the steps the model was called with."""
+    from langchain_core.messages import HumanMessage
+
+    from soda_guard.integrations.langchain import SodaGuardCallbackHandler
+    from soda_guard.integrations.testing import scripted_model, tool_calls_message
+
+    from integration_helpers import make_tools
+
+    backend = _Prefilling()
+    guard = Guard(Policy.from_dict({"judges": {"soda": {"kind": "soda", "model": "scripted"}}}), backends={"soda": backend})
+    guard.runner("soda")
+    held = threading.Event()
+    guard._warmer.submit(held.wait, 30)  # the warm-up thread busy until the model has answered
+    ran: list[Any] = []
+    tools = {tool.name: tool for tool in make_tools(ran)}
+    config: dict[str, Any] = {"callbacks": [SodaGuardCallbackHandler(guard, conversation_id="cb")]}
+    reply = scripted_model([tool_calls_message(("read_file", {"path": "notes.txt"}), text="Opening the notes.")]).invoke([HumanMessage("Read my notes.")], config)
+    held.set()
+    tools["read_file"].invoke(reply.tool_calls[0], config)
+    guard._warmer.shutdown(wait=True)
+    guard.close()
+    assert ran == [("read_file", {"path": "notes.txt"})]
+    assert [request.cache_key for request in backend.warmed] == ["cb"]
+    assert "Read my notes." in backend.warmed[0].messages[-1]["content"]
+    assert "Opening the notes." not in backend.warmed[0].messages[-1]["content"]
 
 
 def test_the_judge_config_flag_turns_the_http_warm_up_on() -> None:
