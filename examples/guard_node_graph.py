@@ -21,7 +21,7 @@ from langgraph.types import Command
 
 from soda_guard import Guard, Policy, ScriptedBackend, TurnRecords
 from soda_guard.backends.scripted import keyword_responder
-from soda_guard.integrations.langgraph import GuardState, SodaGuardToolWrapper, guard_node
+from soda_guard.integrations.langgraph import GuardState, SodaGuardToolWrapper, guard_node, warm_judges
 from soda_guard.integrations.testing import scripted_model, tool_calls_message
 
 
@@ -59,6 +59,7 @@ def build(args: argparse.Namespace, connection: sqlite3.Connection) -> tuple[Any
     )
 
     def agent(state: GuardState) -> dict[str, Any]:
+        warm_judges(guard, state["messages"])  # the judge reads the conversation while the model thinks
         return {"messages": [model.invoke(state["messages"])]}
 
     wrapper = SodaGuardToolWrapper(guard)

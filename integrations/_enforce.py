@@ -149,6 +149,18 @@ def thread_id() -> str | None:
     return None if value is None else str(value)
 
 
+def warm_judges(guard: Guard, messages: Sequence[BaseMessage], *, harm: str | None = None, environment: str | None = None) -> None:
+    """Start warming the guard's judges with the conversation so far (`Guard.warm_up`), from
+    inside the graph node that is about to call the model: the thread is that node's, and the
+    messages are converted on the warm-up thread, as every judgment of the thread converts
+    them. `harm` and `environment` as the node or wrapper that judges the thread has them: the
+    prompt warmed is then the one judged. Returns at once; nothing when no judge can be warmed."""
+    if not guard.warmable():
+        return
+    messages, thread = list(messages), thread_id()
+    guard.warm_up(lambda: to_trajectory(messages, conversation_id=thread, harm=harm, environment=environment))
+
+
 def task_id() -> str | None:
     """The LangGraph task running now (one per node run), None outside a graph."""
     try:

@@ -59,6 +59,7 @@ from soda_guard.integrations._enforce import (
     resolve_turn,
     run_steps,
     thread_id,
+    warm_judges,
 )
 from soda_guard.integrations._handoff import TurnHandoff
 from soda_guard.integrations._state import closing, replay_of, state_form, stored_turn
@@ -199,18 +200,9 @@ class SodaGuardMiddleware(AgentMiddleware):
     async def _ajudge_now(self, need: Judge) -> list[Decision]:
         return await self._enforcer.judging.atraced_calls(need.trajectory, need.calls)
 
-    def _warm_up(self, request: ModelRequest) -> None:
-        """Start warming the judge with the conversation so far, just before the model is
-        called: only the coming action is then left for the judgment to prefill. Queues
-        work and returns; the conversion runs on the guard's warm-up thread."""
-        if not self.guard.warmable():
-            return
-        messages, thread = list(request.state.get("messages", [])), thread_id()
-        self.guard.warm_up(lambda: to_trajectory(messages, conversation_id=thread, harm=self.harm, environment=self.environment))
-
     def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], ModelCallResult]) -> ModelCallResult:
         register_mcp_tools(self.guard, request.tools)
-        self._warm_up(request)
+        warm_judges(self.guard, request.state.get("messages", []), harm=self.harm, environment=self.environment)  # just before the model
         answer = self._enforcer.answer(None)
         stored = run_steps(stored_turn(request.state, STATE_KEY, self._enforcer.seal), answer)
         if self._enforcer.judging.durable():
@@ -225,7 +217,7 @@ class SodaGuardMiddleware(AgentMiddleware):
         self, request: ModelRequest, handler: Callable[[ModelRequest], Awaitable[ModelCallResult]]
     ) -> ModelCallResult:
         register_mcp_tools(self.guard, request.tools)
-        self._warm_up(request)
+        warm_judges(self.guard, request.state.get("messages", []), harm=self.harm, environment=self.environment)  # just before the model
         answer = self._enforcer.aanswer(None)
         stored = await arun_steps(stored_turn(request.state, STATE_KEY, self._enforcer.seal), answer)
         if self._enforcer.judging.durable():

@@ -9,6 +9,8 @@ node, and a `wrap_tool_call` wrapper for `ToolNode`.
 The graph state needs the `soda_guard` key (use or extend `GuardState`): the node stores the
 latest turn's records there for the wrapper. Its judgments are LangGraph tasks, so a resume
 after a review pause, even in a new process over the same checkpointer, does not judge again.
+Neither sees the model called: `warm_judges(guard, state["messages"])` in the model node, just
+before the model, warms the judges as the middleware does for `create_agent`.
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ from soda_guard.integrations._enforce import (
     resolve_turn,
     run_steps,
     thread_id,
+    warm_judges,
 )
 from soda_guard.integrations._state import closing, state_form, stored_turn
 
-__all__ = ["GuardNode", "GuardState", "SodaGuardToolWrapper", "guard_node"]
+__all__ = ["GuardNode", "GuardState", "SodaGuardToolWrapper", "guard_node", "warm_judges"]
 
 ANSWER_KEY = "soda_guard_answer"
 

@@ -198,8 +198,8 @@ class JudgeRunner:
         """Warm the backend's prefix cache with the prompt this judge will read for the next
         action of `trajectory`: rendered with a stand-in in the action's place
         (`awaiting_action`), so everything before it is what the judgment will send (the token
-        prefix they share is what the cache reuses). What the backend's `prefill` returns (a future), or None
-        where it cannot warm."""
+        prefix they share is what the cache reuses). What the backend's `prefill` returns (a
+        future), or None where it cannot warm."""
         prefill = getattr(self.backend, "prefill", None)
         if not callable(prefill) or trajectory.conversation_id is None:
             return None

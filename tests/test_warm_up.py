@@ -218,7 +218,9 @@ def _read_email(id: int) -> str:
 
 def _inbox_run(backend: ScriptedBackend, kind: str, path: str, turns: int) -> None:
     """An agent reading `turns` emails one by one, through the middleware (`invoke` or
-    `ainvoke`) or a hand-written loop with the callback handler."""
+    `ainvoke`), a hand-built graph whose model node warms the judges (`warm_judges`) with the
+    guard node or the `ToolNode` wrapper alone, or a hand-written loop with the callback
+    handler."""
     from langchain.agents import create_agent
     from langchain_core.messages import HumanMessage
     from langchain_core.tools import StructuredTool
@@ -238,6 +240,29 @@ def _inbox_run(backend: ScriptedBackend, kind: str, path: str, turns: int) -> No
         messages: list[Any] = [HumanMessage("Summarise my inbox.")]
         while (reply := model.invoke(messages, config)).tool_calls:
             messages += [reply, *(tool.invoke(call, config) for call in reply.tool_calls)]
+    elif path in ("guard_node", "wrapper"):
+        from langgraph.graph import START, StateGraph
+        from langgraph.prebuilt import ToolNode, tools_condition
+
+        from soda_guard.integrations.langgraph import GuardState, SodaGuardToolWrapper, guard_node, warm_judges
+
+        def agent(state: GuardState) -> dict[str, Any]:
+            warm_judges(guard, state["messages"])
+            return {"messages": [model.invoke(state["messages"])]}
+
+        wrapper = SodaGuardToolWrapper(guard)
+        builder = StateGraph(GuardState)
+        builder.add_node("agent", agent)
+        builder.add_node("tools", ToolNode([tool], wrap_tool_call=wrapper, awrap_tool_call=wrapper.awrap))
+        builder.add_edge(START, "agent")
+        builder.add_edge("tools", "agent")
+        if path == "guard_node":
+            builder.add_node("guard", guard_node(guard))
+            builder.add_edge("agent", "guard")
+        else:
+            builder.add_conditional_edges("agent", tools_condition)
+        graph = builder.compile(checkpointer=InMemorySaver())
+        graph.invoke({"messages": [{"role": "user", "content": "Summarise my inbox."}]}, {"configurable": {"thread_id": "inbox"}})
     else:
         agent = create_agent(model, [tool], middleware=[SodaGuardMiddleware(guard)], checkpointer=InMemorySaver())
         user = {"messages": [{"role": "user", "content": "Summarise my inbox."}]}
@@ -249,7 +274,7 @@ def _inbox_run(backend: ScriptedBackend, kind: str, path: str, turns: int) -> No
     guard.close()
 
 
-@pytest.mark.parametrize("path", ["middleware", "middleware-async", "callback"])
+@pytest.mark.parametrize("path", ["middleware", "middleware-async", "guard_node", "wrapper", "callback"])
 @pytest.mark.parametrize("kind", ["soda", "qwen3guard"])
 def test_a_warmed_judge_renders_only_the_action_at_the_tool_call(kind: str, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The warm-up at the model call renders the history every call of the turn is judged
