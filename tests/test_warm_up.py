@@ -246,13 +246,13 @@ def _inbox_run(backend: ScriptedBackend, kind: str, path: str, turns: int) -> No
 
         from soda_guard.integrations.langgraph import GuardState, SodaGuardToolWrapper, guard_node, warm_judges
 
-        def agent(state: GuardState) -> dict[str, Any]:
+        def call_model(state: GuardState) -> dict[str, Any]:
             warm_judges(guard, state["messages"])
             return {"messages": [model.invoke(state["messages"])]}
 
         wrapper = SodaGuardToolWrapper(guard)
         builder = StateGraph(GuardState)
-        builder.add_node("agent", agent)
+        builder.add_node("agent", call_model)
         builder.add_node("tools", ToolNode([tool], wrap_tool_call=wrapper, awrap_tool_call=wrapper.awrap))
         builder.add_edge(START, "agent")
         builder.add_edge("tools", "agent")
