@@ -240,7 +240,7 @@ def _inbox_run(backend: ScriptedBackend, kind: str, path: str, turns: int) -> No
         messages: list[Any] = [HumanMessage("Summarise my inbox.")]
         while (reply := model.invoke(messages, config)).tool_calls:
             messages += [reply, *(tool.invoke(call, config) for call in reply.tool_calls)]
-    elif path in ("guard_node", "wrapper"):
+    elif path in ("guard_node", "guard_node-async", "wrapper"):
         from langgraph.graph import START, StateGraph
         from langgraph.prebuilt import ToolNode, tools_condition
 
@@ -250,19 +250,28 @@ def _inbox_run(backend: ScriptedBackend, kind: str, path: str, turns: int) -> No
             warm_judges(guard, state["messages"])
             return {"messages": [model.invoke(state["messages"])]}
 
+        async def acall_model(state: GuardState) -> dict[str, Any]:
+            warm_judges(guard, state["messages"])
+            return {"messages": [await model.ainvoke(state["messages"])]}
+
         wrapper = SodaGuardToolWrapper(guard)
         builder = StateGraph(GuardState)
-        builder.add_node("agent", call_model)
+        builder.add_node("agent", acall_model if path.endswith("async") else call_model)
         builder.add_node("tools", ToolNode([tool], wrap_tool_call=wrapper, awrap_tool_call=wrapper.awrap))
         builder.add_edge(START, "agent")
         builder.add_edge("tools", "agent")
-        if path == "guard_node":
+        if path.startswith("guard_node"):
             builder.add_node("guard", guard_node(guard))
             builder.add_edge("agent", "guard")
         else:
             builder.add_conditional_edges("agent", tools_condition)
         graph = builder.compile(checkpointer=InMemorySaver())
-        graph.invoke({"messages": [{"role": "user", "content": "Summarise my inbox."}]}, {"configurable": {"thread_id": "inbox"}})
+        start = {"messages": [{"role": "user", "content": "Summarise my inbox."}]}
+        config = {"configurable": {"thread_id": "inbox"}}
+        if path.endswith("async"):
+            asyncio.run(graph.ainvoke(start, config))
+        else:
+            graph.invoke(start, config)
     else:
         agent = create_agent(model, [tool], middleware=[SodaGuardMiddleware(guard)], checkpointer=InMemorySaver())
         user = {"messages": [{"role": "user", "content": "Summarise my inbox."}]}
@@ -274,7 +283,7 @@ def _inbox_run(backend: ScriptedBackend, kind: str, path: str, turns: int) -> No
     guard.close()
 
 
-@pytest.mark.parametrize("path", ["middleware", "middleware-async", "guard_node", "wrapper", "callback"])
+@pytest.mark.parametrize("path", ["middleware", "middleware-async", "guard_node", "guard_node-async", "wrapper", "callback"])
 @pytest.mark.parametrize("kind", ["soda", "qwen3guard"])
 def test_a_warmed_judge_renders_only_the_action_at_the_tool_call(kind: str, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The warm-up at the model call renders the history every call of the turn is judged
