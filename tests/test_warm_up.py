@@ -127,16 +127,17 @@ def test_the_http_warm_up_is_off_by_default_and_asks_for_one_token_when_on(monke
 
 
 class _Prefilling(ScriptedBackend):
-    """A scripted judge that can be warmed: it records what each warm-up would prefill."""
+    """A scripted judge that can be warmed: it records what each warm-up would prefill, and
+    `ready` counts the warm-ups that have reached it."""
 
-    def __init__(self) -> None:
-        super().__init__([soda_reply(False)])
+    def __init__(self, reply: str = soda_reply(False)) -> None:
+        super().__init__([reply])
         self.warmed: list[GenerationRequest] = []
-        self.done = threading.Event()
+        self.ready = threading.Semaphore(0)
 
     def prefill(self, request: GenerationRequest) -> None:
         self.warmed.append(request)
-        self.done.set()
+        self.ready.release()
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])
@@ -201,17 +202,6 @@ class _Thinking(ScriptedChatModel):
         return super()._generate(*args, **kwargs)  # `ainvoke` too: on an executor thread
 
 
-class _Ready(ScriptedBackend):
-    """A scripted judge that can be warmed and says when a warm-up has reached it."""
-
-    def __init__(self, reply: str) -> None:
-        super().__init__([reply])
-        self.ready = threading.Semaphore(0)
-
-    def prefill(self, request: GenerationRequest) -> None:
-        self.ready.release()
-
-
 def _read_email(id: int) -> str:
     return f"From: billing{id}@example.com\nAmount due: {id} EUR\n" * 40
 
@@ -233,7 +223,7 @@ def _inbox_run(backend: ScriptedBackend, kind: str, path: str, turns: int) -> No
     guard = Guard(Policy.from_dict({"judges": {"judge": judge}, "defaults": {"judge": "judge"}}), backends={"judge": backend})
     guard.runner("judge")
     replies = [tool_calls_message(("read_email", {"id": turn}), text=f"Reading email {turn}.") for turn in range(turns)] + ["Done."]
-    model = _Thinking(messages=iter(replies), backend=backend) if isinstance(backend, _Ready) else ScriptedChatModel(messages=iter(replies))
+    model = _Thinking(messages=iter(replies), backend=backend) if isinstance(backend, _Prefilling) else ScriptedChatModel(messages=iter(replies))
     tool = StructuredTool.from_function(_read_email, name="read_email", description="Read an email.")
     if path == "callback":
         config: dict[str, Any] = {"callbacks": [SodaGuardCallbackHandler(guard, conversation_id="inbox")]}
@@ -295,7 +285,7 @@ def test_a_warmed_judge_renders_only_the_action_at_the_tool_call(kind: str, path
     from soda_guard.judges import elision, incremental
 
     reply = soda_reply(False) if kind == "soda" else "Safety: Safe\nCategories: None"
-    cold, warm = ScriptedBackend([reply]), _Ready(reply)
+    cold, warm = ScriptedBackend([reply]), _Prefilling(reply)
     prepared: list[tuple[bool, str]] = []  # (on the warm-up thread, what)
     for owner, name in ((incremental.PreparedHistory, "__init__"), (incremental.PreparedHistory, "extended"), (elision.Walk, "made"), (elision.Walk, "continued"), (elision.Elision, "made"), (elision.Elision, "following")):
         found = owner.__dict__[name]
