@@ -30,24 +30,27 @@ def args_digest(args: Any) -> str:
     their `marshal` bytes, which differ wherever the arguments differ in any way, types
     included (`1`, `True` and `1.0` compare equal, not alike), and are written at C speed."""
     if isinstance(args, str):
-        return _digest(args)
+        return _digest("s:" + args)
     try:
         frozen = marshal.dumps(args, MARSHAL_VERSION)
     except ValueError:  # an object marshal does not write (other types, subclasses)
-        return _digest(args)
+        return _object_digest(args)
     if len(frozen) > _MEMO_MAX_BYTES:
-        return _digest(args)
+        return _object_digest(args)
     found = _DIGESTS.get(frozen)
     if found is None:
-        found = _digest(args)
+        found = _object_digest(args)
         if len(_DIGESTS) >= _MEMO_ENTRIES:
             _DIGESTS.clear()
         _DIGESTS[frozen] = found
     return found
 
 
-def _digest(args: Any) -> str:
-    canonical = "s:" + args if isinstance(args, str) else "j:" + _CANONICAL.encode(args)
+def _object_digest(args: Any) -> str:
+    return _digest("j:" + _CANONICAL.encode(args))
+
+
+def _digest(canonical: str) -> str:
     return sha256_hex(canonical.encode("utf-8", "surrogatepass"))
 
 
