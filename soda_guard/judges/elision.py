@@ -319,11 +319,11 @@ class Elision:
         ends_run = last >= 0 and self.gone[last >> shift][last & mask]
         return self.pieces_of.join(self.parts, self.size - self.ends[last >> shift][last & mask] if ends_run else 0)
 
-    def following(self, blocks: Sequence[Block], walk: Walk | None, removals: int, changed: Collection[int] = ()) -> Elision:
-        """These pieces after `removals` steps of `walk` (None where that is 0), this being
-        after a part of them, for `blocks`: this history's blocks, those at `changed` replaced
-        (shown as before) and any more appended, all shown."""
-        cut = walk.cut(removals) if walk is not None else {}
+    def following(self, blocks: Sequence[Block], walk: Walk | None, cut: dict[int, int], changed: Collection[int] = ()) -> Elision:
+        """These pieces after the steps of `walk` that remove `cut` (`Walk.cut`; `walk` None
+        and `cut` empty where nothing is removed), this being after a part of them, for
+        `blocks`: this history's blocks, those at `changed` replaced (shown as before) and any
+        more appended, all shown."""
         size, count = self.size, len(blocks)
         if cut == self.cut and size == count and not changed:
             return self

@@ -383,11 +383,11 @@ class PreparedHistory:
             inherited = self._inherited
         earlier = [state for state in own if state.precedes(cut)]
         if earlier:
-            return max(earlier, key=_removals).following(self.clipped, walk, removals)
+            return max(earlier, key=_removals).following(self.clipped, walk, cut)
         if inherited is not None:
             states = [state for state in inherited.states if state.pieces_of is pieces and state.precedes(cut)]
             if states:
-                return max(states, key=_removals).following(self.clipped, walk, removals, inherited.changed)
+                return max(states, key=_removals).following(self.clipped, walk, cut, inherited.changed)
         return Elision.made(list(self.clipped), walk, removals, pieces)
 
 
