@@ -10,7 +10,11 @@ Qwen3 on CPU (4 layers, hidden 512, byte tokenizer), greedy, 24 new tokens (a SO
 about that long); runs alternate cold and warm, each on a fresh conversation, and the median is
 printed with the ratio warm/cold and the tokens each judgment had to prefill.
 
-    python benchmarks/bench_warmup.py [--repeat 3]
+`--device cuda` (what `benchmarks/gpu.sh` runs) judges with a random model of Qwen3-4B's shape
+in bfloat16 and, where the shared fixture is present, the real Qwen3 tokenizer: on a GPU the 24
+decode steps are most of a judgment, and this says how much of it warming still removes.
+
+    python benchmarks/bench_warmup.py [--repeat 3] [--sizes 500,2000,8000] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from transformers import Qwen3ForCausalLM
 
 from soda_guard import Guard, Policy, from_openai_messages
 from soda_guard.backends.transformers_backend import TransformersBackend
-from soda_guard.testing import load_test_tokenizer, tiny_qwen3_config
+from soda_guard.bench.judging import build_model
+from soda_guard.testing import load_test_tokenizer, shared_tokenizer_dir, tiny_qwen3_config
 from soda_guard.trajectory import AssistantStep, ToolCall, Trajectory
 
 SIZES = (500, 2000, 8000)
@@ -55,18 +60,17 @@ def conversation(tag: str, result: str) -> tuple[Trajectory, Trajectory, Traject
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
-    repeat = parser.parse_args().repeat
-    torch.manual_seed(0)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    tokenizer = load_test_tokenizer()  # bytes: a small vocabulary, so the output layer does not hide the prefill
-    config = tiny_qwen3_config(len(tokenizer), hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8, head_dim=64)
-    model = Qwen3ForCausalLM(config).eval()
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="last tool results in tokens, comma-separated")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    arguments = parser.parse_args()
+    repeat = arguments.repeat
+    model, tokenizer = _model(arguments.device)
     backend = TransformersBackend.from_model(model, tokenizer, model_id="tiny-bench", ignore_eos=True, max_wait_ms=0.0)
     policy = Policy.from_dict({"judges": {"soda": {"kind": "soda", "model": "tiny-bench", "max_new_tokens": 24}}, "defaults": {"timeout_s": 120}})
     guard = Guard(policy, backends={"soda": backend})
     guard.load()
     print(f"{'last tool result':>17} {'cold ms':>9} {'warm ms':>9} {'warm/cold':>10} {'prefilled cold':>15} {'prefilled warm':>15}")
-    for size in SIZES:
+    for size in map(int, arguments.sizes.split(",")):
         result = tool_result(tokenizer, size)
         times: dict[bool, list[float]] = {False: [], True: []}
         prefilled: dict[bool, list[int]] = {False: [], True: []}
@@ -92,6 +96,18 @@ def main() -> None:
         print(f"{size:>11} tokens {cold:>9.1f} {warm_ms:>9.1f} {warm_ms / cold:>10.2f} {tokens}")
     guard.close()
     backend.close()
+
+
+def _model(device: str) -> tuple[Any, Any]:
+    if device == "cuda":
+        model, tokenizer, name = build_model(torch.device("cuda"), real_tokenizer=shared_tokenizer_dir() is not None)
+        print(f"{torch.cuda.get_device_name()}: {name}")
+        return model, tokenizer
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    tokenizer = load_test_tokenizer()  # bytes: a small vocabulary, so the output layer does not hide the prefill
+    config = tiny_qwen3_config(len(tokenizer), hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8, head_dim=64)
+    return Qwen3ForCausalLM(config).eval(), tokenizer
 
 
 if __name__ == "__main__":

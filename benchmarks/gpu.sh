@@ -3,8 +3,9 @@
 # compiled decode, the stream model on the GPU), then the judging benchmark on a random
 # Qwen3-4B-shape judge in bfloat16 (20-step trajectory judged at every call, 8 concurrent
 # judgments, 8 parallel calls, 24 generated tokens each) printing the roofline floor and the
-# measured/floor ratio. About 3-5 minutes on one H100/H200; each part has its own time limit so
-# the whole stays under 8. Run from anywhere: `bash benchmarks/gpu.sh` (needs a CUDA torch).
+# measured/floor ratio, then the warm-up benchmark on the same shape. About 4-6 minutes on one
+# H100/H200; each part has its own time limit so the whole stays under 10 (one device call's
+# limit). Run from anywhere: `bash benchmarks/gpu.sh` (needs a CUDA torch).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
@@ -33,5 +34,8 @@ for key in ("judging_device", "incremental_speedup", "batch_speedup", "batch_spe
             "judging_measured_over_floor_p50"):
     print(f"{key}: {figures.get(key)}")
 PY
-echo "tests exit $tests, bench exit $bench"
-exit $(( tests || bench ))
+echo "== warm-up benchmark (cuda, Qwen3-4B shape, bf16): model response to decision, cold and warmed"
+timeout 120 python benchmarks/bench_warmup.py --device cuda --repeat 3 | tee "$out/gpu-warmup.txt"
+warmup=${PIPESTATUS[0]}
+echo "tests exit $tests, bench exit $bench, warm-up exit $warmup"
+exit $(( tests || bench || warmup ))

@@ -1,5 +1,5 @@
-"""The render benchmarks still run and print what their tables claim, for both judges: a row
-per length or size, every column a measurement. Their figures are not asserted."""
+"""The render and warm-up benchmarks still run and print what their tables claim: a row per
+length or size, every column a measurement. Their timings are not asserted."""
 
 from __future__ import annotations
 
@@ -40,3 +40,17 @@ def test_the_warm_up_agreement_benchmark_prints_a_share_per_result_size(judge: s
     for row in rows:
         past, empty, latest = row.split()[1:]
         assert int(past) > 0 and 0.0 <= float(empty) <= 1.0 and 0.0 <= float(latest) <= 1.0
+
+
+def test_the_warm_up_benchmark_prints_cold_and_warm_per_size_and_prefills_less_warmed() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_warmup.py"), "--repeat", "1", "--sizes", "100,400"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    header, *rows = done.stdout.strip().splitlines()
+    assert "warm/cold" in header
+    assert [row.split()[0] for row in rows] == ["100", "400"]
+    for row in rows:
+        cold, warm, ratio, prefilled_cold, prefilled_warm = (float(value) for value in row.split()[2:])
+        assert cold > 0 and warm > 0 and math.isclose(ratio, warm / cold, abs_tol=0.01)
+        assert prefilled_warm < prefilled_cold
