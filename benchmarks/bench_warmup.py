@@ -14,7 +14,11 @@ printed with the ratio warm/cold and the tokens each judgment had to prefill.
 in bfloat16 and, where the shared fixture is present, the real Qwen3 tokenizer: on a GPU the 24
 decode steps are most of a judgment, and this says how much of it warming still removes.
 
-    python benchmarks/bench_warmup.py [--repeat 3] [--sizes 500,2000,8000] [--device cpu|cuda]
+Then a judgment of one conversation arriving while the judge prefills a warm-up of another's
+8,000-token tool result (`--behind`): the warm-up stops at its next 512-token chunk for it,
+against a warm-up prefilled in one piece (as before it was cut), alternating.
+
+    python benchmarks/bench_warmup.py [--repeat 3] [--sizes 500,2000,8000] [--behind 8000] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from soda_guard.testing import load_test_tokenizer, shared_tokenizer_dir, tiny_q
 from soda_guard.trajectory import AssistantStep, ToolCall, Trajectory
 
 SIZES = (500, 2000, 8000)
+ARRIVAL_S = 0.05
+"""How long into the other conversation's warm-up the judgment arrives (`--behind`)."""
 
 
 def tool_result(tokenizer: Any, tokens: int) -> str:
@@ -62,6 +68,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="last tool results in tokens, comma-separated")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--behind", type=int, default=8000, help="tool result of the warm-up another judgment arrives behind, in tokens (0: skip)")
     arguments = parser.parse_args()
     repeat = arguments.repeat
     model, tokenizer = _model(arguments.device)
@@ -79,11 +86,7 @@ def main() -> None:
             earlier, history, judged = conversation(f"{size}-{run}", result)
             guard.check(earlier)  # the previous judgment of this conversation
             if warm:
-                started = guard.warm_up(history)
-                assert started is not None
-                for queued in started.result():
-                    if queued is not None:
-                        queued.result()
+                _warmed(guard.warm_up(history))
             before = backend.stats.prefilled_tokens
             start = time.perf_counter()
             decision = guard.check_tool_calls(judged)[0]
@@ -94,8 +97,51 @@ def main() -> None:
         cold, warm_ms = statistics.median(times[False]), statistics.median(times[True])
         tokens = f"{statistics.median(prefilled[False]):>15.0f} {statistics.median(prefilled[True]):>15.0f}"
         print(f"{size:>11} tokens {cold:>9.1f} {warm_ms:>9.1f} {warm_ms / cold:>10.2f} {tokens}")
+    if arguments.behind:
+        _behind_a_warm_up(guard, backend, tokenizer, arguments.behind, repeat)
     guard.close()
     backend.close()
+
+
+def _warmed(started: Any) -> None:
+    """Wait for a warm-up (`Guard.warm_up`'s future) to be over, rendered and prefilled."""
+    assert started is not None
+    for queued in started.result():
+        if queued is not None:
+            queued.result()
+
+
+def _behind_a_warm_up(guard: Guard, backend: TransformersBackend, tokenizer: Any, size: int, repeat: int) -> None:
+    """A judgment of one conversation arriving while the judge prefills a warm-up of another
+    conversation's long tool result (`size` tokens), `ARRIVAL_S` after it began: the warm-up
+    stops at its next chunk's end
+    (`Engine._warm`), against a warm-up prefilled in one piece, as it was before, alternating.
+    The judged conversation was warmed already, so its judgment alone would take the "warm ms"
+    of the table above."""
+    result, short = tool_result(tokenizer, size), tool_result(tokenizer, 500)
+    chunk = backend.engine.warm_up_chunk_tokens
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for run in range(repeat * 2):
+        cut = run % 2 == 1
+        backend.engine.warm_up_chunk_tokens = chunk if cut else len(result) * 8
+        other_earlier, other_history, _ = conversation(f"other-{size}-{run}", result)
+        earlier, history, judged = conversation(f"judged-{size}-{run}", short)
+        guard.check(other_earlier)
+        guard.check(earlier)
+        _warmed(guard.warm_up(history))
+        batches = backend.stats.batches
+        started = guard.warm_up(other_history)  # the other agent's model is thinking
+        while backend.stats.batches == batches:  # until that warm-up is in the engine's hands
+            time.sleep(0.0005)
+        time.sleep(ARRIVAL_S)
+        start = time.perf_counter()
+        guard.check_tool_calls(judged)
+        times[cut].append((time.perf_counter() - start) * 1000.0)
+        _warmed(started)
+    whole, cut_ms = statistics.median(times[False]), statistics.median(times[True])
+    print(f"a judgment arriving during another conversation's warm-up of {size} tokens: "
+          f"{whole:.1f} ms behind a warm-up in one piece, {cut_ms:.1f} ms behind one cut at {chunk}-token chunks ({cut_ms / whole:.2f}x)")
+    backend.engine.warm_up_chunk_tokens = chunk
 
 
 def _model(device: str) -> tuple[Any, Any]:

@@ -4,6 +4,7 @@ length or size, every column a measurement. Their timings are not asserted."""
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,10 +45,13 @@ def test_the_warm_up_agreement_benchmark_prints_a_share_per_result_size(judge: s
 
 def test_the_warm_up_benchmark_prints_cold_and_warm_per_size_and_prefills_less_warmed() -> None:
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_warmup.py"), "--repeat", "1", "--sizes", "100,400"], capture_output=True, text=True, timeout=300
+        [sys.executable, str(BENCHMARKS / "bench_warmup.py"), "--repeat", "1", "--sizes", "100,400", "--behind", "1200"],
+        capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    header, *rows = done.stdout.strip().splitlines()
+    header, *rows, behind = done.stdout.strip().splitlines()
+    whole, cut, ratio = re.search(r"([\d.]+) ms behind a warm-up in one piece, ([\d.]+) ms behind one cut .*\(([\d.]+)x\)", behind).groups()  # type: ignore[union-attr]
+    assert float(whole) > 0 and float(cut) > 0 and math.isclose(float(ratio), float(cut) / float(whole), abs_tol=0.01)
     assert "warm/cold" in header
     assert [row.split()[0] for row in rows] == ["100", "400"]
     for row in rows:

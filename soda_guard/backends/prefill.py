@@ -3,7 +3,8 @@
 While the agent's model thinks, the guard sends the judge the conversation so far, so that the
 judge's prefix cache already holds it when the tool calls arrive (`Guard.warm_up`). A warm-up
 still queued when a newer one of the same conversation comes would prefill a prefix of what the
-newer one prefills: it is cancelled instead of run.
+newer one prefills, and one still queued when the conversation's judgment comes would prefill
+what the judgment prefills itself: it is cancelled instead of run.
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ class LatestPerKey:
         if older is not None:
             older.cancel()
         future.add_done_callback(lambda done: self._forget(key, done))
+
+    def cancel(self, key: Hashable) -> None:
+        """Cancel the conversation's pending warm-up: its judgment has come, and prefills what
+        the warm-up would have itself."""
+        with self._lock:
+            pending = self._pending.get(key)
+        if pending is not None:
+            pending.cancel()
 
     def _forget(self, key: Hashable, done: Future[Any]) -> None:
         with self._lock:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any, Sequence
 
 from soda_guard.backends.waiting import await_all, wait_all
 from soda_guard.backends.prefill import LatestPerKey
 from soda_guard.engine.batcher import MicroBatcher
-from soda_guard.engine.decode import Engine, EngineStats, Job
+from soda_guard.engine.decode import Engine, EngineStats, Job, WarmUpCut
 from soda_guard.generation import GenerationRequest, GenerationResult
 from soda_guard.loading import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
 
@@ -95,6 +95,7 @@ class TransformersBackend:
             verdict_only=verdict_only,
             ignore_eos=ignore_eos,
             compile_decode=compile_decode,
+            judgments_waiting=self._judgments_waiting,
         )
         self._batcher: MicroBatcher[Job, GenerationResult] = MicroBatcher(
             self.engine.run,
@@ -102,23 +103,55 @@ class TransformersBackend:
             max_wait_s=max_wait_ms / 1000.0,
             expired=lambda job: job.expired(time.monotonic()),
             abandon=lambda job: job.request.abandon(),
+            urgent=lambda job: not job.request.prefill_only,
         )
+
+    def _judgments_waiting(self) -> bool:
+        """Whether judgments are queued for the engine: a warm-up in hand stops for them."""
+        return self._batcher.urgent_pending > 0
 
     def prefill(self, request: GenerationRequest) -> Future[GenerationResult] | None:
         """Fire and forget: queue a prefill-only job that leaves the request's keys and values
         in the prefix cache, so the judgment that follows prefills only what is new. The
         caller (the guard's warm-up thread) waits for nothing; an older warm-up of the same
         conversation still queued is cancelled, and none is queued behind judgments waiting
-        for the model (it would only hold them up). The result changes no verdict: the cache
-        holds the same keys and values the judgment would compute. None when not queued: no
-        conversation key, no prefix cache, or work waiting."""
-        judgments_waiting = self._batcher.pending > len(self._warming)
-        if request.cache_key is None or self.engine.cache is None or judgments_waiting:
+        for the model (it would only hold them up); one running stops at its next chunk for
+        judgments that arrive (`Engine._warm`). The result changes no verdict: the cache holds
+        the keys and values the judgment would compute. None when not queued: no conversation
+        key, no prefix cache, or judgments waiting."""
+        if request.cache_key is None or self.engine.cache is None or self._judgments_waiting():
             return None
         job = self.engine.job(dataclasses.replace(self._with_deadline(request), prefill_only=True, max_new_tokens=1))
-        future = self._batcher.submit([job])[0]
-        self._warming.replace(request.cache_key, future)
-        return future
+        warm_up: Future[GenerationResult] = Future()
+        self._warming.replace(request.cache_key, warm_up)
+        self._queue_warm_up(job, warm_up)
+        return warm_up
+
+    def _queue_warm_up(self, job: Job, warm_up: Future[GenerationResult]) -> None:
+        """Queue `job` for the engine on behalf of `warm_up`, which stays pending (so a newer
+        warm-up or the conversation's judgment can still cancel it, and with it the queued job)
+        until the job has prefilled the whole prompt or failed. One the engine cut for waiting
+        judgments is queued again, behind them, and goes on from where it stopped."""
+        queued = self._batcher.submit([job])[0]
+        warm_up.add_done_callback(lambda outer: queued.cancel() if outer.cancelled() else None)
+        queued.add_done_callback(lambda inner: self._warm_up_ended(job, warm_up, inner))
+
+    def _warm_up_ended(self, job: Job, warm_up: Future[GenerationResult], queued: Future[GenerationResult]) -> None:
+        if warm_up.done():  # cancelled: superseded, or its judgment came
+            return
+        if queued.cancelled():  # the batcher closing
+            warm_up.cancel()
+            return
+        error = queued.exception()
+        try:
+            if isinstance(error, WarmUpCut) and not job.expired(time.monotonic()):
+                self._queue_warm_up(job, warm_up)
+            elif error is not None:
+                warm_up.set_exception(error)
+            else:
+                warm_up.set_result(queued.result())
+        except InvalidStateError:  # cancelled meanwhile
+            pass
 
     @property
     def stats(self) -> EngineStats:
@@ -139,6 +172,9 @@ class TransformersBackend:
 
     def _submit(self, requests: Sequence[GenerationRequest]) -> tuple[list[Future[GenerationResult]], float]:
         jobs = [self.engine.job(self._with_deadline(request)) for request in requests]
+        for request in requests:
+            if request.cache_key is not None:
+                self._warming.cancel(request.cache_key)
         deadline = max((job.request.deadline for job in jobs if job.request.deadline is not None), default=time.monotonic())
         return self._batcher.submit(jobs), deadline
 

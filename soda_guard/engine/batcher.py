@@ -48,12 +48,16 @@ class MicroBatcher(Generic[Item, Result]):
         name: str = "soda-guard-batcher",
         expired: Callable[[Item], bool] = lambda item: False,
         abandon: Callable[[Item], None] = lambda item: None,
+        urgent: Callable[[Item], bool] = lambda item: True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         self._run_batch = run_batch
         self._expired = expired
         self._abandon = abandon
+        self._urgent = urgent
+        self._urgent_queued = 0
+        self._count_lock = threading.Lock()
         self._in_hand: list[Item] = []
         self._closing = False
         self.max_batch_size = max_batch_size
@@ -68,6 +72,12 @@ class MicroBatcher(Generic[Item, Result]):
         """Items queued and not yet taken into a batch."""
         return self._queue.qsize()
 
+    @property
+    def urgent_pending(self) -> int:
+        """Urgent items (`urgent`: judgments, not warm-ups) queued and not yet taken into a
+        batch: what a batch in hand doing optional work should make way for."""
+        return self._urgent_queued
+
     def submit(self, items: Sequence[Item]) -> list[Future[Result]]:
         futures: list[Future[Result]] = [Future() for _ in items]
         if _exiting.is_set():
@@ -75,9 +85,19 @@ class MicroBatcher(Generic[Item, Result]):
                 future.set_exception(RuntimeError("the interpreter is exiting"))
             return futures
         self._ensure_started()
+        urgent = sum(map(self._urgent, items))
+        if urgent:  # counted before they are queued, so never below zero once taken
+            with self._count_lock:
+                self._urgent_queued += urgent
         for item, future in zip(items, futures):
             self._queue.put((item, future))
         return futures
+
+    def _taken(self, entry: tuple[Item, Future[Result]]) -> tuple[Item, Future[Result]]:
+        if self._urgent(entry[0]):
+            with self._count_lock:
+                self._urgent_queued -= 1
+        return entry
 
     def close(self) -> None:
         """Drops the work in hand and queued (their callers get an error) and joins the worker."""
@@ -109,7 +129,7 @@ class MicroBatcher(Generic[Item, Result]):
             if entry is _STOP:
                 stop = True
                 break
-            batch.append(entry)  # type: ignore[arg-type]
+            batch.append(self._taken(entry))  # type: ignore[arg-type]
         return batch, stop
 
     def _loop(self) -> None:
@@ -117,7 +137,7 @@ class MicroBatcher(Generic[Item, Result]):
             first = self._queue.get()
             if first is _STOP:
                 return
-            batch, stop = self._gather(first)  # type: ignore[arg-type]
+            batch, stop = self._gather(self._taken(first))  # type: ignore[arg-type]
             self._run([entry for entry in batch if entry[1].set_running_or_notify_cancel() and self._live(entry)])
             if stop:
                 return

@@ -29,6 +29,9 @@ from soda_guard.generation import GenerationRequest, GenerationResult, ScoreSpec
 from soda_guard.scoring import label_tokens, score_from_logits, verdict_position
 
 VERDICT_ONLY_REASON = "[Reason] not generated (verdict-only mode)"
+WARM_UP_CHUNK_TOKENS = 512
+"""Tokens a warm-up prefills between two looks for waiting judgments: on a 4B judge about
+10-20 ms of a GPU, on the benchmarks' small CPU model about 0.1 s."""
 MAX_VERDICT_POSITIONS = 16
 """Marker positions whose logits a row keeps: a judge output echoes a few markers at most."""
 
@@ -99,9 +102,16 @@ class EngineStats:
     """Decode steps summed over rows: the work a dropped row stops costing."""
     abandoned: int = 0
     """Rows dropped because their deadline passed (before prefill or between decode steps)."""
+    warm_ups_cut: int = 0
+    """Warm-ups stopped before the end of their prompt to let waiting judgments run."""
 
 
 Answer = Callable[[int, "GenerationResult | BaseException"], None]
+
+
+class WarmUpCut(Exception):
+    """A warm-up stopped at a chunk's end to let waiting judgments run; what it prefilled is in
+    the prefix cache, and queued again it goes on from there."""
 
 
 def abandoned() -> TimeoutError:
@@ -124,9 +134,15 @@ class Engine:
         verdict_only: bool = False,
         ignore_eos: bool = False,
         compile_decode: bool = False,
+        warm_up_chunk_tokens: int = WARM_UP_CHUNK_TOKENS,
+        judgments_waiting: Callable[[], bool] = lambda: False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if warm_up_chunk_tokens < 1:
+            raise ValueError("warm_up_chunk_tokens must be at least 1")
         self.clock = clock
+        self.warm_up_chunk_tokens = warm_up_chunk_tokens
+        self.judgments_waiting = judgments_waiting
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -164,16 +180,21 @@ class Engine:
     @torch.inference_mode()
     def run(self, jobs: Sequence[Job], answer: Answer) -> None:
         """Judge `jobs` as one batch, calling `answer(index, result)` as soon as each row ends,
-        or `answer(index, TimeoutError)` once its deadline has passed."""
+        or `answer(index, TimeoutError)` once its deadline has passed. Its judgments go first,
+        its warm-ups (`prefill_only`) after them: a warm-up is optional work, and one of another
+        conversation would only delay them (one of the same conversation saves a judgment
+        nothing it would not prefill itself)."""
         self.stats.batches += 1
         self.stats.judgments += len(jobs)
+        judged = [index for index, job in enumerate(jobs) if not job.request.prefill_only]
+        if judged:
+            self._judge([jobs[index] for index in judged], lambda row, result: answer(judged[row], result))
+        for index, job in enumerate(jobs):
+            if job.request.prefill_only:
+                answer(index, self._warm(job))
+
+    def _judge(self, jobs: Sequence[Job], answer: Answer) -> None:
         indexes, logits, caches = self._prefill(jobs, answer)
-        warmed = [row for row, index in enumerate(indexes) if jobs[index].request.prefill_only]
-        if warmed:  # their keys and values are in the prefix cache now: nothing to generate
-            for row in warmed:
-                answer(indexes[row], GenerationResult(text="", prompt_tokens=jobs[indexes[row]].prompt_tokens, generated_tokens=0))
-            kept = [row for row in range(len(indexes)) if row not in set(warmed)]
-            indexes, logits, caches = [indexes[row] for row in kept], logits[kept], [caches[row] for row in kept]
         if not indexes:
             return
         live = [jobs[index] for index in indexes]
@@ -237,23 +258,64 @@ class Engine:
         """Prefill `job` on top of the longest prefix held by the prefix cache or by a row of
         `batch` (ids, cache) already prefilled in this batch, into a buffer of its own that the
         prefix cache then keeps as it is."""
+        cache = self._row(job, batch)
+        reused = cache.length
+        self.stats.prompt_tokens += len(job.ids)
+        self.stats.prefilled_tokens += len(job.ids) - reused
+        logits = self.forward.prefill(job.ids[None, reused:].to(self.device), cache)
+        self._keep(job, cache)
+        return logits.float(), cache
+
+    def _warm(self, job: Job) -> GenerationResult | BaseException:
+        """Prefill a warm-up's prompt into the prefix cache, `warm_up_chunk_tokens` at a time,
+        and stop at a chunk's end once a judgment is waiting (`judgments_waiting`), keeping what
+        is done (`WarmUpCut`): the warm-up holds a judgment back by one chunk at most, not by a
+        whole long tool result, and what it got to is not prefilled again."""
+        if job.expired(self.clock()):
+            self.stats.abandoned += 1
+            return abandoned()
+        if self.cache is None:
+            return GenerationResult(text="", prompt_tokens=job.prompt_tokens, generated_tokens=0)
+        if self.judgments_waiting():  # before the lookup, which reads the whole prompt
+            self.stats.warm_ups_cut += 1
+            return WarmUpCut()
+        cache = self._row(job, ())
+        start = cache.length
+        cut = False
+        while cache.length < len(job.ids):
+            if cache.length > start and self.judgments_waiting():
+                cut = True
+                break
+            end = min(cache.length + self.warm_up_chunk_tokens, len(job.ids))
+            self.forward.prefill(job.ids[None, cache.length : end].to(self.device), cache)
+        self.stats.prompt_tokens += len(job.ids)
+        self.stats.prefilled_tokens += cache.length - start
+        self._keep(job, cache)
+        if cut:
+            self.stats.warm_ups_cut += 1
+            return WarmUpCut()
+        return GenerationResult(text="", prompt_tokens=job.prompt_tokens, generated_tokens=0)
+
+    def _row(self, job: Job, batch: Sequence[tuple[torch.Tensor, KVCache]]) -> KVCache:
+        """A buffer for `job`'s prompt holding the keys and values of its longest prefix found
+        in the prefix cache or in a row of `batch`; at least one token is left to prefill."""
         reused, entry = self.cache.lookup(job.key, job.ids) if self.cache else (0, None)
         layers = None if entry is None else [(k[None], v[None]) for k, v in entry.layers]
         for ids, earlier in batch:
             shared = min(common_prefix(ids, job.ids), len(job.ids) - 1)
             if shared > reused:
                 reused, layers = shared, [(layer.keys, layer.values) for layer in earlier.layers]
-        self.stats.prompt_tokens += len(job.ids)
-        self.stats.prefilled_tokens += len(job.ids) - reused
         cache = self.forward.new_cache(1, len(job.ids))
         if layers is not None and reused:
             for layer, (keys, values) in zip(cache.layers, layers):
                 layer.append(keys[:, :, :reused], values[:, :, :reused])
-        logits = self.forward.prefill(job.ids[None, reused:].to(self.device), cache)
+        return cache
+
+    def _keep(self, job: Job, cache: KVCache) -> None:
+        """Store the prompt's prefix whose keys and values `cache` holds (its buffer, as it is)."""
         if self.cache is not None:
             stored = tuple((layer.keys[0], layer.values[0]) for layer in cache.layers)
-            self.cache.store(job.key, CachedPrefix(job.ids, stored))
-        return logits.float(), cache
+            self.cache.store(job.key, CachedPrefix(job.ids[: cache.length], stored))
 
     def _decode(
         self,
