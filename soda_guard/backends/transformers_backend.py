@@ -124,15 +124,14 @@ class TransformersBackend:
         job = self.engine.job(dataclasses.replace(self._with_deadline(request), prefill_only=True, max_new_tokens=1))
         warm_up: Future[GenerationResult] = Future()
         self._warming.replace(request.cache_key, warm_up)
-        self._queue_warm_up(job, warm_up)
+        self._follow(job, warm_up, self._batcher.submit([job])[0])
         return warm_up
 
-    def _queue_warm_up(self, job: Job, warm_up: Future[GenerationResult]) -> None:
-        """Queue `job` for the engine on behalf of `warm_up`, which stays pending (so a newer
-        warm-up or the conversation's judgment can still cancel it, and with it the queued job)
-        until the job has prefilled the whole prompt or failed. One the engine cut for waiting
-        judgments is queued again, behind them, and goes on from where it stopped."""
-        queued = self._batcher.submit([job])[0]
+    def _follow(self, job: Job, warm_up: Future[GenerationResult], queued: Future[GenerationResult]) -> None:
+        """`queued` runs `job` on behalf of `warm_up`, which stays pending (so a newer warm-up or
+        the conversation's judgment can still cancel it, and with it the queued job) until the
+        job has prefilled the whole prompt or failed. One the engine cut for waiting judgments
+        is queued again, behind them, and goes on from where it stopped."""
         warm_up.add_done_callback(lambda outer: queued.cancel() if outer.cancelled() else None)
         queued.add_done_callback(lambda inner: self._warm_up_ended(job, warm_up, inner))
 
@@ -145,7 +144,11 @@ class TransformersBackend:
         error = queued.exception()
         try:
             if isinstance(error, WarmUpCut) and not job.expired(time.monotonic()):
-                self._queue_warm_up(job, warm_up)
+                again = self._batcher.requeue(job)  # on the worker's thread: this is its answer's callback
+                if again is None:
+                    warm_up.cancel()
+                else:
+                    self._follow(job, warm_up, again)
             elif error is not None:
                 warm_up.set_exception(error)
             else:

@@ -109,7 +109,34 @@ class MicroBatcher(Generic[Item, Result]):
                 self._queue.put(_STOP)
                 self._thread.join()
                 self._thread = None
+                self._drop_queued()
                 self._closing = False
+
+    def requeue(self, item: Item) -> Future[Result] | None:
+        """Queue `item` again from a callback of a batch, on the worker's own thread. Unlike
+        `submit` it never takes the start lock, which `close` holds while it joins this very
+        thread. None once the batcher is closing or closed."""
+        if self._closing or self._thread is None:
+            return None
+        future: Future[Result] = Future()
+        if self._urgent(item):
+            with self._count_lock:
+                self._urgent_queued += 1
+        self._queue.put((item, future))
+        return future
+
+    def _drop_queued(self) -> None:
+        """Fail what is still queued once the worker has stopped: put there after `close`'s stop
+        mark, nothing would ever answer it."""
+        while True:
+            try:
+                entry = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if entry is not _STOP:
+                item, future = self._taken(entry)  # type: ignore[arg-type]
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(RuntimeError("judgment dropped: the backend is closing"))
 
     def _ensure_started(self) -> None:
         with self._start_lock:
