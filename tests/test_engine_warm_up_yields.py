@@ -20,8 +20,8 @@ from soda_guard.backends.base import GenerationRequest, GenerationResult
 from soda_guard.backends.transformers_backend import TransformersBackend
 from soda_guard.engine.decode import Engine, WarmUpCut
 from soda_guard.judging import awaiting_action
-from soda_guard.trajectory import AssistantStep, ToolCall, Trajectory
 from soda_guard.testing import make_tiny_judge
+from soda_guard.trajectory import AssistantStep, ToolCall, Trajectory
 
 CHUNK = 32
 
