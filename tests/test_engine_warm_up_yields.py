@@ -113,6 +113,24 @@ def test_a_warm_up_stops_at_a_chunk_end_once_a_judgment_waits_and_goes_on_from_t
     assert answers[0].text == _unwarmed_text(backend, judgment)
 
 
+def test_a_warm_up_abandoned_while_it_runs_stops_at_the_next_chunk_s_end(backend: TransformersBackend) -> None:
+    """Closing the backend (or the warm-up's deadline) stops it within a chunk, not after its
+    whole prompt: `close` joins the engine's thread."""
+    engine = Engine(backend.model, backend.tokenizer, backend.device, warm_up_chunk_tokens=CHUNK)
+    warm_up = engine.job(_warm_up("a"))
+    prefill = engine.forward.prefill
+
+    def abandoned_during_the_first_chunk(tokens: torch.Tensor, cache: Any) -> torch.Tensor:
+        warm_up.request.abandon()
+        return prefill(tokens, cache)
+
+    engine.forward.prefill = abandoned_during_the_first_chunk  # type: ignore[method-assign]
+    answers: dict[int, Any] = {}
+    engine.run([warm_up], answers.__setitem__)
+    assert isinstance(answers[0], TimeoutError)
+    assert engine.stats.prefilled_tokens == CHUNK and engine.stats.abandoned == 1
+
+
 def test_a_warm_up_that_finds_judgments_waiting_prefills_nothing(backend: TransformersBackend) -> None:
     engine = Engine(backend.model, backend.tokenizer, backend.device, judgments_waiting=lambda: True)
     answers: dict[int, Any] = {}

@@ -270,7 +270,8 @@ class Engine:
         """Prefill a warm-up's prompt into the prefix cache, `warm_up_chunk_tokens` at a time,
         and stop at a chunk's end once a judgment is waiting (`judgments_waiting`), keeping what
         is done (`WarmUpCut`): the warm-up holds a judgment back by one chunk at most, not by a
-        whole long tool result, and what it got to is not prefilled again."""
+        whole long tool result, and what it got to is not prefilled again. It also stops at a
+        chunk's end once it is abandoned (its deadline, the backend closing)."""
         if job.expired(self.clock()):
             self.stats.abandoned += 1
             return abandoned()
@@ -281,20 +282,23 @@ class Engine:
             return WarmUpCut()
         cache = self._row(job, ())
         start = cache.length
-        cut = False
+        stopped: BaseException | None = None
         while cache.length < len(job.ids):
             if cache.length > start and self.judgments_waiting():
-                cut = True
+                self.stats.warm_ups_cut += 1
+                stopped = WarmUpCut()
+                break
+            if job.expired(self.clock()):
+                self.stats.abandoned += 1
+                stopped = abandoned()
                 break
             end = min(cache.length + self.warm_up_chunk_tokens, len(job.ids))
             self.forward.prefill(job.ids[None, cache.length : end].to(self.device), cache)
         self.stats.prompt_tokens += len(job.ids)
         self.stats.prefilled_tokens += cache.length - start
-        self._keep(job, cache)
-        if cut:
-            self.stats.warm_ups_cut += 1
-            return WarmUpCut()
-        return GenerationResult(text="", prompt_tokens=job.prompt_tokens, generated_tokens=0)
+        if cache.length > start:
+            self._keep(job, cache)
+        return stopped or GenerationResult(text="", prompt_tokens=job.prompt_tokens, generated_tokens=0)
 
     def _row(self, job: Job, batch: Sequence[tuple[torch.Tensor, KVCache]]) -> KVCache:
         """A buffer for `job`'s prompt holding the keys and values of its longest prefix found
