@@ -195,3 +195,16 @@ def test_a_newer_warm_up_cancels_the_older_one_s_queued_job(backend: Transformer
         busy.result(timeout=60)
     newer.result(timeout=60)
     assert backend.stats.judgments == 2  # the judgment holding the engine, the newer warm-up
+
+
+def test_a_running_warm_up_superseded_by_a_newer_one_stops_at_its_next_chunk_s_end(backend: TransformersBackend) -> None:
+    prefills = _Prefills(backend.engine)
+    older = backend.prefill(_warm_up("a"))
+    assert older is not None and prefills.inside.wait(30)  # its first chunk in hand
+    newer = backend.prefill(GenerationRequest(_judgment("a").messages, 1, cache_key="a", prefill_only=True))
+    assert newer is not None and older.cancelled()
+    prefills.release.set()
+    newer.result(timeout=60)
+    assert backend.engine.stats.abandoned == 1  # the older one, after its first chunk
+    newer_ids = backend.engine.job(_judgment("a")).ids
+    assert sum(prefills.lengths) == len(newer_ids)  # the newer one went on from the older one's chunk

@@ -128,11 +128,12 @@ class TransformersBackend:
         return warm_up
 
     def _follow(self, job: Job, warm_up: Future[GenerationResult], queued: Future[GenerationResult]) -> None:
-        """`queued` runs `job` on behalf of `warm_up`, which stays pending (so a newer warm-up or
-        the conversation's judgment can still cancel it, and with it the queued job) until the
-        job has prefilled the whole prompt or failed. One the engine cut for waiting judgments
-        is queued again, behind them, and goes on from where it stopped."""
-        warm_up.add_done_callback(lambda outer: queued.cancel() if outer.cancelled() else None)
+        """`queued` runs `job` on behalf of `warm_up`, which stays pending until the job has
+        prefilled the whole prompt or failed, so that a newer warm-up or the conversation's
+        judgment can still cancel it: the job is then dropped if still queued, or stopped at
+        its next chunk's end if running. One the engine cut for waiting judgments is queued
+        again, behind them, and goes on from where it stopped."""
+        warm_up.add_done_callback(lambda outer: _drop(queued, job) if outer.cancelled() else None)
         queued.add_done_callback(lambda inner: self._warm_up_ended(job, warm_up, inner))
 
     def _warm_up_ended(self, job: Job, warm_up: Future[GenerationResult], queued: Future[GenerationResult]) -> None:
@@ -191,3 +192,8 @@ class TransformersBackend:
         # tokenising a long prompt takes milliseconds: not on the caller's event loop
         futures, deadline = await asyncio.to_thread(self._submit, requests)
         return await await_all(futures, requests, deadline)
+
+
+def _drop(queued: Future[GenerationResult], job: Job) -> None:
+    queued.cancel()
+    job.request.abandon()
