@@ -38,6 +38,10 @@ def _close_all() -> None:
         batcher.close()
 
 
+def _closing_error() -> RuntimeError:
+    return RuntimeError("judgment dropped: the backend is closing")
+
+
 class MicroBatcher(Generic[Item, Result]):
     def __init__(
         self,
@@ -85,13 +89,16 @@ class MicroBatcher(Generic[Item, Result]):
                 future.set_exception(RuntimeError("the interpreter is exiting"))
             return futures
         self._ensure_started()
+        self._enqueue(items, futures)
+        return futures
+
+    def _enqueue(self, items: Sequence[Item], futures: Sequence[Future[Result]]) -> None:
         urgent = sum(map(self._urgent, items))
         if urgent:  # counted before they are queued, so never below zero once taken
             with self._count_lock:
                 self._urgent_queued += urgent
         for item, future in zip(items, futures):
             self._queue.put((item, future))
-        return futures
 
     def _taken(self, entry: tuple[Item, Future[Result]]) -> tuple[Item, Future[Result]]:
         if self._urgent(entry[0]):
@@ -119,10 +126,7 @@ class MicroBatcher(Generic[Item, Result]):
         if self._closing or self._thread is None:
             return None
         future: Future[Result] = Future()
-        if self._urgent(item):
-            with self._count_lock:
-                self._urgent_queued += 1
-        self._queue.put((item, future))
+        self._enqueue([item], [future])
         return future
 
     def _drop_queued(self) -> None:
@@ -136,7 +140,7 @@ class MicroBatcher(Generic[Item, Result]):
             if entry is not _STOP:
                 item, future = self._taken(entry)  # type: ignore[arg-type]
                 if future.set_running_or_notify_cancel():
-                    future.set_exception(RuntimeError("judgment dropped: the backend is closing"))
+                    future.set_exception(_closing_error())
 
     def _ensure_started(self) -> None:
         with self._start_lock:
@@ -172,7 +176,7 @@ class MicroBatcher(Generic[Item, Result]):
     def _live(self, entry: tuple[Item, Future[Result]]) -> bool:
         item, future = entry
         if self._closing:
-            future.set_exception(RuntimeError("judgment dropped: the backend is closing"))
+            future.set_exception(_closing_error())
             return False
         if self._expired(item):
             future.set_exception(TimeoutError("judgment abandoned: its deadline passed before it started"))

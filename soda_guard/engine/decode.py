@@ -272,25 +272,16 @@ class Engine:
         is done (`WarmUpCut`): the warm-up holds a judgment back by one chunk at most, not by a
         whole long tool result, and what it got to is not prefilled again. It also stops at a
         chunk's end once it is abandoned (its deadline, the backend closing)."""
-        if job.expired(self.clock()):
-            self.stats.abandoned += 1
-            return abandoned()
-        if self.cache is None:
-            return GenerationResult(text="", prompt_tokens=job.prompt_tokens, generated_tokens=0)
-        if self.judgments_waiting():  # before the lookup, which reads the whole prompt
-            self.stats.warm_ups_cut += 1
-            return WarmUpCut()
+        done = GenerationResult(text="", prompt_tokens=job.prompt_tokens, generated_tokens=0)
+        if self.cache is None and not job.expired(self.clock()):
+            return done
+        stopped = self._warm_up_stopped(job)  # the first look before the lookup, which reads the whole prompt
+        if stopped is not None:
+            return stopped
         cache = self._row(job, ())
         start = cache.length
-        stopped: BaseException | None = None
         while cache.length < len(job.ids):
-            if cache.length > start and self.judgments_waiting():
-                self.stats.warm_ups_cut += 1
-                stopped = WarmUpCut()
-                break
-            if job.expired(self.clock()):
-                self.stats.abandoned += 1
-                stopped = abandoned()
+            if cache.length > start and (stopped := self._warm_up_stopped(job)) is not None:
                 break
             end = min(cache.length + self.warm_up_chunk_tokens, len(job.ids))
             self.forward.prefill(job.ids[None, cache.length : end].to(self.device), cache)
@@ -298,7 +289,17 @@ class Engine:
         self.stats.prefilled_tokens += cache.length - start
         if cache.length > start:
             self._keep(job, cache)
-        return stopped or GenerationResult(text="", prompt_tokens=job.prompt_tokens, generated_tokens=0)
+        return stopped or done
+
+    def _warm_up_stopped(self, job: Job) -> BaseException | None:
+        """Why a warm-up stops here, if it does: abandoned, or judgments waiting."""
+        if job.expired(self.clock()):
+            self.stats.abandoned += 1
+            return abandoned()
+        if self.judgments_waiting():
+            self.stats.warm_ups_cut += 1
+            return WarmUpCut()
+        return None
 
     def _row(self, job: Job, batch: Sequence[tuple[torch.Tensor, KVCache]]) -> KVCache:
         """A buffer for `job`'s prompt holding the keys and values of its longest prefix found
