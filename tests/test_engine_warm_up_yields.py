@@ -105,6 +105,7 @@ def test_a_warm_up_stops_at_a_chunk_end_once_a_judgment_waits_and_goes_on_from_t
     engine.run([warm_up], answers.__setitem__)  # queued again
     assert isinstance(answers[0], GenerationResult)
     assert engine.stats.prefilled_tokens == len(warm_up.ids)  # nothing prefilled twice
+    assert engine.stats.prompt_tokens == len(warm_up.ids) and engine.stats.judgments == 1  # one warm-up, counted once
     judgment = _judgment("a")
     job = engine.job(judgment)
     before = engine.stats.prefilled_tokens

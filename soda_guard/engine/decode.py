@@ -65,6 +65,8 @@ class Job:
     ids: torch.Tensor
     prompt_tokens: int
     """The chat prompt's length; `ids` also holds the marker that verdict-only mode writes."""
+    runs: int = 0
+    """Batches it has been in: a cut warm-up runs again, and counts in `EngineStats` once."""
 
     def expired(self, now: float) -> bool:
         """Past its deadline, or abandoned by its caller (`GenerationRequest.given_up`)."""
@@ -185,7 +187,9 @@ class Engine:
         conversation would only delay them (one of the same conversation saves a judgment
         nothing it would not prefill itself)."""
         self.stats.batches += 1
-        self.stats.judgments += len(jobs)
+        self.stats.judgments += sum(not job.runs for job in jobs)
+        for job in jobs:
+            job.runs += 1
         judged = [index for index, job in enumerate(jobs) if not job.request.prefill_only]
         if judged:
             self._judge([jobs[index] for index in judged], lambda row, result: answer(judged[row], result))
@@ -285,7 +289,8 @@ class Engine:
                 break
             end = min(cache.length + self.warm_up_chunk_tokens, len(job.ids))
             self.forward.prefill(job.ids[None, cache.length : end].to(self.device), cache)
-        self.stats.prompt_tokens += len(job.ids)
+        if job.runs == 1:
+            self.stats.prompt_tokens += len(job.ids)
         self.stats.prefilled_tokens += cache.length - start
         if cache.length > start:
             self._keep(job, cache)
