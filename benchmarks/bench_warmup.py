@@ -10,6 +10,11 @@ Qwen3 on CPU (4 layers, hidden 512, byte tokenizer), greedy, 24 new tokens (a SO
 about that long); runs alternate cold and warm, each on a fresh conversation, and the median is
 printed with the ratio warm/cold and the tokens each judgment had to prefill.
 
+The last two columns are the floor no warm-up can go under: the same judgment asked of the
+backend again once its whole prompt is cached (one token to prefill, then the 24 steps that
+write the verdict), and that floor over cold. What warming leaves above the floor is the
+action and the prompt's closing lines, which come with the model's response.
+
 `--device cuda` (what `benchmarks/gpu.sh` runs) judges with a random model of Qwen3-4B's shape
 in bfloat16 and, where the shared fixture is present, the real Qwen3 tokenizer: on a GPU the 24
 decode steps are most of a judgment, and this says how much of it warming still removes.
@@ -76,11 +81,13 @@ def main() -> None:
     policy = Policy.from_dict({"judges": {"soda": {"kind": "soda", "model": "tiny-bench", "max_new_tokens": 24}}, "defaults": {"timeout_s": 120}})
     guard = Guard(policy, backends={"soda": backend})
     guard.load()
-    print(f"{'last tool result':>17} {'cold ms':>9} {'warm ms':>9} {'warm/cold':>10} {'prefilled cold':>15} {'prefilled warm':>15}")
+    print(f"{'last tool result':>17} {'cold ms':>9} {'warm ms':>9} {'warm/cold':>10} {'prefilled cold':>15} {'prefilled warm':>15}"
+          f" {'floor ms':>9} {'floor/cold':>11}")
     for size in map(int, arguments.sizes.split(",")):
         result = tool_result(tokenizer, size)
         times: dict[bool, list[float]] = {False: [], True: []}
         prefilled: dict[bool, list[int]] = {False: [], True: []}
+        floors: list[float] = []
         for run in range(repeat * 2):
             warm = run % 2 == 1
             earlier, history, judged = conversation(f"{size}-{run}", result)
@@ -94,9 +101,15 @@ def main() -> None:
             prefilled[warm].append(backend.stats.prefilled_tokens - before)
             # random weights write no verdict: what must hold is that the whole output was made
             assert decision.verdict is not None and decision.verdict.generated_tokens == 24, decision.why
+            if warm:
+                request = guard.runner("soda").prepare(judged)[1]
+                start = time.perf_counter()
+                backend.generate([request])
+                floors.append((time.perf_counter() - start) * 1000.0)
         cold, warm_ms = statistics.median(times[False]), statistics.median(times[True])
         tokens = f"{statistics.median(prefilled[False]):>15.0f} {statistics.median(prefilled[True]):>15.0f}"
-        print(f"{size:>11} tokens {cold:>9.1f} {warm_ms:>9.1f} {warm_ms / cold:>10.2f} {tokens}")
+        floor = statistics.median(floors)
+        print(f"{size:>11} tokens {cold:>9.1f} {warm_ms:>9.1f} {warm_ms / cold:>10.3f} {tokens} {floor:>9.1f} {floor / cold:>11.3f}")
     if arguments.behind:
         _behind_a_warm_up(guard, backend, tokenizer, arguments.behind, repeat)
     guard.close()

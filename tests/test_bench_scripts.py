@@ -55,6 +55,7 @@ def test_the_warm_up_benchmark_prints_cold_and_warm_per_size_and_prefills_less_w
     assert "warm/cold" in header
     assert [row.split()[0] for row in rows] == ["100", "400"]
     for row in rows:
-        cold, warm, ratio, prefilled_cold, prefilled_warm = (float(value) for value in row.split()[2:])
-        assert cold > 0 and warm > 0 and math.isclose(ratio, warm / cold, abs_tol=0.01)
+        cold, warm, ratio, prefilled_cold, prefilled_warm, floor, floor_ratio = (float(value) for value in row.split()[2:])
+        assert cold > 0 and warm > 0 and math.isclose(ratio, warm / cold, abs_tol=0.001)
         assert prefilled_warm < prefilled_cold
+        assert 0 < floor and math.isclose(floor_ratio, floor / cold, abs_tol=0.001)
