@@ -184,8 +184,23 @@ def result_text(output: Any) -> tuple[str, bool]:
 
 
 def call_id(call: Mapping[str, Any], index: int) -> str:
-    """Providers occasionally omit ids; a positional stand-in keeps calls distinct."""
+    """Providers occasionally omit ids; a positional stand-in keeps calls distinct. `index` is
+    the place in its turn of the first call identical to it (`first_same`)."""
     return str(call.get("id") or f"{call.get('name', 'tool')}#{index}")
+
+
+def first_same(calls: Sequence[Mapping[str, Any]], index: int) -> int:
+    """Where the first call identical to `calls[index]` (`same_call`) is in its turn. Calls
+    without ids are named by this place, so identical ones share a name: at the tool step
+    nothing tells them apart, so the guard refuses them as calls that share an id rather than
+    run both on one call's decision (or one approval)."""
+    call = calls[index]
+    return next(place for place in range(index + 1) if same_call(calls[place], call))
+
+
+def to_tool_calls(calls: Sequence[Mapping[str, Any]]) -> list[ToolCall]:
+    """A model turn's calls, those without ids named by `first_same`."""
+    return [to_tool_call(call, index if call.get("id") else first_same(calls, index)) for index, call in enumerate(calls)]
 
 
 def call_args(call: Mapping[str, Any]) -> dict[str, Any] | str:
@@ -300,7 +315,7 @@ def _from_key(key: tuple[Any, ...]) -> Step:
     if kind == "user":
         return UserStep(content=text)
     if kind == "assistant":
-        calls = [to_tool_call(call, index) for index, call in enumerate(json.loads(key[2]))]
+        calls = to_tool_calls(json.loads(key[2]))
         return AssistantStep(content=text, tool_calls=calls)
     return ToolStep(tool_call_id=key[2], name=key[3], content=text, is_error=key[4])
 
@@ -342,7 +357,7 @@ def _converted(message: BaseMessage) -> Step | None:
     if isinstance(message, HumanMessage):
         return UserStep(content=text)
     if isinstance(message, AIMessage):
-        calls = [to_tool_call(call, index) for index, call in enumerate(message.tool_calls)]
+        calls = to_tool_calls(message.tool_calls)
         return AssistantStep(content=text, tool_calls=calls)
     if isinstance(message, ToolMessage):
         return ToolStep(

@@ -50,7 +50,7 @@ from soda_guard.integrations._convert import (
     read_as_one,
     refusal_text,
     same_call,
-    to_tool_call,
+    to_tool_calls,
     to_trajectory,
     turn_id,
     turn_of_call,
@@ -714,14 +714,15 @@ def _copied(args: Any) -> Any:
 
 
 def _position(message: AIMessage, call: Mapping[str, Any]) -> int:
-    """The call's place in its turn, which names a call that came without an id."""
+    """The place in its turn of the first call identical to this one, which names a call that
+    came without an id (`first_same`)."""
     return next((index for index, candidate in enumerate(message.tool_calls) if same_call(candidate, call)), 0)
 
 
 def _turn_calls(located: tuple[int, AIMessage] | None, call: ToolCall) -> list[ToolCall]:
     if located is None:
         return [call]
-    return [to_tool_call(c, i) for i, c in enumerate(located[1].tool_calls)]
+    return to_tool_calls(located[1].tool_calls)
 
 
 def _with_edit_notice(content: Any, call: ToolCall) -> Any:
