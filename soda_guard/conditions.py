@@ -97,6 +97,12 @@ class CallContext:
         return {step.tool_call_id for step in self.trajectory.steps[: self._turn] if isinstance(step, ToolStep) and step.tool_call_id}
 
     @cached_property
+    def unbound_results(self) -> list[str]:
+        """The tool names of earlier results that answer no call by id (a provider that omits
+        ids): each is one run of that tool, though no call id says which."""
+        return [step.name or "" for step in self.trajectory.steps[: self._turn] if isinstance(step, ToolStep) and not step.tool_call_id]
+
+    @cached_property
     def siblings_before(self) -> list[ToolCall]:
         """Calls of the same turn that come before this one: they run before it too."""
         if self._turn >= len(self.trajectory.steps):
@@ -387,13 +393,15 @@ class After(RootModel[Annotated[list[StrictStr], Field(min_length=1)]]):
 
 class Limit(_Strict):
     """The thread already ran `calls` calls matching the rule's tools (earlier turns, answered,
-    plus the ones before this in its own turn); this one would exceed it."""
+    plus the ones before this in its own turn); this one would exceed it. An earlier result
+    that answers no call by id counts as a run of the tool it names."""
 
     calls: StrictInt = Field(ge=0)
     per: Literal["thread"] = "thread"
 
     def holds(self, context: CallContext, rule_tools: ToolMatch) -> str | None:
         ran = sum(1 for call in context.earlier_calls if call.id in context.answered_ids and rule_tools(call.name))
+        ran += sum(1 for name in context.unbound_results if rule_tools(name))
         ran += sum(1 for call in context.siblings_before if rule_tools(call.name))
         if ran >= self.calls:
             return f"limit: {ran} matching calls already in this thread (limit {self.calls})"

@@ -143,6 +143,50 @@ async def test_duplicate_ids_in_one_turn_are_refused_not_run_on_one_decision(pat
     assert ran == []
 
 
+@pytest.mark.parametrize("path", PATHS)
+async def test_identical_calls_without_ids_in_one_turn_are_refused_not_run_on_one_decision(path: str) -> None:
+    """Without ids, the tool step cannot tell two identical calls apart: both would run on the
+    first one's decision, or on its approval where the reviewer rejected the second. The
+    callback handler, which cannot ask anyone, judges each run of such a call on its own."""
+    guard, backend = make_guard(unsafe=("nothing-is-unsafe",))
+    ran: list[Any] = []
+    await run_path(path, guard, [turn(DELETE, DELETE, ids=["", ""]), "done"], ran)
+    if path == "callback":
+        assert ran == [DELETE, DELETE] and len(backend.requests) == 2
+    else:
+        assert ran == []
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_calls_without_ids_that_differ_are_each_run_on_their_own_decision(path: str) -> None:
+    guard, _ = make_guard(unsafe=("/etc",))
+    ran: list[Any] = []
+    other = ("delete_file", {"path": "/etc"})
+    await run_path(path, guard, [turn(READ, other, ("read_file", {"path": "b.txt"}), ids=["", "", ""]), "done"], ran)
+    assert sorted(ran, key=str) == sorted([READ, ("read_file", {"path": "b.txt"})], key=str)
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_limit_counts_the_earlier_runs_of_calls_that_came_without_ids(path: str) -> None:
+    guard, _ = make_guard(
+        unsafe=("nothing-is-unsafe",), rules=[{"tools": ["delete_*"], "when": {"limit": {"calls": 1}}, "action": "block"}]
+    )
+    ran: list[Any] = []
+    await run_path(path, guard, [turn(DELETE, ids=[""]), turn(DELETE, ids=[""]), turn(DELETE, ids=[""]), "done"], ran)
+    assert ran == [DELETE]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_rejected_call_is_not_run_on_the_approval_of_an_identical_call_without_id(mode: str) -> None:
+    guard, _ = make_guard(defaults={"on_unsafe": "escalate"})
+    ran: list[Any] = []
+    agent = middleware_agent(guard, [turn(DELETE, DELETE, ids=["", ""]), "done"], ran)
+    paused = await drive(mode, agent, USER)
+    if "__interrupt__" in paused:
+        await drive(mode, agent, Command(resume={"decisions": [{"type": "approve"}, {"type": "reject", "message": "not twice"}]}))
+    assert len(ran) <= 1
+
+
 async def test_a_decision_in_one_thread_is_not_used_in_another() -> None:
     guard, _ = make_guard()
     wrapper = SodaGuardToolWrapper(guard)

@@ -14,7 +14,7 @@ from soda_guard import Action, Guard, Policy, PolicyError, ScriptedBackend, from
 from soda_guard.backends.base import GenerationResult
 from soda_guard.backends.scripted import soda_reply
 from soda_guard.conditions import CallContext
-from soda_guard.trajectory import ToolCall, Trajectory
+from soda_guard.trajectory import AssistantStep, ToolCall, ToolStep, Trajectory, UserStep
 
 
 def call(name: str, args: Any, call_id: str = "c1") -> dict[str, Any]:
@@ -176,6 +176,23 @@ def test_limit_counts_the_rule_tools_earlier_in_the_thread_and_in_the_turn() -> 
     wide = thread([call("delete_a", {}, "a"), call("delete_b", {}, "b"), call("delete_c", {}, "c")])
     names = [policy.route(pending, wide).name for pending in wide.pending_tool_calls()]
     assert names == ["defaults", "defaults", "rules[0]"]
+
+
+def test_limit_counts_earlier_results_that_answer_no_call_by_id_as_runs_of_the_tool_they_name() -> None:
+    """A LangChain provider that omits call ids leaves results whose `tool_call_id` is empty
+    (the OpenAI converter pairs them up itself; a LangChain conversation cannot): each such
+    result still ran its tool once."""
+    rules = '  - {tools: ["delete_*"], when: {limit: {calls: 2, per: thread}}, action: block}'
+
+    def unpaired(*names: str) -> Trajectory:
+        steps: list[Any] = [UserStep(content="Handle my errands.")]
+        for name in names:
+            steps += [AssistantStep(tool_calls=[ToolCall(id=f"{name}#0", name=name, args={})]), ToolStep(tool_call_id="", name=name, content="ok")]
+        steps.append(AssistantStep(tool_calls=[ToolCall(id="c", name="delete_file", args={})]))
+        return Trajectory(steps=steps)
+
+    assert routed(rules, unpaired("delete_file", "delete_row"))[0] == "rules[0]"
+    assert routed(rules, unpaired("read_file", "delete_row")) == ("defaults", None)
 
 
 def test_conditions_compose_and_the_first_matching_rule_wins() -> None:
