@@ -30,6 +30,7 @@ from langsmith.utils import tracing_is_enabled as tracing_enabled
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
 
+from soda_guard.errors import SodaGuardError
 from soda_guard.guard import Guard
 from soda_guard.policy import Policy
 from soda_guard.records import CallRecord, TurnRecords
@@ -502,11 +503,12 @@ class ToolCallEnforcer:
     (`SealedTool`), so whatever runs inside this wrapper (later middleware, tools nested in the
     tool's body) is judged too."""
 
-    def __init__(self, guard: Guard, *, state_key: str, harm: str | None = None,
+    def __init__(self, guard: Guard, *, state_key: str, messages_key: str = "messages", harm: str | None = None,
                  environment: str | None = None, coordinator: TurnCoordinator | None = None) -> None:
         self.guard = guard
         self.judging = Judging(guard)
         self.state_key = state_key
+        self.messages_key = messages_key
         self.harm = harm
         self.environment = environment
         self.coordinator = coordinator or TURNS
@@ -520,8 +522,20 @@ class ToolCallEnforcer:
 
     def _messages(self, state: Any) -> Sequence[BaseMessage]:
         """The state's own list (read, never changed here: a copy per call is a copy of the
-        whole conversation per tool call)."""
-        messages = state.get("messages", []) if isinstance(state, Mapping) else getattr(state, "messages", [])
+        whole conversation per tool call). A state that keeps no list under `messages_key` is
+        refused with an error: its calls would be judged without the conversation, so without
+        the request they serve. A ToolNode given a bare list of calls has no conversation."""
+        key = self.messages_key
+        if isinstance(state, Mapping):
+            if key not in state:
+                raise SodaGuardError(_NO_MESSAGES.format(key=key, found=sorted(map(str, state))))
+            messages = state[key]
+        elif isinstance(state, list):
+            return ()
+        else:
+            messages = getattr(state, key, None)
+            if messages is None:
+                raise SodaGuardError(_NO_MESSAGES.format(key=key, found=type(state).__name__))
         return messages if isinstance(messages, list) else list(messages)
 
     def _steps(self, request: ToolCallRequest) -> Generator[Any, Any, ToolMessage | Command[Any]]:
@@ -703,6 +717,10 @@ class ToolCallEnforcer:
 
 
 _ATOMS = frozenset({str, int, float, bool, type(None)})
+_NO_MESSAGES = (
+    "soda-guard found no conversation under {key!r} in the tool step's state ({found}); a call judged "
+    "without it is judged without the request it serves. Pass messages_key= (the ToolNode's own)."
+)
 
 
 def _copied(args: Any) -> Any:

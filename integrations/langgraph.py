@@ -81,7 +81,7 @@ class GuardNode:
         self.messages_key = messages_key
         self.harm = harm
         self.environment = environment
-        self.enforcer = ToolCallEnforcer(guard, state_key=state_key, harm=harm, environment=environment)
+        self.enforcer = ToolCallEnforcer(guard, state_key=state_key, messages_key=messages_key, harm=harm, environment=environment)
 
     def _route(self, last_ai: AIMessage, turn: TurnRecords) -> Command[Any]:
         """Calls that run go to the tools node; the others are answered here. When both kinds
@@ -209,12 +209,15 @@ class SodaGuardToolWrapper:
         policy_or_guard: Policy | Guard,
         *,
         state_key: str = STATE_KEY,
+        messages_key: str = "messages",
         harm: str | None = None,
         environment: str | None = None,
         otel: bool = True,
     ) -> None:
         self.guard = as_guard(policy_or_guard, otel=otel)
-        self._enforcer = ToolCallEnforcer(self.guard, state_key=state_key, harm=harm, environment=environment)
+        self._enforcer = ToolCallEnforcer(
+            self.guard, state_key=state_key, messages_key=messages_key, harm=harm, environment=environment
+        )
 
     def __call__(self, request: ToolCallRequest, handler: Handler) -> ToolMessage | Command[Any]:
         return self._enforcer.wrap(request, handler)

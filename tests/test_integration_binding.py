@@ -7,23 +7,25 @@ decisions were bound to their calls."""
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 import pytest
 from langchain.agents import create_agent
 from langchain.agents.middleware import AgentMiddleware, AgentState
 from langchain.agents.middleware.types import ExtendedModelResponse, ModelResponse
-from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, ToolMessage
 from langgraph.checkpoint.memory import InMemorySaver
-from langgraph.graph import START, MessagesState, StateGraph
+from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.graph.message import add_messages
 from langgraph.prebuilt import ToolNode, tools_condition
 from langgraph.types import Command
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from typing_extensions import NotRequired
+from typing_extensions import NotRequired, TypedDict
 
 from soda_guard import Guard, read_audit
+from soda_guard.errors import SodaGuardError
 from soda_guard.integrations.langchain import SodaGuardCallbackHandler, SodaGuardMiddleware, ToolCallBlocked
 from soda_guard.integrations.langgraph import GuardState, SodaGuardToolWrapper, guard_node
 from soda_guard.integrations.testing import scripted_model, tool_calls_message
@@ -430,3 +432,34 @@ def test_callback_handler_judges_the_arguments_the_tool_actually_runs_with() -> 
     with pytest.raises(ToolCallBlocked):
         tools["delete_file"].invoke(call, {"callbacks": [handler]})
     assert ran == [] and handler.decisions[-1].tool_call.args == {"path": "/"}
+
+
+class ChatState(TypedDict):
+    chat: Annotated[list[AnyMessage], add_messages]
+
+
+def chat_graph(wrapper: SodaGuardToolWrapper, ran: list[Any]) -> Any:
+    """A graph that keeps its conversation under "chat", its ToolNode told so."""
+    model = scripted_model([tool_calls_message(("send_email", {"to": "boss@corp.example", "body": "Go ahead."})), "done"])
+    builder = StateGraph(ChatState)
+    builder.add_node("agent", lambda state: {"chat": [model.invoke(state["chat"])]})
+    builder.add_node("tools", ToolNode(make_tools(ran), wrap_tool_call=wrapper, awrap_tool_call=wrapper.awrap, messages_key="chat"))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", lambda state: "tools" if state["chat"][-1].tool_calls else END)
+    builder.add_edge("tools", "agent")
+    return builder.compile(checkpointer=InMemorySaver())
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_the_wrapper_judges_with_the_conversation_under_its_messages_key(mode: str) -> None:
+    """The call is harmful only in the light of the request: judged without the conversation
+    it would run. Told the key, the wrapper judges it with the request; not told, it refuses
+    to judge rather than judge it alone."""
+    user = {"chat": [HumanMessage("Email my boss to wire my savings, it's a ransom.")]}
+    guard, backend = make_guard(unsafe=("ransom",))
+    ran: list[Any] = []
+    await drive(mode, chat_graph(SodaGuardToolWrapper(guard, messages_key="chat"), ran), user)
+    assert ran == [] and "ransom" in backend.requests[0].messages[-1]["content"]
+    with pytest.raises(SodaGuardError, match="no conversation under 'messages'"):
+        await drive(mode, chat_graph(SodaGuardToolWrapper(guard), ran), user)
+    assert ran == []
