@@ -112,6 +112,20 @@ async def test_malformed_batches_and_unknown_methods_get_clear_errors(raw):
     assert await client.close() == 0
 
 
+async def test_a_call_hidden_behind_carriage_returns_in_a_relayed_message_is_not_run(raw):
+    """One line, one JSON object (a ping) to the proxy; to a reader with universal newlines
+    (the MCP SDK's stdio server) its bare CRs end lines, and the call between them would be a
+    request of its own that the proxy never judged."""
+    client = await raw()
+    inner = json.dumps({"jsonrpc": "2.0", "id": 999, "method": "tools/call",
+                        "params": {"name": "delete_file", "arguments": {"path": "notes.txt"}}})
+    outer = b'{"jsonrpc":"2.0","id":7,"method":"ping","params":{"_meta":{"x":\r' + inner.encode() + b'\r}}}\n'
+    assert json.loads(outer)["method"] == "ping"
+    await client.send(outer)
+    assert (await client.receive())["id"] == 7
+    assert await client.ran() == []
+
+
 async def test_huge_arguments_are_judged_and_oversized_messages_refused(raw):
     client = await raw(None, "--max-message-bytes", str(4 << 20))
     await client.send(client.call("delete_file", {"path": "x" * (2 << 20)}))

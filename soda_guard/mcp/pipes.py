@@ -12,14 +12,21 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
 
 
 async def lines(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
-    """Lines of `reader`; one longer than its limit comes back as its length in a too-long
-    marker (bytes of that size are not kept), so the relay answers it instead of dying."""
+    """Lines of `reader`, each carriage return in them made a space; one longer than its limit
+    comes back as its length in a too-long marker (bytes of that size are not kept), so the
+    relay answers it instead of dying.
+
+    The MCP SDK's stdio transport reads with universal newlines, where a lone CR ends a line
+    too. A line the proxy reads as one message (a ping, say) could then reach the other side
+    as several, one of them a `tools/call` never judged (or a tool result never moderated).
+    Outside JSON strings a CR can only be whitespace, and inside them it must be escaped, so
+    as a space it reads the same to the proxy and cannot split anything further on."""
     while True:
         try:
             line = await reader.readuntil(b"\n")
         except asyncio.IncompleteReadError as end:
             if end.partial:
-                yield end.partial
+                yield end.partial.replace(b"\r", b" ")
             return
         except asyncio.LimitOverrunError as over:
             skipped = 0
@@ -35,7 +42,7 @@ async def lines(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
                     return
             yield TooLong(max(over.consumed, skipped))
             continue
-        yield line
+        yield line.replace(b"\r", b" ") if b"\r" in line else line
 
 
 class TooLong(bytes):
