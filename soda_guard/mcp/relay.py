@@ -345,7 +345,11 @@ def how(answer: Any) -> str:
 
 
 def _key(request_id: Any) -> Any:
-    """JSON-RPC ids are strings or numbers; 1 and "1" are different requests."""
+    """JSON-RPC ids are strings or numbers; 1 and "1" are different requests, but 1 and 1.0
+    are one number: a JavaScript client reads both as 1, so a server that answers 1.0 must
+    not have its answer pass as no call's (and skip the result's moderation)."""
+    if type(request_id) is float and request_id.is_integer():
+        return ("int", int(request_id))
     return (type(request_id).__name__, request_id)
 
 
