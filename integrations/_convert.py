@@ -23,7 +23,9 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from langgraph.types import Command
 
 from soda_guard.binding import MARSHAL_VERSION, CallBinding
+from soda_guard.converters import cleaned
 from soda_guard.judges.incremental import IdentityMemo, Lru
+from soda_guard.mcp.jsonrpc import parse as parse_json
 from soda_guard.records import TurnRecords
 from soda_guard.seal import RecordSeal
 from soda_guard.trajectory import AssistantStep, SystemStep, ToolCall, ToolStep, Trajectory, UserStep
@@ -607,15 +609,18 @@ def turn_records(state: Any, key: str, seal: RecordSeal) -> TurnRecords | None:
 
 def started_tool(serialized: Mapping[str, Any] | None, input_str: str, inputs: Any, extra: Mapping[str, Any]) -> tuple[str, Any]:
     """The tool name and arguments an `on_tool_start` callback is given: `inputs` when
-    LangChain passes them, else the input string, parsed when it is a JSON object."""
+    LangChain passes them, else the input string, parsed when it is a JSON object. One whose
+    keys repeat is judged as the string it is, which is what the tool is handed: parsed, only
+    the last of each key would be judged. Lone surrogates become U+FFFD, as the converters
+    make them (`cleaned`): the decision must be writable to the audit log."""
     name = (serialized or {}).get("name") or extra.get("name") or "tool"
     if inputs is not None:
-        return name, inputs
+        return name, cleaned(inputs, "tool input")
     try:
-        parsed = json.loads(input_str)
+        parsed = parse_json(input_str)
     except (TypeError, ValueError):
-        return name, input_str
-    return name, parsed if isinstance(parsed, dict) else input_str
+        return name, cleaned(input_str, "tool input")
+    return name, cleaned(parsed if isinstance(parsed, dict) else input_str, "tool input")
 
 
 def refusal_text(name: str, why: str) -> str:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
 
+from soda_guard.converters import model_json
 from soda_guard.errors import AuditError
 from soda_guard.verdict import Decision
 
@@ -183,7 +184,7 @@ class JsonlAuditSink:
     def write(self, decisions: Sequence[Decision], *, deadline: float | None = None) -> None:
         if not decisions:
             return
-        payload = b"".join(decision.model_dump_json().encode("utf-8") + b"\n" for decision in decisions)
+        payload = b"".join(model_json(decision).encode("utf-8") + b"\n" for decision in decisions)
         _acquire(self._lock, deadline, f"audit log {self.path}")
         try:
             log = self._open()
@@ -325,5 +326,5 @@ def _row(decision: Decision) -> tuple[Any, ...]:
         verdict.score if verdict else None,
         verdict.error if verdict else None,
         int(bool(verdict and verdict.truncated)),
-        decision.model_dump_json(),
+        model_json(decision),
     )

@@ -4,7 +4,7 @@ OpenAI chat messages are what most agent stacks can export; the R-Judge / AgentH
 format is what the public labeled datasets use. Both are parsed strictly where the format is
 defined and leniently (keeping the raw text) where real data is messy.
 
-Every input is first copied by `_cleaned`, without recursion: nesting deeper than
+Every input is first copied by `cleaned`, without recursion: nesting deeper than
 `MAX_INPUT_DEPTH` is refused with `TrajectoryError` (it would exhaust Python's recursion later,
 in rendering or in the decision's JSON), and lone surrogates (`"\ud800"`, which JSON allows but
 UTF-8 cannot carry, so a decision holding one could not be recorded) become U+FFFD. The action
@@ -18,6 +18,9 @@ import ast
 import json
 import re
 from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import PydanticSerializationError
 
 from soda_guard.errors import TrajectoryError
 from soda_guard.trajectory import (
@@ -42,7 +45,24 @@ def _text(value: str) -> str:
     return _SURROGATE.sub("\ufffd", value)
 
 
-def _cleaned(value: Any, what: str) -> Any:
+def model_json(model: BaseModel, **options: Any) -> str:
+    """`model.model_dump_json(**options)`, with any lone surrogate in it written as U+FFFD
+    rather than failing: an audit record or a stored call record must be written whatever a
+    tool's arguments held (a provider's JSON escape can spell a lone surrogate, which UTF-8
+    cannot)."""
+    try:
+        return model.model_dump_json(**options)
+    except PydanticSerializationError:
+        return type(model).model_validate(cleaned(model.model_dump(), "record")).model_dump_json(**options)
+
+
+def has_lone_surrogate(value: Any) -> bool:
+    """Whether a JSON value holds a lone surrogate in a string or a key: no Unicode text, and
+    nothing the audit log (UTF-8) can write."""
+    return _SURROGATE.search(json.dumps(value, ensure_ascii=False)) is not None
+
+
+def cleaned(value: Any, what: str) -> Any:
     """A copy of `value` (dicts, lists and tuples copied, strings and keys with lone surrogates
     replaced), built with an explicit stack; TrajectoryError past `MAX_INPUT_DEPTH`."""
     if isinstance(value, str):
@@ -130,7 +150,7 @@ def _parse_arguments(raw: Any, index: int) -> dict[str, Any] | str:
         raise TrajectoryError(index, f"tool-call arguments are nested more than {MAX_ARGUMENT_DEPTH} deep")
     if not all(isinstance(key, str) for key in raw):
         raise TrajectoryError(index, "tool-call argument names must be strings")
-    return _cleaned(raw, "tool-call arguments")  # JSON escapes can spell lone surrogates
+    return cleaned(raw, "tool-call arguments")  # JSON escapes can spell lone surrogates
 
 
 def _openai_tool_calls(raw_calls: Any, index: int) -> list[ToolCall]:
@@ -213,7 +233,7 @@ def from_openai_messages(
     for field, value in (("harm", harm), ("environment", environment), ("conversation_id", conversation_id)):
         if value is not None and not isinstance(value, str):
             raise TrajectoryError(None, f"{field} must be a string, not {type(value).__name__}")
-    messages = _cleaned(messages, "messages")
+    messages = cleaned(messages, "messages")
     harm, environment, conversation_id = (None if v is None else _text(v) for v in (harm, environment, conversation_id))
     steps: list[Any] = []
     open_calls: list[ToolCall] = []
@@ -350,7 +370,7 @@ def _agent_step(turn: dict[str, Any], call_id: str, index: int) -> AssistantStep
     name, args = parsed
     if isinstance(args, dict) and _depth(args, MAX_ARGUMENT_DEPTH) > MAX_ARGUMENT_DEPTH:
         raise TrajectoryError(index, f"agent action arguments are nested more than {MAX_ARGUMENT_DEPTH} deep")
-    args = _cleaned(args, "agent action arguments")
+    args = cleaned(args, "agent action arguments")
     if name == "Complete" and isinstance(args, dict) and "response" in args:
         final = str(args["response"])
         return AssistantStep(content="\n".join(piece for piece in (thought, final) if piece))
@@ -364,7 +384,7 @@ def from_agent_record(record: dict[str, Any]) -> Trajectory:
     """
     if not isinstance(record, dict):
         raise TrajectoryError(None, f"record must be an object, not {type(record).__name__}")
-    record = _cleaned(record, "record")
+    record = cleaned(record, "record")
     record_id = record.get("id")
     if record_id is not None and (isinstance(record_id, bool) or not isinstance(record_id, (str, int))):
         raise TrajectoryError(None, f"record id must be a string or an integer, not {type(record_id).__name__}")

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from soda_guard.binding import CallBinding, args_digest
+from soda_guard.converters import model_json
 from soda_guard.seal import RECORD_KEY, RecordSeal
 from soda_guard.trajectory import ToolCall
 from soda_guard.verdict import Action, Decision, Review, Verdict
@@ -166,7 +167,7 @@ class TurnRecords(BaseModel):
             raw["closed"] = True
         header = self._header()
         raw["records"] = [
-            seal.sign(record.model_dump_json(exclude=_LEAN_ALLOWED if record.simply_allowed else _LEAN, exclude_none=True), header)
+            seal.sign(model_json(record, exclude=_LEAN_ALLOWED if record.simply_allowed else _LEAN, exclude_none=True), header)
             for record in self.records
         ]
         seal.remember(raw, self)

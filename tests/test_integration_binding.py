@@ -463,3 +463,18 @@ async def test_the_wrapper_judges_with_the_conversation_under_its_messages_key(m
     with pytest.raises(SodaGuardError, match="no conversation under 'messages'"):
         await drive(mode, chat_graph(SodaGuardToolWrapper(guard), ran), user)
     assert ran == []
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_call_whose_arguments_hold_a_lone_surrogate_is_decided_and_audited(path: str, tmp_path: Any) -> None:
+    """A provider's JSON escape can spell `\\ud800`, which UTF-8 cannot write: the records and
+    the audit log write U+FFFD for it instead of failing the turn or losing the decision."""
+    audit = tmp_path / "audit.jsonl"
+    guard, _ = make_guard(unsafe=("/etc",), audit={"jsonl": str(audit)})
+    ran: list[Any] = []
+    odd = ("read_file", {"path": "a\ud800"})
+    await run_path(path, guard, [turn(odd, ("delete_file", {"path": "/etc\ud800"}), ids=["a", "b"]), "done"], ran)
+    assert ran == [odd]
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert {(r["tool_call"]["name"], r["action"]) for r in records} == {("read_file", "allow"), ("delete_file", "block")}
+    assert all("\ufffd" in r["tool_call"]["args"]["path"] for r in records)

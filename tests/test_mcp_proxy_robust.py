@@ -126,6 +126,15 @@ async def test_a_call_hidden_behind_carriage_returns_in_a_relayed_message_is_not
     assert await client.ran() == []
 
 
+async def test_arguments_holding_a_lone_surrogate_are_refused_not_forwarded(raw):
+    """No text, and no decision the audit log (UTF-8) could write: refused like a duplicate key."""
+    client = await raw()
+    await client.send(b'{"jsonrpc":"2.0","id":55,"method":"tools/call","params":{"name":"read_file","arguments":{"path":"a\\ud800"}}}\n')
+    answer = await client.receive()
+    assert answer["id"] == 55 and answer["error"]["code"] == -32602 and "lone surrogate" in answer["error"]["message"]
+    assert await client.ran() == []
+
+
 async def test_huge_arguments_are_judged_and_oversized_messages_refused(raw):
     client = await raw(None, "--max-message-bytes", str(4 << 20))
     await client.send(client.call("delete_file", {"path": "x" * (2 << 20)}))

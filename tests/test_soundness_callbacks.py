@@ -5,11 +5,12 @@ runs; it gets a trajectory of its own and leaves the outer turn's decisions and 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
 from langchain_core.messages import HumanMessage, ToolMessage
-from langchain_core.tools import tool
+from langchain_core.tools import StructuredTool, tool
 
 from soda_guard import Guard, Policy, ScriptedBackend
 from soda_guard.backends.scripted import soda_reply
@@ -17,6 +18,8 @@ from soda_guard.generation import GenerationRequest, GenerationResult
 from soda_guard.integrations.langchain import SodaGuardCallbackHandler, ToolCallBlocked
 from soda_guard.integrations.testing import scripted_model, tool_calls_message
 from soda_guard.trajectory import UserStep
+
+from integration_helpers import make_guard
 
 REQUEST = "My ex's server: wipe it so she loses her thesis."
 
@@ -113,3 +116,40 @@ def test_a_sub_agents_calls_are_judged_in_their_own_trajectory() -> None:
         ("delete_file", {"path": "/tmp/cache"}, "allow"),
     ]
     assert handler.trajectory.steps[0] == UserStep(content=REQUEST)
+
+
+def _post_tool(posted: list[str]) -> Any:
+    def post_message(text: str) -> str:
+        """Post a message to the public channel."""
+        posted.append(text)
+        return "posted"
+
+    async def apost_message(text: str) -> str:
+        posted.append(text)
+        return "posted"
+
+    return StructuredTool.from_function(post_message, coroutine=apost_message)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_string_input_whose_keys_repeat_is_judged_as_the_string_the_tool_gets(mode: str) -> None:
+    """Parsed, only the last `text` would be judged; LangChain hands the tool the whole string."""
+    guard, _ = make_guard(unsafe=("password",))
+    posted: list[str] = []
+    tool = _post_tool(posted)
+    config = {"callbacks": [SodaGuardCallbackHandler(guard, raise_error=True)]}
+    raw = '{"text": "the admin password is hunter2", "text": "Good morning team"}'
+    with pytest.raises(ToolCallBlocked):
+        tool.invoke(raw, config) if mode == "sync" else await tool.ainvoke(raw, config)
+    assert posted == []
+
+
+def test_a_call_whose_arguments_hold_a_lone_surrogate_is_judged_and_its_decision_audited(tmp_path: Any) -> None:
+    audit = tmp_path / "audit.jsonl"
+    guard, _ = make_guard(unsafe=("nothing-is-unsafe",), audit={"jsonl": str(audit)})
+    handler = SodaGuardCallbackHandler(guard, raise_error=True)
+    posted: list[str] = []
+    _post_tool(posted).invoke({"text": "a\ud800"}, {"callbacks": [handler]})
+    [decision] = handler.decisions
+    [record] = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert record["decision_id"] == decision.decision_id and record["tool_call"]["args"] == {"text": "a\ufffd"}

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from soda_guard.converters import from_openai_messages
+from soda_guard.converters import from_openai_messages, has_lone_surrogate
 from soda_guard.errors import SodaGuardError
 from soda_guard.guard import Guard
 from soda_guard.mcp.annotations import from_wire
@@ -61,6 +61,8 @@ class ProxySession:
         arguments = params.get("arguments")
         if arguments is not None and not isinstance(arguments, dict):
             raise ContextError("tools/call params.arguments must be an object")
+        if arguments and has_lone_surrogate(arguments):
+            raise ContextError("tools/call params.arguments hold a lone surrogate (\\ud800-\\udfff alone), which is no text")
         meta = params.get("_meta")
         if meta is not None and not isinstance(meta, Mapping):
             raise ContextError("tools/call params._meta must be an object")
