@@ -304,3 +304,56 @@ async def test_a_result_answered_under_the_call_s_id_written_as_a_float_is_moder
     finally:
         process.kill()
         await process.wait()
+
+
+BLOCK_DELETES = {**POLICY, "rules": [{"name": "no-deletes", "tools": ["files:delete_*"], "action": "block"}]}
+
+
+async def _uninitialised(tmp_path: Path) -> RawClient:
+    """A client of the proxy (judge: never UNSAFE) that has not shaken hands yet."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, LAUNCHER, str(write_policy(tmp_path, BLOCK_DELETES)), "NEVER-UNSAFE", "--", *SERVER,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=64 << 20,
+    )
+    return RawClient(process)
+
+
+async def test_a_call_sent_before_the_server_named_itself_is_judged_under_its_name(tmp_path):
+    """Rules go by the server's name, which its answer to `initialize` gives: a call sent right
+    behind the handshake, before that answer, waits for it rather than miss `files:delete_*`."""
+    client = await _uninitialised(tmp_path)
+    try:
+        initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}
+        await client.send(json.dumps(initialize).encode() + b"\n" + json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}).encode()
+                          + b"\n" + json.dumps(client.call("delete_file", {"path": "notes.txt"})).encode() + b"\n")
+        answers = {(message := await client.receive())["id"]: message for _ in range(2)}
+        assert answers[client.next_id]["result"]["isError"] is True and "no-deletes" in json.dumps(answers[client.next_id])
+        assert await client.ran() == []
+    finally:
+        client.process.kill()
+        await client.process.wait()
+
+
+async def test_a_call_to_a_server_not_yet_named_is_refused_with_what_to_do(tmp_path):
+    """A 2026-07-28 call needs no handshake; without `server/discover` or `--server` no rule
+    scoped to the server could match it."""
+    client = await _uninitialised(tmp_path)
+    meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {},
+            "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "0"}}
+    try:
+        call = client.call("delete_file", {"path": "notes.txt"})
+        await client.send({**call, "params": {**call["params"], "_meta": meta}})
+        answer = await client.receive()
+        assert answer["error"]["code"] == -32602 and "--server" in answer["error"]["message"]
+    finally:
+        client.process.kill()
+        await client.process.wait()
+    named = await RawClient.start(write_policy(tmp_path, BLOCK_DELETES), "--server", "files")
+    try:
+        await named.send(named.call("delete_file", {"path": "notes.txt"}))
+        assert "no-deletes" in json.dumps(await named.receive())
+        assert await named.ran() == []
+    finally:
+        named.process.kill()
+        await named.process.wait()

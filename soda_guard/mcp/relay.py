@@ -166,6 +166,7 @@ class Relay:
         try:
             if not isinstance(params, dict):
                 raise ContextError("tools/call params must be an object")
+            await self._server_named()
             call = self.session.call_of(request_id, params)
         except ContextError as error:
             await self.send_client(jsonrpc.error(request_id, INVALID_PARAMS, str(error)))
@@ -188,6 +189,22 @@ class Relay:
             await self.send_client(jsonrpc.line({"jsonrpc": "2.0", "id": request_id, "result": refused}))
             return
         await self._forward_call(request_id, call, jsonrpc.line(message))
+
+    async def _server_named(self) -> None:
+        """The policy's rules name servers (`files:delete_*`, `server:`), so a call is judged
+        only once the server is known by name: `--server`, or its answer to `initialize` or
+        `server/discover`, waited for when one is on its way (a client need not wait for it
+        before calling). A call judged before would miss every rule scoped to the server."""
+        if self.session.server is not None:
+            return
+        naming = [forwarded.done for forwarded in self._forwarded.values() if forwarded.method in ("initialize", "server/discover")]
+        if naming:
+            await asyncio.wait(naming, timeout=self.options.server_timeout_s)
+        if self.session.server is None:
+            raise ContextError(
+                "soda-guard does not know this MCP server's name yet (it gives it in its answer to initialize or "
+                "server/discover), and the policy's rules go by it; call after either, or run the proxy with --server NAME"
+            )
 
     async def _forward_call(self, request_id: Any, call: ToolCall, raw: bytes) -> None:
         forwarded = _Forwarded("tools/call", call)
