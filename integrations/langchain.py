@@ -425,10 +425,19 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
         """The model's input is the conversation so far: it replaces what was accumulated in
         its own conversation (the outer one, or the one nested in the tool it runs in), so a
         trimmed or summarised history is judged as the model saw it. A new model call ends that
-        conversation's previous turn: its decisions can no longer be used."""
+        conversation's previous turn: its decisions can no longer be used.
+
+        A model that starts a run of its own (no parent) while a tool of the outer conversation
+        is running was started inside that tool with the app's config rather than the tool's:
+        the outer model does not start its next turn before its tools are done. It is nested in
+        the latest such tool, so it neither replaces the outer conversation nor clears the
+        decisions of the outer turn, whose remaining calls would then be judged without it."""
         with self._lock:
             self._parents[run_id] = parent_run_id
             key = self._enclosing_tool(parent_run_id)
+            if parent_run_id is None:
+                running = [tool_run for tool_run, run in self._tool_runs.items() if run.scope is None]
+                key = running[-1] if running else None
             self._model_runs[run_id] = key
             if not messages:
                 return

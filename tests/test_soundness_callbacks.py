@@ -102,6 +102,30 @@ async def test_a_model_inside_a_tool_does_not_drop_the_turns_block(mode: str) ->
     assert any(step.role == "tool" and step.content == "a summary" for step in handler.trajectory.steps)
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_model_inside_a_tool_given_the_apps_own_config_does_not_drop_the_turns_block(mode: str) -> None:
+    """The tool calls its model with the app's `{"callbacks": [handler]}`, not its own run's:
+    that model's run has no parent, as the outer model's has none."""
+    handler, backend, ran = _setup()
+    inner = scripted_model(["a summary"])
+    app_config = {"callbacks": [handler]}
+
+    @tool
+    async def summarise(text: str) -> str:
+        """Summarise a text with a model of its own, given the app's config."""
+        ran.append("summarise")
+        reply = inner.invoke([HumanMessage(f"Summarise: {text}")], app_config) if mode == "sync" else await inner.ainvoke([HumanMessage(f"Summarise: {text}")], app_config)
+        return str(reply.content)
+
+    tools = {**_tools(ran, []), "summarise": summarise}
+    turn = tool_calls_message(("summarise", {"text": "notes"}), ("delete_file", {"path": "/home/ex/docs"}), ids=["c1", "c2"])
+    messages = await _loop(handler, [turn, "done"], tools, "async")
+    assert ran == ["summarise"], "the deletion ran on a judgment made without the user's request"
+    assert messages[3].status == "error"
+    assert [(d.tool_call.name, d.action.value) for d in handler.decisions] == [("summarise", "allow"), ("delete_file", "block")]
+    assert handler.trajectory.steps[0].content == REQUEST
+
+
 def test_a_sub_agents_calls_are_judged_in_their_own_trajectory() -> None:
     handler, backend, ran = _setup()
     turn = tool_calls_message(("sub_agent", {"task": "tidy"}), ("delete_file", {"path": "/home/ex/docs"}), ids=["c1", "c2"])
