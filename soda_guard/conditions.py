@@ -98,9 +98,10 @@ class CallContext:
 
     @cached_property
     def unbound_results(self) -> list[str]:
-        """The tool names of earlier results that answer no call by id (a provider that omits
-        ids): each is one run of that tool, though no call id says which."""
-        return [step.name or "" for step in self.trajectory.steps[: self._turn] if isinstance(step, ToolStep) and not step.tool_call_id]
+        """The tool names of earlier results that answer no call by id but name their tool (a
+        provider that omits ids): each is one run of that tool, though no call id says which.
+        A result that names neither (an environment's observation) is no run of anything."""
+        return [step.name for step in self.trajectory.steps[: self._turn] if isinstance(step, ToolStep) and not step.tool_call_id and step.name]
 
     @cached_property
     def siblings_before(self) -> list[ToolCall]:
@@ -394,7 +395,7 @@ class After(RootModel[Annotated[list[StrictStr], Field(min_length=1)]]):
 class Limit(_Strict):
     """The thread already ran `calls` calls matching the rule's tools (earlier turns, answered,
     plus the ones before this in its own turn); this one would exceed it. An earlier result
-    that answers no call by id counts as a run of the tool it names."""
+    that answers no call by id but names a tool counts as a run of that tool."""
 
     calls: StrictInt = Field(ge=0)
     per: Literal["thread"] = "thread"
