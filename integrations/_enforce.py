@@ -32,6 +32,7 @@ from langgraph.types import Command
 
 from soda_guard.errors import SodaGuardError
 from soda_guard.guard import Guard
+from soda_guard.judges.incremental import Lru
 from soda_guard.policy import Policy
 from soda_guard.records import CallRecord, TurnRecords
 from soda_guard.review import review_event
@@ -515,6 +516,11 @@ class ToolCallEnforcer:
         self._policy_key = hashlib.sha256(guard.policy.model_dump_json().encode()).hexdigest()
         self.seal = RecordSeal.for_policy(guard.policy)
         self.handoff = TurnHandoff()
+        self._ran: Lru[str] = Lru(RAN_REMEMBERED)
+        """The decision each call this process ran went by, by the binding's parts: a record
+        licenses one run. Still open (its turn not yet closed by the next model turn), the same
+        record is no licence to run the call again when the tools step runs a second time or
+        the call's result was removed from the state; a judgment made since is."""
 
     @property
     def follow_wait_s(self) -> float:
@@ -555,7 +561,8 @@ class ToolCallEnforcer:
             return converted[0]
 
         # found by the binding's parts, before (and without) building the call and binding
-        record = self.handoff.take((thread, turn, id_, name, digest), replay_of())
+        parts = (thread, turn, id_, name, digest)
+        record = self.handoff.take(parts, replay_of())
         if record is None:
             call = ToolCall(id=id_, name=name, args=args)
             binding = CallBinding(thread_id=thread, turn_id=turn, call_id=id_, tool=name, args_digest=digest)
@@ -565,13 +572,15 @@ class ToolCallEnforcer:
             elif located is not None:
                 shared = yield from self._shared_turn(messages, trajectory(), call, thread, turn)
                 record = shared.find(binding) if shared is not None else None
+            if record is not None and self._ran.get(parts) == record.decision.decision_id:
+                record = None  # it ran on that record already: judged (and asked) again
             if record is None:
                 same_id = [c for c in _turn_calls(located, call) if c.id == call.id]
                 decisions = yield Judge(trajectory(), same_id if len(same_id) > 1 else [call])
                 record = CallRecord.judged(binding, call, next((d for d in decisions if d.tool_call == call), decisions[0]))
         if record.awaiting_review:
             [record] = yield from review_records([record], trajectory(), self.guard.policy)
-        return (yield from self._enforce(request, trajectory, record))
+        return (yield from self._enforce(request, trajectory, record, parts))
 
     def _shared_turn(
         self, messages: Sequence[BaseMessage], trajectory: Trajectory, call: ToolCall, thread: str | None, turn: str
@@ -594,7 +603,7 @@ class ToolCallEnforcer:
         return (yield Follow(key))
 
     def _enforce(
-        self, request: ToolCallRequest, trajectory: Callable[[], Trajectory], record: CallRecord
+        self, request: ToolCallRequest, trajectory: Callable[[], Trajectory], record: CallRecord, parts: tuple[Any, ...]
     ) -> Generator[Any, Any, ToolMessage | Command[Any]]:
         call = record.call
         if record.outcome == "refuse":
@@ -611,6 +620,7 @@ class ToolCallEnforcer:
         # a copy: what runs after the guard may edit the arguments it is handed in place, and
         # must not reach the judged record (or the steps cached with it) that way
         result = yield Run(request.override(tool_call={**request.tool_call, "args": _copied(ran.args)}, tool=sealed))
+        self._ran.put(parts, record.decision.decision_id, 1)
         if sealed is not None and sealed.refused is not None:
             stopped = record.model_copy(update={"decision": sealed.refused, "outcome": "refuse", "message": sealed.refused.why})
             return _stamped(result, stopped) if isinstance(result, ToolMessage) else result
@@ -717,6 +727,8 @@ class ToolCallEnforcer:
 
 
 _ATOMS = frozenset({str, int, float, bool, type(None)})
+RAN_REMEMBERED = 1 << 14
+"""Calls remembered as run (`ToolCallEnforcer._ran`), the oldest forgotten first."""
 _NO_MESSAGES = (
     "soda-guard found no conversation under {key!r} in the tool step's state ({found}); a call judged "
     "without it is judged without the request it serves. Pass messages_key= (the ToolNode's own)."

@@ -13,7 +13,7 @@ import pytest
 from langchain.agents import create_agent
 from langchain.agents.middleware import AgentMiddleware, AgentState
 from langchain.agents.middleware.types import ExtendedModelResponse, ModelResponse
-from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, ToolMessage
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, RemoveMessage, ToolMessage
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.graph.message import add_messages
@@ -478,3 +478,30 @@ async def test_a_call_whose_arguments_hold_a_lone_surrogate_is_decided_and_audit
     records = [json.loads(line) for line in audit.read_text().splitlines()]
     assert {(r["tool_call"]["name"], r["action"]) for r in records} == {("read_file", "allow"), ("delete_file", "block")}
     assert all("\ufffd" in r["tool_call"]["args"]["path"] for r in records)
+
+
+GRAPH_PATHS = [path for path in PATHS if path != "callback"]
+
+
+@pytest.mark.parametrize("path", GRAPH_PATHS)
+@pytest.mark.parametrize("how", ["result removed", "tools step run again"])
+async def test_an_approved_call_that_ran_is_asked_about_again_before_it_runs_again(path: str, how: str) -> None:
+    """Paused after the tools step, before the next model turn closes the turn's records: the
+    approval was for one run, so the call is judged and asked about again, not run on it."""
+    guard, backend = make_guard(defaults={"on_unsafe": "escalate"})
+    ran: list[Any] = []
+    graph = graph_for(path, guard, [turn(DELETE, ids=["d"]), "done", "done again"], ran)
+    model_node = "model" if path.startswith("middleware") else "agent"
+    await drive(path, graph, USER)
+    graph.interrupt_before_nodes = [model_node]
+    await drive(path, graph, Command(resume={"decisions": [{"type": "approve"}]}))
+    assert ran == [DELETE]
+    graph.interrupt_before_nodes = []
+    if how == "result removed":
+        result = next(m for m in graph.get_state(config()).values["messages"] if isinstance(m, ToolMessage))
+        graph.update_state(config(), {"messages": [RemoveMessage(id=result.id)]}, as_node=model_node)
+        again = await drive(path, graph, None)
+    else:
+        again = await drive(path, graph, Command(goto="tools"))
+    assert ran == [DELETE]
+    assert again["__interrupt__"][0].value["action_requests"][0]["name"] == "delete_file"
