@@ -364,12 +364,14 @@ class Judging:
         return found
 
     def traced_calls(self, trajectory: Trajectory, calls: list[ToolCall]) -> list[Decision]:
+        """The judge sees the turn with only `calls` pending; the rules' conditions read the
+        whole conversation, in which the turn's calls that already ran come before them."""
         view = with_calls(trajectory, calls)
-        return self._traced("tool_call", calls, lambda: self.guard.check_tool_calls(view))
+        return self._traced("tool_call", calls, lambda: self.guard.check_tool_calls(view, context=trajectory))
 
     async def atraced_calls(self, trajectory: Trajectory, calls: list[ToolCall]) -> list[Decision]:
         view = with_calls(trajectory, calls)
-        return await self._atraced("tool_call", calls, lambda: self.guard.acheck_tool_calls(view))
+        return await self._atraced("tool_call", calls, lambda: self.guard.acheck_tool_calls(view, context=trajectory))
 
     def review(self, event: Decision) -> Decision:
         calls = [event.tool_call] if event.tool_call else []

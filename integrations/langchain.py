@@ -525,7 +525,7 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
             binding = self._binding(call, turn)
             if binding not in scope.turn:
                 calls = [c for c in scope.trajectory.pending_tool_calls() if self._binding(c, turn) not in scope.turn] if pending else [call]
-                for decision in self.guard.check_tool_calls(with_calls(scope.trajectory, calls)):
+                for decision in self.guard.check_tool_calls(with_calls(scope.trajectory, calls), context=scope.trajectory):
                     if decision.tool_call is not None:
                         scope.turn.setdefault(self._binding(decision.tool_call, turn), decision)
                         self.decisions.append(decision)

@@ -272,11 +272,13 @@ class Guard:
         """`warm_up` from async code: it only queues work, so nothing is awaited."""
         return self.warm_up(conversation)
 
-    def _plan(self, trajectory: Trajectory) -> list[_Item]:
+    def _plan(self, trajectory: Trajectory, context: Trajectory | None = None) -> list[_Item]:
         """Calls that share an id within one turn are refused unjudged: a decision is bound to
         its call by id (among other things), and two calls under one id could each be run on
-        the other's decision by anything downstream that goes by id."""
+        the other's decision by anything downstream that goes by id. `context`: the
+        conversation the rules' conditions read, where the judge is shown less of the turn."""
         trajectory = self.tools.describe(trajectory)
+        context = trajectory if context is None else context
         pending = trajectory.pending_tool_calls()
         counts = Counter(call.id for call in pending)
         items = []
@@ -285,7 +287,7 @@ class Guard:
                 why = f"{counts[call.id]} tool calls of this turn share the id {call.id!r}; ids must be unique for a decision to be bound to its call"
                 items.append(_Item(call, "binding", None, None, trajectory, refusal=why))
                 continue
-            route = self.policy.route(call, trajectory)
+            route = self.policy.route(call, context)
             rule = route.rule
             judge = None if rule is not None and rule.action is not None else self.policy.outcome(rule, "judge")
             candidates = [(name, cand, held, self.policy.outcome(cand, "judge")) for name, cand, held in route.candidates]
@@ -588,14 +590,21 @@ class Guard:
             fallback = [decision.model_copy(update={"why": decision.why + note}) for decision in fallback]
         return fallback
 
-    def check_tool_calls(self, trajectory: Trajectory, *, carry_out: CarryOut | None = None) -> list[Decision]:
+    def check_tool_calls(
+        self, trajectory: Trajectory, *, carry_out: CarryOut | None = None, context: Trajectory | None = None
+    ) -> list[Decision]:
         """One Decision per pending tool call, in the order of the calls. `carry_out` turns each
         decision into what the caller will actually do with it (an adapter that cannot ask a
-        person blocks an escalation) before it is audited, so the record is what happened."""
-        return self._run_sync(self._plan(trajectory), trajectory.conversation_id, carry_out)
+        person blocks an escalation) before it is audited, so the record is what happened.
+        `context`: the whole conversation the rules' conditions (`after`, `limit`, ...) read
+        where `trajectory` shows the judge only some of a turn's calls (those judged again
+        once others of the turn ran): the others still ran before them."""
+        return self._run_sync(self._plan(trajectory, context), trajectory.conversation_id, carry_out)
 
-    async def acheck_tool_calls(self, trajectory: Trajectory, *, carry_out: CarryOut | None = None) -> list[Decision]:
-        items = await asyncio.to_thread(self._plan, trajectory) if self.policy.scans_results else self._plan(trajectory)
+    async def acheck_tool_calls(
+        self, trajectory: Trajectory, *, carry_out: CarryOut | None = None, context: Trajectory | None = None
+    ) -> list[Decision]:
+        items = await asyncio.to_thread(self._plan, trajectory, context) if self.policy.scans_results else self._plan(trajectory, context)
         return await self._run_async(items, trajectory.conversation_id, carry_out)
 
     def check(self, trajectory: Trajectory) -> Decision:

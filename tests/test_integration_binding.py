@@ -505,3 +505,32 @@ async def test_an_approved_call_that_ran_is_asked_about_again_before_it_runs_aga
         again = await drive(path, graph, Command(goto="tools"))
     assert ran == [DELETE]
     assert again["__interrupt__"][0].value["action_requests"][0]["name"] == "delete_file"
+
+
+class SecondCallRewriter(AgentMiddleware):
+    """Outer middleware that changes the second call's arguments after the turn was judged."""
+
+    def _changed(self, request: Any) -> Any:
+        if request.tool_call["id"] != "b":
+            return request
+        return request.override(tool_call={**request.tool_call, "args": {"path": "/b2"}})
+
+    def wrap_tool_call(self, request: Any, handler: Any) -> Any:
+        return handler(self._changed(request))
+
+    async def awrap_tool_call(self, request: Any, handler: Any) -> Any:
+        return await handler(self._changed(request))
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_call_judged_again_at_the_tool_step_counts_the_turns_earlier_calls_for_a_limit(mode: str) -> None:
+    """Judged again on its own (its arguments changed), the second delete still comes after the
+    first in its turn: the judge is shown it alone, the limit reads the whole turn."""
+    guard, _ = make_guard(
+        unsafe=("nothing-is-unsafe",), rules=[{"tools": ["delete_*"], "when": {"limit": {"calls": 1}}, "action": "block"}]
+    )
+    ran: list[Any] = []
+    first, second = ("delete_file", {"path": "/a"}), ("delete_file", {"path": "/b"})
+    agent = middleware_agent(guard, [turn(first, second, ids=["a", "b"]), "done"], ran, outer=[SecondCallRewriter()])
+    await drive(mode, agent, USER)
+    assert ran == [first]
