@@ -22,7 +22,7 @@ from typing import Any
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage, convert_to_messages
 from langgraph.types import Command
 
-from soda_guard.binding import MARSHAL_VERSION, CallBinding
+from soda_guard.binding import MARSHAL_VERSION, CallBinding, args_digest
 from soda_guard.converters import cleaned
 from soda_guard.judges.incremental import IdentityMemo, Lru
 from soda_guard.mcp.jsonrpc import parse as parse_json
@@ -545,11 +545,19 @@ def with_calls(trajectory: Trajectory, calls: list[ToolCall]) -> Trajectory:
     for index in range(len(trajectory.steps) - 1, -1, -1):
         step = trajectory.steps[index]
         if isinstance(step, AssistantStep):
-            if index == len(trajectory.steps) - 1 and step.tool_calls == calls:
+            if index == len(trajectory.steps) - 1 and _same_calls(step.tool_calls, calls):
                 return trajectory  # already exactly that (the judge then knows the step by its object)
             steps = list(trajectory.steps[:index]) + [step.model_copy(update={"tool_calls": list(calls)})]
             return trajectory.model_copy(update={"steps": steps})
     return trajectory.model_copy(update={"steps": [*trajectory.steps, AssistantStep(tool_calls=list(calls))]})
+
+
+def _same_calls(left: Sequence[ToolCall], right: Sequence[ToolCall]) -> bool:
+    """The very calls, or calls whose arguments are the same JSON: not `==`, to which
+    `{"n": 1}` and `{"n": true}` are one."""
+    return len(left) == len(right) and all(
+        a is b or (a.id == b.id and a.name == b.name and args_digest(a.args) == args_digest(b.args)) for a, b in zip(left, right)
+    )
 
 
 def with_result(trajectory: Trajectory, call: ToolCall, result: ToolMessage) -> Trajectory:

@@ -554,8 +554,8 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
 
 
 def _same_args(left: Any, right: Any) -> bool:
-    if left == right:
-        return True
+    """As JSON, not by `==`, to which `1 == 1.0 == True`: a decision on `{"n": 1}` is not one on
+    `{"n": true}`."""
     return json.dumps(left, sort_keys=True, default=str) == json.dumps(right, sort_keys=True, default=str)
 
 

@@ -261,6 +261,38 @@ async def test_an_approval_covers_only_the_call_the_user_was_asked_about(raw):
     assert await client.ran() == []
 
 
+async def test_an_approval_of_a_number_does_not_cover_a_boolean_that_python_finds_equal(raw):
+    """To Python `1 == True`: the retry's arguments are compared as the binding canonicalises
+    them, where `1` and `true` differ."""
+    policy = {**POLICY, "rules": [POLICY["rules"][0], {"tools": ["files:delete_*"], "action": "escalate"}]}
+    client = await raw(policy)
+    meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {"elicitation": {}}}
+    asked = client.call("delete_file", {"path": "report.txt", "force": 1})
+    asked["params"]["_meta"] = meta
+    await client.send(asked)
+    question = (await client.receive())["result"]
+    approval = {"soda-guard/approval": {"action": "accept", "content": {"approve": True}}}
+    swapped = client.call("delete_file", {"path": "report.txt", "force": True})
+    swapped["params"].update({"_meta": meta, "requestState": question["requestState"], "inputResponses": approval})
+    await client.send(swapped)
+    answer = (await client.receive())["result"]
+    assert answer["isError"] is True and "not the call the user was asked about" in json.dumps(answer)
+    assert await client.ran() == []
+
+
+async def test_a_call_under_the_id_of_a_call_in_progress_is_refused(raw):
+    """Answers go back by id: two calls in progress under one id could have one's result
+    answer the other, past its moderation."""
+    client = await raw()
+    slow = client.call("sleep", {"seconds": 2})
+    await client.send(slow)
+    await client.send({**client.call("read_file", {"path": "notes.txt"}), "id": slow["id"]})
+    first = await client.receive()
+    assert first["id"] == slow["id"] and first["error"]["code"] == -32600 and "already in use" in first["error"]["message"]
+    assert "result" in await client.receive()
+
+
 FLOAT_ID_SERVER = '''
 import json, sys
 for line in sys.stdin:

@@ -177,3 +177,21 @@ def test_a_call_whose_arguments_hold_a_lone_surrogate_is_judged_and_its_decision
     [decision] = handler.decisions
     [record] = [json.loads(line) for line in audit.read_text().splitlines()]
     assert record["decision_id"] == decision.decision_id and record["tool_call"]["args"] == {"text": "a\ufffd"}
+
+
+def test_a_tool_run_with_arguments_only_python_finds_equal_to_the_judged_ones_is_judged_on_its_own() -> None:
+    """`{"count": 1}` was judged; `{"count": true}` runs: to `==` they are one, as JSON not."""
+    handler, backend, _ = _setup()
+    config = {"callbacks": [handler]}
+    ran: list[Any] = []
+
+    @tool
+    def repeat(count: Any) -> str:
+        """Repeat the last action `count` times."""
+        ran.append(count)
+        return "done"
+
+    reply = scripted_model([tool_calls_message(("repeat", {"count": 1}), ids=["c1"])]).invoke([HumanMessage(REQUEST)], config)
+    repeat.invoke({**reply.tool_calls[0], "args": {"count": True}}, config)
+    assert ran == [True]
+    assert [json.dumps(decision.tool_call.args) for decision in handler.decisions] == ['{"count": true}'], "judged as it ran"

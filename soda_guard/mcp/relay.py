@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
 
+from soda_guard.binding import args_digest
 from soda_guard.guard import Guard
 from soda_guard.mcp import jsonrpc
 from soda_guard.mcp.jsonrpc import INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, REQUEST_TIMEOUT, DuplicateKey, parse
@@ -124,6 +125,11 @@ class Relay:
         if method == "tools/call":
             if "id" not in message:
                 return  # a call sent as a notification cannot be answered, and is not run unjudged
+            if _key(request_id) in self._judging or _key(request_id) in self._forwarded:
+                # answers are matched to calls by id: two in progress under one id could have
+                # one's result go out as the other's, past its moderation
+                await self.send_client(jsonrpc.error(request_id, INVALID_REQUEST, f"request id {request_id!r} is already in use by a call in progress"))
+                return
             task = asyncio.ensure_future(self._guarded_call(message))
             self._judging[_key(request_id)] = task
             task.add_done_callback(lambda _: self._judging.pop(_key(request_id), None))
@@ -240,7 +246,8 @@ class Relay:
         """The retried call with the person's answer. The answer covers the escalated call
         only: a retry with other arguments is refused, not run on it."""
         escalated = escalation.tool_call
-        if escalated is None or (escalated.name, escalated.args) != (call.name, call.args):
+        # by digest, not ==: to Python `1 == 1.0 == True`, and {"n": 1} was asked about, not {"n": true}
+        if escalated is None or escalated.name != call.name or args_digest(escalated.args) != args_digest(call.args):
             return await self.session.reviewed(escalation, False, "the retried call is not the call the user was asked about")
         responses = params.get("inputResponses")
         answer = responses.get(APPROVAL_KEY) if isinstance(responses, dict) else None
