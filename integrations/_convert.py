@@ -191,18 +191,17 @@ def call_id(call: Mapping[str, Any], index: int) -> str:
     return str(call.get("id") or f"{call.get('name', 'tool')}#{index}")
 
 
-def first_same(calls: Sequence[Mapping[str, Any]], index: int) -> int:
-    """Where the first call identical to `calls[index]` (`same_call`) is in its turn. Calls
-    without ids are named by this place, so identical ones share a name: at the tool step
-    nothing tells them apart, so the guard refuses them as calls that share an id rather than
-    run both on one call's decision (or one approval)."""
-    call = calls[index]
-    return next(place for place in range(index + 1) if same_call(calls[place], call))
+def first_same(calls: Sequence[Mapping[str, Any]], call: Mapping[str, Any]) -> int | None:
+    """Where the first call identical to `call` (`same_call`) is in its turn, None where none
+    is. Calls without ids are named by this place, so identical ones share a name: at the tool
+    step nothing tells them apart, so the guard refuses them as calls that share an id rather
+    than run both on one call's decision (or one approval)."""
+    return next((place for place, candidate in enumerate(calls) if same_call(candidate, call)), None)
 
 
 def to_tool_calls(calls: Sequence[Mapping[str, Any]]) -> list[ToolCall]:
     """A model turn's calls, those without ids named by `first_same`."""
-    return [to_tool_call(call, index if call.get("id") else first_same(calls, index)) for index, call in enumerate(calls)]
+    return [to_tool_call(call, index if call.get("id") else first_same(calls, call) or 0) for index, call in enumerate(calls)]
 
 
 def call_args(call: Mapping[str, Any]) -> dict[str, Any] | str:
@@ -545,18 +544,19 @@ def with_calls(trajectory: Trajectory, calls: list[ToolCall]) -> Trajectory:
     for index in range(len(trajectory.steps) - 1, -1, -1):
         step = trajectory.steps[index]
         if isinstance(step, AssistantStep):
-            if index == len(trajectory.steps) - 1 and _same_calls(step.tool_calls, calls):
+            if index == len(trajectory.steps) - 1 and same_calls(step.tool_calls, calls):
                 return trajectory  # already exactly that (the judge then knows the step by its object)
             steps = list(trajectory.steps[:index]) + [step.model_copy(update={"tool_calls": list(calls)})]
             return trajectory.model_copy(update={"steps": steps})
     return trajectory.model_copy(update={"steps": [*trajectory.steps, AssistantStep(tool_calls=list(calls))]})
 
 
-def _same_calls(left: Sequence[ToolCall], right: Sequence[ToolCall]) -> bool:
+def same_calls(left: Sequence[ToolCall | None], right: Sequence[ToolCall]) -> bool:
     """The very calls, or calls whose arguments are the same JSON: not `==`, to which
     `{"n": 1}` and `{"n": true}` are one."""
     return len(left) == len(right) and all(
-        a is b or (a.id == b.id and a.name == b.name and args_digest(a.args) == args_digest(b.args)) for a, b in zip(left, right)
+        a is b or (a is not None and a.id == b.id and a.name == b.name and args_digest(a.args) == args_digest(b.args))
+        for a, b in zip(left, right)
     )
 
 

@@ -48,10 +48,11 @@ from soda_guard.integrations._convert import (
     call_args,
     call_id,
     command_messages,
+    first_same,
     last_turn,
     read_as_one,
     refusal_text,
-    same_call,
+    same_calls,
     to_tool_calls,
     to_trajectory,
     turn_id,
@@ -245,8 +246,8 @@ def _never_sync(_: Any) -> Any:
     raise RuntimeError("soda-guard's async judging run was invoked synchronously")
 
 
-def _same_calls(decisions: Sequence[Decision], calls: Sequence[ToolCall]) -> bool:
-    return len(decisions) == len(calls) and all(d.tool_call == c for d, c in zip(decisions, calls))
+def _answers(decisions: Sequence[Decision], calls: Sequence[ToolCall]) -> bool:
+    return same_calls([decision.tool_call for decision in decisions], calls)
 
 
 class Judging:
@@ -325,14 +326,14 @@ class Judging:
     def calls(self, trajectory: Trajectory, calls: list[ToolCall]) -> list[Decision]:
         if self.durable():
             found = [Decision.model_validate(d) for d in self._task(trajectory, calls).result()]
-            if _same_calls(found, calls):
+            if _answers(found, calls):
                 return found
         return self.traced_calls(trajectory, calls)
 
     async def acalls(self, trajectory: Trajectory, calls: list[ToolCall]) -> list[Decision]:
         if self.durable():
             found = [Decision.model_validate(d) for d in await self._atask(trajectory, calls)]
-            if _same_calls(found, calls):
+            if _answers(found, calls):
                 return found
         return await self.atraced_calls(trajectory, calls)
 
@@ -551,7 +552,7 @@ class ToolCallEnforcer:
         thread = thread_id()
         located = turn_of_call(messages, request.tool_call)
         turn = turn_id(located[1], located[0]) if located else "#none"
-        index = _position(located[1], request.tool_call) if located else 0
+        index = (first_same(located[1].tool_calls, request.tool_call) or 0) if located else 0
         name, args = str(request.tool_call.get("name") or ""), call_args(request.tool_call)
         id_, digest = call_id(request.tool_call, index), args_digest(args)
         # converted only when needed: a call with a stored record is enforced without it
@@ -743,12 +744,6 @@ def _copied(args: Any) -> Any:
     if type(args) is dict and all(type(value) in _ATOMS for value in args.values()):
         return dict(args)
     return copy.deepcopy(args)
-
-
-def _position(message: AIMessage, call: Mapping[str, Any]) -> int:
-    """The place in its turn of the first call identical to this one, which names a call that
-    came without an id (`first_same`)."""
-    return next((index for index, candidate in enumerate(message.tool_calls) if same_call(candidate, call)), 0)
 
 
 def _turn_calls(located: tuple[int, AIMessage] | None, call: ToolCall) -> list[ToolCall]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
-import json
 import threading
 from dataclasses import dataclass, field
 from collections.abc import Mapping
@@ -31,7 +30,7 @@ from langgraph.types import Command
 from langsmith.utils import tracing_is_enabled
 from typing_extensions import NotRequired
 
-from soda_guard.binding import CallBinding
+from soda_guard.binding import CallBinding, args_digest
 from soda_guard.errors import SodaGuardError
 from soda_guard.ids import new_run_id
 from soda_guard.guard import Guard
@@ -493,7 +492,7 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
         args = args if isinstance(args, (dict, str)) else str(args)
         running = {run.call.id for run in self._tool_runs.values() if run.scope == key}
         for call in self._scope(key).trajectory.pending_tool_calls() if own else []:
-            if call.name == name and (call_id is None or call.id == call_id) and call.id not in running and _same_args(call.args, args):
+            if call.name == name and (call_id is None or call.id == call_id) and call.id not in running and args_digest(call.args) == args_digest(args):
                 return call, True
         return ToolCall(id=call_id or str(run_id), name=name, args=args), False
 
@@ -552,10 +551,5 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
                 ToolStep(tool_call_id=run.call.id, name=run.call.name, content=text, is_error=is_error or failed)
             )
 
-
-def _same_args(left: Any, right: Any) -> bool:
-    """As JSON, not by `==`, to which `1 == 1.0 == True`: a decision on `{"n": 1}` is not one on
-    `{"n": true}`."""
-    return json.dumps(left, sort_keys=True, default=str) == json.dumps(right, sort_keys=True, default=str)
 
 
