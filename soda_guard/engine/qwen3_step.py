@@ -38,11 +38,6 @@ def supports(model: Any) -> bool:
     )
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`Qwen3RMSNorm`: normalised in float32, cast back, then scaled."""
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
@@ -55,8 +50,9 @@ class _Layer:
     k: tuple[torch.Tensor, torch.Tensor | None]
     v: tuple[torch.Tensor, torch.Tensor | None]
     o: tuple[torch.Tensor, torch.Tensor | None]
-    q_norm: torch.Tensor
-    k_norm: torch.Tensor
+    qk_norm: torch.Tensor
+    """`q_norm`'s weight on each query head, then `k_norm`'s on each key head ([heads, head_dim]):
+    both norms as one call over the query and key heads side by side."""
     post_norm: torch.Tensor
     gate: torch.Tensor
     up: torch.Tensor
@@ -99,6 +95,9 @@ class LeanQwen3:
         self.head_dim = config.head_dim
         self.groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = inner.layers[0].self_attn.scaling
+        self.query_heads = config.num_attention_heads
+        half = self.head_dim // 2
+        self.sin_signs = torch.tensor([-1.0] * half + [1.0] * half, dtype=self.embed.dtype, device=self.embed.device)
         self.layers = [
             _Layer(
                 layer.input_layernorm.weight,
@@ -106,8 +105,8 @@ class LeanQwen3:
                 _linear(layer.self_attn.k_proj),
                 _linear(layer.self_attn.v_proj),
                 _linear(layer.self_attn.o_proj),
-                layer.self_attn.q_norm.weight,
-                layer.self_attn.k_norm.weight,
+                torch.cat((layer.self_attn.q_norm.weight.expand(config.num_attention_heads, -1),
+                           layer.self_attn.k_norm.weight.expand(config.num_key_value_heads, -1))),
                 layer.post_attention_layernorm.weight,
                 layer.mlp.gate_proj.weight,
                 layer.mlp.up_proj.weight,
@@ -126,16 +125,21 @@ class LeanQwen3:
         batch, new = tokens.shape
         eps = self.eps
         hidden = F.embedding(tokens, self.embed)
+        # `transformers` rotates with `x * cos + rotate_half(x) * sin`, where rotate_half(x) is
+        # (-x2, x1); (x2, x1) * (-sin1, sin2) is the same products to the bit (a sign is exact),
+        # one roll instead of two slices, a negation and a concatenation
         cos, sin = self.rotary(hidden, positions)
-        cos, sin = cos[:, None], sin[:, None]
-        shape = (batch, new, -1, self.head_dim)
+        cos, sin = cos[:, :, None], (sin * self.sin_signs)[:, :, None]
+        shape, half, heads = (batch, new, -1, self.head_dim), self.head_dim // 2, self.query_heads
         for index, layer in enumerate(self.layers):
             normed = _norm(hidden, layer.input_norm, eps)
-            query = _norm(F.linear(normed, *layer.q).view(shape), layer.q_norm, eps).transpose(1, 2)
-            key = _norm(F.linear(normed, *layer.k).view(shape), layer.k_norm, eps).transpose(1, 2)
+            # query and key heads side by side, normed and rotated in one pass: each head's norm
+            # reads only its own row, so the values are the model's two separate calls' exactly
+            both = torch.cat((F.linear(normed, *layer.q).view(shape), F.linear(normed, *layer.k).view(shape)), 2)
+            both = _norm(both, layer.qk_norm, eps)
+            both = (both * cos + both.roll(half, -1) * sin).transpose(1, 2)
+            query, key = both[:, :heads], both[:, heads:]
             value = F.linear(normed, *layer.v).view(shape).transpose(1, 2)
-            query = query * cos + _rotate_half(query) * sin
-            key = key * cos + _rotate_half(key) * sin
             out = attend(index, query, key, value).transpose(1, 2).reshape(batch, new, -1)
             hidden = hidden + F.linear(out, *layer.o)
             normed = _norm(hidden, layer.post_norm, eps)
