@@ -580,7 +580,7 @@ class ToolCallEnforcer:
             if record is None:
                 same_id = [c for c in _turn_calls(located, call) if c.id == call.id]
                 decisions = yield Judge(trajectory(), same_id if len(same_id) > 1 else [call])
-                record = CallRecord.judged(binding, call, next((d for d in decisions if d.tool_call == call), decisions[0]))
+                record = CallRecord.judged(binding, call, next((d for d in decisions if same_calls([d.tool_call], [call])), decisions[0]))
         if record.awaiting_review:
             [record] = yield from review_records([record], trajectory(), self.guard.policy)
         return (yield from self._enforce(request, trajectory, record, parts))
