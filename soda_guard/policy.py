@@ -121,18 +121,19 @@ class JudgeConfig(_Strict):
 class KeywordsConfig(_Strict):
     """A judge without a model: regexes over what the agent is about to do. Meant as a
     cascade's first stage (a screen), it answers score 1 (unsafe) when an `unsafe` pattern
-    matches, else 0 (safe) when a `safe` one does, else 0.5 (controversial: a cascade passes
-    the call on)."""
+    matches, else 0 (safe) when every call screened matches a `safe` one, else 0.5
+    (controversial: a cascade passes the call on)."""
 
     kind: Literal["keywords"]
     """A screen by regular expressions, no model."""
     unsafe: list[StrictStr] = Field(default_factory=list)
     """Regexes: any match scores the call 1 (unsafe)."""
     safe: list[StrictStr] = Field(default_factory=list)
-    """Regexes: with no unsafe match, any match scores the call 0 (safe)."""
+    """Regexes: with no unsafe match, the calls score 0 (safe) where each call's own text (its
+    name, a space, its JSON arguments) matches one; never a message's text."""
     match: Literal["calls", "all"] = "calls"
-    """`calls`: the pending calls' names and arguments (every call shown, when none is
-    pending); `all`: every message of the trajectory."""
+    """What the `unsafe` patterns read. `calls`: the pending calls' names and arguments (every
+    call shown, when none is pending); `all`: every message of the trajectory."""
 
     @field_validator("unsafe", "safe")
     @classmethod
