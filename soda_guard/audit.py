@@ -190,9 +190,7 @@ class JsonlAuditSink:
             log = self._open()
             _flock(log.fd, deadline, self.path)
             try:
-                if _ends_torn(log.fd):
-                    _write_all(log.fd, b"\n")
-                _write_all(log.fd, payload)
+                _append(log.fd, payload)
             finally:
                 fcntl.flock(log.fd, fcntl.LOCK_UN)
             ticket = log.ticket()
@@ -206,6 +204,24 @@ class JsonlAuditSink:
             for log in [*self._retired, *([self._log] if self._log else [])]:
                 os.close(log.fd)
             self._log, self._retired, self._identity = None, [], None
+
+
+def _append(fd: int, payload: bytes) -> None:
+    """Append a batch whole or not at all: a write that fails part way (disk full, a file size
+    limit) is cut back to where the batch began, so the log never holds the first records of a
+    batch the caller did not get (an allow the guard then replaced with its `on_error` block,
+    which the full disk may not take either). Called holding the file's `flock`."""
+    start = os.fstat(fd).st_size
+    try:
+        if _ends_torn(fd):
+            _write_all(fd, b"\n")
+        _write_all(fd, payload)
+    except OSError:
+        try:
+            os.ftruncate(fd, start)
+        except OSError:
+            pass  # the first error says what went wrong; a torn tail is skipped by readers
+        raise
 
 
 def _ends_torn(fd: int) -> bool:

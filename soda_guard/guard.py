@@ -560,8 +560,16 @@ class Guard:
         return [self.policy.outcome(item.rule, "on_error") for item in items]
 
     def _write(self, decisions: list[Decision], deadline: float | None) -> None:
+        """Every sink is written, even after one fails (a full JSONL volume must not keep the
+        records from SQLite); the first failure is raised once all have been tried."""
+        failure: Exception | None = None
         for sink in self.sinks:
-            sink.write(decisions, deadline=deadline)
+            try:
+                sink.write(decisions, deadline=deadline)
+            except Exception as error:
+                failure = failure or error
+        if failure is not None:
+            raise failure
 
     def _audit(
         self, decisions: list[Decision], deadline: float | None = None, on_error: Sequence[Action] | None = None
@@ -586,7 +594,8 @@ class Guard:
         except Exception as error:
             if any(decision.allowed for decision in fallback):
                 raise AuditError(f"decisions could not be recorded ({cause}), nor their on_error allow ({error})") from error
-            note = f"; this decision is not recorded either: {type(error).__name__}: {error}"
+            where = "" if len(self.sinks) == 1 else " by every sink"
+            note = f"; this decision is not recorded either{where}: {type(error).__name__}: {error}"
             fallback = [decision.model_copy(update={"why": decision.why + note}) for decision in fallback]
         return fallback
 

@@ -250,7 +250,52 @@ def test_a_failed_sink_turns_the_decisions_into_recorded_on_error_decisions(tmp_
     [decision] = guard.check_tool_calls(LOCKED_CALL)
     assert decision.action is Action.ESCALATE and "No space left on device" in decision.why
     assert "not recorded" not in decision.why
-    assert [d.decision_id for d in read_audit(log)] == [decision.decision_id] == [d.decision_id for d in flaky.writes[1]]
+    # the sink after the failed one still took the decision made, then the one that replaced it
+    made, replaced = read_audit(log)
+    assert (made.action, replaced.decision_id) == (Action.ALLOW, decision.decision_id)
+    assert f"replaces decision {made.decision_id}" in decision.why
+    assert [d.decision_id for d in flaky.writes[1]] == [decision.decision_id]
+
+
+class DiskFull:
+    def write(self, decisions: Sequence[Decision], *, deadline: float | None = None) -> None:
+        raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_sink_that_keeps_failing_does_not_keep_the_records_from_the_sinks_after_it(tmp_path: Path, mode: str) -> None:
+    """A full volume under one sink once stopped every later sink from hearing of anything:
+    the policy's own JSONL was left without the decision or its replacement."""
+    log = tmp_path / "held.jsonl"
+    guard = _audited_guard(tmp_path, sinks=[DiskFull()])
+    [decision] = guard.check_tool_calls(LOCKED_CALL) if mode == "sync" else asyncio.run(guard.acheck_tool_calls(LOCKED_CALL))
+    assert decision.action is Action.BLOCK and "not recorded either by every sink" in decision.why
+    assert [(d.action, d.decision_id) for d in read_audit(log)][1:] == [(Action.BLOCK, decision.decision_id)]
+
+
+def test_a_batch_the_disk_takes_only_part_of_leaves_no_record_of_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The volume fills up after the first of two records: without its end the batch is cut
+    back, so the log does not say the first call was allowed when the caller got a block (nor
+    a half of the replacement batch, which the full disk does not take either)."""
+    import soda_guard.audit as audit
+
+    write_all = audit._write_all
+
+    def fills_up(fd: int, payload: bytes) -> None:
+        first = payload.split(b"\n", 1)[0] + b"\n"
+        write_all(fd, first)
+        if len(first) < len(payload):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(audit, "_write_all", fills_up)
+    log = tmp_path / "held.jsonl"
+    log.write_bytes(b"")
+    guard = _audited_guard(tmp_path)
+    calls = [{"id": f"p{i}", "type": "function", "function": {"name": "lookup", "arguments": "{}"}} for i in range(2)]
+    trajectory = from_openai_messages([{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": calls}])
+    decisions = guard.check_tool_calls(trajectory)
+    assert [d.action for d in decisions] == [Action.BLOCK, Action.BLOCK]
+    assert log.read_bytes() == b""
 
 
 def test_a_locked_audit_database_ends_the_check_in_on_error(tmp_path: Path) -> None:
