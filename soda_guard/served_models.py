@@ -4,6 +4,7 @@ serve`, for one, names a model by the absolute path of its folder."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -19,13 +20,19 @@ def served_models(base_url: str, *, headers: dict[str, str] | None = None, timeo
         response = httpx.get(url, headers=headers or {}, timeout=timeout_s)
     except httpx.HTTPError as error:
         raise ServedModelsError(f"{url}: {type(error).__name__}: {error or 'no answer'}") from error
-    if response.status_code != 200:
-        raise ServedModelsError(f"{url}: HTTP {response.status_code}: {response.text[:200]}")
+    return model_ids(url, response.status_code, response.content)
+
+
+def model_ids(url: str, status: int, body: bytes) -> list[str]:
+    """The ids in a `GET /models` reply (`status`, `body`), or why there are none."""
+    text = body.decode("utf-8", errors="replace")
+    if status != 200:
+        raise ServedModelsError(f"{url}: HTTP {status}: {text[:200]}")
     try:
-        data: Any = response.json()
+        data: Any = json.loads(body)
         return [str(entry["id"]) for entry in data["data"]]
     except (ValueError, KeyError, TypeError) as error:
-        raise ServedModelsError(f"{url}: not a model list: {response.text[:200]!r}") from error
+        raise ServedModelsError(f"{url}: not a model list: {text[:200]!r}") from error
 
 
 def mismatch(model: str, served: list[str]) -> str | None:

@@ -3,7 +3,9 @@ server stopped, and a model the server does not serve is named next to what it d
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from typing import Any, Callable
 
 import pytest
@@ -70,3 +72,47 @@ def test_a_model_name_mismatch_names_both_names() -> None:
             client.generate([REQUEST])
     message = str(raised.value)
     assert "HTTP 404" in message and "'judge'" in message and served in message, message
+
+
+class TricklingModelsApp:
+    """Refuses every judgment (404), then answers the model listing the guard asks for next
+    one byte every 50 ms for a minute: a read never times out."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["method"] == "GET":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+            for _ in range(1200):
+                await send({"type": "http.response.body", "body": b" ", "more_body": True})
+                try:
+                    if (await asyncio.wait_for(receive(), timeout=0.05)).get("type") == "http.disconnect":
+                        return
+                except asyncio.TimeoutError:
+                    pass
+            await send({"type": "http.response.body", "body": b"{}"})
+            return
+        while (await receive()).get("more_body"):
+            pass
+        payload = b'{"error": {"message": "The model `judge` does not exist."}}'
+        await send({"type": "http.response.start", "status": 404, "headers": [(b"content-length", str(len(payload)).encode())]})
+        await send({"type": "http.response.body", "body": payload})
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_the_model_listing_after_a_refusal_ends_with_the_judgments_deadline(mode: str) -> None:
+    """The look at `GET /models` that names both models after a refusal once had a timeout per
+    read only: a server trickling it held the worker (and `close`, and the process's exit)
+    for as long as it liked. It now ends with the judgment's deadline, and the worker is free."""
+    server = LoopbackServer(TricklingModelsApp()).start()
+    try:
+        with OpenAIBackend("judge", base_url=server.base_url, retries=0, timeout_s=1.0) as client:
+            start = time.monotonic()
+            with pytest.raises(JudgeError, match="HTTP 404"):
+                client.generate([REQUEST]) if mode == "sync" else asyncio.run(client.agenerate([REQUEST]))
+            until = time.monotonic() + 10.0  # a margin for a loaded machine; the server goes on for 60 s
+            while client.in_flight and time.monotonic() < until:
+                time.sleep(0.01)
+            assert client.in_flight == 0 and time.monotonic() - start < 10.0
+    finally:
+        server.kill()

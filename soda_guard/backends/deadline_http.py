@@ -248,10 +248,17 @@ class DeadlineClient:
         """Raises httpcore's errors (a timeout once `until`, time.monotonic, passes; `Aborted`
         soon after `abort` is set) and `BodyTooLarge`."""
         content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        return self._request("POST", url, content, until, abort)
+
+    def get(self, url: str, *, until: float, abort: threading.Event | None = None) -> Reply:
+        """`post_json`'s bounds for a GET: the deadline, the abort and the size limit."""
+        return self._request("GET", url, None, until, abort)
+
+    def _request(self, method: str, url: str, content: bytes | None, until: float, abort: threading.Event | None) -> Reply:
         with deadline(until, abort):
             left = _left(None, httpcore.PoolTimeout)
             extensions = {"timeout": {"pool": left}}
-            with self._pool.stream("POST", url, headers=self._headers, content=content, extensions=extensions) as response:
+            with self._pool.stream(method, url, headers=self._headers, content=content, extensions=extensions) as response:
                 headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in response.headers}
                 return Reply(response.status, headers, self._read(response, headers))
 

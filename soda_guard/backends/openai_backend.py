@@ -40,10 +40,13 @@ from soda_guard.errors import JudgeError
 from soda_guard.generation import GenerationRequest, GenerationResult, ScoreSpec
 from soda_guard.policy import DEFAULT_MAX_RESPONSE_BYTES, MAX_TIMEOUT_S
 from soda_guard.score import decode_pieces, label_token, label_value
-from soda_guard.served_models import ServedModelsError, mismatch, served_models
+from soda_guard.served_models import mismatch, model_ids
 
 #: the most alternatives OpenAI's API (and vLLM's default `--max-logprobs`) allows per token
 MAX_TOP_LOGPROBS = 20
+
+#: the longest look at `GET /models` after a refusal (within the judgment's deadline too)
+MODEL_NOTE_MAX_S = 2.0
 
 #: how long a caller waits past the deadline for the worker's own account of the timeout (which
 #: names the last failure) before reporting a bare timeout
@@ -203,19 +206,22 @@ class OpenAIBackend:
             if response.status >= 500:
                 self.pool.failed(server)
                 raise _Retryable(detail)
-            raise JudgeError(f"judge server refused the request: {detail}{self._model_note(server, deadline)}")
+            raise JudgeError(f"judge server refused the request: {detail}{self._model_note(client, server, deadline, request)}")
         self.pool.succeeded(server)
         try:
             return json.loads(response.body)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise JudgeError(f"judge server {url} returned a body that is not JSON: {_text(response)[:300]!r}") from error
 
-    def _model_note(self, server: Server, deadline: float) -> str:
-        """A refused request most often names a model the server does not serve; one bounded
-        look at `GET /models` turns that into both names."""
+    def _model_note(self, client: DeadlineClient, server: Server, deadline: float, request: GenerationRequest) -> str:
+        """A refused request most often names a model the server does not serve; one look at
+        `GET /models`, within the judgment's own deadline, abort and size limit (a server that
+        refuses may trickle this reply too), turns that into both names."""
+        url = f"{server.base_url}/models"
         try:
-            served = served_models(server.base_url, headers=self._headers, timeout_s=min(2.0, max(0.1, deadline - time.monotonic())))
-        except ServedModelsError:
+            reply = client.get(url, until=min(deadline, time.monotonic() + MODEL_NOTE_MAX_S), abort=request.cancelled)
+            served = model_ids(url, reply.status, reply.body)
+        except Exception:  # the note is a courtesy: whatever keeps it from being read, the refusal stands
             return ""
         note = mismatch(self.model_id, served)
         return f" ({note})" if note else ""
