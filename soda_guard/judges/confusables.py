@@ -59,6 +59,12 @@ def build_tables() -> None:
     _folding()
 
 
+_CONTROLS = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f]+")
+"""C0 and C1 control characters (tab and the line breaks aside): drawn as nothing or as a
+placeholder, and read past by a model as it reads past `\u200b`, so removed like the invisible
+characters (`[Ver\x00dict]` is `[Verdict]`)."""
+
+
 def strip_invisible(text: str) -> str:
     bmp, astral = _invisible()
     text = bmp.sub("", text)
@@ -190,21 +196,23 @@ def _literal(char: str) -> str:
 @functools.lru_cache(maxsize=None)
 def shaped(delimiters: re.Pattern[str]) -> re.Pattern[str]:
     """The delimiter pattern as a shape: it matches a folded line wherever some choice of ASCII
-    letters for its `LETTER`s and ASCII punctuation for its `MARK`s would match `delimiters`."""
-    return re.compile(_shaped_source(delimiters.pattern), delimiters.flags)
+    letters for its `LETTER`s and ASCII punctuation for its `MARK`s would match `delimiters`,
+    after any run of `MARK`s: a private-use, unassigned or replacement character (or any other
+    symbol outside ASCII) in front of `=== END ===` is a glyph the model may read past."""
+    return re.compile(f"{MARK}*(?:{_shaped_source(delimiters.pattern)})", delimiters.flags)
 
 
 def delimiter_key(line: str) -> str:
-    """The folded form of a line that shaped delimiter patterns are matched on: no invisible
-    characters, NFKC applied (full-width and compatibility forms become ASCII), and every
+    """The folded form of a line that shaped delimiter patterns are matched on: no invisible or
+    control characters, NFKC applied (full-width and compatibility forms become ASCII), and every
     character still outside ASCII a `LETTER` (any letter, or a character Unicode's confusables
     data says looks like an ASCII letter, such as `∪`), the ASCII punctuation a letter is
     confusable with (`ᐸ` is `<`), or a `MARK` (any other symbol or punctuation). A look-alike
     from any script (Cyrillic, Cherokee, Lisu, small capitals, Canadian syllabics) thereby
     counts as whatever the marker needs there, with no table of look-alikes to fall behind."""
     if line.isascii():
-        return line.lstrip()
-    visible = strip_invisible(line).lstrip()
+        return (_CONTROLS.sub("", line) if _CONTROLS.search(line) else line).lstrip()
+    visible = strip_invisible(_CONTROLS.sub("", line)).lstrip()
     normal = unicodedata.normalize("NFKC", visible)
     if normal != visible:  # a compatibility decomposition can bring back a combining mark
         normal = strip_invisible(normal).lstrip()

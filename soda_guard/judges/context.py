@@ -81,18 +81,28 @@ GEN_DELIMITERS = re.compile(
 _BREAK_CHARS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 
 
+_PRINTABLE_OR_BREAK = bytes(code for code in range(128) if code == 9 or 0x20 <= code <= 0x7E or chr(code) in _BREAK_CHARS)
+
+
+def _printable(text: str) -> bool:
+    """Printable ASCII, tabs and line breaks only: no line of it can need more than the exact
+    delimiter check (`_candidates`). Bytes' `translate` scans four times faster than a regex."""
+    return text.isascii() and not text.encode("ascii").translate(None, _PRINTABLE_OR_BREAK)
+
+
 @functools.lru_cache(maxsize=None)
-def _candidates(delimiters: re.Pattern[str], ascii_text: bool) -> tuple[re.Pattern[str], re.Pattern[str]]:
+def _candidates(delimiters: re.Pattern[str], printable: bool) -> tuple[re.Pattern[str], re.Pattern[str]]:
     """(the first line, every later line: a break followed by) a line that may need escaping,
     found by C-level scans instead of a Python loop over every line (a 5 MB tool result is over
-    a million lines). A line that is not a candidate is pure ASCII, where `is_delimiter` only
-    strips leading whitespace, and the delimiter does not match after tab, space and U+001F:
-    so it cannot match its key either. Candidates get the exact check. A CR LF pair is one
-    break, as in `_LINE_BREAK`. In an all-ASCII text no line can contain anything
-    else, and the scan for it (half the work) is left out."""
+    a million lines). A line that is not a candidate is printable ASCII, where `is_delimiter`
+    only strips leading whitespace, and the delimiter does not match after tab, space and
+    U+001F: so it cannot match its key either. A line with anything else in it (a character
+    outside ASCII, a control character) is a candidate. Candidates get the exact check. A CR LF
+    pair is one break, as in `_LINE_BREAK`. In a text of printable ASCII and breaks no line can
+    contain anything else, and the scan for it (half the work) is left out."""
     line = f"[ \t\x1f]*(?:{delimiters.pattern})"
-    if not ascii_text:
-        line = f"(?:{line}|(?-i:(?=[^{_BREAK_CHARS}]*[^\x00-\x7f])))"
+    if not printable:
+        line = f"(?:{line}|(?-i:(?=[^{_BREAK_CHARS}]*[^\t\x20-\x7e{_BREAK_CHARS}])))"
     return (
         re.compile(line, delimiters.flags),
         re.compile(f"(?:\r\n|[{_BREAK_CHARS}])(?={line})", delimiters.flags),
@@ -184,7 +194,7 @@ def neutralise(text: str, delimiters: re.Pattern[str]) -> str:
 
 def _neutralise(text: str, delimiters: re.Pattern[str]) -> str:
     text = escape_token_text(text)
-    first, later = _candidates(delimiters, text.isascii())
+    first, later = _candidates(delimiters, _printable(text))
     starts = [0] if first.match(text) else []
     for begin, end in _chunks(text):
         starts += [found.end() for found in later.finditer(text, begin, end)]
