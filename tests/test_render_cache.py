@@ -488,3 +488,44 @@ def test_threads_rendering_one_conversation_at_once_each_get_their_own_prompt(ki
 
     run_interleaved([lambda seed=seed: render(seed) for seed in range(6)])
     assert not wrong
+
+
+@pytest.mark.parametrize("window", ["latest", "history", "full"])
+@pytest.mark.parametrize("budget", [ContextBudget(), ContextBudget(max_prompt_chars=6000, max_message_chars=2000)], ids=["default", "small"])
+def test_a_history_prepared_while_a_later_turn_was_the_action_is_rendered_for_this_action(window: str, budget: ContextBudget) -> None:
+    """The same step objects judged first with a later action (another thread sharing them,
+    or this one before a rollback), then up to an earlier one: that action must be shown whole
+    and protected, as the reference shows it. Extended from the first history, it kept its
+    ordinary flags: clipped, or elided, with no `<tool_call>` left in the prompt."""
+    mark = "DELETE-ALL-BACKUPS"
+    room = budget.max_prompt_chars  # a request and an action of half the budget each, longer than a message may be
+    request = UserStep(content="Clean up the server. " + "Details: " * (room // 19))
+    action = AssistantStep(tool_calls=[ToolCall(id="c0", name="shell", args={"cmd": mark + " && " + "echo ok; " * (room // 21)})])
+    later = AssistantStep(tool_calls=[ToolCall(id="c1", name="shell", args={"cmd": "ls"})])
+    results = [ToolStep(tool_call_id="c0", content=f"part {index} " + "o" * (room // 4)) for index in range(3)]
+    judge = SodaJudge(window=window, budget=budget)
+    judge.render(Trajectory(steps=[request, action, later], conversation_id="other"))
+    mine = Trajectory(steps=[request, action, *results], conversation_id="mine")
+    assert _cached(judge, mine) == _reference(judge, mine)
+    assert mark in _cached(judge, mine)[0]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("over_budget", [False, True])
+def test_a_request_removed_after_it_was_judged_does_not_leave_its_place_to_another_message(over_budget: bool) -> None:
+    """A judge that rendered a conversation ending in a request, then the same conversation
+    with that request gone (a rollback, a `RemoveMessage`) and an action in its place: the
+    earlier request is the latest one now, kept whole; taken from the first render, the place
+    of the latest request pointed at the action, and the real request was clipped or elided."""
+    budget = ContextBudget(max_prompt_chars=8000, max_message_chars=2000)
+    earlier = UserStep(content="WIRE-THE-WHOLE-BALANCE please. " + "context " * (300 if not over_budget else 1200))
+    removed = UserStep(content="Actually, never mind.")
+    padding = [step for index in range(0 if not over_budget else 6) for step in (
+        AssistantStep(content="Looking.", tool_calls=[ToolCall(id=f"p{index}", name="read", args={})]),
+        ToolStep(tool_call_id=f"p{index}", content="x" * 1500),
+    )]
+    action = AssistantStep(tool_calls=[ToolCall(id="w", name="wire", args={"to": "XX99"})])
+    judge = SodaJudge(budget=budget)
+    judge.render(Trajectory(steps=[*padding, earlier, removed], conversation_id="c"))
+    rolled_back = Trajectory(steps=[*padding, earlier, action], conversation_id="c")
+    assert _cached(judge, rolled_back) == _reference(judge, rolled_back)
+    assert "WIRE-THE-WHOLE-BALANCE" in _cached(judge, rolled_back)[0]  # type: ignore[index]

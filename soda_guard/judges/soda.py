@@ -353,16 +353,19 @@ class SodaJudge(Judge):
         )
 
     def _extend(self, history: list[UserStep | AssistantStep | ToolStep], user_index: int | None, action_index: int | None, count: int, base: PreparedHistory, base_shape: object) -> PreparedHistory | None:
-        """The next turn's history from the previous one's: with the same latest request, only
-        the previous action's flags change (it is no longer the action judged) and the new
-        messages are added."""
+        """The next turn's history from an earlier one's: with the same latest request, only
+        the earlier action's flags and this action's can differ (the base may have been
+        prepared while a later turn was the action: one that shares these steps, or this
+        conversation before a rollback), and the new messages are added."""
         base_user, base_action = base_shape  # type: ignore[misc]
         if base_user != user_index:
             return None
         size = len(base.blocks)
         changed = {}
-        if base_action is not None and base_action < size and base_action != action_index:
-            changed[base_action] = self._flagged(history[base_action], base_action, user_index, action_index, count - 1)
+        if base_action != action_index:
+            for index in (base_action, action_index):
+                if index is not None and index < size:
+                    changed[index] = self._flagged(history[index], index, user_index, action_index, count - 1)
         appended = self._blocks_of(history[size:], user_index, action_index, count - 1, start=size)
         return base.extended(changed, appended, count)
 
@@ -446,7 +449,11 @@ class SodaJudge(Judge):
         size = len(record.steps)  # the conversation shown is the record's history, then `new`
         last = size + len(new) - 1
         user_index, before = record.shape  # type: ignore[misc]
+        if user_index is not None and user_index >= size:
+            return None  # the request was the message judged then, which `new` may no longer begin with
         newest = last_index(roles, "assistant")
+        if newest is None and before is not None and before >= size and not isinstance(new[0], AssistantStep):
+            return None  # the action was the message judged then, and `new` does not begin with an action
         action_index = before if newest is None else size + newest
         if isinstance(record, _Elided):
             return self._continued(record, trajectory, new, user_index, action_index, harm, environment)
