@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import operator
 import re
 from dataclasses import dataclass, field
@@ -151,6 +152,21 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _as_number(value: Any) -> float | int | None:
+    """A number, or a string that reads as a finite one (`"5000"`, `" 5e3 "`): what a tool that
+    validates its arguments (pydantic's lax mode, a LangChain tool) runs with, so `gt: 1000`
+    is not walked around by quoting the amount. Anything else is no number."""
+    if _is_number(value):
+        return value  # type: ignore[no-any-return]
+    if isinstance(value, str) and len(value) <= 64:
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        return number if math.isfinite(number) else None
+    return None
+
+
 def _same(left: Any, right: Any) -> bool:
     """Equality without Python's `True == 1` and `1 == 1.0`-across-kinds surprises: a bool
     equals only a bool, a number only a number, a string only a string."""
@@ -168,8 +184,8 @@ def _path(text: str) -> tuple[str, ...]:
 
 class ArgTest(_Strict):
     """Comparisons on one argument; every one given must hold. A missing argument, or a value
-    whose type does not fit the comparison (a string for `gt`, a number for `glob`), does not
-    match."""
+    whose type does not fit the comparison (a word for `gt`, a number for `glob`), does not
+    match; a string that reads as a number is one for `gt`, `ge`, `lt` and `le`."""
 
     eq: Scalar = None
     ne: Scalar = None
@@ -218,8 +234,10 @@ class ArgTest(_Strict):
             return False
         if "ne" in given and (not _comparable(value, self.ne) or _same(value, self.ne)):
             return False
-        if self._bounds and not (_is_number(value) and all(test(value, bound) for test, bound in self._bounds)):
-            return False
+        if self._bounds:
+            number = _as_number(value)
+            if number is None or not all(test(number, bound) for test, bound in self._bounds):
+                return False
         if self.in_ is not None and not (_is_scalar(value) and any(_same(value, member) for member in self.in_)):
             return False
         if self.not_in is not None and not (_is_scalar(value) and not any(_same(value, member) for member in self.not_in)):

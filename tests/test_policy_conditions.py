@@ -48,7 +48,12 @@ ARGS_CASES = [
     # (comparison, value, matches)
     ({"gt": 1000}, 5000, True),
     ({"gt": 1000}, 10, False),
-    ({"gt": 1000}, "5000", False),  # a string is the wrong type for gt
+    ({"gt": 1000}, "5000", True),  # a string that reads as a number is one: a tool runs with 5000
+    ({"gt": 1000}, " 5e3 ", True),
+    ({"lt": 100}, "5000", False),
+    ({"gt": 1000}, "5000 EUR", False),  # a word is the wrong type for gt
+    ({"gt": 1000}, "inf", False),
+    ({"gt": 1000}, "nan", False),
     ({"gt": 1000}, True, False),  # a bool is not a number
     ({"ge": 10, "lt": 20}, 10, True),
     ({"ge": 10, "lt": 20}, 20, False),
