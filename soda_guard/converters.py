@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticSerializationError
 
 from soda_guard.errors import TrajectoryError
+from soda_guard.mcp.jsonrpc import parse as parse_json
 from soda_guard.trajectory import (
     AssistantStep,
     SystemStep,
@@ -136,7 +137,9 @@ def _parse_arguments(raw: Any, index: int) -> dict[str, Any] | str:
         return {}
     if isinstance(raw, str):
         try:
-            parsed = json.loads(raw)
+            # repeated keys are read as the text they are: parsers disagree on which one wins
+            # (Python's the last, others the first), so a value could run that no judge saw
+            parsed = parse_json(raw)
         except ValueError:
             return raw
         except RecursionError:

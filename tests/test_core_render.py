@@ -169,3 +169,18 @@ def test_unparsable_arguments_reach_the_judge_verbatim() -> None:
     )
     text = SodaJudge().render(trajectory).messages[1]["content"]
     assert json.dumps({"name": "run", "arguments": "{not json"}) in text
+
+
+def test_arguments_with_a_repeated_key_reach_the_judge_as_the_text_they_are() -> None:
+    """Python keeps a repeated key's last value, other parsers its first: read as a dict, the
+    judge would see `/etc/passwd` alone while a first-key-wins executor reads `notes.txt`, or
+    the other way round. The judge sees both, as written."""
+    raw = '{"path": "notes.txt", "path": "/etc/passwd"}'
+    trajectory = from_openai_messages(
+        [
+            {"role": "user", "content": "go"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "x", "function": {"name": "read", "arguments": raw}}]},
+        ]
+    )
+    assert trajectory.pending_tool_calls()[0].args == raw
+    assert json.dumps({"name": "read", "arguments": raw}) in SodaJudge().render(trajectory).messages[1]["content"]
