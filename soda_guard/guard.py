@@ -433,6 +433,8 @@ class Guard:
         return runner.verdicts(views, deadline)
 
     async def _ajudge_group(self, judge_name: str, views: list[Trajectory], start: float, deadline: float) -> list[Verdict]:
+        if self.judge_threads.closed:  # as the sync path's submit refuses: nothing is judged, nothing restarted
+            raise JudgeError("the guard is closed")
         runner = self._runners.get(judge_name)
         if runner is None:
             loading = self.judge_threads.submit(lambda: self.runner(judge_name), key=judge_name)

@@ -444,3 +444,24 @@ def test_an_inline_judge_that_raises_takes_on_error(error: BaseException) -> Non
     assert decision.action is Action.LOG and decision.verdict.error is not None
     assert type(error).__name__ in decision.verdict.error and str(error) in decision.verdict.error
     assert guard.judge_threads.threads == 0
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_closed_guard_judges_nothing_and_fails_closed(mode: str) -> None:
+    """After `close` (or `aclose`) a check ends in `on_error`, saying so; the async path once
+    went on judging, and allowed, on a backend its first call started again."""
+    guard, backend = make_guard([soda_reply(False)])
+    trajectory = from_openai_messages(turn(("1", "lookup")))
+    guard.check_tool_calls(trajectory)
+    asked = len(backend.requests)
+    if mode == "sync":
+        guard.close()
+        [decision] = guard.check_tool_calls(trajectory)
+    else:
+        async def closed_then_checked() -> Any:
+            await guard.aclose()
+            return (await guard.acheck_tool_calls(trajectory))[0]
+
+        decision = asyncio.run(closed_then_checked())
+    assert decision.action is Action.BLOCK and "the guard is closed" in decision.why
+    assert len(backend.requests) == asked
