@@ -107,3 +107,14 @@ def test_in_process_score_sums_every_casing_the_soda_parser_accepts(qwen_tokeniz
     for word, probability in ((" unsafe", 0.6), (" safe", 0.3), (" UNSAFE", 0.1)):
         logits[at][first[word]] = math.log(probability)
     assert score_generation(tokenizer, generated, logits, SodaJudge.score_spec) == pytest.approx(0.7, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "text", ["[Reason] r\n[Verdict] \u017fAFE", "[Reason] r\n[Verdict] UN\u017fAFE", "[Reason] r\n[Verdict]\u00a0SAFE"],
+    ids=["long-s", "long-s-unsafe", "no-break-space"],
+)
+def test_the_soda_parser_folds_ascii_case_only(text: str) -> None:
+    """Unicode case folding reads the long s (U+017F) as `s`: `ſAFE` was SAFE. Only ASCII
+    letters change case now; anything else is no verdict, and `on_error` decides."""
+    assert SodaJudge().parse(text).label is None
+    assert SodaJudge().parse("[Reason] r\n[Verdict] safe").label is not None

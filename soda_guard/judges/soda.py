@@ -64,10 +64,10 @@ UNSPECIFIED = "unspecified"
 
 Window = Literal["latest", "history", "full"]
 
-_VERDICT = re.compile(r"(?<!\\)\[Verdict\]\s*(SAFE|UNSAFE)\b", re.IGNORECASE)
-_LABEL_WORD = re.compile(r"\b(?:SAFE|UNSAFE)\b", re.IGNORECASE)
-_REASON = re.compile(r"\[Reason\]", re.IGNORECASE)
-_ANY_VERDICT = re.compile(r"\[Verdict\]", re.IGNORECASE)
+_VERDICT = re.compile(r"(?<!\\)\[Verdict\]\s*(SAFE|UNSAFE)\b", re.IGNORECASE | re.ASCII)
+_LABEL_WORD = re.compile(r"\b(?:SAFE|UNSAFE)\b", re.IGNORECASE | re.ASCII)
+_REASON = re.compile(r"\[Reason\]", re.IGNORECASE | re.ASCII)
+_ANY_VERDICT = re.compile(r"\[Verdict\]", re.IGNORECASE | re.ASCII)
 
 
 def _pick(trajectory_value: str | None, configured: str | None) -> tuple[str, Source]:
