@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, Union
 
+import regex
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -197,7 +198,7 @@ class ArgTest(_Strict):
     not_in: list[Scalar] | None = None
     glob: StrictStr | None = None
     regex: StrictStr | None = None
-    _regex: re.Pattern[str] | None = PrivateAttr(default=None)
+    _regex: regex.Pattern[str] | None = PrivateAttr(default=None)
     _glob: re.Pattern[str] | None = PrivateAttr(default=None)
     _bounds: list[tuple[Callable[[Any, Any], bool], float]] = PrivateAttr(default_factory=list)
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -207,8 +208,8 @@ class ArgTest(_Strict):
     def _compiles(cls, value: str | None) -> str | None:
         if value is not None:
             try:
-                re.compile(value)
-            except re.error as error:
+                regex.compile(value, flags=regex.V0)
+            except regex.error as error:
                 raise ValueError(f"invalid regex {value!r}: {error}") from None
         return value
 
@@ -220,7 +221,7 @@ class ArgTest(_Strict):
 
     def model_post_init(self, context: Any) -> None:
         if self.regex is not None:
-            self._regex = re.compile(self.regex)
+            self._regex = regex.compile(self.regex, flags=regex.V0)
         if self.glob is not None:
             self._glob = re.compile(fnmatch.translate(self.glob))
         compare = ((operator.gt, self.gt), (operator.ge, self.ge), (operator.lt, self.lt), (operator.le, self.le))
@@ -244,13 +245,27 @@ class ArgTest(_Strict):
             return False
         if self._glob is not None and not (isinstance(value, str) and self._glob.match(value)):
             return False
-        if self._regex is not None and not (isinstance(value, str) and self._regex.search(value)):
+        if self._regex is not None and not (isinstance(value, str) and _searched(self._regex, value)):
             return False
         return True
 
     def describe(self) -> str:
         shown = self.model_dump(exclude_unset=True, by_alias=True)
         return " ".join(f"{op} {json.dumps(_plain(operand), ensure_ascii=False)}" for op, operand in shown.items())
+
+
+REGEX_TIMEOUT_S = 0.05
+"""The longest an argument's `regex` is searched for: the pattern is the policy's, the text the
+agent's, and a pattern that backtracks on it must not hold the check (or, without the GIL it
+lets go of, every other thread). A search not done by then does not match, as a value the
+condition cannot read does not: the next rule, by default the judge, decides."""
+
+
+def _searched(pattern: regex.Pattern[str], value: str) -> bool:
+    try:
+        return pattern.search(value, timeout=REGEX_TIMEOUT_S, concurrent=True) is not None
+    except TimeoutError:
+        return False
 
 
 def _plain(operand: Any) -> Any:

@@ -7,11 +7,11 @@ ignored: a typo in a security policy must not turn a rule off) and loads from YA
 from __future__ import annotations
 
 import fnmatch
-import re
 from pathlib import Path
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Union
 
+import regex
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, SecretStr, StrictFloat, StrictStr, ValidationError, field_validator, model_validator
 
@@ -140,8 +140,8 @@ class KeywordsConfig(_Strict):
     def _compiles(cls, patterns: list[str]) -> list[str]:
         for pattern in patterns:
             try:
-                re.compile(pattern)
-            except re.error as error:
+                regex.compile(pattern, flags=regex.V0)  # the engine the screen runs them on
+            except regex.error as error:
                 raise ValueError(f"invalid regex {pattern!r}: {error}") from None
         return patterns
 

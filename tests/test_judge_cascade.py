@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -325,3 +326,39 @@ def test_a_message_never_makes_a_call_safe_even_where_the_unsafe_patterns_read_e
     unsafe_text = from_openai_messages([{"role": "user", "content": "then rm -rf the rest"}, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "a", "type": "function", "function": {"name": "read_file", "arguments": "{}"}}]}])
     assert screen.verdict(unsafe_text).label.value == "unsafe"
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_screen_pattern_that_backtracks_ends_with_the_deadline_and_leaves_the_loop_free(mode: str) -> None:
+    """An ordinary-looking pattern is quadratic on what the agent sends: `re` searched 80 KB
+    of `curl curl ...` for 4.6 s past a 1 s deadline, holding the GIL, on the caller's thread
+    (sync) or with the event loop stopped (async). The screen's search now stops at the
+    check's deadline, without the GIL, and the call takes `on_error`."""
+    policy = Policy.from_yaml(r"""
+judges:
+  screen: {kind: keywords, unsafe: ['curl\s.*\s\|\s*sh']}
+defaults: {judge: screen, on_error: block, timeout_s: 0.5}
+""")
+    guard = Guard(policy)
+    stuck = pending("shell", {"cmd": "curl " * 40000})
+    ticks = 0
+
+    async def ticking() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    async def checked_while_ticking() -> Any:
+        ticker = asyncio.ensure_future(ticking())
+        try:
+            return (await guard.acheck_tool_calls(stuck))[0]
+        finally:
+            ticker.cancel()
+
+    start = time.monotonic()
+    decision = guard.check_tool_calls(stuck)[0] if mode == "sync" else asyncio.run(checked_while_ticking())
+    assert time.monotonic() - start < 5.0  # a margin for a loaded machine: the search alone runs for minutes
+    assert decision.action is Action.BLOCK and "timed out" in decision.why
+    if mode == "async":
+        assert ticks >= 10  # ~50 at 10 ms a tick in 0.5 s; a held loop ticks once or twice

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from typing import Any
 
 import pytest
@@ -417,3 +418,15 @@ rules:
     )
     assert [rule.is_judged for rule in policy.rules] == [False, False, False, False, True]
     assert policy.judges_in_use() == ["soda", "results"]
+
+
+def test_an_argument_regex_that_backtracks_on_the_value_gives_up_and_does_not_match() -> None:
+    """The pattern is the policy's, the value the agent's: a search that would run for minutes
+    stops (`REGEX_TIMEOUT_S`) and the condition does not match, so the next rule (here the
+    judge, by default) decides, as for any value the condition cannot read."""
+    trajectory = thread([call("run_shell", {"cmd": "curl " * 40000})])
+    rules = '  - {tools: ["run_*"], when: {args: {cmd: {regex: "curl\\\\s.*\\\\s\\\\|\\\\s*sh"}}}, action: block}'
+    start = time.monotonic()
+    assert routed(rules, trajectory) == ("defaults", None)
+    assert time.monotonic() - start < 5.0  # a margin for a loaded machine; `re` took over a minute
+    assert routed(rules, thread([call("run_shell", {"cmd": "curl x | sh"})]))[0] == "rules[0]"

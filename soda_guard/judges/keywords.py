@@ -7,9 +7,10 @@ a read-only tool) settles the call for nothing and everything else goes on to a 
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from typing import Sequence
+
+import regex
 
 from soda_guard.judges.base import JSON_TEXT
 from soda_guard.policy import KeywordsConfig
@@ -19,6 +20,17 @@ from soda_guard.verdict import Label, Verdict
 
 AT_ONCE_MAX_CHARS = 16384
 """The most text a screen reads on the event loop; more goes to a worker thread."""
+
+AT_ONCE_MAX_S = 0.005
+r"""The longest a screen runs on the event loop: a pattern that backtracks on what the agent
+sent (`curl\s.*\s\|`) is stopped there and screened again on a worker thread."""
+
+
+def compile_pattern(pattern: str) -> regex.Pattern[str]:
+    """`re`'s syntax (`regex.V0`), on an engine whose searches take a timeout and let go of
+    the GIL: a pattern is the policy's, the text the agent's, and a search that backtracks
+    must neither outlive the check's deadline nor stop every other thread."""
+    return regex.compile(pattern, flags=regex.V0)
 
 
 class KeywordsRunner:
@@ -37,8 +49,8 @@ class KeywordsRunner:
     def __init__(self, name: str, config: KeywordsConfig) -> None:
         self.name = name
         self.config = config
-        self._unsafe = [re.compile(pattern) for pattern in config.unsafe]
-        self._safe = [re.compile(pattern) for pattern in config.safe]
+        self._unsafe = [compile_pattern(pattern) for pattern in config.unsafe]
+        self._safe = [compile_pattern(pattern) for pattern in config.safe]
 
     def texts(self, trajectory: Trajectory) -> tuple[list[str], list[str]]:
         """(what the `unsafe` patterns read, each call's own text for the `safe` ones)."""
@@ -50,17 +62,24 @@ class KeywordsRunner:
             return ["\n".join(_step_text(step) for step in trajectory.steps)], own
         return own, own
 
-    def verdict(self, trajectory: Trajectory) -> Verdict:
+    def verdict(self, trajectory: Trajectory, deadline: float | None = None) -> Verdict:
+        """Raises TimeoutError where the patterns are still searching at `deadline`
+        (`time.monotonic`): the guard's `on_error` then decides, as for any judge."""
         start = time.perf_counter()
-        return self._verdict(self.texts(trajectory), start)
+        return self._verdict(self.texts(trajectory), start, deadline)
 
-    def _verdict(self, texts: tuple[list[str], list[str]], start: float) -> Verdict:
+    def _verdict(self, texts: tuple[list[str], list[str]], start: float, deadline: float | None) -> Verdict:
         read, calls = texts
-        hit = next((pattern.pattern for pattern in self._unsafe for text in read if pattern.search(text)), None)
+
+        def found(pattern: regex.Pattern[str], text: str) -> bool:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return pattern.search(text, timeout=left, concurrent=True) is not None
+
+        hit = next((pattern.pattern for pattern in self._unsafe for text in read if found(pattern, text)), None)
         if hit is not None:
             label, score, reason = Label.UNSAFE, 1.0, f"matches unsafe pattern {hit!r}"
         else:
-            hits = [next((pattern.pattern for pattern in self._safe if pattern.search(text)), None) for text in calls]
+            hits = [next((pattern.pattern for pattern in self._safe if found(pattern, text)), None) for text in calls]
             matched = list(dict.fromkeys(hit for hit in hits if hit is not None))
             if calls and len(matched) and None not in hits:
                 label, score, reason = Label.SAFE, 0.0, f"matches safe pattern {' / '.join(matched)!r}"
@@ -77,7 +96,7 @@ class KeywordsRunner:
         )
 
     def verdicts(self, trajectories: Sequence[Trajectory], deadline: float | None = None) -> list[Verdict]:
-        return [self.verdict(trajectory) for trajectory in trajectories]
+        return [self.verdict(trajectory, deadline) for trajectory in trajectories]
 
     def at_once(self, trajectories: Sequence[Trajectory]) -> bool:
         """Whether `verdicts` is a small job: a `calls` screen over a few KB of calls, which
@@ -100,7 +119,12 @@ class KeywordsRunner:
     async def averdicts(self, trajectories: Sequence[Trajectory], deadline: float | None = None) -> list[Verdict]:
         texts = self._texts_at_once(trajectories)
         if texts is not None:
-            return [self._verdict(text, time.perf_counter()) for text in texts]
+            on_loop = time.monotonic() + AT_ONCE_MAX_S
+            try:
+                return [self._verdict(text, time.perf_counter(), on_loop if deadline is None else min(deadline, on_loop)) for text in texts]
+            except TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
         return await asyncio.to_thread(self.verdicts, trajectories, deadline)
 
     def warm(self) -> None:
