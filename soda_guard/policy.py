@@ -105,7 +105,7 @@ class JudgeConfig(_Strict):
     """Whole judge prompt, in characters; the trajectory's middle is elided beyond it."""
     max_message_chars: _strict_int(ge=256) = 16_000
     """One message (a huge tool result) is clipped beyond this, head and tail kept."""
-    warm_up: bool = False
+    warm_up: Flag = False
     """`backend: openai`: while the agent's model runs, send the server the conversation so far
     (`max_tokens: 1`) so that its prefix cache holds it when the judgment comes. Off by
     default: it costs a request per model call. (`backend: transformers` always warms: a

@@ -24,6 +24,7 @@ JUDGE = "judges: {s: {kind: soda, model: m}}\n"
         ("judges: {s: {kind: soda, model: m, retries: true}}", "judges.s.retries"),
         ("judges: {s: {kind: soda, model: m, max_new_tokens: '64'}}", "judges.s.max_new_tokens"),
         ("judges: {s: {kind: soda, model: m, verdict_only: 'true'}}", "judges.s.verdict_only"),
+        ("judges: {s: {kind: soda, model: m, warm_up: 'yes'}}", "judges.s.warm_up"),
         ("judges: {s: {kind: soda, model: m, max_concurrency: 2.0}}", "judges.s.max_concurrency"),
         ("version: true", "version"),
     ],

@@ -88,6 +88,8 @@ def test_client_errors_are_not_retried(status: int) -> None:
             ]}}]},
             "malformed logprobs",
         ),
+        ({"choices": [{"message": {"content": "[Reason] r\n[Verdict] SAFE"}, "logprobs": {"content": "SAFE"}}]}, "malformed logprobs"),
+        (b"[" * 100_000 + b"]" * 100_000, "not JSON"),
     ],
 )
 def test_malformed_bodies_raise_without_retry(body: Any, message: str) -> None:
@@ -289,3 +291,11 @@ def test_trickled_response_headers_free_the_worker_at_the_deadline() -> None:
     finally:
         stop.set()
         listener.close()
+
+
+def test_a_malformed_usage_block_is_dropped_not_a_failure() -> None:
+    """`usage` only counts tokens: a list there leaves the counts unknown; the verdict stands."""
+    body = {"choices": [{"message": {"content": soda_reply(True)}}], "usage": [1, 2]}
+    with LoopbackServer(ScriptedHTTPApp(lambda i, _: Reply(body=body))) as server, backend(server.base_url) as client:
+        [result] = client.generate([REQUEST])
+    assert result.text == soda_reply(True) and result.prompt_tokens is None

@@ -210,8 +210,8 @@ class OpenAIBackend:
         self.pool.succeeded(server)
         try:
             return json.loads(response.body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise JudgeError(f"judge server {url} returned a body that is not JSON: {_text(response)[:300]!r}") from error
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+            raise JudgeError(f"judge server {url} returned a body that is not JSON (or nested past reading): {_text(response)[:300]!r}") from error
 
     def _model_note(self, client: DeadlineClient, server: Server, deadline: float, request: GenerationRequest) -> str:
         """A refused request most often names a model the server does not serve; one look at
@@ -408,6 +408,7 @@ def parse_completion(payload: Any, spec: ScoreSpec | None, *, where: str = "judg
         logprobs = choice.get("logprobs") or {}
         content = logprobs.get("content") if isinstance(logprobs, dict) else None
         usage = payload.get("usage") or {}
+        usage = usage if isinstance(usage, dict) else {}  # advisory counts: a malformed one is dropped
     except (KeyError, IndexError, TypeError, AttributeError) as error:
         raise JudgeError(f"{where} returned JSON that is not a chat completion: {str(payload)[:300]}") from error
     score, source = None, None
@@ -415,7 +416,7 @@ def parse_completion(payload: Any, spec: ScoreSpec | None, *, where: str = "judg
         if content:
             try:
                 score, source = score_from_logprobs(content, spec), "logprobs"
-            except (KeyError, TypeError, ValueError) as error:
+            except (KeyError, TypeError, ValueError, AttributeError) as error:
                 raise JudgeError(f"{where} returned malformed logprobs: {error}") from error
         else:
             score, source = score_from_label(text, spec), "label"
