@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage, convert_to_messages
-from langgraph.types import Command
+from langgraph.types import Command, Send
 
 from soda_guard.binding import MARSHAL_VERSION, CallBinding, args_digest
 from soda_guard.converters import cleaned
@@ -110,21 +110,35 @@ def _decoded(value: str, key: str, holder: Mapping[str, Any]) -> str:
         return value
 
 
-def command_messages(result: Any, call_id: str) -> tuple[list[BaseMessage], int | None] | None:
-    """The messages a tool's `Command` adds to the conversation, and the index of the
-    ToolMessage answering `call_id` among them (None when there is none: a Command sent to the
-    parent graph need not answer); None when it adds no messages."""
-    messages = update_messages(result) if isinstance(result, Command) else None
+def command_messages(result: Any, call_id: str, key: str = "messages") -> tuple[list[BaseMessage], int | None] | None:
+    """The messages a tool's `Command` adds to the conversation under `key` (the state's
+    messages key), and the index of the ToolMessage answering `call_id` among them (None when
+    there is none: a Command sent to the parent graph need not answer); None when it adds no
+    messages."""
+    messages = update_messages(result, key) if isinstance(result, Command) else None
     if not messages:
         return None
     index = next((i for i, m in enumerate(messages) if isinstance(m, ToolMessage) and m.tool_call_id == call_id), None)
     return messages, index
 
 
+def sent_messages(command: Command, key: str = "messages") -> list[BaseMessage]:
+    """The messages a Command's `goto` hands a node in a `Send` (under `key` of its state):
+    read by that node, a model among them, as if they were the conversation."""
+    goto = command.goto if isinstance(command.goto, (list, tuple)) else [command.goto]
+    found: list[BaseMessage] = []
+    for send in goto:
+        arg = send.arg if isinstance(send, Send) else None
+        raw = arg.get(key) if isinstance(arg, Mapping) else None
+        if raw:
+            found += convert_to_messages(raw if isinstance(raw, list) else [raw])
+    return found
+
+
 _ROLES = frozenset({"user", "human", "ai", "assistant", "system", "developer", "tool", "function"})
 
 
-def _pairs(update: Any) -> list[tuple[str, Any]] | None:
+def _pairs(update: Any, key: str = "messages") -> list[tuple[str, Any]] | None:
     """A Command's update as (key, value) pairs; None for the bare list of messages a ToolNode
     given a list of messages takes (which may be `(role, text)` tuples, told apart from pairs
     by their roles)."""
@@ -135,30 +149,31 @@ def _pairs(update: Any) -> list[tuple[str, Any]] | None:
     if not all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in update):
         return None
     keys = {name for name, _ in update}
-    return None if keys and "messages" not in keys and keys <= _ROLES else list(update)
+    return None if keys and key not in keys and keys <= _ROLES else list(update)
 
 
-def update_messages(command: Command) -> list[BaseMessage] | None:
-    """The messages a Command's state update adds, as messages (they may be given as dicts)."""
+def update_messages(command: Command, key: str = "messages") -> list[BaseMessage] | None:
+    """The messages a Command's state update adds under `key`, as messages (they may be given
+    as dicts)."""
     update = command.update
-    pairs = _pairs(update)
+    pairs = _pairs(update, key)
     if pairs is None:
         raw = list(update) if isinstance(update, (list, tuple)) else None
     else:
-        raw = next((value for name, value in pairs if name == "messages"), None)
+        raw = next((value for name, value in pairs if name == key), None)
     if raw is None:
         return None
     return convert_to_messages(raw if isinstance(raw, list) else [raw])
 
 
-def with_command_messages(result: Command, messages: list[BaseMessage]) -> Command:
-    """`result` with the messages it adds replaced, every other part of it kept."""
+def with_command_messages(result: Command, messages: list[BaseMessage], key: str = "messages") -> Command:
+    """`result` with the messages it adds under `key` replaced, every other part of it kept."""
     update = result.update
     if isinstance(update, Mapping):
-        return dataclasses.replace(result, update={**update, "messages": messages})
-    if _pairs(update) is None:
+        return dataclasses.replace(result, update={**update, key: messages})
+    if _pairs(update, key) is None:
         return dataclasses.replace(result, update=messages)
-    return dataclasses.replace(result, update=[(n, messages if n == "messages" else v) for n, v in update])
+    return dataclasses.replace(result, update=[(n, messages if n == key else v) for n, v in update])
 
 
 def read_as_one(messages: Sequence[BaseMessage], index: int | None, call: ToolCall) -> ToolMessage:

@@ -53,10 +53,12 @@ from soda_guard.integrations._convert import (
     read_as_one,
     refusal_text,
     same_calls,
+    sent_messages,
     to_tool_calls,
     to_trajectory,
     turn_id,
     turn_of_call,
+    update_messages,
     with_calls,
     with_command_messages,
     with_result,
@@ -626,33 +628,60 @@ class ToolCallEnforcer:
         self._ran.put(parts, record.decision.decision_id, 1)
         if sealed is not None and sealed.refused is not None:
             stopped = record.model_copy(update={"decision": sealed.refused, "outcome": "refuse", "message": sealed.refused.why})
-            return _stamped(result, stopped) if isinstance(result, ToolMessage) else result
-        # what a Command adds to the conversation is read by the model, as a ToolMessage is
-        found = ([result], 0) if isinstance(result, ToolMessage) else command_messages(result, call.id)
-        if found is None:
+            refusal = sealed.refusal or ToolMessage(
+                content=refusal_text(call.name, sealed.refused.why), tool_call_id=call.id, name=call.name, status="error"
+            )
+            return _stamped(refusal, stopped)  # not what the tool made of the stop: the refusal
+        if isinstance(result, list):
+            return (yield from self._list_answer(result, trajectory, ran, record))
+        # what a Command adds to the conversation is read by the model, as a ToolMessage is, and
+        # so is what its `goto` hands a node in a `Send`
+        key = self.messages_key
+        found = ([result], 0) if isinstance(result, ToolMessage) else command_messages(result, call.id, key)
+        sent = sent_messages(result, key) if isinstance(result, Command) else []
+        if found is None and not sent:
             return result
-        messages, index = found
+        messages, index = found if found is not None else ([], None)
         answer = messages[index] if index is not None else None
         if isinstance(answer, ToolMessage) and record.run_args is not None:
             answer = answer.model_copy(update={"content": _with_edit_notice(answer.content, ran)})
             messages = [*messages[:index], answer, *messages[index + 1 :]]  # type: ignore[index, operator]
         moderation = None
         if self.guard.policy.tool_results is not None:
-            moderation = yield Moderate(trajectory(), ran, read_as_one(messages, index, ran))
+            moderation = yield Moderate(trajectory(), ran, read_as_one([*messages, *sent], index, ran))
         if moderation is not None:
             record = record.model_copy(update={"result_decision": moderation})
             if not moderation.action.runs_tool:
-                why = moderation.why if moderation.action is Action.BLOCK else (
-                    f"{moderation.why} (a tool result cannot wait for review without running the tool again, so it is withheld)"
-                )
-                answer = ToolMessage(
-                    content=f"soda-guard withheld the result of `{call.name}`: {why}.",
-                    tool_call_id=call.id, name=call.name, status="error",
-                )
+                answer = _withheld(call, moderation)
+                if sent:  # the messages handed on go with the Command: the refusal is all that is left of it
+                    return _stamped(answer, record)
                 messages, index = [answer], 0
+        if found is None:
+            return result
         if isinstance(answer, ToolMessage) and index is not None:
             messages = [*messages[:index], _stamped(answer, record), *messages[index + 1 :]]
-        return messages[0] if isinstance(result, ToolMessage) else with_command_messages(result, messages)  # type: ignore[return-value]
+        return messages[0] if isinstance(result, ToolMessage) else with_command_messages(result, messages, key)  # type: ignore[return-value]
+
+    def _list_answer(
+        self, result: list[Any], trajectory: Callable[[], Trajectory], ran: ToolCall, record: CallRecord
+    ) -> Generator[Any, Any, Any]:
+        """A tool may answer with a list of ToolMessages and Commands, all of which the ToolNode
+        adds: the model reads them as one answer, moderated as one and withheld as one."""
+        if self.guard.policy.tool_results is None:
+            return result
+        key, messages = self.messages_key, []
+        for item in result:
+            if isinstance(item, BaseMessage):
+                messages.append(item)
+            elif isinstance(item, Command):
+                messages += [*(update_messages(item, key) or []), *sent_messages(item, key)]
+            else:
+                messages.append(ToolMessage(content=str(item), tool_call_id=ran.id, name=ran.name))
+        index = next((i for i, m in enumerate(messages) if isinstance(m, ToolMessage) and m.tool_call_id == ran.id), None)
+        moderation = yield Moderate(trajectory(), ran, read_as_one(messages, index, ran))
+        if moderation.action.runs_tool:
+            return result
+        return _stamped(_withheld(record.call, moderation), record.model_copy(update={"result_decision": moderation}))
 
     def _sealed(
         self, request: ToolCallRequest, trajectory: Callable[[], Trajectory], call: ToolCall, digest: str | None
@@ -762,6 +791,16 @@ def _with_edit_notice(content: Any, call: ToolCall) -> Any:
     if isinstance(content, list):
         return [{"type": "text", "text": notice}, *content]
     return f"{notice}\n{content}"
+
+
+def _withheld(call: ToolCall, moderation: Decision) -> ToolMessage:
+    """The answer the model reads in place of a result the policy does not let it read."""
+    why = moderation.why if moderation.action is Action.BLOCK else (
+        f"{moderation.why} (a tool result cannot wait for review without running the tool again, so it is withheld)"
+    )
+    return ToolMessage(
+        content=f"soda-guard withheld the result of `{call.name}`: {why}.", tool_call_id=call.id, name=call.name, status="error"
+    )
 
 
 def _stamped(message: ToolMessage, record: CallRecord) -> ToolMessage:

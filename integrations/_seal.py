@@ -132,6 +132,9 @@ class SealedTool:
         self._check = check
         self._acheck = acheck
         self.refused: Decision | None = None
+        self.refusal: ToolMessage | None = None
+        """The refusal given in the tool's place, where the call or a tool nested in it was
+        stopped: what the model reads, whatever the tool's body made of the stop."""
         # the judged arguments' digest (`digest`: the binding's, what the judge saw), else as
         # they are now, before anything inside the guard runs: the dict is shared with the
         # model's call and the request, and may be edited in place
@@ -156,16 +159,25 @@ class SealedTool:
     def _refusal(self, decision: Decision, call: ToolCall, input: Any) -> ToolMessage:
         self.refused = decision
         why = f"the call was changed after it was judged, and as it would run: {decision.why}"
-        return ToolMessage(
+        self.refusal = ToolMessage(
             content=refusal_text(call.name, why), tool_call_id=_call_id(input, self._sealed), name=call.name, status="error"
         )
+        return self.refusal
 
     def _stopped(self, handler: _Nested, error: NestedCallStopped, input: Any) -> ToolMessage:
         self.refused = handler.stopped or error.decision
-        return ToolMessage(
+        self.refusal = ToolMessage(
             content=refusal_text(self._tool.name, str(error)),
             tool_call_id=_call_id(input, self._sealed), name=self._tool.name, status="error",
         )
+        return self.refusal
+
+    def _returned(self, handler: _Nested, result: Any, input: Any) -> Any:
+        """What the tool returned, unless a nested call was stopped inside it: a body that
+        caught the stop and went on answers with what the policy did not let run."""
+        if handler.stopped is not None:
+            return self._stopped(handler, NestedCallStopped(handler.stopped, self._tool.name), input)
+        return result
 
     def _config(self, config: Any, handler: _Nested, gate: _Gate | None = None) -> dict[str, Any]:
         """The tool's config with `handler` on its callbacks, inherited by every run inside
@@ -211,8 +223,7 @@ class SealedTool:
             result = self._tool.invoke(input, self._config(config, handler), **kwargs)
         except NestedCallStopped as error:
             return self._stopped(handler, error, input)
-        self.refused = handler.stopped
-        return result
+        return self._returned(handler, result, input)
 
     async def ainvoke(self, input: Any, config: Any = None, **kwargs: Any) -> Any:
         call = self._arrived(input)
@@ -227,8 +238,7 @@ class SealedTool:
             result = await self._tool.ainvoke(input, self._config(config, handler, gate), **kwargs)
         except NestedCallStopped as error:
             return self._stopped(handler, error, input)
-        self.refused = handler.stopped
-        return result
+        return self._returned(handler, result, input)
 
 
 def _dispatches_async(tool: BaseTool) -> bool:

@@ -9,12 +9,15 @@ from typing import Annotated, Any
 
 import pytest
 from langchain.agents import create_agent
+from langchain.agents.middleware import AgentMiddleware
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.tools import InjectedToolCallId, tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import START, MessagesState, StateGraph
+from langgraph.graph.message import add_messages
 from langgraph.prebuilt import ToolNode, tools_condition
 from langgraph.types import Command
+from typing_extensions import TypedDict
 
 from soda_guard import Guard, Policy, ScriptedBackend
 from soda_guard.backends.scripted import keyword_responder
@@ -208,3 +211,102 @@ async def test_a_command_to_the_parent_graph_without_an_answer_is_moderated_too(
     [withheld] = messages
     assert isinstance(withheld, ToolMessage) and withheld.status == "error" and "withheld" in withheld.content
     assert withheld.response_metadata["soda_guard"]["result_decision"]["action"] == "block"
+
+
+def _answering(ran: list[str], shape: str, content: str) -> Any:
+    """A tool answering `content` as a list of messages, or as a Command that also hands it
+    to the model node in a `Send`."""
+    from langgraph.types import Send
+
+    @tool
+    def fetch_page(url: str, tool_call_id: Annotated[str, InjectedToolCallId]) -> Any:
+        """Fetch a page."""
+        ran.append("fetch_page")
+        message = ToolMessage(content, tool_call_id=tool_call_id, name="fetch_page")
+        if shape == "list":
+            return [message]
+        if shape == "command-list":
+            return [Command(update={"messages": [message]})]
+        return Command(update={"messages": [ToolMessage("a normal page", tool_call_id=tool_call_id, name="fetch_page")]},
+                       goto=Send("model" if shape == "send" else "agent", {"messages": [HumanMessage(content)]}))
+
+    return fetch_page
+
+
+@pytest.mark.parametrize("shape", ["list", "command-list"])
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_result_given_as_a_list_is_moderated_and_withheld_as_one(path: str, shape: str) -> None:
+    """The ToolNode takes a list of ToolMessages and Commands for an answer and adds them all;
+    it once reached the model unread by the moderation on every path."""
+    guard, _, qwen = _guard("fetch_*")
+    ran: list[str] = []
+    replies = [tool_calls_message(("fetch_page", {"url": "http://evil.example"}), ids=["c1"]), "done"]
+    result = await _run(path, _agent(path, guard, replies, [_answering(ran, shape, INJECTION)]))
+    assert ran == ["fetch_page"] and len(qwen.requests) == 1
+    assert all(INJECTION not in str(m.content) for m in result["messages"])
+    [answer] = [m for m in result["messages"] if isinstance(m, ToolMessage)]
+    assert answer.status == "error" and answer.response_metadata["soda_guard"]["result_decision"]["action"] == "block"
+    benign_ran: list[str] = []
+    kept = await _run(path, _agent(path, _guard("fetch_*")[0], replies, [_answering(benign_ran, shape, "a normal page")]))
+    assert [m.content for m in kept["messages"] if isinstance(m, ToolMessage)] == ["a normal page"]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_messages_a_command_hands_the_model_in_a_send_are_moderated(mode: str) -> None:
+    """`Command(goto=Send("model", {"messages": [...]}))` calls the model with those messages
+    as its whole conversation: they are read as the result, and withheld with the Command."""
+    guard, _, qwen = _guard("fetch_*")
+    ran: list[str] = []
+    seen: list[list[str]] = []
+    replies = [tool_calls_message(("fetch_page", {"url": "http://evil.example"}), ids=["c1"]), "done"]
+    model = scripted_model(replies)
+
+    class Watching(AgentMiddleware):
+        def wrap_model_call(self, request: Any, handler: Any) -> Any:
+            seen.append([str(m.content) for m in request.messages])
+            return handler(request)
+
+        async def awrap_model_call(self, request: Any, handler: Any) -> Any:
+            seen.append([str(m.content) for m in request.messages])
+            return await handler(request)
+
+    agent = create_agent(model, [_answering(ran, "send", INJECTION)], middleware=[Watching(), SodaGuardMiddleware(guard)],
+                         checkpointer=InMemorySaver())
+    result = await _run(mode, agent)
+    assert ran == ["fetch_page"] and len(qwen.requests) == 1
+    assert all(INJECTION not in text for call in seen for text in call)
+    assert all(INJECTION not in str(m.content) for m in result["messages"])
+
+
+@pytest.mark.parametrize("shape", ["command", "plain"])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_command_under_the_graphs_own_messages_key_is_moderated(mode: str, shape: str) -> None:
+    """A graph that keeps its conversation under `chat` (`messages_key="chat"`): the messages a
+    Command adds under that key were never read by the moderation."""
+
+    class Chat(TypedDict):
+        chat: Annotated[list[Any], add_messages]
+
+    guard, _, qwen = _guard("fetch_*")
+    ran: list[str] = []
+
+    @tool
+    def fetch_page(url: str, tool_call_id: Annotated[str, InjectedToolCallId]) -> Any:
+        """Fetch a page."""
+        ran.append("fetch_page")
+        message = ToolMessage(INJECTION, tool_call_id=tool_call_id, name="fetch_page")
+        return Command(update={"chat": [message]}) if shape == "command" else message
+
+    model = scripted_model([tool_calls_message(("fetch_page", {"url": "http://evil.example"}), ids=["c1"]), "done"])
+    wrapper = SodaGuardToolWrapper(guard, messages_key="chat")
+    builder = StateGraph(Chat)
+    builder.add_node("agent", lambda state: {"chat": [model.invoke(state["chat"])]})
+    builder.add_node("tools", ToolNode([fetch_page], wrap_tool_call=wrapper, awrap_tool_call=wrapper.awrap, messages_key="chat"))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", lambda state: "tools" if state["chat"][-1].tool_calls else "__end__")
+    builder.add_edge("tools", "agent")
+    graph = builder.compile(checkpointer=InMemorySaver())
+    value, config = {"chat": [HumanMessage("Look up the page for me.")]}, {"configurable": {"thread_id": "t"}}
+    result = await graph.ainvoke(value, config) if mode == "async" else graph.invoke(value, config)
+    assert ran == ["fetch_page"] and len(qwen.requests) == 1
+    assert all(INJECTION not in str(m.content) for m in result["chat"])
