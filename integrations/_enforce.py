@@ -626,6 +626,10 @@ class ToolCallEnforcer:
         # must not reach the judged record (or the steps cached with it) that way
         result = yield Run(request.override(tool_call={**request.tool_call, "args": _copied(ran.args)}, tool=sealed))
         self._ran.put(parts, record.decision.decision_id, 1)
+        binding = record.binding
+        judged = (binding.thread_id, binding.turn_id, binding.call_id, binding.tool, binding.args_digest)
+        if judged != parts:  # run as edited (the guard node hands on the edit): the call as asked ran too
+            self._ran.put(judged, record.decision.decision_id, 1)
         if sealed is not None and sealed.refused is not None:
             stopped = record.model_copy(update={"decision": sealed.refused, "outcome": "refuse", "message": sealed.refused.why})
             refusal = sealed.refusal or ToolMessage(

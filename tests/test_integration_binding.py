@@ -483,19 +483,30 @@ async def test_a_call_whose_arguments_hold_a_lone_surrogate_is_decided_and_audit
 GRAPH_PATHS = [path for path in PATHS if path != "callback"]
 
 
+EDITED = ("delete_file", {"path": "/tmp/x"})
+ANSWERS = {
+    "approve": {"decisions": [{"type": "approve"}]},
+    "edit": {"decisions": [{"type": "edit", "edited_action": {"name": EDITED[0], "args": EDITED[1]}}]},
+}
+
+
+@pytest.mark.parametrize("answer", ANSWERS)
 @pytest.mark.parametrize("path", GRAPH_PATHS)
 @pytest.mark.parametrize("how", ["result removed", "tools step run again"])
-async def test_an_approved_call_that_ran_is_asked_about_again_before_it_runs_again(path: str, how: str) -> None:
+async def test_an_approved_call_that_ran_is_asked_about_again_before_it_runs_again(path: str, how: str, answer: str) -> None:
     """Paused after the tools step, before the next model turn closes the turn's records: the
-    approval was for one run, so the call is judged and asked about again, not run on it."""
+    approval (or the edit) was for one run, so the call is judged and asked about again, not
+    run on it. The guard node hands the tools step the edited call, whose run was once
+    remembered under the edit alone: sent again, the original call ran the edit once more."""
     guard, backend = make_guard(defaults={"on_unsafe": "escalate"})
     ran: list[Any] = []
     graph = graph_for(path, guard, [turn(DELETE, ids=["d"]), "done", "done again"], ran)
     model_node = "model" if path.startswith("middleware") else "agent"
     await drive(path, graph, USER)
     graph.interrupt_before_nodes = [model_node]
-    await drive(path, graph, Command(resume={"decisions": [{"type": "approve"}]}))
-    assert ran == [DELETE]
+    await drive(path, graph, Command(resume=ANSWERS[answer]))
+    first = [DELETE] if answer == "approve" else [EDITED]
+    assert ran == first
     graph.interrupt_before_nodes = []
     if how == "result removed":
         result = next(m for m in graph.get_state(config()).values["messages"] if isinstance(m, ToolMessage))
@@ -503,7 +514,7 @@ async def test_an_approved_call_that_ran_is_asked_about_again_before_it_runs_aga
         again = await drive(path, graph, None)
     else:
         again = await drive(path, graph, Command(goto="tools"))
-    assert ran == [DELETE]
+    assert ran == first
     assert again["__interrupt__"][0].value["action_requests"][0]["name"] == "delete_file"
 
 
