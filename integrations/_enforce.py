@@ -63,7 +63,7 @@ from soda_guard.integrations._convert import (
     with_command_messages,
     with_result,
 )
-from soda_guard.integrations._review import Asked, Refused, Ruled, ask
+from soda_guard.integrations._review import Asked, Refused, Ruled, ask, rule_decisions
 from soda_guard.integrations._seal import SealedTool
 from soda_guard.integrations._handoff import TurnHandoff
 from soda_guard.integrations._state import Replayed, replay_of, stored_turn
@@ -435,6 +435,14 @@ def review_records(
             edit_decision = (yield Judge(trajectory, [edited]))[0]
             review = review.model_copy(update={"edit_decision_id": edit_decision.decision_id})
         reviewed = record.reviewed(review, edit_decision)
+        if reviewed.outcome == "run" and edit_decision is not None and edit_decision.action is Action.ESCALATE:
+            # the edit escalates under a rule of its own, where running it is approving it
+            allowed = rule_decisions(edit_decision.rule, policy)
+            if "approve" not in allowed and "edit" not in allowed:
+                reviewed = reviewed.model_copy(update={"outcome": "refuse", "run_args": None, "message": (
+                    f"the reviewer's edit falls under `{edit_decision.rule}`, whose escalations may only be "
+                    f"answered with {', '.join(allowed)}: it does not run"
+                )})
         event = review_event(
             record.decision, review, runs=reviewed.outcome == "run", ran_call=reviewed.ran_call(), why=_review_why(reviewed)
         )

@@ -46,7 +46,12 @@ def _json(value: Any) -> Any:
 
 
 def allowed_decisions(record: CallRecord, policy: Policy) -> list[ReviewType]:
-    rule = policy.rule_named(record.decision.rule)
+    return rule_decisions(record.decision.rule, policy)
+
+
+def rule_decisions(rule_name: str, policy: Policy) -> list[ReviewType]:
+    """The answers a reviewer may give to an escalation under the rule `rule_name`."""
+    rule = policy.rule_named(rule_name)
     return list(rule.allowed_decisions if rule is not None and rule.allowed_decisions else REVIEW_TYPES)
 
 

@@ -89,7 +89,8 @@ class CallRecord(BaseModel):
 
     def reviewed(self, review: Review, edit_decision: Decision | None = None) -> CallRecord:
         """Fold the answer in. An edit the judge blocks is refused; one it still escalates
-        runs, since the person has reviewed exactly those arguments."""
+        runs, since the person has reviewed exactly those arguments (unless the rule it
+        escalates under lets no answer run it: `review_records`)."""
         update: dict[str, Any] = {"review": review}
         if review.type == "approve":
             update["outcome"] = "run"

@@ -545,3 +545,23 @@ async def test_a_call_judged_again_at_the_tool_step_counts_the_turns_earlier_cal
     agent = middleware_agent(guard, [turn(first, second, ids=["a", "b"]), "done"], ran, outer=[SecondCallRewriter()])
     await drive(mode, agent, USER)
     assert ran == [first]
+
+
+@pytest.mark.parametrize("path", GRAPH_PATHS)
+async def test_an_edit_into_a_call_whose_rule_allows_only_reject_does_not_run(path: str) -> None:
+    """`delete_file` on `/etc` escalates and may only be rejected. A reviewer who may edit
+    another escalated delete edits it to `/etc`: judged again, the edit escalates under that
+    rule, and it once ran ("the person has reviewed exactly those arguments"), the rule's
+    `allowed_decisions` never applied to it."""
+    rules = [{"name": "system-paths", "tools": ["delete_file"], "when": {"args": {"path": {"eq": "/etc"}}},
+              "action": "escalate", "allowed_decisions": ["reject"]}]
+    guard, _ = make_guard(unsafe=("delete_file",), defaults={"on_unsafe": "escalate"}, rules=rules)
+    ran: list[Any] = []
+    graph = graph_for(path, guard, [turn(("delete_file", {"path": "/tmp/x"}), ids=["a"]), "done"], ran)
+    paused = await drive(path, graph, USER)
+    assert "edit" in paused["__interrupt__"][0].value["review_configs"][0]["allowed_decisions"]
+    edit = {"decisions": [{"type": "edit", "edited_action": {"name": "delete_file", "args": {"path": "/etc"}}}]}
+    result = await drive(path, graph, Command(resume=edit))
+    assert ran == []
+    [message] = [m for m in result["messages"] if isinstance(m, ToolMessage)]
+    assert message.status == "error" and "system-paths" in message.content
