@@ -24,6 +24,7 @@ from langchain_core.runnables import RunnableLambda
 from langchain_core.runnables.config import var_child_runnable_config
 from langgraph._internal._constants import CONFIG_KEY_CHECKPOINTER
 from langgraph.config import get_config
+from langgraph.errors import GraphBubbleUp
 from langgraph.func import task
 from langgraph.pregel._messages import StreamMessagesHandler
 from langsmith.utils import tracing_is_enabled as tracing_enabled
@@ -92,6 +93,14 @@ class Record:
 @dataclass(frozen=True)
 class Run:
     request: ToolCallRequest
+
+
+@dataclass(frozen=True)
+class Raised:
+    """What a tool run raised: its text reaches a model too, as whatever outside the guard
+    turns the exception into a message (a ToolNode's error handling, retry middleware)."""
+
+    error: Exception
 
 
 @dataclass(frozen=True)
@@ -644,6 +653,8 @@ class ToolCallEnforcer:
                 content=refusal_text(call.name, sealed.refused.why), tool_call_id=call.id, name=call.name, status="error"
             )
             return _stamped(refusal, stopped)  # not what the tool made of the stop: the refusal
+        if isinstance(result, Raised):
+            return (yield from self._raised(result.error, trajectory, ran, record))
         if isinstance(result, list):
             return (yield from self._list_answer(result, trajectory, ran, record))
         # what a Command adds to the conversation is read by the model, as a ToolMessage is, and
@@ -673,6 +684,20 @@ class ToolCallEnforcer:
         if isinstance(answer, ToolMessage) and index is not None:
             messages = [*messages[:index], _stamped(answer, record), *messages[index + 1 :]]
         return messages[0] if isinstance(result, ToolMessage) else with_command_messages(result, messages, key)  # type: ignore[return-value]
+
+    def _raised(
+        self, error: Exception, trajectory: Callable[[], Trajectory], ran: ToolCall, record: CallRecord
+    ) -> Generator[Any, Any, ToolMessage]:
+        """A tool that raised: its exception goes on as it came, unless its text, which a
+        ToolNode or a retry middleware outside the guard hands the model, is a result the
+        policy withholds (an exception can carry what the tool fetched)."""
+        if self.guard.policy.tool_results is None:
+            raise error
+        text = ToolMessage(content=f"Error: {error!r}", tool_call_id=ran.id, name=ran.name, status="error")
+        moderation = yield Moderate(trajectory(), ran, text)
+        if moderation is None or moderation.action.runs_tool:
+            raise error
+        return _stamped(_withheld(record.call, moderation), record.model_copy(update={"result_decision": moderation}))
 
     def _list_answer(
         self, result: list[Any], trajectory: Callable[[], Trajectory], ran: ToolCall, record: CallRecord
@@ -733,7 +758,12 @@ class ToolCallEnforcer:
                 return self.judging.refused(need)
             if isinstance(need, Run):
                 assert handler is not None
-                return handler(need.request)
+                try:
+                    return handler(need.request)
+                except GraphBubbleUp:  # an interrupt, a Command to a parent graph: LangGraph's own
+                    raise
+                except Exception as error:
+                    return Raised(error)
             if isinstance(need, Follow):
                 return self.coordinator.follow(need.key, self.follow_wait_s, task_id())
             return self.judging.result(need.trajectory, need.call, need.message)
@@ -762,7 +792,12 @@ class ToolCallEnforcer:
                 return await self.judging.arefused(need)
             if isinstance(need, Run):
                 assert handler is not None
-                return await handler(need.request)
+                try:
+                    return await handler(need.request)
+                except GraphBubbleUp:
+                    raise
+                except Exception as error:
+                    return Raised(error)
             if isinstance(need, Follow):
                 return await self.coordinator.afollow(need.key, self.follow_wait_s, task_id())
             return await self.judging.aresult(need.trajectory, need.call, need.message)

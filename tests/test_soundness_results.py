@@ -310,3 +310,59 @@ async def test_a_command_under_the_graphs_own_messages_key_is_moderated(mode: st
     result = await graph.ainvoke(value, config) if mode == "async" else graph.invoke(value, config)
     assert ran == ["fetch_page"] and len(qwen.requests) == 1
     assert all(INJECTION not in str(m.content) for m in result["chat"])
+
+
+def _raising(ran: list[str], content: str) -> Any:
+    from langchain_core.tools import StructuredTool
+
+    def fetch_page(url: str) -> str:
+        ran.append("fetch_page")
+        raise RuntimeError(f"HTTP 500, body: {content}")
+
+    return StructuredTool.from_function(fetch_page, description="Fetch a page.")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_an_exceptions_text_is_moderated_before_a_handler_outside_the_guard_hands_it_on(mode: str) -> None:
+    """Retry middleware listed before the guard (`on_failure="continue"`) turns the exception
+    into the message the model reads; the guard let the exception through untouched, and its
+    text, which carried what the tool fetched, was never moderated."""
+    from langchain.agents.middleware import ToolRetryMiddleware
+
+    guard, _, qwen = _guard("fetch_*")
+    ran: list[str] = []
+    replies = [tool_calls_message(("fetch_page", {"url": "http://evil.example"}), ids=["c1"]), "done"]
+    agent = create_agent(scripted_model(replies), [_raising(ran, INJECTION)], checkpointer=InMemorySaver(),
+                         middleware=[ToolRetryMiddleware(max_retries=0, on_failure="continue"), SodaGuardMiddleware(guard)])
+    result = await _run(mode, agent)
+    assert ran == ["fetch_page"] and len(qwen.requests) == 1
+    assert all(INJECTION not in str(m.content) for m in result["messages"])
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_an_exception_the_toolnode_does_not_handle_is_moderated_before_it_becomes_a_message(mode: str) -> None:
+    """`ToolNode(handle_tool_errors=(ValueError,))`: a RuntimeError passes the handler inside the
+    guard, and the ToolNode makes it a message outside it. A benign one still goes on as the
+    exception it is."""
+    from langgraph.graph import END
+
+    def graph(content: str, ran: list[str]) -> Any:
+        guard = _guard("fetch_*")[0]
+        wrapper = SodaGuardToolWrapper(guard)
+        model = scripted_model([tool_calls_message(("fetch_page", {"url": "http://evil.example"}), ids=["c1"]), "done"])
+        builder = StateGraph(MessagesState)
+        builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+        builder.add_node("tools", ToolNode([_raising(ran, content)], wrap_tool_call=wrapper, awrap_tool_call=wrapper.awrap,
+                                          handle_tool_errors=(ValueError,)))
+        builder.add_edge(START, "agent")
+        builder.add_conditional_edges("agent", tools_condition)
+        builder.add_edge("tools", END)
+        return builder.compile(checkpointer=InMemorySaver())
+
+    ran: list[str] = []
+    result = await _run(mode, graph(INJECTION, ran))
+    assert ran == ["fetch_page"] and all(INJECTION not in str(m.content) for m in result["messages"])
+    [withheld] = [m for m in result["messages"] if isinstance(m, ToolMessage)]
+    assert withheld.status == "error" and "withheld" in withheld.content
+    kept = await _run(mode, graph("a plain outage", []))
+    assert any("a plain outage" in str(m.content) for m in kept["messages"] if isinstance(m, ToolMessage))
