@@ -22,7 +22,7 @@ from uuid import UUID
 from langchain.agents.middleware import AgentMiddleware, AgentState
 from langchain.agents.middleware.types import ExtendedModelResponse, ModelCallResult, ModelRequest, ModelResponse
 from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.func import task
@@ -47,6 +47,7 @@ from soda_guard.integrations._convert import (
     to_step,
     to_trajectory,
     with_calls,
+    with_result,
 )
 from soda_guard.integrations.mcp import register_mcp_tools
 from soda_guard.integrations._enforce import (
@@ -71,6 +72,7 @@ __all__ = [
     "SodaGuardMiddleware",
     "SodaGuardState",
     "ToolCallBlocked",
+    "ToolResultBlocked",
 ]
 
 if HAS_DECISION_MODELS:
@@ -319,6 +321,17 @@ class ToolCallBlocked(SodaGuardError):
         super().__init__(f"soda-guard stopped `{name}` ({decision.action.value}): {decision.why}")
 
 
+class ToolResultBlocked(SodaGuardError):
+    """Raised from `on_tool_end` (with `raise_error=True`) where the policy withholds a tool's
+    result (`tool_results`): the tool has run, but its output does not reach the caller, which
+    gets this instead. `decision` is the moderation's full record."""
+
+    def __init__(self, decision: Decision) -> None:
+        self.decision = decision
+        name = decision.tool_call.name if decision.tool_call else "tool"
+        super().__init__(f"soda-guard withheld the result of `{name}` ({decision.action.value}): {decision.why}")
+
+
 @dataclass
 class _Scope:
     """One conversation the handler follows: the outer one, or that of a model run inside a
@@ -350,8 +363,10 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
     user request. A tool called inside a tool without a model of its own is judged on its own,
     in the context of the conversation around it.
 
-    A callback cannot substitute a result or wait for review; use `SodaGuardMiddleware` or the
-    LangGraph node for that. Sync handler: LangChain runs it off the event loop on async paths.
+    Where the policy moderates tool results (`tool_results`), each result is judged as the tool
+    ends; one the policy withholds raises `ToolResultBlocked` in place of the output (with
+    `raise_error=True`; else it is only recorded). A callback cannot substitute a result or
+    wait for review; use `SodaGuardMiddleware` or the LangGraph node for that. Sync handler: LangChain runs it off the event loop on async paths.
     Given a `conversation_id`, it warms the judges when the model is called, as the middleware
     does (`Guard.warm_up`).
     """
@@ -534,7 +549,31 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
             raise ToolCallBlocked(decision)
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        self._tool_result(run_id, output, is_error=False)
+        moderation = self._moderated(run_id, output)
+        if moderation is None or moderation.action.runs_tool or not self.raise_error:
+            self._tool_result(run_id, output, is_error=False)
+            return
+        self._tool_result(run_id, f"soda-guard withheld the result: {moderation.why}", is_error=True)
+        raise ToolResultBlocked(moderation)
+
+    def _moderated(self, run_id: UUID, output: Any) -> Decision | None:
+        """The moderation of a tool's result, where the policy asks for one, on the
+        conversation of the call that ran (recorded in `decisions`)."""
+        if self.guard.policy.tool_results is None:
+            return None
+        with self._lock:
+            run = self._tool_runs.get(run_id)
+            if run is None:
+                return None
+            # a nested conversation already over leaves the call to the one around it
+            trajectory = (self._scopes[run.scope] if run.scope in self._scopes else self._root).trajectory
+        text, failed = result_text(output)
+        message = ToolMessage(content=text, tool_call_id=run.call.id, name=run.call.name, status="error" if failed else "success")
+        decision = self.guard.check_tool_result(with_result(trajectory, run.call, message))
+        if decision is not None:
+            with self._lock:
+                self.decisions.append(decision)
+        return decision
 
     def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         self._tool_result(run_id, f"{type(error).__name__}: {error}", is_error=True)

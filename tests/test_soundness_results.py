@@ -167,14 +167,39 @@ async def test_block_results_reach_the_moderation_and_the_next_calls_judge(path:
 
 def test_the_callback_handler_records_a_command_result_as_its_text() -> None:
     guard, _, _ = _guard()
-    handler = SodaGuardCallbackHandler(guard)
+    handler = SodaGuardCallbackHandler(guard, raise_error=False)
     ran: list[str] = []
     [fetch_command, _] = _tools(ran)
     handler.on_chat_model_start({}, [[HumanMessage("x")]], run_id=__import__("uuid").uuid4())
     fetch_command.invoke(
         {"type": "tool_call", "id": "c1", "name": "fetch_command", "args": {"url": "u"}}, {"callbacks": [handler]}
     )
-    assert INJECTION in (handler.trajectory.steps[-1].content or "")
+    assert INJECTION in (handler.trajectory.steps[-1].content or "")  # not stopped: what the model reads
+
+
+@pytest.mark.parametrize("raise_error", [True, False])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_the_callback_handler_moderates_results_and_withholds_one_the_policy_blocks(mode: str, raise_error: bool) -> None:
+    """The handler once ignored `tool_results`: no moderation, no record, the injection went
+    on to the model. Now each result is judged as its tool ends; a withheld one raises
+    `ToolResultBlocked` in place of the output, or, with `raise_error=False`, is recorded."""
+    from soda_guard.integrations.langchain import ToolResultBlocked
+
+    guard, _, qwen = _guard("fetch_*")
+    handler = SodaGuardCallbackHandler(guard, raise_error=raise_error)
+    [_, fetch_blocks] = _tools([], INJECTION)
+    handler.on_chat_model_start({}, [[HumanMessage("Look up the page for me.")]], run_id=__import__("uuid").uuid4())
+    call = {"type": "tool_call", "id": "c1", "name": "fetch_blocks", "args": {"url": "u"}}
+    config = {"callbacks": [handler]}
+    if raise_error:
+        with pytest.raises(ToolResultBlocked, match="withheld the result of `fetch_blocks`"):
+            fetch_blocks.invoke(call, config) if mode == "sync" else await fetch_blocks.ainvoke(call, config)
+        assert INJECTION not in (handler.trajectory.steps[-1].content or "")
+    else:
+        output = fetch_blocks.invoke(call, config) if mode == "sync" else await fetch_blocks.ainvoke(call, config)
+        assert INJECTION in str(output.content)
+    assert len(qwen.requests) == 1
+    assert [d.action.value for d in handler.decisions] == ["allow", "block"]
 
 
 @pytest.mark.parametrize(
