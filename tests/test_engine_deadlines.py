@@ -126,3 +126,34 @@ defaults: {on_unsafe: block, on_error: block, timeout_s: 7}
 rules:
   - {tools: ["*"]}
 """
+
+
+class CallClock:
+    """Time is the number of times the engine has looked at the clock."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_a_prefill_whose_deadline_passes_stops_between_two_layers_and_keeps_nothing(tmp_path: Path) -> None:
+    """The engine looks at a row's deadline before each layer of its prefill: a long prompt
+    nobody waits for any more stops within a layer's work (it went on for seconds past the
+    deadline, holding every judgment queued behind it). Nothing of it is kept: asked again,
+    the same prompt is prefilled whole and answers as the model does."""
+    backend = TransformersBackend(str(make_tiny_judge(tmp_path, seed=3, num_hidden_layers=6)), device="cpu", dtype="float32", ignore_eos=True)
+    clock = CallClock()
+    engine = Engine(backend.model, backend.tokenizer, backend.device, ignore_eos=True, clock=clock)
+    given_up = request("carol", 8, deadline=3.5)  # looked at before the prefill (1), then before layers 2, 3 (2, 3), 4 (4: past)
+    answers: dict[int, GenerationResult | BaseException] = {}
+    engine.run([engine.job(given_up)], answers.__setitem__)
+    assert isinstance(answers[0], TimeoutError) and engine.stats.abandoned == 1
+    assert clock.now == 4.0 and engine.stats.prefilled_tokens == 0 and engine.stats.row_steps == 0
+    assert engine.cache is not None and len(engine.cache) == 0
+    again = request("carol", 8)
+    engine.run([engine.job(again)], answers.__setitem__)
+    assert isinstance(answers[0], GenerationResult)
+    assert answers[0].text == naive_generate(backend.model, backend.tokenizer, again, ignore_eos=True).text

@@ -78,12 +78,12 @@ class _Prefills:
         self._prefill = engine.forward.prefill
         engine.forward.prefill = self  # type: ignore[method-assign]
 
-    def __call__(self, tokens: torch.Tensor, cache: Any) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, cache: Any, stop: Any = None) -> torch.Tensor:
         self.lengths.append(tokens.shape[1])
         if not self.inside.is_set():
             self.inside.set()
             assert self.release.wait(30)
-        return self._prefill(tokens, cache)
+        return self._prefill(tokens, cache, stop)
 
 
 def _until(condition: Any) -> None:

@@ -211,8 +211,8 @@ class Engine:
 
     def _prefill(self, jobs: Sequence[Job], answer: Answer) -> tuple[list[int], torch.Tensor, list[KVCache]]:
         """Prefill each live row on its own (prefill is compute-bound, so batching it gains little
-        and padding long prompts costs a lot); a row whose deadline has passed is answered with
-        `TimeoutError` and skipped. Rows go in order and each may build on any earlier row of
+        and padding long prompts costs a lot); a row whose deadline has passed, before its
+        prefill or between two of its layers, is answered with `TimeoutError` and skipped. Rows go in order and each may build on any earlier row of
         the batch, so the parallel calls of one turn (views that differ only in the pending call)
         prefill their shared prefix once, whether or not the prefix cache is on or has room for
         it."""
@@ -224,7 +224,12 @@ class Engine:
                 answer(index, abandoned())
                 continue
             earlier = [(jobs[i].ids, cache) for i, (_, cache) in zip(indexes, rows)]
-            rows.append(self._prefill_one(job, earlier))
+            try:
+                rows.append(self._prefill_one(job, earlier))
+            except qwen3_step.Stopped:  # its deadline passed between two layers: nothing of it is kept
+                self.stats.abandoned += 1
+                answer(index, abandoned())
+                continue
             indexes.append(index)
         if not rows:
             return [], torch.empty(0), []
@@ -264,9 +269,11 @@ class Engine:
         prefix cache then keeps as it is."""
         cache = self._row(job, batch)
         reused = cache.length
+        # a prompt of thousands of tokens is seconds of work on a CPU: given up on, it stops at
+        # the next layer instead of holding the batch (and the judgments queued behind it)
+        logits = self.forward.prefill(job.ids[None, reused:].to(self.device), cache, lambda: job.expired(self.clock()))
         self.stats.prompt_tokens += len(job.ids)
         self.stats.prefilled_tokens += len(job.ids) - reused
-        logits = self.forward.prefill(job.ids[None, reused:].to(self.device), cache)
         self._keep(job, cache)
         return logits.float(), cache
 

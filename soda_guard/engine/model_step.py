@@ -49,8 +49,9 @@ class ModelStep:
             layer.append(held.keys[:, :, start:], held.values[:, :, start:])
         return output.logits[:, -1]
 
-    def prefill(self, tokens: torch.Tensor, kv: KVCache) -> torch.Tensor:
-        """Logits [1, vocab] after `tokens` ([1, new]) continuing the `kv.length` tokens in `kv`."""
+    def prefill(self, tokens: torch.Tensor, kv: KVCache, stop: Any = None) -> torch.Tensor:
+        """Logits [1, vocab] after `tokens` ([1, new]) continuing the `kv.length` tokens in `kv`.
+        The model's forward cannot be stopped part way: `stop` is not asked."""
         start = kv.length
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
         return self._forward(tokens, positions, kv, None)

@@ -59,6 +59,15 @@ class _Layer:
     down: torch.Tensor
 
 
+class Stopped(Exception):
+    """A forward stopped between two layers (`stop` answered true): its caller has given up
+    on it, and the cache it was appending to holds some layers' new keys and not others'."""
+
+
+Stop = Callable[[], bool]
+"""Asked between layers: whether to stop the forward there (`Stopped`)."""
+
+
 def _linear(module: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return module.weight, module.bias
 
@@ -119,9 +128,11 @@ class LeanQwen3:
         return KVCache.empty(self.layer_count, batch, self.kv_heads, capacity, self.head_dim,
                              dtype=self.embed.dtype, device=self.embed.device, growable=growable)
 
-    def _hidden(self, tokens: torch.Tensor, positions: torch.Tensor, attend: LayerAttend) -> torch.Tensor:
+    def _hidden(self, tokens: torch.Tensor, positions: torch.Tensor, attend: LayerAttend, stop: Stop | None = None) -> torch.Tensor:
         """Final hidden states [batch, new, hidden] of `tokens` ([batch, new]) before the final
-        norm; `attend` stores their keys and values wherever their rows' caches are."""
+        norm; `attend` stores their keys and values wherever their rows' caches are. `stop`
+        is asked before each layer after the first: a long prefill nobody waits for any more
+        ends within a layer's work, not a whole forward's."""
         batch, new = tokens.shape
         eps = self.eps
         hidden = F.embedding(tokens, self.embed)
@@ -132,6 +143,8 @@ class LeanQwen3:
         cos, sin = cos[:, :, None], (sin * self.sin_signs)[:, :, None]
         shape, half, heads = (batch, new, -1, self.head_dim), self.head_dim // 2, self.query_heads
         for index, layer in enumerate(self.layers):
+            if index and stop is not None and stop():
+                raise Stopped
             normed = _norm(hidden, layer.input_norm, eps)
             # query and key heads side by side, normed and rotated in one pass: each head's norm
             # reads only its own row, so the values are the model's two separate calls' exactly
@@ -171,16 +184,16 @@ class LeanQwen3:
 
         return self._logits(self._hidden(tokens, positions, _cached(kv, attend))[:, -1])
 
-    def prefill(self, tokens: torch.Tensor, kv: KVCache) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, kv: KVCache, stop: Stop | None = None) -> torch.Tensor:
         """Logits [1, vocab] after `tokens` ([1, new]) that continue the `kv.length` tokens
-        already in `kv`, appending theirs."""
-        return self._logits(self.extend(tokens, kv)[:, -1])
+        already in `kv`, appending theirs (raises `Stopped` where `stop` says so)."""
+        return self._logits(self.extend(tokens, kv, stop)[:, -1])
 
-    def extend(self, tokens: torch.Tensor, kv: KVCache) -> torch.Tensor:
+    def extend(self, tokens: torch.Tensor, kv: KVCache, stop: Stop | None = None) -> torch.Tensor:
         """Hidden states [1, new, hidden] (before the final norm) of `tokens` continuing `kv`."""
         start = kv.length
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
-        return self._hidden(tokens, positions, _cached(kv, self._prefill_attend(start)))
+        return self._hidden(tokens, positions, _cached(kv, self._prefill_attend(start)), stop)
 
     def extend_packed(self, rows: Sequence[tuple[torch.Tensor, KVCache]]) -> list[torch.Tensor]:
         """Hidden states [new, hidden] (before the final norm) of each row's `tokens` ([new])
