@@ -45,7 +45,11 @@ def ran() -> list[str]:
 async def sleep(seconds: float) -> str:
     """Wait, then answer: a tool that can hang for the proxy's timeout tests."""
     RAN.append(f"sleep {seconds}")
-    await asyncio.sleep(seconds)
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:  # the client cancelled it (notifications/cancelled)
+        RAN.append(f"sleep {seconds} cancelled")
+        raise
     return "slept"
 
 

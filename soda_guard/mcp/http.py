@@ -70,6 +70,9 @@ class GuardMiddleware(Middleware):
             "content": [block.model_dump(by_alias=True, exclude_none=True) for block in result.content],
             "isError": bool(getattr(result, "is_error", False)),
         }
+        structured = getattr(result, "structured_content", None)
+        if structured is not None:  # read by clients beside the text (FastMCP's `.data`)
+            answered["structuredContent"] = structured
         moderation = await session.moderate(call, answered)
         if moderation is not None and not moderation.allowed:
             refused = refusal_result(call, moderation)

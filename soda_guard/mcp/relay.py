@@ -25,7 +25,7 @@ from soda_guard.guard import Guard
 from soda_guard.mcp import jsonrpc
 from soda_guard.mcp.jsonrpc import INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, REQUEST_TIMEOUT, DuplicateKey, parse
 from soda_guard.mcp.pipes import DEFAULT_MAX_MESSAGE_BYTES, TooLong, lines, start_server, stop_server
-from soda_guard.mcp.session import ContextError, ProxySession, refusal_result
+from soda_guard.mcp.session import CONTEXT_KEY, ContextError, ProxySession, refusal_result
 from soda_guard.trajectory import ToolCall
 from soda_guard.verdict import Action, Decision
 
@@ -43,6 +43,8 @@ APPROVAL_SCHEMA = {
 }
 
 Write = Callable[[bytes], Awaitable[None]]
+
+CANCELLED_REMEMBERED = 1024
 
 
 @dataclass
@@ -80,6 +82,8 @@ class Relay:
         self._escalated: dict[str, Decision] = {}
         self._elicits = False
         self._server_gone = False
+        self._cancelled: dict[Any, None] = {}
+        """Calls the client cancelled after they were forwarded (the latest `CANCELLED_REMEMBERED`)."""
 
     async def send_client(self, data: bytes) -> None:
         async with self._client_lock:
@@ -105,8 +109,8 @@ class Relay:
         except DuplicateKey as error:
             await self.send_client(jsonrpc.error(None, INVALID_REQUEST, str(error)))
             return
-        except ValueError as error:
-            await self.send_client(jsonrpc.error(None, PARSE_ERROR, f"parse error: {error}"))
+        except (ValueError, RecursionError) as error:
+            await self.send_client(jsonrpc.error(None, PARSE_ERROR, f"parse error: {type(error).__name__}: {error}"))
             return
         if isinstance(message, list):
             await self.send_client(jsonrpc.error(None, INVALID_REQUEST, "JSON-RPC batches are not supported by the guard proxy"))
@@ -116,6 +120,9 @@ class Relay:
             return
         method = message.get("method")
         request_id = message.get("id")
+        if "id" in message and not _valid_id(request_id):
+            await self.send_client(jsonrpc.error(None, INVALID_REQUEST, "a JSON-RPC id is a string or a number"))
+            return
         if method is None:
             if isinstance(request_id, str) and request_id in self._asked:
                 self._asked.pop(request_id).set_result(message)
@@ -137,17 +144,22 @@ class Relay:
         if method == "notifications/cancelled":
             params = message.get("params")
             target = params.get("requestId") if isinstance(params, dict) else None
-            judging = self._judging.get(_key(target))
-            if judging is not None:
-                judging.cancel()  # still being judged: the server never saw it
-                return
             forwarded = self._forwarded.get(_key(target))
             if forwarded is not None and forwarded.call is not None:
-                # the server is told (below) and owes no answer now: stop waiting for one
+                # the server is told (below) and owes no answer now: stop waiting for one, and
+                # an answer it sends all the same goes nowhere (it would pass unmoderated)
                 del self._forwarded[_key(target)]
+                self._cancelled[_key(target)] = None
+                while len(self._cancelled) > CANCELLED_REMEMBERED:
+                    del self._cancelled[next(iter(self._cancelled))]
                 self.session.record(forwarded.call, None, error="cancelled by the client")
                 if not forwarded.done.done():
                     forwarded.done.set_result(None)
+            else:
+                judging = self._judging.get(_key(target))
+                if judging is not None:
+                    judging.cancel()  # still being judged: the server never saw it
+                    return
         if method == "initialize":
             params = message.get("params")
             capabilities = params.get("capabilities") if isinstance(params, dict) else None
@@ -194,7 +206,7 @@ class Relay:
                 refused["resultType"] = "complete"
             await self.send_client(jsonrpc.line({"jsonrpc": "2.0", "id": request_id, "result": refused}))
             return
-        await self._forward_call(request_id, call, jsonrpc.line(message))
+        await self._forward_call(request_id, call, jsonrpc.line(_without_context(message)))
 
     async def _server_named(self) -> None:
         """The policy's rules name servers (`files:delete_*`, `server:`), so a call is judged
@@ -277,17 +289,26 @@ class Relay:
     async def from_server(self, raw: bytes) -> None:
         try:
             message = parse(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             if self.guard.policy.tool_results is not None:
                 return  # it might be a result the client would read otherwise than the moderation
             message = None
-        if not isinstance(message, dict) or "method" in message or "id" not in message:
+        # a request or a notification names its method; anything else with an id is read by
+        # an SDK as an answer (`"method": null` beside a result is one)
+        if not isinstance(message, dict) or isinstance(message.get("method"), str) or "id" not in message:
             await self.send_client(raw if raw.endswith(b"\n") else raw + b"\n")
             return
-        forwarded = self._forwarded.pop(_key(message.get("id")), None)
+        key = self._answered_key(message.get("id"))
+        if key in self._cancelled:
+            del self._cancelled[key]
+            return
+        forwarded = self._forwarded.pop(key, None)
         if forwarded is None:
             await self.send_client(raw if raw.endswith(b"\n") else raw + b"\n")
             return
+        if key != _key(message.get("id")) or "method" in message:  # answered as the client will read it
+            message = {k: v for k, v in message.items() if k != "method"} | {"id": _unkey(key)}
+            raw = jsonrpc.line(message)
         result = message.get("result")
         if forwarded.method in ("initialize", "server/discover") and isinstance(result, dict) and self.session.server is None:
             meta = result.get("_meta")
@@ -302,9 +323,23 @@ class Relay:
             forwarded.done.set_result(None)
         await self.send_client(raw if raw.endswith(b"\n") else raw + b"\n")
 
+    def _answered_key(self, answer_id: Any) -> Any:
+        """The key of the request an answer's id answers. An SDK client reads `"7"`, `" 7"`,
+        `"+7"` or `7.0` as 7 (and 7 as `"7"`): an answer under any such spelling of a
+        forwarded request's id is that request's, moderated, and goes out under its id."""
+        key = _key(answer_id)
+        if key in self._forwarded or key in self._cancelled:
+            return key
+        loose = _number(answer_id)
+        if loose is None:
+            return key
+        return next((known for known in [*self._forwarded, *self._cancelled] if _number(_unkey(known)) == loose), key)
+
     async def _finished_call(self, call: ToolCall, message: dict[str, Any], raw: bytes) -> bytes:
         result = message.get("result")
         error = message.get("error")
+        if not isinstance(result, dict) and error is not None and self.guard.policy.tool_results is not None:
+            return await self._finished_with_error(call, message, error, raw)
         if not isinstance(result, dict):
             self.session.record(call, None, error=json.dumps(error)[:2000] if error is not None else "no result")
             return raw
@@ -320,6 +355,22 @@ class Relay:
         # what the client got, not what was withheld, is what later calls are judged after
         self.session.record(call, refused)
         return jsonrpc.line({"jsonrpc": "2.0", "id": message["id"], "result": refused})
+
+    async def _finished_with_error(self, call: ToolCall, message: dict[str, Any], error: Any, raw: bytes) -> bytes:
+        """A JSON-RPC error answering a call: a client hands its message (and data) to the
+        model as the tool's error, so it is moderated as the result it stands for."""
+        text = json.dumps(error, ensure_ascii=False, default=str) if not isinstance(error, dict) else "\n".join(
+            part for part in (str(error.get("message", "")), json.dumps(error["data"], ensure_ascii=False, default=str) if "data" in error else "") if part
+        )
+        as_result = {"content": [{"type": "text", "text": text}], "isError": True}
+        moderation = await self.session.moderate(call, as_result)
+        if moderation is None or moderation.allowed:
+            self.session.record(call, None, error=text[:2000])
+            return raw
+        code = error.get("code") if isinstance(error, dict) and type(error.get("code")) is int else INTERNAL_ERROR
+        why = f"soda-guard withheld the error of `{call.qualified_name}` ({moderation.action.value}): {moderation.why}."
+        self.session.record(call, None, error=why)
+        return jsonrpc.line({"jsonrpc": "2.0", "id": message["id"], "error": {"code": code, "message": why}})
 
     async def server_gone(self) -> None:
         """The server closed its output (exited or crashed): every request it still owed gets
@@ -371,10 +422,50 @@ def how(answer: Any) -> str:
 def _key(request_id: Any) -> Any:
     """JSON-RPC ids are strings or numbers; 1 and "1" are different requests, but 1 and 1.0
     are one number: a JavaScript client reads both as 1, so a server that answers 1.0 must
-    not have its answer pass as no call's (and skip the result's moderation)."""
+    not have its answer pass as no call's (and skip the result's moderation). Any other
+    value (a list, an object) keys as its JSON text: it can name no request, and must not
+    stop the proxy."""
     if type(request_id) is float and request_id.is_integer():
         return ("int", int(request_id))
+    if not _valid_id(request_id):
+        return ("invalid", json.dumps(request_id, default=str, sort_keys=True))
     return (type(request_id).__name__, request_id)
+
+
+def _valid_id(request_id: Any) -> bool:
+    return request_id is None or (isinstance(request_id, (str, int, float)) and not isinstance(request_id, bool))
+
+
+def _number(request_id: Any) -> int | None:
+    """The whole number an SDK client may read an id as (`"7"`, `" +7 "`, `"0_7"`, `7.0`)."""
+    if isinstance(request_id, bool):
+        return None
+    if isinstance(request_id, int):
+        return request_id
+    if isinstance(request_id, float):
+        return int(request_id) if request_id.is_integer() else None
+    if isinstance(request_id, str) and len(request_id) <= 64:
+        try:
+            return int(request_id)
+        except ValueError:
+            try:
+                number = float(request_id)
+            except ValueError:
+                return None
+            return int(number) if number.is_integer() else None
+    return None
+
+
+def _without_context(message: dict[str, Any]) -> dict[str, Any]:
+    """The call as the server gets it: what the client told the judge (`_meta`'s context, the
+    user's conversation) is the judge's, not the server's."""
+    params = message.get("params")
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    if not isinstance(meta, dict) or CONTEXT_KEY not in meta:
+        return message
+    rest = {key: value for key, value in meta.items() if key != CONTEXT_KEY}
+    params = {key: value for key, value in params.items() if key != "_meta"} | ({"_meta": rest} if rest else {})  # type: ignore[union-attr]
+    return {**message, "params": params}
 
 
 def _unkey(key: Any) -> Any:

@@ -146,7 +146,8 @@ class ProxySession:
 
 def result_text(result: Any) -> str:
     """What a `CallToolResult` says, as the judge reads tool output: its text blocks, a
-    `[type]` marker for any other block, else its structured content."""
+    `[type]` marker for any other block, and its structured content (a client may read that
+    alone: FastMCP's `.data`)."""
     if not isinstance(result, Mapping):
         return ""
     blocks = result.get("content")
@@ -161,7 +162,7 @@ def result_text(result: Any) -> str:
                 pieces.append(inner if isinstance(inner, str) else "[resource]")
             else:
                 pieces.append(f"[{block.get('type', 'block')}]")
-    if not pieces and result.get("structuredContent") is not None:
+    if result.get("structuredContent") is not None:  # read by clients beside (or instead of) the text
         pieces.append(json.dumps(result["structuredContent"], ensure_ascii=False, default=str))
     return "\n".join(pieces)
 
