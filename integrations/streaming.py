@@ -130,12 +130,16 @@ class _StreamGuard:
         run.stream.feed(text)
         self._enforce(run)
 
-    def end(self, run_id: UUID) -> None:
+    def end(self, run_id: UUID, response: LLMResult | None = None) -> None:
         with self._lock:
             run = self.runs.pop(run_id, None)
         if run is None:
             return
         try:
+            if not run.decided and not run.text and response is not None:
+                # nothing was streamed (`invoke`, `disable_streaming`, a model without `_stream`):
+                # the whole response, as it would have streamed, before anyone reads it
+                self._whole(run, response)
             if not run.decided:
                 tail = run.renderer.finish()
                 run.text.append(tail)
@@ -144,6 +148,23 @@ class _StreamGuard:
                 self._enforce(run)
         finally:
             run.stream.close()
+
+    def _whole(self, run: _Run, response: LLMResult) -> None:
+        generation = response.generations[0][0] if response.generations and response.generations[0] else None
+        message = getattr(generation, "message", None)
+        content = getattr(message, "content", None) if message is not None else getattr(generation, "text", "")
+        text = content if isinstance(content, str) else "".join(
+            block if isinstance(block, str) else str(block.get("text", "")) for block in content or [] if isinstance(block, (str, dict))
+        )
+        pieces = [run.renderer.content(text)]
+        for index, call in enumerate(getattr(message, "tool_calls", None) or []):
+            args = json.dumps(call.get("args") or {}, ensure_ascii=False)
+            pieces.append(run.renderer.tool_call_chunk({"index": index, "name": call.get("name"), "args": args}))
+        whole = "".join(pieces)
+        if whole:
+            run.text.append(whole)
+            run.stream.feed(whole)
+            self._enforce(run)
 
     def error(self, run_id: UUID) -> None:
         with self._lock:
@@ -220,7 +241,7 @@ class StreamGuardCallbackHandler(_Handler, BaseCallbackHandler):
         self._guard.token(run_id, token, chunk)
 
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
-        self._guard.end(run_id)
+        self._guard.end(run_id, response)
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         self._guard.error(run_id)
@@ -243,7 +264,7 @@ class AsyncStreamGuardCallbackHandler(_Handler, AsyncCallbackHandler):
         await asyncio.to_thread(self._guard.token, run_id, token, chunk)
 
     async def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
-        await asyncio.to_thread(self._guard.end, run_id)
+        await asyncio.to_thread(self._guard.end, run_id, response)
 
     async def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         await asyncio.to_thread(self._guard.error, run_id)

@@ -224,3 +224,27 @@ def test_renderer_matches_render_assistant_for_text_and_calls() -> None:
     text += renderer.finish()
     step = AssistantStep(content="Paying now.", tool_calls=[ToolCall(id="a", name="transfer", args={"to": "1"}), ToolCall(id="b", name="notify", args={})])
     assert text == render_assistant(step)
+
+
+@pytest.mark.parametrize("handler_class", ASYNC_HANDLERS)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_response_that_was_not_streamed_is_monitored_whole_before_it_is_returned(
+    stream_dir: Path, handler_class: type, mode: str
+) -> None:
+    """`invoke` (or `disable_streaming`, or a model without `_stream`) sends no token: the
+    response went back with no decision at all. It is fed whole when the run ends, so a flag
+    stops it there, before the caller gets it."""
+    if mode == "sync" and handler_class is AsyncStreamGuardCallbackHandler:
+        pytest.skip("an async handler in a sync run is LangChain's to schedule")
+    handler = handler_class(_monitor(stream_dir, 1))
+    model = GenericFakeChatModel(messages=iter([AIMessage(content=ANSWER)]), disable_streaming=True)
+    question = [HumanMessage(content="how do I pick a lock")]
+    with pytest.raises(StreamFlaggedError) as caught:
+        if mode == "sync":
+            model.invoke(question, config={"callbacks": [handler]})
+        else:
+            await model.ainvoke(question, config={"callbacks": [handler]})
+    assert caught.value.decision.action == Action.BLOCK and handler.active_runs == 0
+    safe = handler_class(_monitor(stream_dir, 0))
+    answer = GenericFakeChatModel(messages=iter([AIMessage(content=ANSWER)]), disable_streaming=True).invoke(question, config={"callbacks": [safe]})
+    assert answer.content == ANSWER and safe.decisions == []
