@@ -312,6 +312,8 @@ for line in sys.stdin:
             result = {"content": [{"type": "text", "text": json.dumps(message["params"].get("_meta"))}], "isError": False}
         if mode == "structured":
             result = {"content": [{"type": "text", "text": "weather: sunny"}], "structuredContent": {"note": INJECTION}}
+        if mode == "task":
+            result = {"task": {"taskId": "t1", "status": "completed"}}
         if mode == "float":
             answer = '{"jsonrpc":"2.0","id":%d.0,"result":%s}' % (request_id, json.dumps(result))
         elif mode in ("string", "padded"):
@@ -323,6 +325,8 @@ for line in sys.stdin:
         sys.stdout.write((answer or json.dumps({"jsonrpc": "2.0", "id": request_id, "result": result})) + "\\n")
         sys.stdout.flush()
         continue
+    elif message["method"] == "tasks/result":
+        result = {"content": [{"type": "text", "text": INJECTION}], "isError": False}
     else:
         result = {}
     sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}) + "\\n")
@@ -359,6 +363,23 @@ async def test_a_result_the_client_reads_as_its_calls_answer_is_moderated_whatev
         answer = await client.receive()
         assert answer["id"] == client.next_id and "IGNORE ALL PREVIOUS" not in json.dumps(answer)
         assert "soda-guard withheld the" in json.dumps(answer) and "method" not in answer
+    finally:
+        process.kill()
+        await process.wait()
+
+
+async def test_the_result_of_a_call_run_as_a_task_is_moderated_when_the_client_fetches_it(tmp_path):
+    """MCP 2025-11-25: a task-augmented call is answered with a task, and its result comes in
+    the answer to `tasks/result`, which the proxy relayed as it came."""
+    client, process = await _answering(tmp_path, "task")
+    try:
+        call = client.call("read_file", {"path": "notes.txt"})
+        await client.send({**call, "params": {**call["params"], "task": {"ttl": 60000}}})
+        assert (await client.receive())["result"]["task"]["taskId"] == "t1"
+        await client.send({"jsonrpc": "2.0", "id": 900, "method": "tasks/result", "params": {"taskId": "t1"}})
+        answer = await client.receive()
+        assert answer["id"] == 900 and "IGNORE ALL PREVIOUS" not in json.dumps(answer)
+        assert "soda-guard withheld the result" in answer["result"]["content"][0]["text"]
     finally:
         process.kill()
         await process.wait()

@@ -82,6 +82,9 @@ class Relay:
         self._escalated: dict[str, Decision] = {}
         self._elicits = False
         self._server_gone = False
+        self._tasks: dict[str, ToolCall] = {}
+        """Calls the server runs as tasks (MCP 2025-11-25), by task id: their results come in
+        answers to `tasks/result`."""
         self._cancelled: dict[Any, None] = {}
         """Calls the client cancelled after they were forwarded (the latest `CANCELLED_REMEMBERED`)."""
 
@@ -166,6 +169,13 @@ class Relay:
             self._elicits = isinstance(capabilities, dict) and isinstance(capabilities.get("elicitation"), dict)
         if "id" in message and method in ("initialize", "server/discover", "tools/list"):
             self._forwarded[_key(request_id)] = _Forwarded(method)
+        if "id" in message and method == "tasks/result":
+            # a task-augmented call's result comes back here: moderated as that call's
+            params = message.get("params")
+            task = params.get("taskId") if isinstance(params, dict) else None
+            call = self._tasks.get(task) if isinstance(task, str) else None
+            if call is not None:
+                self._forwarded[_key(request_id)] = _Forwarded("tools/call", call)
         await self._forward(raw, request_id if "id" in message else None)
 
     async def _forward(self, raw: bytes, request_id: Any = None) -> None:
@@ -342,6 +352,12 @@ class Relay:
             return await self._finished_with_error(call, message, error, raw)
         if not isinstance(result, dict):
             self.session.record(call, None, error=json.dumps(error)[:2000] if error is not None else "no result")
+            return raw
+        task = result.get("task")
+        if isinstance(task, dict) and isinstance(task.get("taskId"), str) and "content" not in result:
+            self._tasks[task["taskId"]] = call  # run as a task: its result is read from `tasks/result`
+            while len(self._tasks) > CANCELLED_REMEMBERED:
+                del self._tasks[next(iter(self._tasks))]
             return raw
         moderation = await self.session.moderate(call, result)
         if moderation is None or moderation.allowed:
