@@ -15,6 +15,7 @@ its deadline.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -305,10 +306,14 @@ class SqliteAuditSink:
                 self._db.executemany(
                     "INSERT OR REPLACE INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
                 )
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # a full disk rolls the transaction back itself: a ROLLBACK then fails with "no
+                # transaction is active", which must not stand in for why the write failed
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
         finally:
             self._lock.release()
 

@@ -322,3 +322,31 @@ def test_a_sink_waits_for_the_lock_while_the_deadline_allows(tmp_path: Path) -> 
     threading.Timer(0.2, os.close, args=[fd]).start()
     sink.write([_decision(7)], deadline=time.monotonic() + 30.0)
     assert [d.tool_call.id for d in read_audit(log)] == ["t7"]
+
+
+class _FullDisk:
+    """A connection whose inserts fail as a full disk does: SQLite has rolled back already."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+    def executemany(self, sql: str, rows: Any) -> Any:
+        self._db.execute("ROLLBACK")
+        raise sqlite3.OperationalError("database or disk is full")
+
+
+def test_a_full_database_says_so_not_that_no_transaction_is_active(tmp_path: Path) -> None:
+    """SQLite rolls a transaction back itself when the disk fills; the sink's own ROLLBACK then
+    failed with "cannot rollback - no transaction is active", which hid the cause."""
+    sink = SqliteAuditSink(tmp_path / "full.sqlite")
+    sink._db = _FullDisk(sink._db)  # type: ignore[assignment]
+    decision = Decision(action=Action.BLOCK, rule="r", why="w", tool_call=ToolCall(id="a", name="t", args={}))
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        sink.write([decision])
+    sink._db = sink._db._db  # type: ignore[attr-defined]
+    sink.write([decision])
+    assert len(sink.decisions()) == 1
+    sink.close()
