@@ -35,6 +35,7 @@ from pydantic import (
 )
 
 from soda_guard.mcp.annotations import AnnotationCondition
+from soda_guard.patterns import checked_pattern, compile_pattern, found
 from soda_guard.trajectory import AssistantStep, ToolCall, ToolStep, Trajectory
 from soda_guard.verdict import Label, Verdict
 
@@ -207,10 +208,7 @@ class ArgTest(_Strict):
     @classmethod
     def _compiles(cls, value: str | None) -> str | None:
         if value is not None:
-            try:
-                regex.compile(value, flags=regex.V0)
-            except regex.error as error:
-                raise ValueError(f"invalid regex {value!r}: {error}") from None
+            checked_pattern(value)
         return value
 
     @model_validator(mode="after")
@@ -221,7 +219,7 @@ class ArgTest(_Strict):
 
     def model_post_init(self, context: Any) -> None:
         if self.regex is not None:
-            self._regex = regex.compile(self.regex, flags=regex.V0)
+            self._regex = compile_pattern(self.regex)
         if self.glob is not None:
             self._glob = re.compile(fnmatch.translate(self.glob))
         compare = ((operator.gt, self.gt), (operator.ge, self.ge), (operator.lt, self.lt), (operator.le, self.le))
@@ -263,7 +261,7 @@ condition cannot read does not: the next rule, by default the judge, decides."""
 
 def _searched(pattern: regex.Pattern[str], value: str) -> bool:
     try:
-        return pattern.search(value, timeout=REGEX_TIMEOUT_S, concurrent=True) is not None
+        return found(pattern, value, REGEX_TIMEOUT_S)
     except TimeoutError:
         return False
 

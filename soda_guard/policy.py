@@ -11,12 +11,12 @@ from pathlib import Path
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Union
 
-import regex
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, SecretStr, StrictFloat, StrictStr, ValidationError, field_validator, model_validator
 
 from soda_guard.conditions import CallContext, Route, ToolMatch, When, compile_globs
 from soda_guard.errors import PolicyError
+from soda_guard.patterns import checked_pattern
 from soda_guard.mcp.annotations import McpPolicy, effective
 from soda_guard.mcp.annotations import matches as annotations_match
 from soda_guard.trajectory import ToolCall, Trajectory
@@ -139,10 +139,7 @@ class KeywordsConfig(_Strict):
     @classmethod
     def _compiles(cls, patterns: list[str]) -> list[str]:
         for pattern in patterns:
-            try:
-                regex.compile(pattern, flags=regex.V0)  # the engine the screen runs them on
-            except regex.error as error:
-                raise ValueError(f"invalid regex {pattern!r}: {error}") from None
+            checked_pattern(pattern)
         return patterns
 
     @property

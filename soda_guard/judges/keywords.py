@@ -13,6 +13,7 @@ from typing import Sequence
 import regex
 
 from soda_guard.judges.base import JSON_TEXT
+from soda_guard.patterns import compile_pattern, found
 from soda_guard.policy import KeywordsConfig
 from soda_guard.trajectory import AssistantStep, SystemStep, ToolStep, Trajectory, UserStep
 from soda_guard.verdict import Label, Verdict
@@ -24,13 +25,6 @@ AT_ONCE_MAX_CHARS = 16384
 AT_ONCE_MAX_S = 0.005
 r"""The longest a screen runs on the event loop: a pattern that backtracks on what the agent
 sent (`curl\s.*\s\|`) is stopped there and screened again on a worker thread."""
-
-
-def compile_pattern(pattern: str) -> regex.Pattern[str]:
-    """`re`'s syntax (`regex.V0`), on an engine whose searches take a timeout and let go of
-    the GIL: a pattern is the policy's, the text the agent's, and a search that backtracks
-    must neither outlive the check's deadline nor stop every other thread."""
-    return regex.compile(pattern, flags=regex.V0)
 
 
 class KeywordsRunner:
@@ -71,17 +65,16 @@ class KeywordsRunner:
     def _verdict(self, texts: tuple[list[str], list[str]], start: float, deadline: float | None) -> Verdict:
         read, calls = texts
 
-        def found(pattern: regex.Pattern[str], text: str) -> bool:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            return pattern.search(text, timeout=left, concurrent=True) is not None
+        def within(pattern: regex.Pattern[str], text: str) -> bool:
+            return found(pattern, text, None if deadline is None else max(0.0, deadline - time.monotonic()))
 
-        hit = next((pattern.pattern for pattern in self._unsafe for text in read if found(pattern, text)), None)
+        hit = next((pattern.pattern for pattern in self._unsafe for text in read if within(pattern, text)), None)
         if hit is not None:
             label, score, reason = Label.UNSAFE, 1.0, f"matches unsafe pattern {hit!r}"
         else:
-            hits = [next((pattern.pattern for pattern in self._safe if found(pattern, text)), None) for text in calls]
+            hits = [next((pattern.pattern for pattern in self._safe if within(pattern, text)), None) for text in calls]
             matched = list(dict.fromkeys(hit for hit in hits if hit is not None))
-            if calls and len(matched) and None not in hits:
+            if calls and None not in hits:
                 label, score, reason = Label.SAFE, 0.0, f"matches safe pattern {' / '.join(matched)!r}"
             else:
                 label, score, reason = Label.CONTROVERSIAL, 0.5, "not every call matches a safe pattern" if matched else "no pattern matches"
