@@ -44,7 +44,14 @@ APPROVAL_SCHEMA = {
 
 Write = Callable[[bytes], Awaitable[None]]
 
-CANCELLED_REMEMBERED = 1024
+REMEMBERED = 1024
+"""Cancelled calls and task ids held at most (the latest): neither grows without bound."""
+
+
+def _remember(held: dict[Any, Any], key: Any, value: Any) -> None:
+    held[key] = value
+    while len(held) > REMEMBERED:
+        del held[next(iter(held))]
 
 
 @dataclass
@@ -86,7 +93,7 @@ class Relay:
         """Calls the server runs as tasks (MCP 2025-11-25), by task id: their results come in
         answers to `tasks/result`."""
         self._cancelled: dict[Any, None] = {}
-        """Calls the client cancelled after they were forwarded (the latest `CANCELLED_REMEMBERED`)."""
+        """Calls the client cancelled after they were forwarded (the latest `REMEMBERED`)."""
 
     async def send_client(self, data: bytes) -> None:
         async with self._client_lock:
@@ -152,9 +159,7 @@ class Relay:
                 # the server is told (below) and owes no answer now: stop waiting for one, and
                 # an answer it sends all the same goes nowhere (it would pass unmoderated)
                 del self._forwarded[_key(target)]
-                self._cancelled[_key(target)] = None
-                while len(self._cancelled) > CANCELLED_REMEMBERED:
-                    del self._cancelled[next(iter(self._cancelled))]
+                _remember(self._cancelled, _key(target), None)
                 self.session.record(forwarded.call, None, error="cancelled by the client")
                 if not forwarded.done.done():
                     forwarded.done.set_result(None)
@@ -355,9 +360,7 @@ class Relay:
             return raw
         task = result.get("task")
         if isinstance(task, dict) and isinstance(task.get("taskId"), str) and "content" not in result:
-            self._tasks[task["taskId"]] = call  # run as a task: its result is read from `tasks/result`
-            while len(self._tasks) > CANCELLED_REMEMBERED:
-                del self._tasks[next(iter(self._tasks))]
+            _remember(self._tasks, task["taskId"], call)  # run as a task: its result is read from `tasks/result`
             return raw
         moderation = await self.session.moderate(call, result)
         if moderation is None or moderation.allowed:
@@ -375,9 +378,11 @@ class Relay:
     async def _finished_with_error(self, call: ToolCall, message: dict[str, Any], error: Any, raw: bytes) -> bytes:
         """A JSON-RPC error answering a call: a client hands its message (and data) to the
         model as the tool's error, so it is moderated as the result it stands for."""
-        text = json.dumps(error, ensure_ascii=False, default=str) if not isinstance(error, dict) else "\n".join(
-            part for part in (str(error.get("message", "")), json.dumps(error["data"], ensure_ascii=False, default=str) if "data" in error else "") if part
-        )
+        if isinstance(error, dict):
+            parts = [str(error.get("message", "")), *([json.dumps(error["data"], ensure_ascii=False, default=str)] if "data" in error else [])]
+            text = "\n".join(part for part in parts if part)
+        else:
+            text = json.dumps(error, ensure_ascii=False, default=str)
         as_result = {"content": [{"type": "text", "text": text}], "isError": True}
         moderation = await self.session.moderate(call, as_result)
         if moderation is None or moderation.allowed:
