@@ -366,7 +366,8 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
     Where the policy moderates tool results (`tool_results`), each result is judged as the tool
     ends; one the policy withholds raises `ToolResultBlocked` in place of the output (with
     `raise_error=True`; else it is only recorded). A callback cannot substitute a result or
-    wait for review; use `SodaGuardMiddleware` or the LangGraph node for that. Sync handler: LangChain runs it off the event loop on async paths.
+    wait for review; use `SodaGuardMiddleware` or the LangGraph node for that. Sync handler:
+    LangChain runs it off the event loop on async paths.
     Given a `conversation_id`, it warms the judges when the model is called, as the middleware
     does (`Guard.warm_up`).
     """

@@ -28,7 +28,7 @@ from langchain_core.outputs import LLMResult
 
 from soda_guard._extras import needs_extra
 from soda_guard.errors import SodaGuardError
-from soda_guard.integrations._convert import to_trajectory
+from soda_guard.integrations._convert import message_text, to_trajectory
 from soda_guard.policy import Policy
 from soda_guard.trajectory import Trajectory, UserStep
 from soda_guard.verdict import Action, Decision, Label, Verdict
@@ -152,10 +152,7 @@ class _StreamGuard:
     def _whole(self, run: _Run, response: LLMResult) -> None:
         generation = response.generations[0][0] if response.generations and response.generations[0] else None
         message = getattr(generation, "message", None)
-        content = getattr(message, "content", None) if message is not None else getattr(generation, "text", "")
-        text = content if isinstance(content, str) else "".join(
-            block if isinstance(block, str) else str(block.get("text", "")) for block in content or [] if isinstance(block, (str, dict))
-        )
+        text = message_text(message.content) if message is not None else getattr(generation, "text", "")
         pieces = [run.renderer.content(text)]
         for index, call in enumerate(getattr(message, "tool_calls", None) or []):
             args = json.dumps(call.get("args") or {}, ensure_ascii=False)

@@ -212,10 +212,10 @@ class Engine:
     def _prefill(self, jobs: Sequence[Job], answer: Answer) -> tuple[list[int], torch.Tensor, list[KVCache]]:
         """Prefill each live row on its own (prefill is compute-bound, so batching it gains little
         and padding long prompts costs a lot); a row whose deadline has passed, before its
-        prefill or between two of its layers, is answered with `TimeoutError` and skipped. Rows go in order and each may build on any earlier row of
-        the batch, so the parallel calls of one turn (views that differ only in the pending call)
-        prefill their shared prefix once, whether or not the prefix cache is on or has room for
-        it."""
+        prefill or between two of its layers, is answered with `TimeoutError` and skipped. Rows
+        go in order and each may build on any earlier row of the batch, so the parallel calls of
+        one turn (views that differ only in the pending call) prefill their shared prefix once,
+        whether or not the prefix cache is on or has room for it."""
         indexes: list[int] = []
         rows: list[tuple[torch.Tensor, KVCache]] = []
         for index, job in enumerate(jobs):
