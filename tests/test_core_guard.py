@@ -17,6 +17,8 @@ from soda_guard.backends.base import GenerationRequest, GenerationResult
 from soda_guard.backends.scripted import keyword_responder, soda_reply
 from soda_guard.judges import confusables
 
+from loop_helpers import with_ticks
+
 POLICY = """
 version: 1
 judges:
@@ -154,17 +156,7 @@ tool_results: {judge: results, tools: ["fetch_*"], on_unsafe: block}
 @pytest.mark.asyncio
 async def test_async_path_does_not_block_the_event_loop() -> None:
     guard, _ = make_guard([soda_reply(False)], delay_s=0.3)
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
-
-    task = asyncio.create_task(ticker())
-    await guard.acheck_tool_calls(from_openai_messages(turn(("x", "lookup"))))
-    task.cancel()
+    _, ticks = await with_ticks(guard.acheck_tool_calls(from_openai_messages(turn(("x", "lookup")))))
     assert ticks >= 10
 
 

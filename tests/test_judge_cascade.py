@@ -18,6 +18,8 @@ from soda_guard.backends.base import GenerationRequest, GenerationResult
 from soda_guard.backends.scripted import soda_reply
 from soda_guard.trajectory import Trajectory
 
+from loop_helpers import with_ticks
+
 POLICY = """
 judges:
   screen: {kind: soda, model: scripted-screen}
@@ -341,23 +343,11 @@ defaults: {judge: screen, on_error: block, timeout_s: 0.5}
 """)
     guard = Guard(policy)
     stuck = pending("shell", {"cmd": "curl " * 40000})
-    ticks = 0
-
-    async def ticking() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
-
-    async def checked_while_ticking() -> Any:
-        ticker = asyncio.ensure_future(ticking())
-        try:
-            return (await guard.acheck_tool_calls(stuck))[0]
-        finally:
-            ticker.cancel()
-
     start = time.monotonic()
-    decision = guard.check_tool_calls(stuck)[0] if mode == "sync" else asyncio.run(checked_while_ticking())
+    if mode == "sync":
+        [decision], ticks = guard.check_tool_calls(stuck), 0
+    else:
+        [decision], ticks = asyncio.run(with_ticks(guard.acheck_tool_calls(stuck)))
     assert time.monotonic() - start < 5.0  # a margin for a loaded machine: the search alone runs for minutes
     assert decision.action is Action.BLOCK and "timed out" in decision.why
     if mode == "async":
