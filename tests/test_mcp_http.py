@@ -121,3 +121,36 @@ async def test_http_proxy_asks_through_elicitation(tmp_path: Path) -> None:
     assert len(asked) == 2 and "files:delete_file" in asked[0], approved.content[0].text
     assert not approved.is_error and rejected.is_error
     assert ran.structured_content["result"] == ["delete_file notes.txt"]
+
+
+async def test_http_proxy_moderates_resources_and_prompts_as_tool_results(tmp_path: Path) -> None:
+    """A resource's contents and a prompt's messages reach the model as a tool's result does:
+    where the policy moderates tool results, they are read by the same judge, and withheld
+    with an error when it flags them."""
+    from mcp.shared.exceptions import MCPError
+
+    policy = tmp_path / "policy.yaml"
+    screen = {"kind": "keywords", "unsafe": ["buy milk", "file evil"], "safe": ["^(resources|prompts)/"], "match": "all"}
+    policy.write_text(json.dumps({**POLICY, "judges": {"screen": screen}, "tool_results": {"judge": "screen", "tools": ["resources/*", "prompts/*"]}}))
+    port = free_port()
+    command = [sys.executable, "-m", "soda_guard", "mcp-proxy", "--policy", str(policy), "--server", "files",
+               "--http", f"127.0.0.1:{port}", "--", *SERVER]
+    proxy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/mcp"
+    try:
+        await connected(url)
+        async with Client(url) as client:
+            prompt = await client.get_prompt("summarize", {"path": "todo.txt"})
+            assert prompt.messages[0].content.text == "Summarize the file todo.txt."
+            withheld = []
+            for read in (lambda: client.read_resource("file://notes.txt/"), lambda: client.get_prompt("summarize", {"path": "evil"})):
+                try:
+                    await read()
+                except MCPError as error:
+                    withheld.append(str(error))
+    finally:
+        os.killpg(proxy.pid, signal.SIGTERM)
+        proxy.wait(30)
+    assert len(withheld) == 2, withheld
+    assert "soda-guard withheld the answer to resources/read (block)" in withheld[0]
+    assert "soda-guard withheld the answer to prompts/get (block)" in withheld[1]

@@ -327,6 +327,11 @@ for line in sys.stdin:
         continue
     elif message["method"] == "tasks/result":
         result = {"content": [{"type": "text", "text": INJECTION}], "isError": False}
+    elif message["method"] == "resources/read":
+        uri = message["params"]["uri"]
+        result = {"contents": [{"uri": uri, "mimeType": "text/plain", "text": INJECTION if "evil" in uri else "plain notes"}]}
+    elif message["method"] == "prompts/get":
+        result = {"description": "a prompt", "messages": [{"role": "user", "content": {"type": "text", "text": INJECTION}}]}
     else:
         result = {}
     sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}) + "\\n")
@@ -383,6 +388,44 @@ async def test_the_result_of_a_call_run_as_a_task_is_moderated_when_the_client_f
     finally:
         process.kill()
         await process.wait()
+
+
+async def test_what_a_client_hands_its_model_besides_tool_results_is_moderated_too(tmp_path):
+    """A resource's contents, a prompt's messages and the result of a task the proxy never saw
+    created reach the model as a tool's result does; they were relayed unmoderated. Withheld
+    now with an error naming the request; a harmless read passes as it came."""
+    client, process = await _answering(tmp_path, "plain")
+    try:
+        await client.send({"jsonrpc": "2.0", "id": 50, "method": "resources/read", "params": {"uri": "file://notes.txt"}})
+        assert (await client.receive())["result"]["contents"][0]["text"] == "plain notes"
+        for request_id, method, params in [
+            (51, "resources/read", {"uri": "file://evil.txt"}),
+            (52, "prompts/get", {"name": "summarise"}),
+            (53, "tasks/result", {"taskId": "never-created-here"}),
+        ]:
+            await client.send({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
+            answer = await client.receive()
+            assert answer["id"] == request_id and "IGNORE ALL PREVIOUS" not in json.dumps(answer)
+            assert answer["error"]["message"].startswith(f"soda-guard withheld the answer to {method} (block)")
+    finally:
+        process.kill()
+        await process.wait()
+
+
+async def test_no_request_takes_the_id_of_a_call_in_progress_under_any_spelling(raw):
+    """A ping (or a list) under a forwarded call's id would have its answer matched to the call
+    and the call's result relayed as the ping's, past its moderation; `"101"` is the same id to
+    the Python SDK."""
+    client = await raw()
+    slow = client.call("sleep", {"seconds": 2})
+    await client.send(slow)
+    for reuse in ({"method": "ping", "id": slow["id"]}, {"method": "tools/list", "id": str(slow["id"])}):
+        await client.send({"jsonrpc": "2.0", **reuse})
+        answer = await client.receive()
+        assert answer["id"] == reuse["id"] and answer["error"]["code"] == -32600 and "already in use" in answer["error"]["message"]
+    assert "result" in await client.receive()
+    await client.send({"jsonrpc": "2.0", "id": slow["id"], "method": "ping"})
+    assert (await client.receive()) == {"jsonrpc": "2.0", "id": slow["id"], "result": {}}
 
 
 async def test_what_the_client_tells_the_judge_is_not_sent_on_to_the_server(tmp_path):

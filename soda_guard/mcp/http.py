@@ -15,9 +15,11 @@ from fastmcp.client.transports import StdioTransport
 from fastmcp.server import create_proxy
 from fastmcp.server.middleware import Middleware
 from fastmcp.tools.base import ToolResult
+from mcp.shared.exceptions import MCPError
 from mcp.types import TextContent
 
 from soda_guard.guard import Guard
+from soda_guard.mcp.jsonrpc import INTERNAL_ERROR, REQUEST_TIMEOUT
 from soda_guard.mcp.relay import RelayOptions
 from soda_guard.mcp.session import CONTEXT_KEY, ContextError, ProxySession, refusal_result
 from soda_guard.verdict import Action, Decision
@@ -28,7 +30,8 @@ MAX_SESSIONS = 1024
 
 class GuardMiddleware(Middleware):
     """Judges each `tools/call` in the session its `_meta` context names (else the HTTP
-    session), before FastMCP forwards it to the server."""
+    session), before FastMCP forwards it to the server, and moderates what comes back (with
+    resources and prompts read) where the policy moderates tool results."""
 
     def __init__(self, guard: Guard, options: RelayOptions) -> None:
         self.guard = guard
@@ -81,6 +84,36 @@ class GuardMiddleware(Middleware):
             return _as_tool_result(refused)
         session.record(call, answered)
         return result
+
+    async def on_read_resource(self, context: Any, call_next: Any) -> Any:
+        uri = str(context.message.uri)
+        result = await self._answer(context, call_next)
+        await self._moderate_read(context, "resources/read", {"uri": uri}, result.to_mcp_result(uri))
+        return result
+
+    async def on_get_prompt(self, context: Any, call_next: Any) -> Any:
+        params = {"name": context.message.name, "arguments": context.message.arguments or {}}
+        result = await self._answer(context, call_next)
+        await self._moderate_read(context, "prompts/get", params, result.to_mcp_prompt_result())
+        return result
+
+    async def _answer(self, context: Any, call_next: Any) -> Any:
+        try:
+            return await asyncio.wait_for(call_next(context), self.options.server_timeout_s)
+        except asyncio.TimeoutError:
+            raise MCPError(REQUEST_TIMEOUT, f"the MCP server did not answer within {self.options.server_timeout_s}s") from None
+
+    async def _moderate_read(self, context: Any, method: str, params: dict[str, Any], answer: Any) -> None:
+        """What a client hands its model besides tool results (`READS`), moderated as the
+        stdio relay does; withheld, the client gets an error."""
+        if self.guard.policy.tool_results is None:
+            return
+        ctx = context.fastmcp_context
+        session = self._session(_session_id(ctx))
+        read = session.read_call(_request_id(ctx), method, params)
+        moderation = await session.moderate(read, answer.model_dump(by_alias=True, exclude_none=True, mode="json"))
+        if moderation is not None and not moderation.allowed:
+            raise MCPError(INTERNAL_ERROR, f"soda-guard withheld the answer to {method} ({moderation.action.value}): {moderation.why}.")
 
     async def _ask(self, session: ProxySession, ctx: Any, decision: Decision) -> Decision:
         call = decision.tool_call

@@ -3,7 +3,8 @@
 Every line passes through byte for byte (lists, resources, prompts, notifications, progress,
 the server's own requests) except `tools/call`: that is judged first and, unless the policy
 lets it run, answered here with an `isError` result and never forwarded; an allowed one is
-forwarded as parsed and judged. A message with duplicate keys is refused: parsers differ on
+forwarded as parsed and judged. Where the policy moderates tool results, the answers a client
+hands its model (a call's result, `READS`) are moderated before they go back. A message with duplicate keys is refused: parsers differ on
 which one wins, and the server must not read a method or a tool the proxy did not see. A relay rather than
 an SDK proxy because an SDK proxy re-serialises what it passes on (server info, `_meta`,
 URIs); a relay cannot change what it does not touch.
@@ -25,7 +26,7 @@ from soda_guard.guard import Guard
 from soda_guard.mcp import jsonrpc
 from soda_guard.mcp.jsonrpc import INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, REQUEST_TIMEOUT, DuplicateKey, parse
 from soda_guard.mcp.pipes import DEFAULT_MAX_MESSAGE_BYTES, TooLong, lines, start_server, stop_server
-from soda_guard.mcp.session import CONTEXT_KEY, ContextError, ProxySession, refusal_result
+from soda_guard.mcp.session import CONTEXT_KEY, READS, ContextError, ProxySession, refusal_result
 from soda_guard.trajectory import ToolCall
 from soda_guard.verdict import Action, Decision
 
@@ -139,28 +140,30 @@ class Relay:
                 return
             await self._forward(raw)
             return
+        if "id" in message and self._in_use(request_id):
+            # answers are matched to requests by id: two in progress under one id (or under two
+            # spellings a client reads as one) could have a call's result go out as the other's
+            # answer, past its moderation
+            await self.send_client(jsonrpc.error(request_id, INVALID_REQUEST, f"request id {request_id!r} is already in use by a request in progress"))
+            return
         if method == "tools/call":
             if "id" not in message:
                 return  # a call sent as a notification cannot be answered, and is not run unjudged
-            if _key(request_id) in self._judging or _key(request_id) in self._forwarded:
-                # answers are matched to calls by id: two in progress under one id could have
-                # one's result go out as the other's, past its moderation
-                await self.send_client(jsonrpc.error(request_id, INVALID_REQUEST, f"request id {request_id!r} is already in use by a call in progress"))
-                return
             task = asyncio.ensure_future(self._guarded_call(message))
             self._judging[_key(request_id)] = task
-            task.add_done_callback(lambda _: self._judging.pop(_key(request_id), None))
+            task.add_done_callback(lambda done: self._settled(_key(request_id), done))
             return
         if method == "notifications/cancelled":
             params = message.get("params")
             target = params.get("requestId") if isinstance(params, dict) else None
             forwarded = self._forwarded.get(_key(target))
-            if forwarded is not None and forwarded.call is not None:
+            if forwarded is not None:
                 # the server is told (below) and owes no answer now: stop waiting for one, and
                 # an answer it sends all the same goes nowhere (it would pass unmoderated)
                 del self._forwarded[_key(target)]
                 _remember(self._cancelled, _key(target), None)
-                self.session.record(forwarded.call, None, error="cancelled by the client")
+                if forwarded.method == "tools/call" and forwarded.call is not None:
+                    self.session.record(forwarded.call, None, error="cancelled by the client")
                 if not forwarded.done.done():
                     forwarded.done.set_result(None)
             else:
@@ -172,16 +175,37 @@ class Relay:
             params = message.get("params")
             capabilities = params.get("capabilities") if isinstance(params, dict) else None
             self._elicits = isinstance(capabilities, dict) and isinstance(capabilities.get("elicitation"), dict)
-        if "id" in message and method in ("initialize", "server/discover", "tools/list"):
-            self._forwarded[_key(request_id)] = _Forwarded(method)
-        if "id" in message and method == "tasks/result":
-            # a task-augmented call's result comes back here: moderated as that call's
-            params = message.get("params")
+        if "id" in message:
+            self._forwarded[_key(request_id)] = self._tracked(method, request_id, message.get("params"))
+        await self._forward(raw, request_id if "id" in message else None)
+
+    def _tracked(self, method: str, request_id: Any, params: Any) -> _Forwarded:
+        """Every forwarded request is held until answered, so no other request can take its id.
+        A task-augmented call's result comes back in an answer to `tasks/result`, moderated as
+        that call's; and where the policy moderates tool results, so is every other answer a
+        client hands to its model (a resource's contents, a prompt's messages, the result of a
+        task the proxy did not see created) as a call of that method."""
+        if method == "tasks/result":
             task = params.get("taskId") if isinstance(params, dict) else None
             call = self._tasks.get(task) if isinstance(task, str) else None
             if call is not None:
-                self._forwarded[_key(request_id)] = _Forwarded("tools/call", call)
-        await self._forward(raw, request_id if "id" in message else None)
+                return _Forwarded("tools/call", call)
+        if method in READS and self.guard.policy.tool_results is not None:
+            return _Forwarded(method, self.session.read_call(request_id, method, params))
+        return _Forwarded(method)
+
+    def _settled(self, key: Any, task: asyncio.Task[None] | None = None) -> None:
+        """A call's id is free again once it is answered, though its task ends a step later;
+        a task that ends after its id was taken again leaves the new call's entry alone."""
+        if task is None or self._judging.get(key) is task:
+            self._judging.pop(key, None)
+
+    def _in_use(self, request_id: Any) -> bool:
+        held = [*self._forwarded, *self._judging]
+        if _key(request_id) in held:
+            return True
+        number = _number(request_id)
+        return number is not None and any(_number(_unkey(key)) == number for key in held)
 
     async def _forward(self, raw: bytes, request_id: Any = None) -> None:
         try:
@@ -334,6 +358,9 @@ class Relay:
             self.session.learn_tools(result)
         elif forwarded.method == "tools/call" and forwarded.call is not None:
             raw = await self._finished_call(forwarded.call, message, raw)
+            self._settled(key)
+        elif forwarded.call is not None:
+            raw = await self._finished_read(forwarded.call, message, raw)
         if not forwarded.done.done():
             forwarded.done.set_result(None)
         await self.send_client(raw if raw.endswith(b"\n") else raw + b"\n")
@@ -375,15 +402,26 @@ class Relay:
         self.session.record(call, refused)
         return jsonrpc.line({"jsonrpc": "2.0", "id": message["id"], "result": refused})
 
+    async def _finished_read(self, read: ToolCall, message: dict[str, Any], raw: bytes) -> bytes:
+        """The answer to a `resources/read`, `prompts/get` or unknown task's `tasks/result`:
+        moderated as a result, withheld with an error. Not a step of the agent's, so the
+        session's trajectory does not take it in."""
+        result = message.get("result")
+        error = message.get("error")
+        answer = result if isinstance(result, dict) else _error_result(error) if error is not None else None
+        if answer is None:
+            return raw
+        moderation = await self.session.moderate(read, answer)
+        if moderation is None or moderation.allowed:
+            return raw if moderation is None else jsonrpc.line(message)
+        why = f"soda-guard withheld the answer to {read.name} ({moderation.action.value}): {moderation.why}."
+        return jsonrpc.line({"jsonrpc": "2.0", "id": message["id"], "error": {"code": INTERNAL_ERROR, "message": why}})
+
     async def _finished_with_error(self, call: ToolCall, message: dict[str, Any], error: Any, raw: bytes) -> bytes:
         """A JSON-RPC error answering a call: a client hands its message (and data) to the
         model as the tool's error, so it is moderated as the result it stands for."""
-        if isinstance(error, dict):
-            parts = [str(error.get("message", "")), *([json.dumps(error["data"], ensure_ascii=False, default=str)] if "data" in error else [])]
-            text = "\n".join(part for part in parts if part)
-        else:
-            text = json.dumps(error, ensure_ascii=False, default=str)
-        as_result = {"content": [{"type": "text", "text": text}], "isError": True}
+        as_result = _error_result(error)
+        text = as_result["content"][0]["text"]
         moderation = await self.session.moderate(call, as_result)
         if moderation is None or moderation.allowed:
             self.session.record(call, None, error=text[:2000])
@@ -410,6 +448,16 @@ class Relay:
         for task in list(self._judging.values()):
             task.cancel()
         await asyncio.gather(*self._judging.values(), return_exceptions=True)
+
+
+def _error_result(error: Any) -> dict[str, Any]:
+    """A JSON-RPC error as the tool result a client makes of it: its message and data."""
+    if isinstance(error, dict):
+        parts = [str(error.get("message", "")), *([json.dumps(error["data"], ensure_ascii=False, default=str)] if "data" in error else [])]
+        text = "\n".join(part for part in parts if part)
+    else:
+        text = json.dumps(error, ensure_ascii=False, default=str)
+    return {"content": [{"type": "text", "text": text}], "isError": True}
 
 
 def _modern(params: dict[str, Any]) -> bool:

@@ -24,6 +24,9 @@ from soda_guard.verdict import Action, Decision, Review
 #: the `_meta` key of a `tools/call` under which a client may send what the judge should know:
 #: `{"messages": [OpenAI chat messages: the user's request and recent turns], "session": "id"}`
 CONTEXT_KEY = "soda-guard/context"
+#: requests other than `tools/call` whose answers a client hands to its model: moderated, where
+#: the policy moderates tool results, as the results of calls named by the method
+READS = frozenset({"resources/read", "prompts/get", "tasks/result"})
 
 
 class ContextError(SodaGuardError):
@@ -75,6 +78,15 @@ class ProxySession:
             server=self.server,
             annotations=self.annotations.get(name),
         )
+
+    def read_call(self, request_id: Any, method: str, params: Any) -> ToolCall:
+        """A request in `READS` as the call the policy's `tool_results.tools` can name
+        (`resources/read`, ...), its params (without `_meta`) as the arguments."""
+        args = {key: value for key, value in params.items() if key != "_meta"} if isinstance(params, Mapping) else {}
+        try:
+            return ToolCall(id=f"mcp-{request_id}", name=method, args=args, server=self.server)
+        except ValueError:  # arguments no trajectory holds (a lone surrogate): the method alone
+            return ToolCall(id=f"mcp-{request_id}", name=method, server=self.server)
 
     def _take_context(self, context: Any) -> None:
         if not isinstance(context, Mapping):
@@ -147,24 +159,32 @@ class ProxySession:
 def result_text(result: Any) -> str:
     """What a `CallToolResult` says, as the judge reads tool output: its text blocks, a
     `[type]` marker for any other block, and its structured content (a client may read that
-    alone: FastMCP's `.data`)."""
+    alone: FastMCP's `.data`). The answers in `READS` are read alike: a resource's `contents`
+    and a prompt's `messages` (each a content block)."""
     if not isinstance(result, Mapping):
         return ""
-    blocks = result.get("content")
-    pieces = []
-    for block in blocks if isinstance(blocks, list) else []:
-        if isinstance(block, Mapping):
-            text = block.get("text")
-            if block.get("type") == "text" and isinstance(text, str):
-                pieces.append(text)
-            elif block.get("type") == "resource" and isinstance(block.get("resource"), Mapping):
-                inner = block["resource"].get("text")
-                pieces.append(inner if isinstance(inner, str) else "[resource]")
-            else:
-                pieces.append(f"[{block.get('type', 'block')}]")
+    pieces = [_block_text(block) for block in _listed(result.get("content"))]
+    pieces += [_block_text({"type": "resource", "resource": item}) for item in _listed(result.get("contents"))]
+    pieces += [_block_text(message.get("content")) for message in _listed(result.get("messages")) if isinstance(message, Mapping)]
     if result.get("structuredContent") is not None:  # read by clients beside (or instead of) the text
         pieces.append(json.dumps(result["structuredContent"], ensure_ascii=False, default=str))
-    return "\n".join(pieces)
+    return "\n".join(piece for piece in pieces if piece is not None)
+
+
+def _listed(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _block_text(block: Any) -> str | None:
+    if not isinstance(block, Mapping):
+        return None
+    text = block.get("text")
+    if block.get("type") == "text" and isinstance(text, str):
+        return text
+    if block.get("type") == "resource" and isinstance(block.get("resource"), Mapping):
+        inner = block["resource"].get("text")
+        return inner if isinstance(inner, str) else "[resource]"
+    return f"[{block.get('type', 'block')}]"
 
 
 def refusal_result(call: ToolCall, decision: Decision) -> dict[str, Any]:
