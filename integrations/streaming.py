@@ -65,29 +65,43 @@ class AssistantTextRenderer:
         self.call_index: int | None = None
         self.call_open = False
         self.call_has_args = False
-        self.tool_name: str | None = None
+        self.length = 0
+        """Characters of text written so far."""
+        self.calls: list[tuple[int, str | None]] = []
+        """Where each call's block begins in the text, and the call's tool."""
 
     def content(self, text: str) -> str:
         self.written = self.written or bool(text)
+        self.length += len(text)
         return text
 
     def tool_call_chunk(self, chunk: dict[str, Any]) -> str:
         index, name, args = chunk.get("index"), chunk.get("name"), chunk.get("args") or ""
-        pieces = []
+        text = ""
         starts = not self.call_open or (index is not None and index != self.call_index) or (index is None and name)
         if starts:
-            pieces.append(self.finish())
-            if self.written:
-                pieces.append("\n")
-            pieces.append('<tool_call>\n{"name": ' + json.dumps(name or "", ensure_ascii=False) + ', "arguments": ')
-            self.call_open, self.call_index, self.call_has_args, self.tool_name = True, index, False, name
+            text = self._close() + ("\n" if self.written else "")
+            self.calls.append((self.length + len(text), name))
+            text += '<tool_call>\n{"name": ' + json.dumps(name or "", ensure_ascii=False) + ', "arguments": '
+            self.call_open, self.call_index, self.call_has_args = True, index, False
             self.written = True
         self.call_has_args = self.call_has_args or bool(args)
-        pieces.append(args)
-        return "".join(pieces)
+        text += args
+        self.length += len(text)
+        return text
 
     def finish(self) -> str:
         """Close an open call block (an argument-less call gets `{}` as a finished one does)."""
+        text = self._close()
+        self.length += len(text)
+        return text
+
+    def tool_at(self, end: int) -> str | None:
+        """The tool whose call holds the text ending at `end` (None: the text before any call,
+        whichever calls come after it)."""
+        return next((name for start, name in reversed(self.calls) if start < end), None)
+
+    def _close(self) -> str:
         if not self.call_open:
             return ""
         self.call_open = False
@@ -182,7 +196,9 @@ class _StreamGuard:
             return
         run.decided = True
         verdict = run.stream.verdict()
-        tool = run.renderer.tool_name
+        # the flagged token's place, not the latest call's: text held back to the next word can
+        # be judged only once a call's name has arrived, and is the content's, under the defaults
+        tool = run.renderer.tool_at(len(run.stream.fed_text(flagged.index + 1)))
         rule_name, rule = self.policy.rule_for(tool) if tool else ("defaults", None)
         action: Action = self.policy.outcome(rule, _OUTCOME_FIELD[flagged.risk.label])
         decision = Decision(

@@ -327,6 +327,11 @@ class GuardStream:
         with self._lock:
             return self._run(self.buffer.finish())
 
+    def fed_text(self, tokens: int) -> str:
+        """The assistant text of the first `tokens` tokens fed: where a token's verdict falls
+        in the text (a flag before or inside a tool call)."""
+        return self.monitor.tokenizer.decode([verdict.token_id for verdict in self.verdicts[:tokens]])
+
     def close(self) -> None:
         """Drop the KV cache (the only large state); the verdicts stay readable."""
         with self._lock:

@@ -216,6 +216,31 @@ def test_tool_call_flag_uses_the_tools_rule(stream_dir: Path) -> None:
     assert [(d.rule, d.action) for d in handler.decisions] == [("payments", Action.LOG)]
 
 
+class TextThenCallModel(GenericFakeChatModel):
+    """Streams a word, then a call to `transfer`: the word is held back (it may go on), so it
+    reaches the monitor with the call's first chunk."""
+
+    def _stream(self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        chunks = [AIMessageChunk(content="Wiring"),
+                  AIMessageChunk(content="", tool_call_chunks=[{"name": "transfer", "args": '{"to": "1"}', "id": "c1", "index": 0}])]
+        for message in chunks:
+            chunk = ChatGenerationChunk(message=message)
+            if run_manager:
+                run_manager.on_llm_new_token(message.content, chunk=chunk)
+            yield chunk
+
+
+def test_a_flag_in_the_text_before_a_call_takes_the_defaults_not_the_calls_rule(stream_dir: Path) -> None:
+    """The flag lands on the word's second token, decided only when the call's chunk arrives:
+    it took the call's lenient rule (log) and the stream ran on."""
+    policy = Policy.from_dict({"rules": [{"name": "payments", "tools": ["transfer"], "on_unsafe": "log"}]})
+    handler = StreamGuardCallbackHandler(_monitor(stream_dir, 1), policy)
+    model = TextThenCallModel(messages=iter([]))
+    with pytest.raises(StreamFlaggedError) as stopped:
+        list(model.stream([HumanMessage(content="pay")], config={"callbacks": [handler]}))
+    assert (stopped.value.decision.rule, stopped.value.decision.action) == ("defaults", Action.BLOCK)
+
+
 def test_renderer_matches_render_assistant_for_text_and_calls() -> None:
     renderer = AssistantTextRenderer()
     text = renderer.content("Paying now.")
