@@ -152,11 +152,21 @@ def _pairs(update: Any, key: str = "messages") -> list[tuple[str, Any]] | None:
     return None if keys and key not in keys and keys <= _ROLES else list(update)
 
 
+def update_pairs(command: Command, key: str = "messages") -> list[tuple[str, Any]] | None:
+    """A Command's update as the (key, value) pairs LangGraph writes: a mapping, pairs, or an
+    object with annotated fields (a dataclass, a pydantic model: what a state schema of that
+    kind takes); None for a bare list of messages (see `_pairs`)."""
+    update = command.update
+    if update is None or isinstance(update, (Mapping, list, tuple)):
+        return _pairs(update, key)
+    return list(command._update_as_tuples())
+
+
 def update_messages(command: Command, key: str = "messages") -> list[BaseMessage] | None:
     """The messages a Command's state update adds under `key`, as messages (they may be given
     as dicts)."""
     update = command.update
-    pairs = _pairs(update, key)
+    pairs = update_pairs(command, key)
     if pairs is None:
         raw = list(update) if isinstance(update, (list, tuple)) else None
     else:
@@ -166,14 +176,44 @@ def update_messages(command: Command, key: str = "messages") -> list[BaseMessage
     return convert_to_messages(raw if isinstance(raw, list) else [raw])
 
 
+def other_writes(command: Command, key: str = "messages") -> list[BaseMessage]:
+    """Everything else a Command writes that a model may be shown: each other key of its
+    update (a prompt middleware or a node can put any state key in front of the model) and of
+    the state its `Send`s hand on, as a message of its text."""
+    pairs = [(name, value) for name, value in update_pairs(command, key) or [] if name != key]
+    goto = command.goto if isinstance(command.goto, (list, tuple)) else [command.goto]
+    for send in goto:
+        arg = send.arg if isinstance(send, Send) else None
+        if isinstance(arg, Mapping):
+            pairs += [(str(name), value) for name, value in arg.items() if name != key]
+        elif arg is not None:
+            pairs.append((str(send.node), arg))
+    return [HumanMessage(content=f"{name}: {_value_text(value)}") for name, value in pairs]
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, BaseMessage):
+        return message_text(value.content)
+    return json.dumps(value, ensure_ascii=False, default=lambda o: message_text(o.content) if isinstance(o, BaseMessage) else str(o))
+
+
+def command_reads(command: Command, key: str = "messages") -> list[BaseMessage]:
+    """All a Command hands on that a model may read: its messages, those its Sends carry, and
+    the text of everything else it writes (`other_writes`)."""
+    return [*(update_messages(command, key) or []), *sent_messages(command, key), *other_writes(command, key)]
+
+
 def with_command_messages(result: Command, messages: list[BaseMessage], key: str = "messages") -> Command:
     """`result` with the messages it adds under `key` replaced, every other part of it kept."""
     update = result.update
     if isinstance(update, Mapping):
         return dataclasses.replace(result, update={**update, key: messages})
-    if _pairs(update, key) is None:
+    pairs = update_pairs(result, key)
+    if pairs is None:
         return dataclasses.replace(result, update=messages)
-    return dataclasses.replace(result, update=[(n, messages if n == key else v) for n, v in update])
+    return dataclasses.replace(result, update=[(n, messages if n == key else v) for n, v in pairs])
 
 
 def read_as_one(messages: Sequence[BaseMessage], index: int | None, call: ToolCall) -> ToolMessage:
@@ -191,13 +231,35 @@ def read_as_one(messages: Sequence[BaseMessage], index: int | None, call: ToolCa
 
 def result_text(output: Any) -> tuple[str, bool]:
     """The text and error status of what a tool returned, as a callback sees it: a
-    ToolMessage, a Command carrying messages, or a raw value."""
+    ToolMessage, a Command (all it hands on: `command_reads`), a list of those, or a raw value."""
+    if isinstance(output, list) and any(isinstance(item, (BaseMessage, Command)) for item in output):
+        read = [result_text(item) for item in output]
+        return "\n".join(text for text, _ in read), any(failed for _, failed in read)
     if isinstance(output, Command):
-        messages = update_messages(output) or []
+        messages = command_reads(output)
         failed = any(isinstance(m, ToolMessage) and m.status == "error" for m in messages)
         return "\n".join(message_text(m.content) for m in messages), failed
     content = getattr(output, "content", output)
     return message_text(content), getattr(output, "status", None) == "error"
+
+
+def error_text(error: BaseException) -> str:
+    """All a handler outside the guard may show the model of an exception: its repr (a
+    ToolNode's `Error: {e!r}`), its str (a retry middleware's), its notes, and the same of the
+    exceptions it was raised from or during."""
+    pieces: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen and len(seen) < 16:
+        seen.add(id(current))
+        for show in (repr, str):
+            try:
+                pieces.append(show(current))
+            except Exception as failed:  # noqa: BLE001 - a broken __str__ still leaves its type
+                pieces.append(f"{type(current).__name__} (not printable: {type(failed).__name__})")
+        pieces += [str(note) for note in getattr(current, "__notes__", None) or []]
+        current = current.__cause__ or current.__context__
+    return "\n".join(pieces)
 
 
 def call_id(call: Mapping[str, Any], index: int) -> str:

@@ -24,7 +24,7 @@ from langchain_core.runnables import RunnableLambda
 from langchain_core.runnables.config import var_child_runnable_config
 from langgraph._internal._constants import CONFIG_KEY_CHECKPOINTER
 from langgraph.config import get_config
-from langgraph.errors import GraphBubbleUp
+from langgraph.errors import GraphBubbleUp, ParentCommand
 from langgraph.func import task
 from langgraph.pregel._messages import StreamMessagesHandler
 from langsmith.utils import tracing_is_enabled as tracing_enabled
@@ -49,17 +49,19 @@ from soda_guard.integrations._convert import (
     call_args,
     call_id,
     command_messages,
+    command_reads,
+    error_text,
     first_same,
     last_turn,
     read_as_one,
     refusal_text,
+    other_writes,
     same_calls,
     sent_messages,
     to_tool_calls,
     to_trajectory,
     turn_id,
     turn_of_call,
-    update_messages,
     with_calls,
     with_command_messages,
     with_result,
@@ -661,7 +663,7 @@ class ToolCallEnforcer:
         # so is what its `goto` hands a node in a `Send`
         key = self.messages_key
         found = ([result], 0) if isinstance(result, ToolMessage) else command_messages(result, call.id, key)
-        sent = sent_messages(result, key) if isinstance(result, Command) else []
+        sent = [*sent_messages(result, key), *other_writes(result, key)] if isinstance(result, Command) else []
         if found is None and not sent:
             return result
         messages, index = found if found is not None else ([], None)
@@ -676,7 +678,7 @@ class ToolCallEnforcer:
             record = record.model_copy(update={"result_decision": moderation})
             if not moderation.action.runs_tool:
                 answer = _withheld(call, moderation)
-                if sent:  # the messages handed on go with the Command: the refusal is all that is left of it
+                if sent:  # what it hands on goes with the Command: the refusal is all that is left of it
                     return _stamped(answer, record)
                 messages, index = [answer], 0
         if found is None:
@@ -693,7 +695,10 @@ class ToolCallEnforcer:
         policy withholds (an exception can carry what the tool fetched)."""
         if self.guard.policy.tool_results is None:
             raise error
-        text = ToolMessage(content=f"Error: {error!r}", tool_call_id=ran.id, name=ran.name, status="error")
+        if isinstance(error, ParentCommand):  # a graph inside the tool hands its parent a Command
+            text = read_as_one(command_reads(error.args[0], self.messages_key), None, ran)
+        else:
+            text = ToolMessage(content=error_text(error), tool_call_id=ran.id, name=ran.name, status="error")
         moderation = yield Moderate(trajectory(), ran, text)
         if moderation is None or moderation.action.runs_tool:
             raise error
@@ -711,12 +716,12 @@ class ToolCallEnforcer:
             if isinstance(item, BaseMessage):
                 messages.append(item)
             elif isinstance(item, Command):
-                messages += [*(update_messages(item, key) or []), *sent_messages(item, key)]
+                messages += command_reads(item, key)
             else:
                 messages.append(ToolMessage(content=str(item), tool_call_id=ran.id, name=ran.name))
         index = next((i for i, m in enumerate(messages) if isinstance(m, ToolMessage) and m.tool_call_id == ran.id), None)
         moderation = yield Moderate(trajectory(), ran, read_as_one(messages, index, ran))
-        if moderation.action.runs_tool:
+        if moderation is None or moderation.action.runs_tool:  # None: not a tool it moderates
             return result
         return _stamped(_withheld(record.call, moderation), record.model_copy(update={"result_decision": moderation}))
 
@@ -760,7 +765,9 @@ class ToolCallEnforcer:
                 assert handler is not None
                 try:
                     return handler(need.request)
-                except GraphBubbleUp:  # an interrupt, a Command to a parent graph: LangGraph's own
+                except ParentCommand as error:  # its Command is read by the parent graph's model
+                    return Raised(error)
+                except GraphBubbleUp:  # an interrupt: LangGraph's own
                     raise
                 except Exception as error:
                     return Raised(error)
@@ -794,6 +801,8 @@ class ToolCallEnforcer:
                 assert handler is not None
                 try:
                     return await handler(need.request)
+                except ParentCommand as error:
+                    return Raised(error)
                 except GraphBubbleUp:
                     raise
                 except Exception as error:

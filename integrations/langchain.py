@@ -41,6 +41,7 @@ from soda_guard.verdict import Decision
 
 from soda_guard.integrations._convert import (
     STATE_KEY,
+    error_text,
     refusal_text,
     result_text,
     started_tool,
@@ -577,7 +578,15 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
         return decision
 
     def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        self._tool_result(run_id, f"{type(error).__name__}: {error}", is_error=True)
+        """An exception's text reaches the model too (a ToolNode's error handling, a retry
+        middleware), so it is moderated as the tool's result; withheld, `ToolResultBlocked`
+        goes up in its place, and whatever turns it into a message shows the refusal."""
+        moderation = self._moderated(run_id, ToolMessage(content=error_text(error), tool_call_id="", status="error"))
+        if moderation is None or moderation.action.runs_tool or not self.raise_error:
+            self._tool_result(run_id, f"{type(error).__name__}: {error}", is_error=True)
+            return
+        self._tool_result(run_id, f"soda-guard withheld the error: {moderation.why}", is_error=True)
+        raise ToolResultBlocked(moderation) from None
 
     def _tool_result(self, run_id: UUID, output: Any, *, is_error: bool) -> None:
         with self._lock:

@@ -15,6 +15,8 @@ before the model, warms the judges as the middleware does for `create_agent`.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any, Generator, Literal, Mapping
 
 from langchain_core.messages import AIMessage, ToolMessage
@@ -45,6 +47,8 @@ from soda_guard.integrations._state import closing, state_form, stored_turn
 __all__ = ["GuardNode", "GuardState", "SodaGuardToolWrapper", "guard_node", "warm_judges"]
 
 ANSWER_KEY = "soda_guard_answer"
+
+logger = logging.getLogger("soda_guard")
 
 
 class GuardState(MessagesState):
@@ -218,8 +222,16 @@ class SodaGuardToolWrapper:
         self._enforcer = ToolCallEnforcer(
             self.guard, state_key=state_key, messages_key=messages_key, harm=harm, environment=environment
         )
+        self._warned = False
 
     def __call__(self, request: ToolCallRequest, handler: Handler) -> ToolMessage | Command[Any]:
+        if not self._warned and asyncio._get_running_loop() is not None:
+            # a ToolNode given no `awrap_tool_call` calls this one from async runs, on the loop
+            self._warned = True
+            logger.warning(
+                "SodaGuardToolWrapper was called on a running event loop, which it holds while it judges: "
+                "give the ToolNode awrap_tool_call=wrapper.awrap as well"
+            )
         return self._enforcer.wrap(request, handler)
 
     async def awrap(self, request: ToolCallRequest, handler: AsyncHandler) -> ToolMessage | Command[Any]:
