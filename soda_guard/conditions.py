@@ -42,7 +42,7 @@ from soda_guard.verdict import Label, Verdict
 if TYPE_CHECKING:
     from soda_guard.policy import Rule
 
-ToolMatch = Callable[[str], bool]
+ToolMatch = Callable[[ToolCall], bool]
 
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr, None]
@@ -73,6 +73,22 @@ def compile_globs(patterns: list[str]) -> Globs:
     return Globs(re.compile("|".join(f"(?:{fnmatch.translate(pattern)})" for pattern in patterns)))
 
 
+@dataclass(frozen=True)
+class ToolGlobs:
+    """Globs of tools: a pattern with a `:` is matched against `server:tool` (an MCP tool's
+    qualified name), one without against the bare tool name, whichever server provides it."""
+
+    plain: Globs
+    qualified: Globs
+
+    def __call__(self, call: ToolCall) -> bool:
+        return self.plain(call.name) or self.qualified(call.qualified_name)
+
+
+def tool_globs(patterns: list[str]) -> ToolGlobs:
+    return ToolGlobs(compile_globs([p for p in patterns if ":" not in p]), compile_globs([p for p in patterns if ":" in p]))
+
+
 @dataclass
 class CallContext:
     """The pending call and what its thread did before it. Computed lazily and once per call,
@@ -100,11 +116,19 @@ class CallContext:
         return {step.tool_call_id for step in self.trajectory.steps[: self._turn] if isinstance(step, ToolStep) and step.tool_call_id}
 
     @cached_property
-    def unbound_results(self) -> list[str]:
-        """The tool names of earlier results that answer no call by id but name their tool (a
-        provider that omits ids): each is one run of that tool, though no call id says which.
-        A result that names neither (an environment's observation) is no run of anything."""
-        return [step.name for step in self.trajectory.steps[: self._turn] if isinstance(step, ToolStep) and not step.tool_call_id and step.name]
+    def unbound_results(self) -> list[ToolCall]:
+        """Earlier results that answer no call by id but name their tool (a provider that omits
+        ids), as calls of that tool on this call's server: each is one run of that tool, though
+        no call id says which. A result that names neither (an environment's observation) is
+        no run of anything."""
+        return [
+            self._named(step.name)
+            for step in self.trajectory.steps[: self._turn]
+            if isinstance(step, ToolStep) and not step.tool_call_id and step.name
+        ]
+
+    def _named(self, name: str) -> ToolCall:
+        return ToolCall(id="", name=name, server=self.call.server)
 
     @cached_property
     def siblings_before(self) -> list[ToolCall]:
@@ -121,15 +145,17 @@ class CallContext:
         return before
 
     @cached_property
-    def tool_results(self) -> list[tuple[str, str]]:
-        """(tool name, whitespace-normalised text) of every earlier tool result; a result
-        without a name is named after the call it answers."""
-        names = {call.id: call.name for call in self.earlier_calls}
+    def tool_results(self) -> list[tuple[ToolCall, str]]:
+        """(the call, whitespace-normalised text) of every earlier tool result: the call it
+        answers by id, else a call of the tool it names on this call's server."""
+        calls = {call.id: call for call in self.earlier_calls}
         results = []
         for step in self.trajectory.steps[: self._turn]:
             if isinstance(step, ToolStep) and step.content:
-                name = step.name or names.get(step.tool_call_id or "", "")
-                results.append((name, normalise_space(step.content)))
+                call = calls.get(step.tool_call_id or "")
+                if call is None or (step.name and step.name != call.name):
+                    call = self._named(step.name or "")
+                results.append((call, normalise_space(step.content)))
         return results
 
 
@@ -335,7 +361,7 @@ class FlowsFrom(_Strict):
         return value
 
     def model_post_init(self, context: Any) -> None:
-        self._match = compile_globs(self.tools)
+        self._match = tool_globs(self.tools)
         self._into = _path(self.into)[1:]
 
     def holds(self, context: CallContext, rule_tools: ToolMatch) -> str | None:
@@ -349,9 +375,9 @@ class FlowsFrom(_Strict):
         if len(target) < self.min_chars:
             return None
         runs = SharedRuns(target, self.min_chars)
-        for name, text in context.tool_results:
-            if self._match(name) and runs.found_in(text):
-                return f"flows_from: text returned by {name} appears in {self.into}"
+        for call, text in context.tool_results:
+            if self._match(call) and runs.found_in(text):
+                return f"flows_from: text returned by {call.qualified_name} appears in {self.into}"
         return None
 
 
@@ -414,12 +440,12 @@ class After(RootModel[Annotated[list[StrictStr], Field(min_length=1)]]):
     _match: ToolMatch = PrivateAttr()
 
     def model_post_init(self, context: Any) -> None:
-        self._match = compile_globs(self.root)
+        self._match = tool_globs(self.root)
 
     def holds(self, context: CallContext, rule_tools: ToolMatch) -> str | None:
         for call in context.earlier_calls:
-            if self._match(call.name):
-                return f"after: {call.name} ran earlier in this thread"
+            if self._match(call):
+                return f"after: {call.qualified_name} ran earlier in this thread"
         return None
 
 
@@ -432,9 +458,9 @@ class Limit(_Strict):
     per: Literal["thread"] = "thread"
 
     def holds(self, context: CallContext, rule_tools: ToolMatch) -> str | None:
-        ran = sum(1 for call in context.earlier_calls if call.id in context.answered_ids and rule_tools(call.name))
-        ran += sum(1 for name in context.unbound_results if rule_tools(name))
-        ran += sum(1 for call in context.siblings_before if rule_tools(call.name))
+        ran = sum(1 for call in context.earlier_calls if call.id in context.answered_ids and rule_tools(call))
+        ran += sum(1 for call in context.unbound_results if rule_tools(call))
+        ran += sum(1 for call in context.siblings_before if rule_tools(call))
         if ran >= self.calls:
             return f"limit: {ran} matching calls already in this thread (limit {self.calls})"
         return None

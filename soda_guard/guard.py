@@ -28,7 +28,7 @@ from soda_guard.judging import JudgeRunner, make_backend, make_judge
 from soda_guard.errors import AuditError, JudgeError, ModelLoadError, TrajectoryError
 from soda_guard.mcp.catalog import ToolCatalog
 from soda_guard.policy import CascadeConfig, KeywordsConfig, Outcomes, Policy, Rule
-from soda_guard.trajectory import ToolCall, ToolStep, Trajectory
+from soda_guard.trajectory import AssistantStep, ToolCall, ToolStep, Trajectory
 from soda_guard.verdict import Action, Decision, Label, Verdict
 
 
@@ -304,9 +304,17 @@ class Guard:
         last = trajectory.steps[-1] if trajectory.steps else None
         if not isinstance(last, ToolStep):
             raise TrajectoryError(len(trajectory.steps) - 1, "the last step is not a tool result")
-        if moderation is None or not moderation.matches(last.name or ""):
+        if moderation is None:
             return []
-        call = ToolCall(id=last.tool_call_id or "", name=last.name or "")
+        # the server of the call it answers, for `server:tool` patterns
+        answered = next(
+            (c for step in reversed(trajectory.steps) if isinstance(step, AssistantStep) for c in step.tool_calls if c.id == last.tool_call_id),
+            None,
+        ) if last.tool_call_id else None
+        name = last.name or (answered.name if answered is not None else "")
+        call = ToolCall(id=last.tool_call_id or "", name=name, server=answered.server if answered is not None else None)
+        if not moderation.matches(call):
+            return []
         return [_Item(call, "tool_results", moderation, moderation.judge, self.tools.describe(trajectory))]
 
     def _decide(self, item: _Item, verdicts: Mapping[str, Verdict], conversation_id: str | None) -> Decision:

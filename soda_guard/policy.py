@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, SecretStr, StrictFloat, StrictStr, ValidationError, field_validator, model_validator
 
-from soda_guard.conditions import CallContext, Route, ToolMatch, When, compile_globs
+from soda_guard.conditions import CallContext, Route, ToolGlobs, When, tool_globs
 from soda_guard.errors import PolicyError
 from soda_guard.patterns import checked_pattern
 from soda_guard.mcp.annotations import McpPolicy, effective
@@ -209,14 +209,6 @@ class Defaults(Outcomes):
     """Deadline of one check (its judgments and audit write); a judge's own `timeout_s` may shorten it, and one above it is refused."""
 
 
-def name_matches(patterns: list[str], call: ToolCall) -> bool:
-    """A pattern with a `:` is matched against `server:tool` (an MCP tool's qualified name),
-    one without against the bare tool name, whichever server provides it."""
-    return any(
-        fnmatch.fnmatchcase(call.qualified_name if ":" in pattern else call.name, pattern) for pattern in patterns
-    )
-
-
 class Rule(Outcomes):
     """First matching rule wins. `action` short-circuits: the call is not judged at all.
     A rule matches a call when every key it sets matches: `tools` (absent: every tool),
@@ -241,21 +233,16 @@ class Rule(Outcomes):
     description: str | None = None
     """Shown to the reviewer for these tools' escalations in place of soda-guard's text
     (the judge's reason stays in the request's `soda_guard` key)."""
-    _match: ToolMatch = PrivateAttr()
-    _qualified: ToolMatch = PrivateAttr()
+    _match: ToolGlobs = PrivateAttr()
 
     def model_post_init(self, context: Any) -> None:
-        """A pattern with a `:` is matched against `server:tool` (an MCP tool's qualified
-        name), one without against the bare tool name, whichever server provides it."""
-        patterns = self.tools or []
-        self._match = compile_globs([p for p in patterns if ":" not in p])
-        self._qualified = compile_globs([p for p in patterns if ":" in p])
+        self._match = tool_globs(self.tools or [])
 
     def matches(self, call: ToolCall | str, annotations: Mapping[str, bool] | None = None) -> bool:
         """Tools, server and MCP annotations (`annotations`: the call's effective ones, which
         `Policy.route` resolves from the pins); the other conditions are `when`'s to read."""
         call = call if isinstance(call, ToolCall) else ToolCall(id="", name=call)
-        if self.tools is not None and not (self._match(call.name) or self._qualified(call.qualified_name)):
+        if self.tools is not None and not self._match(call):
             return False
         if self.server is not None and (call.server is None or not fnmatch.fnmatchcase(call.server, self.server)):
             return False
@@ -263,9 +250,9 @@ class Rule(Outcomes):
             return annotations_match(self.when.annotations, annotations)
         return True
 
-    def matches_name(self, tool_name: str) -> bool:
-        """Whether an earlier call of this name counts as one of this rule's tools (`after`, `limit`)."""
-        return self.tools is None or self._match(tool_name) or self._qualified(tool_name)
+    def matches_tool(self, call: ToolCall) -> bool:
+        """Whether an earlier call counts as one of this rule's tools (`limit`)."""
+        return self.tools is None or self._match(call)
 
     @property
     def is_judged(self) -> bool:
@@ -305,10 +292,14 @@ class ToolResultPolicy(Outcomes):
     judge: str
     """The judge that moderates results (a `qwen3guard` judge, `mode: tool_result`)."""
     tools: list[str] = Field(default_factory=lambda: ["*"])
-    """Glob patterns of the tools whose results are moderated."""
+    """Glob patterns of the tools whose results are moderated (`server:tool` for MCP tools)."""
+    _match: ToolGlobs = PrivateAttr()
+
+    def model_post_init(self, context: Any) -> None:
+        self._match = tool_globs(self.tools)
 
     def matches(self, tool: ToolCall | str) -> bool:
-        return name_matches(self.tools, tool if isinstance(tool, ToolCall) else ToolCall(id="", name=tool))
+        return self._match(tool if isinstance(tool, ToolCall) else ToolCall(id="", name=tool))
 
 
 class AuditConfig(_Strict):
@@ -430,7 +421,7 @@ class Policy(_Strict):
         for index, rule in enumerate(self.rules):
             if not rule.matches(call, annotations):
                 continue
-            held = "" if rule.when is None else rule.when.before_judging(context, rule.matches_name)
+            held = "" if rule.when is None else rule.when.before_judging(context, rule.matches_tool)
             if held is None:
                 continue
             name = rule.name or f"rules[{index}]"
