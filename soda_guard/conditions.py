@@ -35,6 +35,7 @@ from pydantic import (
 )
 
 from soda_guard.mcp.annotations import AnnotationCondition
+from soda_guard.mcp.jsonrpc import parse as parse_json
 from soda_guard.patterns import checked_pattern, compile_pattern, found
 from soda_guard.trajectory import AssistantStep, ToolCall, ToolStep, Trajectory
 from soda_guard.verdict import Label, Verdict
@@ -165,8 +166,16 @@ def normalise_space(text: str) -> str:
 
 def lookup(value: Any, path: tuple[str, ...]) -> Any:
     """The value at a dotted path in a call's arguments, `_MISSING` when any step is absent or
-    not a container (digits index lists)."""
+    not a container (digits index lists). A string on the way that holds a JSON object or
+    array is read as it: an MCP server (the Python SDK's `pre_parse_json`) and tools that
+    validate hand the tool the object, so `payment.amount` is not walked around by sending
+    `payment` as text."""
     for part in path:
+        if isinstance(value, str) and value.lstrip()[:1] in ("{", "["):
+            try:
+                value = parse_json(value)
+            except (ValueError, RecursionError):
+                return _MISSING
         if isinstance(value, dict) and part in value:
             value = value[part]
         elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
@@ -181,26 +190,56 @@ def _is_number(value: Any) -> bool:
 
 
 def _as_number(value: Any) -> float | int | None:
-    """A number, or a string that reads as a finite one (`"5000"`, `" 5e3 "`): what a tool that
-    validates its arguments (pydantic's lax mode, a LangChain tool) runs with, so `gt: 1000`
-    is not walked around by quoting the amount. Anything else is no number."""
+    """A number, or a string that reads as one (`"5000"`, `" +5_000 "`, `"0005e3"`, `"1e309"`,
+    which a Decimal field takes as 1E+309): what a tool that validates its arguments
+    (pydantic's lax mode, a LangChain tool) runs with, so `gt: 1000` is not walked around by
+    quoting or padding the amount. Whole numbers are read exactly, past a float's 2**53.
+    Anything else (NaN, which no bound holds for, among it) is no number."""
     if _is_number(value):
         return value  # type: ignore[no-any-return]
-    if isinstance(value, str) and len(value) <= 64:
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:  # not a whole number, or past int's 4,300-digit limit: a float
+            pass
         try:
             number = float(value)
         except ValueError:
             return None
-        return number if math.isfinite(number) else None
+        return None if math.isnan(number) else number
     return None
+
+
+_LAX_BOOLS = {"0": False, "off": False, "f": False, "false": False, "n": False, "no": False,
+              "1": True, "on": True, "t": True, "true": True, "y": True, "yes": True}
+"""The strings pydantic's lax mode reads as a bool (case and surrounding spaces aside)."""
+
+
+def _lax(value: Any, like: Any) -> Any:
+    """`value` as a tool validating it in lax mode (pydantic's default) reads it for a field of
+    `like`'s type: `"false"`, `"no"` and `0` are False for a bool field, `"666"` is 666 for a
+    number; `_MISSING` where it would not read it so."""
+    if isinstance(like, bool):
+        if isinstance(value, str):
+            return _LAX_BOOLS.get(value.strip().lower(), _MISSING)
+        if _is_number(value) and value in (0, 1):
+            return bool(value)
+    elif _is_number(like) and isinstance(value, str):
+        number = _as_number(value)
+        return _MISSING if number is None else number
+    return _MISSING
 
 
 def _same(left: Any, right: Any) -> bool:
     """Equality without Python's `True == 1` and `1 == 1.0`-across-kinds surprises: a bool
-    equals only a bool, a number only a number, a string only a string."""
+    equals only a bool, a number only a number, a string only a string; or a value the tool
+    would read as `right` (`_lax`): `"false"` is `eq: false`, since the tool runs with False."""
     if _is_number(left) and _is_number(right):
         return bool(left == right)
-    return type(left) is type(right) and bool(left == right)
+    if type(left) is type(right):
+        return bool(left == right)
+    coerced = _lax(left, right)
+    return coerced is not _MISSING and _same(coerced, right)
 
 
 def _path(text: str) -> tuple[str, ...]:
@@ -310,7 +349,7 @@ def _comparable(value: Any, operand: Any) -> bool:
         return _is_scalar(value)
     if _is_number(value) and _is_number(operand):
         return True
-    return type(value) is type(operand)
+    return type(value) is type(operand) or _lax(value, operand) is not _MISSING
 
 
 class Args(RootModel[dict[str, ArgTest]]):
@@ -488,14 +527,16 @@ class VerdictTest(_Strict):
             raise ValueError("give labels, score or categories")
         return self
 
-    def holds_for(self, verdict: Verdict) -> str | None:
+    def holds_for(self, verdict: Verdict, label: Label | None = None) -> str | None:
+        """`label`: the verdict's label as the policy reads it (its threshold applied)."""
         if verdict.failed:
             return None
+        label = verdict.label if label is None else label
         held = []
         if self.labels is not None:
-            if verdict.label not in self.labels:
+            if label not in self.labels:
                 return None
-            held.append(f"label {verdict.label.value}")  # type: ignore[union-attr]
+            held.append(f"label {label.value}")  # type: ignore[union-attr]
         if self.score is not None:
             score = verdict.score
             bounds = self.score
@@ -561,8 +602,8 @@ class When(_Strict):
             held.append(said)
         return "; ".join(held)
 
-    def after_judging(self, verdict: Verdict) -> str | None:
-        return self.verdict.holds_for(verdict) if self.verdict is not None else ""
+    def after_judging(self, verdict: Verdict, label: Label | None = None) -> str | None:
+        return self.verdict.holds_for(verdict, label) if self.verdict is not None else ""
 
 
 @dataclass

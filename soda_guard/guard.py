@@ -335,7 +335,7 @@ class Guard:
                 )
                 why = f"{name}: its verdict condition cannot be read ({cause})"
                 return self._decision(base, self.policy.outcome(rule, "on_error"), why, held or None)
-            said = rule.when.after_judging(verdict) if rule.when is not None else None
+            said = rule.when.after_judging(verdict, _label(verdict, self.policy.outcome(rule, "threshold"))) if rule.when is not None else None
             if said:
                 condition = "; ".join(part for part in (held, said) if part)
                 if rule.action is not None:
@@ -381,15 +381,10 @@ class Guard:
             cut = "the conversation reached the guard already cut" if view_truncated else "the judge prompt was truncated to fit its budget"
             return decided(outcome("on_error"), f"{cut} and on_truncated is error")
         threshold = outcome("threshold")
-        label = verdict.label
-        why = f"{verdict.judge} said {label.value}"
+        label = _label(verdict, threshold)
+        why = f"{verdict.judge} said {verdict.label.value}"
         if threshold is not None and verdict.score is not None:
-            above = verdict.score >= threshold
-            why += f" with score {verdict.score:.3f} {'>=' if above else '<'} threshold {threshold}"
-            if above:
-                label = Label.UNSAFE
-            elif label is Label.UNSAFE:
-                label = Label.SAFE
+            why += f" with score {verdict.score:.3f} {'>=' if verdict.score >= threshold else '<'} threshold {threshold}"
         if verdict.settled_by is not None:
             why += f" (cascade settled by {verdict.settled_by})"
         if condition:
@@ -734,3 +729,14 @@ def _consume(task: asyncio.Future[Any]) -> None:
     """Retrieve a late judge task's outcome so it is not reported as never retrieved."""
     if not task.cancelled():
         task.exception()
+
+
+def _label(verdict: Verdict, threshold: float | None) -> Label:
+    """The label the policy reads: with a `threshold`, a score at or above it is unsafe and one
+    below it not, whatever the generated label (a rule's verdict condition reads it too)."""
+    label = verdict.label
+    if threshold is None or verdict.score is None:
+        return label  # type: ignore[return-value]
+    if verdict.score >= threshold:
+        return Label.UNSAFE
+    return Label.SAFE if label is Label.UNSAFE else label  # type: ignore[return-value]

@@ -7,6 +7,7 @@ ignored: a typo in a security policy must not turn a rule off) and loads from YA
 from __future__ import annotations
 
 import fnmatch
+import re
 from pathlib import Path
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Union
@@ -544,6 +545,35 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     )
                 seen[key] = key_node
         return super().construct_mapping(node, deep=deep)
+
+
+_CORE_TAGS = {f"tag:yaml.org,2002:{kind}" for kind in ("bool", "int", "float", "timestamp")}
+# YAML 1.2's core schema, not PyYAML's 1.1: there `off`, `no` (Norway's code) and `y` are
+# False or True, `0123` is 83, `12:30` is 750 and `2026-01-02` a date, each silently changing
+# what a rule compares with; here they stay the text they are unless quoted otherwise
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in _CORE_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
+)
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def _core_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    text = str(loader.construct_scalar(node))  # type: ignore[arg-type]
+    if text.startswith(("0o", "0x")):
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    return int(text, 10)  # `0123` is 123, not octal
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _core_int)
 
 
 def _shown(text: str) -> str:

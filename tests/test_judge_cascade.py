@@ -352,3 +352,27 @@ defaults: {judge: screen, on_error: block, timeout_s: 0.5}
     assert decision.action is Action.BLOCK and "timed out" in decision.why
     if mode == "async":
         assert ticks >= 10  # ~50 at 10 ms a tick in 0.5 s; a held loop ticks once or twice
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_screen_reads_arguments_as_the_tool_gets_them_and_says_when_the_conversation_came_cut(mode: str) -> None:
+    """In the arguments' JSON a tab is `\\t` and a newline `\\n`: `rm\\s+-rf` missed
+    `"rm<TAB>-rf /"` and passed it on to a judge that allowed it. And a screen's verdict on a
+    conversation that reached the guard cut did not say so, so `on_truncated: error` let a
+    call it settled through."""
+    policy = Policy.from_yaml("""
+judges:
+  words: {kind: keywords, unsafe: ['rm\\s+-rf', 'DROP\\s+TABLE'], safe: ['^get_weather ']}
+  soda: {kind: soda, model: scripted-soda}
+  screened: {kind: cascade, stages: [words, soda]}
+defaults: {judge: screened, on_truncated: error}
+""")
+    soda = ScriptedBackend(scored(False, 0.1))
+    guard = Guard(policy, backends={"soda": soda})
+    for args in ({"cmd": "rm\t-rf /"}, {"q": "DROP\nTABLE users"}):
+        decision = check(guard, pending("shell", args), mode)
+        assert (decision.action, decision.stage) == (Action.BLOCK, "words"), args
+    cut = pending("get_weather", {"city": "Paris"}).model_copy(update={"truncated": True})
+    decision = check(guard, cut, mode)
+    assert decision.action is Action.BLOCK and decision.verdict.truncated and "on_truncated is error" in decision.why
+    assert soda.requests == []

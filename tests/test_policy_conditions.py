@@ -53,8 +53,19 @@ ARGS_CASES = [
     ({"gt": 1000}, " 5e3 ", True),
     ({"lt": 100}, "5000", False),
     ({"gt": 1000}, "5000 EUR", False),  # a word is the wrong type for gt
-    ({"gt": 1000}, "inf", False),
+    ({"gt": 1000}, "inf", True),  # a float field takes it, and so does a Decimal one "1e309"
+    ({"gt": 1000}, "1e309", True),
+    ({"lt": 1000}, "inf", False),
     ({"gt": 1000}, "nan", False),
+    ({"gt": 1000}, "0" * 70 + "5000", True),  # padding read the way the tool reads it
+    ({"gt": 1000}, " +5_000 ", True),
+    ({"le": 9007199254740992}, "9007199254740993", False),  # whole numbers read exactly
+    ({"eq": False}, "no", True),  # a bool field reads "no", "off", "0", 0 as False
+    ({"eq": False}, 0, True),
+    ({"eq": False}, "nope", False),
+    ({"ne": False}, "off", False),
+    ({"in": [666]}, "666", True),
+    ({"not_in": [True]}, "yes", False),
     ({"gt": 1000}, True, False),  # a bool is not a number
     ({"ge": 10, "lt": 20}, 10, True),
     ({"ge": 10, "lt": 20}, 20, False),
@@ -483,3 +494,48 @@ def test_a_server_qualified_tool_results_glob_moderates_that_servers_results() -
     assert decision is not None and decision.action is Action.BLOCK and decision.tool_call.server == "web"
     other = Trajectory(steps=[*steps[:1], AssistantStep(tool_calls=[_mcp("c1", "fetch", "files", url="u")]), steps[2]])
     assert guard.check_tool_result(other) is None
+
+
+def test_a_dotted_path_reads_through_an_argument_sent_as_json_text() -> None:
+    """An MCP server built on the Python SDK parses `"{\\"amount\\": 5000}"` into the object its
+    field declares: `payment.amount: {gt: 1000}` read no amount there."""
+    rules = '  - {tools: ["transfer_*"], when: {args: {payment.amount: {gt: 1000}}}, action: block}'
+    for payment in ({"amount": 5000}, json.dumps({"amount": 5000}), " " + json.dumps({"to": "eve", "amount": 5000})):
+        assert routed(rules, thread([call("transfer_funds", {"payment": payment})]))[0] == "rules[0]", payment
+    assert routed(rules, thread([call("transfer_funds", {"payment": "{not json"})]))[0] == "defaults"
+
+
+def test_a_verdict_condition_reads_the_label_the_threshold_makes() -> None:
+    """Under `threshold: 0.3` a SAFE verdict scored 0.4 is unsafe everywhere else; a rule's
+    `verdict: {labels: [unsafe]}` read the raw label and let the call fall to a `log` rule."""
+    policy = Policy.from_yaml("""
+judges: {soda: {kind: soda, model: x}}
+defaults: {threshold: 0.3}
+rules:
+  - {name: risky, tools: ["transfer_*"], when: {verdict: {labels: [unsafe]}}, action: escalate}
+  - {name: otherwise, tools: ["transfer_*"], action: log}
+""")
+    reply = GenerationResult(text="[Reason] Looks routine.\n[Verdict] SAFE", score=0.4)
+    guard = Guard(policy, backends={"soda": ScriptedBackend([reply])})
+    [decision] = guard.check_tool_calls(thread([call("transfer_funds", {"amount": 10})]))
+    assert (decision.rule, decision.action) == ("risky", Action.ESCALATE)
+
+
+def test_policy_yaml_reads_words_and_numbers_as_yaml_1_2_does() -> None:
+    """PyYAML's YAML 1.1 read `off` and `NO` (Norway) as False, `0123` as 83 and `12:30` as
+    750, each silently changing what a rule compares an argument with."""
+    policy = Policy.from_yaml("""
+rules:
+  - {name: embargo, tools: [ship], when: {args: {country: {in: [KP, NO]}}}, action: block}
+  - {name: frozen, tools: [pay], when: {args: {account: {eq: 0123}}}, action: block}
+  - {name: window, tools: [deploy], when: {args: {at: {eq: 12:30}}}, action: escalate}
+  - {name: firewall, tools: [set_firewall], when: {args: {state: {eq: off}}}, action: escalate}
+""")
+    cases = [("ship", {"country": "NO"}, "embargo"), ("ship", {"country": "no"}, "defaults"), ("pay", {"account": 123}, "frozen"),
+             ("deploy", {"at": "12:30"}, "window"), ("set_firewall", {"state": "off"}, "firewall"),
+             ("set_firewall", {"state": "no"}, "defaults")]
+    for tool, args, rule in cases:
+        trajectory = thread([call(tool, args)])
+        assert policy.route(trajectory.pending_tool_calls()[0], trajectory).name == rule, (tool, args)
+    with pytest.raises(PolicyError):
+        Policy.from_yaml("defaults: {timeout_s: 5}\njudges: {j: {kind: soda, model: x, warm_up: yes}}")

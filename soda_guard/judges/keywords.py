@@ -46,15 +46,23 @@ class KeywordsRunner:
         self._unsafe = [compile_pattern(pattern) for pattern in config.unsafe]
         self._safe = [compile_pattern(pattern) for pattern in config.safe]
 
-    def texts(self, trajectory: Trajectory) -> tuple[list[str], list[str]]:
-        """(what the `unsafe` patterns read, each call's own text for the `safe` ones)."""
+    def texts(self, trajectory: Trajectory) -> tuple[list[str], list[str], bool]:
+        """(what the `unsafe` patterns read, each call's own text for the `safe` ones, whether
+        the conversation came cut). The `unsafe` ones also read the arguments' text as the tool
+        gets it: in JSON a tab is `\\t`, which `rm\\s+-rf` does not match."""
         calls = trajectory.pending_tool_calls() or [
             call for step in trajectory.steps if isinstance(step, AssistantStep) for call in step.tool_calls
         ]
-        own = [f"{call.name} {call.args if isinstance(call.args, str) else JSON_TEXT.encode(call.args)}" for call in calls]
+        encoded = [(call, call.args if isinstance(call.args, str) else JSON_TEXT.encode(call.args)) for call in calls]
+        own = [f"{call.name} {text}" for call, text in encoded]
         if self.config.match == "all":
-            return ["\n".join(_step_text(step) for step in trajectory.steps)], own
-        return own, own
+            read = ["\n".join(_step_text(step) for step in trajectory.steps)]
+            shown = [call for step in trajectory.steps if isinstance(step, AssistantStep) for call in step.tool_calls]
+            encoded = [(call, call.args if isinstance(call.args, str) else JSON_TEXT.encode(call.args)) for call in shown]
+        else:
+            read = list(own)
+        read += ["\n".join(_strings(call.args)) for call, text in encoded if text is not call.args and "\\" in text]
+        return read, own, trajectory.truncated
 
     def verdict(self, trajectory: Trajectory, deadline: float | None = None) -> Verdict:
         """Raises TimeoutError where the patterns are still searching at `deadline`
@@ -62,8 +70,8 @@ class KeywordsRunner:
         start = time.perf_counter()
         return self._verdict(self.texts(trajectory), start, deadline)
 
-    def _verdict(self, texts: tuple[list[str], list[str]], start: float, deadline: float | None) -> Verdict:
-        read, calls = texts
+    def _verdict(self, texts: tuple[list[str], list[str], bool], start: float, deadline: float | None) -> Verdict:
+        read, calls, truncated = texts
 
         def within(pattern: regex.Pattern[str], text: str) -> bool:
             return found(pattern, text, None if deadline is None else max(0.0, deadline - time.monotonic()))
@@ -86,6 +94,7 @@ class KeywordsRunner:
             kind=self.kind,
             model=self.model_id,
             latency_ms=(time.perf_counter() - start) * 1000.0,
+            truncated=truncated,  # a cut conversation's verdict says so, whoever judged it
         )
 
     def verdicts(self, trajectories: Sequence[Trajectory], deadline: float | None = None) -> list[Verdict]:
@@ -97,7 +106,7 @@ class KeywordsRunner:
         paying a thread hop for microseconds of regex. `match: all` reads every message."""
         return self._texts_at_once(trajectories) is not None
 
-    def _texts_at_once(self, trajectories: Sequence[Trajectory]) -> list[tuple[list[str], list[str]]] | None:
+    def _texts_at_once(self, trajectories: Sequence[Trajectory]) -> list[tuple[list[str], list[str], bool]] | None:
         """The texts a small job screens (`at_once`), read once; None where it is not one."""
         if self.config.match == "all":
             return None
@@ -129,3 +138,12 @@ def _step_text(step: SystemStep | UserStep | AssistantStep | ToolStep) -> str:
         calls = " ".join(f"{call.name} {JSON_TEXT.encode(call.args)}" for call in step.tool_calls)
         return f"{step.content} {calls}".strip()
     return step.content or ""
+
+
+def _strings(value: object) -> list[str]:
+    """The keys and strings inside a call's arguments, as the tool reads them."""
+    if isinstance(value, dict):
+        return [text for key, item in value.items() for text in (str(key), *_strings(item))]
+    if isinstance(value, list):
+        return [text for item in value for text in _strings(item)]
+    return [value] if isinstance(value, str) else []
