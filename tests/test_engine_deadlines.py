@@ -157,3 +157,86 @@ def test_a_prefill_whose_deadline_passes_stops_between_two_layers_and_keeps_noth
     engine.run([engine.job(again)], answers.__setitem__)
     assert isinstance(answers[0], GenerationResult)
     assert answers[0].text == naive_generate(backend.model, backend.tokenizer, again, ignore_eos=True).text
+
+
+async def test_a_judgment_cancelled_while_its_prompt_is_tokenised_is_not_run(model_dir: Path) -> None:
+    """`agenerate` tokenises on a worker thread; a cancel that lands there left the jobs it then
+    queued unowned, and the engine decoded the whole judgment, holding the worker."""
+    import threading
+
+    backend = TransformersBackend(str(model_dir), device="cpu", dtype="float32", ignore_eos=True)
+    backend.generate([request("warm", 1)])
+    entered, release = threading.Event(), threading.Event()
+    job = backend.engine.job
+
+    def held_job(item: GenerationRequest) -> object:
+        entered.set()
+        release.wait(10)
+        return job(item)
+
+    backend.engine.job = held_job  # type: ignore[method-assign]
+    cancelled = request("carol", 200)
+    steps = backend.stats.row_steps
+    try:
+        task = asyncio.create_task(backend.agenerate([cancelled]))
+        await asyncio.to_thread(entered.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        assert cancelled.cancelled.is_set()
+        backend.generate([request("after", 2)])  # behind whatever the cancelled one left queued
+        assert backend.stats.row_steps - steps < 10, "the cancelled judgment was decoded"
+    finally:
+        release.set()
+        backend.close()
+
+
+def test_an_answered_callers_request_is_not_marked_cancelled_by_close(model_dir: Path) -> None:
+    """`close` abandoned every row of the batch in hand, answered ones too: the caller's request
+    (whose cancel flag the job shares) then read as cancelled, and reused it failed at once."""
+    from soda_guard.engine.batcher import MicroBatcher
+
+    answered: list[GenerationRequest] = []
+    abandoned: list[GenerationRequest] = []
+    release = __import__("threading").Event()
+
+    def run_batch(items: list[GenerationRequest], answer: object) -> None:
+        answer(0, GenerationResult(text="ok", prompt_tokens=1, generated_tokens=1))  # type: ignore[operator]
+        answered.append(items[0])
+        release.wait(5)
+
+    batcher = MicroBatcher(run_batch, abandon=abandoned.append)
+    future = batcher.submit([request("dave", 2)])[0]
+    assert future.result(5).text == "ok"
+    closing = __import__("threading").Thread(target=batcher.close)
+    closing.start()
+    time.sleep(0.05)
+    release.set()
+    closing.join(5)
+    assert answered and abandoned == []
+
+
+def test_warm_ups_stopped_part_way_hold_no_more_memory_than_the_cache_budget(model_dir: Path) -> None:
+    """A warm-up stopped after its first chunk kept its prefix in the buffer made for its whole
+    prompt, counted as the tokens prefilled: twelve such entries held several times the
+    budget's memory. The budget now counts the buffer."""
+    backend = TransformersBackend(str(model_dir), device="cpu", dtype="float32")
+    engine = Engine(backend.model, backend.tokenizer, backend.device, prefix_cache_tokens=8192)
+    prefill, current = engine.forward.prefill, {}
+
+    def abandoning(tokens: object, cache: object, stop: object = None) -> object:
+        current["job"].request.abandon()  # superseded while its first chunk runs
+        return prefill(tokens, cache, stop)  # type: ignore[arg-type]
+
+    engine.forward.prefill = abandoning  # type: ignore[method-assign]
+    for n in range(12):
+        messages = [{"role": "user", "content": f"conversation {n}: " + "tool output line\n" * 150}]
+        job = engine.job(GenerationRequest(messages, 1, cache_key=f"c{n}", prefill_only=True))
+        current["job"] = job
+        engine.run([job], lambda index, answer: None)
+    entries = list(engine.cache._entries.values())
+    assert entries
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for e in entries for k, v in e.layers for t in (k, v)}
+    per_token = sum(k.shape[0] * k.shape[2] * k.element_size() * 2 for k, _ in entries[0].layers)
+    assert sum(storages.values()) / per_token <= engine.cache.max_tokens

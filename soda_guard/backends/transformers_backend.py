@@ -190,7 +190,14 @@ class TransformersBackend:
     async def agenerate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Cancelling the awaiting task drops its rows at the engine's next step."""
         # tokenising a long prompt takes milliseconds: not on the caller's event loop
-        futures, deadline = await asyncio.to_thread(self._submit, requests)
+        try:
+            futures, deadline = await asyncio.to_thread(self._submit, requests)
+        except asyncio.CancelledError:
+            # the submission goes on in its thread and queues the jobs, which nobody awaits now:
+            # the engine drops them (they share the requests' cancel flag) instead of decoding
+            for request in requests:
+                request.abandon()
+            raise
         return await await_all(futures, requests, deadline)
 
 

@@ -111,8 +111,9 @@ class MicroBatcher(Generic[Item, Result]):
         with self._start_lock:
             if self._thread is not None:
                 self._closing = True
-                for item in list(self._in_hand):
-                    self._abandon(item)
+                for item, future in list(self._in_hand):
+                    if not future.done():  # an answered caller's request is its own again
+                        self._abandon(item)
                 self._queue.put(_STOP)
                 self._thread.join()
                 self._thread = None
@@ -193,12 +194,12 @@ class MicroBatcher(Generic[Item, Result]):
             else:
                 batch[index][1].set_result(result)
 
-        self._in_hand = [item for item, _ in batch]
+        self._in_hand = batch
         try:
             if self._closing:  # close() began after this batch was gathered, before it was in hand
-                for item in self._in_hand:
+                for item, _ in batch:
                     self._abandon(item)
-            self._run_batch(self._in_hand, answer)
+            self._run_batch([item for item, _ in batch], answer)
         except BaseException as error:  # every caller must hear about it, whatever it is
             for _, future in batch:
                 if not future.done():

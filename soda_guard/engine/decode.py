@@ -329,10 +329,11 @@ class Engine:
         return cache
 
     def _keep(self, job: Job, cache: KVCache) -> None:
-        """Store the prompt's prefix whose keys and values `cache` holds (its buffer, as it is)."""
+        """Store the prompt's prefix whose keys and values `cache` holds (its buffer, as it is,
+        counted whole: not copied while a judgment waits for the worker)."""
         if self.cache is not None:
             stored = tuple((layer.keys[0], layer.values[0]) for layer in cache.layers)
-            self.cache.store(job.key, CachedPrefix(job.ids[: cache.length], stored))
+            self.cache.store(job.key, CachedPrefix(job.ids[: cache.length], stored, held=cache.capacity))
 
     def _decode(
         self,

@@ -35,10 +35,18 @@ class CachedPrefix:
     """Per layer (keys, values), each shaped [kv_heads, tokens, head_dim]."""
     blocks: tuple[int, ...] = field(default=(), compare=False)
     """Chained hashes of the whole blocks of `ids`, filled in by the cache."""
+    held: int = 0
+    """Tokens' worth of memory its buffers hold, where more than `tokens`: a warm-up cut short
+    keeps its prefix in the buffer made for the whole prompt, and the budget counts all of it."""
 
     @property
     def tokens(self) -> int:
         return len(self.ids)
+
+    @property
+    def footprint(self) -> int:
+        """What the cache's token budget counts for it."""
+        return max(self.tokens, self.held)
 
     def truncated(self, tokens: int) -> CachedPrefix:
         """The first `tokens` tokens, copied so the rest of the original can be freed."""
@@ -110,13 +118,13 @@ class PrefixCache:
         return best, found
 
     def store(self, key: object, entry: CachedPrefix) -> None:
-        if entry.tokens > self.max_tokens:
-            entry = entry.truncated(self.max_tokens)
-        entry = CachedPrefix(entry.ids, entry.layers, block_hashes(entry.ids))
+        if entry.footprint > self.max_tokens:
+            entry = entry.truncated(min(entry.tokens, self.max_tokens))
+        entry = CachedPrefix(entry.ids, entry.layers, block_hashes(entry.ids), entry.held)
         with self._lock:
             self._remove(key)
             self._entries[key] = entry
-            self._tokens += entry.tokens
+            self._tokens += entry.footprint
             for value in entry.blocks:
                 self._by_block[value] = key
             while self._tokens > self.max_tokens:
@@ -126,7 +134,7 @@ class PrefixCache:
         old = self._entries.pop(key, None)
         if old is None:
             return
-        self._tokens -= old.tokens
+        self._tokens -= old.footprint
         for value in old.blocks:
             if self._by_block.get(value) == key:
                 del self._by_block[value]
