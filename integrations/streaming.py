@@ -41,6 +41,7 @@ __all__ = ["AssistantTextRenderer", "AsyncStreamGuardCallbackHandler", "StreamFl
 logger = logging.getLogger("soda_guard.stream")
 
 _OUTCOME_FIELD = {Label.UNSAFE: "on_unsafe", Label.CONTROVERSIAL: "on_controversial"}
+_STRICTNESS = {Action.ALLOW: 0, Action.LOG: 1, Action.ESCALATE: 2, Action.BLOCK: 3}
 
 
 class StreamFlaggedError(SodaGuardError):
@@ -199,8 +200,13 @@ class _StreamGuard:
         # the flagged token's place, not the latest call's: text held back to the next word can
         # be judged only once a call's name has arrived, and is the content's, under the defaults
         tool = run.renderer.tool_at(len(run.stream.fed_text(flagged.index + 1)))
-        rule_name, rule = self.policy.rule_for(tool) if tool else ("defaults", None)
-        action: Action = self.policy.outcome(rule, _OUTCOME_FIELD[flagged.risk.label])
+        # a rule whose conditions read the call's arguments or thread may apply or not: the
+        # strictest of those that may
+        field = _OUTCOME_FIELD[flagged.risk.label]
+        rule_name, action = max(
+            ((name, self.policy.outcome(rule, field)) for name, rule in (self.policy.rules_for(tool) if tool else [("defaults", None)])),
+            key=lambda named: _STRICTNESS[named[1]],
+        )
         decision = Decision(
             action=action,
             rule=rule_name,

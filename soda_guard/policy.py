@@ -411,6 +411,21 @@ class Policy(_Strict):
                 return rule.name or f"rules[{index}]", rule
         return "defaults", None
 
+    def rules_for(self, tool: ToolCall | str) -> list[tuple[str, Rule | None]]:
+        """Every rule that may apply to a call known only by its tool (a response still
+        streaming): those whose tools, server and annotations match, up to the first that has no
+        other condition (`rule_for`'s), or the defaults. Which of them applies depends on what is
+        not known yet, so a caller takes the strictest."""
+        call = tool if isinstance(tool, ToolCall) else ToolCall(id="", name=tool)
+        annotations = effective(call.server, call.name, call.annotations, self.mcp)
+        found: list[tuple[str, Rule | None]] = []
+        for index, rule in enumerate(self.rules):
+            if rule.matches(call, annotations):
+                found.append((rule.name or f"rules[{index}]", rule))
+                if rule.when is None or not rule.when.needs_context:
+                    return found
+        return [*found, ("defaults", None)]
+
     def route(self, call: ToolCall, trajectory: Trajectory) -> Route:
         """Which rule a pending call hits. Rules are read in order: one whose tools or
         conditions before judging do not hold is skipped; one with a `verdict` condition

@@ -273,3 +273,17 @@ async def test_a_response_that_was_not_streamed_is_monitored_whole_before_it_is_
     safe = handler_class(_monitor(stream_dir, 0))
     answer = GenericFakeChatModel(messages=iter([AIMessage(content=ANSWER)]), disable_streaming=True).invoke(question, config={"callbacks": [safe]})
     assert answer.content == ANSWER and safe.decisions == []
+
+
+def test_a_flag_in_a_call_whose_rule_reads_its_arguments_takes_the_strictest_that_may_apply(stream_dir: Path) -> None:
+    """Streaming, the arguments are not known yet: the rule for large transfers was skipped and
+    the lenient rule after it let the flagged call's stream run on."""
+    policy = Policy.from_dict({"rules": [
+        {"name": "large", "tools": ["transfer"], "when": {"args": {"amount": {"gt": 1000}}}, "on_unsafe": "block"},
+        {"name": "payments", "tools": ["transfer"], "on_unsafe": "log"},
+    ]})
+    handler = StreamGuardCallbackHandler(_monitor(stream_dir, 1), policy)
+    model = ToolCallStreamingModel(messages=iter([]), pieces=['{"amount": 50', '00}'])
+    with pytest.raises(StreamFlaggedError) as stopped:
+        list(model.stream([HumanMessage(content="pay")], config={"callbacks": [handler]}))
+    assert (stopped.value.decision.rule, stopped.value.decision.action) == ("large", Action.BLOCK)
