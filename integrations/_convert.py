@@ -196,7 +196,10 @@ def _value_text(value: Any) -> str:
         return value
     if isinstance(value, BaseMessage):
         return message_text(value.content)
-    return json.dumps(value, ensure_ascii=False, default=lambda o: message_text(o.content) if isinstance(o, BaseMessage) else str(o))
+    try:
+        return json.dumps(value, ensure_ascii=False, default=lambda o: message_text(o.content) if isinstance(o, BaseMessage) else str(o))
+    except (ValueError, RecursionError):  # a value that holds itself: its text as Python prints it
+        return repr(value)
 
 
 def command_reads(command: Command, key: str = "messages") -> list[BaseMessage]:

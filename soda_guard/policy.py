@@ -292,7 +292,7 @@ class ToolResultPolicy(Outcomes):
 
     judge: str
     """The judge that moderates results (a `qwen3guard` judge, `mode: tool_result`)."""
-    tools: list[str] = Field(default_factory=lambda: ["*"])
+    tools: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
     """Glob patterns of the tools whose results are moderated (`server:tool` for MCP tools)."""
     _match: ToolGlobs = PrivateAttr()
 

@@ -539,3 +539,9 @@ rules:
         assert policy.route(trajectory.pending_tool_calls()[0], trajectory).name == rule, (tool, args)
     with pytest.raises(PolicyError):
         Policy.from_yaml("defaults: {timeout_s: 5}\njudges: {j: {kind: soda, model: x, warm_up: yes}}")
+
+
+def test_tool_results_with_no_tools_is_refused_not_read_as_moderating_nothing() -> None:
+    judges = {"results": {"kind": "qwen3guard", "model": "x", "mode": "tool_result"}}
+    with pytest.raises(PolicyError, match="tool_results.tools"):
+        Policy.from_dict({"judges": judges, "tool_results": {"judge": "results", "tools": []}})
