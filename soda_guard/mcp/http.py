@@ -69,6 +69,14 @@ class GuardMiddleware(Middleware):
         except asyncio.TimeoutError:
             session.record(call, None, error="timed out")
             return _refused(f"the MCP server did not answer within {self.options.server_timeout_s}s")
+        except Exception as error:  # the server's error: a client hands its message to the model
+            moderation = await session.moderate(call, _error_answer(error))
+            if moderation is not None and not moderation.allowed:
+                why = f"soda-guard withheld the error of `{call.qualified_name}` ({moderation.action.value}): {moderation.why}."
+                session.record(call, None, error=why)
+                return _refused(why)
+            session.record(call, None, error=str(error)[:2000])
+            raise
         answered = {
             "content": [block.model_dump(by_alias=True, exclude_none=True) for block in result.content],
             "isError": bool(getattr(result, "is_error", False)),
@@ -87,21 +95,24 @@ class GuardMiddleware(Middleware):
 
     async def on_read_resource(self, context: Any, call_next: Any) -> Any:
         uri = str(context.message.uri)
-        result = await self._answer(context, call_next)
+        result = await self._answer(context, call_next, "resources/read", {"uri": uri})
         await self._moderate_read(context, "resources/read", {"uri": uri}, result.to_mcp_result(uri))
         return result
 
     async def on_get_prompt(self, context: Any, call_next: Any) -> Any:
         params = {"name": context.message.name, "arguments": context.message.arguments or {}}
-        result = await self._answer(context, call_next)
+        result = await self._answer(context, call_next, "prompts/get", params)
         await self._moderate_read(context, "prompts/get", params, result.to_mcp_prompt_result())
         return result
 
-    async def _answer(self, context: Any, call_next: Any) -> Any:
+    async def _answer(self, context: Any, call_next: Any, method: str, params: dict[str, Any]) -> Any:
         try:
             return await asyncio.wait_for(call_next(context), self.options.server_timeout_s)
         except asyncio.TimeoutError:
             raise MCPError(REQUEST_TIMEOUT, f"the MCP server did not answer within {self.options.server_timeout_s}s") from None
+        except Exception as error:  # the server's error, whose message the client may show its model
+            await self._moderate_read(context, method, params, _error_answer(error))
+            raise
 
     async def _moderate_read(self, context: Any, method: str, params: dict[str, Any], answer: Any) -> None:
         """What a client hands its model besides tool results (`READS`), moderated as the
@@ -111,7 +122,8 @@ class GuardMiddleware(Middleware):
         ctx = context.fastmcp_context
         session = self._session(_session_id(ctx))
         read = session.read_call(_request_id(ctx), method, params)
-        moderation = await session.moderate(read, answer.model_dump(by_alias=True, exclude_none=True, mode="json"))
+        answer = answer if isinstance(answer, dict) else answer.model_dump(by_alias=True, exclude_none=True, mode="json")
+        moderation = await session.moderate(read, answer)
         if moderation is not None and not moderation.allowed:
             raise MCPError(INTERNAL_ERROR, f"soda-guard withheld the answer to {method} ({moderation.action.value}): {moderation.why}.")
 
@@ -149,6 +161,13 @@ def _request_id(ctx: Any) -> str:
         return ctx.request_id
     except Exception:
         return "http"
+
+
+def _error_answer(error: BaseException) -> dict[str, Any]:
+    """A server's error as the result a client makes of it: its message and data."""
+    data = getattr(getattr(error, "error", None), "data", None)
+    text = "\n".join(part for part in (str(error), "" if data is None else str(data)) if part)
+    return {"content": [{"type": "text", "text": text}], "isError": True}
 
 
 def _refused(text: str) -> ToolResult:

@@ -35,4 +35,8 @@ def error(request_id: Any, code: int, message: str) -> bytes:
 
 
 def line(message: Any) -> bytes:
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    text = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode() + b"\n"
+    except UnicodeEncodeError:  # a lone surrogate, which UTF-8 cannot carry: escaped, as JSON can
+        return json.dumps(message, separators=(",", ":")).encode() + b"\n"

@@ -26,7 +26,7 @@ from soda_guard.guard import Guard
 from soda_guard.mcp import jsonrpc
 from soda_guard.mcp.jsonrpc import INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, REQUEST_TIMEOUT, DuplicateKey, parse
 from soda_guard.mcp.pipes import DEFAULT_MAX_MESSAGE_BYTES, TooLong, lines, start_server, stop_server
-from soda_guard.mcp.session import CONTEXT_KEY, READS, ContextError, ProxySession, refusal_result
+from soda_guard.mcp.session import CONTEXT_KEY, READS, ContextError, ProxySession, refusal_result, result_text
 from soda_guard.trajectory import ToolCall
 from soda_guard.verdict import Action, Decision
 
@@ -70,6 +70,8 @@ class _Forwarded:
     method: str
     call: ToolCall | None = None
     done: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    task: bool = False
+    """A call the client asked the server to run as a task (its answer is the task, not the result)."""
 
 
 class Relay:
@@ -131,6 +133,9 @@ class Relay:
             return
         method = message.get("method")
         request_id = message.get("id")
+        if method is not None and not isinstance(method, str):
+            await self.send_client(jsonrpc.error(request_id if _valid_id(request_id) else None, INVALID_REQUEST, "a JSON-RPC method is a string"))
+            return
         if "id" in message and not _valid_id(request_id):
             await self.send_client(jsonrpc.error(None, INVALID_REQUEST, "a JSON-RPC id is a string or a number"))
             return
@@ -245,7 +250,7 @@ class Relay:
                 refused["resultType"] = "complete"
             await self.send_client(jsonrpc.line({"jsonrpc": "2.0", "id": request_id, "result": refused}))
             return
-        await self._forward_call(request_id, call, jsonrpc.line(_without_context(message)))
+        await self._forward_call(request_id, call, jsonrpc.line(_without_context(message)), isinstance(params.get("task"), dict))
 
     async def _server_named(self) -> None:
         """The policy's rules name servers (`files:delete_*`, `server:`), so a call is judged
@@ -263,8 +268,8 @@ class Relay:
                 "server/discover), and the policy's rules go by it; call after either, or run the proxy with --server NAME"
             )
 
-    async def _forward_call(self, request_id: Any, call: ToolCall, raw: bytes) -> None:
-        forwarded = _Forwarded("tools/call", call)
+    async def _forward_call(self, request_id: Any, call: ToolCall, raw: bytes, task: bool = False) -> None:
+        forwarded = _Forwarded("tools/call", call, task=task)
         self._forwarded[_key(request_id)] = forwarded
         await self._forward(raw, request_id)
         try:
@@ -343,7 +348,9 @@ class Relay:
             return
         forwarded = self._forwarded.pop(key, None)
         if forwarded is None:
-            await self.send_client(raw if raw.endswith(b"\n") else raw + b"\n")
+            # every request the client sent is held until answered: this answers none of them
+            # (a call still being judged, which the server never got; an id spelled so that a
+            # client reads it as another's), and would reach the client unmoderated
             return
         if key != _key(message.get("id")) or "method" in message:  # answered as the client will read it
             message = {k: v for k, v in message.items() if k != "method"} | {"id": _unkey(key)}
@@ -357,7 +364,7 @@ class Relay:
         elif forwarded.method == "tools/list":
             self.session.learn_tools(result)
         elif forwarded.method == "tools/call" and forwarded.call is not None:
-            raw = await self._finished_call(forwarded.call, message, raw)
+            raw = await self._finished_call(forwarded, message, raw)
             self._settled(key)
         elif forwarded.call is not None:
             raw = await self._finished_read(forwarded.call, message, raw)
@@ -377,23 +384,28 @@ class Relay:
             return key
         return next((known for known in [*self._forwarded, *self._cancelled] if _number(_unkey(known)) == loose), key)
 
-    async def _finished_call(self, call: ToolCall, message: dict[str, Any], raw: bytes) -> bytes:
-        result = message.get("result")
-        error = message.get("error")
-        if not isinstance(result, dict) and error is not None and self.guard.policy.tool_results is not None:
-            return await self._finished_with_error(call, message, error, raw)
-        if not isinstance(result, dict):
-            self.session.record(call, None, error=json.dumps(error)[:2000] if error is not None else "no result")
-            return raw
-        task = result.get("task")
-        if isinstance(task, dict) and isinstance(task.get("taskId"), str) and "content" not in result:
+    async def _finished_call(self, forwarded: _Forwarded, message: dict[str, Any], raw: bytes) -> bytes:
+        call = forwarded.call
+        assert call is not None
+        result, error = message.get("result"), message.get("error")
+        task = result.get("task") if isinstance(result, dict) else None
+        if forwarded.task and isinstance(task, dict) and isinstance(task.get("taskId"), str) and "content" not in result:
             _remember(self._tasks, task["taskId"], call)  # run as a task: its result is read from `tasks/result`
-            return raw
-        moderation = await self.session.moderate(call, result)
+            if not result_text(result):
+                return raw  # nothing in it for a model to read yet
+        read = _answer_read(message)
+        moderation = await self.session.moderate(call, read) if read is not None else None
+        error_text = None if error is None else _error_result(error)["content"][0]["text"][:2000]
         if moderation is None or moderation.allowed:
-            self.session.record(call, result)
+            if not isinstance(task, dict) or not forwarded.task:
+                self.session.record(call, result if isinstance(result, dict) and error is None else None, error=error_text or (None if isinstance(result, dict) else "no result"))
             # a moderated result goes on as it was read and judged
             return raw if moderation is None else jsonrpc.line(message)
+        if not isinstance(result, dict):  # a JSON-RPC error: a client hands its message to the model
+            code = error.get("code") if isinstance(error, dict) and type(error.get("code")) is int else INTERNAL_ERROR
+            why = f"soda-guard withheld the error of `{call.qualified_name}` ({moderation.action.value}): {moderation.why}."
+            self.session.record(call, None, error=why)
+            return jsonrpc.line({"jsonrpc": "2.0", "id": message["id"], "error": {"code": code, "message": why}})
         refused = refusal_result(call, moderation)
         if "resultType" in result:
             refused["resultType"] = result["resultType"]
@@ -406,9 +418,7 @@ class Relay:
         """The answer to a `resources/read`, `prompts/get` or unknown task's `tasks/result`:
         moderated as a result, withheld with an error. Not a step of the agent's, so the
         session's trajectory does not take it in."""
-        result = message.get("result")
-        error = message.get("error")
-        answer = result if isinstance(result, dict) else _error_result(error) if error is not None else None
+        answer = _answer_read(message)
         if answer is None:
             return raw
         moderation = await self.session.moderate(read, answer)
@@ -416,20 +426,6 @@ class Relay:
             return raw if moderation is None else jsonrpc.line(message)
         why = f"soda-guard withheld the answer to {read.name} ({moderation.action.value}): {moderation.why}."
         return jsonrpc.line({"jsonrpc": "2.0", "id": message["id"], "error": {"code": INTERNAL_ERROR, "message": why}})
-
-    async def _finished_with_error(self, call: ToolCall, message: dict[str, Any], error: Any, raw: bytes) -> bytes:
-        """A JSON-RPC error answering a call: a client hands its message (and data) to the
-        model as the tool's error, so it is moderated as the result it stands for."""
-        as_result = _error_result(error)
-        text = as_result["content"][0]["text"]
-        moderation = await self.session.moderate(call, as_result)
-        if moderation is None or moderation.allowed:
-            self.session.record(call, None, error=text[:2000])
-            return raw
-        code = error.get("code") if isinstance(error, dict) and type(error.get("code")) is int else INTERNAL_ERROR
-        why = f"soda-guard withheld the error of `{call.qualified_name}` ({moderation.action.value}): {moderation.why}."
-        self.session.record(call, None, error=why)
-        return jsonrpc.line({"jsonrpc": "2.0", "id": message["id"], "error": {"code": code, "message": why}})
 
     async def server_gone(self) -> None:
         """The server closed its output (exited or crashed): every request it still owed gets
@@ -448,6 +444,19 @@ class Relay:
         for task in list(self._judging.values()):
             task.cancel()
         await asyncio.gather(*self._judging.values(), return_exceptions=True)
+
+
+def _answer_read(message: dict[str, Any]) -> dict[str, Any] | None:
+    """What a client may read of an answer, as a result: its result, and the message and data
+    of an error beside or instead of it (SDKs differ on which one wins when both come)."""
+    result, error = message.get("result"), message.get("error")
+    if error is None:
+        return result if isinstance(result, dict) else None
+    read = dict(result) if isinstance(result, dict) else {}
+    blocks = read.get("content")
+    read["content"] = [*(blocks if isinstance(blocks, list) else []), *_error_result(error)["content"]]
+    read.setdefault("isError", True)
+    return read
 
 
 def _error_result(error: Any) -> dict[str, Any]:

@@ -8,6 +8,8 @@ same steps (`soda_guard.trajectory`).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -27,6 +29,8 @@ CONTEXT_KEY = "soda-guard/context"
 #: requests other than `tools/call` whose answers a client hands to its model: moderated, where
 #: the policy moderates tool results, as the results of calls named by the method
 READS = frozenset({"resources/read", "prompts/get", "tasks/result"})
+#: the `_meta` key of the text a server gives the model while a task it created runs (MCP 2025-11-25)
+IMMEDIATE_RESPONSE_KEY = "io.modelcontextprotocol/model-immediate-response"
 
 
 class ContextError(SodaGuardError):
@@ -165,9 +169,16 @@ def result_text(result: Any) -> str:
         return ""
     pieces = [_block_text(block) for block in _listed(result.get("content"))]
     pieces += [_block_text({"type": "resource", "resource": item}) for item in _listed(result.get("contents"))]
+    if isinstance(result.get("description"), str) and "messages" in result:  # a prompt's
+        pieces.append(result["description"])
     pieces += [_block_text(message.get("content")) for message in _listed(result.get("messages")) if isinstance(message, Mapping)]
     if result.get("structuredContent") is not None:  # read by clients beside (or instead of) the text
         pieces.append(json.dumps(result["structuredContent"], ensure_ascii=False, default=str))
+    task, meta = result.get("task"), result.get("_meta")
+    if isinstance(task, Mapping) and isinstance(task.get("statusMessage"), str):
+        pieces.append(task["statusMessage"])
+    if isinstance(meta, Mapping) and isinstance(meta.get(IMMEDIATE_RESPONSE_KEY), str):  # a task's text for the model
+        pieces.append(meta[IMMEDIATE_RESPONSE_KEY])
     return "\n".join(piece for piece in pieces if piece is not None)
 
 
@@ -182,9 +193,23 @@ def _block_text(block: Any) -> str | None:
     if block.get("type") == "text" and isinstance(text, str):
         return text
     if block.get("type") == "resource" and isinstance(block.get("resource"), Mapping):
-        inner = block["resource"].get("text")
-        return inner if isinstance(inner, str) else "[resource]"
+        return _resource_text(block["resource"])
+    if block.get("type") == "resource_link":  # a client shows the model its name and description
+        return " ".join(str(block[key]) for key in ("name", "title", "description", "uri") if isinstance(block.get(key), str)) or "[resource_link]"
     return f"[{block.get('type', 'block')}]"
+
+
+def _resource_text(resource: Mapping[str, Any]) -> str:
+    """A resource's text; a text resource sent as a base64 blob is text too."""
+    text, blob, mime = resource.get("text"), resource.get("blob"), resource.get("mimeType")
+    if isinstance(text, str):
+        return text
+    if isinstance(blob, str) and isinstance(mime, str) and (mime.startswith("text/") or mime.endswith(("json", "xml", "yaml"))):
+        try:
+            return base64.b64decode(blob, validate=False).decode("utf-8", errors="replace")
+        except (ValueError, binascii.Error):
+            return "[resource]"
+    return "[resource]"
 
 
 def refusal_result(call: ToolCall, decision: Decision) -> dict[str, Any]:
