@@ -124,6 +124,12 @@ def _review(answer: Any, record: CallRecord, allowed: Sequence[ReviewType]) -> R
     if kind not in allowed:
         raise ValueError(f"decision type {kind!r} is not allowed for `{record.call.name}` (allowed: {list(allowed)})")
     answers = record.decision.decision_id
+    # a decision that names what it answers (the ids the question published) must answer this
+    # call: a resent answer would otherwise land on the next question, one out of order on
+    # another call (bare decisions go by their place, as LangChain's HITL answers do)
+    for field, asked in (("decision_id", answers), ("tool_call_id", record.call.id)):
+        if field in answer and answer[field] != asked:
+            raise ValueError(f"this decision names {field} {answer[field]!r}, but the question at its place is about {asked!r} (`{record.call.name}`)")
     if kind == "approve":
         return Review(type="approve", answers=answers)
     if kind == "reject":

@@ -41,7 +41,6 @@ __all__ = ["AssistantTextRenderer", "AsyncStreamGuardCallbackHandler", "StreamFl
 logger = logging.getLogger("soda_guard.stream")
 
 _OUTCOME_FIELD = {Label.UNSAFE: "on_unsafe", Label.CONTROVERSIAL: "on_controversial"}
-_STRICTNESS = {Action.ALLOW: 0, Action.LOG: 1, Action.ESCALATE: 2, Action.BLOCK: 3}
 
 
 class StreamFlaggedError(SodaGuardError):
@@ -205,7 +204,7 @@ class _StreamGuard:
         field = _OUTCOME_FIELD[flagged.risk.label]
         rule_name, action = max(
             ((name, self.policy.outcome(rule, field)) for name, rule in (self.policy.rules_for(tool) if tool else [("defaults", None)])),
-            key=lambda named: _STRICTNESS[named[1]],
+            key=lambda named: named[1].strictness,
         )
         decision = Decision(
             action=action,

@@ -582,7 +582,8 @@ class Guard:
         """Every decision goes to the sinks through here, and what comes back is what the caller
         may act on. A sink that fails or waits past `deadline` (time.monotonic, the check's
         own; `AUDIT_MIN_WAIT_S` at least) turns the decisions into their `on_error` actions
-        (`on_error`, one per decision; the default's otherwise), which say why and get one more
+        (`on_error`, one per decision; the default's otherwise; never looser than the decision
+        itself), which say why and get one more
         try at every sink; those are returned even if unrecorded, unless they would let a tool
         run: then `AuditError` is raised instead, since an unrecorded allow is never returned."""
         if not self.sinks:
@@ -593,7 +594,8 @@ class Guard:
         except Exception as error:
             cause = error
         actions = list(on_error) if on_error is not None else [self.policy.defaults.on_error] * len(decisions)
-        fallback = [_audit_failed(decision, action, cause) for decision, action in zip(decisions, actions)]
+        # an audit outage never loosens what was decided: `on_error: allow` keeps a block a block
+        fallback = [_audit_failed(decision, max(action, decision.action, key=lambda a: a.strictness), cause) for decision, action in zip(decisions, actions)]
         try:
             self._write(fallback, time.monotonic())
         except Exception as error:

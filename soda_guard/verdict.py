@@ -32,6 +32,15 @@ class Action(str, Enum):
     def runs_tool(self) -> bool:
         return self in (Action.ALLOW, Action.LOG)
 
+    @property
+    def strictness(self) -> int:
+        """allow < log < escalate < block: where one of several outcomes must be taken without
+        knowing which applies, the highest."""
+        return _STRICTNESS[self]
+
+
+_STRICTNESS = {Action.ALLOW: 0, Action.LOG: 1, Action.ESCALATE: 2, Action.BLOCK: 3}
+
 
 Source = Literal["trajectory", "policy", "judge_config", "default"]
 

@@ -117,3 +117,56 @@ async def test_an_answer_sent_to_continue_a_breakpoint_stays_refused(path: str) 
     assert message.status == "error" and "not that one" in message.content
     assert [d.review.type for d in refused_answers(sink)] == ["approve"]
     assert [d.review.type for d in used_answers(sink)] == ["reject"]
+
+
+@pytest.mark.parametrize("path", GRAPH_PATHS)
+async def test_an_answer_that_names_its_call_applies_to_that_call_only(path: str) -> None:
+    """The question publishes each call's `tool_call_id` and `decision_id`; answers naming them
+    were still paired by place: the same approval sent twice approved the next turn's unseen
+    escalation, and decisions listed out of order ran the call the reviewer rejected."""
+    guard, _ = make_guard(unsafe=('"/',), defaults={"on_unsafe": "escalate"})
+    ran: list[Any] = []
+    graph = graph_for(path, guard, [turn(("delete_file", {"path": "/tmp/cache"}), ids=["a"]),
+                                    turn(("delete_file", {"path": "/home"}), ids=["b"]), "done"], ran)
+    [first] = (await drive(path, graph, USER))["__interrupt__"]
+    seen = first.value["soda_guard"]["calls"][0]
+    approve = {"decisions": [{"type": "approve", "decision_id": seen["decision_id"], "tool_call_id": seen["tool_call_id"]}]}
+    await drive(path, graph, Command(resume=approve))
+    resent = await drive(path, graph, Command(resume=approve))  # a client's retry of the same answer
+    assert [args["path"] for _, args in ran] == ["/tmp/cache"]
+    assert resent["__interrupt__"][0].value["soda_guard"]["calls"][0]["tool_call_id"] == "b"
+
+    out_of_order: list[Any] = []
+    graph = graph_for(path, make_guard(unsafe=('"/',), defaults={"on_unsafe": "escalate"})[0],
+                      [turn(("delete_file", {"path": "/tmp/cache"}), ("delete_file", {"path": "/home"}), ids=["c", "h"]), "done"],
+                      out_of_order)
+    [pause] = (await drive(path, graph, USER))["__interrupt__"]
+    ids = {call["tool_call_id"]: call["decision_id"] for call in pause.value["soda_guard"]["calls"]}
+    await drive(path, graph, Command(resume={"decisions": [
+        {"type": "reject", "message": "never /home", "tool_call_id": "h", "decision_id": ids["h"]},
+        {"type": "approve", "tool_call_id": "c", "decision_id": ids["c"]},
+    ]}))
+    assert ("delete_file", {"path": "/home"}) not in out_of_order
+
+
+class FailingOnce(ListSink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    def write(self, decisions: Any, *, deadline: float | None = None) -> None:
+        if not self.failed:
+            self.failed = True
+            raise OSError("disk full")
+        super().write(decisions, deadline=deadline)
+
+
+@pytest.mark.parametrize("path", ["middleware", "guard_node", "wrapper"])
+async def test_an_audit_outage_under_on_error_allow_keeps_a_block_a_block(path: str) -> None:
+    """`on_error: allow` (meant for a judge outage) replaced a judged block whose record could
+    not be written with an allow, and the call ran."""
+    sink = FailingOnce()
+    guard, _ = make_guard(unsafe=('"/"',), defaults={"on_unsafe": "block", "on_error": "allow"}, sinks=[sink])
+    ran: list[Any] = []
+    await drive(path, graph_for(path, guard, [turn(("delete_file", {"path": "/"}), ids=["d"]), "done"], ran), USER)
+    assert ran == [] and [d.action.value for d in sink.decisions] == ["block"]
