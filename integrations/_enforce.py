@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import threading
 from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 from typing import Any, Awaitable, Callable, Generator, TypeVar
@@ -540,7 +541,7 @@ class ToolCallEnforcer:
         self._policy_key = hashlib.sha256(guard.policy.model_dump_json().encode()).hexdigest()
         self.seal = RecordSeal.for_policy(guard.policy)
         self.handoff = TurnHandoff()
-        self._ran: Lru[str] = Lru(RAN_REMEMBERED)
+        self._ran = _ran_memory(self.seal.key_id)
         """The decision each call this process ran went by, by the binding's parts: a record
         licenses one run. Still open (its turn not yet closed by the next model turn), the same
         record is no licence to run the call again when the tools step runs a second time or
@@ -817,6 +818,16 @@ class ToolCallEnforcer:
 _ATOMS = frozenset({str, int, float, bool, type(None)})
 RAN_REMEMBERED = 1 << 14
 """Calls remembered as run (`ToolCallEnforcer._ran`), the oldest forgotten first."""
+_RAN: dict[str, Lru[str]] = {}
+_RAN_LOCK = threading.Lock()
+
+
+def _ran_memory(key_id: str) -> Lru[str]:
+    """The calls run in this process on records sealed with one key, whichever middleware,
+    node or wrapper ran them: an app that builds its agent per request (the same checkpointer,
+    whose records every such guard can read) must not run an approved call again on its record."""
+    with _RAN_LOCK:
+        return _RAN.setdefault(key_id, Lru(RAN_REMEMBERED))
 _NO_MESSAGES = (
     "soda-guard found no conversation under {key!r} in the tool step's state ({found}); a call judged "
     "without it is judged without the request it serves. Pass messages_key= (the ToolNode's own)."

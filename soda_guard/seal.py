@@ -44,6 +44,9 @@ class RecordSeal:
         if len(key) < 16:
             raise ValueError("a state-record key needs at least 16 bytes")
         self._hmac = Hmac(key)
+        self.key_id = self._hmac.hex(b"soda-guard key id")[:32]
+        """Names the key without showing it: what is shared between the guards that can read
+        each other's records."""
         self._signed: OrderedDict[int, tuple[dict[str, Any], list[Any], Any]] = OrderedDict()
         self._lock = threading.Lock()
 

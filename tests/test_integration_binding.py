@@ -518,6 +518,26 @@ async def test_an_approved_call_that_ran_is_asked_about_again_before_it_runs_aga
     assert again["__interrupt__"][0].value["action_requests"][0]["name"] == "delete_file"
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_an_agent_built_again_per_request_does_not_run_an_approved_call_twice(mode: str) -> None:
+    """The memory of what ran was each middleware object's: an app that builds its agent per
+    request (one guard, one checkpointer) ran the approved call again on its record."""
+    guard, _ = make_guard(defaults={"on_unsafe": "escalate"})
+    saver, ran = InMemorySaver(), []
+
+    def build() -> Any:
+        return create_agent(scripted_model([turn(DELETE, ids=["d"]), "done", "done again"]), make_tools(ran),
+                            middleware=[SodaGuardMiddleware(guard)], checkpointer=saver)
+
+    await drive(mode, build(), USER)
+    paused = build()
+    paused.interrupt_before_nodes = ["model"]
+    await drive(mode, paused, Command(resume={"decisions": [{"type": "approve"}]}))
+    assert ran == [DELETE]
+    again = await drive(mode, build(), Command(goto="tools"))
+    assert ran == [DELETE] and again["__interrupt__"][0].value["action_requests"][0]["name"] == "delete_file"
+
+
 class SecondCallRewriter(AgentMiddleware):
     """Outer middleware that changes the second call's arguments after the turn was judged."""
 
