@@ -33,7 +33,7 @@ from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
 
 from soda_guard.errors import SodaGuardError
-from soda_guard.guard import Guard
+from soda_guard.guard import CarryOut, Guard
 from soda_guard.judges.incremental import Lru
 from soda_guard.policy import Policy
 from soda_guard.records import CallRecord, TurnRecords
@@ -378,15 +378,17 @@ class Judging:
         await RunnableLambda(_never_sync, afunc=run, name=RUN_NAME).ainvoke(_inputs(calls), _run_config(kind, calls))
         return found
 
-    def traced_calls(self, trajectory: Trajectory, calls: list[ToolCall]) -> list[Decision]:
+    def traced_calls(self, trajectory: Trajectory, calls: list[ToolCall], carry_out: CarryOut | None = None) -> list[Decision]:
         """The judge sees the turn with only `calls` pending; the rules' conditions read the
         whole conversation, in which the turn's calls that already ran come before them."""
         view = with_calls(trajectory, calls)
-        return self._traced("tool_call", calls, lambda: self.guard.check_tool_calls(view, context=trajectory))
+        return self._traced("tool_call", calls, lambda: self.guard.check_tool_calls(view, context=trajectory, carry_out=carry_out))
 
-    async def atraced_calls(self, trajectory: Trajectory, calls: list[ToolCall]) -> list[Decision]:
+    async def atraced_calls(self, trajectory: Trajectory, calls: list[ToolCall], carry_out: CarryOut | None = None) -> list[Decision]:
         view = with_calls(trajectory, calls)
-        return await self._atraced("tool_call", calls, lambda: self.guard.acheck_tool_calls(view, context=trajectory))
+        return await self._atraced(
+            "tool_call", calls, lambda: self.guard.acheck_tool_calls(view, context=trajectory, carry_out=carry_out)
+        )
 
     def review(self, event: Decision) -> Decision:
         calls = [event.tool_call] if event.tool_call else []
@@ -741,10 +743,10 @@ class ToolCallEnforcer:
             return None
 
         def check(nested: ToolCall) -> Decision:
-            return self.judging.traced_calls(trajectory(), [nested])[0]
+            return self.judging.traced_calls(trajectory(), [nested], unasked)[0]
 
         async def acheck(nested: ToolCall) -> Decision:
-            return (await self.judging.atraced_calls(trajectory(), [nested]))[0]
+            return (await self.judging.atraced_calls(trajectory(), [nested], unasked))[0]
 
         return SealedTool(tool, call, check, acheck, digest)
 
@@ -832,6 +834,16 @@ _NO_MESSAGES = (
     "soda-guard found no conversation under {key!r} in the tool step's state ({found}); a call judged "
     "without it is judged without the request it serves. Pass messages_key= (the ToolNode's own)."
 )
+
+
+def unasked(decision: Decision) -> Decision:
+    """An escalation where no person can be asked (a call rewritten inside the guard, a tool
+    run inside a tool, a callback that can only stop a run) is carried out as a block, and
+    recorded as what happened."""
+    if decision.action is not Action.ESCALATE:
+        return decision
+    why = f"{decision.why}; escalated where no reviewer can be asked, so blocked"
+    return decision.model_copy(update={"action": Action.BLOCK, "why": why})
 
 
 def _copied(args: Any) -> Any:

@@ -60,6 +60,7 @@ from soda_guard.integrations._enforce import (
     resolve_turn,
     run_steps,
     thread_id,
+    unasked,
     warm_judges,
 )
 from soda_guard.integrations._handoff import TurnHandoff
@@ -541,7 +542,8 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
             binding = self._binding(call, turn)
             if binding not in scope.turn:
                 calls = [c for c in scope.trajectory.pending_tool_calls() if self._binding(c, turn) not in scope.turn] if pending else [call]
-                for decision in self.guard.check_tool_calls(with_calls(scope.trajectory, calls), context=scope.trajectory):
+                carry_out = unasked if self.raise_error else None  # it can stop a run, never wait for a person
+                for decision in self.guard.check_tool_calls(with_calls(scope.trajectory, calls), context=scope.trajectory, carry_out=carry_out):
                     if decision.tool_call is not None:
                         scope.turn.setdefault(self._binding(decision.tool_call, turn), decision)
                         self.decisions.append(decision)

@@ -45,6 +45,16 @@ def make_tools(ran: list[tuple[str, dict[str, Any]]]) -> list[StructuredTool]:
     ]
 
 
+class ListSink:
+    """An audit sink that keeps every decision in memory."""
+
+    def __init__(self) -> None:
+        self.decisions: list[Any] = []
+
+    def write(self, decisions: Any, *, deadline: float | None = None) -> None:
+        self.decisions.extend(decisions)
+
+
 def make_guard(
     *,
     unsafe: tuple[str, ...] = ("delete_file",),

@@ -19,20 +19,12 @@ from soda_guard.integrations.langchain import SodaGuardMiddleware
 from soda_guard.integrations.langgraph import GuardState, SodaGuardToolWrapper, guard_node
 from soda_guard.integrations.testing import scripted_model
 
-from integration_helpers import make_guard, make_tools
+from integration_helpers import ListSink, make_guard, make_tools
 from test_integration_binding import USER, config, graph_for, turn
 
 APPROVE = {"decisions": [{"type": "approve"}]}
 REJECT = {"decisions": [{"type": "reject", "message": "not that one"}]}
 GRAPH_PATHS = ["middleware", "middleware-async", "guard_node", "guard_node-async", "wrapper", "wrapper-async"]
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.decisions: list[Any] = []
-
-    def write(self, decisions: Any, *, deadline: float | None = None) -> None:
-        self.decisions.extend(decisions)
 
 
 def escalating_guard() -> tuple[Guard, ListSink]:
@@ -169,4 +161,17 @@ async def test_an_audit_outage_under_on_error_allow_keeps_a_block_a_block(path: 
     guard, _ = make_guard(unsafe=('"/"',), defaults={"on_unsafe": "block", "on_error": "allow"}, sinks=[sink])
     ran: list[Any] = []
     await drive(path, graph_for(path, guard, [turn(("delete_file", {"path": "/"}), ids=["d"]), "done"], ran), USER)
+    assert ran == [] and [d.action.value for d in sink.decisions] == ["block"]
+
+
+def test_the_callback_handler_records_an_escalation_it_stops_as_the_block_it_is() -> None:
+    """A callback can stop a tool run but not wait for a person: the call was stopped and the
+    audit said `escalate`, which never happened."""
+    from soda_guard.integrations.langchain import SodaGuardCallbackHandler
+    from test_integration_binding import DELETE, callback_loop
+
+    sink = ListSink()
+    guard, _ = make_guard(unsafe=('"/"',), defaults={"on_unsafe": "escalate"}, sinks=[sink])
+    ran: list[Any] = []
+    callback_loop(SodaGuardCallbackHandler(guard, raise_error=True), [turn(DELETE, ids=["d"]), "done"], ran)
     assert ran == [] and [d.action.value for d in sink.decisions] == ["block"]

@@ -20,7 +20,7 @@ from soda_guard.integrations.langchain import SodaGuardMiddleware
 from soda_guard.integrations.langgraph import GuardState, SodaGuardToolWrapper, guard_node
 from soda_guard.integrations.testing import scripted_model
 
-from integration_helpers import make_guard, make_tools
+from integration_helpers import ListSink, make_guard, make_tools
 from test_integration_binding import USER, config, turn
 
 Rewrite = Callable[[Any], Any]
@@ -189,15 +189,19 @@ async def test_a_tool_run_inside_another_tool_is_judged(path: str) -> None:
 
 @pytest.mark.parametrize("path", ["middleware", "guard_node-async", "wrapper"])
 async def test_a_rewrite_inside_the_guard_that_escalates_is_refused_not_run(path: str) -> None:
-    """A reviewer cannot be asked from inside the tool call: escalate stops it there."""
-    guard, _ = make_guard(unsafe=('"/"',), defaults={"on_unsafe": "escalate"})
+    """A reviewer cannot be asked from inside the tool call: escalate stops it there, and the
+    stamp and the audit say it was blocked (they once said escalate, which never happened)."""
+    sink = ListSink()
+    guard, _ = make_guard(unsafe=('"/"',), defaults={"on_unsafe": "escalate"}, sinks=[sink])
     ran: list[Any] = []
     agent = agent_for(path, guard, make_tools(ran), [turn(("delete_file", {"path": "/tmp/x"}), ids=["d"]), "done"],
                       inner=args_to({"path": "/"}))
     result = await drive(path, agent)
     assert ran == [] and "__interrupt__" not in result
     [message] = [m for m in result["messages"] if isinstance(m, ToolMessage)]
-    assert message.status == "error" and message.response_metadata["soda_guard"]["action"] == "escalate"
+    assert message.status == "error" and message.response_metadata["soda_guard"]["action"] == "block"
+    assert [d.action.value for d in sink.decisions if d.tool_call.args == {"path": "/"}] == ["block"]
+    assert "no reviewer can be asked" in sink.decisions[-1].why
 
 
 @pytest.mark.parametrize("path", ["middleware-async", "guard_node", "wrapper-async"])
