@@ -22,6 +22,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
 
@@ -161,7 +162,25 @@ class JsonlAuditSink:
         self._log: _GroupSync | None = None
         self._identity: tuple[int, int] | None = None
         self._retired: list[_GroupSync] = []
+        self._fds: set[int] = set()
+        self._pid = os.getpid()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # a guard never closed (one built per request) must not keep its log's descriptors
+        weakref.finalize(self, _close_fds, self._fds, self._pid)
+
+    def _forked(self) -> None:
+        """In a process forked from the one that opened the log, the handle (and its `flock`,
+        which belongs to the open file, not the process) is shared with the parent: the child
+        opens its own, and a lock the parent held at the fork is not the child's to wait on."""
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        for fd in list(self._fds):
+            with contextlib.suppress(OSError):
+                os.close(fd)  # the child's copy only: the parent's stays open
+        self._fds.clear()
+        self._log, self._retired, self._identity = None, [], None
 
     def _open(self) -> _GroupSync:
         """The open log, reopened when `path` names another file now or its fsync failed;
@@ -177,6 +196,7 @@ class JsonlAuditSink:
         if self._log is not None:
             self._retired.append(self._log)
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fds.add(fd)
         opened = os.fstat(fd)
         self._identity = (opened.st_dev, opened.st_ino)
         self._log = _GroupSync(fd, self.path)
@@ -186,6 +206,7 @@ class JsonlAuditSink:
         if not decisions:
             return
         payload = b"".join(model_json(decision).encode("utf-8") + b"\n" for decision in decisions)
+        self._forked()
         _acquire(self._lock, deadline, f"audit log {self.path}")
         try:
             log = self._open()
@@ -204,7 +225,17 @@ class JsonlAuditSink:
         with self._lock:
             for log in [*self._retired, *([self._log] if self._log else [])]:
                 os.close(log.fd)
+                self._fds.discard(log.fd)
             self._log, self._retired, self._identity = None, [], None
+
+
+def _close_fds(fds: set[int], pid: int) -> None:
+    if os.getpid() != pid:
+        return
+    for fd in list(fds):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    fds.clear()
 
 
 def _append(fd: int, payload: bytes) -> None:
@@ -245,7 +276,7 @@ def read_audit(path: str | Path, *, on_skip: Callable[[int, bytes], None] | None
                 return
             try:
                 yield Decision.model_validate(json.loads(raw))
-            except ValueError:
+            except (ValueError, RecursionError):  # nested past reading is no record either
                 if on_skip is not None:
                     on_skip(number, raw)
 
@@ -283,10 +314,30 @@ class SqliteAuditSink:
         mode = _fsync_mode(fsync)
         self.busy_timeout_s = busy_timeout_s
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'NORMAL' if mode == 'off' else 'FULL'}")
-        self._db.executescript(_SCHEMA)
+        self._synchronous = "NORMAL" if mode == "off" else "FULL"
+        self._db, self._identity = self._connect()
+
+    def _connect(self) -> tuple[sqlite3.Connection, tuple[int, int]]:
+        db = sqlite3.connect(self.path, timeout=self.busy_timeout_s, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={self._synchronous}")
+        db.executescript(_SCHEMA)
+        at_path = os.stat(self.path)
+        return db, (at_path.st_dev, at_path.st_ino)
+
+    def _current(self) -> sqlite3.Connection:
+        """The connection to the database at `path` now: one removed or replaced (rotation, a
+        cleanup) would take every later write into a file nobody can read. Holding `_lock`."""
+        try:
+            at_path = os.stat(self.path)
+            current: tuple[int, int] | None = (at_path.st_dev, at_path.st_ino)
+        except FileNotFoundError:
+            current = None
+        if current != self._identity:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db, self._identity = self._connect()
+        return self._db
 
     def write(self, decisions: Sequence[Decision], *, deadline: float | None = None) -> None:
         """Another process's write transaction is waited for until `deadline` at most (SQLite's
@@ -296,6 +347,10 @@ class SqliteAuditSink:
         rows = [_row(decision) for decision in decisions]
         _acquire(self._lock, deadline, f"audit database {self.path}")
         try:
+            try:
+                self._current()
+            except (OSError, sqlite3.Error) as error:
+                raise AuditError(f"audit database {self.path}: cannot open it again: {error}") from error
             wait_s = self.busy_timeout_s if deadline is None else max(0.0, deadline - time.monotonic())
             self._db.execute(f"PRAGMA busy_timeout = {int(wait_s * 1000)}")
             try:

@@ -47,7 +47,8 @@ class CallRecord(BaseModel):
     reviewer's edited arguments (judged again: `edit_decision`); `message` is the refusal
     told to the model, or the reviewer's answer given in the tool's place (respond)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # an argument's Infinity or NaN read back as itself, not as null (which names another call)
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
     binding: CallBinding
     call: ToolCall

@@ -101,6 +101,9 @@ class Decision(BaseModel):
     `review` is set on the audit record of a person's answer to an escalation (rule
     `review`), which names the escalation it answers."""
 
+    # a call's `Infinity` written as JSON's `null` would record another call than the one decided
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+
     decision_id: str = Field(default_factory=new_id)
     timestamp: float = Field(default_factory=time.time)
     action: Action

@@ -350,3 +350,74 @@ def test_a_full_database_says_so_not_that_no_transaction_is_active(tmp_path: Pat
     sink.write([decision])
     assert len(sink.decisions()) == 1
     sink.close()
+
+
+def _decided(why: str = "x", **args: Any) -> Decision:
+    return Decision(action=Action.BLOCK, rule="r", why=why, tool_call=ToolCall(id="c", name="pay", args=args))
+
+
+def test_a_process_forked_after_a_write_takes_its_own_log_handle_and_lock(tmp_path: Path) -> None:
+    """A worker forked after the first write shared the log's open file, whose `flock` the
+    kernel grants to that file, not the process: the worker wrote through a lock the parent
+    held (and a failed batch of its own could cut back the parent's records)."""
+    sink = JsonlAuditSink(tmp_path / "audit.jsonl", fsync="off")
+    sink.write([_decided("before the fork")])
+    assert sink._log is not None
+    fcntl.flock(sink._log.fd, fcntl.LOCK_EX)  # the parent holds the log's lock
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status
+        try:
+            sink.write([_decided("child")], deadline=time.monotonic() + 0.3)
+        except Exception:
+            os._exit(0)  # it waited for the parent's lock, and gave up at its deadline
+        os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    fcntl.flock(sink._log.fd, fcntl.LOCK_UN)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_guard_never_closed_does_not_keep_its_audit_log_open(tmp_path: Path) -> None:
+    """One guard per request, never closed: each kept a descriptor on the log until the
+    process ran out of them, and every later call was blocked."""
+    import gc
+
+    log = tmp_path / "audit.jsonl"
+    policy = Policy.from_dict({"rules": [{"action": "allow"}], "audit": {"jsonl": str(log), "fsync": "off"}})
+    trajectory = from_openai_messages([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "read", "arguments": "{}"}}]}])
+    for _ in range(30):
+        Guard(policy).check_tool_calls(trajectory)
+    gc.collect()
+    open_on_log = [fd for fd in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{fd}") == str(log.resolve())]
+    assert len(open_on_log) <= 1
+
+
+def test_an_sqlite_database_removed_under_the_sink_is_opened_again(tmp_path: Path) -> None:
+    """Writes went on into the removed file, returned as recorded, readable by nobody."""
+    path = tmp_path / "audit.db"
+    sink = SqliteAuditSink(path)
+    sink.write([_decided("first")])
+    for leftover in tmp_path.glob("audit.db*"):
+        leftover.unlink()
+    sink.write([_decided("after removal")])
+    assert [d.why for d in SqliteAuditSink(path).decisions()] == ["after removal"]
+
+
+def test_infinite_and_nan_arguments_are_recorded_as_themselves(tmp_path: Path) -> None:
+    """They were written as JSON null: the log named another call than the one decided."""
+    log = tmp_path / "audit.jsonl"
+    JsonlAuditSink(log, fsync="off").write([_decided(amount=float("inf"))])
+    [read] = read_audit(log)
+    assert read.tool_call is not None and read.tool_call.args == {"amount": float("inf")}
+
+
+def test_a_line_nested_past_reading_is_skipped_not_the_end_of_the_log(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    sink = JsonlAuditSink(log, fsync="off")
+    sink.write([_decided("first")])
+    with open(log, "ab") as handle:
+        handle.write(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    sink.write([_decided("third")])
+    skipped: list[int] = []
+    assert [d.why for d in read_audit(log, on_skip=lambda number, raw: skipped.append(number))] == ["first", "third"]
+    assert skipped == [2]

@@ -78,7 +78,7 @@ def _entries(path: Path) -> list[tuple[int, Any | Exception]]:
         return [(-1, error)]
     if path.suffix == ".jsonl":
         entries: list[tuple[int, Any | Exception]] = []
-        for index, line in enumerate(text.splitlines()):
+        for index, line in enumerate(text.split("\n")):  # not splitlines: JSON strings may hold U+2028 and the like
             if not line.strip():
                 continue
             try:
