@@ -357,6 +357,31 @@ def test_http_warm_ups_never_take_more_than_half_the_workers(monkeypatch: pytest
     backend.close()
 
 
+@pytest.mark.parametrize("workers,at_once,sent", [(1, 1, 0), (8, 16, 4)])
+def test_http_warm_ups_counted_together_never_take_half_the_workers(monkeypatch: pytest.MonkeyPatch, workers: int, at_once: int, sent: int) -> None:
+    """One worker took one warm-up, and a stalled one left the judgment no worker; warm-ups
+    sent from several threads at once were each counted before any was registered, and all
+    went out."""
+    release = threading.Event()
+    backend = OpenAIBackend("judge", base_url="http://127.0.0.1:9/v1", warm_up=True, max_concurrency=workers)
+    monkeypatch.setattr(backend, "_send", lambda client, server, body, deadline, request: release.wait(30))
+    gate = threading.Barrier(at_once)
+    started: list[Any] = []
+
+    def warm(n: int) -> None:
+        gate.wait(10)
+        started.append(backend.prefill(GenerationRequest(messages=[{"role": "user", "content": "x"}], cache_key=f"c{n}")))
+
+    threads = [threading.Thread(target=warm, args=(n,)) for n in range(at_once)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    release.set()
+    assert sum(future is not None for future in started) == sent
+    backend.close()
+
+
 def test_a_judge_loaded_after_the_first_question_is_warmed_from_then_on() -> None:
     """What can be warmed is asked before every model call and remembered: a judge that loads
     later (on first use) is found the next time it is asked."""

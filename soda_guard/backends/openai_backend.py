@@ -141,6 +141,7 @@ class OpenAIBackend:
         self.pool = ServerPool(urls, cooldown_s=cooldown_s, max_outstanding=max_concurrency)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._lock = threading.Lock()
+        self._warm_lock = threading.Lock()
         self._client: DeadlineClient | None = None
         self._workers: ThreadPoolExecutor | None = None
         self._in_flight = 0
@@ -292,14 +293,17 @@ class OpenAIBackend:
         conversation sticks to. Never waited for, never retried, its failure ignored; sent only
         while judgments and warm-ups together hold under half the workers, so warm-ups never
         leave a judgment waiting for one; an older warm-up of the conversation still queued is
-        cancelled. None when not sent."""
-        busy = self._in_flight + len(self._warming)  # judgments and warm-ups holding or awaiting a worker
-        if not self.warm_up or request.cache_key is None or busy * 2 >= self.max_concurrency:
+        cancelled, and so is one its judgment arrives before. None when not sent."""
+        if not self.warm_up or request.cache_key is None:
             return None
         client, workers = self._ensure()
         body = {"model": self.model_id, "messages": request.messages, "temperature": 0, "max_tokens": 1}
-        future = workers.submit(self._warm, client, request, body, time.monotonic() + self.timeout_s)
-        self._warming.replace(request.cache_key, future)
+        with self._warm_lock:  # counted and registered at once: concurrent warm-ups see each other
+            busy = self._in_flight + len(self._warming)  # judgments and warm-ups holding or awaiting a worker
+            if (busy + 1) * 2 > self.max_concurrency:  # with this one, at most half the workers (none of one)
+                return None
+            future = workers.submit(self._warm, client, request, body, time.monotonic() + self.timeout_s)
+            self._warming.replace(request.cache_key, future)
         return future
 
     def _warm(self, client: DeadlineClient, request: GenerationRequest, body: dict[str, Any], deadline: float) -> None:
@@ -319,6 +323,9 @@ class OpenAIBackend:
         now = time.monotonic()
         deadlines = [self._deadline(request, now) for request in requests]
         client, workers = self._ensure()
+        for request in requests:  # the judgment prefills what a warm-up still queued would have
+            if request.cache_key is not None:
+                self._warming.cancel(request.cache_key)
         futures = [
             workers.submit(self._judge, client, request, at, at - now) for request, at in zip(requests, deadlines)
         ]
