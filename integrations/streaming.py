@@ -34,7 +34,7 @@ from soda_guard.trajectory import Trajectory, UserStep
 from soda_guard.verdict import Action, Decision, Label, Verdict
 
 with needs_extra("soda_guard.integrations.streaming (the Qwen3Guard-Stream monitor)"):
-    from soda_guard.stream_monitor import GuardStream, StreamMonitor
+    from soda_guard.stream_monitor import Debouncer, GuardStream, StreamMonitor
 
 __all__ = ["AssistantTextRenderer", "AsyncStreamGuardCallbackHandler", "StreamFlaggedError", "StreamGuardCallbackHandler"]
 
@@ -67,8 +67,10 @@ class AssistantTextRenderer:
         self.call_has_args = False
         self.length = 0
         """Characters of text written so far."""
-        self.calls: list[tuple[int, str | None]] = []
-        """Where each call's block begins in the text, and the call's tool."""
+        self.calls: list[tuple[int, Any]] = []
+        """Where each call's block begins in the text, and the call it belongs to."""
+        self.names: dict[Any, str] = {}
+        """Each call's tool name as far as it has streamed (a name may come late or in pieces)."""
 
     def content(self, text: str) -> str:
         self.written = self.written or bool(text)
@@ -80,11 +82,17 @@ class AssistantTextRenderer:
         text = ""
         starts = not self.call_open or (index is not None and index != self.call_index) or (index is None and name)
         if starts:
+            key = index if index is not None else ("unindexed", len(self.calls))
             text = self._close() + ("\n" if self.written else "")
-            self.calls.append((self.length + len(text), name))
+            self.calls.append((self.length + len(text), key))
+            if name:
+                self.names[key] = self.names.get(key, "") + name
             text += '<tool_call>\n{"name": ' + json.dumps(name or "", ensure_ascii=False) + ', "arguments": '
             self.call_open, self.call_index, self.call_has_args = True, index, False
             self.written = True
+        elif name:  # the rest of a name that began in an earlier chunk, or a name that came late
+            key = self.calls[-1][1]
+            self.names[key] = self.names.get(key, "") + name
         self.call_has_args = self.call_has_args or bool(args)
         text += args
         self.length += len(text)
@@ -96,10 +104,11 @@ class AssistantTextRenderer:
         self.length += len(text)
         return text
 
-    def tool_at(self, end: int) -> str | None:
-        """The tool whose call holds the text ending at `end` (None: the text before any call,
-        whichever calls come after it)."""
-        return next((name for start, name in reversed(self.calls) if start < end), None)
+    def tool_at(self, end: int) -> tuple[bool, str]:
+        """(whether the text ending at `end` is in a call, that call's tool name as far as it
+        has streamed): the text before any call is the content, whichever calls come after it."""
+        key = next((key for start, key in reversed(self.calls) if start < end), None)
+        return (False, "") if key is None else (True, self.names.get(key, ""))
 
     def _close(self) -> str:
         if not self.call_open:
@@ -114,6 +123,11 @@ class _Run:
     renderer: AssistantTextRenderer = field(default_factory=AssistantTextRenderer)
     text: list[str] = field(default_factory=list)
     decided: bool = False
+    """Stopped: nothing more is fed."""
+    taken: dict[Any, int] = field(default_factory=dict)
+    """The strictness of the outcome taken, by where it was flagged (the text, or a call):
+    a later flag there is enforced only when stricter, so a logged flag does not end the
+    monitoring of what follows."""
 
 
 class _StreamGuard:
@@ -139,7 +153,10 @@ class _StreamGuard:
             return
         message = getattr(chunk, "message", None)
         tool_chunks = list(getattr(message, "tool_call_chunks", None) or [])
-        text = run.renderer.content(token) + "".join(run.renderer.tool_call_chunk(dict(c)) for c in tool_chunks)
+        # a chunk of content blocks (Anthropic's, `output_version="v1"`) comes as their list:
+        # their text, as a finished message's is read (its calls come as `tool_call_chunks`)
+        said = token if isinstance(token, str) else message_text([b for b in token if not (isinstance(b, dict) and "call" in str(b.get("type")))])
+        text = run.renderer.content(said) + "".join(run.renderer.tool_call_chunk(dict(c)) for c in tool_chunks)
         run.text.append(text)
         run.stream.feed(text)
         self._enforce(run)
@@ -194,18 +211,21 @@ class _StreamGuard:
         flagged = run.stream.flagged
         if flagged is None:
             return
-        run.decided = True
-        verdict = run.stream.verdict()
+        run.stream.debouncer = Debouncer()  # armed again: a later flag may call for more
+        verdict = run.stream.verdict(flagged)
         # the flagged token's place, not the latest call's: text held back to the next word can
         # be judged only once a call's name has arrived, and is the content's, under the defaults
-        tool = run.renderer.tool_at(len(run.stream.fed_text(flagged.index + 1)))
-        # a rule whose conditions read the call's arguments or thread may apply or not: the
-        # strictest of those that may
+        in_call, tool = run.renderer.tool_at(len(run.stream.fed_text(flagged.index + 1))) if run.renderer.calls else (False, "")
+        # a rule whose conditions read the call's arguments or thread may apply or not, and a
+        # call whose name has not streamed yet may be any tool's: the strictest that may apply
+        candidates = [("defaults", None)] if not in_call else self.policy.rules_for(tool) if tool else [
+            ("defaults", None), *((rule.name or f"rules[{index}]", rule) for index, rule in enumerate(self.policy.rules))]
         field = _OUTCOME_FIELD[flagged.risk.label]
-        rule_name, action = max(
-            ((name, self.policy.outcome(rule, field)) for name, rule in (self.policy.rules_for(tool) if tool else [("defaults", None)])),
-            key=lambda named: named[1].strictness,
-        )
+        rule_name, action = max(((name, self.policy.outcome(rule, field)) for name, rule in candidates), key=lambda named: named[1].strictness)
+        where = (in_call, tool)
+        if where in run.taken and action.strictness <= run.taken[where]:
+            return  # already carried out there, as strictly
+        run.taken[where] = action.strictness
         decision = Decision(
             action=action,
             rule=rule_name,
@@ -215,6 +235,7 @@ class _StreamGuard:
         )
         self.decisions.append(decision)
         if action in (Action.BLOCK, Action.ESCALATE):
+            run.decided = True
             run.stream.close()
             raise StreamFlaggedError(decision, "".join(run.text))
         if action == Action.LOG:

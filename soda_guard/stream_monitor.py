@@ -89,8 +89,14 @@ class Debouncer:
         return False
 
 
+HELD_MAX_TOKENS = 4
+"""The most tokens a stream holds back for the word they end in to go on (a word is one to
+three tokens; a run of Chinese is one word of a token per character or two)."""
+
+
 class TextTokenBuffer:
-    """Incremental tokenisation that equals tokenising the concatenated text at once.
+    """Incremental tokenisation that equals tokenising the concatenated text at once (for words
+    of up to `HELD_MAX_TOKENS` tokens; a longer one is fed on, its text the same).
 
     Only the last pre-token ("word") of the pending text can still change when text is
     appended (the pre-tokenizer's regex has no look-behind, so earlier splits are final), and
@@ -113,6 +119,13 @@ class TextTokenBuffer:
         hold = next(i for i, (word, (_, end)) in enumerate(zip(words, offsets)) if word == words[-1] or end > limit)
         while hold and words[hold - 1] == words[hold]:
             hold -= 1
+        if len(ids) - hold > HELD_MAX_TOKENS:
+            # a "word" that does not end (text without spaces: Chinese, Japanese, glued words)
+            # would wait for the end of the run: all but its last token go on now, at the cost
+            # of a rare merge across that point that tokenising it whole would make
+            hold = max(hold, next((i for i, (_, end) in enumerate(offsets) if end > limit), len(ids)) - 1)
+            while hold and offsets[hold - 1][1] > offsets[hold][0]:  # never inside a character
+                hold -= 1
         if hold == 0:
             return []
         self.pending = self.pending[offsets[hold][0]:]
@@ -343,9 +356,10 @@ class GuardStream:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def verdict(self) -> Verdict:
-        """The stream so far as a policy-ready verdict (Unsafe/Controversial once flagged)."""
-        flagged = self.flagged
+    def verdict(self, flagged: TokenVerdict | None = None) -> Verdict:
+        """The stream so far as a policy-ready verdict (Unsafe/Controversial once flagged, or
+        as `flagged` says: a flag a caller read before arming the debouncer again)."""
+        flagged = flagged or self.flagged
         worst = max((v.risk_probs[1] + v.risk_probs[2] for v in self.verdicts), default=0.0)
         return Verdict(
             label=flagged.risk.label if flagged else Label.SAFE,

