@@ -5,9 +5,13 @@ serve`, for one, names a model by the absolute path of its folder."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
-import httpx
+from soda_guard.backends.deadline_http import DeadlineClient
+
+MAX_LISTING_BYTES = 1 << 20
+"""The most of a model listing read: a server that never ends one must not fill memory."""
 
 
 class ServedModelsError(Exception):
@@ -15,12 +19,17 @@ class ServedModelsError(Exception):
 
 
 def served_models(base_url: str, *, headers: dict[str, str] | None = None, timeout_s: float = 5.0) -> list[str]:
+    """The whole exchange ends by `timeout_s` (a server trickling its reply a byte at a time
+    held it for as long as it liked), and reads at most `MAX_LISTING_BYTES`."""
     url = f"{base_url.rstrip('/')}/models"
+    client = DeadlineClient(max_connections=1, max_body_bytes=MAX_LISTING_BYTES, headers=headers)
     try:
-        response = httpx.get(url, headers=headers or {}, timeout=timeout_s)
-    except httpx.HTTPError as error:
+        reply = client.get(url, until=time.monotonic() + timeout_s)
+    except Exception as error:  # noqa: BLE001 - whatever failed, the message names it
         raise ServedModelsError(f"{url}: {type(error).__name__}: {error or 'no answer'}") from error
-    return model_ids(url, response.status_code, response.content)
+    finally:
+        client.close()
+    return model_ids(url, reply.status, reply.body)
 
 
 def model_ids(url: str, status: int, body: bytes) -> list[str]:

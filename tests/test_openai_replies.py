@@ -116,3 +116,18 @@ def test_the_model_listing_after_a_refusal_ends_with_the_judgments_deadline(mode
             assert client.in_flight == 0 and time.monotonic() - start < 10.0
     finally:
         server.kill()
+
+
+def test_the_doctors_model_listing_ends_by_its_timeout() -> None:
+    """`soda-guard doctor`'s look at `GET /models` had a timeout per read only: a server
+    trickling the listing held the command for as long as it liked (a minute here)."""
+    from soda_guard.served_models import ServedModelsError, served_models
+
+    server = LoopbackServer(TricklingModelsApp()).start()
+    try:
+        start = time.monotonic()
+        with pytest.raises(ServedModelsError, match="Timeout"):
+            served_models(server.base_url, timeout_s=0.5)
+        assert time.monotonic() - start < 10.0  # a margin for a loaded machine; the server goes on for 60 s
+    finally:
+        server.kill()
