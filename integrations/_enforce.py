@@ -643,7 +643,7 @@ class ToolCallEnforcer:
             return _stamped(ToolMessage(content=record.message or "", tool_call_id=call.id, name=call.name), record)
         ran = record.ran_call()
         # the call as judged: its arguments are those the binding's digest was made of
-        sealed = self._sealed(request, trajectory, ran, record.binding.args_digest if record.run_args is None else None)
+        sealed = self._sealed(request, trajectory, ran, record.binding.args_digest if record.run_args is None else None, once=record.review is not None)
         # a copy: what runs after the guard may edit the arguments it is handed in place, and
         # must not reach the judged record (or the steps cached with it) that way
         result = yield Run(request.override(tool_call={**request.tool_call, "args": _copied(ran.args)}, tool=sealed))
@@ -729,7 +729,7 @@ class ToolCallEnforcer:
         return _stamped(_withheld(record.call, moderation), record.model_copy(update={"result_decision": moderation}))
 
     def _sealed(
-        self, request: ToolCallRequest, trajectory: Callable[[], Trajectory], call: ToolCall, digest: str | None
+        self, request: ToolCallRequest, trajectory: Callable[[], Trajectory], call: ToolCall, digest: str | None, *, once: bool = False
     ) -> SealedTool | None:
         """The tool of the call's name, sealed to the call (see `SealedTool`); None where no
         tool has that name (the ToolNode then answers that the tool does not exist). An outer
@@ -748,7 +748,7 @@ class ToolCallEnforcer:
         async def acheck(nested: ToolCall) -> Decision:
             return (await self.judging.atraced_calls(trajectory(), [nested], unasked))[0]
 
-        return SealedTool(tool, call, check, acheck, digest)
+        return SealedTool(tool, call, check, acheck, digest, once=once)
 
     def answer(self, handler: Handler | None) -> Callable[[Any], Any]:
         def answer(need: Any) -> Any:

@@ -125,12 +125,17 @@ class SealedTool:
     call or a tool nested in it, for the call's record. Every other attribute is the tool's."""
 
     def __init__(
-        self, tool: BaseTool, sealed: ToolCall, check: Check, acheck: Callable[[ToolCall], Any], digest: str | None = None
+        self, tool: BaseTool, sealed: ToolCall, check: Check, acheck: Callable[[ToolCall], Any], digest: str | None = None,
+        *, once: bool = False,
     ) -> None:
         self._tool = tool
         self._sealed = sealed
         self._check = check
         self._acheck = acheck
+        self._once = once
+        """A reviewer's answer licenses one run: a retry inside the guard (retry middleware
+        listed after it) is judged again, as a call no person can be asked about."""
+        self._runs = 0
         self.refused: Decision | None = None
         self.refusal: ToolMessage | None = None
         """The refusal given in the tool's place, where the call or a tool nested in it was
@@ -158,7 +163,8 @@ class SealedTool:
 
     def _refusal(self, decision: Decision, call: ToolCall, input: Any) -> ToolMessage:
         self.refused = decision
-        why = f"the call was changed after it was judged, and as it would run: {decision.why}"
+        changed = "run again on a reviewer's answer for one run" if self._runs > 1 and self._once else "changed after it was judged"
+        why = f"the call was {changed}, and as it would run: {decision.why}"
         self.refusal = ToolMessage(
             content=refusal_text(call.name, why), tool_call_id=_call_id(input, self._sealed), name=call.name, status="error"
         )
@@ -211,8 +217,17 @@ class SealedTool:
         they were when the call was sealed."""
         return name == self._tool.name == self._sealed.name and args_digest(model_args) in self._expected
 
-    def invoke(self, input: Any, config: Any = None, **kwargs: Any) -> Any:
+    def _again(self, input: Any) -> ToolCall | None:
+        """The call as it arrives, where it must be judged: changed since it was judged, or
+        run once more on a reviewer's answer for one run."""
+        self._runs += 1
         call = self._arrived(input)
+        if call is None and self._once and self._runs > 1:
+            call = ToolCall(id=_call_id(input, self._sealed), name=self._sealed.name, args=self._sealed.args)
+        return call
+
+    def invoke(self, input: Any, config: Any = None, **kwargs: Any) -> Any:
+        call = self._again(input)
         if call is not None:
             decision = self._check(call)
             if not decision.allowed:
@@ -226,7 +241,7 @@ class SealedTool:
         return self._returned(handler, result, input)
 
     async def ainvoke(self, input: Any, config: Any = None, **kwargs: Any) -> Any:
-        call = self._arrived(input)
+        call = self._again(input)
         if call is not None:
             decision = await self._acheck(call)
             if not decision.allowed:

@@ -175,3 +175,31 @@ def test_the_callback_handler_records_an_escalation_it_stops_as_the_block_it_is(
     ran: list[Any] = []
     callback_loop(SodaGuardCallbackHandler(guard, raise_error=True), [turn(DELETE, ids=["d"]), "done"], ran)
     assert ran == [] and [d.action.value for d in sink.decisions] == ["block"]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_retry_inside_the_guard_does_not_run_an_approved_call_twice(mode: str) -> None:
+    """Retry middleware listed after the guard ran the reviewed call again when it failed: the
+    seal checked the call's shape, not that the answer was for one run. The retry is judged
+    again now, as a call nobody can be asked about."""
+    from langchain.agents.middleware import ToolRetryMiddleware
+    from langchain_core.tools import tool
+
+    sink = ListSink()
+    guard, _ = make_guard(unsafe=('"/"',), defaults={"on_unsafe": "escalate"}, sinks=[sink])
+    ran: list[str] = []
+
+    @tool
+    def delete_file(path: str) -> str:
+        """Delete a file."""
+        ran.append(path)
+        if len(ran) == 1:
+            raise RuntimeError("timed out after the deletion began")
+        return "deleted"
+
+    agent = create_agent(scripted_model([turn(("delete_file", {"path": "/"}), ids=["d"]), "done"]), [delete_file],
+                         middleware=[SodaGuardMiddleware(guard), ToolRetryMiddleware(max_retries=2, initial_delay=0, on_failure="continue")],
+                         checkpointer=InMemorySaver())
+    await drive(mode, agent, USER)
+    await drive(mode, agent, Command(resume=APPROVE))
+    assert ran == ["/"] and sink.decisions[-1].action.value == "block"
