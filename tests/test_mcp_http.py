@@ -43,6 +43,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def http_proxy(policy: Path, server: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+    """`soda-guard mcp-proxy --http` in front of `server` on a free port: the process (a session
+    leader, so its server can be stopped with it) and the URL to connect to."""
+    port = free_port()
+    command = [sys.executable, "-m", "soda_guard", "mcp-proxy", "--policy", str(policy), "--server", "files",
+               "--http", f"127.0.0.1:{port}", "--", *server]
+    proxy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return proxy, f"http://127.0.0.1:{port}/mcp"
+
+
 async def connected(url: str, attempts: int = 120) -> None:
     for _ in range(attempts):
         try:
@@ -58,11 +68,7 @@ async def test_http_proxy_blocks_forwards_and_records_the_session(tmp_path: Path
     audit = tmp_path / "audit.jsonl"
     policy = tmp_path / "policy.yaml"
     policy.write_text(json.dumps({**POLICY, "audit": {"jsonl": str(audit)}}))
-    port = free_port()
-    command = [sys.executable, "-m", "soda_guard", "mcp-proxy", "--policy", str(policy), "--server", "files",
-               "--http", f"127.0.0.1:{port}", "--", *SERVER]
-    proxy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/mcp"
+    proxy, url = http_proxy(policy, SERVER)
     try:
         await connected(url)
         context = {"soda-guard/context": {"session": "s1", "messages": [{"role": "user", "content": "clean up"}]}}
@@ -97,11 +103,7 @@ async def test_http_proxy_asks_through_elicitation(tmp_path: Path) -> None:
     policy = tmp_path / "policy.yaml"
     rules = [{"tools": ["files:delete_*"], "action": "escalate"}, {"action": "allow"}]
     policy.write_text(json.dumps({"version": 1, "rules": rules}))
-    port = free_port()
-    command = [sys.executable, "-m", "soda_guard", "mcp-proxy", "--policy", str(policy), "--server", "files",
-               "--http", f"127.0.0.1:{port}", "--", *SERVER]
-    proxy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/mcp"
+    proxy, url = http_proxy(policy, SERVER)
     answers = iter([True, False])
     asked: list[str] = []
 
@@ -132,11 +134,7 @@ async def test_http_proxy_moderates_resources_and_prompts_as_tool_results(tmp_pa
     policy = tmp_path / "policy.yaml"
     screen = {"kind": "keywords", "unsafe": ["buy milk", "file evil"], "safe": ["^(resources|prompts)/"], "match": "all"}
     policy.write_text(json.dumps({**POLICY, "judges": {"screen": screen}, "tool_results": {"judge": "screen", "tools": ["resources/*", "prompts/*"]}}))
-    port = free_port()
-    command = [sys.executable, "-m", "soda_guard", "mcp-proxy", "--policy", str(policy), "--server", "files",
-               "--http", f"127.0.0.1:{port}", "--", *SERVER]
-    proxy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/mcp"
+    proxy, url = http_proxy(policy, SERVER)
     try:
         await connected(url)
         async with Client(url) as client:
@@ -188,11 +186,7 @@ async def test_http_proxy_moderates_a_servers_errors_as_results(tmp_path: Path) 
     policy = tmp_path / "policy.yaml"
     screen = {"kind": "keywords", "unsafe": ["IGNORE ALL PREVIOUS"], "match": "all"}
     policy.write_text(json.dumps({"version": 1, "rules": [{"action": "allow"}], "judges": {"screen": screen}, "tool_results": {"judge": "screen"}}))
-    port = free_port()
-    command = [sys.executable, "-m", "soda_guard", "mcp-proxy", "--policy", str(policy), "--server", "files",
-               "--http", f"127.0.0.1:{port}", "--", sys.executable, str(server)]
-    proxy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/mcp"
+    proxy, url = http_proxy(policy, [sys.executable, str(server)])
     try:
         await connected(url)
         async with Client(url) as client:
