@@ -218,8 +218,7 @@ class _StreamGuard:
         in_call, tool = run.renderer.tool_at(len(run.stream.fed_text(flagged.index + 1))) if run.renderer.calls else (False, "")
         # a rule whose conditions read the call's arguments or thread may apply or not, and a
         # call whose name has not streamed yet may be any tool's: the strictest that may apply
-        candidates = [("defaults", None)] if not in_call else self.policy.rules_for(tool) if tool else [
-            ("defaults", None), *((rule.name or f"rules[{index}]", rule) for index, rule in enumerate(self.policy.rules))]
+        candidates = self.policy.rules_for(tool or None) if in_call else [("defaults", None)]
         field = _OUTCOME_FIELD[flagged.risk.label]
         rule_name, action = max(((name, self.policy.outcome(rule, field)) for name, rule in candidates), key=lambda named: named[1].strictness)
         where = (in_call, tool)

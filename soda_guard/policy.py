@@ -261,6 +261,11 @@ class Rule(Outcomes):
         return self.action is None or (self.when is not None and self.when.needs_verdict)
 
 
+def rule_label(index: int, rule: Rule) -> str:
+    """How a decision names the rule at `index` of the policy's rules: its `name`, else `rules[N]`."""
+    return rule.name or f"rules[{index}]"
+
+
 class ReviewPolicy(_Strict):
     """How an escalation waits for its reviewer. `hold_turn` (the default, as LangChain's
     HumanInTheLoopMiddleware does) asks once per model turn, before any call of that turn
@@ -408,20 +413,23 @@ class Policy(_Strict):
         annotations = effective(call.server, call.name, call.annotations, self.mcp)
         for index, rule in enumerate(self.rules):
             if (rule.when is None or not rule.when.needs_context) and rule.matches(call, annotations):
-                return rule.name or f"rules[{index}]", rule
+                return rule_label(index, rule), rule
         return "defaults", None
 
-    def rules_for(self, tool: ToolCall | str) -> list[tuple[str, Rule | None]]:
+    def rules_for(self, tool: ToolCall | str | None) -> list[tuple[str, Rule | None]]:
         """Every rule that may apply to a call known only by its tool (a response still
         streaming): those whose tools, server and annotations match, up to the first that has no
-        other condition (`rule_for`'s), or the defaults. Which of them applies depends on what is
-        not known yet, so a caller takes the strictest."""
+        other condition (`rule_for`'s), or the defaults; for a call whose tool is not known yet
+        (None), every rule and the defaults. Which of them applies depends on what is not known
+        yet, so a caller takes the strictest."""
+        if tool is None:
+            return [*((rule_label(index, rule), rule) for index, rule in enumerate(self.rules)), ("defaults", None)]
         call = tool if isinstance(tool, ToolCall) else ToolCall(id="", name=tool)
         annotations = effective(call.server, call.name, call.annotations, self.mcp)
         found: list[tuple[str, Rule | None]] = []
         for index, rule in enumerate(self.rules):
             if rule.matches(call, annotations):
-                found.append((rule.name or f"rules[{index}]", rule))
+                found.append((rule_label(index, rule), rule))
                 if rule.when is None or not rule.when.needs_context:
                     return found
         return [*found, ("defaults", None)]
@@ -440,7 +448,7 @@ class Policy(_Strict):
             held = "" if rule.when is None else rule.when.before_judging(context, rule.matches_tool)
             if held is None:
                 continue
-            name = rule.name or f"rules[{index}]"
+            name = rule_label(index, rule)
             if rule.when is not None and rule.when.needs_verdict:
                 route.candidates.append((name, rule, held))
                 continue
@@ -453,7 +461,7 @@ class Policy(_Strict):
         the defaults and the guard's own refusals. What a reviewer may answer is the rule's
         that escalated the call, conditions and all, not the first rule for the tool's name."""
         for index, rule in enumerate(self.rules):
-            if name == (rule.name or f"rules[{index}]"):
+            if name == rule_label(index, rule):
                 return rule
         return None
 
