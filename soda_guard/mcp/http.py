@@ -21,7 +21,7 @@ from mcp.types import TextContent
 from soda_guard.guard import Guard
 from soda_guard.mcp.jsonrpc import INTERNAL_ERROR, REQUEST_TIMEOUT
 from soda_guard.mcp.relay import RelayOptions
-from soda_guard.mcp.session import CONTEXT_KEY, ContextError, ProxySession, refusal_result
+from soda_guard.mcp.session import CONTEXT_KEY, ContextError, ProxySession, error_result, refusal_result
 from soda_guard.verdict import Action, Decision
 
 #: sessions kept at once; the least recently used one is forgotten past it
@@ -164,10 +164,9 @@ def _request_id(ctx: Any) -> str:
 
 
 def _error_answer(error: BaseException) -> dict[str, Any]:
-    """A server's error as the result a client makes of it: its message and data."""
+    """A server's error (an `MCPError` carries its JSON-RPC data) as the result a client makes of it."""
     data = getattr(getattr(error, "error", None), "data", None)
-    text = "\n".join(part for part in (str(error), "" if data is None else str(data)) if part)
-    return {"content": [{"type": "text", "text": text}], "isError": True}
+    return error_result({"message": str(error), **({"data": data} if data is not None else {})})
 
 
 def _refused(text: str) -> ToolResult:

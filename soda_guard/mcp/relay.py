@@ -26,7 +26,7 @@ from soda_guard.guard import Guard
 from soda_guard.mcp import jsonrpc
 from soda_guard.mcp.jsonrpc import INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, REQUEST_TIMEOUT, DuplicateKey, parse
 from soda_guard.mcp.pipes import DEFAULT_MAX_MESSAGE_BYTES, TooLong, lines, start_server, stop_server
-from soda_guard.mcp.session import CONTEXT_KEY, READS, ContextError, ProxySession, refusal_result, result_text
+from soda_guard.mcp.session import CONTEXT_KEY, READS, ContextError, ProxySession, error_result, refusal_result, result_text
 from soda_guard.trajectory import ToolCall
 from soda_guard.verdict import Action, Decision
 
@@ -395,7 +395,7 @@ class Relay:
                 return raw  # nothing in it for a model to read yet
         read = _answer_read(message)
         moderation = await self.session.moderate(call, read) if read is not None else None
-        error_text = None if error is None else _error_result(error)["content"][0]["text"][:2000]
+        error_text = None if error is None else error_result(error)["content"][0]["text"][:2000]
         if moderation is None or moderation.allowed:
             if not isinstance(task, dict) or not forwarded.task:
                 self.session.record(call, result if isinstance(result, dict) and error is None else None, error=error_text or (None if isinstance(result, dict) else "no result"))
@@ -454,19 +454,9 @@ def _answer_read(message: dict[str, Any]) -> dict[str, Any] | None:
         return result if isinstance(result, dict) else None
     read = dict(result) if isinstance(result, dict) else {}
     blocks = read.get("content")
-    read["content"] = [*(blocks if isinstance(blocks, list) else []), *_error_result(error)["content"]]
+    read["content"] = [*(blocks if isinstance(blocks, list) else []), *error_result(error)["content"]]
     read.setdefault("isError", True)
     return read
-
-
-def _error_result(error: Any) -> dict[str, Any]:
-    """A JSON-RPC error as the tool result a client makes of it: its message and data."""
-    if isinstance(error, dict):
-        parts = [str(error.get("message", "")), *([json.dumps(error["data"], ensure_ascii=False, default=str)] if "data" in error else [])]
-        text = "\n".join(part for part in parts if part)
-    else:
-        text = json.dumps(error, ensure_ascii=False, default=str)
-    return {"content": [{"type": "text", "text": text}], "isError": True}
 
 
 def _modern(params: dict[str, Any]) -> bool:

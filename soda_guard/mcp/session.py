@@ -212,6 +212,17 @@ def _resource_text(resource: Mapping[str, Any]) -> str:
     return "[resource]"
 
 
+def error_result(error: Any) -> dict[str, Any]:
+    """A JSON-RPC error (`{"message", "data"}`) as the tool result a client makes of it: its
+    message and data, which a client hands its model as the tool's error."""
+    if isinstance(error, dict):
+        parts = [str(error.get("message", "")), *([json.dumps(error["data"], ensure_ascii=False, default=str)] if "data" in error else [])]
+        text = "\n".join(part for part in parts if part)
+    else:
+        text = json.dumps(error, ensure_ascii=False, default=str)
+    return {"content": [{"type": "text", "text": text}], "isError": True}
+
+
 def refusal_result(call: ToolCall, decision: Decision) -> dict[str, Any]:
     """The `CallToolResult` a refused call gets: `isError`, the reason, and the decision id."""
     text = (
