@@ -836,14 +836,13 @@ _NO_MESSAGES = (
 )
 
 
-def unasked(decision: Decision) -> Decision:
+def unasked(decision: Decision, because: str = "escalated where no reviewer can be asked, so blocked") -> Decision:
     """An escalation where no person can be asked (a call rewritten inside the guard, a tool
-    run inside a tool, a callback that can only stop a run) is carried out as a block, and
-    recorded as what happened."""
+    run inside a tool, a callback that can only stop a run, AutoMode) is carried out as a
+    block, and recorded as what happened, `because` saying why."""
     if decision.action is not Action.ESCALATE:
         return decision
-    why = f"{decision.why}; escalated where no reviewer can be asked, so blocked"
-    return decision.model_copy(update={"action": Action.BLOCK, "why": why})
+    return decision.model_copy(update={"action": Action.BLOCK, "why": f"{decision.why}; {because}"})
 
 
 def _copied(args: Any) -> Any:

@@ -42,7 +42,7 @@ from soda_guard.trajectory import ToolCall, Trajectory
 from soda_guard.verdict import Action, Decision
 
 from soda_guard.integrations._convert import to_trajectory, with_calls
-from soda_guard.integrations._enforce import as_guard, thread_id
+from soda_guard.integrations._enforce import as_guard, thread_id, unasked
 
 __all__ = ["AUTO_MODE_WINDOW", "JudgmentFailed", "SodaGuardDecisionModel"]
 
@@ -121,10 +121,7 @@ class SodaGuardDecisionModel(BaseDecisionModel):
 
 def as_automode(decision: Decision) -> Decision:
     """The decision as AutoMode carries it out: it runs the call or blocks it, nothing else."""
-    if decision.action is not Action.ESCALATE:
-        return decision
-    why = f"{decision.why}; the policy says escalate, which AutoMode cannot do (it asks no person), so AutoMode blocked the call"
-    return decision.model_copy(update={"action": Action.BLOCK, "why": why})
+    return unasked(decision, "the policy says escalate, which AutoMode cannot do (it asks no person), so AutoMode blocked the call")
 
 
 def risk(decision: Decision) -> float:
