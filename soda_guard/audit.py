@@ -186,11 +186,7 @@ class JsonlAuditSink:
         """The open log, reopened when `path` names another file now or its fsync failed;
         a replaced handle stays open (writers may still be waiting on its fsync) until
         `close`. Called holding `_lock`."""
-        try:
-            at_path = os.stat(self.path)
-            current = (at_path.st_dev, at_path.st_ino)
-        except FileNotFoundError:
-            current = None
+        current = _identity(self.path)
         if self._log is not None and self._log.broken is None and current == self._identity:
             return self._log
         if self._log is not None:
@@ -227,6 +223,16 @@ class JsonlAuditSink:
                 os.close(log.fd)
                 self._fds.discard(log.fd)
             self._log, self._retired, self._identity = None, [], None
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file `path` names now (None: none): a log rotated or removed under a sink is
+    another file, or no file, at the same path."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def _close_fds(fds: set[int], pid: int) -> None:
@@ -322,18 +328,12 @@ class SqliteAuditSink:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={self._synchronous}")
         db.executescript(_SCHEMA)
-        at_path = os.stat(self.path)
-        return db, (at_path.st_dev, at_path.st_ino)
+        return db, _identity(self.path)
 
     def _current(self) -> sqlite3.Connection:
         """The connection to the database at `path` now: one removed or replaced (rotation, a
         cleanup) would take every later write into a file nobody can read. Holding `_lock`."""
-        try:
-            at_path = os.stat(self.path)
-            current: tuple[int, int] | None = (at_path.st_dev, at_path.st_ino)
-        except FileNotFoundError:
-            current = None
-        if current != self._identity:
+        if _identity(self.path) != self._identity:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
             self._db, self._identity = self._connect()
