@@ -7,8 +7,6 @@ serializer and a process restart.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import bisect
 import dataclasses
 import functools
@@ -23,7 +21,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from langgraph.types import Command, Send
 
 from soda_guard.binding import MARSHAL_VERSION, CallBinding, args_digest
-from soda_guard.converters import cleaned
+from soda_guard.converters import base64_text, cleaned, text_media
 from soda_guard.judges.incremental import IdentityMemo, Lru
 from soda_guard.mcp.jsonrpc import parse as parse_json
 from soda_guard.records import TurnRecords
@@ -95,19 +93,14 @@ def _text_pieces(value: Any, key: str | None = None, holder: Mapping[str, Any] |
 def _declared_text(holder: Mapping[str, Any]) -> bool:
     """Data a block declares as text (`text/*`, JSON, XML, or an Anthropic `text` source) is
     read by the model as text; anything else (images, PDFs, audio) is not judged as text."""
-    kind = holder.get("mime_type") or holder.get("media_type") or ""
-    if holder.get("type") == "text":
-        return True
-    return isinstance(kind, str) and (kind.startswith("text/") or kind.endswith(("json", "xml", "yaml")))
+    return holder.get("type") == "text" or text_media(holder.get("mime_type") or holder.get("media_type") or "")
 
 
 def _decoded(value: str, key: str, holder: Mapping[str, Any]) -> str:
     if key == "data" and holder.get("type") == "text":
         return value
-    try:
-        return base64.b64decode(value, validate=False).decode("utf-8", errors="replace")
-    except (ValueError, binascii.Error):
-        return value
+    decoded = base64_text(value)
+    return value if decoded is None else decoded
 
 
 def command_messages(result: Any, call_id: str, key: str = "messages") -> tuple[list[BaseMessage], int | None] | None:

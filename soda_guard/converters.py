@@ -15,6 +15,8 @@ characters, so their cost is linear in the action's length.
 from __future__ import annotations
 
 import ast
+import base64
+import binascii
 import json
 import re
 from typing import Any
@@ -44,6 +46,21 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 def _text(value: str) -> str:
     return _SURROGATE.sub("\ufffd", value)
+
+
+def text_media(kind: Any) -> bool:
+    """Whether data of this MIME type is text a model reads as text (`text/*`, JSON, XML,
+    YAML), not an image, a PDF or audio."""
+    return isinstance(kind, str) and (kind.startswith("text/") or kind.endswith(("json", "xml", "yaml")))
+
+
+def base64_text(value: str) -> str | None:
+    """Base64 data as the UTF-8 text it carries (undecodable bytes replaced); None where it is
+    no base64."""
+    try:
+        return base64.b64decode(value, validate=False).decode("utf-8", errors="replace")
+    except (ValueError, binascii.Error):
+        return None
 
 
 def model_json(model: BaseModel, **options: Any) -> str:

@@ -8,14 +8,12 @@ same steps (`soda_guard.trajectory`).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from soda_guard.converters import from_openai_messages, has_lone_surrogate
+from soda_guard.converters import base64_text, from_openai_messages, has_lone_surrogate, text_media
 from soda_guard.errors import SodaGuardError
 from soda_guard.guard import Guard
 from soda_guard.mcp.annotations import from_wire
@@ -201,15 +199,11 @@ def _block_text(block: Any) -> str | None:
 
 def _resource_text(resource: Mapping[str, Any]) -> str:
     """A resource's text; a text resource sent as a base64 blob is text too."""
-    text, blob, mime = resource.get("text"), resource.get("blob"), resource.get("mimeType")
+    text, blob = resource.get("text"), resource.get("blob")
     if isinstance(text, str):
         return text
-    if isinstance(blob, str) and isinstance(mime, str) and (mime.startswith("text/") or mime.endswith(("json", "xml", "yaml"))):
-        try:
-            return base64.b64decode(blob, validate=False).decode("utf-8", errors="replace")
-        except (ValueError, binascii.Error):
-            return "[resource]"
-    return "[resource]"
+    decoded = base64_text(blob) if isinstance(blob, str) and text_media(resource.get("mimeType")) else None
+    return "[resource]" if decoded is None else decoded
 
 
 def error_result(error: Any) -> dict[str, Any]:
