@@ -17,7 +17,7 @@ from typing import Callable, Protocol, Sequence
 from soda_guard.errors import JudgeError, ModelLoadError
 from soda_guard.policy import CascadeConfig
 from soda_guard.trajectory import Trajectory
-from soda_guard.verdict import Verdict
+from soda_guard.verdict import Label, Verdict
 
 
 class Runner(Protocol):
@@ -75,6 +75,15 @@ class CascadeRunner:
             and verdict.score is not None
             and (verdict.score < self.config.settle_below or verdict.score > self.config.settle_above)
         )
+
+    def settled_label(self, verdict: Verdict) -> Verdict:
+        """A score past a bound settles the call as what the bound says (unsafe above
+        `settle_above`, safe below `settle_below`), whatever label the stage wrote: a confident
+        Qwen3Guard `Controversial` (its score counts Controversial with Unsafe) settled as
+        unsafe must be decided as unsafe, not by the policy's `on_controversial`."""
+        assert verdict.score is not None
+        label = Label.UNSAFE if verdict.score > self.config.settle_above else Label.SAFE
+        return verdict if verdict.label is label else verdict.model_copy(update={"label": label})
 
     def warm(self) -> None:
         """Load every stage (each is a judge of the policy, warmed by the guard on its own)."""
@@ -158,7 +167,9 @@ class _Chain:
             self.asked[i].append(verdict)
             if verdict.failed:
                 continue
-            if last or self.cascade.settles(verdict):
+            if self.cascade.settles(verdict):
+                self.settled[i] = self.cascade.settled_label(verdict)
+            elif last:
                 self.settled[i] = verdict
 
     def finish(self) -> list[Verdict]:
