@@ -236,6 +236,17 @@ class Rule(Outcomes):
     (the judge's reason stays in the request's `soda_guard` key)."""
     _match: ToolGlobs = PrivateAttr()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_empty_scope(cls, data: Any) -> Any:
+        """`tools:`, `server:` or `when:` written with nothing after it would read as left out:
+        the rule would apply to every tool, server or call, and an `allow` rule to all of them."""
+        if isinstance(data, Mapping):
+            empty = [key for key in ("tools", "server", "when") if key in data and data[key] is None]
+            if empty:
+                raise ValueError(f"{', '.join(empty)}: empty; give a value or leave the key out")
+        return data
+
     def model_post_init(self, context: Any) -> None:
         self._match = tool_globs(self.tools or [])
 
@@ -259,6 +270,10 @@ class Rule(Outcomes):
     def is_judged(self) -> bool:
         """Whether a call this rule applies to is judged: always with a verdict condition."""
         return self.action is None or (self.when is not None and self.when.needs_verdict)
+
+
+RESERVED_RULE_NAMES = frozenset({"defaults", "binding", "review", "review_refused", "tool_results", "mcp-proxy"})
+"""What decisions not made by a policy rule name as their rule; `rules[N]` names unnamed rules."""
 
 
 def rule_label(index: int, rule: Rule) -> str:
@@ -345,6 +360,7 @@ class Policy(_Strict):
 
     @model_validator(mode="after")
     def _judges_exist(self) -> Policy:
+        named_default = self.defaults.judge is not None
         if self.defaults.judge is None and len(self.judges) == 1:
             self.defaults.judge = next(iter(self.judges))
         names = [("defaults.judge", self.defaults.judge)]
@@ -354,6 +370,8 @@ class Policy(_Strict):
         for where, name in names:
             if name is not None and name not in self.judges:
                 raise ValueError(f"{where}: unknown judge {name!r} (declared: {sorted(self.judges) or 'none'})")
+        self._judges_read_what_they_judge(named_default)
+        self._rule_names_unique()
         for name, config in self.judges.items():
             if isinstance(config, CascadeConfig):
                 for stage in config.stages:
@@ -376,6 +394,61 @@ class Policy(_Strict):
                     f"defaults.timeout_s ({check:g}s): a judge's deadline can only shorten the check's"
                 )
         return self
+
+    def _judges_read_what_they_judge(self, named_default: bool) -> None:
+        """A judge that cannot see what it is asked about answers as if it were harmless: a
+        Qwen3Guard judge in `response` or `prompt` mode moderating results ends its prompt
+        before the result (every result reads Safe; SODA shows the turn, the result too), one
+        in `tool_result` mode judging calls reads the result before the call, never the call,
+        and a screen's `safe` patterns settle a result by the call's name before a stage after
+        it reads the result. Refused here rather
+        than found out from an attack that got through. A policy declaring one judge, for
+        results, judges calls with it by default (as it always has: the call is held back when
+        the result before it is flagged); naming it for calls is refused."""
+        def stages(name: str) -> list[tuple[str, Any]]:
+            config = self.judges.get(name)
+            if isinstance(config, CascadeConfig):
+                return [(stage, self.judges.get(stage)) for stage in config.stages]
+            return [(name, config)]
+
+        if self.tool_results is not None:
+            chain = stages(self.tool_results.judge)
+            for position, (name, config) in enumerate(chain, 1):
+                if isinstance(config, JudgeConfig) and config.kind == "qwen3guard" and config.mode != "tool_result":
+                    raise ValueError(
+                        f"tool_results.judge: {name!r} has mode: {config.mode}, whose prompt ends before the result "
+                        "(give it mode: tool_result)"
+                    )
+                if isinstance(config, KeywordsConfig) and config.match != "all":
+                    raise ValueError(f"tool_results.judge: the keywords screen {name!r} reads only calls (give it match: all)")
+                if isinstance(config, KeywordsConfig) and config.safe and position < len(chain):
+                    raise ValueError(
+                        f"tool_results.judge: the keywords screen {name!r} would settle a result as safe by its call's "
+                        "name and arguments, which `safe` patterns read, and the next stage would never read it"
+                    )
+        callers = [("defaults.judge", self.defaults.judge)] if named_default else []
+        callers += [(f"rules[{i}].judge", rule.judge) for i, rule in enumerate(self.rules) if rule.is_judged and rule.judge is not None]
+        for where, judge in callers:
+            for name, config in stages(judge) if judge is not None else []:
+                if isinstance(config, JudgeConfig) and config.kind == "qwen3guard" and config.mode == "tool_result":
+                    raise ValueError(
+                        f"{where}: {name!r} has mode: tool_result, which moderates the latest tool result, not the "
+                        "pending call (judge calls with another judge, e.g. mode: response)"
+                    )
+
+    def _rule_names_unique(self) -> None:
+        """A decision names its rule, and a review reads that rule's `allowed_decisions` by the
+        name: two rules of one name would let a reject-only escalation be approved under the
+        other's, and a name the guard uses itself would be read as that."""
+        seen: set[str] = set()
+        for index, rule in enumerate(self.rules):
+            if rule.name is None:
+                continue
+            if rule.name in seen:
+                raise ValueError(f"rules[{index}].name: {rule.name!r} names an earlier rule too; rule names must be unique")
+            if rule.name in RESERVED_RULE_NAMES or re.fullmatch(r"rules\[\d+\]", rule.name):
+                raise ValueError(f"rules[{index}].name: {rule.name!r} is a name decisions use for something else")
+            seen.add(rule.name)
 
     def judge_timeout_s(self, name: str) -> float:
         """The deadline of one judgment by judge `name`: its own `timeout_s`, else the check's."""

@@ -93,14 +93,17 @@ judges:
   words: {kind: keywords, unsafe: [x]}
   soda: {kind: soda, model: m}
   tiered: {kind: cascade, stages: [words, soda]}
+  result_words: {kind: keywords, unsafe: [x], match: all}
+  results: {kind: qwen3guard, model: q, mode: tool_result}
+  result_tiers: {kind: cascade, stages: [result_words, results]}
 defaults: {judge: tiered}
 rules:
   - {tools: [x], when: {args: {k: {in: [1, 2], eq: null}}}, action: block}
   - {tools: [y], judge: tiered, when: {verdict: {labels: [unsafe]}}, action: block}
-tool_results: {judge: tiered}
+tool_results: {judge: result_tiers}
 """
     )
     alone = last_stage_policy(policy)
     assert alone is not None
-    assert (alone.defaults.judge, alone.rules[1].judge, alone.tool_results.judge) == ("soda", "soda", "soda")
+    assert (alone.defaults.judge, alone.rules[1].judge, alone.tool_results.judge) == ("soda", "soda", "results")
     assert alone.rules[0].when == policy.rules[0].when and alone.rules[1].when == policy.rules[1].when
