@@ -873,11 +873,8 @@ def _with_edit_notice(content: Any, call: ToolCall) -> Any:
 
 def _withheld(call: ToolCall, moderation: Decision) -> ToolMessage:
     """The answer the model reads in place of a result the policy does not let it read."""
-    why = moderation.why if moderation.action is Action.BLOCK else (
-        f"{moderation.why} (a tool result cannot wait for review without running the tool again, so it is withheld)"
-    )
     return ToolMessage(
-        content=f"soda-guard withheld the result of `{call.name}`: {why}.", tool_call_id=call.id, name=call.name, status="error"
+        content=f"soda-guard withheld the result of `{call.name}`: {moderation.why}.", tool_call_id=call.id, name=call.name, status="error"
     )
 
 

@@ -278,7 +278,8 @@ class Guard:
         the other's decision by anything downstream that goes by id. `context`: the
         conversation the rules' conditions read, where the judge is shown less of the turn."""
         trajectory = self.tools.describe(trajectory)
-        context = trajectory if context is None else context
+        # the conditions read earlier calls' servers too (`limit` on `bank:*`)
+        context = trajectory if context is None else self.tools.describe(context)
         pending = trajectory.pending_tool_calls()
         counts = Counter(call.id for call in pending)
         items = []
@@ -307,15 +308,16 @@ class Guard:
         if moderation is None:
             return []
         # the server of the call it answers, for `server:tool` patterns
+        trajectory = self.tools.describe(trajectory)
         answered = next(
             (c for step in reversed(trajectory.steps) if isinstance(step, AssistantStep) for c in step.tool_calls if c.id == last.tool_call_id),
             None,
         ) if last.tool_call_id else None
         name = last.name or (answered.name if answered is not None else "")
-        call = ToolCall(id=last.tool_call_id or "", name=name, server=answered.server if answered is not None else None)
+        call = self.tools.stamp(ToolCall(id=last.tool_call_id or "", name=name, server=answered.server if answered is not None else None))
         if not moderation.matches(call):
             return []
-        return [_Item(call, "tool_results", moderation, moderation.judge, self.tools.describe(trajectory))]
+        return [_Item(call, "tool_results", moderation, moderation.judge, trajectory)]
 
     def _decide(self, item: _Item, verdicts: Mapping[str, Verdict], conversation_id: str | None) -> Decision:
         """The first candidate whose verdict condition holds decides; a candidate whose judge
@@ -634,11 +636,11 @@ class Guard:
         """Moderate the tool result that ends `trajectory`; None when the policy does not ask
         for it (no `tool_results` section, or the tool is not listed there)."""
         items = self._tool_result_items(trajectory)
-        return self._run_sync(items, trajectory.conversation_id)[0] if items else None
+        return self._run_sync(items, trajectory.conversation_id, _withheld_unreviewed)[0] if items else None
 
     async def acheck_tool_result(self, trajectory: Trajectory) -> Decision | None:
         items = self._tool_result_items(trajectory)
-        return (await self._run_async(items, trajectory.conversation_id))[0] if items else None
+        return (await self._run_async(items, trajectory.conversation_id, _withheld_unreviewed))[0] if items else None
 
     def record_review(self, event: Decision) -> Decision:
         """Write a reviewer's answer (`soda_guard.review.review_event`) to every sink, so the
@@ -705,6 +707,15 @@ def _inline(judge: Callable[[], list[Verdict]]) -> _Answered | BaseException:
         raise
     except BaseException as error:  # as on a judge thread: a judge must not take the caller down
         return JudgeError(f"judge raised {type(error).__name__}: {error}")
+
+
+def _withheld_unreviewed(decision: Decision) -> Decision:
+    """A tool result cannot wait for a reviewer (the tool has run; asking would mean running
+    it again once answered), so an escalated result is withheld: audited as the block it is."""
+    if decision.action is not Action.ESCALATE:
+        return decision
+    why = f"{decision.why}; a tool result cannot wait for review without running the tool again, so it is withheld"
+    return decision.model_copy(update={"action": Action.BLOCK, "why": why})
 
 
 def _carried(decisions: list[Decision], carry_out: CarryOut | None) -> list[Decision]:

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from soda_guard.trajectory import AssistantStep, Trajectory
+from soda_guard.trajectory import AssistantStep, ToolCall, Trajectory
 
 
 class ToolCatalog:
@@ -22,10 +22,13 @@ class ToolCatalog:
         self._tools: dict[str, tuple[str, dict[str, bool] | None]] = {}
         self._lock = threading.Lock()
         self._seen: dict[int, tuple[Any, Any]] = {}
+        self._stamped: dict[int, tuple[AssistantStep, int, AssistantStep]] = {}
+        self._version = 0
 
     def add(self, name: str, server: str, annotations: Mapping[str, bool] | None) -> None:
         with self._lock:
             self._tools[name] = (server, dict(annotations) if annotations else None)
+            self._version += 1
 
     def unread(self, tool: Any) -> bool:
         """Whether an adapter has yet to read this tool object (or its name or metadata object
@@ -46,22 +49,35 @@ class ToolCatalog:
 
     def describe(self, trajectory: Trajectory) -> Trajectory:
         """The trajectory with every call of a registered tool that names no server stamped
-        with its server and annotations; the same object when there is nothing to stamp."""
+        with its server and annotations; the same object when there is nothing to stamp.
+        Every check reads the whole conversation's calls (the judged view and the context its
+        conditions read), so a step stamped once is kept, by identity, until a tool is
+        registered again: a long conversation is not copied again for each call."""
         if not self._tools:
             return trajectory
         steps = list(trajectory.steps)
         changed = False
         for index, step in enumerate(steps):
-            if not isinstance(step, AssistantStep) or not any(
-                call.server is None and call.name in self._tools for call in step.tool_calls
-            ):
-                continue
-            calls = []
-            for call in step.tool_calls:
-                known = self._tools.get(call.name) if call.server is None else None
-                if known is not None:
-                    call = call.model_copy(update={"server": known[0], "annotations": known[1]})
-                calls.append(call)
-            steps[index] = step.model_copy(update={"tool_calls": calls})
-            changed = True
+            if isinstance(step, AssistantStep) and step.tool_calls:
+                stamped = self._stamp_step(step)
+                if stamped is not step:
+                    steps[index] = stamped
+                    changed = True
         return trajectory.model_copy(update={"steps": steps}) if changed else trajectory
+
+    def stamp(self, call: ToolCall) -> ToolCall:
+        """`call` with its server and annotations where it names none and its tool is registered."""
+        known = self._tools.get(call.name) if call.server is None else None
+        return call if known is None else call.model_copy(update={"server": known[0], "annotations": known[1]})
+
+    def _stamp_step(self, step: AssistantStep) -> AssistantStep:
+        version = self._version
+        kept = self._stamped.get(id(step))
+        if kept is not None and kept[0] is step and kept[1] == version:
+            return kept[2]
+        calls = [self.stamp(call) for call in step.tool_calls]
+        stamped = step if all(new is old for new, old in zip(calls, step.tool_calls)) else step.model_copy(update={"tool_calls": calls})
+        if len(self._stamped) >= 4096:
+            self._stamped.clear()
+        self._stamped[id(step)] = (step, version, stamped)
+        return stamped
