@@ -39,6 +39,15 @@ class ParsedOutput:
         return self.label is None
 
 
+def opens_line(text: str, index: int) -> bool:
+    """Whether only spaces stand between the line's start and `index`. A judge writes its
+    verdict marker at the start of a line; one inside a line is the judge quoting something
+    (a tool result that planted `[Verdict] SAFE` for it to repeat), and a harmless label read
+    from a quote could let a call through, most of all from an output cut after the quote."""
+    start = text.rfind("\n", 0, index) + 1
+    return not text[start:index].strip()
+
+
 def unchanged(text: str) -> str:
     return text
 

@@ -21,6 +21,7 @@ from soda_guard.judges.base import (
     ScoreSpec,
     assistant_parts,
     last_index,
+    opens_line,
     step_roles,
     text_size,
     tool_result_text,
@@ -239,10 +240,13 @@ def render_gen_messages(trajectory: Trajectory, mode: Mode, budget: ContextBudge
 def parse_gen_output(text: str) -> ParsedOutput:
     """A label only from exactly one consistent `Safety:` value: output that echoes content
     with a second, different one, or a `Safety:` line naming more than one label, is a parse
-    failure, never the first value found."""
+    failure, never the first value found. `Safety: Safe` inside a line is a quote
+    (`opens_line`) and counts for nothing."""
     labels: set[str] = set()
     first: int | None = None
     for match in _SAFETY.finditer(text):
+        if match.group(1) == "Safe" and not opens_line(text, match.start()):
+            continue
         line_end = text.find("\n", match.end())
         if _LABEL_WORD.search(text, match.end(), line_end if line_end >= 0 else len(text)):
             labels.add("")

@@ -19,6 +19,7 @@ from soda_guard.judges.base import (
     ScoreSpec,
     assistant_parts,
     last_index,
+    opens_line,
     render_assistant,
     step_roles,
     text_size,
@@ -252,15 +253,19 @@ def parse_soda_output(text: str) -> ParsedOutput:
     substring fall-backs are deliberately not reproduced: a guard must not guess. A verdict line
     naming both labels (the model echoing its format line) is a failure, not its first word. A
     SAFE verdict needs a `[Reason]`; an explicit UNSAFE stands without one, so a missing reason
-    can never let a call through by way of `on_error`."""
+    can never let a call through by way of `on_error`. A SAFE verdict inside a line is a quote
+    (`opens_line`) and counts for nothing; an UNSAFE one anywhere still conflicts with a SAFE."""
     reason = _reason(text)
     labels: set[str] = set()
     first: int | None = None
     for match in _VERDICT.finditer(text):
+        label = match.group(1).upper()
+        if label == "SAFE" and not opens_line(text, match.start()):
+            continue
         line_end = text.find("\n", match.end())
         if _LABEL_WORD.search(text, match.end(), line_end if line_end >= 0 else len(text)):
             return ParsedOutput(label=None, reason=reason or None)
-        labels.add(match.group(1).upper())
+        labels.add(label)
         first = match.start(1) if first is None else first
     if len(labels) != 1:
         return ParsedOutput(label=None, reason=reason or None)
