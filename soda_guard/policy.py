@@ -90,7 +90,8 @@ class JudgeConfig(_Strict):
     max_new_tokens: _strict_int(ge=1, le=4096) = 128
     """Most tokens the judge writes per judgment (reason and verdict)."""
     stop_at_verdict: Flag = False
-    """`backend: transformers`: stop generating once the verdict label is written (Qwen3Guard: no categories)."""
+    """`backend: transformers`: stop generating once the verdict's own line is written (a line opening with
+    the marker and ending after the label; Qwen3Guard: no categories)."""
     verdict_only: Flag = False
     """`backend: transformers`: no reason, P(unsafe) from one forward pass; faster, off the trained format."""
     window: Literal["latest", "history", "full"] = "history"

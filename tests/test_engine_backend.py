@@ -320,28 +320,6 @@ def test_prefill_in_bfloat16_is_the_models_own_arithmetic(start: int, new: int) 
         assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
 
 
-def test_stop_at_verdict_ends_the_row_after_the_label(
-    model_dir: Path, backend: TransformersBackend, request: pytest.FixtureRequest
-) -> None:
-    if tokenizer_kind(request) == "bytes":
-        pytest.skip("needs labels that differ at their first token, which byte tokens do not")
-    probe = judgment("alice", 1, max_new_tokens=16)
-    text = naive(backend, [probe])[0].text
-    tokens = backend.tokenizer(text, add_special_tokens=False)["input_ids"]
-    head = backend.tokenizer.decode(tokens[:3])
-    label = backend.tokenizer.decode(tokens[3:5])
-    spec = ScoreSpec(marker=f"^{__import__('re').escape(head)}$", positive=(label,), negative=("zzzz",))
-    stopping = TransformersBackend(str(model_dir), device="cpu", dtype="float32", stop_at_verdict=True)
-    try:
-        probe.score = spec
-        stopped = stopping.generate([probe])[0]
-        full = naive(backend, [probe])[0]
-    finally:
-        stopping.close()
-    assert stopped.text == head + label and stopped.generated_tokens == 5 and full.generated_tokens == 16
-    assert stopped.score == pytest.approx(full.score, abs=1e-4)
-
-
 def test_verdict_only_reads_the_score_after_the_written_marker(
     model_dir: Path, backend: TransformersBackend, request: pytest.FixtureRequest
 ) -> None:

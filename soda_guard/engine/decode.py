@@ -54,9 +54,13 @@ def marker_literal(spec: ScoreSpec) -> str:
 
 
 def _verdict_done(spec: ScoreSpec) -> re.Pattern[str]:
+    """A verdict the judge wrote as its own: the marker opening a line and the label ending it.
+    A marker anywhere (a reason quoting the `[Verdict] SAFE` a tool result planted) or a label
+    the line goes on from (the format line echoed, `[Verdict] SAFE or UNSAFE`) is not one, and
+    stopping there would leave the parser a quoted label as the only verdict."""
     body = re.sub(r"\$$", "", spec.marker)
     labels = "|".join(re.escape(word) for word in sorted(spec.positive + spec.negative, key=len, reverse=True))
-    return re.compile(f"(?:{body})\\s*(?:{labels})$")
+    return re.compile(f"(?:\\A|\\n)[ \\t]*(?:{body})[ \\t]*(?:{labels})[ \\t]*\\n")
 
 
 @dataclass
@@ -367,8 +371,11 @@ class Engine:
                 self._track_verdict(row, logits[slot])
                 row.generated.append(token)
                 self._extend_text(row)
-                if len(row.generated) >= row.job.request.max_new_tokens or self._verdict_complete(row):
+                if self._verdict_complete(row):
                     answer(row.index, self._result(row))
+                    continue
+                if len(row.generated) >= row.job.request.max_new_tokens:
+                    answer(row.index, self._result(row, "length"))
                     continue
                 keep.append(slot)
             if not keep:
@@ -424,7 +431,9 @@ class Engine:
         scoring rule (`soda_guard.scoring`), which every backend shares."""
         return score_from_logits(logits, label_tokens(self.tokenizer, spec, with_space=with_space))
 
-    def _result(self, row: _Row) -> GenerationResult:
+    def _result(self, row: _Row, finish_reason: str = "stop") -> GenerationResult:
+        """`finish_reason` as a server says it: `length` where the judge was cut at
+        `max_new_tokens`, whose output may end before the verdict it was writing."""
         spec = row.job.request.score
         score = None
         position = verdict_position(self.tokenizer, row.generated, spec) if spec is not None and row.verdicts else None
@@ -437,6 +446,7 @@ class Engine:
             prompt_tokens=row.job.prompt_tokens,
             generated_tokens=len(row.generated),
             score_source="logits" if score is not None else None,
+            finish_reason=finish_reason,
         )
 
     def _verdict_only_result(self, job: Job, logits: torch.Tensor) -> GenerationResult:
@@ -447,8 +457,10 @@ class Engine:
         literal = marker_literal(spec)
         with_space = not literal[-1:].isspace()
         score = self._score(logits, spec, with_space=with_space)
+        if score is None:  # no label can be read off the logits: no label is written, and the parser fails it
+            return GenerationResult(text=f"{VERDICT_ONLY_REASON}\n{literal}", prompt_tokens=job.prompt_tokens, generated_tokens=0)
         probs = torch.softmax(logits, dim=-1)
-        side = spec.positive if score is not None and score >= 0.5 else spec.negative
+        side = spec.positive if score >= 0.5 else spec.negative
         prefix = " " if with_space else ""
         word = max(side, key=lambda w: float(probs[tokenize(self.tokenizer, prefix + w)["input_ids"][0]]))
         return GenerationResult(
@@ -456,5 +468,5 @@ class Engine:
             score=score,
             prompt_tokens=job.prompt_tokens,
             generated_tokens=0,
-            score_source="verdict_only" if score is not None else None,
+            score_source="verdict_only",
         )
