@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import queue
 import threading
 import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ from soda_guard.ids import new_id
 from soda_guard.judging import JudgeRunner, make_backend, make_judge
 from soda_guard.errors import AuditError, JudgeError, ModelLoadError, TrajectoryError
 from soda_guard.mcp.catalog import ToolCatalog
+from soda_guard.offload import off_loop
 from soda_guard.policy import CascadeConfig, KeywordsConfig, Outcomes, Policy, Rule
 from soda_guard.trajectory import AssistantStep, ToolCall, ToolStep, Trajectory
 from soda_guard.verdict import Action, Decision, Label, Verdict
@@ -61,6 +64,17 @@ class _Item:
         return list(dict.fromkeys(names))
 
 
+_judge_threads: weakref.WeakSet[JudgeThreads] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for threads in list(_judge_threads):
+        threads._start_empty()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 class JudgeThreads:
     """Daemon threads for sync judge calls, grown on demand so that a call never queues behind
     a hung one: there is always a free thread for every call in flight, up to `limit` per judge
@@ -72,12 +86,18 @@ class JudgeThreads:
     def __init__(self, limit: int = 64, idle_s: float = 30.0) -> None:
         self.limit = limit
         self.idle_s = idle_s
+        self._closed = False
+        self._start_empty()
+        _judge_threads.add(self)
+
+    def _start_empty(self) -> None:
+        """No threads and nothing in flight; also what a forked child has (`_after_fork`): the
+        parent's threads are not copied, and counted as there they would start none."""
         self._tasks: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[[], Any], str | None]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._busy = 0
         self._busy_by: Counter[str | None] = Counter()
         self._threads = 0
-        self._closed = False
 
     @property
     def busy(self) -> int:
@@ -545,7 +565,7 @@ class Guard:
         if self.sinks:
             if self._audits_at_once():
                 return self._audit(decisions, monotonic_deadline, self._on_error(items))
-            decisions = await asyncio.to_thread(self._audit, decisions, monotonic_deadline, self._on_error(items))
+            decisions = await off_loop(self._audit, decisions, monotonic_deadline, self._on_error(items))
         return decisions
 
     def _audits_at_once(self) -> bool:
@@ -622,7 +642,7 @@ class Guard:
     async def acheck_tool_calls(
         self, trajectory: Trajectory, *, carry_out: CarryOut | None = None, context: Trajectory | None = None
     ) -> list[Decision]:
-        items = await asyncio.to_thread(self._plan, trajectory, context) if self.policy.scans_results else self._plan(trajectory, context)
+        items = await off_loop(self._plan, trajectory, context) if self.policy.scans_results else self._plan(trajectory, context)
         return await self._run_async(items, trajectory.conversation_id, carry_out)
 
     def check(self, trajectory: Trajectory) -> Decision:
@@ -652,7 +672,7 @@ class Guard:
     async def arecord_review(self, event: Decision) -> Decision:
         if not self.sinks or self._audits_at_once():
             return self.record_review(event)
-        return await asyncio.to_thread(self.record_review, event)
+        return await off_loop(self.record_review, event)
 
     def close(self) -> None:
         """Refuse new judge calls and stop the backends this guard made (judgments in hand are

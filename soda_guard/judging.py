@@ -6,7 +6,6 @@ timing are recorded the same way whichever backend or framework is in play.
 
 from __future__ import annotations
 
-import asyncio
 
 import time
 from dataclasses import replace
@@ -21,6 +20,7 @@ from soda_guard.judges.context import ContextBudget
 from soda_guard.judges.qwen3guard_gen import Qwen3GuardGenJudge
 from soda_guard.model_source import check_local_folder
 from soda_guard.judges.soda import SodaJudge
+from soda_guard.offload import off_loop
 from soda_guard.policy import JudgeConfig, Policy
 from soda_guard.trajectory import AssistantStep, Trajectory
 from soda_guard.verdict import Label, Verdict
@@ -222,7 +222,7 @@ class JudgeRunner:
         def prepare_all() -> list[tuple[RenderedPrompt, GenerationRequest]]:
             return [self.prepare(t, deadline) for t in trajectories]
 
-        prepared = prepare_all() if self.judge.renders_at_once(trajectories) else await asyncio.to_thread(prepare_all)
+        prepared = prepare_all() if self.judge.renders_at_once(trajectories) else await off_loop(prepare_all)
         start = time.perf_counter()
         results = await self.backend.agenerate([request for _, request in prepared])
         return self._finish(prepared, results, start)

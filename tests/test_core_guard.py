@@ -195,14 +195,16 @@ async def test_an_async_check_writes_to_sinks_that_never_wait_in_its_own_task(
 
     from soda_guard.tracing import OpenTelemetrySink
 
+    import soda_guard.guard
+
     hops: list[str] = []
-    to_thread = asyncio.to_thread
+    off_loop = soda_guard.guard.off_loop
 
-    async def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
+    async def counting(func: Any, *args: Any) -> Any:
         hops.append(func.__name__)
-        return await to_thread(func, *args, **kwargs)
+        return await off_loop(func, *args)
 
-    monkeypatch.setattr(asyncio, "to_thread", counting)
+    monkeypatch.setattr(soda_guard.guard, "off_loop", counting)
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))

@@ -189,14 +189,18 @@ def test_an_async_keyword_screen_of_a_few_calls_answers_without_a_thread(monkeyp
     from soda_guard.judges.keywords import AT_ONCE_MAX_CHARS, KeywordsRunner
     from soda_guard.policy import KeywordsConfig
 
+    import soda_guard.judges.keywords
+    import soda_guard.judging
+
     hops: list[str] = []
-    to_thread = asyncio.to_thread
+    off_loop = soda_guard.judging.off_loop
 
-    async def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
+    async def counting(func: Any, *args: Any) -> Any:
         hops.append(getattr(func, "__name__", repr(func)))
-        return await to_thread(func, *args, **kwargs)
+        return await off_loop(func, *args)
 
-    monkeypatch.setattr(asyncio, "to_thread", counting)
+    for module in (soda_guard.judging, soda_guard.judges.keywords):
+        monkeypatch.setattr(module, "off_loop", counting)
     guard, soda = make(None, scored(False, 0.3))
     for name, args, stage in [("shell", {"cmd": "rm -rf /"}, "words"), ("get_weather", {"city": "Paris"}, "words"), ("shell", {"cmd": "ls"}, "soda")]:
         sync, async_ = check(guard, pending(name, args), "sync"), check(guard, pending(name, args), "async")

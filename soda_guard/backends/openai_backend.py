@@ -63,6 +63,14 @@ def _abandon_all() -> None:
         backend.abandon_pending()
 
 
+def _after_fork() -> None:
+    for backend in list(_started):
+        backend.forget_parent()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 def _on_exit() -> None:
     """At interpreter exit, before the executors' own hook joins their workers, abandon every
     judgment still pending, so the workers end within a read slice instead of at a deadline up
@@ -149,6 +157,17 @@ class OpenAIBackend:
         self.max_overrun_s = 0.0
         """The longest any worker has gone on past its judgment's deadline: what `timeout_s`
         fails to bound (scheduling only, when the deadlines hold)."""
+
+    def forget_parent(self) -> None:
+        """In a forked child: the parent's workers do not exist here, its keep-alive sockets
+        are the parent's too (two processes reading one connection would take each other's
+        replies), and its counts of work in flight are not this process's. Rebuilt on first use."""
+        self._lock, self._warm_lock = threading.Lock(), threading.Lock()
+        self._client, self._workers = None, None
+        self._in_flight = 0
+        self._pending = {}
+        self._warming = LatestPerKey()
+        self.pool.forget_outstanding()
 
     @property
     def in_flight(self) -> int:

@@ -53,6 +53,12 @@ class ServerPool:
         self._turn = 0
         self._lock = threading.RLock()
 
+    def forget_outstanding(self) -> None:
+        """A forked child's requests in flight are none of its parent's."""
+        self._lock = threading.RLock()
+        for server in self.servers:
+            server.outstanding = 0
+
     def checkout(self, cache_key: str | None, avoid: Server | None = None) -> Server:
         """`choose` and count the request as in flight on the chosen server, in one step, so two
         threads choosing at once see each other's load."""

@@ -21,6 +21,7 @@ from soda_guard.engine.batcher import MicroBatcher
 from soda_guard.engine.decode import Engine, EngineStats, Job, WarmUpCut
 from soda_guard.generation import GenerationRequest, GenerationResult
 from soda_guard.loading import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+from soda_guard.offload import off_loop
 
 
 class TransformersBackend:
@@ -191,7 +192,7 @@ class TransformersBackend:
         """Cancelling the awaiting task drops its rows at the engine's next step."""
         # tokenising a long prompt takes milliseconds: not on the caller's event loop
         try:
-            futures, deadline = await asyncio.to_thread(self._submit, requests)
+            futures, deadline = await off_loop(self._submit, requests)
         except asyncio.CancelledError:
             # the submission goes on in its thread and queues the jobs, which nobody awaits now:
             # the engine drops them (they share the requests' cancel flag) instead of decoding

@@ -9,12 +9,12 @@ a failed one, so the policy's `on_error` applies: a failing stage can never turn
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 from soda_guard.errors import JudgeError, ModelLoadError
+from soda_guard.offload import off_loop
 from soda_guard.policy import CascadeConfig
 from soda_guard.trajectory import Trajectory
 from soda_guard.verdict import Label, Verdict
@@ -116,7 +116,7 @@ class CascadeRunner:
     async def _aask(self, stage: int, views: list[Trajectory], deadline: float | None) -> list[Verdict]:
         start = time.perf_counter()
         try:
-            runner = self.stages[stage].runner or await asyncio.to_thread(self.stages[stage].get)
+            runner = self.stages[stage].runner or await off_loop(self.stages[stage].get)
             return self._checked(stage, await runner.averdicts(views, deadline), len(views), start)
         except Exception as error:
             return [self.failure(stage, _cause(error), start)] * len(views)

@@ -6,13 +6,13 @@ a read-only tool) settles the call for nothing and everything else goes on to a 
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Sequence
 
 import regex
 
 from soda_guard.judges.base import JSON_TEXT
+from soda_guard.offload import off_loop
 from soda_guard.patterns import compile_pattern, found
 from soda_guard.policy import KeywordsConfig
 from soda_guard.trajectory import AssistantStep, SystemStep, ToolStep, Trajectory, UserStep
@@ -127,7 +127,7 @@ class KeywordsRunner:
             except TimeoutError:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
-        return await asyncio.to_thread(self.verdicts, trajectories, deadline)
+        return await off_loop(self.verdicts, trajectories, deadline)
 
     def warm(self) -> None:
         """Nothing to load."""

@@ -1,0 +1,100 @@
+"""The threads a check relies on are the guard's own, and a forked worker gets its own.
+
+An async check used the event loop's default executor (shared with the application: LangChain
+runs sync tools there) for its audit write and its render: with that executor busy, a check
+waited past its deadline. A process forked after the guard had worked (gunicorn `--preload`
+after a warm-up check) inherited thread counts and keep-alive sockets of threads and
+connections it does not have: its first checks all timed out into `on_error`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from soda_guard import Guard, Policy, from_openai_messages
+from soda_guard.backends.scripted import ScriptedBackend, soda_reply
+from soda_guard.testing.server import LoopbackServer, ScriptedHTTPApp, chat_reply
+from soda_guard.verdict import Action
+
+CALL = from_openai_messages([
+    {"role": "user", "content": "pay the invoice"},
+    {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "pay", "arguments": "{}"}}]},
+])
+LONG = from_openai_messages([
+    {"role": "user", "content": "summarise this"},
+    {"role": "assistant", "content": "", "tool_calls": [{"id": "r", "type": "function", "function": {"name": "read", "arguments": "{}"}}]},
+    {"role": "tool", "tool_call_id": "r", "content": "lorem ipsum dolor sit amet\n" * 4000},
+    {"role": "assistant", "content": "", "tool_calls": [{"id": "c2", "type": "function", "function": {"name": "pay", "arguments": "{}"}}]},
+], conversation_id="long")
+
+
+async def test_an_async_check_does_not_wait_for_the_event_loops_default_executor(tmp_path: Path) -> None:
+    """The default executor's only worker is held until the checks are over: they finish all
+    the same (render off the loop, routing that scans results, the JSONL audit write)."""
+    policy = Policy.from_yaml(
+        "judges: {soda: {kind: soda, model: m}}\n"
+        f"rules: [{{tools: [never], when: {{flows_from: {{tools: [read]}}}}, action: block}}]\n"
+        f"defaults: {{timeout_s: 30}}\naudit: {{jsonl: '{tmp_path / 'audit.jsonl'}'}}\n"
+    )
+    guard = Guard(policy, backends={"soda": ScriptedBackend([soda_reply(False)] * 2, delay_s=0.01)})
+    loop = asyncio.get_running_loop()
+    held, release = threading.Event(), threading.Event()
+    default = ThreadPoolExecutor(1)
+    loop.set_default_executor(default)
+
+    def hold() -> None:
+        held.set()
+        release.wait(60)
+
+    busy = loop.run_in_executor(None, hold)
+    assert held.wait(5)
+    try:
+        decisions = await asyncio.wait_for(
+            asyncio.gather(guard.acheck_tool_calls(CALL), guard.acheck_tool_calls(LONG)), timeout=20
+        )
+    finally:
+        release.set()
+        await busy
+        guard.close()
+    assert [d.action for [d] in decisions] == [Action.ALLOW, Action.ALLOW]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darwin", reason="fork")
+def test_a_forked_worker_judges_with_threads_and_connections_of_its_own() -> None:
+    app = ScriptedHTTPApp(lambda index, body: chat_reply("[Reason] Harmless.\n[Verdict] SAFE"))
+    server = LoopbackServer(app).start()
+    try:
+        policy = Policy.from_yaml(
+            f"judges: {{soda: {{kind: soda, model: m, backend: openai, base_url: '{server.base_url}'}}}}\n"
+            "defaults: {timeout_s: 5, on_error: block}\n"
+        )
+        guard = Guard(policy)
+        warm = [threading.Thread(target=guard.check_tool_calls, args=(CALL,)) for _ in range(4)]
+        for thread in warm:
+            thread.start()
+        for thread in warm:
+            thread.join()
+        pid = os.fork()
+        if pid == 0:  # the child: every check must be judged, not time out into on_error
+            code = 0
+            try:
+                for _ in range(6):
+                    [decision] = guard.check_tool_calls(CALL)
+                    code |= decision.action is not Action.ALLOW
+                code |= asyncio.run(guard.acheck_tool_calls(CALL))[0].action is not Action.ALLOW
+            except BaseException:  # noqa: BLE001 - reported through the exit status
+                code = 2
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        [decision] = guard.check_tool_calls(CALL)  # and the parent goes on with its own
+        assert decision.action is Action.ALLOW
+        guard.close()
+    finally:
+        server.stop()
