@@ -33,11 +33,13 @@ rules:
 """
 
 
-def pending(name: str, args: dict[str, Any] | None = None) -> Trajectory:
+def pending(name: str, args: dict[str, Any] | str | None = None) -> Trajectory:
+    """`args` as a str: the arguments' JSON text as the model wrote it."""
+    text = args if isinstance(args, str) else json.dumps(args or {})
     return from_openai_messages(
         [
             {"role": "user", "content": "Please help."},
-            {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": name, "arguments": json.dumps(args or {})}}]},
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": name, "arguments": text}}]},
         ]
     )
 
@@ -373,7 +375,8 @@ defaults: {judge: screened, on_truncated: error}
 """)
     soda = ScriptedBackend(scored(False, 0.1))
     guard = Guard(policy, backends={"soda": soda})
-    for args in ({"cmd": "rm\t-rf /"}, {"q": "DROP\nTABLE users"}):
+    # the last three stay raw text (a repeated key, not an object), which a tool's parser reads all the same
+    for args in ({"cmd": "rm\t-rf /"}, {"q": "DROP\nTABLE users"}, '{"cmd": "ls", "cmd": "rm\\t-rf /"}', '["rm\\t-rf", "/"]'):
         decision = check(guard, pending("shell", args), mode)
         assert (decision.action, decision.stage) == (Action.BLOCK, "words"), args
     cut = pending("get_weather", {"city": "Paris"}).model_copy(update={"truncated": True})

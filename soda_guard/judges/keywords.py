@@ -6,6 +6,7 @@ a read-only tool) settles the call for nothing and everything else goes on to a 
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Sequence
 
@@ -61,7 +62,7 @@ class KeywordsRunner:
             encoded = [(call, call.args if isinstance(call.args, str) else JSON_TEXT.encode(call.args)) for call in shown]
         else:
             read = list(own)
-        read += ["\n".join(_strings(call.args)) for call, text in encoded if text is not call.args and "\\" in text]
+        read += ["\n".join(_strings(_as_read(call.args))) for call, text in encoded if "\\" in text]
         return read, own, trajectory.truncated
 
     def verdict(self, trajectory: Trajectory, deadline: float | None = None) -> Verdict:
@@ -138,6 +139,18 @@ def _step_text(step: SystemStep | UserStep | AssistantStep | ToolStep) -> str:
         calls = " ".join(f"{call.name} {JSON_TEXT.encode(call.args)}" for call in step.tool_calls)
         return f"{step.content} {calls}".strip()
     return step.content or ""
+
+
+def _as_read(args: object) -> object:
+    """Arguments kept as raw text (JSON repeating a key, or not an object) as a tool's JSON
+    parser reads them, every value of a repeated key kept (parsers differ on which one wins);
+    text that is not JSON has no escapes to read."""
+    if not isinstance(args, str):
+        return args
+    try:
+        return json.loads(args, object_pairs_hook=lambda pairs: [part for pair in pairs for part in pair])
+    except (ValueError, RecursionError):
+        return None
 
 
 def _strings(value: object) -> list[str]:
