@@ -34,7 +34,7 @@ from soda_guard.trajectory import Trajectory, UserStep
 from soda_guard.verdict import Action, Decision, Label, Verdict
 
 with needs_extra("soda_guard.integrations.streaming (the Qwen3Guard-Stream monitor)"):
-    from soda_guard.stream_monitor import Debouncer, GuardStream, StreamMonitor
+    from soda_guard.stream_monitor import GuardStream, StreamMonitor, TokenVerdict
 
 __all__ = ["AssistantTextRenderer", "AsyncStreamGuardCallbackHandler", "StreamFlaggedError", "StreamGuardCallbackHandler"]
 
@@ -124,6 +124,8 @@ class _Run:
     text: list[str] = field(default_factory=list)
     decided: bool = False
     """Stopped: nothing more is fed."""
+    acted: int = 0
+    """How many of the stream's flags have been decided."""
     taken: dict[Any, int] = field(default_factory=dict)
     """The strictness of the outcome taken, by where it was flagged (the text, or a call):
     a later flag there is enforced only when stricter, so a logged flag does not end the
@@ -208,10 +210,14 @@ class _StreamGuard:
             self.runs[run_id] = _Run(stream)
 
     def _enforce(self, run: _Run) -> None:
-        flagged = run.stream.flagged
-        if flagged is None:
-            return
-        run.stream.debouncer = Debouncer()  # armed again: a later flag may call for more
+        """Each flag not decided yet, in order, at its own place: one feed may carry several (a
+        chunk of words, a whole call, a response that was not streamed), and a lenient outcome
+        for the first must not hide a stricter one after it."""
+        while run.acted < len(run.stream.flags):
+            run.acted += 1
+            self._decide(run, run.stream.flags[run.acted - 1])
+
+    def _decide(self, run: _Run, flagged: TokenVerdict) -> None:
         verdict = run.stream.verdict(flagged)
         # the flagged token's place, not the latest call's: text held back to the next word can
         # be judged only once a call's name has arrived, and is the content's, under the defaults

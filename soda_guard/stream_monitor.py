@@ -73,20 +73,24 @@ class QueryVerdict:
 
 @dataclass
 class Debouncer:
-    """Flags on the second of two consecutive tokens at the same non-safe level; the flag and
-    its category (that second token's) then stay, whatever follows."""
+    """Flags on the second of two consecutive tokens at the same non-safe level; the first flag
+    and its category (that second token's) then stay the stream's, whatever follows. The rule
+    is armed again after each flag and every flag is kept in `flags`: a caller that lets a
+    flagged stream go on (a logged flag) must still see a stricter one later in the same feed."""
 
     previous: RiskLevel | None = None
     flagged: TokenVerdict | None = None
+    flags: list[TokenVerdict] = field(default_factory=list)
 
     def update(self, verdict: TokenVerdict) -> bool:
-        """True exactly when this token is the one that flags the stream."""
+        """True exactly when this token flags (the first flag or a later one)."""
         repeated = verdict.risk != RiskLevel.SAFE and verdict.risk == self.previous
-        self.previous = verdict.risk
-        if repeated and self.flagged is None:
-            self.flagged = verdict
-            return True
-        return False
+        self.previous = None if repeated else verdict.risk
+        if not repeated:
+            return False
+        self.flags.append(verdict)
+        self.flagged = self.flagged or verdict
+        return True
 
 
 HELD_MAX_TOKENS = 4
@@ -325,6 +329,11 @@ class GuardStream:
         return self.debouncer.flagged
 
     @property
+    def flags(self) -> list[TokenVerdict]:
+        """Every token that flagged, in order, the debouncing rule armed again after each."""
+        return self.debouncer.flags
+
+    @property
     def closed(self) -> bool:
         return self.cache is None
 
@@ -358,7 +367,7 @@ class GuardStream:
 
     def verdict(self, flagged: TokenVerdict | None = None) -> Verdict:
         """The stream so far as a policy-ready verdict (Unsafe/Controversial once flagged, or
-        as `flagged` says: a flag a caller read before arming the debouncer again)."""
+        as `flagged` says: one of the later `flags`)."""
         flagged = flagged or self.flagged
         worst = max((v.risk_probs[1] + v.risk_probs[2] for v in self.verdicts), default=0.0)
         return Verdict(

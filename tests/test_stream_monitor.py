@@ -126,6 +126,15 @@ def test_debouncing_rule(levels: str, flag_at: int | None) -> None:
         assert fired[flag_at] and debouncer.flagged.index == flag_at and debouncer.flagged.category == f"cat{flag_at}"
 
 
+def test_the_debouncing_rule_is_armed_again_after_each_flag() -> None:
+    """A caller that lets a flagged stream go on reads every later flag, not the first alone."""
+    debouncer = Debouncer()
+    levels = [RiskLevel.CONTROVERSIAL] * 3 + [RiskLevel.UNSAFE] * 2 + [RiskLevel.SAFE, RiskLevel.UNSAFE, RiskLevel.UNSAFE]
+    fired = [debouncer.update(_token(i, level)) for i, level in enumerate(levels)]
+    assert [i for i, flag in enumerate(fired) if flag] == [flag.index for flag in debouncer.flags] == [1, 4, 7]
+    assert debouncer.flagged is debouncer.flags[0]
+
+
 class ScriptedHead(nn.Module):
     """Stands in for a head layer: emits the scripted class per position, in feeding order."""
 
