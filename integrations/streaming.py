@@ -9,7 +9,9 @@ streamed tool-call arguments are fed as they arrive. When the debouncing rule fl
 stream, the policy's outcome for the verdict decides: `block` or `escalate` raise
 `StreamFlaggedError` from the callback, which LangChain propagates out of the model's stream
 and so stops generation (nobody can approve a half-written answer, hence escalate stops too);
-`log` logs and lets it continue; `allow` only records the decision.
+`log` logs and lets it continue; `allow` only records the decision. Every decision goes to the
+policy's audit sinks (a `Guard`'s, when the handler is given the agent's guard) before it is
+acted on, as the guard's own are.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from langchain_core.outputs import LLMResult
 
 from soda_guard._extras import needs_extra
 from soda_guard.errors import SodaGuardError
+from soda_guard.guard import Guard
 from soda_guard.integrations._convert import message_text, to_trajectory
 from soda_guard.policy import Policy
 from soda_guard.trajectory import Trajectory, UserStep
@@ -135,9 +138,11 @@ class _Run:
 class _StreamGuard:
     """One handler's state and logic, whichever callback API (sync or async) drives it."""
 
-    def __init__(self, monitor: StreamMonitor, policy: Policy | None, conversation_id: str | None) -> None:
+    def __init__(self, monitor: StreamMonitor, policy: Policy | Guard | None, conversation_id: str | None) -> None:
         self.monitor = monitor
-        self.policy = policy or Policy()
+        # the agent's guard shares its sinks (one writer per audit file) and its MCP tool catalog
+        self.guard = policy if isinstance(policy, Guard) else Guard(policy or Policy())
+        self.policy = self.guard.policy
         self.conversation_id = conversation_id
         self.decisions: list[Decision] = []
         self.runs: dict[UUID, _Run] = {}
@@ -231,19 +236,20 @@ class _StreamGuard:
         if where in run.taken and action.strictness <= run.taken[where]:
             return  # already carried out there, as strictly
         run.taken[where] = action.strictness
-        decision = Decision(
+        # recorded before it is acted on; one that cannot be recorded comes back as the policy's on_error
+        decision = self.guard.record_review(Decision(
             action=action,
             rule=rule_name,
             why=f"streamed response flagged {flagged.risk.label.value} ({flagged.category}) at token {flagged.index}",
             verdict=verdict,
             conversation_id=self.conversation_id,
-        )
+        ))
         self.decisions.append(decision)
-        if action in (Action.BLOCK, Action.ESCALATE):
+        if decision.action in (Action.BLOCK, Action.ESCALATE):
             run.decided = True
             run.stream.close()
             raise StreamFlaggedError(decision, "".join(run.text))
-        if action == Action.LOG:
+        if decision.action == Action.LOG:
             logger.warning("%s", decision.why)
 
 
@@ -253,7 +259,8 @@ class _Handler:
     raise_error = True
     run_inline = True
 
-    def __init__(self, monitor: StreamMonitor, policy: Policy | None = None, *, conversation_id: str | None = None) -> None:
+    def __init__(self, monitor: StreamMonitor, policy: Policy | Guard | None = None, *, conversation_id: str | None = None) -> None:
+        """`policy`: the policy, or the agent's `Guard` (its audit sinks and its MCP tools)."""
         self._guard = _StreamGuard(monitor, policy, conversation_id)
 
     @property

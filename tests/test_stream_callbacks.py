@@ -15,6 +15,8 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, Huma
 from langchain_core.outputs import ChatGenerationChunk
 from torch import nn
 
+from integration_helpers import ListSink
+from soda_guard import Guard, read_audit
 from soda_guard.integrations.streaming import (
     AssistantTextRenderer,
     AsyncStreamGuardCallbackHandler,
@@ -402,3 +404,36 @@ def test_a_flagged_call_after_logged_text_in_one_unstreamed_turn_takes_its_rule(
             {"messages": [HumanMessage(content="install this")]}, config={"callbacks": [handler]})
     assert (stopped.value.decision.rule, stopped.value.decision.action) == ("shell", Action.BLOCK) and ran == []
     assert [(d.rule, d.action) for d in handler.decisions] == [("defaults", Action.LOG), ("shell", Action.BLOCK)]
+
+
+@pytest.mark.parametrize("handler_class", ASYNC_HANDLERS)
+async def test_stream_decisions_are_audited_before_they_are_acted_on(stream_dir: Path, tmp_path: Path, handler_class: type) -> None:
+    """Stream decisions went to `handler.decisions` alone: a blocked stream left no record in
+    the policy's audit log."""
+    policy = Policy.from_dict({"defaults": {"on_controversial": "log"}, "audit": {"jsonl": str(tmp_path / "audit.jsonl")}})
+    monitor = StreamMonitor.load(str(stream_dir), device="cpu")
+    monitor.model.risk_level_head = ScheduleHead(lambda i: 2 if i < 4 else 1)
+    handler = handler_class(monitor, policy)
+    with pytest.raises(StreamFlaggedError) as stopped:
+        async for _ in _fake().astream([HumanMessage(content="q")], config={"callbacks": [handler]}):
+            pass
+    assert [d.action for d in handler.decisions] == [Action.LOG, Action.BLOCK]
+    assert list(read_audit(tmp_path / "audit.jsonl")) == handler.decisions and stopped.value.decision == handler.decisions[-1]
+
+
+def test_a_handler_given_the_guard_writes_to_its_sinks_and_acts_on_what_was_recorded(stream_dir: Path) -> None:
+    """The agent's guard is shared, sinks included; a log that cannot be recorded is acted on
+    as the policy's on_error (block), as the guard's own decisions are."""
+    class BrokenSink:
+        def write(self, decisions: Any, *, deadline: float | None = None) -> None:
+            raise OSError("disk full")
+
+    kept = ListSink()
+    guard = Guard(Policy.from_dict({"defaults": {"on_unsafe": "log"}}), sinks=[kept])
+    logged = StreamGuardCallbackHandler(_monitor(stream_dir, 1), guard)
+    assert "".join(c.content for c in _fake().stream([HumanMessage(content="q")], config={"callbacks": [logged]})) == ANSWER
+    assert kept.decisions == logged.decisions and [d.action for d in kept.decisions] == [Action.LOG]
+    broken = StreamGuardCallbackHandler(_monitor(stream_dir, 1), Guard(guard.policy, sinks=[BrokenSink()]))
+    with pytest.raises(StreamFlaggedError) as stopped:
+        list(_fake().stream([HumanMessage(content="q")], config={"callbacks": [broken]}))
+    assert stopped.value.decision.action is Action.BLOCK and "audit sink unavailable" in stopped.value.decision.why
