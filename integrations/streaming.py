@@ -33,7 +33,7 @@ from soda_guard.errors import SodaGuardError
 from soda_guard.guard import Guard
 from soda_guard.integrations._convert import message_text, to_trajectory
 from soda_guard.policy import Policy
-from soda_guard.trajectory import Trajectory, UserStep
+from soda_guard.trajectory import ToolCall, Trajectory, UserStep
 from soda_guard.verdict import Action, Decision, Label, Verdict
 
 with needs_extra("soda_guard.integrations.streaming (the Qwen3Guard-Stream monitor)"):
@@ -229,7 +229,7 @@ class _StreamGuard:
         in_call, tool = run.renderer.tool_at(len(run.stream.fed_text(flagged.index + 1))) if run.renderer.calls else (False, "")
         # a rule whose conditions read the call's arguments or thread may apply or not, and a
         # call whose name has not streamed yet may be any tool's: the strictest that may apply
-        candidates = self.policy.rules_for(tool or None) if in_call else [("defaults", None)]
+        candidates = self.policy.rules_for(self._known(tool)) if in_call else [("defaults", None)]
         field = _OUTCOME_FIELD[flagged.risk.label]
         rule_name, action = max(((name, self.policy.outcome(rule, field)) for name, rule in candidates), key=lambda named: named[1].strictness)
         where = (in_call, tool)
@@ -251,6 +251,14 @@ class _StreamGuard:
             raise StreamFlaggedError(decision, "".join(run.text))
         if decision.action == Action.LOG:
             logger.warning("%s", decision.why)
+
+
+    def _known(self, tool: str) -> ToolCall | str | None:
+        """The call as far as it is known: a tool the guard's catalog holds is that MCP server's;
+        any other name may be any server's, or none's (`Policy.rules_for`)."""
+        if not tool:
+            return None
+        return self.guard.tools.stamp(ToolCall(id="", name=tool)) if tool in self.guard.tools else tool
 
 
 class _Handler:

@@ -494,8 +494,10 @@ class Policy(_Strict):
         """Every rule that may apply to a call known only by its tool (a response still
         streaming): those whose tools, server and annotations match, up to the first that has no
         other condition (`rule_for`'s), or the defaults; for a call whose tool is not known yet
-        (None), every rule and the defaults. Which of them applies depends on what is not known
-        yet, so a caller takes the strictest."""
+        (None), every rule and the defaults. A tool known by its name alone (str) may be any MCP
+        server's or none: a rule that names a server, a `server:tool` pattern whose tool part
+        matches the name, or annotations may apply too, and does not end the search. Which of
+        them applies depends on what is not known yet, so a caller takes the strictest."""
         if tool is None:
             return [*((rule_label(index, rule), rule) for index, rule in enumerate(self.rules)), ("defaults", None)]
         call = tool if isinstance(tool, ToolCall) else ToolCall(id="", name=tool)
@@ -506,6 +508,8 @@ class Policy(_Strict):
                 found.append((rule_label(index, rule), rule))
                 if rule.when is None or not rule.when.needs_context:
                     return found
+            elif isinstance(tool, str) and (rule.tools is None or any(fnmatch.fnmatchcase(tool, pattern.rpartition(":")[2]) for pattern in rule.tools)):
+                found.append((rule_label(index, rule), rule))  # its server or annotations may hold
         return [*found, ("defaults", None)]
 
     def route(self, call: ToolCall, trajectory: Trajectory) -> Route:

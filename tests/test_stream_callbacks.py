@@ -437,3 +437,39 @@ def test_a_handler_given_the_guard_writes_to_its_sinks_and_acts_on_what_was_reco
     with pytest.raises(StreamFlaggedError) as stopped:
         list(_fake().stream([HumanMessage(content="q")], config={"callbacks": [broken]}))
     assert stopped.value.decision.action is Action.BLOCK and "audit sink unavailable" in stopped.value.decision.why
+
+
+DELETE_CALL = [
+    AIMessageChunk(content="", tool_call_chunks=[{"name": "delete_file", "args": "", "id": "c1", "index": 0}]),
+    *(AIMessageChunk(content="", tool_call_chunks=[{"name": None, "args": piece, "id": None, "index": 0}]) for piece in ['{"pa', 'th": "/"}']),
+]
+
+
+@pytest.mark.parametrize("rule", [
+    {"server": "files"}, {"tools": ["files:delete_*"]}, {"when": {"annotations": {"destructive": True}}},
+], ids=["server", "server:tool", "annotations"])
+def test_a_flagged_call_of_a_tool_whose_server_is_unknown_takes_the_rules_that_may_hold_for_it(
+    stream_dir: Path, rule: dict[str, Any]
+) -> None:
+    """Streaming, a call was read as no MCP server's: a rule for a server, a `server:tool`
+    pattern or annotations never applied, and the lenient defaults let the call stream on."""
+    policy = Policy.from_dict({"defaults": {"on_unsafe": "log"}, "rules": [{"name": "strict", **rule, "on_unsafe": "block"}]})
+    handler = StreamGuardCallbackHandler(_monitor(stream_dir, 1), policy)
+    with pytest.raises(StreamFlaggedError) as stopped:
+        list(ChunksModel(messages=iter([]), chunks=DELETE_CALL).stream([HumanMessage(content="q")], config={"callbacks": [handler]}))
+    assert (stopped.value.decision.rule, stopped.value.decision.action) == ("strict", Action.BLOCK)
+
+
+def test_a_tool_the_guards_catalog_knows_is_read_as_its_servers(stream_dir: Path) -> None:
+    """Where the MCP adapter registered the tool, its server and annotations are known: the
+    rules for other servers and other annotations do not apply."""
+    policy = Policy.from_dict({"defaults": {"on_unsafe": "log"}, "rules": [
+        {"name": "other-server", "server": "other", "on_unsafe": "block"},
+        {"name": "destructive", "when": {"annotations": {"destructive": True}}, "on_unsafe": "block"},
+        {"name": "files", "server": "files", "on_unsafe": "log"},
+    ]})
+    guard = Guard(policy)
+    guard.tools.add("delete_file", "files", {"readOnly": True})
+    handler = StreamGuardCallbackHandler(_monitor(stream_dir, 1), guard)
+    list(ChunksModel(messages=iter([]), chunks=DELETE_CALL).stream([HumanMessage(content="q")], config={"callbacks": [handler]}))
+    assert [(d.rule, d.action) for d in handler.decisions] == [("files", Action.LOG)]
