@@ -66,6 +66,7 @@ class AssistantTextRenderer:
     def __init__(self) -> None:
         self.written = False
         self.call_index: int | None = None
+        self.call_id: str | None = None
         self.call_open = False
         self.call_has_args = False
         self.length = 0
@@ -81,21 +82,25 @@ class AssistantTextRenderer:
         return text
 
     def tool_call_chunk(self, chunk: dict[str, Any]) -> str:
-        index, name, args = chunk.get("index"), chunk.get("name"), chunk.get("args") or ""
+        index, name, args, call_id = chunk.get("index"), chunk.get("name"), chunk.get("args") or "", chunk.get("id")
         text = ""
-        starts = not self.call_open or (index is not None and index != self.call_index) or (index is None and name)
+        # servers that number every call 0 tell calls apart by id alone, as LangChain does
+        reused = self.call_open and index == self.call_index and bool(call_id and self.call_id and call_id != self.call_id)
+        starts = not self.call_open or (index is not None and index != self.call_index) or (index is None and name) or reused
         if starts:
-            key = index if index is not None else ("unindexed", len(self.calls))
+            key = ("unindexed", len(self.calls)) if index is None else (index, call_id) if reused else index
             text = self._close() + ("\n" if self.written else "")
             self.calls.append((self.length + len(text), key))
             if name:
                 self.names[key] = self.names.get(key, "") + name
             text += '<tool_call>\n{"name": ' + json.dumps(name or "", ensure_ascii=False) + ', "arguments": '
-            self.call_open, self.call_index, self.call_has_args = True, index, False
+            self.call_open, self.call_index, self.call_id, self.call_has_args = True, index, call_id or None, False
             self.written = True
-        elif name:  # the rest of a name that began in an earlier chunk, or a name that came late
-            key = self.calls[-1][1]
-            self.names[key] = self.names.get(key, "") + name
+        else:
+            self.call_id = self.call_id or call_id or None  # an id that came late
+            if name:  # the rest of a name that began in an earlier chunk, or a name that came late
+                key = self.calls[-1][1]
+                self.names[key] = self.names.get(key, "") + name
         self.call_has_args = self.call_has_args or bool(args)
         text += args
         self.length += len(text)
