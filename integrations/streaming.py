@@ -183,14 +183,20 @@ class _StreamGuard:
                 # nothing was streamed (`invoke`, `disable_streaming`, a model without `_stream`):
                 # the whole response, as it would have streamed, before anyone reads it
                 self._whole(run, response)
-            if not run.decided:
-                tail = run.renderer.finish()
-                run.text.append(tail)
-                run.stream.feed(tail)
-                run.stream.finish()
-                self._enforce(run)
+            self._finish(run)
         finally:
             run.stream.close()
+
+    def _finish(self, run: _Run) -> None:
+        """The text held back for its word to go on, judged once the run ends, however it ends:
+        the consumer has read it already."""
+        if run.decided:
+            return
+        tail = run.renderer.finish()
+        run.text.append(tail)
+        run.stream.feed(tail)
+        run.stream.finish()
+        self._enforce(run)
 
     def _whole(self, run: _Run, response: LLMResult) -> None:
         generation = response.generations[0][0] if response.generations and response.generations[0] else None
@@ -209,7 +215,13 @@ class _StreamGuard:
     def error(self, run_id: UUID) -> None:
         with self._lock:
             run = self.runs.pop(run_id, None)
-        if run is not None:
+        if run is None:
+            return
+        try:
+            self._finish(run)
+        except StreamFlaggedError:
+            pass  # the run is over, stopped by its own error, which goes on; the decision is recorded
+        finally:
             run.stream.close()
 
     def _open(self, run_id: UUID, trajectory: Trajectory) -> None:

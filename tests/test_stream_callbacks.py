@@ -496,3 +496,28 @@ def test_a_call_that_reuses_an_index_with_a_new_id_is_a_new_call(stream_dir: Pat
     with pytest.raises(StreamFlaggedError) as stopped:
         list(ChunksModel(messages=iter([]), chunks=chunks).stream([HumanMessage(content="q")], config={"callbacks": [handler]}))
     assert (stopped.value.decision.rule, stopped.value.decision.action) == ("shell", Action.BLOCK)
+
+
+class DroppedModel(ChunksModel):
+    """Streams its chunks, then loses the connection."""
+
+    def _stream(self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        yield from super()._stream(messages, stop, run_manager, **kwargs)
+        raise ConnectionError("provider dropped the connection")
+
+
+@pytest.mark.parametrize("handler_class", ASYNC_HANDLERS)
+async def test_the_held_back_text_of_a_run_that_fails_is_judged(stream_dir: Path, handler_class: type) -> None:
+    """The last word waits for the next chunk or the end of the run; a run that failed after it
+    (a dropped connection) never judged it, though the consumer had read it: no decision."""
+    opening = "Sure, here it is:"
+    monitor = StreamMonitor.load(str(stream_dir), device="cpu")
+    monitor.model.risk_level_head = ScheduleHead(lambda i: 0 if i < len(opening) else 1)  # one token per byte
+    handler = handler_class(monitor)
+    received: list[str] = []
+    with pytest.raises(ConnectionError):
+        async for chunk in DroppedModel(messages=iter([]), chunks=[AIMessageChunk(content=w) for w in ["Sure,", " here", " it", " is:", " ok"]]).astream(
+                [HumanMessage(content="q")], config={"callbacks": [handler]}):
+            received.append(chunk.content)
+    assert "".join(received).endswith(" ok") and handler.active_runs == 0
+    assert [(d.action, d.verdict.label) for d in handler.decisions] == [(Action.BLOCK, Label.UNSAFE)]
