@@ -26,7 +26,7 @@ from uuid import UUID
 
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.messages import BaseMessage
-from langchain_core.outputs import LLMResult
+from langchain_core.outputs import Generation, LLMResult
 
 from soda_guard._extras import needs_extra
 from soda_guard.errors import SodaGuardError
@@ -128,6 +128,8 @@ class AssistantTextRenderer:
 @dataclass
 class _Run:
     stream: GuardStream
+    trajectory: Trajectory
+    """What the run answers: another candidate response to it is judged on a stream of its own."""
     renderer: AssistantTextRenderer = field(default_factory=AssistantTextRenderer)
     text: list[str] = field(default_factory=list)
     decided: bool = False
@@ -180,10 +182,9 @@ class _StreamGuard:
             return
         try:
             if not run.decided and not run.text and response is not None:
-                # nothing was streamed (`invoke`, `disable_streaming`, a model without `_stream`):
-                # the whole response, as it would have streamed, before anyone reads it
-                self._whole(run, response)
-            self._finish(run)
+                self._unstreamed(run, response)
+            else:
+                self._finish(run)
         finally:
             run.stream.close()
 
@@ -198,8 +199,22 @@ class _StreamGuard:
         run.stream.finish()
         self._enforce(run)
 
-    def _whole(self, run: _Run, response: LLMResult) -> None:
-        generation = response.generations[0][0] if response.generations and response.generations[0] else None
+    def _unstreamed(self, run: _Run, response: LLMResult) -> None:
+        """Nothing was streamed (`invoke`, `disable_streaming`, a model without `_stream`): each
+        candidate response (`n` > 1 returns several) whole, as it would have streamed, before
+        anyone reads it; each answers the same request, so each other than the first on a
+        stream of its own."""
+        candidates = [generation for generations in response.generations for generation in generations]
+        for number, generation in enumerate(candidates):
+            each = run if number == 0 else _Run(self.monitor.open(run.trajectory), run.trajectory)
+            try:
+                self._whole(each, generation)
+                self._finish(each)
+            finally:
+                if each is not run:
+                    each.stream.close()
+
+    def _whole(self, run: _Run, generation: Generation) -> None:
         message = getattr(generation, "message", None)
         text = message_text(message.content) if message is not None else getattr(generation, "text", "")
         pieces = [run.renderer.content(text)]
@@ -229,7 +244,7 @@ class _StreamGuard:
             return
         stream = self.monitor.open(trajectory)
         with self._lock:
-            self.runs[run_id] = _Run(stream)
+            self.runs[run_id] = _Run(stream, trajectory)
 
     def _enforce(self, run: _Run) -> None:
         """Each flag not decided yet, in order, at its own place: one feed may carry several (a

@@ -12,7 +12,7 @@ import pytest
 import torch
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
-from langchain_core.outputs import ChatGenerationChunk
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from torch import nn
 
 from integration_helpers import ListSink
@@ -521,3 +521,21 @@ async def test_the_held_back_text_of_a_run_that_fails_is_judged(stream_dir: Path
             received.append(chunk.content)
     assert "".join(received).endswith(" ok") and handler.active_runs == 0
     assert [(d.action, d.verdict.label) for d in handler.decisions] == [(Action.BLOCK, Label.UNSAFE)]
+
+
+class TwoCandidates(GenericFakeChatModel):
+    """A model asked for `n=2` that does not stream: one call returns both candidates."""
+
+    def _generate(self, messages: Any, stop: Any = None, run_manager: Any = None, **kwargs: Any) -> ChatResult:
+        return ChatResult(generations=[ChatGeneration(message=AIMessage(content=text)) for text in ("I cannot help with that", ANSWER)])
+
+
+@pytest.mark.parametrize("handler_class", ASYNC_HANDLERS)
+async def test_every_candidate_of_an_unstreamed_response_is_judged(stream_dir: Path, handler_class: type) -> None:
+    """Only the first candidate was fed: the others reached the caller unjudged."""
+    monitor = StreamMonitor.load(str(stream_dir), device="cpu")
+    monitor.model.risk_level_head = ScheduleHead(lambda i: 0 if i < len("I cannot help with that") else 1)  # one token per byte
+    handler = handler_class(monitor)
+    with pytest.raises(StreamFlaggedError) as stopped:
+        await TwoCandidates(messages=iter([]), disable_streaming=True).agenerate([[HumanMessage(content="q")]], callbacks=[handler])
+    assert stopped.value.partial_text == ANSWER and handler.decisions == [stopped.value.decision] and handler.active_runs == 0
