@@ -284,7 +284,6 @@ class _StreamGuard:
         if decision.action == Action.LOG:
             logger.warning("%s", decision.why)
 
-
     def _known(self, tool: str) -> ToolCall | str | None:
         """The call as far as it is known: a tool the guard's catalog holds is that MCP server's;
         any other name may be any server's, or none's (`Policy.rules_for`)."""

@@ -663,8 +663,9 @@ class Guard:
         return (await self._run_async(items, trajectory.conversation_id, _withheld_unreviewed))[0] if items else None
 
     def record_review(self, event: Decision) -> Decision:
-        """Write a reviewer's answer (`soda_guard.review.review_event`) to every sink, so the
-        audit trail shows what finally ran, not only that a person was asked. What comes back
+        """Write a decision made outside a check (a reviewer's answer,
+        `soda_guard.review.review_event`; the stream monitor's) to every sink, so the audit
+        trail shows what finally ran, not only that a person was asked. What comes back
         is what may be acted on: an answer that could not be recorded becomes the policy's
         `on_error`, like any decision."""
         return self._audit([event], time.monotonic() + self.policy.defaults.timeout_s)[0]
