@@ -32,8 +32,9 @@ with needs_extra("the stream monitor (soda_guard.stream_monitor)"):
 from soda_guard.chat_tokens import encode_chat, special_token_strings, tokenize
 from soda_guard.engine.kv import KVCache
 from soda_guard.engine.qwen3_step import LeanQwen3
-from soda_guard.judges.base import render_assistant
-from soda_guard.judges.qwen3guard_gen import tool_response_text
+from soda_guard.judges.base import render_assistant, tool_result_text
+from soda_guard.judges.context import escape_token_text
+from soda_guard.judges.qwen3guard_gen import wrap_tool_response
 from soda_guard.judges.stream import QUERY_CATEGORIES, RESPONSE_CATEGORIES, Qwen3GuardStream
 from soda_guard.trajectory import AssistantStep, SystemStep, ToolStep, Trajectory, UserStep
 from soda_guard.verdict import Label, Verdict
@@ -161,17 +162,19 @@ def _added_token_strings(tokenizer: Any) -> list[str]:
 
 def conversation_messages(trajectory: Trajectory) -> list[dict[str, str]]:
     """Plain-text chat messages as Qwen agents see them: tool calls inside the assistant text,
-    tool results as `<tool_response>` user turns (the template's own tool rendering)."""
+    tool results as `<tool_response>` user turns (the template's own tool rendering). What the
+    content says never becomes one of those tags (`escape_token_text`): a tool result closing
+    its own `<tool_response>` would place text outside it in the judge's context."""
     messages = []
     for step in trajectory.steps:
         if isinstance(step, SystemStep):
-            messages.append({"role": "system", "content": step.content})
+            messages.append({"role": "system", "content": escape_token_text(step.content)})
         elif isinstance(step, UserStep):
-            messages.append({"role": "user", "content": step.content})
+            messages.append({"role": "user", "content": escape_token_text(step.content)})
         elif isinstance(step, AssistantStep):
-            messages.append({"role": "assistant", "content": render_assistant(step)})
+            messages.append({"role": "assistant", "content": render_assistant(step, escape_token_text)})
         elif isinstance(step, ToolStep):
-            messages.append({"role": "user", "content": tool_response_text(step)})
+            messages.append({"role": "user", "content": wrap_tool_response(escape_token_text(tool_result_text(step)))})
     return messages
 
 

@@ -68,16 +68,12 @@ _CATEGORIES_LINE = re.compile(r"^Categories:(.*)$", re.MULTILINE)
 _LABELS = {"Safe": Label.SAFE, "Unsafe": Label.UNSAFE, "Controversial": Label.CONTROVERSIAL}
 
 
-def tool_response_text(step: ToolStep) -> str:
+def wrap_tool_response(content: str) -> str:
     """How Qwen agents feed tool results back: a user turn wrapping the result."""
-    return _wrap_tool_response(tool_result_text(step))
-
-
-def _wrap_tool_response(content: str) -> str:
     return f"<tool_response>\n{content}\n</tool_response>"
 
 
-_TOOL_WRAPPER = len(_wrap_tool_response(""))
+_TOOL_WRAPPER = len(wrap_tool_response(""))
 
 
 def _neutralised(text: str) -> str:
@@ -106,7 +102,7 @@ def _base_block(step: SystemStep | UserStep | AssistantStep | ToolStep) -> Block
 
 def _as_message(item: Block, prefix: str) -> dict[str, str]:
     if item.role == "tool":
-        return {"role": "user", "content": prefix + _wrap_tool_response(item.text)}
+        return {"role": "user", "content": prefix + wrap_tool_response(item.text)}
     return {"role": item.role, "content": prefix + item.text}
 
 
