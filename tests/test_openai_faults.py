@@ -299,3 +299,78 @@ def test_a_malformed_usage_block_is_dropped_not_a_failure() -> None:
     with LoopbackServer(ScriptedHTTPApp(lambda i, _: Reply(body=body))) as server, backend(server.base_url) as client:
         [result] = client.generate([REQUEST])
     assert result.text == soda_reply(True) and result.prompt_tokens is None
+
+
+def _raw_judge(duplicate_first: bool) -> tuple[socket.socket, list[str]]:
+    """A judge on a raw socket that answers each request by what it asks about (UNSAFE for a
+    transfer), sending its first reply twice in one write when `duplicate_first`."""
+    judged: list[str] = []
+
+    def reply(text: str) -> bytes:
+        body = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}).encode()
+        return f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body
+
+    def serve(conn: socket.socket) -> None:
+        buffer, first = b"", True
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, _, rest = buffer.partition(b"\r\n\r\n")
+                size = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+                while len(rest) < size:
+                    rest += conn.recv(65536)
+                body, buffer = json.loads(rest[:size]), rest[size:]
+                unsafe = "transfer" in body["messages"][-1]["content"]
+                judged.append("UNSAFE" if unsafe else "SAFE")
+                answer = reply(soda_reply(unsafe))
+                conn.sendall(answer * 2 if first and duplicate_first else answer)
+                first = False
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener, judged
+
+
+@pytest.mark.parametrize("duplicate_first", [False, True])
+def test_a_stray_second_reply_does_not_answer_the_next_judgment(duplicate_first: bool) -> None:
+    """The stray reply stayed in the HTTP parser's buffer of a kept-alive connection: the next
+    judgment read it as its own, and a transfer the server judged UNSAFE was allowed as SAFE."""
+    listener, judged = _raw_judge(duplicate_first)
+    client = backend(f"http://127.0.0.1:{listener.getsockname()[1]}/v1", max_concurrency=1)
+    try:
+        labels = []
+        for subject in ("weather", "transfer", "weather", "transfer"):
+            request = GenerationRequest(messages=[{"role": "user", "content": f"judge the {subject} call"}], max_new_tokens=16)
+            text = client.generate([request])[0].text
+            labels.append("UNSAFE" if "[Verdict] UNSAFE" in text else "SAFE")
+    finally:
+        client.close()
+        listener.close()
+    assert labels == judged == ["SAFE", "UNSAFE", "SAFE", "UNSAFE"]
+
+
+@pytest.mark.parametrize(("wire", "more"), [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", False),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n", True),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", False),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-T: 1\r\n\r\n", False),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\nHTTP/1.1", True),
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", False),
+])
+def test_what_counts_as_more_than_one_reply(wire: bytes, more: bool) -> None:
+    from soda_guard.backends.deadline_http import _past_one_reply
+
+    assert _past_one_reply(wire) is more

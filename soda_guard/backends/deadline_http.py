@@ -23,6 +23,7 @@ import contextlib
 import contextvars
 import ipaddress
 import json
+import re
 import select
 import socket
 import ssl
@@ -86,8 +87,15 @@ def _left(timeout: float | None, expired: type[httpcore.TimeoutException]) -> fl
 class _DeadlineStream(httpcore.NetworkStream):
     def __init__(self, stream: httpcore.NetworkStream) -> None:
         self._stream = stream
+        self._reply = bytearray()
+        """What was read since the last request was written: the reply to it, and anything after."""
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        data = self._read(max_bytes, timeout)
+        self._reply += data
+        return data
+
+    def _read(self, max_bytes: int, timeout: float | None) -> bytes:
         """In slices of `ABORT_POLL_S` while the request can be aborted: a recv that timed out
         has consumed nothing, so waiting again is safe."""
         while True:
@@ -102,6 +110,7 @@ class _DeadlineStream(httpcore.NetworkStream):
                 continue
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._reply.clear()
         self._stream.write(buffer, _left(timeout, httpcore.WriteTimeout))
 
     def close(self) -> None:
@@ -126,7 +135,42 @@ class _DeadlineStream(httpcore.NetworkStream):
         return _DeadlineStream(SyncStream(tls))
 
     def get_extra_info(self, info: str) -> Any:
+        """An idle connection the pool asks about (`is_readable`: has the server closed it?) is
+        also done with when more came than one reply: a server or proxy that sent a stray second
+        answer in the same write left it in the HTTP parser's buffer, where the next request on
+        the connection would read it as its own (every later verdict one judgment late)."""
+        if info == "is_readable" and _past_one_reply(self._reply):
+            return True
         return self._stream.get_extra_info(info)
+
+
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)[ \t]*(?=\r\n)", re.IGNORECASE)
+_CHUNKED = re.compile(rb"\r\ntransfer-encoding:[^\r\n]*chunked", re.IGNORECASE)
+
+
+def _past_one_reply(data: bytes | bytearray) -> bool:
+    """Whether `data`, what a connection read for one request, holds more than one response:
+    bytes after the body its `Content-Length` or chunked encoding ends. What cannot be read so
+    (an interim 1xx reply, a body ended by closing) counts as one reply."""
+    head_end = data.find(b"\r\n\r\n")
+    if head_end < 0 or data.startswith(b"HTTP/1.1 1") or data.startswith(b"HTTP/1.0 1"):
+        return False
+    head, body = b"\r\n" + bytes(data[:head_end]) + b"\r\n", head_end + 4
+    if _CHUNKED.search(head):
+        while True:
+            line_end = data.find(b"\r\n", body)
+            if line_end < 0:
+                return False
+            try:
+                size = int(bytes(data[body:line_end]).split(b";")[0], 16)
+            except ValueError:
+                return False
+            if size == 0:
+                trailers_end = data.find(b"\r\n\r\n", line_end)
+                return trailers_end >= 0 and len(data) > trailers_end + 4
+            body = line_end + 2 + size + 2
+    length = _CONTENT_LENGTH.search(head)
+    return length is not None and len(data) > body + int(length.group(1))
 
 
 def _handshake(tls: ssl.SSLSocket, timeout: float | None) -> None:
