@@ -22,6 +22,7 @@ from langgraph.types import Command, Send
 
 from soda_guard.binding import MARSHAL_VERSION, CallBinding, args_digest
 from soda_guard.converters import base64_text, cleaned, text_media
+from soda_guard.errors import TrajectoryError
 from soda_guard.judges.incremental import IdentityMemo, Lru
 from soda_guard.mcp.jsonrpc import parse as parse_json
 from soda_guard.records import TurnRecords
@@ -459,8 +460,12 @@ def to_trajectory(
     the earlier turns of a conversation converted before are taken from that conversion
     (`_reused`), so a turn costs what it adds."""
     messages = tuple(messages)
+    try:
+        stored = tuple(map(_FIELD_VALUES, messages))
+    except AttributeError:  # an entry that is no message object (`_as_messages`)
+        messages = _as_messages(messages)
+        stored = tuple(map(_FIELD_VALUES, messages))
     latest = next((i for i in range(len(messages) - 1, -1, -1) if isinstance(messages[i], AIMessage)), len(messages))
-    stored = tuple(map(_FIELD_VALUES, messages))
     before = _CONVERSIONS.get(conversation_id) if conversation_id is not None else None
     size = min(len(before.messages), latest) if before is not None else 0
     # the very messages converted before, or equal ones: of the same types, so of the same kinds
@@ -480,6 +485,25 @@ def to_trajectory(
 
 
 _IS_STEP = functools.partial(operator.is_not, None)
+
+
+def _as_messages(entries: tuple[Any, ...]) -> tuple[BaseMessage, ...]:
+    """A state kept without the `add_messages` reducer holds messages as they were written:
+    dicts (`{"role": "user", "content": ...}`), `(role, text)` pairs, strings, which the model
+    and a ToolNode read as messages. They are judged as the messages they are read as; an entry
+    that reads as none is refused by its place."""
+    converted: list[BaseMessage] = []
+    for index, entry in enumerate(entries):
+        if isinstance(entry, BaseMessage):
+            converted.append(entry)
+            continue
+        try:
+            [message] = convert_to_messages([entry])
+        except (ValueError, TypeError, NotImplementedError):
+            raise TrajectoryError(index, f"a {type(entry).__name__} that is not a message") from None
+        converted.append(message)
+    return tuple(converted)
+
 
 _KINDS: dict[type, int | None] = {}
 

@@ -557,14 +557,19 @@ class ToolCallEnforcer:
         """The state's own list (read, never changed here: a copy per call is a copy of the
         whole conversation per tool call). A state that keeps no list under `messages_key` is
         refused with an error: its calls would be judged without the conversation, so without
-        the request they serve. A ToolNode given a bare list of calls has no conversation."""
+        the request they serve. A list state (`Annotated[list[AnyMessage], add_messages]`) is
+        the conversation itself (a ToolNode hands it on as the state); one that holds no
+        message (a bare list of calls) has none. The search stops at the first message, which
+        a conversation a ToolNode runs holds near its start (its model turn at the latest)."""
         key = self.messages_key
         if isinstance(state, Mapping):
             if key not in state:
                 raise SodaGuardError(_NO_MESSAGES.format(key=key, found=sorted(map(str, state))))
             messages = state[key]
         elif isinstance(state, list):
-            return ()
+            if not any(isinstance(entry, BaseMessage) for entry in state):
+                raise SodaGuardError(_NO_MESSAGES.format(key=key, found="a list that holds no message"))
+            return state
         else:
             messages = getattr(state, key, None)
             if messages is None:

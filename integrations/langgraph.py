@@ -26,6 +26,7 @@ from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command, Send
 from typing_extensions import NotRequired
 
+from soda_guard.errors import SodaGuardError
 from soda_guard.guard import Guard
 from soda_guard.policy import Policy
 from soda_guard.records import CallRecord, TurnRecords
@@ -110,6 +111,11 @@ class GuardNode:
         return Command(update=update, goto=self.model if self.on_block == "model" else END)
 
     def _steps(self, state: Mapping[str, Any]) -> Generator[Any, Any, Command[Any]]:
+        if not isinstance(state, Mapping):  # a list state is the conversation, with no key for the records
+            raise SodaGuardError(
+                f"guard_node reads the conversation under {self.messages_key!r} and keeps the turn's records under "
+                f"{self.state_key!r} of the graph state, which is a {type(state).__name__} here: use (or extend) GuardState"
+            )
         messages = list(state.get(self.messages_key) or [])
         located = last_turn(messages)
         stored = yield from stored_turn(state, self.state_key, self.enforcer.seal)
