@@ -8,13 +8,13 @@ else is ignored and its calls are judged (and reviewed) again.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Generator
 
 from langchain_core.messages import BaseMessage
 
 from langgraph.config import get_config
-from langgraph._internal._constants import CONFIG_KEY_REPLAY_STATE
+from langgraph._internal._constants import CONF, CONFIG_KEY_CALL, CONFIG_KEY_CHECKPOINT_ID, CONFIG_KEY_REPLAY_STATE
 
 from soda_guard.records import TurnRecords
 from soda_guard.seal import RecordSeal
@@ -23,16 +23,35 @@ from soda_guard.integrations._convert import last_turn, turn_id, turn_records
 
 
 def replay_of() -> str | None:
-    """The checkpoint a time-travel replay (`invoke` at an earlier `checkpoint_id`) started
-    from, which LangGraph marks in the run's config; None in any other run. LangGraph re-runs
-    the steps after that checkpoint, so records in the forked state were made for steps that
-    already ran once."""
+    """The checkpoint a time-travel replay started from; None in any other run. LangGraph
+    re-runs the steps after that checkpoint, so records in the forked state were made for steps
+    that already ran once. A replay is `invoke` at an earlier `checkpoint_id` (LangGraph marks
+    it in the run's config), or a resume (`Command(resume=...)`) addressed at a checkpoint the
+    thread has moved past (`_superseded_resume`)."""
     try:
         configurable = get_config().get("configurable") or {}
     except RuntimeError:
         return None
     replay = configurable.get(CONFIG_KEY_REPLAY_STATE)
-    return None if replay is None else str(getattr(replay, "checkpoint_id", None) or "replay")
+    if replay is not None:
+        return str(getattr(replay, "checkpoint_id", None) or "replay")
+    return _superseded_resume(configurable)
+
+
+def _superseded_resume(configurable: Mapping[str, Any]) -> str | None:
+    """The checkpoint a resume addressed, where the thread had moved past it when the run
+    started: LangGraph re-runs the tasks that finished there as in a replay, but marks none in
+    the config. Its run loop decides that once, as the run starts (a resume at the thread's own
+    latest checkpoint, as LangGraph Studio sends, is no replay, even after the run has moved on),
+    and every task holds the loop through `CONFIG_KEY_CALL` (a partial of its `accept_push`).
+    A loop that addresses a checkpoint but does not tell whether it was moved past is taken to
+    replay it."""
+    call = configurable.get(CONFIG_KEY_CALL)
+    loop = getattr((getattr(call, "keywords", None) or {}).get("schedule_task"), "__self__", None)
+    addressed = (getattr(loop, "config", None) or {}).get(CONF, {}).get(CONFIG_KEY_CHECKPOINT_ID)
+    if not addressed or not getattr(loop, "_addressed_checkpoint_superseded", True):
+        return None
+    return str(addressed)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ is judged again, on every path that reads the state."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import pytest
@@ -11,11 +12,13 @@ from langchain.agents import create_agent
 from langchain.agents.middleware import AgentMiddleware
 from langchain_core.messages import HumanMessage, RemoveMessage, ToolMessage
 from langgraph.checkpoint.memory import InMemorySaver
-from langgraph.types import Command
+from langgraph.types import Command, interrupt
 
 from soda_guard import Action, CallRecord, Decision, Guard, ToolCall, TurnRecords
 from soda_guard.binding import CallBinding
 from soda_guard.seal import RecordSeal
+from soda_guard.integrations import _enforce
+from soda_guard.integrations._state import _superseded_resume
 from soda_guard.integrations.langchain import SodaGuardMiddleware
 from soda_guard.integrations.langgraph import GuardState, SodaGuardToolWrapper
 from soda_guard.integrations.testing import scripted_model
@@ -119,6 +122,91 @@ async def test_replaying_an_approved_call_asks_the_reviewer_again(path: str) -> 
     assert pause.value["action_requests"][0]["name"] == "delete_file"
     result = await drive(path, graph, Command(resume={"decisions": [{"type": "reject", "message": "not twice"}]}))
     assert ran == [DELETE] and any(isinstance(m, ToolMessage) and "not twice" in str(m.content) for m in result["messages"])
+
+
+APPROVE = {"decisions": [{"type": "approve"}]}
+REJECT = {"decisions": [{"type": "reject", "message": "not twice"}]}
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_resume_at_a_checkpoint_the_thread_has_moved_past_is_a_replay(path: str, monkeypatch: Any) -> None:
+    """LangGraph re-runs the tasks that finished at a checkpoint the thread has moved past when
+    a `Command(resume=...)` is addressed at it, but marks no replay in the config: in another
+    process (the same checkpointer and records key; the memory of calls run is the process's)
+    the forked state's records ran the approved call again, unjudged and unasked, even on a
+    resume that says reject."""
+    guard, backend = make_guard(unsafe=("delete_file",), defaults={"on_unsafe": "escalate"})
+    ran: list[Any] = []
+    graph = graph_for(path, guard, [turn(DELETE, ids=["d"]), "done"], ran)
+    await drive(path, graph, {"messages": [{"role": "user", "content": "Tidy up."}]})
+    await drive(path, graph, Command(resume=APPROVE))
+    assert ran == [DELETE] and len(backend.requests) == 1
+    monkeypatch.setattr(_enforce, "_RAN", {})  # another process, built again over the same checkpointer
+    other = graph_for(path, guard, ["done"], ran)
+    other.checkpointer = graph.checkpointer
+    replayed = await replay(path, other, before_tools(graph), Command(resume=REJECT))
+    assert ran == [DELETE] and len(backend.requests) == 2
+    [pause] = replayed["__interrupt__"]
+    assert pause.value["action_requests"][0]["name"] == "delete_file"
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_resume_addressed_at_the_threads_latest_checkpoint_is_no_replay(path: str) -> None:
+    """LangGraph Studio resumes with the head's `checkpoint_id`: the paused turn goes on as
+    without it, judged once and asked once."""
+    guard, backend = make_guard(unsafe=("delete_file",), defaults={"on_unsafe": "escalate"})
+    ran: list[Any] = []
+    graph = graph_for(path, guard, [turn(DELETE, ids=["d"]), "done"], ran)
+    await drive(path, graph, {"messages": [{"role": "user", "content": "Tidy up."}]})
+    done = await replay(path, graph, graph.get_state(config()), Command(resume=APPROVE))
+    assert ran == [DELETE] and "__interrupt__" not in done and len(backend.requests) == 1
+
+
+class Pause(AgentMiddleware):
+    """An `after_model` hook that asks a question of its own, after the guard's records are made."""
+
+    def after_model(self, state: Any, runtime: Any) -> None:
+        if state["messages"][-1].tool_calls:
+            interrupt("go on?")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_resume_at_the_latest_checkpoint_keeps_the_records_an_earlier_run_made(mode: str) -> None:
+    """Another middleware pauses between the guard's judgment and the tools step; resumed at
+    the head's `checkpoint_id`, the tools step uses the records the run before made."""
+    guard, backend = make_guard(unsafe=("delete_file",), defaults={"on_unsafe": "escalate"})
+    ran: list[Any] = []
+    agent = create_agent(
+        scripted_model([turn(DELETE, ids=["d"]), "done"]), make_tools(ran),
+        middleware=[Pause(), SodaGuardMiddleware(guard)], checkpointer=InMemorySaver(),
+    )
+    await drive(mode, agent, {"messages": [{"role": "user", "content": "Tidy up."}]})
+    asked = await drive(mode, agent, Command(resume=APPROVE))
+    assert asked["__interrupt__"][0].value == "go on?" and ran == []
+    done = await replay(mode, agent, agent.get_state(config()), Command(resume="yes"))
+    assert ran == [DELETE] and "__interrupt__" not in done and len(backend.requests) == 1
+
+
+class Loop:
+    """A run loop as `_superseded_resume` finds it: addressed at `checkpoint_id`, and telling
+    whether the thread had moved past it only where `superseded` is given."""
+
+    def __init__(self, checkpoint_id: str | None, **superseded: bool) -> None:
+        self.config = {"configurable": {"checkpoint_id": checkpoint_id}}
+        self.__dict__.update({f"_addressed_checkpoint_{k}": v for k, v in superseded.items()})
+
+    def accept_push(self) -> None: ...
+
+
+def test_a_loop_that_does_not_tell_whether_its_checkpoint_was_moved_past_replays_it() -> None:
+    def configurable(loop: Loop) -> dict[str, Any]:
+        return {"__pregel_call": functools.partial(print, schedule_task=loop.accept_push)}
+
+    assert _superseded_resume(configurable(Loop("cp-1", superseded=True))) == "cp-1"
+    assert _superseded_resume(configurable(Loop("cp-1", superseded=False))) is None
+    assert _superseded_resume(configurable(Loop("cp-1"))) == "cp-1"
+    assert _superseded_resume(configurable(Loop(None))) is None
+    assert _superseded_resume({}) is None
 
 
 @pytest.mark.parametrize("path", ["middleware", "middleware-async", "guard_node", "guard_node-async"])
