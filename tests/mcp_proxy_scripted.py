@@ -10,11 +10,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 
-from soda_guard import Guard, Policy, ScriptedBackend
-from soda_guard.backends.scripted import keyword_responder
-from soda_guard.mcp.pipes import DEFAULT_MAX_MESSAGE_BYTES
-from soda_guard.mcp.relay import RelayOptions, serve_stdio
+# an MCP client starts this with a bare environment (no PYTHONPATH): the proxy under test is
+# the checkout's, not whichever one the environment's editable install points at
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from soda_guard import Guard, Policy, ScriptedBackend  # noqa: E402
+from soda_guard.backends.scripted import keyword_responder  # noqa: E402
+from soda_guard.mcp.pipes import DEFAULT_MAX_MESSAGE_BYTES  # noqa: E402
+from soda_guard.mcp.relay import RelayOptions, serve_stdio  # noqa: E402
 
 
 def main() -> int:
