@@ -338,8 +338,10 @@ class Relay:
                 return  # it might be a result the client would read otherwise than the moderation
             message = None
         # a request or a notification names its method; anything else with an id is read by
-        # an SDK as an answer (`"method": null` beside a result is one)
-        if not isinstance(message, dict) or isinstance(message.get("method"), str) or "id" not in message:
+        # an SDK as an answer (`"method": null` beside a result is one), and so is one with a
+        # `result` or an `error` beside a method: the `mcp` SDK reads it as the answer to that
+        # id, so it is matched and moderated as one (its method dropped) or goes nowhere
+        if not isinstance(message, dict) or "id" not in message or (isinstance(message.get("method"), str) and not _answers(message)):
             await self.send_client(raw if raw.endswith(b"\n") else raw + b"\n")
             return
         key = self._answered_key(message.get("id"))
@@ -444,6 +446,11 @@ class Relay:
         for task in list(self._judging.values()):
             task.cancel()
         await asyncio.gather(*self._judging.values(), return_exceptions=True)
+
+
+def _answers(message: dict[str, Any]) -> bool:
+    """Whether some client reads the message as an answer: by its `result` or `error` key."""
+    return "result" in message or "error" in message
 
 
 def _answer_read(message: dict[str, Any]) -> dict[str, Any] | None:
