@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from mcp import Client
 
 from mcp_helpers import SERVER
@@ -93,6 +94,31 @@ async def test_http_proxy_blocks_forwards_and_records_the_session(tmp_path: Path
         ("read_file", "allow", "s1"), ("delete_file", "block", "s1"), ("ran", "allow", "s1")
     ]
     assert records[0]["tool_call"]["annotations"] == {"readOnly": True, "openWorld": False}
+
+
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
+async def test_http_proxy_judges_a_clients_calls_in_one_session_without_a_named_one(tmp_path: Path, mode: str) -> None:
+    """A 2026-07-28 client (the `mcp` SDK's default) has no HTTP session: FastMCP gives each
+    of its requests a new id, and each call was judged in a new, empty session, so "at most
+    one delete" let every delete run. Its calls share the proxy's one session, as a
+    handshake-era client's share its HTTP session."""
+    audit = tmp_path / "audit.jsonl"
+    policy = tmp_path / "policy.yaml"
+    rules = [{"name": "one-delete", "tools": ["files:delete_*"], "when": {"limit": {"calls": 1}}, "action": "block"}, {"action": "allow"}]
+    policy.write_text(json.dumps({"version": 1, "rules": rules, "audit": {"jsonl": str(audit)}}))
+    proxy, url = http_proxy(policy, SERVER)
+    try:
+        await connected(url)
+        async with Client(url, **({"mode": "legacy"} if mode == "legacy" else {})) as client:
+            first = await client.call_tool("delete_file", {"path": "notes.txt"})
+            second = await client.call_tool("delete_file", {"path": "report.txt"})
+            ran = await client.call_tool("ran", {})
+    finally:
+        os.killpg(proxy.pid, signal.SIGTERM)
+        proxy.wait(30)
+    assert not first.is_error and second.is_error and "one-delete" in json.dumps(second.meta)
+    assert ran.structured_content["result"] == ["delete_file notes.txt"]
+    assert len({json.loads(line)["conversation_id"] for line in audit.read_text().splitlines()}) == 1
 
 
 async def test_http_proxy_asks_through_elicitation(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import uuid
 from collections import OrderedDict
 from typing import Any, Sequence
 
@@ -17,6 +18,7 @@ from fastmcp.server.middleware import Middleware
 from fastmcp.tools.base import ToolResult
 from mcp.shared.exceptions import MCPError
 from mcp.types import TextContent
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from soda_guard.guard import Guard
 from soda_guard.mcp.jsonrpc import INTERNAL_ERROR, REQUEST_TIMEOUT
@@ -29,14 +31,31 @@ MAX_SESSIONS = 1024
 
 
 class GuardMiddleware(Middleware):
-    """Judges each `tools/call` in the session its `_meta` context names (else the HTTP
-    session), before FastMCP forwards it to the server, and moderates what comes back (with
+    """Judges each `tools/call` in the session its `_meta` context names (else the client's, see
+    `_unnamed`), before FastMCP forwards it to the server, and moderates what comes back (with
     resources and prompts read) where the policy moderates tool results."""
 
     def __init__(self, guard: Guard, options: RelayOptions) -> None:
         self.guard = guard
         self.options = options
         self._sessions: OrderedDict[str, ProxySession] = OrderedDict()
+        # the session of requests no MCP session holds: one id per proxy, as on stdio
+        self._shared = uuid.uuid4().hex
+
+    def _unnamed(self, ctx: Any) -> str:
+        """The session of a client that names none in `_meta`: a handshake-era client's is its
+        HTTP session. A 2026-07-28 client has none (FastMCP gives each of its requests a new
+        id), and nothing else tells one unauthenticated client from another: keyed by that id,
+        every call was judged in a new, empty session (no `limit`, `after` or `flows_from`
+        held, the judge saw no earlier call) that pushed a real one out of the cache. Its
+        calls share the proxy's one session instead."""
+        try:
+            request = ctx.request_context
+            if request is None or request.protocol_version in MODERN_PROTOCOL_VERSIONS:
+                return self._shared
+            return ctx.session_id
+        except Exception:  # no request context (no context at all): no session either
+            return self._shared
 
     def _session(self, key: str) -> ProxySession:
         session = self._sessions.pop(key, None) or ProxySession(self.guard, self.options.server_name or "mcp", session_id=key)
@@ -50,7 +69,7 @@ class GuardMiddleware(Middleware):
         params = context.message
         meta = _meta(params, ctx)
         named = meta.get(CONTEXT_KEY, {}).get("session") if isinstance(meta.get(CONTEXT_KEY), dict) else None
-        session = self._session(named if isinstance(named, str) and named else _session_id(ctx))
+        session = self._session(named if isinstance(named, str) and named else self._unnamed(ctx))
         tool = await ctx.fastmcp.get_tool(params.name) if ctx is not None else None
         if tool is not None and tool.annotations is not None:
             session.learn_tools({"tools": [{"name": params.name, "annotations": tool.annotations.model_dump(by_alias=True, exclude_none=True)}]})
@@ -120,7 +139,7 @@ class GuardMiddleware(Middleware):
         if self.guard.policy.tool_results is None:
             return
         ctx = context.fastmcp_context
-        session = self._session(_session_id(ctx))
+        session = self._session(self._unnamed(ctx))
         read = session.read_call(_request_id(ctx), method, params)
         answer = answer if isinstance(answer, dict) else answer.model_dump(by_alias=True, exclude_none=True, mode="json")
         moderation = await session.moderate(read, answer)
@@ -147,13 +166,6 @@ def _meta(params: Any, ctx: Any) -> dict[str, Any]:
     if meta is None:
         return {}
     return meta if isinstance(meta, dict) else dict(getattr(meta, "model_extra", None) or {})
-
-
-def _session_id(ctx: Any) -> str:
-    try:
-        return ctx.session_id
-    except Exception:
-        return "http"
 
 
 def _request_id(ctx: Any) -> str:
