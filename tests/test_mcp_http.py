@@ -121,6 +121,41 @@ async def test_http_proxy_judges_a_clients_calls_in_one_session_without_a_named_
     assert len({json.loads(line)["conversation_id"] for line in audit.read_text().splitlines()}) == 1
 
 
+ECHO_META_SERVER = '''
+import json
+from fastmcp import Context, FastMCP
+
+server = FastMCP("files")
+
+
+@server.tool
+def read_file(path: str, ctx: Context) -> str:
+    return json.dumps(ctx.request_context.meta)
+
+
+server.run(show_banner=False)
+'''
+
+
+async def test_http_proxy_keeps_what_the_client_tells_the_judge_from_the_server(tmp_path: Path) -> None:
+    """`_meta["soda-guard/context"]` (the user's conversation) is the judge's: the stdio relay
+    takes it out of the call the server gets, and the HTTP front forwarded it."""
+    server = tmp_path / "echo_meta.py"
+    server.write_text(ECHO_META_SERVER)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(json.dumps({"version": 1, "rules": [{"action": "allow"}]}))
+    proxy, url = http_proxy(policy, [sys.executable, str(server)])
+    context = {"soda-guard/context": {"session": "s1", "messages": [{"role": "user", "content": "my password is hunter2"}]}, "app": 1}
+    try:
+        await connected(url)
+        async with Client(url) as client:
+            seen = json.loads((await client.call_tool("read_file", {"path": "notes.txt"}, meta=context)).content[0].text)
+    finally:
+        os.killpg(proxy.pid, signal.SIGTERM)
+        proxy.wait(30)
+    assert seen["app"] == 1 and "soda-guard/context" not in seen
+
+
 async def test_http_proxy_asks_through_elicitation(tmp_path: Path) -> None:
     """Handshake-era sessions (the initialize handshake over HTTP) are asked; the 2026-07-28
     `input_required` round trip is the stdio relay's only (see the README)."""

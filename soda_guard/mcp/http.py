@@ -7,13 +7,16 @@ lists, resources and prompts arrive equal in content, not byte for byte.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import signal
 import uuid
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from fastmcp.client.transports import StdioTransport
 from fastmcp.server import create_proxy
+from fastmcp.server.dependencies import fastmcp_request_ctx
 from fastmcp.server.middleware import Middleware
 from fastmcp.tools.base import ToolResult
 from mcp.shared.exceptions import MCPError
@@ -84,7 +87,8 @@ class GuardMiddleware(Middleware):
         if not decision.allowed:
             return _as_tool_result(refusal_result(call, decision))
         try:
-            result = await asyncio.wait_for(call_next(context), self.options.server_timeout_s)
+            with _without_context():
+                result = await asyncio.wait_for(call_next(context), self.options.server_timeout_s)
         except asyncio.TimeoutError:
             session.record(call, None, error="timed out")
             return _refused(f"the MCP server did not answer within {self.options.server_timeout_s}s")
@@ -166,6 +170,23 @@ def _meta(params: Any, ctx: Any) -> dict[str, Any]:
     if meta is None:
         return {}
     return meta if isinstance(meta, dict) else dict(getattr(meta, "model_extra", None) or {})
+
+
+@contextlib.contextmanager
+def _without_context() -> Iterator[None]:
+    """The call as the server gets it: what the client told the judge (`_meta`'s context, the
+    user's conversation) is the judge's, not the server's. FastMCP's proxy forwards the `_meta`
+    of the request context it bound, so the call goes on under a copy without it."""
+    request = fastmcp_request_ctx.get()
+    if request is None or not request.meta or CONTEXT_KEY not in request.meta:
+        yield
+        return
+    rest = {key: value for key, value in request.meta.items() if key != CONTEXT_KEY}
+    token = fastmcp_request_ctx.set(dataclasses.replace(request, meta=rest or None))
+    try:
+        yield
+    finally:
+        fastmcp_request_ctx.reset(token)
 
 
 def _request_id(ctx: Any) -> str:
