@@ -3,16 +3,21 @@
 `SodaGuardMiddleware` registers every MCP tool it is given (by the `metadata["mcp"]` that
 `langchain.mcp` puts on each tool) with its guard, so the policy matches them by server,
 `server:tool` and annotations, and the judge sees `server:tool`. The server's name is the one
-it declares about itself unless `name_server` gives the tools the name the policy uses.
+it declares about itself unless `name_server` gives the tools the name the policy uses. Tools
+of several servers loaded at once (a FastMCP `ClientGroup`, an `MCPConfig` of several
+servers) are named `<server>_<tool>` for the agent; each is registered as the tool it is on
+the server its group names, or refused where that cannot be told.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from langchain_core.tools import BaseTool
 
+from soda_guard.errors import SodaGuardError
 from soda_guard.guard import Guard
 from soda_guard.mcp.annotations import from_wire
 
@@ -20,8 +25,25 @@ from soda_guard.mcp.annotations import from_wire
 SERVER_KEY = "soda_guard_mcp_server"
 
 
-def mcp_identity(tool: Any) -> tuple[str, dict[str, bool] | None] | None:
-    """(server, declared annotations) of a tool `langchain.mcp` made; None for any other."""
+class McpRoutingError(SodaGuardError):
+    """A tool of several MCP servers loaded at once whose server cannot be told: judged as the
+    tool of no server (or of the wrong one), no `server:tool` rule would hold for it."""
+
+
+class McpIdentity(NamedTuple):
+    """What the guard registers a tool as: the policy names servers and their tools, not the
+    agent's name for them."""
+
+    server: str
+    tool: str
+    """The tool's name on its server (the agent may call it by another)."""
+    annotations: dict[str, bool] | None
+
+
+def mcp_identity(tool: Any) -> McpIdentity | None:
+    """The server, the tool's name there and the declared annotations of a tool
+    `langchain.mcp` made; None for any other. Raises `McpRoutingError` for one whose server
+    cannot be told."""
     metadata = getattr(tool, "metadata", None)
     if not isinstance(metadata, Mapping):
         return None
@@ -30,14 +52,65 @@ def mcp_identity(tool: Any) -> tuple[str, dict[str, bool] | None] | None:
     if not isinstance(mcp, Mapping) and not isinstance(named, str):
         return None
     mcp = mcp if isinstance(mcp, Mapping) else {}
+    route = _route(_client_of(tool), tool.name) if mcp else None
     server_info = mcp.get("server")
     declared_name = server_info.get("name") if isinstance(server_info, Mapping) else None
-    server = named if isinstance(named, str) else declared_name
+    server = named if isinstance(named, str) else route[0] if route is not None else declared_name
     if not isinstance(server, str) or not server:
         return None
     tool_meta = mcp.get("tool")
     annotations = tool_meta.get("annotations") if isinstance(tool_meta, Mapping) else None
-    return server, from_wire(annotations if isinstance(annotations, Mapping) else None)
+    return McpIdentity(server, route[1] if route is not None else tool.name, from_wire(annotations if isinstance(annotations, Mapping) else None))
+
+
+def _client_of(tool: Any) -> Any:
+    """The client `langchain.mcp` calls the tool through: its tool's coroutine holds it, and
+    nothing else on the tool says which servers stand behind it."""
+    coroutine = getattr(tool, "coroutine", None)
+    try:
+        client = inspect.getclosurevars(coroutine).nonlocals.get("client") if coroutine is not None else None
+    except TypeError:  # not a Python function
+        client = None
+    if client is None:
+        raise McpRoutingError(
+            f"soda-guard cannot tell which MCP server runs `{tool.name}`: it was not made by the "
+            "langchain.mcp this version reads (its call holds no client); load it with langchain.mcp's MCPAdapter"
+        )
+    return client
+
+
+def _route(client: Any, name: str) -> tuple[str, str] | None:
+    """(server, the tool's name there) of a tool that `client` names `<server>_<tool>`: a
+    FastMCP `ClientGroup` (a member may be such a client again) or a client of an `MCPConfig`
+    of several servers; None for a client of one server. The server is the one whose key,
+    with `_`, begins the name: two that could are refused, as is a config mounted without
+    the prefixes."""
+    from fastmcp.client.group import ClientGroup
+    from fastmcp.client.transports import MCPConfigTransport
+
+    members: dict[str, Any]
+    if isinstance(client, ClientGroup):
+        members = dict(client.clients)
+    else:
+        transport = getattr(client, "transport", None)
+        if not isinstance(transport, MCPConfigTransport) or len(transport.config.mcpServers) < 2:
+            return None
+        if not transport.name_as_prefix:
+            raise McpRoutingError(
+                f"soda-guard cannot tell which MCP server runs `{name}`: its MCPConfig mounts "
+                f"{sorted(transport.config.mcpServers)} without prefixes; load them as a ClientGroup or one adapter each"
+            )
+        members = dict.fromkeys(transport.config.mcpServers)
+    keys = [key for key in members if name.startswith(f"{key}_")]
+    if len(keys) != 1:
+        raise McpRoutingError(
+            f"soda-guard cannot tell which MCP server runs `{name}`: "
+            + (f"servers {sorted(keys)} could all be its prefix; give them names none of which begins another's" if keys
+               else f"no server of {sorted(members)} is its prefix")
+        )
+    server, upstream = keys[0], name[len(keys[0]) + 1 :]
+    inner = _route(members[server], upstream) if members[server] is not None else None
+    return inner or (server, upstream)
 
 
 def register_mcp_tools(guard: Guard, tools: Iterable[Any]) -> None:
@@ -46,9 +119,13 @@ def register_mcp_tools(guard: Guard, tools: Iterable[Any]) -> None:
     for tool in tools:
         if tool is None or not guard.tools.unread(tool):
             continue
-        identity = mcp_identity(tool)
+        try:
+            identity = mcp_identity(tool)
+        except McpRoutingError:
+            guard.tools.forget(tool)  # refused again at the next step, never taken for a tool of no server
+            raise
         if identity is not None:
-            guard.tools.add(tool.name, *identity)
+            guard.tools.add(tool.name, identity.server, identity.annotations, server_tool=identity.tool)
 
 
 def name_server(tools: Iterable[BaseTool], name: str) -> list[BaseTool]:

@@ -93,13 +93,18 @@ def compile_globs(patterns: list[str]) -> Globs:
 @dataclass(frozen=True)
 class ToolGlobs:
     """Globs of tools: a pattern with a `:` is matched against `server:tool` (an MCP tool's
-    qualified name), one without against the bare tool name, whichever server provides it."""
+    qualified name), one without against the bare tool name, whichever server provides it
+    (the agent's name for it, or the server's where the two differ)."""
 
     plain: Globs
     qualified: Globs
 
     def __call__(self, call: ToolCall) -> bool:
-        return self.plain(call.name) or self.qualified(call.qualified_name)
+        return (
+            self.plain(call.name)
+            or (call.server_tool is not None and self.plain(call.server_tool))
+            or self.qualified(call.qualified_name)
+        )
 
 
 def tool_globs(patterns: list[str]) -> ToolGlobs:

@@ -334,7 +334,8 @@ class Guard:
             None,
         ) if last.tool_call_id else None
         name = last.name or (answered.name if answered is not None else "")
-        call = self.tools.stamp(ToolCall(id=last.tool_call_id or "", name=name, server=answered.server if answered is not None else None))
+        server_tool = answered.server_tool if answered is not None and answered.name == name else None
+        call = self.tools.stamp(ToolCall(id=last.tool_call_id or "", name=name, server=answered.server if answered is not None else None, server_tool=server_tool))
         if not moderation.matches(call):
             return []
         return [_Item(call, "tool_results", moderation, moderation.judge, trajectory)]

@@ -484,7 +484,7 @@ class Policy(_Strict):
         (`route` does that), and applying it unread could turn a narrow exception into the
         rule for every call of the tool."""
         call = tool if isinstance(tool, ToolCall) else ToolCall(id="", name=tool)
-        annotations = effective(call.server, call.name, call.annotations, self.mcp)
+        annotations = effective(call.server, call.tool_name, call.annotations, self.mcp)
         for index, rule in enumerate(self.rules):
             if (rule.when is None or not rule.when.needs_context) and rule.matches(call, annotations):
                 return rule_label(index, rule), rule
@@ -501,7 +501,7 @@ class Policy(_Strict):
         if tool is None:
             return [*((rule_label(index, rule), rule) for index, rule in enumerate(self.rules)), ("defaults", None)]
         call = tool if isinstance(tool, ToolCall) else ToolCall(id="", name=tool)
-        annotations = effective(call.server, call.name, call.annotations, self.mcp)
+        annotations = effective(call.server, call.tool_name, call.annotations, self.mcp)
         found: list[tuple[str, Rule | None]] = []
         for index, rule in enumerate(self.rules):
             if rule.matches(call, annotations):
@@ -518,7 +518,7 @@ class Policy(_Strict):
         becomes a candidate read after judging and the search goes on; the first other one
         that holds ends it (the defaults when none does)."""
         context = CallContext(call, trajectory)
-        annotations = effective(call.server, call.name, call.annotations, self.mcp)
+        annotations = effective(call.server, call.tool_name, call.annotations, self.mcp)
         route = Route()
         for index, rule in enumerate(self.rules):
             if not rule.matches(call, annotations):

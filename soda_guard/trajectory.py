@@ -24,19 +24,28 @@ class ToolCall(_Model):
     `server` and `annotations` are set for a tool an MCP server provides: the server's name (as
     the proxy or adapter knows it) and the `ToolAnnotations` hints it declared, by the policy's
     names (`readOnly`, `destructive`, `idempotent`, `openWorld`). Both come from the server, so they are untrusted: the policy
-    can pin annotations per server (`soda_guard.mcp.annotations`)."""
+    can pin annotations per server (`soda_guard.mcp.annotations`). `server_tool` is the tool's
+    own name on that server where the agent calls it by another: a FastMCP `ClientGroup` or
+    multi-server `MCPConfig` hands the agent the `files` server's `delete_file` as
+    `files_delete_file`, and the policy's `files:delete_*` means the server's name."""
 
     id: str
     name: str
     args: dict[str, Any] | str = Field(default_factory=dict)
     server: str | None = None
     annotations: dict[str, bool] | None = None
+    server_tool: str | None = None
+
+    @property
+    def tool_name(self) -> str:
+        """The tool's name as its server knows it (the agent's name for any other tool)."""
+        return self.server_tool or self.name
 
     @property
     def qualified_name(self) -> str:
         """`server:tool` for an MCP tool, the bare name otherwise: what the judge is shown and
         what a `server:tool` pattern of the policy is matched against."""
-        return f"{self.server}:{self.name}" if self.server else self.name
+        return f"{self.server}:{self.tool_name}" if self.server else self.name
 
 
 class _Comparing(threading.local):

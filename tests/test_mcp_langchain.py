@@ -9,6 +9,8 @@ import warnings
 from typing import Any
 
 import pytest
+from fastmcp import Client as FastMCPClient
+from fastmcp.client.group import ClientGroup
 from fastmcp.client.transports import StdioTransport
 from langchain.agents import create_agent
 from langchain_core._api import LangChainBetaWarning
@@ -19,7 +21,7 @@ from soda_guard import Guard, Policy, ScriptedBackend
 from soda_guard.audit import JsonlAuditSink
 from soda_guard.backends.scripted import keyword_responder
 from soda_guard.integrations.langchain import SodaGuardMiddleware
-from soda_guard.integrations.mcp import mcp_identity, name_server
+from soda_guard.integrations.mcp import McpRoutingError, mcp_identity, name_server, register_mcp_tools
 from soda_guard.integrations.testing import scripted_model, tool_calls_message
 
 from mcp_helpers import POLICY, SERVER, proxied, write_policy
@@ -57,6 +59,7 @@ async def test_mcp_tools_are_guarded_as_mcp_tools_in_an_agent():
         tools = await mcp.list_tools()
         assert mcp_identity(next(t for t in tools if t.name == "delete_file")) == (
             "files",
+            "delete_file",
             {"readOnly": False, "destructive": True, "openWorld": False},
         )
         messages = await run_agent(
@@ -78,6 +81,49 @@ async def test_name_server_overrides_what_the_server_calls_itself():
         tools = name_server(await mcp.list_tools(), "vault")
         messages = await run_agent(guard, tools, [("read_file", {"path": "notes.txt"})], "read my notes")
         assert messages[0].status == "error"
+
+
+def stdio_client() -> FastMCPClient:
+    return FastMCPClient(StdioTransport(command=SERVER[0], args=SERVER[1:]))
+
+
+def several_servers(how: str, keys: tuple[str, str] = ("files", "backup")) -> Any:
+    """The example server twice, as `keys`: a FastMCP `ClientGroup` or an `MCPConfig` dict."""
+    if how == "group":
+        return ClientGroup({key: stdio_client() for key in keys})
+    return {"mcpServers": {key: {"command": SERVER[0], "args": SERVER[1:]} for key in keys}}
+
+
+@pytest.mark.parametrize("how", ["group", "config"])
+async def test_tools_of_several_servers_are_judged_as_their_servers_tools(how):
+    """A `ClientGroup` or an `MCPConfig` of several servers hands the agent `files_delete_file`:
+    it was registered as the tool `files_delete_file` of the server that called itself `files`
+    (or of `MCPRouter`), and `files:delete_*` never held. Each is the tool it is on the server
+    its group names."""
+    policy = {**POLICY, "rules": [{"name": "no-deletes", "tools": ["files:delete_*"], "action": "block"},
+                                  {"name": "judged", "tools": ["delete_*"]}]}
+    guard, backend = guard_for(policy, "never")
+    async with MCPAdapter(several_servers(how)) as mcp:
+        tools = await mcp.list_tools()
+        assert mcp_identity(next(t for t in tools if t.name == "backup_delete_file"))[:2] == ("backup", "delete_file")
+        messages = await run_agent(guard, tools, [("files_delete_file", {"path": "notes.txt"}), ("backup_delete_file", {"path": "notes.txt"})], "tidy")
+    assert [m.status for m in messages] == ["error", "success"]
+    assert "no-deletes" in messages[0].text
+    prompts = [request.messages[-1]["content"] for request in backend.requests]
+    assert len(prompts) == 1 and '"name": "backup:delete_file"' in prompts[0]
+
+
+@pytest.mark.parametrize("how", ["group", "config"])
+async def test_a_tool_whose_server_cannot_be_told_is_refused_at_every_step(how):
+    """Servers `files` and `files_old`: `files_old_delete_file` may be either's. Refused with
+    the reason, and again at the next step, rather than judged as the tool of no server."""
+    guard, _ = guard_for(POLICY, "never")
+    async with MCPAdapter(several_servers(how, ("files", "files_old"))) as mcp:
+        delete = next(tool for tool in await mcp.list_tools() if tool.name == "files_old_delete_file")
+    for _ in range(2):
+        with pytest.raises(McpRoutingError, match="files_old_delete_file"):
+            register_mcp_tools(guard, [delete])
+    assert "files_old_delete_file" not in guard.tools
 
 
 @pytest.mark.parametrize(

@@ -15,19 +15,20 @@ from soda_guard.trajectory import AssistantStep, ToolCall, Trajectory
 
 
 class ToolCatalog:
-    """Tool name → (server, declared annotations). A name registered again replaces the
-    entry: one guard serves one agent's tool set, whose names are unique."""
+    """Tool name → (server, the tool's name on it where that is another, declared
+    annotations). A name registered again replaces the entry: one guard serves one agent's
+    tool set, whose names are unique."""
 
     def __init__(self) -> None:
-        self._tools: dict[str, tuple[str, dict[str, bool] | None]] = {}
+        self._tools: dict[str, tuple[str, str | None, dict[str, bool] | None]] = {}
         self._lock = threading.Lock()
         self._seen: dict[int, tuple[Any, Any]] = {}
         self._stamped: dict[int, tuple[AssistantStep, int, AssistantStep]] = {}
         self._version = 0
 
-    def add(self, name: str, server: str, annotations: Mapping[str, bool] | None) -> None:
+    def add(self, name: str, server: str, annotations: Mapping[str, bool] | None, server_tool: str | None = None) -> None:
         with self._lock:
-            self._tools[name] = (server, dict(annotations) if annotations else None)
+            self._tools[name] = (server, server_tool if server_tool != name else None, dict(annotations) if annotations else None)
             self._version += 1
 
     def unread(self, tool: Any) -> bool:
@@ -43,6 +44,11 @@ class ToolCatalog:
             self._seen.clear()
         self._seen[id(tool)] = (tool, mark)
         return True
+
+    def forget(self, tool: Any) -> None:
+        """Have `unread` take this tool object as new again: an adapter that refused it is
+        asked again at the next step, rather than the tool passing as read."""
+        self._seen.pop(id(tool), None)
 
     def __contains__(self, name: object) -> bool:
         return name in self._tools
@@ -66,9 +72,12 @@ class ToolCatalog:
         return trajectory.model_copy(update={"steps": steps}) if changed else trajectory
 
     def stamp(self, call: ToolCall) -> ToolCall:
-        """`call` with its server and annotations where it names none and its tool is registered."""
+        """`call` with its server (and the tool's name there) and annotations where it names
+        none and its tool is registered."""
         known = self._tools.get(call.name) if call.server is None else None
-        return call if known is None else call.model_copy(update={"server": known[0], "annotations": known[1]})
+        if known is None:
+            return call
+        return call.model_copy(update={"server": known[0], "server_tool": known[1], "annotations": known[2]})
 
     def _stamp_step(self, step: AssistantStep) -> AssistantStep:
         version = self._version
