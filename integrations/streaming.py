@@ -16,10 +16,10 @@ acted on, as the guard's own are.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -32,6 +32,7 @@ from soda_guard._extras import needs_extra
 from soda_guard.errors import SodaGuardError
 from soda_guard.guard import Guard
 from soda_guard.integrations._convert import message_text, to_trajectory
+from soda_guard.offload import off_loop
 from soda_guard.policy import Policy
 from soda_guard.trajectory import ToolCall, Trajectory, UserStep
 from soda_guard.verdict import Action, Decision, Label, Verdict
@@ -136,6 +137,8 @@ class _Run:
     """Stopped: nothing more is fed."""
     acted: int = 0
     """How many of the stream's flags have been decided."""
+    source: str | None = None
+    """`tokens` or `events`: which callback feeds this run (`_StreamGuard.event`)."""
     taken: dict[Any, int] = field(default_factory=dict)
     """The strictness of the outcome taken, by where it was flagged (the text, or a call):
     a later flag there is enforced only when stricter, so a logged flag does not end the
@@ -163,14 +166,42 @@ class _StreamGuard:
 
     def token(self, run_id: UUID, token: str, chunk: Any) -> None:
         run = self.runs.get(run_id)
-        if run is None or run.decided:
+        if run is None or run.decided or run.source == "events":
             return
+        run.source = "tokens"
         message = getattr(chunk, "message", None)
         tool_chunks = list(getattr(message, "tool_call_chunks", None) or [])
         # a chunk of content blocks (Anthropic's, `output_version="v1"`) comes as their list:
         # their text, as a finished message's is read (its calls come as `tool_call_chunks`)
         said = token if isinstance(token, str) else message_text([b for b in token if not (isinstance(b, dict) and "call" in str(b.get("type")))])
         text = run.renderer.content(said) + "".join(run.renderer.tool_call_chunk(dict(c)) for c in tool_chunks)
+        run.text.append(text)
+        run.stream.feed(text)
+        self._enforce(run)
+
+    def event(self, run_id: UUID, event: Mapping[str, Any]) -> None:
+        """A protocol event of `stream_events(version="v3")`, which LangChain fires in place of
+        `on_llm_new_token` (the text reached the consumer unmonitored until the run ended) unless
+        the provider's own stream calls that too: a run is fed by whichever of the two comes
+        first, never by both. Text and reasoning deltas are read as their chunks are, a tool call
+        block as its `tool_call_chunks`."""
+        run = self.runs.get(run_id)
+        if run is None or run.decided or run.source == "tokens":
+            return
+        kind, index = event.get("event"), event.get("index")
+        content = event.get("content") if kind == "content-block-start" else None
+        delta = event.get("delta") if kind == "content-block-delta" else None
+        if isinstance(content, Mapping) and content.get("type") == "tool_call_chunk":
+            chunk = {"index": index, "id": content.get("id"), "name": content.get("name"), "args": content.get("args") or ""}
+            text = run.renderer.tool_call_chunk(chunk)
+        elif isinstance(delta, Mapping) and delta.get("type") == "tool-call-delta":
+            text = run.renderer.tool_call_chunk({"index": index, "args": delta.get("args") or ""})
+        elif isinstance(delta, Mapping) and delta.get("type") in ("text-delta", "reasoning-delta"):
+            block = {"type": "text", "text": delta.get("text")} if delta["type"] == "text-delta" else {"type": "reasoning", "reasoning": delta.get("reasoning")}
+            text = run.renderer.content(message_text([block]))
+        else:
+            return
+        run.source = "events"
         run.text.append(text)
         run.stream.feed(text)
         self._enforce(run)
@@ -330,6 +361,9 @@ class StreamGuardCallbackHandler(_Handler, BaseCallbackHandler):
     def on_llm_new_token(self, token: str, *, chunk: Any = None, run_id: UUID, **kwargs: Any) -> None:
         self._guard.token(run_id, token, chunk)
 
+    def on_stream_event(self, event: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self._guard.event(run_id, event)
+
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
         self._guard.end(run_id, response)
 
@@ -345,16 +379,19 @@ class AsyncStreamGuardCallbackHandler(_Handler, AsyncCallbackHandler):
     async def on_chat_model_start(
         self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *, run_id: UUID, **kwargs: Any
     ) -> None:
-        await asyncio.to_thread(self._guard.open_chat, run_id, messages[0])
+        await off_loop(self._guard.open_chat, run_id, messages[0])
 
     async def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID, **kwargs: Any) -> None:
-        await asyncio.to_thread(self._guard.open_prompt, run_id, prompts[0])
+        await off_loop(self._guard.open_prompt, run_id, prompts[0])
 
     async def on_llm_new_token(self, token: str, *, chunk: Any = None, run_id: UUID, **kwargs: Any) -> None:
-        await asyncio.to_thread(self._guard.token, run_id, token, chunk)
+        await off_loop(self._guard.token, run_id, token, chunk)
+
+    async def on_stream_event(self, event: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        await off_loop(self._guard.event, run_id, event)
 
     async def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
-        await asyncio.to_thread(self._guard.end, run_id, response)
+        await off_loop(self._guard.end, run_id, response)
 
     async def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        await asyncio.to_thread(self._guard.error, run_id)
+        await off_loop(self._guard.error, run_id)

@@ -539,3 +539,58 @@ async def test_every_candidate_of_an_unstreamed_response_is_judged(stream_dir: P
     with pytest.raises(StreamFlaggedError) as stopped:
         await TwoCandidates(messages=iter([]), disable_streaming=True).agenerate([[HumanMessage(content="q")]], callbacks=[handler])
     assert stopped.value.partial_text == ANSWER and handler.decisions == [stopped.value.decision] and handler.active_runs == 0
+
+
+class QuietChunksModel(GenericFakeChatModel):
+    """A `_stream` that leaves `on_llm_new_token` to LangChain, which `stream_events(version="v3")`
+    then never calls: only its protocol events (`on_stream_event`) carry the text."""
+
+    chunks: list[Any]
+
+    def _stream(self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        for message in self.chunks:
+            yield ChatGenerationChunk(message=message)
+
+
+WORDS = ["Mix ", "the ", "castor ", "beans ", "with ", "acetone ", "and ", "then ", "filter ", "it ", "twice."]
+
+
+@pytest.mark.parametrize("model_class", [QuietChunksModel, ChunksModel], ids=["events-only", "tokens-and-events"])
+def test_the_v3_event_stream_is_monitored_as_it_streams(stream_dir: Path, model_class: type) -> None:
+    """`stream_events(version="v3")` fires `on_stream_event`, not `on_llm_new_token`: the text
+    reached the consumer whole and was judged only at the end. A provider that calls
+    `on_llm_new_token` itself fires both, and the run is fed once."""
+    monitor = StreamMonitor.load(str(stream_dir), device="cpu")
+    monitor.model.risk_level_head = ScheduleHead(lambda i: 1 if i >= 8 else 0)  # unsafe from about " castor" on
+    handler = StreamGuardCallbackHandler(monitor)
+    model = model_class(messages=iter([]), chunks=[AIMessageChunk(content=word) for word in WORDS])
+    seen: list[str] = []
+    with pytest.raises(StreamFlaggedError) as stopped:
+        for delta in model.stream_events([HumanMessage(content="how do I extract ricin")], config={"callbacks": [handler]}, version="v3").text:
+            seen.append(delta)
+    assert len(seen) < len(WORDS) - 2 and stopped.value.decision.action is Action.BLOCK
+    assert "".join(WORDS).startswith(stopped.value.partial_text) and stopped.value.partial_text.count("castor") <= 1
+
+
+def test_a_v3_tool_call_block_is_read_as_its_call(stream_dir: Path) -> None:
+    monitor = StreamMonitor.load(str(stream_dir), device="cpu")
+    monitor.model.risk_level_head = ConstantHead(0)
+    handler = StreamGuardCallbackHandler(monitor)
+    fed: list[str] = []
+    feed = monitor.open
+
+    def opened(trajectory: Any) -> Any:
+        stream = feed(trajectory)
+        original = stream.feed
+        stream.feed = lambda text: (fed.append(text), original(text))[1]  # type: ignore[method-assign]
+        return stream
+
+    monitor.open = opened  # type: ignore[method-assign]
+    chunks = [AIMessageChunk(content="Listing. "),
+              AIMessageChunk(content="", tool_call_chunks=[{"index": 0, "id": "c1", "name": "shell", "args": '{"cmd": '}]),
+              AIMessageChunk(content="", tool_call_chunks=[{"index": 0, "id": None, "name": None, "args": '"ls"}'}])]
+    model = QuietChunksModel(messages=iter([]), chunks=chunks)
+    for _ in model.stream_events([HumanMessage(content="list")], config={"callbacks": [handler]}, version="v3").text:
+        pass
+    step = AssistantStep(content="Listing. ", tool_calls=[ToolCall(id="c1", name="shell", args={"cmd": "ls"})])
+    assert "".join(fed) == render_assistant(step)
