@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,10 +140,22 @@ class _Run:
     """How many of the stream's flags have been decided."""
     source: str | None = None
     """`tokens` or `events`: which callback feeds this run (`_StreamGuard.event`)."""
+    last: float = field(default_factory=time.monotonic)
+    """When it was opened or last fed (`IDLE_RUN_S`)."""
+    idle: bool = False
+    """Its stream was closed for idling; `text` holds what it was fed, to open it again."""
     taken: dict[Any, int] = field(default_factory=dict)
     """The strictness of the outcome taken, by where it was flagged (the text, or a call):
     a later flag there is enforced only when stricter, so a logged flag does not end the
     monitoring of what follows."""
+
+
+IDLE_RUN_S = 600.0
+"""A run neither fed nor ended for this long has its stream closed, which frees the monitor's
+key/value cache of its whole prompt: LangChain sends neither an end nor an error for a run whose
+caller's task was cancelled while the model waited (a timeout, a client gone), and each such run
+held its cache for good. Should it stream or end after all, its stream is opened again and fed
+what it was fed before, so nothing it says goes unjudged."""
 
 
 class _StreamGuard:
@@ -168,6 +181,7 @@ class _StreamGuard:
         run = self.runs.get(run_id)
         if run is None or run.decided or run.source == "events":
             return
+        self._awake(run)
         run.source = "tokens"
         message = getattr(chunk, "message", None)
         tool_chunks = list(getattr(message, "tool_call_chunks", None) or [])
@@ -201,6 +215,7 @@ class _StreamGuard:
             text = run.renderer.content(message_text([block]))
         else:
             return
+        self._awake(run)
         run.source = "events"
         run.text.append(text)
         run.stream.feed(text)
@@ -212,6 +227,7 @@ class _StreamGuard:
         if run is None:
             return
         try:
+            self._awake(run)
             if not run.decided and not run.text and response is not None:
                 self._unstreamed(run, response)
             else:
@@ -264,6 +280,7 @@ class _StreamGuard:
         if run is None:
             return
         try:
+            self._awake(run)
             self._finish(run)
         except StreamFlaggedError:
             pass  # the run is over, stopped by its own error, which goes on; the decision is recorded
@@ -275,7 +292,22 @@ class _StreamGuard:
             return
         stream = self.monitor.open(trajectory)
         with self._lock:
+            idle = [run for run in self.runs.values() if not run.idle and time.monotonic() - run.last > IDLE_RUN_S]
             self.runs[run_id] = _Run(stream, trajectory)
+        for run in idle:
+            run.idle = True
+            run.stream.close()
+
+    def _awake(self, run: _Run) -> None:
+        """A run closed for idling, opened again where it was: its stream fed what it was fed
+        (its flags were decided then), so what it says next is judged in its context."""
+        run.last = time.monotonic()
+        if not run.idle or run.decided:
+            return
+        run.stream = self.monitor.open(run.trajectory)
+        for text in run.text:
+            run.stream.feed(text)
+        run.acted, run.idle = len(run.stream.flags), False
 
     def _enforce(self, run: _Run) -> None:
         """Each flag not decided yet, in order, at its own place: one feed may carry several (a

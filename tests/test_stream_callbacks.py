@@ -594,3 +594,30 @@ def test_a_v3_tool_call_block_is_read_as_its_call(stream_dir: Path) -> None:
         pass
     step = AssistantStep(content="Listing. ", tool_calls=[ToolCall(id="c1", name="shell", args={"cmd": "ls"})])
     assert "".join(fed) == render_assistant(step)
+
+
+def test_a_run_that_idles_frees_its_cache_and_is_judged_in_context_if_it_streams_again(
+    stream_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run cancelled while its model waited gets no end: it held its prompt's cache for good.
+    Idle past `IDLE_RUN_S`, its stream is closed when another run opens; should it stream after
+    all, its stream is opened again with what it was fed, and its text is still judged."""
+    import uuid
+
+    import soda_guard.integrations.streaming as streaming
+
+    monitor = StreamMonitor.load(str(stream_dir), device="cpu")
+    monitor.model.risk_level_head = ScheduleHead(lambda i: 1 if i >= 12 else 0)
+    handler = StreamGuardCallbackHandler(monitor)
+    question = [[HumanMessage(content="how do I pick a lock")]]
+    stalled, other = uuid.uuid4(), uuid.uuid4()
+    handler.on_chat_model_start({}, question, run_id=stalled)
+    handler.on_llm_new_token("Here is ", chunk=None, run_id=stalled)
+    monkeypatch.setattr(streaming, "IDLE_RUN_S", 0.0)
+    handler.on_chat_model_start({}, question, run_id=other)
+    assert handler._guard.runs[stalled].stream.closed and not handler._guard.runs[other].stream.closed
+    monkeypatch.setattr(streaming, "IDLE_RUN_S", 600.0)
+    with pytest.raises(StreamFlaggedError) as stopped:
+        for word in ["how ", "you ", "would ", "do ", "it ", "step ", "by ", "step."]:
+            handler.on_llm_new_token(word, chunk=None, run_id=stalled)
+    assert stopped.value.partial_text.startswith("Here is how") and stopped.value.decision.action is Action.BLOCK
