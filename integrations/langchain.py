@@ -234,13 +234,11 @@ class SodaGuardMiddleware(AgentMiddleware):
     def wrap_tool_call(
         self, request: ToolCallRequest, handler: Callable[[ToolCallRequest], Any]
     ) -> Any:
-        register_mcp_tools(self.guard, [request.tool])
         return self._enforcer.wrap(request, handler)
 
     async def awrap_tool_call(
         self, request: ToolCallRequest, handler: Callable[[ToolCallRequest], Awaitable[Any]]
     ) -> Any:
-        register_mcp_tools(self.guard, [request.tool])
         return await self._enforcer.awrap(request, handler)
 
 
