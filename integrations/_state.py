@@ -7,6 +7,8 @@ else is ignored and its calls are judged (and reviewed) again.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 from typing import Any, Generator
@@ -46,12 +48,40 @@ def _superseded_resume(configurable: Mapping[str, Any]) -> str | None:
     and every task holds the loop through `CONFIG_KEY_CALL` (a partial of its `accept_push`).
     A loop that addresses a checkpoint but does not tell whether it was moved past is taken to
     replay it."""
-    call = configurable.get(CONFIG_KEY_CALL)
-    loop = getattr((getattr(call, "keywords", None) or {}).get("schedule_task"), "__self__", None)
+    loop = _run_loop(configurable.get(CONFIG_KEY_CALL))
     addressed = (getattr(loop, "config", None) or {}).get(CONF, {}).get(CONFIG_KEY_CHECKPOINT_ID)
     if not addressed or not getattr(loop, "_addressed_checkpoint_superseded", True):
         return None
     return str(addressed)
+
+
+def _run_loop(call: Any) -> Any:
+    """The loop behind a task's `CONFIG_KEY_CALL`: a partial of its `accept_push`, or a function
+    around one (a node added with `timeout=` runs under a scope that wraps it in a closure,
+    where it was not found, and such a node's resume at a moved-past checkpoint passed as none)."""
+    for _ in range(_MAX_WRAPPERS):
+        keywords = getattr(call, "keywords", None)
+        if isinstance(keywords, Mapping):
+            return getattr(keywords.get("schedule_task"), "__self__", None)
+        inner = [cell.cell_contents for cell in getattr(call, "__closure__", None) or () if _filled(cell)]
+        call = next((value for value in inner if isinstance(value, functools.partial)), None) or next(
+            (value for value in inner if inspect.isfunction(value)), None
+        )
+        if call is None:
+            return None
+    return None
+
+
+_MAX_WRAPPERS = 4
+"""How many functions around the loop's partial are looked through."""
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
 
 
 @dataclass(frozen=True)

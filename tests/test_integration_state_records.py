@@ -150,6 +150,46 @@ async def test_a_resume_at_a_checkpoint_the_thread_has_moved_past_is_a_replay(pa
     assert pause.value["action_requests"][0]["name"] == "delete_file"
 
 
+async def test_a_resume_at_a_moved_past_checkpoint_is_a_replay_for_a_tools_node_with_a_timeout(monkeypatch: Any) -> None:
+    """A node added with `timeout=` runs under a scope that wraps the task's call in a closure,
+    where the run loop was not found: its resume at a moved-past checkpoint passed as no replay
+    and the forked state's records ran the approved call again. (LangGraph times async nodes
+    only.)"""
+    import inspect
+
+    from langgraph.graph import START, StateGraph
+    from langgraph.prebuilt import ToolNode
+
+    from soda_guard.integrations.langgraph import guard_node
+
+    if "timeout" not in inspect.signature(StateGraph.add_node).parameters:
+        pytest.skip("this LangGraph has no node timeouts")
+    guard, backend = make_guard(unsafe=("delete_file",), defaults={"on_unsafe": "escalate"})
+    ran: list[Any] = []
+
+    def build(replies: list[Any]) -> Any:
+        model, wrapper = scripted_model(replies), SodaGuardToolWrapper(guard)
+        builder = StateGraph(GuardState)
+        builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+        builder.add_node("guard", guard_node(guard))
+        builder.add_node("tools", ToolNode(make_tools(ran), wrap_tool_call=wrapper, awrap_tool_call=wrapper.awrap), timeout=30)
+        builder.add_edge(START, "agent")
+        builder.add_edge("agent", "guard")
+        builder.add_edge("tools", "agent")
+        return builder.compile(checkpointer=InMemorySaver())
+
+    path = "guard_node-async"
+    graph = build([turn(DELETE, ids=["d"]), "done"])
+    await drive(path, graph, {"messages": [{"role": "user", "content": "Tidy up."}]})
+    await drive(path, graph, Command(resume=APPROVE))
+    assert ran == [DELETE] and len(backend.requests) == 1
+    monkeypatch.setattr(_enforce, "_RAN", {})
+    other = build(["done"])
+    other.checkpointer = graph.checkpointer
+    replayed = await replay(path, other, before_tools(graph), Command(resume=REJECT))
+    assert ran == [DELETE] and len(backend.requests) == 2 and "__interrupt__" in replayed
+
+
 @pytest.mark.parametrize("path", PATHS)
 async def test_a_resume_addressed_at_the_threads_latest_checkpoint_is_no_replay(path: str) -> None:
     """LangGraph Studio resumes with the head's `checkpoint_id`: the paused turn goes on as
