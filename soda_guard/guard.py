@@ -67,9 +67,18 @@ class _Item:
 _judge_threads: weakref.WeakSet[JudgeThreads] = weakref.WeakSet()
 
 
+_guards: weakref.WeakSet[Guard] = weakref.WeakSet()
+
+
 def _after_fork() -> None:
     for threads in list(_judge_threads):
         threads._start_empty()
+    for guard in list(_guards):
+        guard._warmer = _warm_up_thread()
+
+
+def _warm_up_thread() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="soda-guard-warm-up")
 
 
 os.register_at_fork(after_in_child=_after_fork)
@@ -186,7 +195,8 @@ class Guard:
         self.judge_threads = JudgeThreads(limit=max_judge_threads)
         #: MCP tools the adapters registered: calls to them are judged as `server:tool`
         self.tools = ToolCatalog()
-        self._warmer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="soda-guard-warm-up")
+        self._warmer = _warm_up_thread()
+        _guards.add(self)
         self._in_use = policy.judges_in_use()
         # a judge whose backend was handed in has nothing to load: made now, so that an
         # instant backend answers even a judge's first check on the caller's thread (one that

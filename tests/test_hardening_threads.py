@@ -98,3 +98,35 @@ def test_a_forked_worker_judges_with_threads_and_connections_of_its_own() -> Non
         guard.close()
     finally:
         server.stop()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darwin", reason="fork")
+def test_a_forked_worker_judges_with_an_in_process_judge_and_warms_it_up(tmp_path: Path) -> None:
+    """The engine's batcher and the guard's warm-up thread were the parent's: the child queued
+    every judgment to a worker that was never started, and its warm-ups never ran."""
+    from soda_guard.testing import make_tiny_judge
+
+    judge = make_tiny_judge(tmp_path / "judge", seed=3)
+    policy = Policy.from_yaml(
+        f"judges: {{soda: {{kind: soda, model: '{judge}', device: cpu, dtype: float32, max_new_tokens: 4}}}}\n"
+        "defaults: {timeout_s: 20, on_error: block}\n"
+    )
+    guard = Guard(policy)
+    [decision] = guard.check_tool_calls(CALL)  # the random judge writes no verdict: a parse failure
+    assert decision.verdict is not None and "timed out" not in (decision.verdict.error or "")
+    guard.warm_up(CALL).result(20)
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            [decision] = guard.check_tool_calls(CALL)
+            code |= decision.verdict is None or "timed out" in (decision.verdict.error or "")
+            for queued in guard.warm_up(CALL).result(10):
+                if queued is not None:
+                    queued.result(10)
+        except BaseException:  # noqa: BLE001 - reported through the exit status
+            code = 2
+        os._exit(int(code))
+    _, status = os.waitpid(pid, 0)
+    guard.close()
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -16,6 +16,7 @@ mid-kernel aborted the process with "terminate called without an active exceptio
 from __future__ import annotations
 
 import atexit
+import os
 import queue
 import threading
 import time
@@ -36,6 +37,14 @@ def _close_all() -> None:
     _exiting.set()
     for batcher in list(_live):
         batcher.close()
+
+
+def _after_fork() -> None:
+    for batcher in list(_live):
+        batcher._start_empty()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _closing_error() -> RuntimeError:
@@ -60,13 +69,19 @@ class MicroBatcher(Generic[Item, Result]):
         self._expired = expired
         self._abandon = abandon
         self._urgent = urgent
-        self._urgent_queued = 0
-        self._count_lock = threading.Lock()
-        self._in_hand: list[Item] = []
         self._closing = False
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self._name = name
+        self._start_empty()
+
+    def _start_empty(self) -> None:
+        """No worker and nothing queued; also what a forked child has (`_after_fork`): its
+        parent's worker is not copied, and seen as started it was never started again, so every
+        judgment in the child waited out its deadline."""
+        self._urgent_queued = 0
+        self._count_lock = threading.Lock()
+        self._in_hand: list[Item] = []
         self._queue: queue.Queue[object] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
