@@ -369,6 +369,15 @@ def test_a_stray_second_reply_does_not_answer_the_next_judgment(duplicate_first:
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-T: 1\r\n\r\n", False),
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\nHTTP/1.1", True),
     (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", False),
+    # what a lenient parser reads as one reply, a stray one after it
+    (b"HTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200", True),
+    (b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok", False),
+    (b"HTTP/1.1 200 OK\nContent-Length: 2\n\nokHTTP/1.1 200 OK\n", True),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok", False),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nokHTTP/1.1", True),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;ext=\"a;b\"\r\nok\r\n0\r\n\r\n", False),
+    (b"HTTP/1.0 200 OK\r\ncontent-length:   4 \r\n\r\nok\r\n", False),
+    (b"not http at all", True),
 ])
 def test_what_counts_as_more_than_one_reply(wire: bytes, more: bool) -> None:
     from soda_guard.backends.deadline_http import _past_one_reply

@@ -144,33 +144,54 @@ class _DeadlineStream(httpcore.NetworkStream):
         return self._stream.get_extra_info(info)
 
 
-_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)[ \t]*(?=\r\n)", re.IGNORECASE)
-_CHUNKED = re.compile(rb"\r\ntransfer-encoding:[^\r\n]*chunked", re.IGNORECASE)
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_STATUS = re.compile(rb"HTTP/\d(?:\.\d)?[ \t]+(\d{3})")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]+)[^\r\n]*\r?\n")
+_LINE_END = re.compile(rb"\r?\n")
 
 
 def _past_one_reply(data: bytes | bytearray) -> bool:
-    """Whether `data`, what a connection read for one request, holds more than one response:
-    bytes after the body its `Content-Length` or chunked encoding ends. What cannot be read so
-    (an interim 1xx reply, a body ended by closing) counts as one reply."""
-    head_end = data.find(b"\r\n\r\n")
-    if head_end < 0 or data.startswith(b"HTTP/1.1 1") or data.startswith(b"HTTP/1.0 1"):
+    """Whether `data`, what a connection read for one request (asked only once the HTTP parser
+    has read the whole reply), holds more than that reply: bytes after the end its
+    `Content-Length` or chunked encoding gives, past any interim 1xx replies, with the bare-LF
+    line ends a lenient parser accepts too. What cannot be read so counts as more: the
+    connection is closed and the next judgment opens another, which costs a connect, where
+    reading a stray reply costs a verdict."""
+    if not data:
         return False
-    head, body = b"\r\n" + bytes(data[:head_end]) + b"\r\n", head_end + 4
-    if _CHUNKED.search(head):
+    start = 0
+    while True:
+        head_end = _HEAD_END.search(data, start)
+        status = _STATUS.match(data, start)
+        if head_end is None or status is None:
+            return True
+        code, body = int(status.group(1)), head_end.end()
+        if not 100 <= code < 200:
+            break
+        start = body
+    head = b"\n" + bytes(data[start : head_end.start()]).replace(b"\r\n", b"\n").lower() + b"\n"
+    if b"\ntransfer-encoding:" in head:
+        if not re.search(rb"\ntransfer-encoding:[^\n]*chunked[ \t]*\n", head):
+            return True
         while True:
-            line_end = data.find(b"\r\n", body)
-            if line_end < 0:
-                return False
-            try:
-                size = int(bytes(data[body:line_end]).split(b";")[0], 16)
-            except ValueError:
-                return False
-            if size == 0:
-                trailers_end = data.find(b"\r\n\r\n", line_end)
-                return trailers_end >= 0 and len(data) > trailers_end + 4
-            body = line_end + 2 + size + 2
-    length = _CONTENT_LENGTH.search(head)
-    return length is not None and len(data) > body + int(length.group(1))
+            size = _CHUNK_SIZE.match(data, body)
+            if size is None:
+                return True
+            length, body = int(size.group(1), 16), size.end()
+            if length == 0:
+                break
+            after = _LINE_END.match(data, body + length)
+            if after is None:
+                return True
+            body = after.end()
+        trailers = _HEAD_END.search(b"\n" + bytes(data[body:]))  # no trailers: the empty line at once
+        return trailers is None or len(data) != body + trailers.end() - 1
+    lengths = {value.strip() for line in re.findall(rb"\ncontent-length:([^\n]*)", head) for value in line.split(b",")}
+    if code in (204, 304) and not lengths:
+        return len(data) != body
+    if len(lengths) != 1 or not next(iter(lengths)).isdigit():
+        return True
+    return len(data) != body + int(next(iter(lengths)))
 
 
 def _handshake(tls: ssl.SSLSocket, timeout: float | None) -> None:
