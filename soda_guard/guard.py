@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import os
 import queue
 import threading
@@ -75,6 +76,10 @@ def _after_fork() -> None:
         threads._start_empty()
     for guard in list(_guards):
         guard._warmer = _warm_up_thread()
+
+
+def _submit_load(threads: JudgeThreads, load: Callable[[], Any], name: str) -> concurrent.futures.Future[Any]:
+    return threads.submit(load, key=name)
 
 
 def _warm_up_thread() -> concurrent.futures.ThreadPoolExecutor:
@@ -224,7 +229,11 @@ class Guard:
             if judge_name not in self._runners:
                 config = self.policy.judges[judge_name]
                 if isinstance(config, CascadeConfig):
-                    stages = [Stage(name, self.policy.judges[name].kind, self.policy.judges[name].model, self.runner) for name in config.stages]
+                    submit = functools.partial(_submit_load, self.judge_threads)
+                    stages = [
+                        Stage(name, self.policy.judges[name].kind, self.policy.judges[name].model, self.runner, submit=submit)
+                        for name in config.stages
+                    ]
                     self._runners[judge_name] = CascadeRunner(judge_name, config, stages)
                     return self._runners[judge_name]
                 if isinstance(config, KeywordsConfig):

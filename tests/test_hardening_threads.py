@@ -130,3 +130,39 @@ def test_a_forked_worker_judges_with_an_in_process_judge_and_warms_it_up(tmp_pat
     _, status = os.waitpid(pid, 0)
     guard.close()
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+async def test_a_cascade_stage_loading_holds_its_judges_threads_not_every_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cascade's later stage loaded on the offload pool: 64 checks waiting for the load took
+    every thread, and another guard's checks waited for one for their audit write, past their
+    deadlines. The load now holds the guard's threads for that judge."""
+    import soda_guard.guard as guard_module
+
+    loading, loaded = threading.Event(), threading.Event()
+
+    def slow_backend(config: object) -> ScriptedBackend:
+        loading.set()
+        loaded.wait(60)
+        return ScriptedBackend([soda_reply(False)] * 1000)
+
+    monkeypatch.setattr(guard_module, "make_backend", slow_backend)
+    tiered = Guard(Policy.from_yaml(
+        "judges:\n  screen: {kind: keywords, unsafe: ['rm -rf']}\n"
+        "  soda: {kind: soda, model: big, backend: openai, base_url: 'http://127.0.0.1:9/v1'}\n"
+        "  tiered: {kind: cascade, stages: [screen, soda]}\n"
+        "defaults: {judge: tiered, timeout_s: 30, on_error: block}\n"
+    ))
+    other = Guard(Policy.from_yaml(
+        f"judges: {{soda: {{kind: soda, model: m}}}}\ndefaults: {{timeout_s: 30}}\naudit: {{jsonl: '{tmp_path / 'b.jsonl'}'}}\n"
+    ), backends={"soda": ScriptedBackend([soda_reply(False)] * 10, delay_s=0.01)})
+    waiting = [asyncio.ensure_future(tiered.acheck_tool_calls(CALL)) for _ in range(70)]
+    try:
+        assert await asyncio.to_thread(loading.wait, 20)
+        await asyncio.sleep(0.2)  # every check has reached the load
+        [decision] = await asyncio.wait_for(other.acheck_tool_calls(CALL), timeout=20)
+        assert decision.action is Action.ALLOW
+    finally:
+        loaded.set()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        tiered.close()
+        other.close()

@@ -9,6 +9,8 @@ a failed one, so the policy's `on_error` applies: a failing stage can never turn
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
@@ -51,11 +53,23 @@ class Stage:
     model: str
     load: Callable[[str], Runner]
     runner: Runner | None = None
+    submit: Callable[[Callable[[], Runner], str], concurrent.futures.Future[Runner]] | None = None
+    """Where an async check loads it: the guard's judge threads (`JudgeThreads.submit`)."""
 
     def get(self) -> Runner:
         if self.runner is None:
             self.runner = self.load(self.name)
         return self.runner
+
+    async def aget(self) -> Runner:
+        """Loaded on the guard's threads for this judge: a model load has no bound, and the
+        checks waiting for it must hold this judge's share of threads, not the pool every
+        check's render and audit write need (they waited past their own deadlines there)."""
+        if self.runner is not None:
+            return self.runner
+        if self.submit is None:
+            return await off_loop(self.get)
+        return await asyncio.wrap_future(self.submit(self.get, self.name))
 
 
 class CascadeRunner:
@@ -116,7 +130,7 @@ class CascadeRunner:
     async def _aask(self, stage: int, views: list[Trajectory], deadline: float | None) -> list[Verdict]:
         start = time.perf_counter()
         try:
-            runner = self.stages[stage].runner or await off_loop(self.stages[stage].get)
+            runner = await self.stages[stage].aget()
             return self._checked(stage, await runner.averdicts(views, deadline), len(views), start)
         except Exception as error:
             return [self.failure(stage, _cause(error), start)] * len(views)
