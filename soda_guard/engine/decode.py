@@ -60,7 +60,7 @@ def _verdict_done(spec: ScoreSpec) -> re.Pattern[str]:
     stopping there would leave the parser a quoted label as the only verdict."""
     body = re.sub(r"\$$", "", spec.marker)
     labels = "|".join(re.escape(word) for word in sorted(spec.positive + spec.negative, key=len, reverse=True))
-    return re.compile(f"(?:\\A|\\n)[ \\t]*(?:{body})[ \\t]*(?:{labels})[ \\t]*\\n")
+    return re.compile(f"(?:\\A|\\n)[ \\t]*(?:{body})(?:{labels})[ \\t]*\\n")
 
 
 @dataclass
@@ -424,7 +424,10 @@ class Engine:
         spec = row.job.request.score
         if not self.stop_at_verdict or spec is None or not row.verdicts:
             return False
-        return bool(_verdict_done(spec).search(row.text))
+        # from the start of the last whole line (the one the latest line end closed): a search
+        # over the whole output after every token made a long run of spaces quadratic
+        text = row.text
+        return bool(_verdict_done(spec).search(text, max(0, text.rfind("\n", 0, max(0, text.rfind("\n"))))))
 
     def _score(self, logits: torch.Tensor, spec: ScoreSpec, *, with_space: bool) -> float | None:
         """P(unsafe) from the logits at the label position: the engine's one call into the
