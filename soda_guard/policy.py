@@ -239,11 +239,13 @@ class Rule(Outcomes):
 
     @model_validator(mode="before")
     @classmethod
-    def _no_empty_scope(cls, data: Any) -> Any:
-        """`tools:`, `server:` or `when:` written with nothing after it would read as left out:
-        the rule would apply to every tool, server or call, and an `allow` rule to all of them."""
+    def _no_empty_values(cls, data: Any) -> Any:
+        """A key written with nothing after it (a template's unset variable) would read as left
+        out: `tools:`, `server:` or `when:` make the rule apply to every tool, server or call (an
+        `allow` rule to all of them), `action:` turns a block into a judgment,
+        `allowed_decisions:` lets a reviewer approve what only a reject was meant for."""
         if isinstance(data, Mapping):
-            empty = [key for key in ("tools", "server", "when") if key in data and data[key] is None]
+            empty = [str(key) for key, value in data.items() if value is None]
             if empty:
                 raise ValueError(f"{', '.join(empty)}: empty; give a value or leave the key out")
         return data
@@ -358,6 +360,16 @@ class Policy(_Strict):
     """SODA's environment name where neither the trajectory nor the judge gives one (else `unspecified`)."""
     mcp: McpPolicy = Field(default_factory=McpPolicy)
     """Per-server pinned MCP tool annotations (`soda_guard.mcp.annotations`)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_empty_sections(cls, data: Any) -> Any:
+        """`tool_results:` with nothing after it read as no moderation of results at all."""
+        if isinstance(data, Mapping):
+            empty = [str(key) for key, value in data.items() if value is None]
+            if empty:
+                raise ValueError(f"{', '.join(empty)}: empty; give a value or leave the key out")
+        return data
 
     @model_validator(mode="after")
     def _judges_exist(self) -> Policy:

@@ -177,6 +177,10 @@ EMPTY = [
     "{tools: [transfer], when: , action: allow}",
     "{tools: , action: allow}",
     "{tools: [transfer], server: , action: allow}",
+    "{tools: [transfer], action: }",
+    "{tools: [delete_file], action: escalate, allowed_decisions: }",
+    "{tools: [transfer], judge: }",
+    "{tools: [fetch], when: {annotations: {readOnly: true, openWorld: }}, action: allow}",
 ]
 
 
@@ -186,6 +190,12 @@ def test_a_condition_written_with_an_empty_value_is_refused(rule: str) -> None:
     transfer unjudged."""
     with pytest.raises(PolicyError, match="empty|bound"):
         Policy.from_yaml(f"judges: {{s: {{kind: soda, model: m}}}}\nrules:\n  - {rule}\n")
+
+
+def test_a_policy_section_written_empty_is_refused() -> None:
+    """`tool_results:` with nothing after it turned result moderation off."""
+    with pytest.raises(PolicyError, match="tool_results: empty"):
+        Policy.from_yaml("judges: {s: {kind: soda, model: m}}\ntool_results:\n")
 
 
 def test_eq_null_still_compares_with_null() -> None:
