@@ -312,3 +312,28 @@ def test_the_tool_node_wrapper_reads_an_mcp_tools_server() -> None:
     result = graph.compile().invoke({"messages": [HumanMessage("tidy up")]})
     [answer] = [m for m in result["messages"] if isinstance(m, ToolMessage)]
     assert ran == [] and answer.status == "error" and "no-deletes" in answer.text
+
+
+def test_a_step_changed_in_place_is_read_as_it_is_now() -> None:
+    """The catalog kept each step's stamped copy by identity: a call swapped in place, and one
+    added, were judged from the copy made before (the swapped call allowed as the old one, the
+    added one not judged at all)."""
+    from soda_guard.trajectory import AssistantStep, ToolCall, Trajectory, UserStep
+
+    policy = Policy.from_yaml(
+        "judges: {s: {kind: soda, model: m}}\nrules:\n"
+        "  - {name: no-system-files, tools: [delete_file], when: {args: {path: {glob: '/etc/*'}}}, action: block}\n"
+        "  - {name: deletes, tools: [delete_file], action: allow}\n"
+    )
+    guard = Guard(policy, backends={"s": ScriptedBackend([SAFE] * 8)})
+    guard.tools.add("delete_file", "files", None)
+    step = AssistantStep(tool_calls=[ToolCall(id="c1", name="delete_file", args={"path": "notes.txt"})])
+    conversation = Trajectory(steps=[UserStep(content="tidy up"), step])
+    assert [d.action for d in guard.check_tool_calls(conversation)] == [Action.ALLOW]
+    step.tool_calls[0] = ToolCall(id="c1", name="delete_file", args={"path": "/etc/passwd"})
+    step.tool_calls.append(ToolCall(id="c2", name="delete_file", args={"path": "/etc/shadow"}))
+    decisions = guard.check_tool_calls(conversation)
+    assert [(d.tool_call.args["path"], d.action, d.tool_call.server) for d in decisions] == [
+        ("/etc/passwd", Action.BLOCK, "files"), ("/etc/shadow", Action.BLOCK, "files")]
+    step.tool_calls[0].args = {"path": "/etc/hosts"}  # new arguments on the same call object
+    assert guard.check_tool_calls(conversation)[0].tool_call.args == {"path": "/etc/hosts"}

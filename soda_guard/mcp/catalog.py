@@ -23,7 +23,7 @@ class ToolCatalog:
         self._tools: dict[str, tuple[str, str | None, dict[str, bool] | None]] = {}
         self._lock = threading.Lock()
         self._seen: dict[int, tuple[Any, Any]] = {}
-        self._stamped: dict[int, tuple[AssistantStep, int, AssistantStep]] = {}
+        self._stamped: dict[int, tuple[AssistantStep, int, AssistantStep, tuple[ToolCall, ...]]] = {}
         self._version = 0
 
     def add(self, name: str, server: str, annotations: Mapping[str, bool] | None, server_tool: str | None = None) -> None:
@@ -82,11 +82,23 @@ class ToolCatalog:
     def _stamp_step(self, step: AssistantStep) -> AssistantStep:
         version = self._version
         kept = self._stamped.get(id(step))
-        if kept is not None and kept[0] is step and kept[1] == version:
+        if kept is not None and kept[0] is step and kept[1] == version and _unchanged(step, kept[2], kept[3]):
             return kept[2]
         calls = [self.stamp(call) for call in step.tool_calls]
         stamped = step if all(new is old for new, old in zip(calls, step.tool_calls)) else step.model_copy(update={"tool_calls": calls})
         if len(self._stamped) >= 4096:
             self._stamped.clear()
-        self._stamped[id(step)] = (step, version, stamped)
+        self._stamped[id(step)] = (step, version, stamped, tuple(step.tool_calls))
         return stamped
+
+
+def _unchanged(step: AssistantStep, stamped: AssistantStep, calls: tuple[ToolCall, ...]) -> bool:
+    """Whether `step` still holds the calls it was stamped from, as they were: steps are
+    mutable, and an application that swaps or adds a call in place, or gives one new
+    arguments, must not be judged from the copy stamped before (the stamped calls share each
+    call's arguments object, so arguments changed inside it are seen either way)."""
+    now = step.tool_calls
+    return len(now) == len(calls) and all(
+        call is before and call.name == seen.name and call.id == seen.id and call.args is seen.args
+        for call, before, seen in zip(now, calls, stamped.tool_calls)
+    )
