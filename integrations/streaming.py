@@ -327,18 +327,19 @@ class _StreamGuard:
         candidates = self.policy.rules_for(self._known(tool)) if in_call else [("defaults", None)]
         field = _OUTCOME_FIELD[flagged.risk.label]
         rule_name, action = max(((name, self.policy.outcome(rule, field)) for name, rule in candidates), key=lambda named: named[1].strictness)
+        on_error = max((self.policy.outcome(rule, "on_error") for _, rule in candidates), key=lambda each: each.strictness)
         where = (in_call, tool)
         if where in run.taken and action.strictness <= run.taken[where]:
             return  # already carried out there, as strictly
         run.taken[where] = action.strictness
-        # recorded before it is acted on; one that cannot be recorded comes back as the policy's on_error
+        # recorded before it is acted on; one that cannot be recorded comes back as its rules' on_error
         decision = self.guard.record_review(Decision(
             action=action,
             rule=rule_name,
             why=f"streamed response flagged {flagged.risk.label.value} ({flagged.category}) at token {flagged.index}",
             verdict=verdict,
             conversation_id=self.conversation_id,
-        ))
+        ), on_error)
         self.decisions.append(decision)
         if decision.action in (Action.BLOCK, Action.ESCALATE):
             run.decided = True

@@ -682,18 +682,19 @@ class Guard:
         items = self._tool_result_items(trajectory)
         return (await self._run_async(items, trajectory.conversation_id, _withheld_unreviewed))[0] if items else None
 
-    def record_review(self, event: Decision) -> Decision:
+    def record_review(self, event: Decision, on_error: Action | None = None) -> Decision:
         """Write a decision made outside a check (a reviewer's answer,
         `soda_guard.review.review_event`; the stream monitor's) to every sink, so the audit
         trail shows what finally ran, not only that a person was asked. What comes back
-        is what may be acted on: an answer that could not be recorded becomes the policy's
-        `on_error`, like any decision."""
-        return self._audit([event], time.monotonic() + self.policy.defaults.timeout_s)[0]
+        is what may be acted on: an answer that could not be recorded becomes `on_error` (the
+        rule's the decision was made under; the policy's by default), like any decision."""
+        fallback = None if on_error is None else [on_error]
+        return self._audit([event], time.monotonic() + self.policy.defaults.timeout_s, fallback)[0]
 
-    async def arecord_review(self, event: Decision) -> Decision:
+    async def arecord_review(self, event: Decision, on_error: Action | None = None) -> Decision:
         if not self.sinks or self._audits_at_once():
-            return self.record_review(event)
-        return await off_loop(self.record_review, event)
+            return self.record_review(event, on_error)
+        return await off_loop(self.record_review, event, on_error)
 
     def close(self) -> None:
         """Refuse new judge calls and stop the backends this guard made (judgments in hand are
