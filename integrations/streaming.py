@@ -77,6 +77,9 @@ class AssistantTextRenderer:
         """Where each call's block begins in the text, and the call it belongs to."""
         self.names: dict[Any, str] = {}
         """Each call's tool name as far as it has streamed (a name may come late or in pieces)."""
+        self.named: set[Any] = set()
+        """The calls whose name is whole: their arguments began, or the call closed. Before
+        that, `sh` may be the start of `shell`."""
 
     def content(self, text: str) -> str:
         self.written = self.written or bool(text)
@@ -104,6 +107,8 @@ class AssistantTextRenderer:
                 key = self.calls[-1][1]
                 self.names[key] = self.names.get(key, "") + name
         self.call_has_args = self.call_has_args or bool(args)
+        if args:
+            self.named.add(self.calls[-1][1])
         text += args
         self.length += len(text)
         return text
@@ -115,15 +120,16 @@ class AssistantTextRenderer:
         return text
 
     def tool_at(self, end: int) -> tuple[bool, str]:
-        """(whether the text ending at `end` is in a call, that call's tool name as far as it
-        has streamed): the text before any call is the content, whichever calls come after it."""
+        """(whether the text ending at `end` is in a call, that call's tool name once whole, else
+        ""): the text before any call is the content, whichever calls come after it."""
         key = next((key for start, key in reversed(self.calls) if start < end), None)
-        return (False, "") if key is None else (True, self.names.get(key, ""))
+        return (False, "") if key is None else (True, self.names.get(key, "") if key in self.named else "")
 
     def _close(self) -> str:
         if not self.call_open:
             return ""
         self.call_open = False
+        self.named.add(self.calls[-1][1])
         return ("" if self.call_has_args else "{}") + "}\n</tool_call>"
 
 

@@ -471,7 +471,8 @@ def test_a_tool_the_guards_catalog_knows_is_read_as_its_servers(stream_dir: Path
     guard = Guard(policy)
     guard.tools.add("delete_file", "files", {"readOnly": True})
     handler = StreamGuardCallbackHandler(_monitor(stream_dir, 1), guard)
-    list(ChunksModel(messages=iter([]), chunks=DELETE_CALL).stream([HumanMessage(content="q")], config={"callbacks": [handler]}))
+    whole = [AIMessageChunk(content="", tool_call_chunks=[{"name": "delete_file", "args": '{"path": "/"}', "id": "c1", "index": 0}])]
+    list(ChunksModel(messages=iter([]), chunks=whole).stream([HumanMessage(content="q")], config={"callbacks": [handler]}))
     assert [(d.rule, d.action) for d in handler.decisions] == [("files", Action.LOG)]
 
 
@@ -647,3 +648,20 @@ def test_a_stream_decision_that_cannot_be_recorded_takes_its_rules_on_error(stre
     with pytest.raises(StreamFlaggedError) as stopped:
         list(ChunksModel(messages=iter([]), chunks=chunks).stream([HumanMessage(content="q")], config={"callbacks": [handler]}))
     assert stopped.value.decision.action is Action.BLOCK and "audit sink unavailable" in stopped.value.decision.why
+
+
+@pytest.mark.parametrize("pieces", [[("del", ""), ("ete_file", '{"path": "/"}')], [("delete_file", ""), (None, '{"path": "/"}')]],
+                         ids=["name-in-pieces", "name-then-arguments"])
+def test_a_flag_before_a_calls_arguments_begin_takes_the_strictest_rule(stream_dir: Path, pieces: list[Any]) -> None:
+    """A flag while only `del` had streamed was decided under the rules for a tool named `del`
+    (the defaults, log): until its arguments begin, a name may be the start of another."""
+    monitor = StreamMonitor.load(str(stream_dir), device="cpu")
+    header = len('<tool_call>\n{"name": "del')
+    monitor.model.risk_level_head = ScheduleHead(lambda i: 1 if i < header else 0)
+    policy = Policy.from_dict({"defaults": {"on_unsafe": "log"}, "rules": [{"name": "deletes", "tools": ["delete_file"], "on_unsafe": "block"}]})
+    handler = StreamGuardCallbackHandler(monitor, policy)
+    chunks = [AIMessageChunk(content="", tool_call_chunks=[{"name": name, "args": args, "id": "c1" if number == 0 else None, "index": 0}])
+              for number, (name, args) in enumerate(pieces)]
+    with pytest.raises(StreamFlaggedError) as stopped:
+        list(ChunksModel(messages=iter([]), chunks=chunks).stream([HumanMessage(content="clean my disk")], config={"callbacks": [handler]}))
+    assert (stopped.value.decision.rule, stopped.value.decision.action) == ("deletes", Action.BLOCK)
