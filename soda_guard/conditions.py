@@ -17,8 +17,7 @@ import operator
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, Union
 
 import regex
 from pydantic import (
@@ -55,22 +54,7 @@ _MISSING = object()
 
 
 class _Strict(BaseModel):
-    """A condition given with an empty value (`lt:` and nothing after it, a template's unset
-    variable) is refused, not read as left out: read so, the comparison is skipped and the
-    condition holds for every call, which turns "allow small transfers" into "allow every
-    transfer". `_nullable` names the fields where null is a value to compare with."""
-
     model_config = ConfigDict(extra="forbid", frozen=True)
-    _nullable: ClassVar[frozenset[str]] = frozenset()
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_empty_values(cls, data: Any) -> Any:
-        if isinstance(data, Mapping):
-            empty = [str(key) for key, value in data.items() if value is None and key not in cls._nullable]
-            if empty:
-                raise ValueError(f"{', '.join(empty)}: empty; give a value or leave the key out")
-        return data
 
 
 @dataclass(frozen=True)
@@ -289,7 +273,6 @@ class ArgTest(_Strict):
     _glob: re.Pattern[str] | None = PrivateAttr(default=None)
     _bounds: list[tuple[Callable[[Any, Any], bool], float]] = PrivateAttr(default_factory=list)
     model_config = ConfigDict(extra="forbid", frozen=True)
-    _nullable: ClassVar[frozenset[str]] = frozenset({"eq", "ne"})
 
     @field_validator("regex")
     @classmethod

@@ -237,19 +237,6 @@ class Rule(Outcomes):
     (the judge's reason stays in the request's `soda_guard` key)."""
     _match: ToolGlobs = PrivateAttr()
 
-    @model_validator(mode="before")
-    @classmethod
-    def _no_empty_values(cls, data: Any) -> Any:
-        """A key written with nothing after it (a template's unset variable) would read as left
-        out: `tools:`, `server:` or `when:` make the rule apply to every tool, server or call (an
-        `allow` rule to all of them), `action:` turns a block into a judgment,
-        `allowed_decisions:` lets a reviewer approve what only a reject was meant for."""
-        if isinstance(data, Mapping):
-            empty = [str(key) for key, value in data.items() if value is None]
-            if empty:
-                raise ValueError(f"{', '.join(empty)}: empty; give a value or leave the key out")
-        return data
-
     def model_post_init(self, context: Any) -> None:
         self._match = tool_globs(self.tools or [])
 
@@ -360,16 +347,6 @@ class Policy(_Strict):
     """SODA's environment name where neither the trajectory nor the judge gives one (else `unspecified`)."""
     mcp: McpPolicy = Field(default_factory=McpPolicy)
     """Per-server pinned MCP tool annotations (`soda_guard.mcp.annotations`)."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_empty_sections(cls, data: Any) -> Any:
-        """`tool_results:` with nothing after it read as no moderation of results at all."""
-        if isinstance(data, Mapping):
-            empty = [str(key) for key, value in data.items() if value is None]
-            if empty:
-                raise ValueError(f"{', '.join(empty)}: empty; give a value or leave the key out")
-        return data
 
     @model_validator(mode="after")
     def _judges_exist(self) -> Policy:
@@ -702,11 +679,35 @@ def _parse_yaml(text: str, source: str) -> Any:
     if size > MAX_POLICY_BYTES:
         raise PolicyError(f"{source}: the policy is {size} bytes, over the limit of {MAX_POLICY_BYTES} bytes")
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+        _refuse_empty(data, source)
     except yaml.YAMLError as error:
         raise PolicyError(f"{source}: invalid YAML: {error}") from None
     except RecursionError:
         raise PolicyError(f"{source}: invalid YAML: nested too deeply") from None
+    return data
+
+
+NULL_MEANS_NULL = frozenset({"eq", "ne"})
+"""The keys where YAML's null is a value to compare with (`eq: null`)."""
+
+
+def _refuse_empty(data: Any, path: str) -> None:
+    """A key written with nothing after it (`lt:`, a template's unset variable) reads as
+    null, which a model takes for the key left out: `lt:` made "allow small transfers" allow
+    every transfer, `action:` turned a block into a judgment, `allowed_decisions:` let a
+    reviewer approve a reject-only escalation, `tool_results:` turned moderation off. In
+    policy text it is refused; a dict built in code (`model_dump()` writes unset keys as None)
+    means what pydantic reads it as."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            where = f"{path}.{key}" if path else str(key)
+            if value is None and key not in NULL_MEANS_NULL:
+                raise PolicyError(f"{where}: empty; give a value or leave the key out")
+            _refuse_empty(value, where)
+    elif isinstance(data, list):
+        for index, item in enumerate(data):
+            _refuse_empty(item, f"{path}[{index}]")
 
 
 def resolve_policy(

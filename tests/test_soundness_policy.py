@@ -337,3 +337,12 @@ def test_a_step_changed_in_place_is_read_as_it_is_now() -> None:
         ("/etc/passwd", Action.BLOCK, "files"), ("/etc/shadow", Action.BLOCK, "files")]
     step.tool_calls[0].args = {"path": "/etc/hosts"}  # new arguments on the same call object
     assert guard.check_tool_calls(conversation)[0].tool_call.args == {"path": "/etc/hosts"}
+
+
+def test_a_policy_built_from_another_ones_dump_loads() -> None:
+    """`model_dump()` writes every unset key as None: a dict built in code means what pydantic
+    reads it as; only policy text refuses a key written empty."""
+    policy = Policy.from_yaml("judges: {s: {kind: soda, model: m}}\nrules:\n  - {tools: [pay], when: {args: {amount: {gt: 5}}}, action: block}\n")
+    again = Policy.from_dict(policy.model_dump(exclude_unset=True))
+    assert again.rules[0].action is Action.BLOCK
+    Policy.from_dict({**Policy.from_yaml("judges: {s: {kind: soda, model: m}}").model_dump(), "harm": None})

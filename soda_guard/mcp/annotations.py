@@ -37,17 +37,7 @@ class _Hints(BaseModel):
 
 class AnnotationCondition(_Hints):
     """`when: {annotations: {...}}`: every hint given must hold for the call's effective
-    annotations. At least one hint: an empty condition would silently match every MCP tool, and
-    a hint written with no value (`openWorld:`) would drop out of it."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_empty_hints(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            empty = [str(key) for key, value in data.items() if value is None]
-            if empty:
-                raise ValueError(f"{', '.join(empty)}: empty; give true or false, or leave the hint out")
-        return data
+    annotations. At least one hint: an empty condition would silently match every MCP tool."""
 
     @model_validator(mode="after")
     def _not_empty(self) -> AnnotationCondition:
