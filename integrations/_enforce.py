@@ -578,9 +578,8 @@ class ToolCallEnforcer:
         return messages if isinstance(messages, list) else list(messages)
 
     def _steps(self, request: ToolCallRequest) -> Generator[Any, Any, ToolMessage | Command[Any]]:
-        # the tool that will run, read for its MCP server before any decision is used: on the
-        # wrapper's paths nothing read it before, and a model can call a tool it was not shown
-        # this step (a tool selector narrowed the list the middleware reads servers from)
+        # the tool that will run, read for its MCP server before the wrapper judges it: nothing
+        # on the wrapper's own path read it before (the middleware reads the model's tools)
         register_mcp_tools(self.guard, [request.tool])
         messages = self._messages(request.state)
         thread = thread_id()
@@ -600,8 +599,6 @@ class ToolCallEnforcer:
         # found by the binding's parts, before (and without) building the call and binding
         parts = (thread, turn, id_, name, digest)
         record = self.handoff.take(parts, replay_of())
-        if record is not None and self._judged_as_no_servers(record):
-            record = None
         if record is None:
             call = ToolCall(id=id_, name=name, args=args)
             binding = CallBinding(thread_id=thread, turn_id=turn, call_id=id_, tool=name, args_digest=digest)
@@ -613,8 +610,6 @@ class ToolCallEnforcer:
                 record = shared.find(binding) if shared is not None else None
             if record is not None and self._ran.get(parts) == record.decision.decision_id:
                 record = None  # it ran on that record already: judged (and asked) again
-            if record is not None and self._judged_as_no_servers(record):
-                record = None
             if record is None:
                 same_id = [c for c in _turn_calls(located, call) if c.id == call.id]
                 decisions = yield Judge(trajectory(), same_id if len(same_id) > 1 else [call])
@@ -622,13 +617,6 @@ class ToolCallEnforcer:
         if record.awaiting_review:
             [record] = yield from review_records([record], trajectory(), self.guard.policy)
         return (yield from self._enforce(request, trajectory, record, parts))
-
-    def _judged_as_no_servers(self, record: CallRecord) -> bool:
-        """A decision made before its tool was known to come from an MCP server: `server:`
-        rules, `server:tool` patterns, annotation rules and pins did not apply to it, so it is
-        judged again as the server's tool."""
-        judged = record.decision.tool_call
-        return judged is not None and judged.server is None and judged.name in self.guard.tools
 
     def _shared_turn(
         self, messages: Sequence[BaseMessage], trajectory: Trajectory, call: ToolCall, thread: str | None, turn: str

@@ -274,10 +274,13 @@ NO_DELETES = {"judges": {"s": {"kind": "soda", "model": "m"}},
 
 
 @pytest.mark.parametrize("narrowed", [False, True])
-def test_an_mcp_tool_the_model_was_not_shown_is_judged_as_its_servers(narrowed: bool) -> None:
-    """The middleware read servers from the tools the model was shown: a tool a selector left
-    out that step, which the model named all the same, was judged as a tool of no server."""
+def test_an_mcp_tool_the_model_was_not_shown_is_judged_as_its_servers_once_registered(narrowed: bool) -> None:
+    """The middleware reads servers from the tools the model is shown: a tool a selector left
+    out that step, which the model named all the same, is judged as its server's where the
+    agent's tools were registered up front (`register_mcp_tools`, as SECURITY.md says)."""
     from langchain.agents.middleware import AgentMiddleware
+
+    from soda_guard.integrations.mcp import register_mcp_tools
 
     class ShowReadsOnly(AgentMiddleware):  # type: ignore[type-arg]
         def wrap_model_call(self, request: Any, handler: Any) -> Any:
@@ -285,9 +288,11 @@ def test_an_mcp_tool_the_model_was_not_shown_is_judged_as_its_servers(narrowed: 
 
     ran, delete_file, read_file = _deletes()
     guard = Guard(Policy.from_dict(NO_DELETES), backends={"s": ScriptedBackend([SAFE] * 8)})
+    tools = name_server([read_file, delete_file], "files")
+    if narrowed:
+        register_mcp_tools(guard, tools)
     middleware = [ShowReadsOnly(), SodaGuardMiddleware(guard, otel=False)] if narrowed else [SodaGuardMiddleware(guard, otel=False)]
-    agent = create_agent(scripted_model([tool_calls_message(("delete_file", {"path": "/srv/db"})), "done"]),
-                         name_server([read_file, delete_file], "files"), middleware=middleware)
+    agent = create_agent(scripted_model([tool_calls_message(("delete_file", {"path": "/srv/db"})), "done"]), tools, middleware=middleware)
     result = agent.invoke({"messages": [HumanMessage("read my notes")]})
     [answer] = [m for m in result["messages"] if isinstance(m, ToolMessage)]
     assert ran == [] and answer.status == "error" and "no-deletes" in answer.text
