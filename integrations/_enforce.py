@@ -89,9 +89,11 @@ class Judge:
 
 @dataclass(frozen=True)
 class Record:
-    """A reviewer's answer, for the audit sinks and the trace."""
+    """A reviewer's answer, for the audit sinks and the trace; `on_error` is the escalating
+    rule's, what the answer becomes if it cannot be recorded."""
 
     event: Decision
+    on_error: Action | None = None
 
 
 @dataclass(frozen=True)
@@ -391,15 +393,15 @@ class Judging:
             "tool_call", calls, lambda: self.guard.acheck_tool_calls(view, context=trajectory, carry_out=carry_out)
         )
 
-    def review(self, event: Decision) -> Decision:
+    def review(self, event: Decision, on_error: Action | None = None) -> Decision:
         calls = [event.tool_call] if event.tool_call else []
-        return self._traced("review", calls, lambda: [self.guard.record_review(event)])[0]
+        return self._traced("review", calls, lambda: [self.guard.record_review(event, on_error)])[0]
 
-    async def areview(self, event: Decision) -> Decision:
+    async def areview(self, event: Decision, on_error: Action | None = None) -> Decision:
         calls = [event.tool_call] if event.tool_call else []
 
         async def record() -> list[Decision]:
-            return [await self.guard.arecord_review(event)]
+            return [await self.guard.arecord_review(event, on_error)]
 
         return (await self._atraced("review", calls, record))[0]
 
@@ -461,7 +463,7 @@ def review_records(
         event = review_event(
             record.decision, review, runs=reviewed.outcome == "run", ran_call=reviewed.ran_call(), why=_review_why(reviewed)
         )
-        recorded = yield Record(event)
+        recorded = yield Record(event, policy.outcome(policy.rule_named(record.decision.rule), "on_error"))
         if reviewed.outcome == "run" and not recorded.allowed:
             reviewed = reviewed.model_copy(update={"outcome": "refuse", "message": recorded.why})
         done.append(reviewed)
@@ -764,7 +766,7 @@ class ToolCallEnforcer:
             if isinstance(need, Judge):
                 return self.judging.calls(need.trajectory, need.calls)
             if isinstance(need, Record):
-                return self.judging.review(need.event)
+                return self.judging.review(need.event, need.on_error)
             if isinstance(need, Asked):
                 return self.judging.asked(need)
             if isinstance(need, Ruled):
@@ -800,7 +802,7 @@ class ToolCallEnforcer:
             if isinstance(need, Judge):
                 return await self.judging.acalls(need.trajectory, need.calls)
             if isinstance(need, Record):
-                return await self.judging.areview(need.event)
+                return await self.judging.areview(need.event, need.on_error)
             if isinstance(need, Asked):
                 return await self.judging.aasked(need)
             if isinstance(need, Ruled):

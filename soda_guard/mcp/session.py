@@ -125,7 +125,8 @@ class ProxySession:
         review = Review(type="approve" if approved else "reject", answers=escalation.decision_id, message=how)
         event = review_event(escalation, review, runs=bool(approved), ran_call=None, why=how)
         try:
-            return await self.guard.arecord_review(event)
+            policy = self.guard.policy
+            return await self.guard.arecord_review(event, policy.outcome(policy.rule_named(escalation.rule), "on_error"))
         except Exception as error:
             return event.model_copy(update={"action": Action.BLOCK, "why": f"{how}; not recorded: {error}"})
 
