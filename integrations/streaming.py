@@ -119,6 +119,10 @@ class AssistantTextRenderer:
         self.length += len(text)
         return text
 
+    def has_call(self, index: Any) -> bool:
+        """Whether a call of this index was written (a protocol event's block index)."""
+        return any(key == index or (isinstance(key, tuple) and key[0] == index) for _, key in self.calls)
+
     def tool_at(self, end: int) -> tuple[bool, str]:
         """(whether the text ending at `end` is in a call, that call's tool name once whole, else
         ""): the text before any call is the content, whichever calls come after it."""
@@ -211,9 +215,18 @@ class _StreamGuard:
         kind, index = event.get("event"), event.get("index")
         content = event.get("content") if kind == "content-block-start" else None
         delta = event.get("delta") if kind == "content-block-delta" else None
+        if kind == "content-block-finish":
+            content = event.get("content")
         if isinstance(content, Mapping) and content.get("type") == "tool_call_chunk":
             chunk = {"index": index, "id": content.get("id"), "name": content.get("name"), "args": content.get("args") or ""}
             text = run.renderer.tool_call_chunk(chunk)
+        elif (kind == "content-block-finish" and isinstance(content, Mapping)
+              and content.get("type") in ("tool_call", "invalid_tool_call") and not run.renderer.has_call(index)):
+            # a call that came whole (a provider's finished block, a cached response replayed)
+            # and was never fed as chunks: as its finished block says it, in one piece
+            args = content.get("args")
+            whole = args if isinstance(args, str) else json.dumps(args if args is not None else {}, ensure_ascii=False)
+            text = run.renderer.tool_call_chunk({"index": index, "id": content.get("id"), "name": content.get("name"), "args": whole})
         elif isinstance(delta, Mapping) and delta.get("type") == "tool-call-delta":
             text = run.renderer.tool_call_chunk({"index": index, "args": delta.get("args") or ""})
         elif isinstance(delta, Mapping) and delta.get("type") in ("text-delta", "reasoning-delta"):

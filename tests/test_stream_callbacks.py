@@ -665,3 +665,40 @@ def test_a_flag_before_a_calls_arguments_begin_takes_the_strictest_rule(stream_d
     with pytest.raises(StreamFlaggedError) as stopped:
         list(ChunksModel(messages=iter([]), chunks=chunks).stream([HumanMessage(content="clean my disk")], config={"callbacks": [handler]}))
     assert (stopped.value.decision.rule, stopped.value.decision.action) == ("deletes", Action.BLOCK)
+
+
+class WholeCallEventsModel(GenericFakeChatModel):
+    """A provider whose v3 events carry a tool call as one finished block (as Gemini's do, and
+    a cached response replayed as events), never as `tool_call_chunk` deltas."""
+
+    def _stream_chat_model_events(self, messages: Any, stop: Any = None, run_manager: Any = None, **kwargs: Any) -> Iterator[Any]:
+        call = {"type": "tool_call", "id": "c1", "name": "delete_file", "args": {"path": "/srv/db"}}
+        yield {"event": "message-start", "role": "ai", "id": "m1"}
+        yield {"event": "content-block-start", "index": 0, "content": {"type": "text", "text": ""}}
+        yield {"event": "content-block-delta", "index": 0, "delta": {"type": "text-delta", "text": "Cleaning up. "}}
+        yield {"event": "content-block-finish", "index": 0, "content": {"type": "text", "text": "Cleaning up. "}}
+        yield {"event": "content-block-start", "index": 1, "content": call}
+        yield {"event": "content-block-finish", "index": 1, "content": call}
+        yield {"event": "message-finish"}
+
+
+def test_a_v3_call_that_comes_as_one_finished_block_is_judged(stream_dir: Path) -> None:
+    """Only `tool_call_chunk` blocks were read: a call that came whole was never fed, and ran."""
+    monitor = StreamMonitor.load(str(stream_dir), device="cpu")
+    monitor.model.risk_level_head = ConstantHead(0)
+    handler = StreamGuardCallbackHandler(monitor)
+    fed: list[str] = []
+    opened = monitor.open
+
+    def recording(trajectory: Any) -> Any:
+        stream = opened(trajectory)
+        feed = stream.feed
+        stream.feed = lambda text: (fed.append(text), feed(text))[1]  # type: ignore[method-assign]
+        return stream
+
+    monitor.open = recording  # type: ignore[method-assign]
+    model = WholeCallEventsModel(messages=iter([]))
+    for _ in model.stream_events([HumanMessage(content="clean up")], config={"callbacks": [handler]}, version="v3").text:
+        pass
+    step = AssistantStep(content="Cleaning up. ", tool_calls=[ToolCall(id="c1", name="delete_file", args={"path": "/srv/db"})])
+    assert "".join(fed) == render_assistant(step)
