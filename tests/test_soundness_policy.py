@@ -342,6 +342,11 @@ def test_a_step_changed_in_place_is_read_as_it_is_now() -> None:
         ("/etc/passwd", Action.BLOCK, "files"), ("/etc/shadow", Action.BLOCK, "files")]
     step.tool_calls[0].args = {"path": "/etc/hosts"}  # new arguments on the same call object
     assert guard.check_tool_calls(conversation)[0].tool_call.args == {"path": "/etc/hosts"}
+    search = AssistantStep(tool_calls=[ToolCall(id="s1", name="search", args={"q": "x"})])
+    renamed = Trajectory(steps=[UserStep(content="tidy up"), search])
+    guard.check_tool_calls(renamed)
+    search.tool_calls[0].name, search.tool_calls[0].args = "delete_file", {"path": "/etc/passwd"}  # renamed in place
+    assert [(d.tool_call.server, d.action) for d in guard.check_tool_calls(renamed)] == [("files", Action.BLOCK)]
 
 
 def test_a_policy_built_from_another_ones_dump_loads() -> None:

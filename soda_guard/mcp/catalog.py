@@ -23,7 +23,7 @@ class ToolCatalog:
         self._tools: dict[str, tuple[str, str | None, dict[str, bool] | None]] = {}
         self._lock = threading.Lock()
         self._seen: dict[int, tuple[Any, Any]] = {}
-        self._stamped: dict[int, tuple[AssistantStep, int, AssistantStep, tuple[ToolCall, ...]]] = {}
+        self._stamped: dict[int, tuple[AssistantStep, int, AssistantStep, tuple[tuple[ToolCall, str, str | None, str, object], ...]]] = {}
         self._version = 0
 
     def add(self, name: str, server: str, annotations: Mapping[str, bool] | None, server_tool: str | None = None) -> None:
@@ -82,23 +82,28 @@ class ToolCatalog:
     def _stamp_step(self, step: AssistantStep) -> AssistantStep:
         version = self._version
         kept = self._stamped.get(id(step))
-        if kept is not None and kept[0] is step and kept[1] == version and _unchanged(step, kept[2], kept[3]):
+        if kept is not None and kept[0] is step and kept[1] == version and _unchanged(step, kept[3]):
             return kept[2]
         calls = [self.stamp(call) for call in step.tool_calls]
         stamped = step if all(new is old for new, old in zip(calls, step.tool_calls)) else step.model_copy(update={"tool_calls": calls})
         if len(self._stamped) >= 4096:
             self._stamped.clear()
-        self._stamped[id(step)] = (step, version, stamped, tuple(step.tool_calls))
+        self._stamped[id(step)] = (step, version, stamped, _as_stamped(step))
         return stamped
 
 
-def _unchanged(step: AssistantStep, stamped: AssistantStep, calls: tuple[ToolCall, ...]) -> bool:
+def _as_stamped(step: AssistantStep) -> tuple[tuple[ToolCall, str, str | None, str, object], ...]:
+    """Each call as it was when stamped: the object, and the fields a stamp reads or copies."""
+    return tuple((call, call.name, call.server, call.id, call.args) for call in step.tool_calls)
+
+
+def _unchanged(step: AssistantStep, stamped: tuple[tuple[ToolCall, str, str | None, str, object], ...]) -> bool:
     """Whether `step` still holds the calls it was stamped from, as they were: steps are
-    mutable, and an application that swaps or adds a call in place, or gives one new
-    arguments, must not be judged from the copy stamped before (the stamped calls share each
-    call's arguments object, so arguments changed inside it are seen either way)."""
+    mutable, and an application that swaps, adds or renames a call in place, or gives one new
+    arguments, must not be judged from the copy stamped before (arguments changed inside the
+    same object are shared with the copy, so seen either way)."""
     now = step.tool_calls
-    return len(now) == len(calls) and all(
-        call is before and call.name == seen.name and call.id == seen.id and call.args is seen.args
-        for call, before, seen in zip(now, calls, stamped.tool_calls)
+    return len(now) == len(stamped) and all(
+        call is before and call.name == name and call.server == server and call.id == id_ and call.args is args
+        for call, (before, name, server, id_, args) in zip(now, stamped)
     )
