@@ -378,6 +378,9 @@ def test_a_stray_second_reply_does_not_answer_the_next_judgment(duplicate_first:
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;ext=\"a;b\"\r\nok\r\n0\r\n\r\n", False),
     (b"HTTP/1.0 200 OK\r\ncontent-length:   4 \r\n\r\nok\r\n", False),
     (b"not http at all", True),
+    # no body, whatever its Content-Length says: the 40 bytes after it are a stray reply
+    (b"HTTP/1.1 204 No Content\r\nContent-Length: 40\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", True),
+    (b"HTTP/1.1 204 No Content\r\n\r\n", False),
 ])
 def test_what_counts_as_more_than_one_reply(wire: bytes, more: bool) -> None:
     from soda_guard.backends.deadline_http import _past_one_reply

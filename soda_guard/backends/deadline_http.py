@@ -89,6 +89,7 @@ class _DeadlineStream(httpcore.NetworkStream):
         self._stream = stream
         self._reply = bytearray()
         """What was read since the last request was written: the reply to it, and anything after."""
+        self._written = False
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         data = self._read(max_bytes, timeout)
@@ -111,6 +112,7 @@ class _DeadlineStream(httpcore.NetworkStream):
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         self._reply.clear()
+        self._written = True
         self._stream.write(buffer, _left(timeout, httpcore.WriteTimeout))
 
     def close(self) -> None:
@@ -139,7 +141,7 @@ class _DeadlineStream(httpcore.NetworkStream):
         also done with when more came than one reply: a server or proxy that sent a stray second
         answer in the same write left it in the HTTP parser's buffer, where the next request on
         the connection would read it as its own (every later verdict one judgment late)."""
-        if info == "is_readable" and _past_one_reply(self._reply):
+        if info == "is_readable" and self._written and _past_one_reply(self._reply):
             return True
         return self._stream.get_extra_info(info)
 
@@ -157,8 +159,8 @@ def _past_one_reply(data: bytes | bytearray) -> bool:
     line ends a lenient parser accepts too. What cannot be read so counts as more: the
     connection is closed and the next judgment opens another, which costs a connect, where
     reading a stray reply costs a verdict."""
-    if not data:
-        return False
+    if not data:  # nothing read for the request written: its reply came from an earlier read
+        return True
     start = 0
     while True:
         head_end = _HEAD_END.search(data, start)
@@ -186,9 +188,9 @@ def _past_one_reply(data: bytes | bytearray) -> bool:
             body = after.end()
         trailers = _HEAD_END.search(b"\n" + bytes(data[body:]))  # no trailers: the empty line at once
         return trailers is None or len(data) != body + trailers.end() - 1
-    lengths = {value.strip() for line in re.findall(rb"\ncontent-length:([^\n]*)", head) for value in line.split(b",")}
-    if code in (204, 304) and not lengths:
+    if code in (204, 304):  # no body, whatever a Content-Length says
         return len(data) != body
+    lengths = {value.strip() for line in re.findall(rb"\ncontent-length:([^\n]*)", head) for value in line.split(b",")}
     if len(lengths) != 1 or not next(iter(lengths)).isdigit():
         return True
     return len(data) != body + int(next(iter(lengths)))
