@@ -98,6 +98,11 @@ def test_stop_at_verdict_waits_for_the_end_of_the_verdicts_line(judge_dir: Path)
     assert early.verdict.label is Label.SAFE and early.verdict.raw_output == "[Reason] It refused.\n[Verdict] SAFE\n"
 
 
+def test_stop_at_verdict_stops_after_a_label_on_the_markers_next_line(judge_dir: Path) -> None:
+    decision = decide(judge_dir, "[Reason] It paid.\n[Verdict]\nUNSAFE\n\nand then it rambles on for a long while", stop_at_verdict=True)
+    assert decision.verdict.label is Label.UNSAFE and "rambles" not in decision.verdict.raw_output
+
+
 def test_verdict_only_without_a_readable_score_is_a_failure(judge_dir: Path) -> None:
     """Byte tokens give ` SAFE` and ` UNSAFE` the same first token: no score can be read, and
     verdict-only mode wrote `[Verdict] SAFE` (an allow) in the judge's place."""

@@ -53,6 +53,11 @@ def marker_literal(spec: ScoreSpec) -> str:
     return literal
 
 
+VERDICT_WINDOW = 256
+"""How far back from the output's end the stop rule looks for the verdict's line: a line
+longer than this (a run of spaces) is not stopped at, and the judge goes on to its end."""
+
+
 def _verdict_done(spec: ScoreSpec) -> re.Pattern[str]:
     """A verdict the judge wrote as its own: the marker opening a line and the label ending it.
     A marker anywhere (a reason quoting the `[Verdict] SAFE` a tool result planted) or a label
@@ -424,10 +429,10 @@ class Engine:
         spec = row.job.request.score
         if not self.stop_at_verdict or spec is None or not row.verdicts:
             return False
-        # from the start of the last whole line (the one the latest line end closed): a search
-        # over the whole output after every token made a long run of spaces quadratic
+        # over the output's last VERDICT_WINDOW characters, from a line start: a search over the
+        # whole output after every token made a long run of spaces quadratic
         text = row.text
-        return bool(_verdict_done(spec).search(text, max(0, text.rfind("\n", 0, max(0, text.rfind("\n"))))))
+        return bool(_verdict_done(spec).search(text, max(0, text.rfind("\n", 0, max(0, len(text) - VERDICT_WINDOW)))))
 
     def _score(self, logits: torch.Tensor, spec: ScoreSpec, *, with_space: bool) -> float | None:
         """P(unsafe) from the logits at the label position: the engine's one call into the
