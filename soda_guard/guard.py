@@ -75,7 +75,8 @@ def _after_fork() -> None:
     for threads in list(_judge_threads):
         threads._start_empty()
     for guard in list(_guards):
-        guard._warmer = _warm_up_thread()
+        if not guard.judge_threads.closed:  # a closed guard stays closed: its warm-ups return None
+            guard._warmer = _warm_up_thread()
 
 
 def _submit_load(threads: JudgeThreads, load: Callable[[], Any], name: str) -> concurrent.futures.Future[Any]:
