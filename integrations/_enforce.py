@@ -33,7 +33,7 @@ from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
 
 from soda_guard.errors import SodaGuardError
-from soda_guard.guard import CarryOut, Guard
+from soda_guard.guard import CarryOut, Guard, unasked
 from soda_guard.judges.incremental import Lru
 from soda_guard.policy import Policy
 from soda_guard.records import CallRecord, TurnRecords
@@ -845,15 +845,6 @@ _NO_MESSAGES = (
     "soda-guard found no conversation under {key!r} in the tool step's state ({found}); a call judged "
     "without it is judged without the request it serves. Pass messages_key= (the ToolNode's own)."
 )
-
-
-def unasked(decision: Decision, because: str = "escalated where no reviewer can be asked, so blocked") -> Decision:
-    """An escalation where no person can be asked (a call rewritten inside the guard, a tool
-    run inside a tool, a callback that can only stop a run, AutoMode) is carried out as a
-    block, and recorded as what happened, `because` saying why."""
-    if decision.action is not Action.ESCALATE:
-        return decision
-    return decision.model_copy(update={"action": Action.BLOCK, "why": f"{decision.why}; {because}"})
 
 
 def _copied(args: Any) -> Any:

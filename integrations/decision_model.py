@@ -36,13 +36,13 @@ from langchain_core.messages import convert_to_messages
 from pydantic import ConfigDict, Field
 
 from soda_guard.errors import SodaGuardError
-from soda_guard.guard import Guard
+from soda_guard.guard import Guard, unasked
 from soda_guard.policy import Policy
 from soda_guard.trajectory import ToolCall, Trajectory
 from soda_guard.verdict import Action, Decision
 
 from soda_guard.integrations._convert import to_trajectory, with_calls
-from soda_guard.integrations._enforce import as_guard, thread_id, unasked
+from soda_guard.integrations._enforce import as_guard, thread_id
 
 __all__ = ["AUTO_MODE_WINDOW", "JudgmentFailed", "SodaGuardDecisionModel"]
 

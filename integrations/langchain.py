@@ -33,7 +33,7 @@ from typing_extensions import NotRequired
 from soda_guard.binding import CallBinding, args_digest
 from soda_guard.errors import SodaGuardError
 from soda_guard.ids import new_run_id
-from soda_guard.guard import Guard
+from soda_guard.guard import Guard, unasked
 from soda_guard.policy import Policy
 from soda_guard.records import TurnRecords
 from soda_guard.trajectory import AssistantStep, ToolCall, ToolStep, Trajectory
@@ -60,7 +60,6 @@ from soda_guard.integrations._enforce import (
     resolve_turn,
     run_steps,
     thread_id,
-    unasked,
     warm_judges,
 )
 from soda_guard.integrations._handoff import TurnHandoff

@@ -752,13 +752,20 @@ def _inline(judge: Callable[[], list[Verdict]]) -> _Answered | BaseException:
         return JudgeError(f"judge raised {type(error).__name__}: {error}")
 
 
-def _withheld_unreviewed(decision: Decision) -> Decision:
-    """A tool result cannot wait for a reviewer (the tool has run; asking would mean running
-    it again once answered), so an escalated result is withheld: audited as the block it is."""
+def unasked(decision: Decision, because: str = "escalated where no reviewer can be asked, so blocked") -> Decision:
+    """An escalation where no person can be asked (a call rewritten inside the guard, a tool
+    run inside a tool, a callback that can only stop a run, AutoMode, a tool result) is carried
+    out as a block, and recorded as what happened, `because` saying why."""
     if decision.action is not Action.ESCALATE:
         return decision
-    why = f"{decision.why}; a tool result cannot wait for review without running the tool again, so it is withheld"
-    return decision.model_copy(update={"action": Action.BLOCK, "why": why})
+    return decision.model_copy(update={"action": Action.BLOCK, "why": f"{decision.why}; {because}"})
+
+
+_withheld_unreviewed = functools.partial(
+    unasked, because="a tool result cannot wait for review without running the tool again, so it is withheld"
+)
+"""A tool result cannot wait for a reviewer (the tool has run; asking would mean running it
+again once answered): an escalated result is withheld, audited as the block it is."""
 
 
 def _carried(decisions: list[Decision], carry_out: CarryOut | None) -> list[Decision]:
