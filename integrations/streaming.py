@@ -198,10 +198,7 @@ class _StreamGuard:
         # a chunk of content blocks (Anthropic's, `output_version="v1"`) comes as their list:
         # their text, as a finished message's is read (its calls come as `tool_call_chunks`)
         said = token if isinstance(token, str) else message_text([b for b in token if not (isinstance(b, dict) and "call" in str(b.get("type")))])
-        text = run.renderer.content(said) + "".join(run.renderer.tool_call_chunk(dict(c)) for c in tool_chunks)
-        run.text.append(text)
-        run.stream.feed(text)
-        self._enforce(run)
+        self._feed(run, run.renderer.content(said) + "".join(run.renderer.tool_call_chunk(dict(c)) for c in tool_chunks))
 
     def event(self, run_id: UUID, event: Mapping[str, Any]) -> None:
         """A protocol event of `stream_events(version="v3")`, which LangChain fires in place of
@@ -236,9 +233,7 @@ class _StreamGuard:
             return
         self._awake(run)
         run.source = "events"
-        run.text.append(text)
-        run.stream.feed(text)
-        self._enforce(run)
+        self._feed(run, text)
 
     def end(self, run_id: UUID, response: LLMResult | None = None) -> None:
         with self._lock:
@@ -265,6 +260,13 @@ class _StreamGuard:
         run.stream.finish()
         self._enforce(run)
 
+    def _feed(self, run: _Run, text: str) -> None:
+        """`text` to the run's stream, kept to open it again after idling, and every flag it
+        raised decided."""
+        run.text.append(text)
+        run.stream.feed(text)
+        self._enforce(run)
+
     def _unstreamed(self, run: _Run, response: LLMResult) -> None:
         """Nothing was streamed (`invoke`, `disable_streaming`, a model without `_stream`): each
         candidate response (`n` > 1 returns several) whole, as it would have streamed, before
@@ -289,9 +291,7 @@ class _StreamGuard:
             pieces.append(run.renderer.tool_call_chunk({"index": index, "name": call.get("name"), "args": args}))
         whole = "".join(pieces)
         if whole:
-            run.text.append(whole)
-            run.stream.feed(whole)
-            self._enforce(run)
+            self._feed(run, whole)
 
     def error(self, run_id: UUID) -> None:
         with self._lock:
