@@ -14,6 +14,10 @@ from typing import Any
 from soda_guard.trajectory import AssistantStep, ToolCall, Trajectory
 
 
+_Calls = tuple[tuple[ToolCall, str, str | None, str, object], ...]
+"""A step's calls as stamped: each object, and its name, server, id and arguments then."""
+
+
 class ToolCatalog:
     """Tool name → (server, the tool's name on it where that is another, declared
     annotations). A name registered again replaces the entry: one guard serves one agent's
@@ -23,7 +27,7 @@ class ToolCatalog:
         self._tools: dict[str, tuple[str, str | None, dict[str, bool] | None]] = {}
         self._lock = threading.Lock()
         self._seen: dict[int, tuple[Any, Any]] = {}
-        self._stamped: dict[int, tuple[AssistantStep, int, AssistantStep, tuple[tuple[ToolCall, str, str | None, str, object], ...]]] = {}
+        self._stamped: dict[int, tuple[AssistantStep, int, AssistantStep, _Calls]] = {}
         self._version = 0
 
     def add(self, name: str, server: str, annotations: Mapping[str, bool] | None, server_tool: str | None = None) -> None:
@@ -92,12 +96,12 @@ class ToolCatalog:
         return stamped
 
 
-def _as_stamped(step: AssistantStep) -> tuple[tuple[ToolCall, str, str | None, str, object], ...]:
+def _as_stamped(step: AssistantStep) -> _Calls:
     """Each call as it was when stamped: the object, and the fields a stamp reads or copies."""
     return tuple((call, call.name, call.server, call.id, call.args) for call in step.tool_calls)
 
 
-def _unchanged(step: AssistantStep, stamped: tuple[tuple[ToolCall, str, str | None, str, object], ...]) -> bool:
+def _unchanged(step: AssistantStep, stamped: _Calls) -> bool:
     """Whether `step` still holds the calls it was stamped from, as they were: steps are
     mutable, and an application that swaps, adds or renames a call in place, or gives one new
     arguments, must not be judged from the copy stamped before (arguments changed inside the
