@@ -4,12 +4,14 @@ example server, driven by the `mcp` SDK's HTTP client."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,18 @@ def http_proxy(policy: Path, server: list[str]) -> tuple[subprocess.Popen[bytes]
                "--http", f"127.0.0.1:{port}", "--", *server]
     proxy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     return proxy, f"http://127.0.0.1:{port}/mcp"
+
+
+@contextlib.asynccontextmanager
+async def serving(policy: Path, server: list[str]) -> AsyncIterator[str]:
+    """`http_proxy` answering: its URL, and the proxy and its server stopped after the block."""
+    proxy, url = http_proxy(policy, server)
+    try:
+        await connected(url)
+        yield url
+    finally:
+        os.killpg(proxy.pid, signal.SIGTERM)
+        proxy.wait(30)
 
 
 async def connected(url: str, attempts: int = 120) -> None:
@@ -106,16 +120,11 @@ async def test_http_proxy_judges_a_clients_calls_in_one_session_without_a_named_
     policy = tmp_path / "policy.yaml"
     rules = [{"name": "one-delete", "tools": ["files:delete_*"], "when": {"limit": {"calls": 1}}, "action": "block"}, {"action": "allow"}]
     policy.write_text(json.dumps({"version": 1, "rules": rules, "audit": {"jsonl": str(audit)}}))
-    proxy, url = http_proxy(policy, SERVER)
-    try:
-        await connected(url)
+    async with serving(policy, SERVER) as url:
         async with Client(url, **({"mode": "legacy"} if mode == "legacy" else {})) as client:
             first = await client.call_tool("delete_file", {"path": "notes.txt"})
             second = await client.call_tool("delete_file", {"path": "report.txt"})
             ran = await client.call_tool("ran", {})
-    finally:
-        os.killpg(proxy.pid, signal.SIGTERM)
-        proxy.wait(30)
     assert not first.is_error and second.is_error and "one-delete" in json.dumps(second.meta)
     assert ran.structured_content["result"] == ["delete_file notes.txt"]
     assert len({json.loads(line)["conversation_id"] for line in audit.read_text().splitlines()}) == 1
@@ -144,15 +153,10 @@ async def test_http_proxy_keeps_what_the_client_tells_the_judge_from_the_server(
     server.write_text(ECHO_META_SERVER)
     policy = tmp_path / "policy.yaml"
     policy.write_text(json.dumps({"version": 1, "rules": [{"action": "allow"}]}))
-    proxy, url = http_proxy(policy, [sys.executable, str(server)])
     context = {"soda-guard/context": {"session": "s1", "messages": [{"role": "user", "content": "my password is hunter2"}]}, "app": 1}
-    try:
-        await connected(url)
+    async with serving(policy, [sys.executable, str(server)]) as url:
         async with Client(url) as client:
             seen = json.loads((await client.call_tool("read_file", {"path": "notes.txt"}, meta=context)).content[0].text)
-    finally:
-        os.killpg(proxy.pid, signal.SIGTERM)
-        proxy.wait(30)
     assert seen["app"] == 1 and "soda-guard/context" not in seen
 
 
@@ -164,7 +168,6 @@ async def test_http_proxy_asks_through_elicitation(tmp_path: Path) -> None:
     policy = tmp_path / "policy.yaml"
     rules = [{"tools": ["files:delete_*"], "action": "escalate"}, {"action": "allow"}]
     policy.write_text(json.dumps({"version": 1, "rules": rules}))
-    proxy, url = http_proxy(policy, SERVER)
     answers = iter([True, False])
     asked: list[str] = []
 
@@ -172,15 +175,11 @@ async def test_http_proxy_asks_through_elicitation(tmp_path: Path) -> None:
         asked.append(params.message)
         return types.ElicitResult(action="accept", content={"value": next(answers)})
 
-    try:
-        await connected(url)
+    async with serving(policy, SERVER) as url:
         async with Client(url, elicitation_callback=answer, mode="legacy") as client:
             approved = await client.call_tool("delete_file", {"path": "notes.txt"})
             rejected = await client.call_tool("delete_file", {"path": "report.txt"})
             ran = await client.call_tool("ran", {})
-    finally:
-        os.killpg(proxy.pid, signal.SIGTERM)
-        proxy.wait(30)
     assert len(asked) == 2 and "files:delete_file" in asked[0], approved.content[0].text
     assert not approved.is_error and rejected.is_error
     assert ran.structured_content["result"] == ["delete_file notes.txt"]
@@ -195,9 +194,7 @@ async def test_http_proxy_moderates_resources_and_prompts_as_tool_results(tmp_pa
     policy = tmp_path / "policy.yaml"
     screen = {"kind": "keywords", "unsafe": ["buy milk", "file evil"], "safe": ["^(resources|prompts)/"], "match": "all"}
     policy.write_text(json.dumps({**POLICY, "judges": {"screen": screen}, "tool_results": {"judge": "screen", "tools": ["resources/*", "prompts/*"]}}))
-    proxy, url = http_proxy(policy, SERVER)
-    try:
-        await connected(url)
+    async with serving(policy, SERVER) as url:
         async with Client(url) as client:
             prompt = await client.get_prompt("summarize", {"path": "todo.txt"})
             assert prompt.messages[0].content.text == "Summarize the file todo.txt."
@@ -207,9 +204,6 @@ async def test_http_proxy_moderates_resources_and_prompts_as_tool_results(tmp_pa
                     await read()
                 except MCPError as error:
                     withheld.append(str(error))
-    finally:
-        os.killpg(proxy.pid, signal.SIGTERM)
-        proxy.wait(30)
     assert len(withheld) == 2, withheld
     assert "soda-guard withheld the answer to resources/read (block)" in withheld[0]
     assert "soda-guard withheld the answer to prompts/get (block)" in withheld[1]
@@ -247,9 +241,7 @@ async def test_http_proxy_moderates_a_servers_errors_as_results(tmp_path: Path) 
     policy = tmp_path / "policy.yaml"
     screen = {"kind": "keywords", "unsafe": ["IGNORE ALL PREVIOUS"], "match": "all"}
     policy.write_text(json.dumps({"version": 1, "rules": [{"action": "allow"}], "judges": {"screen": screen}, "tool_results": {"judge": "screen"}}))
-    proxy, url = http_proxy(policy, [sys.executable, str(server)])
-    try:
-        await connected(url)
+    async with serving(policy, [sys.executable, str(server)]) as url:
         async with Client(url) as client:
             called = await client.call_tool("read_file", {"path": "a"})
             assert called.is_error and "soda-guard withheld the error" in called.content[0].text
@@ -258,7 +250,4 @@ async def test_http_proxy_moderates_a_servers_errors_as_results(tmp_path: Path) 
                 raised = ""
             except MCPError as error:
                 raised = str(error)
-    finally:
-        os.killpg(proxy.pid, signal.SIGTERM)
-        proxy.wait(30)
     assert "soda-guard withheld the answer to resources/read" in raised
