@@ -128,13 +128,17 @@ ONE_DELETE = [{"name": "one-delete", "tools": ["delete_*"], "when": {"limit": {"
 ListState = Annotated[list[AnyMessage], add_messages]
 
 
-def list_state_graph(guard: Guard, replies: list[Any], ran: list[Any], *, with_guard_node: bool = False) -> Any:
-    """A graph whose state is the list of messages (a documented ToolNode input): the ToolNode
-    hands the list itself on as the state."""
+def tools_graph(state: Any, guard: Guard, replies: list[Any], ran: list[Any], *, with_guard_node: bool = False) -> Any:
+    """A model, `guard_node` where asked, and a wrapped ToolNode over `state`: `ListState` (the
+    list of messages, a documented ToolNode input, which the ToolNode hands on itself as the
+    state) or a mapping that keeps them under "messages"."""
     model = scripted_model(replies)
     wrapper = SodaGuardToolWrapper(guard)
-    builder = StateGraph(ListState)
-    builder.add_node("agent", lambda state: [model.invoke(state)])
+    builder = StateGraph(state)
+    if state is ListState:
+        builder.add_node("agent", lambda messages: [model.invoke(messages)])
+    else:
+        builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
     builder.add_node("tools", ToolNode(make_tools(ran), wrap_tool_call=wrapper, awrap_tool_call=wrapper.awrap))
     builder.add_edge(START, "agent")
     if with_guard_node:
@@ -156,10 +160,10 @@ async def test_the_wrapper_judges_a_list_state_as_the_conversation(mode: str) ->
     in its light) and a rule that reads the thread (`limit`) never held: everything ran."""
     guard, backend = make_guard(unsafe=("ransom",), rules=ONE_DELETE)
     ran: list[Any] = []
-    await run(mode, list_state_graph(guard, [tool_calls_message(SEND), "done"], ran), [HumanMessage(RANSOM)])
+    await run(mode, tools_graph(ListState, guard, [tool_calls_message(SEND), "done"], ran), [HumanMessage(RANSOM)])
     assert ran == [] and RANSOM in backend.requests[0].messages[-1]["content"]
     deletes = [tool_calls_message(("delete_file", {"path": "a"})), tool_calls_message(("delete_file", {"path": "b"})), "done"]
-    await run(mode, list_state_graph(guard, deletes, ran), [HumanMessage("Tidy up.")])
+    await run(mode, tools_graph(ListState, guard, deletes, ran), [HumanMessage("Tidy up.")])
     assert ran == [("delete_file", {"path": "a"})]
 
 
@@ -186,7 +190,7 @@ async def test_a_list_state_that_holds_no_message_is_no_conversation(mode: str) 
 async def test_the_guard_node_refuses_a_list_state_it_cannot_keep_records_in(mode: str) -> None:
     guard, _ = make_guard()
     ran: list[Any] = []
-    graph = list_state_graph(guard, [tool_calls_message(("read_file", {"path": "a"})), "done"], ran, with_guard_node=True)
+    graph = tools_graph(ListState, guard, [tool_calls_message(("read_file", {"path": "a"})), "done"], ran, with_guard_node=True)
     with pytest.raises(SodaGuardError, match="use \\(or extend\\) GuardState"):
         await run(mode, graph, [HumanMessage("Read a.")])
     assert ran == []
@@ -199,22 +203,6 @@ class PlainState(TypedDict):
     soda_guard: NotRequired[dict[str, Any]]
 
 
-def plain_state_graph(guard: Guard, replies: list[Any], ran: list[Any], *, with_guard_node: bool) -> Any:
-    model = scripted_model(replies)
-    wrapper = SodaGuardToolWrapper(guard)
-    builder = StateGraph(PlainState)
-    builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
-    builder.add_node("tools", ToolNode(make_tools(ran), wrap_tool_call=wrapper, awrap_tool_call=wrapper.awrap))
-    builder.add_edge(START, "agent")
-    if with_guard_node:
-        builder.add_node("guard", guard_node(guard))
-        builder.add_edge("agent", "guard")
-    else:
-        builder.add_conditional_edges("agent", tools_condition)
-    builder.add_edge("tools", "agent")
-    return builder.compile()
-
-
 @pytest.mark.parametrize("mode", ["sync", "async"])
 @pytest.mark.parametrize("with_guard_node", [False, True], ids=["wrapper", "guard_node"])
 async def test_a_message_kept_as_a_dict_is_judged_as_the_message_it_is(mode: str, with_guard_node: bool) -> None:
@@ -223,10 +211,10 @@ async def test_a_message_kept_as_a_dict_is_judged_as_the_message_it_is(mode: str
     guard, backend = make_guard(unsafe=("ransom",))
     ran: list[Any] = []
     read = tool_calls_message(("read_file", {"path": "a"}))
-    await run(mode, plain_state_graph(guard, [read, "done"], ran, with_guard_node=with_guard_node),
+    await run(mode, tools_graph(PlainState, guard, [read, "done"], ran, with_guard_node=with_guard_node),
               {"messages": [{"role": "user", "content": "Read a."}]})
     assert ran == [("read_file", {"path": "a"})]
-    await run(mode, plain_state_graph(guard, [tool_calls_message(SEND), "done"], ran, with_guard_node=with_guard_node),
+    await run(mode, tools_graph(PlainState, guard, [tool_calls_message(SEND), "done"], ran, with_guard_node=with_guard_node),
               {"messages": [{"role": "user", "content": RANSOM}]})
     assert ran == [("read_file", {"path": "a"})] and RANSOM in backend.requests[-1].messages[-1]["content"]
 

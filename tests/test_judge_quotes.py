@@ -66,6 +66,11 @@ def decide(judge_dir: Path, script: str, *, max_new_tokens: int = 256, **options
         f"judges: {{soda: {{kind: soda, model: {judge_dir}, max_new_tokens: {max_new_tokens}{flags}}}}}\n"
         "defaults: {on_error: allow, timeout_s: 60}\n"
     )
+    return judged(policy, backend)
+
+
+def judged(policy: Policy, backend: TransformersBackend) -> Any:
+    """The decision on the ransom transfer, the guard and its backend closed after."""
     guard = Guard(policy, backends={"soda": backend})
     try:
         [decision] = guard.check_tool_calls(RANSOM)
@@ -108,12 +113,7 @@ def test_verdict_only_without_a_readable_score_is_a_failure(judge_dir: Path) -> 
     verdict-only mode wrote `[Verdict] SAFE` (an allow) in the judge's place."""
     backend = TransformersBackend(str(judge_dir), device="cpu", verdict_only=True)
     policy = Policy.from_yaml(f"judges: {{soda: {{kind: soda, model: {judge_dir}, verdict_only: true}}}}\ndefaults: {{timeout_s: 60}}\n")
-    guard = Guard(policy, backends={"soda": backend})
-    try:
-        [decision] = guard.check_tool_calls(RANSOM)
-    finally:
-        guard.close()
-        backend.close()
+    decision = judged(policy, backend)
     if decision.verdict.score is not None:
         pytest.skip("this tokenizer's label words differ at their first token")
     assert decision.verdict.failed and decision.action is Action.BLOCK

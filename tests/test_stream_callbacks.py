@@ -542,6 +542,21 @@ async def test_every_candidate_of_an_unstreamed_response_is_judged(stream_dir: P
     assert stopped.value.partial_text == ANSWER and handler.decisions == [stopped.value.decision] and handler.active_runs == 0
 
 
+def recorded(monitor: StreamMonitor) -> list[str]:
+    """What the monitor's streams are fed from now on, in order."""
+    fed: list[str] = []
+    opened = monitor.open
+
+    def recording(trajectory: Any) -> Any:
+        stream = opened(trajectory)
+        feed = stream.feed
+        stream.feed = lambda text: (fed.append(text), feed(text))[1]  # type: ignore[method-assign]
+        return stream
+
+    monitor.open = recording  # type: ignore[method-assign]
+    return fed
+
+
 class QuietChunksModel(GenericFakeChatModel):
     """A `_stream` that leaves `on_llm_new_token` to LangChain, which `stream_events(version="v3")`
     then never calls: only its protocol events (`on_stream_event`) carry the text."""
@@ -577,16 +592,7 @@ def test_a_v3_tool_call_block_is_read_as_its_call(stream_dir: Path) -> None:
     monitor = StreamMonitor.load(str(stream_dir), device="cpu")
     monitor.model.risk_level_head = ConstantHead(0)
     handler = StreamGuardCallbackHandler(monitor)
-    fed: list[str] = []
-    feed = monitor.open
-
-    def opened(trajectory: Any) -> Any:
-        stream = feed(trajectory)
-        original = stream.feed
-        stream.feed = lambda text: (fed.append(text), original(text))[1]  # type: ignore[method-assign]
-        return stream
-
-    monitor.open = opened  # type: ignore[method-assign]
+    fed = recorded(monitor)
     chunks = [AIMessageChunk(content="Listing. "),
               AIMessageChunk(content="", tool_call_chunks=[{"index": 0, "id": "c1", "name": "shell", "args": '{"cmd": '}]),
               AIMessageChunk(content="", tool_call_chunks=[{"index": 0, "id": None, "name": None, "args": '"ls"}'}])]
@@ -687,16 +693,7 @@ def test_a_v3_call_that_comes_as_one_finished_block_is_judged(stream_dir: Path) 
     monitor = StreamMonitor.load(str(stream_dir), device="cpu")
     monitor.model.risk_level_head = ConstantHead(0)
     handler = StreamGuardCallbackHandler(monitor)
-    fed: list[str] = []
-    opened = monitor.open
-
-    def recording(trajectory: Any) -> Any:
-        stream = opened(trajectory)
-        feed = stream.feed
-        stream.feed = lambda text: (fed.append(text), feed(text))[1]  # type: ignore[method-assign]
-        return stream
-
-    monitor.open = recording  # type: ignore[method-assign]
+    fed = recorded(monitor)
     model = WholeCallEventsModel(messages=iter([]))
     for _ in model.stream_events([HumanMessage(content="clean up")], config={"callbacks": [handler]}, version="v3").text:
         pass
