@@ -26,11 +26,13 @@ from pydantic import (
     Field,
     PrivateAttr,
     RootModel,
+    SerializerFunctionWrapHandler,
     StrictBool,
     StrictFloat,
     StrictInt,
     StrictStr,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -272,7 +274,8 @@ class ArgTest(_Strict):
     _regex: regex.Pattern[str] | None = PrivateAttr(default=None)
     _glob: re.Pattern[str] | None = PrivateAttr(default=None)
     _bounds: list[tuple[Callable[[Any, Any], bool], float]] = PrivateAttr(default_factory=list)
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # `in_` too: what `model_dump()` writes without `by_alias` loads back
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     @field_validator("regex")
     @classmethod
@@ -286,6 +289,14 @@ class ArgTest(_Strict):
         if not self.model_fields_set:
             raise ValueError("give at least one comparison (eq, ne, gt, ge, lt, le, in, not_in, glob, regex)")
         return self
+
+    @model_serializer(mode="wrap")
+    def _given_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Only the comparisons given: `eq: null` compares with null, so a dump that wrote every
+        unset `eq` and `ne` as null loaded back as a rule that matched nothing (a block rule
+        stored and reloaded let every call through)."""
+        given = {key for name in self.model_fields_set for key in (name, type(self).model_fields[name].alias)}
+        return {key: value for key, value in handler(self).items() if key in given}
 
     def model_post_init(self, context: Any) -> None:
         if self.regex is not None:

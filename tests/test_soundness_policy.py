@@ -207,6 +207,20 @@ def test_eq_null_still_compares_with_null() -> None:
         assert decision.rule == rule
 
 
+@pytest.mark.parametrize("dump", [{}, {"by_alias": True}, {"by_alias": True, "mode": "json"}])
+def test_a_policy_dumped_and_loaded_again_blocks_what_it_blocked(dump: dict[str, Any]) -> None:
+    """A policy stored as its `model_dump` (a run's settings, a database, a worker's config)
+    wrote every unset `eq`/`ne` as null: reloaded, "block transfers over 1,000" compared the
+    amount with null as well and matched nothing."""
+    policy = Policy.from_yaml("judges: {s: {kind: soda, model: m}}\n"
+                              "rules:\n  - {tools: [transfer], when: {args: {amount: {gt: 1000}, memo: {in: [rent, null]}}}, action: block}\n")
+    reloaded = Policy.from_dict(json.loads(json.dumps(policy.model_dump(**dump), default=str)) if dump.get("mode") else policy.model_dump(**dump))
+    assert reloaded == policy
+    guard = Guard(reloaded, backends={"s": ScriptedBackend([SAFE])})
+    [decision] = guard.check_tool_calls(from_openai_messages([{"role": "user", "content": "pay"}, _call("transfer", {"amount": 5000, "memo": "rent"}, "c")]))
+    assert (decision.action, decision.rule) == (Action.BLOCK, "rules[0]")
+
+
 # --- what is recorded, and what a cascade settles ---
 
 def test_an_escalated_result_is_withheld_and_recorded_as_a_block(tmp_path: Path) -> None:
