@@ -308,6 +308,13 @@ CREATE INDEX IF NOT EXISTS decisions_action ON decisions (action, timestamp);
 """
 
 
+_inherited: list[sqlite3.Connection] = []
+"""Connections a forked child inherited from its parent: never used there (an SQLite connection
+must not cross a fork: its locks are the parent's, its view of the WAL is shared) and never
+closed either, since a close in the child can checkpoint the parent's WAL; kept here so the
+garbage collector does not close them."""
+
+
 class SqliteAuditSink:
     """Decisions in an SQLite table (WAL, so readers never block the guard) for queries such as
     "every block in conversation X". Each batch is one transaction; `fsync` maps onto SQLite's
@@ -321,6 +328,18 @@ class SqliteAuditSink:
         self.busy_timeout_s = busy_timeout_s
         self._lock = threading.Lock()
         self._synchronous = "NORMAL" if mode == "off" else "FULL"
+        self._pid = os.getpid()
+        self._db, self._identity = self._connect()
+
+    def _forked(self) -> None:
+        """A worker forked from the process that opened the database (gunicorn `--preload`)
+        connects on its own: the parent's connection is the parent's, and a lock the parent
+        held at the fork is not the child's to wait on."""
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        _inherited.append(self._db)
         self._db, self._identity = self._connect()
 
     def _connect(self) -> tuple[sqlite3.Connection, tuple[int, int]]:
@@ -345,6 +364,7 @@ class SqliteAuditSink:
         if not decisions:
             return
         rows = [_row(decision) for decision in decisions]
+        self._forked()
         _acquire(self._lock, deadline, f"audit database {self.path}")
         try:
             try:
@@ -373,6 +393,7 @@ class SqliteAuditSink:
             self._lock.release()
 
     def query(self, sql: str, parameters: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        self._forked()
         with self._lock:
             return list(self._db.execute(sql, parameters))
 
@@ -382,6 +403,7 @@ class SqliteAuditSink:
         return [Decision.model_validate_json(record) for (record,) in rows]
 
     def close(self) -> None:
+        self._forked()
         with self._lock:
             self._db.close()
 

@@ -376,6 +376,28 @@ def test_a_process_forked_after_a_write_takes_its_own_log_handle_and_lock(tmp_pa
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+def test_a_process_forked_from_an_sqlite_sink_connects_on_its_own(tmp_path: Path) -> None:
+    """A worker forked while the parent was writing (gunicorn `--preload`) used the parent's
+    connection, which SQLite forbids across a fork, behind a lock the parent held: every
+    check of the worker waited out its deadline and failed."""
+    sink = SqliteAuditSink(tmp_path / "audit.db")
+    sink.write([_decided("before the fork")])
+    parents = sink._db
+    with sink._lock:  # the parent is in the middle of a write
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through its exit status
+            try:
+                sink.write([Decision(action=Action.ALLOW, rule="r", why="child")], deadline=time.monotonic() + 5)
+                os._exit(0 if sink._db is not parents else 2)
+            except Exception:
+                os._exit(1)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    sink.write([Decision(action=Action.ALLOW, rule="r", why="parent after")])
+    assert [d.why for d in sink.decisions()] == ["before the fork", "child", "parent after"]
+    assert sink.query("PRAGMA integrity_check") == [("ok",)]
+
+
 def test_a_guard_never_closed_does_not_keep_its_audit_log_open(tmp_path: Path) -> None:
     """One guard per request, never closed: each kept a descriptor on the log until the
     process ran out of them, and every later call was blocked."""
