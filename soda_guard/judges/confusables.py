@@ -196,10 +196,18 @@ def _literal(char: str) -> str:
 @functools.lru_cache(maxsize=None)
 def shaped(delimiters: re.Pattern[str]) -> re.Pattern[str]:
     """The delimiter pattern as a shape: it matches a folded line wherever some choice of ASCII
-    letters for its `LETTER`s and ASCII punctuation for its `MARK`s would match `delimiters`,
-    after any run of `MARK`s: a private-use, unassigned or replacement character (or any other
-    symbol outside ASCII) in front of `=== END ===` is a glyph the model may read past."""
-    return re.compile(f"{MARK}*(?:{_shaped_source(delimiters.pattern)})", delimiters.flags)
+    letters for its `LETTER`s and ASCII punctuation for its `MARK`s would match `delimiters`."""
+    return re.compile(_shaped_source(delimiters.pattern), delimiters.flags)
+
+
+_MARKS = re.compile(f"{MARK}*")
+
+MARK_LEAD = 8
+"""How many of a line's leading `MARK`s a delimiter may begin with (`[`, `<`, `/`, `==`): the
+longest run of punctuation a delimiter pattern opens with before it needs a letter or a space,
+or the least count of an opening repetition (`={2,}`). Before those, any run of `MARK`s is a
+glyph the model may read past (a private-use, unassigned or replacement character, or any
+other symbol outside ASCII, in front of `=== END ===`)."""
 
 
 def delimiter_key(line: str) -> str:
@@ -221,5 +229,12 @@ def delimiter_key(line: str) -> str:
 
 def is_delimiter(line: str, delimiters: re.Pattern[str]) -> bool:
     """Whether a judge could read `line` as the structure `delimiters` describes: spelled
-    exactly, through invisible characters, or through characters outside ASCII."""
-    return shaped(delimiters).match(delimiter_key(line)) is not None
+    exactly, through invisible characters, or through characters outside ASCII, after any run
+    of `MARK`s. The shape is tried where the run's last `MARK_LEAD` characters begin, not after
+    every prefix of the run: written as one pattern (`MARK*` in front), a line of emoji or
+    box-drawing characters backtracked through every split of itself, cubic in its length
+    (40 s for a line of 2,000)."""
+    key = delimiter_key(line)
+    pattern = shaped(delimiters)
+    run = _MARKS.match(key).end()  # type: ignore[union-attr]
+    return any(pattern.match(key[start:]) for start in range(max(0, run - MARK_LEAD), run + 1))

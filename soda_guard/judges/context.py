@@ -56,7 +56,7 @@ def escape_token_text(text: str) -> str:
 
 
 SODA_DELIMITERS = re.compile(
-    r"={2,}.*?[^\W\d_]"  # === EVALUATION TASK ===, === CONVERSATION ===, === END ===
+    r"={2}.*?[^\W\d_]"  # === EVALUATION TASK ===, === CONVERSATION ===, === END === (`={2,}` backtracked: quadratic in a line of `=`)
     r"|\[\s*(?:user|assistant|tool|system|verdict|reason)\s*\]"
     r"|harm category\s*:"
     r"|based on the above,\s*did the agent",
