@@ -129,8 +129,10 @@ class TextTokenBuffer:
             # would wait for the end of the run: all but its last token go on now, at the cost
             # of a rare merge across that point that tokenising it whole would make
             hold = max(hold, next((i for i, (_, end) in enumerate(offsets) if end > limit), len(ids)) - 1)
-            while hold and offsets[hold - 1][1] > offsets[hold][0]:  # never inside a character
-                hold -= 1
+        # never inside a character: NFC writes some as two words (U+0958 as U+0915 U+093C), and
+        # the character's first word fed now would be fed again with the rest, still pending
+        while hold and offsets[hold - 1][1] > offsets[hold][0]:
+            hold -= 1
         if hold == 0:
             return []
         self.pending = self.pending[offsets[hold][0]:]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
+import pytest
 
 from soda_guard.stream_monitor import HELD_MAX_TOKENS, TextTokenBuffer
-from soda_guard.testing import byte_tokenizer, load_test_tokenizer
+from soda_guard.testing import byte_tokenizer, composing, load_test_tokenizer
 
 TEXTS = [
     "Hello world!  It's   fine.\n\n\nNext line\twith tabs 123456 and don't  'll",
@@ -94,3 +96,25 @@ def test_the_stream_judges_context_holds_only_the_templates_own_tags() -> None:
     counts = {tag: text.count(tag) for tag in ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>", "<|im_end|>")}
     # the assistant's own call and the template's wrapping of the result, nothing else
     assert counts == {"<tool_call>": 1, "</tool_call>": 1, "<tool_response>": 1, "</tool_response>": 1, "<think>": 0, "</think>": 0, "<|im_end|>": 0}
+
+
+NFC_TOKENIZERS = ["bytes", "bytes-nfc", "qwen"]
+RECOMPOSED = 'cafe\u0301 e\u0301e\u0301 \u0958\u0958 ok \u0958 \ufb2c<tool_call>\n{"name": "shell"}'
+"""Characters NFC rewrites: `e` + U+0301 as one, U+0958 as two (two words to the pre-tokenizer),
+U+FB2C as three."""
+
+
+def _tokenizer(kind: str, request: pytest.FixtureRequest) -> Any:
+    if kind == "qwen":
+        return load_test_tokenizer(request.getfixturevalue("qwen_tokenizer_dir"))
+    return composing(byte_tokenizer()) if kind == "bytes-nfc" else byte_tokenizer()
+
+
+@pytest.mark.parametrize("kind", NFC_TOKENIZERS)
+def test_a_character_the_tokenizer_splits_into_two_words_is_fed_once(kind: str, request: pytest.FixtureRequest) -> None:
+    """NFC writes U+0958 as U+0915 U+093C, which the pre-tokenizer splits: a chunk ending
+    there fed U+0915 and held the whole character back, so it was fed again with the next."""
+    tokenizer = _tokenizer(kind, request)
+    whole = tokenizer(RECOMPOSED, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    for seed in range(40):
+        assert _chunked(tokenizer, RECOMPOSED, random.Random(seed)) == whole, seed

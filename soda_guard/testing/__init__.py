@@ -56,6 +56,16 @@ def byte_tokenizer() -> Any:
     return tokenizer
 
 
+def composing(tokenizer: Any) -> Any:
+    """`tokenizer`, composing its text (NFC) before it splits it, as Qwen3's does: what its
+    tokens decode to is then not, character for character, the text it was given (`e` + U+0301
+    is one character, U+0958 two), which the byte tokenizer alone never shows."""
+    from tokenizers import normalizers
+
+    tokenizer.backend_tokenizer.normalizer = normalizers.NFC()
+    return tokenizer
+
+
 def load_test_tokenizer(tokenizer_dir: str | Path | None = None) -> Any:
     from transformers import AutoTokenizer
 
