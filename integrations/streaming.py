@@ -339,8 +339,9 @@ class _StreamGuard:
     def _decide(self, run: _Run, flagged: TokenVerdict) -> None:
         verdict = run.stream.verdict(flagged)
         # the flagged token's place, not the latest call's: text held back to the next word can
-        # be judged only once a call's name has arrived, and is the content's, under the defaults
-        in_call, tool = run.renderer.tool_at(len(run.stream.fed_text(flagged.index + 1))) if run.renderer.calls else (False, "")
+        # be judged only once a call's name has arrived, and is the content's, under the defaults;
+        # the stream places it in the characters it was fed, which are the renderer's
+        in_call, tool = run.renderer.tool_at(flagged.end)
         # a rule whose conditions read the call's arguments or thread may apply or not, and a
         # call whose name has not streamed yet may be any tool's: the strictest that may apply
         candidates = self.policy.rules_for(self._known(tool)) if in_call else [("defaults", None)]

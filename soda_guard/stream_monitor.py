@@ -60,6 +60,13 @@ class TokenVerdict:
     category: str
     risk_probs: tuple[float, ...]
     category_probs: tuple[float, ...]
+    end: int = 0
+    """Where the token ends in the text fed to the stream, counted in that text's characters
+    as fed (a token fed as an id, where the text fed before it ends). A caller places a flag
+    among its own pieces of that text (the content, a tool call) by this, not by the length
+    of what the tokens decode to: the tokenizer composes the text first (NFC writes `e` +
+    U+0301 as one character, U+0958 as two), so that length drifts from the text's by a
+    character for each such one before the token."""
 
 
 @dataclass(frozen=True)
@@ -113,8 +120,15 @@ class TextTokenBuffer:
         self.tokenizer = tokenizer
         self.pending = ""
         self.added = [token for token in _added_token_strings(tokenizer) if token]
+        self.fed = 0
+        """Characters of the text pushed that the tokens returned so far cover: all before `pending`."""
+        self.ends: list[int] = []
+        """Where each token the latest `push`, `finish` or `tokens` returned ends in the text
+        pushed, as `TokenVerdict.end` counts: from the tokenizer's offsets, which point into the
+        text as it was pushed, before the tokenizer normalised it."""
 
     def push(self, text: str) -> list[int]:
+        self.ends = []
         self.pending += text
         if not self.pending:
             return []
@@ -135,15 +149,29 @@ class TextTokenBuffer:
             hold -= 1
         if hold == 0:
             return []
-        self.pending = self.pending[offsets[hold][0]:]
-        return list(ids[:hold])
+        return self._take(ids[:hold], [start for start, _ in offsets[:hold]], offsets[hold][0])
 
     def finish(self) -> list[int]:
         """The held-back tail, at the end of the text."""
+        self.ends = []
         if not self.pending:
             return []
-        ids = tokenize(self.tokenizer, self.pending, split_special=True)["input_ids"]
-        self.pending = ""
+        encoding = tokenize(self.tokenizer, self.pending, split_special=True, return_offsets_mapping=True)
+        return self._take(encoding["input_ids"], [start for start, _ in encoding["offset_mapping"]], len(self.pending))
+
+    def _take(self, ids: Sequence[int], starts: list[int], length: int) -> list[int]:
+        """`ids`, the tokens of the first `length` characters pending, which they leave. Each
+        token ends where the next begins and the last at `length`, not at its own offsets' end:
+        a character the tokenizer composed (`e` + U+0301) has offsets covering its first
+        code point only, and a token holding part of a character ends before it."""
+        self.ends = [self.fed + start for start in starts[1:]] + [self.fed + length]
+        self.fed += length
+        self.pending = self.pending[length:]
+        return list(ids)
+
+    def tokens(self, ids: Sequence[int]) -> list[int]:
+        """Tokens fed as ids, which have no text: each ends where the text pushed before it does."""
+        self.ends = [self.fed] * len(ids)
         return list(ids)
 
     def _added_prefix_tail(self) -> int:
@@ -346,18 +374,13 @@ class GuardStream:
         """Append assistant tokens (ids, or text that is re-tokenised across calls) and return
         the verdict of each token actually fed; held-back text yields none until later."""
         with self._lock:
-            ids = self.buffer.push(tokens) if isinstance(tokens, str) else ([tokens] if isinstance(tokens, int) else list(tokens))
+            ids = self.buffer.push(tokens) if isinstance(tokens, str) else self.buffer.tokens([tokens] if isinstance(tokens, int) else tokens)
             return self._run(ids)
 
     def finish(self) -> list[TokenVerdict]:
         """Feed the text still held back; call when the turn's text is complete."""
         with self._lock:
             return self._run(self.buffer.finish())
-
-    def fed_text(self, tokens: int) -> str:
-        """The assistant text of the first `tokens` tokens fed: where a token's verdict falls
-        in the text (a flag before or inside a tool call)."""
-        return self.monitor.tokenizer.decode([verdict.token_id for verdict in self.verdicts[:tokens]])
 
     def close(self) -> None:
         """Drop the KV cache (the only large state); the verdicts stay readable."""
@@ -397,6 +420,7 @@ class GuardStream:
         return torch.tensor(list(ids), dtype=torch.long, device=self.monitor.device)
 
     def _run(self, ids: list[int]) -> list[TokenVerdict]:
+        """`ids` are what the buffer returned last, and `buffer.ends` holds where each ends."""
         if not ids:
             return []
         if self.cache is None:
@@ -411,9 +435,10 @@ class GuardStream:
             heads = self.monitor.model.response_logits(hidden)
         risks, categories = heads.risk.argmax(-1).tolist(), heads.category.argmax(-1).tolist()
         out = []
-        for token, risk, category, risk_probs, category_probs in zip(ids, risks, categories, _probs(heads.risk), _probs(heads.category)):
+        for token, end, risk, category, risk_probs, category_probs in zip(
+                ids, self.buffer.ends, risks, categories, _probs(heads.risk), _probs(heads.category), strict=True):
             verdict = TokenVerdict(len(self.verdicts), token, RiskLevel(risk), RESPONSE_CATEGORIES[category],
-                                   tuple(risk_probs), tuple(category_probs))
+                                   tuple(risk_probs), tuple(category_probs), end)
             self.verdicts.append(verdict)
             self.debouncer.update(verdict)
             out.append(verdict)

@@ -118,3 +118,30 @@ def test_a_character_the_tokenizer_splits_into_two_words_is_fed_once(kind: str, 
     whole = tokenizer(RECOMPOSED, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     for seed in range(40):
         assert _chunked(tokenizer, RECOMPOSED, random.Random(seed)) == whole, seed
+
+
+@pytest.mark.parametrize("kind", NFC_TOKENIZERS)
+def test_each_token_ends_where_its_text_ends_in_the_text_as_pushed(kind: str, request: pytest.FixtureRequest) -> None:
+    """A flag was placed by the length of what the tokens before it decode to, which the
+    tokenizer's NFC makes another text: the tokens up to each `end` decode to the text pushed
+    up to it, normalised, however the text is chunked."""
+    tokenizer = _tokenizer(kind, request)
+    normalizer = tokenizer.backend_tokenizer.normalizer
+    normal = normalizer.normalize_str if normalizer else (lambda text: text)
+    for text in [*TEXTS, RECOMPOSED]:
+        for seed in range(12):
+            rng, buffer, ids, ends, start = random.Random(seed), TextTokenBuffer(tokenizer), [], [], 0
+            while start < len(text):
+                step = rng.randint(1, 7)
+                ids += buffer.push(text[start:start + step])
+                ends += buffer.ends
+                start += step
+            ids += buffer.finish()
+            ends += buffer.ends
+            assert len(ends) == len(ids) and ends == sorted(ends) and ends[-1] == len(text), (text, seed)
+            for count, end in enumerate(ends, 1):
+                decoded, before = tokenizer.decode(ids[:count]), normal(text[:end])
+                # or the token ends inside the character after `end` (in its bytes, or in the
+                # characters NFC writes it as), and is placed before it
+                assert decoded == before or (
+                    decoded.startswith(before) and normal(text[:end + 1]).startswith(decoded.rstrip("\ufffd"))), (text, seed, count)
