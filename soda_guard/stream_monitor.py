@@ -343,6 +343,9 @@ class GuardStream:
         self.debouncer = Debouncer()
         self.buffer = TextTokenBuffer(monitor.tokenizer)
         self.verdicts: list[TokenVerdict] = []
+        self.worst = 0.0
+        """The highest P(unsafe) + P(controversial) of any token fed: kept as tokens come, since
+        a verdict is built for every flag and a scan of every token per flag is quadratic."""
         self._lock = threading.Lock()
         self._started = time.perf_counter()
         prompt = encode_stream_prompt(monitor.tokenizer, trajectory)
@@ -397,10 +400,9 @@ class GuardStream:
         """The stream so far as a policy-ready verdict (Unsafe/Controversial once flagged, or
         as `flagged` says: one of the later `flags`)."""
         flagged = flagged or self.flagged
-        worst = max((v.risk_probs[1] + v.risk_probs[2] for v in self.verdicts), default=0.0)
         return Verdict(
             label=flagged.risk.label if flagged else Label.SAFE,
-            score=worst,
+            score=self.worst,
             categories=[flagged.category] if flagged else [],
             reason=f"token {flagged.index} was the second consecutive {flagged.risk.name.lower()} token" if flagged else None,
             judge=self.monitor.name,
@@ -440,6 +442,7 @@ class GuardStream:
             verdict = TokenVerdict(len(self.verdicts), token, RiskLevel(risk), RESPONSE_CATEGORIES[category],
                                    tuple(risk_probs), tuple(category_probs), end)
             self.verdicts.append(verdict)
+            self.worst = max(self.worst, risk_probs[1] + risk_probs[2])
             self.debouncer.update(verdict)
             out.append(verdict)
         return out

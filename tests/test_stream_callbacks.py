@@ -767,3 +767,31 @@ async def test_a_flags_place_is_found_without_decoding_the_text_before_it(stream
         pass
     assert [(d.rule, d.action) for d in handler.decisions] == [("defaults", Action.LOG)] and handler.active_runs == 0
     assert sum(decoded) <= len("".join(fed).encode())  # the turn's tokens (one per byte) at most once, not once per flag
+
+
+@pytest.mark.parametrize("handler_class", ASYNC_HANDLERS)
+async def test_a_flags_verdict_is_built_without_reading_every_token_before_it(stream_dir: Path, handler_class: type) -> None:
+    """Each flag's verdict took its score from a scan of every token fed so far, decided or
+    not: a long answer flagged every other token under `log` cost the square of its length."""
+    monitor = _monitor(stream_dir, 1)  # every second token flags
+    read: list[int] = []
+
+    class Counted(list[Any]):
+        def __iter__(self) -> Iterator[Any]:
+            for verdict in super().__iter__():
+                read.append(verdict.index)
+                yield verdict
+
+    opened = monitor.open
+
+    def counted(trajectory: Any) -> Any:
+        stream = opened(trajectory)
+        stream.verdicts = Counted()
+        return stream
+
+    monitor.open = counted  # type: ignore[method-assign]
+    handler = handler_class(monitor, Policy.from_dict({"defaults": {"on_unsafe": "log"}}))
+    answer = " ".join([ANSWER] * 6)
+    chunks = [chunk.content async for chunk in _fake(answer).astream([HumanMessage(content="q")], config={"callbacks": [handler]})]
+    assert "".join(chunks) == answer and [d.action for d in handler.decisions] == [Action.LOG]
+    assert len(read) <= len(answer.encode())  # the answer's tokens (one per byte) at most once, not once per flag
