@@ -6,7 +6,8 @@
 it declares about itself unless `name_server` gives the tools the name the policy uses. Tools
 of several servers loaded at once (a FastMCP `ClientGroup`, an `MCPConfig` of several
 servers) are named `<server>_<tool>` for the agent; each is registered as the tool it is on
-the server its group names, or refused where that cannot be told.
+the server its group names (by its key path, for a group inside a group), or refused where
+that cannot be told.
 """
 
 from __future__ import annotations
@@ -52,15 +53,15 @@ def mcp_identity(tool: Any) -> McpIdentity | None:
     if not isinstance(mcp, Mapping) and not isinstance(named, str):
         return None
     mcp = mcp if isinstance(mcp, Mapping) else {}
-    route = _route(_client_of(tool), tool.name) if mcp else None
+    path, server_tool = _route(_client_of(tool), tool.name) if mcp else ((), tool.name)
     server_info = mcp.get("server")
     declared_name = server_info.get("name") if isinstance(server_info, Mapping) else None
-    server = named if isinstance(named, str) else route[0] if route is not None else declared_name
+    server = named if isinstance(named, str) else "_".join(path) if path else declared_name
     if not isinstance(server, str) or not server:
         return None
     tool_meta = mcp.get("tool")
     annotations = tool_meta.get("annotations") if isinstance(tool_meta, Mapping) else None
-    return McpIdentity(server, route[1] if route is not None else tool.name, from_wire(annotations if isinstance(annotations, Mapping) else None))
+    return McpIdentity(server, server_tool, from_wire(annotations if isinstance(annotations, Mapping) else None))
 
 
 def _client_of(tool: Any) -> Any:
@@ -79,28 +80,35 @@ def _client_of(tool: Any) -> Any:
     return client
 
 
-def _route(client: Any, name: str) -> tuple[str, str] | None:
-    """(server, the tool's name there) of a tool that `client` names `<server>_<tool>`: a
-    FastMCP `ClientGroup` (a member may be such a client again) or a client of an `MCPConfig`
-    of several servers; None for a client of one server. The server is the one whose key,
-    with `_`, begins the name: two that could are refused, as is a config mounted without
-    the prefixes."""
+def _route(client: Any, name: str) -> tuple[tuple[str, ...], str]:
+    """(the keys that lead to the server, the tool's name there) of the tool `client` names
+    `name`. A FastMCP `ClientGroup` (whose member may be a client of an `MCPConfig` of several
+    servers again) or such a client names it `<key>_<tool>`: the server is known by its key
+    path, joined with `_` as the agent's name is, so `prod`'s `files` and `staging`'s are two
+    servers. A config mounted without the prefixes is refused."""
     from fastmcp.client.group import ClientGroup
     from fastmcp.client.transports import MCPConfigTransport
 
-    members: dict[str, Any]
     if isinstance(client, ClientGroup):
-        members = dict(client.clients)
-    else:
-        transport = getattr(client, "transport", None)
-        if not isinstance(transport, MCPConfigTransport) or len(transport.config.mcpServers) < 2:
-            return None
-        if not transport.name_as_prefix:
-            raise McpRoutingError(
-                f"soda-guard cannot tell which MCP server runs `{name}`: its MCPConfig mounts "
-                f"{sorted(transport.config.mcpServers)} without prefixes; load them as a ClientGroup or one adapter each"
-            )
-        members = dict.fromkeys(transport.config.mcpServers)
+        key, upstream = _prefix(client.clients, name)
+        path, server_tool = _route(client.clients[key], upstream)
+        return (key, *path), server_tool
+    transport = getattr(client, "transport", None)
+    if not isinstance(transport, MCPConfigTransport) or len(transport.config.mcpServers) < 2:
+        return (), name
+    servers = transport.config.mcpServers
+    if not transport.name_as_prefix:
+        raise McpRoutingError(
+            f"soda-guard cannot tell which MCP server runs `{name}`: its MCPConfig mounts "
+            f"{sorted(servers)} without prefixes; load them as a ClientGroup or one adapter each"
+        )
+    key, upstream = _prefix(servers, name)
+    return (key,), upstream
+
+
+def _prefix(members: Mapping[str, Any], name: str) -> tuple[str, str]:
+    """(the member key that, with `_`, begins `name`, the rest of it). Two keys that could are
+    refused."""
     keys = [key for key in members if name.startswith(f"{key}_")]
     if len(keys) != 1:
         raise McpRoutingError(
@@ -108,9 +116,7 @@ def _route(client: Any, name: str) -> tuple[str, str] | None:
             + (f"servers {sorted(keys)} could all be its prefix; give them names none of which begins another's" if keys
                else f"no server of {sorted(members)} is its prefix")
         )
-    server, upstream = keys[0], name[len(keys[0]) + 1 :]
-    inner = _route(members[server], upstream) if members[server] is not None else None
-    return inner or (server, upstream)
+    return keys[0], name[len(keys[0]) + 1 :]
 
 
 def register_mcp_tools(guard: Guard, tools: Iterable[Any]) -> None:

@@ -40,10 +40,15 @@ def guard_for(policy: dict[str, Any], unsafe: str, sinks: list[Any] | None = Non
     return Guard(Policy.from_dict(policy), backends={"soda": backend}, sinks=sinks), backend
 
 
-async def run_agent(guard: Guard, tools: list[Any], calls: list[tuple[str, dict[str, Any]]], request: str) -> list[ToolMessage]:
+async def run_agent(
+    guard: Guard, tools: list[Any], calls: list[tuple[str, dict[str, Any]]], request: str, sync: bool = False
+) -> list[ToolMessage]:
+    """The agent's tool results; `sync` runs it with `invoke`, where `langchain.mcp`'s tools,
+    async only, cannot run: for calls the guard stops."""
     replies = [tool_calls_message(call) for call in calls] + ["done"]
     agent = create_agent(scripted_model(replies), tools, middleware=[SodaGuardMiddleware(guard, otel=False)])
-    result = await agent.ainvoke({"messages": [HumanMessage(request)]})
+    state = {"messages": [HumanMessage(request)]}
+    result = agent.invoke(state) if sync else await agent.ainvoke(state)
     return [message for message in result["messages"] if isinstance(message, ToolMessage)]
 
 
@@ -124,6 +129,24 @@ async def test_a_tool_whose_server_cannot_be_told_is_refused_at_every_step(how):
         with pytest.raises(McpRoutingError, match="files_old_delete_file"):
             register_mcp_tools(guard, [delete])
     assert "files_old_delete_file" not in guard.tools
+
+
+async def test_a_server_of_a_nested_group_is_known_by_its_key_path():
+    """`prod` and `staging` each hold a `files` server: both were registered as `files`, so a
+    rule for `prod_files` (the prefix of `prod_files_delete_file`) never held, and one for
+    `files` held for both. A server is known by its keys, joined as the agent's names are."""
+    policy = {**POLICY, "rules": [{"name": "prod-deletes", "tools": ["prod_files:delete_*"], "action": "block"},
+                                  {"name": "staging", "server": "staging_*", "action": "allow"}]}
+    guard, _ = guard_for(policy, "never")
+    groups = ClientGroup({env: FastMCPClient(several_servers("config")) for env in ("prod", "staging")})
+    async with MCPAdapter(groups) as mcp:
+        tools = await mcp.list_tools()
+        assert mcp_identity(next(t for t in tools if t.name == "staging_files_delete_file"))[:2] == ("staging_files", "delete_file")
+        calls = [("prod_files_delete_file", {"path": "notes.txt"}), ("staging_files_delete_file", {"path": "notes.txt"})]
+        messages = await run_agent(guard, tools, calls, "tidy")
+        stopped = await run_agent(guard_for(policy, "never")[0], tools, calls[:1], "tidy", sync=True)  # tools read anew
+    assert [m.status for m in messages] == ["error", "success"]
+    assert "prod-deletes" in messages[0].text and "prod-deletes" in stopped[0].text
 
 
 @pytest.mark.parametrize(
