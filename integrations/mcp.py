@@ -6,8 +6,8 @@
 it declares about itself unless `name_server` gives the tools the name the policy uses. Tools
 of several servers loaded at once (a FastMCP `ClientGroup`, an `MCPConfig` of several
 servers) are named `<server>_<tool>` for the agent; each is registered as the tool it is on
-the server its group names (by its key path, for a group inside a group), or refused where
-that cannot be told.
+the server its group names (by its key path, for a group inside a group), by the server's own
+name for a tool a config's transform renamed, or refused where that cannot be told.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class McpIdentity(NamedTuple):
 def mcp_identity(tool: Any) -> McpIdentity | None:
     """The server, the tool's name there and the declared annotations of a tool
     `langchain.mcp` made; None for any other. Raises `McpRoutingError` for one whose server
-    cannot be told."""
+    or whose name there cannot be told."""
     metadata = getattr(tool, "metadata", None)
     if not isinstance(metadata, Mapping):
         return None
@@ -85,25 +85,30 @@ def _route(client: Any, name: str) -> tuple[tuple[str, ...], str]:
     `name`. A FastMCP `ClientGroup` (whose member may be a client of an `MCPConfig` of several
     servers again) or such a client names it `<key>_<tool>`: the server is known by its key
     path, joined with `_` as the agent's name is, so `prod`'s `files` and `staging`'s are two
-    servers. A config mounted without the prefixes is refused."""
+    servers. A config mounted without the prefixes is refused. The tool is named as its
+    server's config may have renamed it (`_unrenamed`)."""
     from fastmcp.client.group import ClientGroup
-    from fastmcp.client.transports import MCPConfigTransport
+    from fastmcp.client.transports import FastMCPTransport, MCPConfigTransport
 
     if isinstance(client, ClientGroup):
         key, upstream = _prefix(client.clients, name)
         path, server_tool = _route(client.clients[key], upstream)
         return (key, *path), server_tool
     transport = getattr(client, "transport", None)
-    if not isinstance(transport, MCPConfigTransport) or len(transport.config.mcpServers) < 2:
+    if isinstance(transport, FastMCPTransport):
+        return (), _unrenamed(name, _proxy_renames(transport.server, name))
+    if not isinstance(transport, MCPConfigTransport):
         return (), name
     servers = transport.config.mcpServers
+    if len(servers) == 1:
+        return (), _unrenamed(name, [_configured_renames(next(iter(servers.values())))])
     if not transport.name_as_prefix:
         raise McpRoutingError(
             f"soda-guard cannot tell which MCP server runs `{name}`: its MCPConfig mounts "
             f"{sorted(servers)} without prefixes; load them as a ClientGroup or one adapter each"
         )
     key, upstream = _prefix(servers, name)
-    return (key,), upstream
+    return (key,), _unrenamed(upstream, [_configured_renames(servers[key])])
 
 
 def _prefix(members: Mapping[str, Any], name: str) -> tuple[str, str]:
@@ -117,6 +122,52 @@ def _prefix(members: Mapping[str, Any], name: str) -> tuple[str, str]:
                else f"no server of {sorted(members)} is its prefix")
         )
     return keys[0], name[len(keys[0]) + 1 :]
+
+
+def _configured_renames(server: Any) -> Mapping[str, Any]:
+    """An `MCPConfig` server's tool transforms, by the name each renames: a multi-server
+    config builds the proxy that applies them anew at each connection, so they are read where
+    the user wrote them."""
+    return getattr(server, "tools", None) or {}
+
+
+def _proxy_renames(server: Any, name: str) -> list[Mapping[str, Any]]:
+    """The tool transforms of an in-process FastMCP proxy, in the order it applies them:
+    `ClientGroup.from_config` puts a server's configured transforms on the proxy its member
+    calls, and nothing else keeps them. Another in-process server's names are its own.
+    Refused where they cannot be read: a tool read without them would pass as read."""
+    from mcp.server.mcpserver import MCPServer
+
+    if isinstance(server, MCPServer):  # the `mcp` SDK's: FastMCP's server half may be absent
+        return []
+    from fastmcp.server.providers.proxy import FastMCPProxy
+    from fastmcp.server.transforms import ToolTransform
+
+    if not isinstance(server, FastMCPProxy):
+        return []
+    renames = [getattr(transform, "_transforms", None) for transform in server.transforms if isinstance(transform, ToolTransform)]
+    if not all(isinstance(configs, Mapping) for configs in renames):
+        raise McpRoutingError(
+            f"soda-guard cannot tell which tool `{name}` is on its MCP server: this FastMCP's tool transforms cannot be read"
+        )
+    return renames
+
+
+def _unrenamed(name: str, renames: list[Mapping[str, Any]]) -> str:
+    """The server's own name of the tool that tool transforms (applied in order, each keyed by
+    the name it renames) hand on as `name`, read back as FastMCP routes a call: the policy's
+    `files:delete_*` means the server's `delete_file`, whatever a config calls it for the agent."""
+    if not any(renames):
+        return name
+    from fastmcp.tools.tool_transform import ToolTransformConfig
+
+    for configs in reversed(renames):
+        for original, config in configs.items():
+            renamed = config if isinstance(config, ToolTransformConfig) else ToolTransformConfig.model_validate(config)
+            if (renamed.name or original) == name:
+                name = original
+                break
+    return name
 
 
 def register_mcp_tools(guard: Guard, tools: Iterable[Any]) -> None:

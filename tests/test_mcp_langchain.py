@@ -12,10 +12,12 @@ import pytest
 from fastmcp import Client as FastMCPClient
 from fastmcp.client.group import ClientGroup
 from fastmcp.client.transports import StdioTransport
+from fastmcp.server.transforms import ToolTransform
 from langchain.agents import create_agent
 from langchain_core._api import LangChainBetaWarning
 from langchain_core.messages import HumanMessage, ToolMessage
 from mcp import Client
+from mcp.types import Tool as McpTool
 
 from soda_guard import Guard, Policy, ScriptedBackend
 from soda_guard.audit import JsonlAuditSink
@@ -28,7 +30,7 @@ from mcp_helpers import POLICY, SERVER, proxied, write_policy
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", LangChainBetaWarning)
-    from langchain.mcp import MCPAdapter
+    from langchain.mcp import MCPAdapter, as_langchain_tool
 
 
 def adapter() -> MCPAdapter:
@@ -147,6 +149,43 @@ async def test_a_server_of_a_nested_group_is_known_by_its_key_path():
         stopped = await run_agent(guard_for(policy, "never")[0], tools, calls[:1], "tidy", sync=True)  # tools read anew
     assert [m.status for m in messages] == ["error", "success"]
     assert "prod-deletes" in messages[0].text and "prod-deletes" in stopped[0].text
+
+
+def renaming(keys: tuple[str, ...]) -> dict[str, Any]:
+    """An `MCPConfig` of the example server as each of `keys`, the first with a tool transform
+    that hands the agent its `delete_file` as `tidy`."""
+    servers = {key: {"command": SERVER[0], "args": SERVER[1:]} for key in keys}
+    servers[keys[0]]["tools"] = {"delete_file": {"name": "tidy"}}
+    return {"mcpServers": servers}
+
+
+@pytest.mark.parametrize("how", ["config", "group", "one"])
+async def test_a_tool_a_config_renames_is_judged_by_its_servers_name_for_it(how):
+    """An `MCPConfig` tool transform renames `delete_file` to `tidy` (`files_tidy` in a group):
+    it was registered as the tool `tidy`, and `files:delete_*` never held for it."""
+    policy = {**POLICY, "rules": [{"name": "no-deletes", "tools": ["files:delete_*"], "action": "block"}, {"action": "allow"}]}
+    guard, _ = guard_for(policy, "never")
+    config = renaming(("files",) if how == "one" else ("files", "backup"))
+    async with MCPAdapter(ClientGroup.from_config(config) if how == "group" else config) as mcp:
+        tools = await mcp.list_tools()
+        tools = name_server(tools, "files") if how == "one" else tools  # its proxy calls itself FastMCPProxy-…
+        prefix = "" if how == "one" else "files_"
+        assert mcp_identity(next(t for t in tools if t.name == f"{prefix}tidy"))[:2] == ("files", "delete_file")
+        calls = [(f"{prefix}tidy", {"path": "notes.txt"}), (f"{prefix}read_file", {"path": "notes.txt"})]
+        messages = await run_agent(guard, tools, calls, "tidy")
+    assert [m.status for m in messages] == ["error", "success"]
+    assert "no-deletes" in messages[0].text
+
+
+async def test_a_proxy_whose_tool_transforms_cannot_be_read_is_refused():
+    """Read without them, a renamed tool would pass as read under the name the agent calls it."""
+    group = ClientGroup.from_config(renaming(("files", "backup")))
+    proxy = group.clients["files"].transport.server
+    next(t for t in proxy.transforms if isinstance(t, ToolTransform)).__dict__.pop("_transforms")
+    tidy = McpTool(name="tidy", inputSchema={"type": "object"}, annotations={"destructiveHint": True})
+    tool = await as_langchain_tool(tidy, group.clients["files"])  # never connected: nothing runs
+    with pytest.raises(McpRoutingError, match="transforms cannot be read"):
+        mcp_identity(tool)
 
 
 @pytest.mark.parametrize(
