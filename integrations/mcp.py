@@ -44,7 +44,8 @@ class McpIdentity(NamedTuple):
 def mcp_identity(tool: Any) -> McpIdentity | None:
     """The server, the tool's name there and the declared annotations of a tool
     `langchain.mcp` made; None for any other. Raises `McpRoutingError` for one whose server
-    or whose name there cannot be told."""
+    or whose name there cannot be told, and for one whose server has no name: taken for the
+    tool of no server, no rule for servers would hold for it."""
     metadata = getattr(tool, "metadata", None)
     if not isinstance(metadata, Mapping):
         return None
@@ -58,7 +59,7 @@ def mcp_identity(tool: Any) -> McpIdentity | None:
     declared_name = server_info.get("name") if isinstance(server_info, Mapping) else None
     server = named if isinstance(named, str) else "_".join(path) if path else declared_name
     if not isinstance(server, str) or not server:
-        return None
+        raise McpRoutingError(f"soda-guard cannot tell which MCP server runs `{tool.name}`: it has no name; name it with name_server")
     tool_meta = mcp.get("tool")
     annotations = tool_meta.get("annotations") if isinstance(tool_meta, Mapping) else None
     return McpIdentity(server, server_tool, from_wire(annotations if isinstance(annotations, Mapping) else None))
@@ -113,12 +114,13 @@ def _route(client: Any, name: str) -> tuple[tuple[str, ...], str]:
 
 def _prefix(members: Mapping[str, Any], name: str) -> tuple[str, str]:
     """(the member key that, with `_`, begins `name`, the rest of it). Two keys that could are
-    refused."""
+    refused, and so is the empty key: no rule could name its server."""
     keys = [key for key in members if name.startswith(f"{key}_")]
-    if len(keys) != 1:
+    if len(keys) != 1 or not keys[0]:
         raise McpRoutingError(
             f"soda-guard cannot tell which MCP server runs `{name}`: "
-            + (f"servers {sorted(keys)} could all be its prefix; give them names none of which begins another's" if keys
+            + (f"servers {sorted(keys)} could all be its prefix; give them names none of which begins another's" if len(keys) > 1
+               else "its server's key is empty, so no rule can name it; give it a name" if keys
                else f"no server of {sorted(members)} is its prefix")
         )
     return keys[0], name[len(keys[0]) + 1 :]

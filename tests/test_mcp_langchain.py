@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -175,6 +176,31 @@ async def test_a_tool_a_config_renames_is_judged_by_its_servers_name_for_it(how)
         messages = await run_agent(guard, tools, calls, "tidy")
     assert [m.status for m in messages] == ["error", "success"]
     assert "no-deletes" in messages[0].text
+
+
+def nameless_server(how: str) -> Any:
+    """The example server under the empty key of a group, or declaring the empty name itself
+    (FastMCP fills one in for a server named so; a hand-written server need not)."""
+    if how == "key":
+        return ClientGroup({"": stdio_client(), "backup": stdio_client()})
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import mcp_files_server as m; "
+            "m.server._mcp_server.name = ''; m.server.run(show_banner=False)")
+    return StdioTransport(command=SERVER[0], args=["-c", code, str(Path(SERVER[1]).parent)])
+
+
+@pytest.mark.parametrize("how, name", [("key", "_delete_file"), ("declared", "delete_file")])
+async def test_a_tool_of_a_server_with_no_name_is_refused_not_taken_for_no_servers(how, name):
+    """A tool of a server known by the empty name was taken for the tool of no server: a rule
+    for every server (`server: "*"`) did not hold for it, and it ran. Refused, as a server
+    that cannot be told."""
+    guard, _ = guard_for({**POLICY, "rules": [{"name": "servers", "server": "*", "action": "block"}]}, "never")
+    async with MCPAdapter(nameless_server(how)) as mcp:
+        tools = await mcp.list_tools()
+        with pytest.raises(McpRoutingError, match=name):
+            await run_agent(guard, [t for t in tools if t.name == name], [(name, {"path": "notes.txt"})], "tidy")
+        with pytest.raises(McpRoutingError, match=name):
+            register_mcp_tools(guard, [t for t in tools if t.name == name])
+    assert name not in guard.tools
 
 
 async def test_a_proxy_whose_tool_transforms_cannot_be_read_is_refused():
