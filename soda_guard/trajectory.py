@@ -27,7 +27,8 @@ class ToolCall(_Model):
     can pin annotations per server (`soda_guard.mcp.annotations`). `server_tool` is the tool's
     own name on that server where the agent calls it by another: a FastMCP `ClientGroup` or
     multi-server `MCPConfig` hands the agent the `files` server's `delete_file` as
-    `files_delete_file`, and the policy's `files:delete_*` means the server's name."""
+    `files_delete_file` (and an `MCPConfig` tool transform may rename it), and the policy's
+    `files:delete_*` means the server's name."""
 
     id: str
     name: str
