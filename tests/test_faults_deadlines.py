@@ -10,6 +10,7 @@ import concurrent.futures
 import gc
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -211,6 +212,95 @@ def test_name_resolution_is_inside_the_deadline(monkeypatch: pytest.MonkeyPatch)
             assert resolving.is_set() and not release.is_set()
     finally:
         release.set()
+
+
+class HungDNS:
+    """`socket.getaddrinfo` in place of the system's: `DEAD` hangs until `release` is set (in
+    the process that made it; a forked child's lookups of it answer), then fails; every other
+    name is loopback."""
+
+    DEAD = "judge.dead-dns.test"
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.calls: list[str] = []
+        hangs_in, real = os.getpid(), socket.getaddrinfo
+
+        def lookup(host: str, port: Any, *args: Any, **kwargs: Any) -> Any:
+            self.calls.append(host)
+            if host == self.DEAD and os.getpid() == hangs_in:
+                self.entered.set()
+                self.release.wait(60)
+                raise socket.gaierror(socket.EAI_AGAIN, "the name server did not answer")
+            return real("127.0.0.1", port, *args, **kwargs)
+
+        monkeypatch.setattr(socket, "getaddrinfo", lookup)
+
+
+def hang_lookups(count: int) -> None:
+    """`count` requests for `HungDNS.DEAD` that give up at once (their abort is already set),
+    leaving hung whatever lookups they started, as requests whose deadlines passed do."""
+    given_up = threading.Event()
+    given_up.set()
+    for _ in range(count):
+        with deadline_http.deadline(time.monotonic() + 60.0, given_up), pytest.raises(deadline_http.Aborted):
+            deadline_http.resolve(HungDNS.DEAD, 443, None)
+
+
+def test_a_name_whose_lookups_hang_holds_one_lookup_and_other_names_resolve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As many requests for a name whose lookup hangs as there are lookup slots took them all
+    (one hung lookup each): a judge at another host, whose lookup answers, then got none."""
+    dns = HungDNS(monkeypatch)
+    try:
+        hang_lookups(deadline_http.MAX_LOOKUPS)
+        assert dns.entered.wait(10)
+        with deadline_http.deadline(time.monotonic() + 5.0):
+            [(*_, address)] = deadline_http.resolve("judge.live.test", 443, None)
+        assert address[0] == "127.0.0.1"
+        assert dns.calls.count(HungDNS.DEAD) == 1
+    finally:
+        dns.release.set()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_judge_whose_dns_hangs_leaves_a_judge_at_another_host_its_lookups(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    dns = HungDNS(monkeypatch)
+    app = ScriptedHTTPApp(lambda i, body: chat_reply(soda_reply(False)))
+    try:
+        with LoopbackServer(app) as server:
+            hang_lookups(deadline_http.MAX_LOOKUPS)
+            dead = OpenAIBackend("m", base_url=f"http://{HungDNS.DEAD}:{server.port}/v1", timeout_s=0.5, retries=0)
+            live = OpenAIBackend("m", base_url=f"http://judge.live.test:{server.port}/v1", timeout_s=10.0, retries=0)
+            with dead, live:
+                judge = (lambda b: b.generate([request()])) if mode == "sync" else (lambda b: asyncio.run(b.agenerate([request()])))
+                with pytest.raises(JudgeError, match="timed out"):
+                    judge(dead)
+                [answer] = judge(live)
+        assert answer.score == 0.0 and app.stats.served == 1
+    finally:
+        dns.release.set()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darwin", reason="fork")
+def test_a_forked_child_looks_up_a_name_whose_lookup_hung_in_its_parent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parent's hung lookup has no thread in the child: joined there, it never ended."""
+    dns = HungDNS(monkeypatch)
+    try:
+        hang_lookups(1)
+        assert dns.entered.wait(10)
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                with deadline_http.deadline(time.monotonic() + 10.0):
+                    deadline_http.resolve(HungDNS.DEAD, 443, None)
+            except BaseException:  # noqa: BLE001 - reported through the exit status
+                code = 1
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        dns.release.set()
 
 
 def test_a_sticky_conversation_moves_off_a_server_at_its_cap() -> None:

@@ -11,9 +11,11 @@ interface (httpcore is the engine under httpx), wrapping its default sync backen
 
 Three steps that a socket timeout alone does not bound are done here within the deadline too:
 name resolution (`getaddrinfo` has no timeout: it runs on a daemon thread the request stops
-waiting for), the TLS handshake (driven step by step on a non-blocking socket, so a server that
-trickles its handshake is cut off like one that trickles its reply) and a caller's abort (each
-read waits in short slices and gives up once the request is abandoned). A stream whose start
+waiting for, one per name at a time, so a name whose lookups hang holds one of the process's
+`MAX_LOOKUPS` slots and the other names keep the rest), the TLS handshake (driven step by step
+on a non-blocking socket, so a server that trickles its handshake is cut off like one that
+trickles its reply) and a caller's abort (each read waits in short slices and gives up once the
+request is abandoned). A stream whose start
 fails is closed at once, and one SSL context serves every connection of a client.
 """
 
@@ -23,6 +25,7 @@ import contextlib
 import contextvars
 import ipaddress
 import json
+import os
 import re
 import select
 import socket
@@ -41,9 +44,24 @@ _abort: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
 
 #: how often a read waiting on the server looks at its request's abort flag
 ABORT_POLL_S = 0.05
-#: name lookups running at once, process-wide; past it a lookup waits (within its deadline)
+#: names being looked up at once, process-wide; past it a new lookup waits (within its deadline)
 MAX_LOOKUPS = 16
 _lookups = threading.BoundedSemaphore(MAX_LOOKUPS)
+_running: dict[tuple[str, int], Future[list[tuple[Any, ...]]]] = {}
+"""The lookup under way for each (host, port): a caller of that name waits on it rather than
+starting another."""
+_running_lock = threading.Lock()
+
+
+def _forget_parent_lookups() -> None:
+    """A forked child has none of its parent's lookup threads: a lookup under way at the fork
+    would never end there (its name could never be looked up again) and its slot never return."""
+    global _lookups, _running_lock
+    _lookups, _running_lock = threading.BoundedSemaphore(MAX_LOOKUPS), threading.Lock()
+    _running.clear()
+
+
+os.register_at_fork(after_in_child=_forget_parent_lookups)
 
 #: what a failed request raises when the cause is the connection, not the server's answer
 CONNECTION_LOST = (httpcore.ConnectError, httpcore.ConnectTimeout, httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)
@@ -217,7 +235,7 @@ def _handshake(tls: ssl.SSLSocket, timeout: float | None) -> None:
 
 def resolve(host: str, port: int, timeout: float | None) -> list[tuple[Any, ...]]:
     """`getaddrinfo` within the deadline: on a daemon thread that the caller stops waiting for
-    at the deadline (a lookup cannot be cancelled; at most `MAX_LOOKUPS` run at once)."""
+    at the deadline (a lookup cannot be cancelled)."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -225,20 +243,7 @@ def resolve(host: str, port: int, timeout: float | None) -> list[tuple[Any, ...]
     else:
         family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
         return [(family, socket.SOCK_STREAM, 0, "", (host, port))]
-    left = _left(timeout, httpcore.ConnectTimeout)
-    if not _lookups.acquire(timeout=left if left is not None else -1):
-        raise httpcore.ConnectTimeout(f"no name lookup slot for {host!r} by the deadline")
-    answer: Future[list[tuple[Any, ...]]] = Future()
-
-    def look_up() -> None:
-        try:
-            answer.set_result(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
-        except BaseException as error:  # the caller reports it
-            answer.set_exception(error)
-        finally:
-            _lookups.release()
-
-    threading.Thread(target=look_up, name="soda-guard-resolve", daemon=True).start()
+    answer = _lookup(host, port, timeout)
     while True:
         if _aborted():
             raise Aborted("the request was abandoned by its caller")
@@ -249,6 +254,42 @@ def resolve(host: str, port: int, timeout: float | None) -> list[tuple[Any, ...]
             continue
         except OSError as error:
             raise httpcore.ConnectError(f"cannot resolve {host!r}: {error}") from error
+
+
+def _lookup(host: str, port: int, timeout: float | None) -> Future[list[tuple[Any, ...]]]:
+    """The lookup of (`host`, `port`) under way, else a new one holding one of `MAX_LOOKUPS`
+    slots until it ends. One per name: a name whose lookups hang (a dead DNS server for one
+    judge) holds one slot however many of its callers time out and try again; were each to
+    leave a hung lookup of its own, they would take every slot, and a judge at another host,
+    whose lookups answer, would get none."""
+    key = (host, port)
+    with _running_lock:
+        running = _running.get(key)
+    if running is not None:
+        return running
+    left = _left(timeout, httpcore.ConnectTimeout)
+    if not _lookups.acquire(timeout=left if left is not None else -1):
+        raise httpcore.ConnectTimeout(f"no name lookup slot for {host!r} by the deadline")
+    with _running_lock:
+        running = _running.get(key)
+        if running is not None:  # started while this caller waited for a slot
+            _lookups.release()
+            return running
+        answer: Future[list[tuple[Any, ...]]] = Future()
+        _running[key] = answer
+
+    def look_up() -> None:
+        try:
+            answer.set_result(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except BaseException as error:  # every caller waiting on it reports it
+            answer.set_exception(error)
+        finally:
+            with _running_lock:
+                del _running[key]
+            _lookups.release()
+
+    threading.Thread(target=look_up, name="soda-guard-resolve", daemon=True).start()
+    return answer
 
 
 class DeadlineNetwork(httpcore.NetworkBackend):
