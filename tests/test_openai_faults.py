@@ -307,7 +307,7 @@ def _raw_judge(duplicate_first: bool) -> tuple[socket.socket, list[str]]:
     judged: list[str] = []
 
     def reply(text: str) -> bytes:
-        body = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}).encode()
+        body = json.dumps({"model": "m", "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}).encode()
         return f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body
 
     def serve(conn: socket.socket) -> None:

@@ -241,9 +241,10 @@ def create_app(backend: Backend, *, model_id: str | None = None) -> FastAPI:
 
 @dataclass
 class Reply:
-    """One scripted answer: a status, a body (a dict is sent as JSON, bytes as they are), how
-    long to wait before answering, and `trickle_s`: send the body one byte at a time this far
-    apart (a server that never trips a read timeout), until it is sent or the client hangs up."""
+    """One scripted answer: a status, a body (a dict is sent as JSON, naming the model the
+    request asked for unless it names its own; bytes as they are), how long to wait before
+    answering, and `trickle_s`: send the body one byte at a time this far apart (a server that
+    never trips a read timeout), until it is sent or the client hangs up."""
 
     status: int = 200
     body: dict[str, Any] | bytes = b""
@@ -297,7 +298,7 @@ class ScriptedHTTPApp:
                 await asyncio.sleep(reply.delay_s)
         finally:
             self.stats.leave()
-        payload = json.dumps(reply.body).encode() if isinstance(reply.body, dict) else reply.body
+        payload = json.dumps({"model": body.get("model"), **reply.body}).encode() if isinstance(reply.body, dict) else reply.body
         content_type = "application/json" if isinstance(reply.body, dict) else "text/plain"
         header_list = [(b"content-type", content_type.encode()), (b"content-length", str(len(payload)).encode())]
         header_list += [(k.encode(), v.encode()) for k, v in reply.headers.items()]
