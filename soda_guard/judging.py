@@ -65,6 +65,7 @@ def make_backend(config: JudgeConfig) -> Backend:
             retries=config.retries,
             max_response_bytes=config.max_response_bytes,
             warm_up=config.warm_up,
+            reply_models=config.reply_models,
         )
     raise NotImplementedError(f"backend {config.backend!r} is not available in this build")
 

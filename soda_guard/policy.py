@@ -107,6 +107,12 @@ class JudgeConfig(_Strict):
     """Whole judge prompt, in characters; the trajectory's middle is elided beyond it."""
     max_message_chars: _strict_int(ge=256) = 16_000
     """One message (a huge tool result) is clipped beyond this, head and tail kept."""
+    reply_models: list[StrictStr] = Field(default_factory=list)
+    """`backend: openai`: names besides `model` that a reply's `model` field may give and still
+    be the judge's answer: vLLM answers with the first of its `--served-model-name`s whichever
+    was asked for, and a proxy may rewrite the name. A reply that names any other model, or none,
+    fails the judgment (`on_error`): a server of another model must not have its words taken as
+    the judge's. `transformers serve`'s `<model>@main` for a Hub id is accepted without this."""
     warm_up: Flag = False
     """`backend: openai`: while the agent's model runs, send the server the conversation so far
     (`max_tokens: 1`) so that its prefix cache holds it when the judgment comes. Off by

@@ -1,5 +1,6 @@
 """What an HTTP judge failure tells the user: an empty reply says it was empty and why the
-server stopped, and a model the server does not serve is named next to what it does serve."""
+server stopped, a model the server does not serve is named next to what it does serve, and a
+reply from a model other than the judge is no verdict."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any, Callable
 
 import pytest
 
-from soda_guard import Action, Guard, Policy, from_openai_messages
+from soda_guard import Action, Decision, Guard, Policy, from_openai_messages
 from soda_guard.backends.base import GenerationRequest
 from soda_guard.backends.openai_backend import OpenAIBackend
 from soda_guard.errors import JudgeError
@@ -41,6 +42,69 @@ def test_an_empty_reply_is_reported_as_empty_with_the_finish_reason(finish_reaso
     assert decision.action is Action.BLOCK and decision.verdict is not None
     cause = decision.verdict.error or ""
     assert "empty" in cause and finish_reason in cause and "could not be parsed" not in cause, cause
+
+
+def safe_as(model: Any) -> Reply:
+    """A chat completion that says SAFE, from `model` (bytes: a reply naming no model)."""
+    choice = {"index": 0, "message": {"role": "assistant", "content": "[Reason] Fine.\n[Verdict] SAFE"}, "finish_reason": "stop"}
+    body = {"model": model, "object": "chat.completion", "choices": [choice]}
+    return Reply(body=body if model is not None else json.dumps({k: v for k, v in body.items() if k != "model"}).encode())
+
+
+def judged(mode: str, base_url: str, model: str, reply_models: list[str] | None = None) -> Decision:
+    judge = {"kind": "soda", "model": model, "backend": "openai", "base_url": base_url, "retries": 0}
+    guard = Guard(Policy.from_dict({"judges": {"soda": judge | ({"reply_models": reply_models} if reply_models else {})}, "defaults": {"on_error": "block"}}))
+    call = from_openai_messages([{"role": "user", "content": "hello"}])
+    try:
+        return guard.check(call) if mode == "sync" else asyncio.run(guard.acheck(call))
+    finally:
+        guard.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize(
+    ("answered", "said"),
+    [("general-chat-8b", "as model 'general-chat-8b'"), (None, "without naming its model"), (["soda-judge"], "without naming its model")],
+)
+def test_a_reply_from_another_model_is_not_the_judges_verdict(mode: str, answered: Any, said: str) -> None:
+    """A judge URL that reaches a server of another model (misconfigured, a load balancer's
+    pool, a hostile proxy): its chat model says SAFE, and that SAFE was the judge's verdict."""
+    app = ScriptedHTTPApp(lambda i, body: safe_as(answered))
+    with LoopbackServer(app) as server:
+        decision = judged(mode, server.base_url, "soda-judge")
+    assert decision.action is Action.BLOCK and decision.verdict is not None
+    cause = decision.verdict.error or ""
+    assert said in cause and "'soda-judge'" in cause and "reply_models" in cause, cause
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize(
+    ("model", "reply_models", "answered"),
+    [
+        ("soda-judge", None, "soda-judge"),  # vLLM and SGLang, asked for the name they serve
+        ("cesun/SODA-Agent-Safety-Judge", None, "cesun/SODA-Agent-Safety-Judge@main"),  # `transformers serve`, a Hub id
+        ("judge", ["soda-judge"], "soda-judge"),  # vLLM `--served-model-name soda-judge judge`: the first name
+    ],
+)
+def test_the_names_a_judges_own_server_answers_with_are_the_judges(mode: str, model: str, reply_models: list[str] | None, answered: str) -> None:
+    with LoopbackServer(ScriptedHTTPApp(lambda i, body: safe_as(answered))) as server:
+        decision = judged(mode, server.base_url, model, reply_models)
+    assert decision.action is Action.ALLOW, decision.why
+
+
+def test_a_server_answering_as_another_model_cools_down_and_the_judges_server_judges() -> None:
+    wrong = ScriptedHTTPApp(lambda i, body: safe_as("general-chat-8b"))
+    right = ScriptedHTTPApp(lambda i, body: safe_as("soda-judge"))
+    with LoopbackServer(wrong) as bad, LoopbackServer(right) as good:
+        with OpenAIBackend("soda-judge", base_urls=[bad.base_url, good.base_url], retries=0, cooldown_s=600.0) as client:
+            outcomes = []
+            for _ in range(4):
+                try:
+                    outcomes.append(client.generate([REQUEST])[0].score)
+                except JudgeError as error:
+                    outcomes.append(str(error))
+    assert wrong.stats.served == 1 and right.stats.served == 3, outcomes
+    assert sum(isinstance(outcome, str) and "general-chat-8b" in outcome for outcome in outcomes) == 1, outcomes
 
 
 class VllmLikeApp:

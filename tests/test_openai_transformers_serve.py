@@ -164,6 +164,7 @@ def test_backend_asks_for_logprobs_and_falls_back_to_the_label(servers: list[Ser
     assert body["logprobs"] is True and body["top_logprobs"] > 0
     payload = httpx.post(f"{servers[0].base_url}/chat/completions", json=body, timeout=REQUEST_TIMEOUT_S).json()
     assert not payload["choices"][0].get("logprobs")  # asked for, not given (the README's table)
+    assert payload["model"] == str(tiny_judge_dir)  # a folder's model answers by the path asked for: the judge's
 
     # the same answer with a verdict written in it scores from the label
     payload["choices"][0]["message"]["content"] = "[Reason] Wires savings to a stranger.\n[Verdict] UNSAFE"

@@ -102,7 +102,8 @@ class OpenAIBackend:
     sending the same judgment again can help: the connection failed or dropped, 429, or 5xx.
     Judging has no side effects, so a request lost with a dying server is safe to resend to
     another. Any other failure raises `JudgeError` at once, naming the server and the cause;
-    so does a reply longer than `max_response_bytes`, without reading the rest of it.
+    so does a reply longer than `max_response_bytes`, without reading the rest of it, and a
+    reply whose `model` is not the judge's (`_check_model`).
     """
 
     def __init__(
@@ -121,6 +122,7 @@ class OpenAIBackend:
         cooldown_s: float = 5.0,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         warm_up: bool = False,
+        reply_models: Sequence[str] = (),
     ) -> None:
         urls = list(base_urls or []) + ([base_url] if base_url else [])
         if not urls:
@@ -138,6 +140,9 @@ class OpenAIBackend:
             if api_key is None:
                 raise JudgeError(f"the judge server's API key variable {api_key_env!r} (api_key_env) is not set")
         self.model_id = model
+        # `transformers serve` answers a Hub id asked without a revision as `id@main`
+        self.judge_names = frozenset({model, *reply_models, *([] if "@" in model else [f"{model}@main"])})
+        """The names a reply's `model` may give and still be the judge's."""
         self.timeout_s = timeout_s
         self.warm_up = warm_up
         self._warming = LatestPerKey()
@@ -229,9 +234,26 @@ class OpenAIBackend:
             raise JudgeError(f"judge server refused the request: {detail}{self._model_note(client, server, deadline, request)}")
         self.pool.succeeded(server)
         try:
-            return json.loads(response.body)
+            payload = json.loads(response.body)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
             raise JudgeError(f"judge server {url} returned a body that is not JSON (or nested past reading): {_text(response)[:300]!r}") from error
+        if isinstance(payload, dict):  # anything else is no chat completion, as parse_completion says
+            self._check_model(payload.get("model"), server, url)
+        return payload
+
+    def _check_model(self, answered: Any, server: Server, url: str) -> None:
+        """A reply is the judge's only where its `model` says so: a URL that reaches a server of
+        another model (a misconfiguration, a load balancer's pool, a hostile proxy) would have
+        a chat model's "[Verdict] SAFE" taken as the judge's verdict. A reply naming no model
+        cannot say so either. The server is then failing as a judge, and cools down like one."""
+        if isinstance(answered, str) and answered in self.judge_names:
+            return
+        self.pool.failed(server)
+        said = f"as model {answered[:200]!r}" if isinstance(answered, str) else "without naming its model"
+        raise JudgeError(
+            f"judge server {url} answered {said}, not as the judge's model {self.model_id!r}: its answer is not "
+            "the judge's verdict (if that server does serve the judge under that name, list it in `reply_models`)"
+        )
 
     def _model_note(self, client: DeadlineClient, server: Server, deadline: float, request: GenerationRequest) -> str:
         """A refused request most often names a model the server does not serve; one look at
