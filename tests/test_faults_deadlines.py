@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import gc
+import itertools
 import os
 import socket
 import sys
@@ -215,20 +216,22 @@ def test_name_resolution_is_inside_the_deadline(monkeypatch: pytest.MonkeyPatch)
 
 
 class HungDNS:
-    """`socket.getaddrinfo` in place of the system's: `DEAD` hangs until `release` is set (in
+    """`socket.getaddrinfo` in place of the system's: `dead` hangs until `release` is set (in
     the process that made it; a forked child's lookups of it answer), then fails; every other
-    name is loopback."""
+    name is loopback. `dead` is a name of this instance's own, so no test meets the lookup an
+    earlier one left hanging."""
 
-    DEAD = "judge.dead-dns.test"
+    made = itertools.count()
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.dead = f"judge-{next(self.made)}.dead-dns.test"
         self.entered, self.release = threading.Event(), threading.Event()
         self.calls: list[str] = []
         hangs_in, real = os.getpid(), socket.getaddrinfo
 
         def lookup(host: str, port: Any, *args: Any, **kwargs: Any) -> Any:
             self.calls.append(host)
-            if host == self.DEAD and os.getpid() == hangs_in:
+            if host == self.dead and os.getpid() == hangs_in:
                 self.entered.set()
                 self.release.wait(60)
                 raise socket.gaierror(socket.EAI_AGAIN, "the name server did not answer")
@@ -237,14 +240,14 @@ class HungDNS:
         monkeypatch.setattr(socket, "getaddrinfo", lookup)
 
 
-def hang_lookups(count: int) -> None:
-    """`count` requests for `HungDNS.DEAD` that give up at once (their abort is already set),
+def hang_lookups(dns: HungDNS, count: int) -> None:
+    """`count` requests for `dns.dead` that give up at once (their abort is already set),
     leaving hung whatever lookups they started, as requests whose deadlines passed do."""
     given_up = threading.Event()
     given_up.set()
     for _ in range(count):
         with deadline_http.deadline(time.monotonic() + 60.0, given_up), pytest.raises(deadline_http.Aborted):
-            deadline_http.resolve(HungDNS.DEAD, 443, None)
+            deadline_http.resolve(dns.dead, 443, None)
 
 
 def test_a_name_whose_lookups_hang_holds_one_lookup_and_other_names_resolve(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -252,12 +255,12 @@ def test_a_name_whose_lookups_hang_holds_one_lookup_and_other_names_resolve(monk
     (one hung lookup each): a judge at another host, whose lookup answers, then got none."""
     dns = HungDNS(monkeypatch)
     try:
-        hang_lookups(deadline_http.MAX_LOOKUPS)
+        hang_lookups(dns, deadline_http.MAX_LOOKUPS)
         assert dns.entered.wait(10)
         with deadline_http.deadline(time.monotonic() + 5.0):
             [(*_, address)] = deadline_http.resolve("judge.live.test", 443, None)
         assert address[0] == "127.0.0.1"
-        assert dns.calls.count(HungDNS.DEAD) == 1
+        assert dns.calls.count(dns.dead) == 1
     finally:
         dns.release.set()
 
@@ -268,8 +271,8 @@ def test_a_judge_whose_dns_hangs_leaves_a_judge_at_another_host_its_lookups(mode
     app = ScriptedHTTPApp(lambda i, body: chat_reply(soda_reply(False)))
     try:
         with LoopbackServer(app) as server:
-            hang_lookups(deadline_http.MAX_LOOKUPS)
-            dead = OpenAIBackend("m", base_url=f"http://{HungDNS.DEAD}:{server.port}/v1", timeout_s=0.5, retries=0)
+            hang_lookups(dns, deadline_http.MAX_LOOKUPS)
+            dead = OpenAIBackend("m", base_url=f"http://{dns.dead}:443/v1", timeout_s=0.5, retries=0)
             live = OpenAIBackend("m", base_url=f"http://judge.live.test:{server.port}/v1", timeout_s=10.0, retries=0)
             with dead, live:
                 judge = (lambda b: b.generate([request()])) if mode == "sync" else (lambda b: asyncio.run(b.agenerate([request()])))
@@ -286,14 +289,14 @@ def test_a_forked_child_looks_up_a_name_whose_lookup_hung_in_its_parent(monkeypa
     """The parent's hung lookup has no thread in the child: joined there, it never ended."""
     dns = HungDNS(monkeypatch)
     try:
-        hang_lookups(1)
+        hang_lookups(dns, 1)
         assert dns.entered.wait(10)
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
                 with deadline_http.deadline(time.monotonic() + 10.0):
-                    deadline_http.resolve(HungDNS.DEAD, 443, None)
+                    deadline_http.resolve(dns.dead, 443, None)
             except BaseException:  # noqa: BLE001 - reported through the exit status
                 code = 1
             os._exit(code)
