@@ -180,8 +180,8 @@ def register_mcp_tools(guard: Guard, tools: Iterable[Any]) -> None:
             continue
         try:
             identity = mcp_identity(tool)
-        except McpRoutingError:
-            guard.tools.forget(tool)  # refused again at the next step, never taken for a tool of no server
+        except BaseException:  # refused, or unreadable: asked again at the next step, never taken for a tool of no server
+            guard.tools.forget(tool)
             raise
         if identity is not None:
             guard.tools.add(tool.name, identity.server, identity.annotations, server_tool=identity.tool)

@@ -249,3 +249,32 @@ async def test_middleware_and_proxy_decide_alike(tmp_path, request_text, call):
         ]
 
     assert decided(middleware_audit) == decided(proxy_audit)
+
+
+def test_a_tool_whose_reading_failed_is_read_again_not_taken_for_a_tool_of_no_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a refusal (`McpRoutingError`) left the tool unread: any other failure while reading
+    it (a transform config that does not validate, a FastMCP that moved a class) marked it read,
+    and at the next step it passed as a tool of no server, which no `server:` rule reaches."""
+    from langchain_core.tools import tool as make_tool
+
+    from soda_guard.integrations import mcp as adapter
+
+    @make_tool
+    def transfer(to: str) -> str:
+        """Send money."""
+        return "sent"
+
+    guard = Guard(Policy.from_dict({"rules": [{"server": "bank", "action": "block"}]}))
+    answers: list[Any] = [RuntimeError("cannot read the transforms"), adapter.McpIdentity("bank", "transfer", None)]
+
+    def identity(tool: Any) -> Any:
+        answer = answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(adapter, "mcp_identity", identity)
+    with pytest.raises(RuntimeError):
+        register_mcp_tools(guard, [transfer])
+    register_mcp_tools(guard, [transfer])
+    assert "transfer" in guard.tools and not answers
