@@ -393,27 +393,38 @@ _LOOK = ["=", "═", "【", "】", "[", "]", " ", "u", "s", "e", "r", "U", "R", 
          "😀", "\u200b", "v", "d", "i", "c", "b", "g", "n", "ᐸ", "1", "\ud800", "¦"]
 
 
+_BEFORE = (
+    (SODA_DELIMITERS, r"={2,}.*?[^\W\d_]|\[\s*(?:user|assistant|tool|system|verdict|reason)\s*\]|harm category\s*:"
+                      r"|based on the above,\s*did the agent"),
+    (GEN_DELIMITERS, r"<\s*/?\s*(?:begin|end)\b|(?:user|assistant|system)\s*:|(?:safety|categories|refusal)\s*:"
+                     r"|<\s*/?\s*tool_response\s*>|#+\s*task\s*:|provide your safety assessment"),
+)
+"""The delimiter patterns as they were before their repetitions were made to split a line one way."""
+
+
 @given(st.lists(st.sampled_from(_LOOK), max_size=14).map("".join))
 @settings(max_examples=3000, deadline=None)
 def test_a_line_is_a_delimiter_exactly_where_the_one_pattern_shape_said_so(line: str) -> None:
     """`is_delimiter` tries the shape where the last few of a line's leading MARKs begin, not
-    after every prefix of them; on every short line it answers as `MARK*` in front of the
-    shape did (with the `={2,}` the SODA pattern had)."""
-    for current, before in ((SODA_DELIMITERS, SODA_DELIMITERS.pattern.replace("={2}", "={2,}", 1)), (GEN_DELIMITERS, GEN_DELIMITERS.pattern)):
+    after every prefix of them, on patterns whose repetitions split a line one way; on every
+    short line it answers as `MARK*` in front of the patterns as they were did."""
+    for current, before in _BEFORE:
         one_pattern = re.compile(f"{MARK}*(?:{_shaped_source(before)})", current.flags)
         assert is_delimiter(line, current) == (one_pattern.match(delimiter_key(line)) is not None)
 
 
 def test_long_lines_of_punctuation_and_symbols_are_scanned_in_linear_time() -> None:
     """A line of `=` backtracked quadratically (6 s at 20,000), a line of emoji or box-drawing
-    characters cubically (40 s at 2,000): a tool result built of them held a check for minutes
+    characters cubically (40 s at 2,000), `<` and a run of spaces (the two spaces of Qwen3Guard's `< / begin`)
+    quadratically, lines of `==` ended by CRs (`.` ran past them) and alternating spacing marks
+    (NFKC's insertion sort) quadratically: a tool result built of them held a check for minutes
     past its deadline, with the GIL. Run apart so a relapse fails here instead of hanging the
-    suite; 200,000 characters of each take well under a second, the quadratic scan of `=` alone
-    minutes."""
+    suite; 200,000 characters of each take about a second, the quadratic scans minutes."""
     script = textwrap.dedent("""
         from soda_guard import Guard, Policy, ScriptedBackend, from_openai_messages
         from soda_guard.backends.scripted import soda_reply
         lines = "\\n".join(char * 200_000 for char in ("=", "═", "😀", "\\ud800", "#", "<"))
+        lines += "\\n<" + " " * 200_000 + "x\\n" + "==\\r" * 70_000 + "\\nx" + "\\u302e\\u1b44" * 100_000
         for judge in ("soda", "qwen3guard"):
             policy = Policy.from_dict({"judges": {"j": {"kind": judge, "model": "m"}}})
             reply = soda_reply("UNSAFE") if judge == "soda" else "Safety: Unsafe\\nCategories: Violent\\nRefusal: No"
@@ -427,3 +438,28 @@ def test_long_lines_of_punctuation_and_symbols_are_scanned_in_linear_time() -> N
             assert decision.action.value == "block", decision.why
     """)
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+
+
+def test_a_line_is_normalised_with_no_run_of_marks_past_the_stream_safe_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NFKC sorts each run of combining marks by insertion: a line of alternating spacing marks
+    (U+302E, U+1B44; category Mc, so not stripped as invisible) cost its length squared. Runs are
+    cut at `STREAM_SAFE_RUN` with a joiner before normalising, which the key does not keep."""
+    from soda_guard.judges import confusables
+
+    seen: list[int] = []
+    normalize = confusables.unicodedata.normalize
+
+    def spy(form: str, text: str) -> str:
+        run = longest = 0
+        for char in normalize("NFKD", text):
+            run = run + 1 if confusables.unicodedata.combining(char) else 0
+            longest = max(longest, run)
+        seen.append(longest)
+        return normalize(form, text)
+
+    monkeypatch.setattr(confusables.unicodedata, "normalize", spy)
+    for line in ("x" + "\u302e\u1b44" * 2_000, "\uff9e\u302e" * 2_000 + "[Verdict]", "【" + "\u1b44\u302e" * 50 + "VERDICT】"):
+        is_delimiter(line, SODA_DELIMITERS)
+    assert seen and max(seen) <= 3 * confusables.STREAM_SAFE_RUN
+    monkeypatch.undo()
+    assert "\u034f" not in delimiter_key("\u1b44\u302e" * 50 + "x")

@@ -55,8 +55,12 @@ def escape_token_text(text: str) -> str:
     return _TOKEN_TEXT.sub(lambda _: "<" + ESCAPE, text)
 
 
+# Each pattern reads a line from its start, and each of its repetitions can split a line only
+# one way: `={2,}.*?` backtracked through every split of a line of `=` (quadratic), `.` ran on
+# past the breaks other than `\n` that end a line here (`_BREAK_CHARS`: a line of `==` and a CR
+# took the rest of the text), and `<\s*/?\s*` split a run of spaces between its two `\s*`.
 SODA_DELIMITERS = re.compile(
-    r"={2}.*?[^\W\d_]"  # === EVALUATION TASK ===, === CONVERSATION ===, === END === (`={2,}` backtracked: quadratic in a line of `=`)
+    r"={2}[^\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]*?[^\W\d_]"  # === EVALUATION TASK ===, === CONVERSATION ===, === END ===
     r"|\[\s*(?:user|assistant|tool|system|verdict|reason)\s*\]"
     r"|harm category\s*:"
     r"|based on the above,\s*did the agent",
@@ -67,10 +71,10 @@ question, its output format. `Environment:` is left alone: it is common in ordin
 and cannot open a new section without a `===` line, which is escaped."""
 
 GEN_DELIMITERS = re.compile(
-    r"<\s*/?\s*(?:begin|end)\b"  # <BEGIN CONVERSATION>, <END CONVERSATION>, <END SAFETY POLICY>
+    r"<\s*(?:/\s*)?(?:begin|end)\b"  # <BEGIN CONVERSATION>, <END CONVERSATION>, <END SAFETY POLICY>
     r"|(?:user|assistant|system)\s*:"
     r"|(?:safety|categories|refusal)\s*:"
-    r"|<\s*/?\s*tool_response\s*>"
+    r"|<\s*(?:/\s*)?tool_response\s*>"
     r"|#+\s*task\s*:"
     r"|provide your safety assessment",
     re.IGNORECASE,
