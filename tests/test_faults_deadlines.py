@@ -408,3 +408,26 @@ def test_the_process_exits_without_close_while_a_judgment_hangs() -> None:
     done = subprocess.run([sys.executable, "-c", EXIT_WITH_A_HUNG_JUDGMENT], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "exiting with a judgment in flight" in done.stdout
+
+
+def test_a_lookup_whose_thread_did_not_start_leaves_the_name_to_the_next_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The name's lookup was registered, and its slot taken, before its thread started: a start
+    that failed (a pids limit, shutdown) left every later request for the name waiting on a
+    lookup nobody ran, until each timed out, for the life of the process."""
+    failing = True
+    start = threading.Thread.start
+
+    def start_once_failing(self: threading.Thread) -> None:
+        nonlocal failing
+        if failing and self.name == "soda-guard-resolve":
+            failing = False
+            raise RuntimeError("can't start new thread")
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start_once_failing)
+    free = deadline_http._lookups._value  # type: ignore[attr-defined]
+    with deadline_http.deadline(time.monotonic() + 5.0), pytest.raises(RuntimeError, match="start new thread"):
+        deadline_http.resolve("localhost", 8011, None)
+    with deadline_http.deadline(time.monotonic() + 5.0):
+        [*_, (*_, address)] = deadline_http.resolve("localhost", 8011, None)
+    assert address[1] == 8011 and deadline_http._lookups._value == free  # type: ignore[attr-defined]

@@ -284,11 +284,19 @@ def _lookup(host: str, port: int, timeout: float | None) -> Future[list[tuple[An
         except BaseException as error:  # every caller waiting on it reports it
             answer.set_exception(error)
         finally:
-            with _running_lock:
-                del _running[key]
-            _lookups.release()
+            _ended()
 
-    threading.Thread(target=look_up, name="soda-guard-resolve", daemon=True).start()
+    def _ended() -> None:
+        with _running_lock:
+            del _running[key]
+        _lookups.release()
+
+    try:
+        threading.Thread(target=look_up, name="soda-guard-resolve", daemon=True).start()
+    except BaseException as error:  # no thread (a pids limit, shutdown): the name must not wait on it for good
+        answer.set_exception(error)
+        _ended()
+        raise
     return answer
 
 
