@@ -308,11 +308,35 @@ CREATE INDEX IF NOT EXISTS decisions_action ON decisions (action, timestamp);
 """
 
 
-_inherited: list[sqlite3.Connection] = []
-"""Connections a forked child inherited from its parent: never used there (an SQLite connection
-must not cross a fork: its locks are the parent's, its view of the WAL is shared) and never
-closed either, since a close in the child can checkpoint the parent's WAL; kept here so the
-garbage collector does not close them."""
+_sqlite_sinks: weakref.WeakSet[SqliteAuditSink] = weakref.WeakSet()
+_held_at_fork: list[SqliteAuditSink] = []
+
+
+def _sqlite_before_fork() -> None:
+    """No fork lands inside a write, and none carries a connection: SQLite forbids using one
+    across a fork, and even a fresh connection in the child shares the inherited one's lock
+    state (SQLite keeps it per file per process), so a worker forked while the parent was
+    writing found the database locked for good. Each sink's lock is held over the fork (a write
+    under way finishes first) and its connection closed; each process connects again at its
+    next write."""
+    for sink in list(_sqlite_sinks):
+        sink._lock.acquire()
+        _held_at_fork.append(sink)
+        sink._disconnect()
+
+
+def _sqlite_after_fork_in_parent() -> None:
+    while _held_at_fork:
+        _held_at_fork.pop()._lock.release()
+
+
+def _sqlite_after_fork_in_child() -> None:
+    while _held_at_fork:
+        _held_at_fork.pop()._lock = threading.Lock()  # the held one is the parent's thread's
+
+
+os.register_at_fork(before=_sqlite_before_fork, after_in_parent=_sqlite_after_fork_in_parent,
+                    after_in_child=_sqlite_after_fork_in_child)
 
 
 class SqliteAuditSink:
@@ -328,19 +352,17 @@ class SqliteAuditSink:
         self.busy_timeout_s = busy_timeout_s
         self._lock = threading.Lock()
         self._synchronous = "NORMAL" if mode == "off" else "FULL"
-        self._pid = os.getpid()
+        self._closed = False
+        self._db: sqlite3.Connection | None
         self._db, self._identity = self._connect()
+        _sqlite_sinks.add(self)
 
-    def _forked(self) -> None:
-        """A worker forked from the process that opened the database (gunicorn `--preload`)
-        connects on its own: the parent's connection is the parent's, and a lock the parent
-        held at the fork is not the child's to wait on."""
-        if self._pid == os.getpid():
-            return
-        self._pid = os.getpid()
-        self._lock = threading.Lock()
-        _inherited.append(self._db)
-        self._db, self._identity = self._connect()
+    def _disconnect(self) -> None:
+        """Holding `_lock`."""
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None
 
     def _connect(self) -> tuple[sqlite3.Connection, tuple[int, int]]:
         db = sqlite3.connect(self.path, timeout=self.busy_timeout_s, check_same_thread=False, isolation_level=None)
@@ -351,10 +373,12 @@ class SqliteAuditSink:
 
     def _current(self) -> sqlite3.Connection:
         """The connection to the database at `path` now: one removed or replaced (rotation, a
-        cleanup) would take every later write into a file nobody can read. Holding `_lock`."""
-        if _identity(self.path) != self._identity:
-            with contextlib.suppress(sqlite3.Error):
-                self._db.close()
+        cleanup) would take every later write into a file nobody can read; none since a fork.
+        Holding `_lock`."""
+        if self._closed:
+            raise AuditError(f"audit database {self.path}: the sink is closed")
+        if self._db is None or _identity(self.path) != self._identity:
+            self._disconnect()
             self._db, self._identity = self._connect()
         return self._db
 
@@ -364,38 +388,36 @@ class SqliteAuditSink:
         if not decisions:
             return
         rows = [_row(decision) for decision in decisions]
-        self._forked()
         _acquire(self._lock, deadline, f"audit database {self.path}")
         try:
             try:
-                self._current()
+                db = self._current()
             except (OSError, sqlite3.Error) as error:
                 raise AuditError(f"audit database {self.path}: cannot open it again: {error}") from error
             wait_s = self.busy_timeout_s if deadline is None else max(0.0, deadline - time.monotonic())
-            self._db.execute(f"PRAGMA busy_timeout = {int(wait_s * 1000)}")
+            db.execute(f"PRAGMA busy_timeout = {int(wait_s * 1000)}")
             try:
-                self._db.execute("BEGIN IMMEDIATE")
+                db.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as error:
                 raise AuditError(f"audit database {self.path}: {error}") from error
             try:
-                self._db.executemany(
+                db.executemany(
                     "INSERT OR REPLACE INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
                 )
-                self._db.execute("COMMIT")
+                db.execute("COMMIT")
             except BaseException:
                 # a full disk rolls the transaction back itself: a ROLLBACK then fails with "no
                 # transaction is active", which must not stand in for why the write failed
-                if self._db.in_transaction:
+                if db.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
-                        self._db.execute("ROLLBACK")
+                        db.execute("ROLLBACK")
                 raise
         finally:
             self._lock.release()
 
     def query(self, sql: str, parameters: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        self._forked()
         with self._lock:
-            return list(self._db.execute(sql, parameters))
+            return list(self._current().execute(sql, parameters))
 
     def decisions(self, where: str = "1", parameters: Sequence[Any] = ()) -> list[Decision]:
         """Full records matching an SQL condition on the table's columns, oldest first."""
@@ -403,9 +425,10 @@ class SqliteAuditSink:
         return [Decision.model_validate_json(record) for (record,) in rows]
 
     def close(self) -> None:
-        self._forked()
         with self._lock:
-            self._db.close()
+            self._closed = True
+            self._disconnect()
+        _sqlite_sinks.discard(self)
 
 
 def _row(decision: Decision) -> tuple[Any, ...]:

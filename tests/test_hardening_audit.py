@@ -376,26 +376,54 @@ def test_a_process_forked_after_a_write_takes_its_own_log_handle_and_lock(tmp_pa
     assert os.waitstatus_to_exitcode(status) == 0
 
 
-def test_a_process_forked_from_an_sqlite_sink_connects_on_its_own(tmp_path: Path) -> None:
-    """A worker forked while the parent was writing (gunicorn `--preload`) used the parent's
-    connection, which SQLite forbids across a fork, behind a lock the parent held: every
-    check of the worker waited out its deadline and failed."""
+class _PausingConnection:
+    """The sink's connection, pausing inside a write's transaction until `go` is set."""
+
+    def __init__(self, db: sqlite3.Connection, go: threading.Event) -> None:
+        self.db, self.go, self.inside = db, go, threading.Event()
+
+    def executemany(self, *args: Any) -> Any:
+        self.inside.set()
+        assert self.go.wait(10)
+        return self.db.executemany(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+
+def test_a_worker_forked_while_the_parent_writes_to_an_sqlite_sink_writes_its_own_records(tmp_path: Path) -> None:
+    """A worker forked while a thread of the parent was inside a write (gunicorn `--preload`)
+    inherited the parent's connection and its lock state: a connection of its own found the
+    database locked for good, and every check of the worker failed, unrecorded. A fork now
+    waits for the write to end and carries no connection across."""
     sink = SqliteAuditSink(tmp_path / "audit.db")
     sink.write([_decided("before the fork")])
-    parents = sink._db
-    with sink._lock:  # the parent is in the middle of a write
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child reports through its exit status
-            try:
-                sink.write([Decision(action=Action.ALLOW, rule="r", why="child")], deadline=time.monotonic() + 5)
-                os._exit(0 if sink._db is not parents else 2)
-            except Exception:
-                os._exit(1)
-        _, status = os.waitpid(pid, 0)
+    go = threading.Event()
+    sink._db = pausing = _PausingConnection(sink._db, go)  # type: ignore[assignment]
+    writer = threading.Thread(target=sink.write, args=([_decided("the parent's write")],))
+    writer.start()
+    assert pausing.inside.wait(10)
+    threading.Timer(0.3, go.set).start()  # the write ends while the fork waits for it
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status
+        try:
+            sink.write([_decided("child")], deadline=time.monotonic() + 5)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    writer.join(10)
     assert os.waitstatus_to_exitcode(status) == 0
-    sink.write([Decision(action=Action.ALLOW, rule="r", why="parent after")])
-    assert [d.why for d in sink.decisions()] == ["before the fork", "child", "parent after"]
+    sink.write([_decided("parent after")])
+    assert sorted(d.why for d in sink.decisions()) == sorted(["before the fork", "the parent's write", "child", "parent after"])
     assert sink.query("PRAGMA integrity_check") == [("ok",)]
+
+
+def test_a_closed_sqlite_sink_refuses_writes_and_connects_no_more(tmp_path: Path) -> None:
+    sink = SqliteAuditSink(tmp_path / "audit.db")
+    sink.close()
+    with pytest.raises(AuditError, match="closed"):
+        sink.write([_decided()])
 
 
 def test_a_guard_never_closed_does_not_keep_its_audit_log_open(tmp_path: Path) -> None:
