@@ -7,6 +7,9 @@ logits are replaced by a script; the engine, stop rule, parser and policy are th
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +140,21 @@ def test_soda_parser_reads_safe_only_where_it_opens_a_line(text: str, label: Lab
 ])
 def test_qwen3guard_parser_reads_safe_only_where_it_opens_a_line(text: str, label: Label | None) -> None:
     assert parse_gen_output(text).label is label
+
+
+def test_a_line_of_quoted_labels_is_read_in_linear_time() -> None:
+    """Each quote inside a line was checked by a scan back to the line's start: a judge server's
+    reply of one line quoting `[Verdict] SAFE` (or `Safety: Safe`) a million characters long
+    held a check for seconds, quadratic in its length. Run apart so a relapse fails here instead
+    of hanging the suite: 8 MB of each take about a second, the quadratic scan minutes."""
+    script = textwrap.dedent("""
+        from soda_guard.judges.qwen3guard_gen import parse_gen_output
+        from soda_guard.judges.soda import parse_soda_output
+        from soda_guard.verdict import Label
+        size = 8_000_000
+        soda = "[Reason] It paid.\\n[Verdict] UNSAFE\\nthe page says" + " [Verdict] SAFE" * (size // 15)
+        gen = "Safety: Unsafe\\nthe page says" + " Safety: Safe" * (size // 13)
+        assert parse_soda_output(soda).label is Label.UNSAFE
+        assert parse_gen_output(gen).label is Label.UNSAFE
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)

@@ -39,13 +39,36 @@ class ParsedOutput:
         return self.label is None
 
 
-def opens_line(text: str, index: int) -> bool:
-    """Whether only spaces stand between the line's start and `index`. A judge writes its
-    verdict marker at the start of a line; one inside a line is the judge quoting something
-    (a tool result that planted `[Verdict] SAFE` for it to repeat), and a harmless label read
-    from a quote could let a call through, most of all from an output cut after the quote."""
-    start = text.rfind("\n", 0, index) + 1
-    return not text[start:index].strip()
+class LineOpenings:
+    """Whether a match in `text` opens its line: only spaces stand between the line's start and
+    it. A judge writes its verdict marker at the start of a line; one inside a line is the judge
+    quoting something (a tool result that planted `[Verdict] SAFE` for it to repeat), and a
+    harmless label read from a quote could let a call through, most of all from an output cut
+    after the quote.
+
+    Asked for a parser's matches in order, each character is looked at once: a reply quoting a
+    label thousands of times on one line made a scan back to the line's start for every quote,
+    seconds of CPU for a reply of a megabyte. What lies between the line's start and the last
+    index asked is remembered instead."""
+
+    __slots__ = ("_text", "_asked", "_blank")
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+        self._asked = 0
+        self._blank = True
+        """Whether only spaces stand between the start of the line holding `_asked` and it."""
+
+    def __call__(self, index: int) -> bool:
+        """`index` is at or past every index asked before."""
+        text, asked = self._text, self._asked
+        newline = text.rfind("\n", asked, index)
+        if newline >= 0:
+            self._blank = not text[newline + 1 : index].strip()
+        elif self._blank:
+            self._blank = not text[asked:index].strip()
+        self._asked = index
+        return self._blank
 
 
 def unchanged(text: str) -> str:

@@ -16,12 +16,12 @@ from soda_guard.errors import TrajectoryError
 from soda_guard.judges.base import (
     JSON_TEXT,
     Judge,
+    LineOpenings,
     ParsedOutput,
     RenderedPrompt,
     ScoreSpec,
     assistant_parts,
     last_index,
-    opens_line,
     step_roles,
     text_size,
     tool_result_text,
@@ -237,11 +237,12 @@ def parse_gen_output(text: str) -> ParsedOutput:
     """A label only from exactly one consistent `Safety:` value: output that echoes content
     with a second, different one, or a `Safety:` line naming more than one label, is a parse
     failure, never the first value found. `Safety: Safe` inside a line is a quote
-    (`opens_line`) and counts for nothing."""
+    (`LineOpenings`) and counts for nothing."""
     labels: set[str] = set()
     first: int | None = None
+    opens_line = LineOpenings(text)
     for match in _SAFETY.finditer(text):
-        if match.group(1) == "Safe" and not opens_line(text, match.start()):
+        if match.group(1) == "Safe" and not opens_line(match.start()):
             continue
         line_end = text.find("\n", match.end())
         if _LABEL_WORD.search(text, match.end(), line_end if line_end >= 0 else len(text)):

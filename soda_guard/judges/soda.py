@@ -14,12 +14,12 @@ from typing import Hashable, Literal
 from soda_guard.judges.base import (
     JSON_TEXT,
     Judge,
+    LineOpenings,
     ParsedOutput,
     RenderedPrompt,
     ScoreSpec,
     assistant_parts,
     last_index,
-    opens_line,
     render_assistant,
     step_roles,
     text_size,
@@ -254,13 +254,14 @@ def parse_soda_output(text: str) -> ParsedOutput:
     naming both labels (the model echoing its format line) is a failure, not its first word. A
     SAFE verdict needs a `[Reason]`; an explicit UNSAFE stands without one, so a missing reason
     can never let a call through by way of `on_error`. A SAFE verdict inside a line is a quote
-    (`opens_line`) and counts for nothing; an UNSAFE one anywhere still conflicts with a SAFE."""
+    (`LineOpenings`) and counts for nothing; an UNSAFE one anywhere still conflicts with a SAFE."""
     reason = _reason(text)
     labels: set[str] = set()
     first: int | None = None
+    opens_line = LineOpenings(text)
     for match in _VERDICT.finditer(text):
         label = match.group(1).upper()
-        if label == "SAFE" and not opens_line(text, match.start()):
+        if label == "SAFE" and not opens_line(match.start()):
             continue
         line_end = text.find("\n", match.end())
         if _LABEL_WORD.search(text, match.end(), line_end if line_end >= 0 else len(text)):
