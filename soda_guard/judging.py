@@ -226,7 +226,9 @@ class JudgeRunner:
         prepared = prepare_all() if self.judge.renders_at_once(trajectories) else await off_loop(prepare_all)
         start = time.perf_counter()
         results = await self.backend.agenerate([request for _, request in prepared])
-        return self._finish(prepared, results, start)
+        if _parses_at_once(results):
+            return self._finish(prepared, results, start)
+        return await off_loop(self._finish, prepared, results, start)
 
 
 def awaiting_action(trajectory: Trajectory) -> Trajectory:
@@ -241,6 +243,21 @@ def awaiting_action(trajectory: Trajectory) -> Trajectory:
     latest = next((step for step in reversed(steps) if isinstance(step, AssistantStep)), None)
     stand_in = AssistantStep() if latest is None else AssistantStep(content=latest.content, tool_calls=latest.tool_calls)
     return trajectory.model_copy(update={"steps": [*steps, stand_in]})
+
+
+AT_ONCE_MAX_OUTPUT_CHARS = 16384
+"""Judge output parsed on the caller's event loop, at most: a judge's answer is a few hundred
+characters, but a server may send up to `max_response_bytes` (a megabyte by default), and
+parsing a megabyte holds the loop for tens of milliseconds."""
+
+
+def _parses_at_once(results: object) -> bool:
+    """Whether parsing `results` is a small job for the event loop (`AT_ONCE_MAX_OUTPUT_CHARS`
+    of text in all); what is no list of texts is refused by `_finish` at once."""
+    if not isinstance(results, (list, tuple)):
+        return True
+    texts = (getattr(result, "text", None) for result in results)
+    return sum(len(text) for text in texts if isinstance(text, str)) <= AT_ONCE_MAX_OUTPUT_CHARS
 
 
 def _disagreement(label: Label | None, score: float | None) -> str | None:
