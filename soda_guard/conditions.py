@@ -36,6 +36,7 @@ from pydantic import (
     model_validator,
 )
 
+from soda_guard.converters import Ancestors
 from soda_guard.mcp.annotations import AnnotationCondition
 from soda_guard.mcp.jsonrpc import parse as parse_json
 from soda_guard.patterns import checked_pattern, compile_pattern, found
@@ -480,12 +481,21 @@ class SharedRuns:
 
 
 def _strings(value: Any) -> list[str]:
-    """Every scalar inside a value, as text: an argument may nest what it carries."""
-    if isinstance(value, dict):
-        return [text for item in value.values() for text in _strings(item)]
-    if isinstance(value, list):
-        return [text for item in value for text in _strings(item)]
-    return [value] if isinstance(value, str) else [json.dumps(value)]
+    """Every scalar inside a value, as text, in order: an argument may nest what it carries.
+    Walked with an explicit stack: arguments some hundreds of levels deep (valid JSON, which
+    `Guard` and the MCP proxy take as it comes) exhausted a recursive walk, and the check raised
+    RecursionError with the call undecided."""
+    texts: list[str] = []
+    pending: list[tuple[Any, int]] = [(value, 0)]
+    ancestors = Ancestors()
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, (dict, list)):
+            if ancestors.enter(item, depth):
+                pending += [(child, depth + 1) for child in reversed(item.values() if isinstance(item, dict) else item)]
+        else:
+            texts.append(item if isinstance(item, str) else json.dumps(item))
+    return texts
 
 
 class After(RootModel[Annotated[list[StrictStr], Field(min_length=1)]]):

@@ -135,7 +135,32 @@ def _text_content(content: Any, index: int) -> str:
     raise TrajectoryError(index, f"content must be a string, a list of parts or null, not {type(content).__name__}")
 
 
-def _depth(value: Any, limit: int) -> int:
+class Ancestors:
+    """The containers (dicts, lists) a depth-first walk with an explicit stack is inside. A recursive
+    walk stopped at a value that holds itself (with RecursionError); a walk with a stack would
+    go round it forever, so it walks such a value once (only Python code builds one: parsed
+    JSON never holds itself)."""
+
+    __slots__ = ("_path", "_ids")
+
+    def __init__(self) -> None:
+        self._path: list[int] = []
+        self._ids: set[int] = set()
+
+    def enter(self, value: object, depth: int) -> bool:
+        """Whether to walk into `value`, met with `depth` containers above it: not where it is
+        one of them. Each container enters and leaves once, so a walk stays linear."""
+        path, ids = self._path, self._ids
+        while len(path) > depth:
+            ids.discard(path.pop())
+        if id(value) in ids:
+            return False
+        path.append(id(value))
+        ids.add(id(value))
+        return True
+
+
+def nesting_depth(value: Any, limit: int) -> int:
     """Nesting depth of lists and dicts, counted without recursion, stopping past `limit`."""
     deepest = 0
     stack = [(value, 1)]
@@ -166,7 +191,7 @@ def _parse_arguments(raw: Any, index: int) -> dict[str, Any] | str:
         raw = parsed
     if not isinstance(raw, dict):
         return str(raw)
-    if _depth(raw, MAX_ARGUMENT_DEPTH) > MAX_ARGUMENT_DEPTH:
+    if nesting_depth(raw, MAX_ARGUMENT_DEPTH) > MAX_ARGUMENT_DEPTH:
         raise TrajectoryError(index, f"tool-call arguments are nested more than {MAX_ARGUMENT_DEPTH} deep")
     if not all(isinstance(key, str) for key in raw):
         raise TrajectoryError(index, "tool-call argument names must be strings")
@@ -388,7 +413,7 @@ def _agent_step(turn: dict[str, Any], call_id: str, index: int) -> AssistantStep
     if parsed is None:
         return AssistantStep(content="\n".join(piece for piece in (thought, action) if piece))
     name, args = parsed
-    if isinstance(args, dict) and _depth(args, MAX_ARGUMENT_DEPTH) > MAX_ARGUMENT_DEPTH:
+    if isinstance(args, dict) and nesting_depth(args, MAX_ARGUMENT_DEPTH) > MAX_ARGUMENT_DEPTH:
         raise TrajectoryError(index, f"agent action arguments are nested more than {MAX_ARGUMENT_DEPTH} deep")
     args = cleaned(args, "agent action arguments")
     if name == "Complete" and isinstance(args, dict) and "response" in args:
