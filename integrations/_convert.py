@@ -21,7 +21,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from langgraph.types import Command, Send
 
 from soda_guard.binding import MARSHAL_VERSION, CallBinding, args_digest
-from soda_guard.converters import base64_text, cleaned, text_media
+from soda_guard.converters import MAX_ARGUMENT_DEPTH, Ancestors, base64_text, cleaned, nesting_depth, text_media
 from soda_guard.errors import TrajectoryError
 from soda_guard.judges.incremental import IdentityMemo, Lru
 from soda_guard.mcp.jsonrpc import parse as parse_json
@@ -73,22 +73,38 @@ def block_text(block: Any) -> str:
     return " ".join([label, "\n".join(pieces)]) if pieces else label
 
 
-def _text_pieces(value: Any, key: str | None = None, holder: Mapping[str, Any] | None = None) -> list[str]:
-    if isinstance(value, str):
-        if key in _ENCODED:
-            return [_decoded(value, key, holder or {})] if _declared_text(holder or {}) else []
-        return [value] if value.strip() else []
-    if isinstance(value, Mapping):
-        if key == "json":
-            return [json.dumps(value, ensure_ascii=False, default=str)]
-        return [piece for name, item in value.items() if name not in _NOT_TEXT for piece in _text_pieces(item, str(name), value)]
-    if isinstance(value, (list, tuple)):
-        if key == "json":
-            return [json.dumps(value, ensure_ascii=False, default=str)]
-        return [piece for item in value for piece in _text_pieces(item, key, holder)]
-    if key == "json" and value is not None:
-        return [json.dumps(value, default=str)]
-    return []
+def _text_pieces(block: Mapping[str, Any]) -> list[str]:
+    """The pieces of text in a block, in order (`block_text`). Walked with an explicit stack: a
+    tool's result may nest its data however deep (a JSON API's answer handed on as a block),
+    and a recursive walk raised RecursionError out of the agent at the next model turn, with
+    that turn's calls undecided."""
+    pieces: list[str] = []
+    pending: list[tuple[Any, str | None, Mapping[str, Any], int]] = [(block, None, {}, 0)]
+    ancestors = Ancestors()
+    while pending:
+        value, key, holder, depth = pending.pop()
+        if isinstance(value, str):
+            if key in _ENCODED:
+                if _declared_text(holder):
+                    pieces.append(_decoded(value, key, holder))
+            elif value.strip():
+                pieces.append(value)
+        elif isinstance(value, (Mapping, list, tuple)):
+            if key == "json":
+                try:
+                    pieces.append(json.dumps(value, ensure_ascii=False, default=str))
+                    continue
+                except RecursionError:  # deeper than the encoder goes: its text, walked as the rest
+                    key = None
+            if not ancestors.enter(value, depth):
+                continue
+            if isinstance(value, Mapping):
+                pending += reversed([(item, str(name), value, depth + 1) for name, item in value.items() if name not in _NOT_TEXT])
+            else:
+                pending += reversed([(item, key, holder, depth + 1) for item in value])
+        elif key == "json" and value is not None:
+            pieces.append(json.dumps(value, default=str))
+    return pieces
 
 
 def _declared_text(holder: Mapping[str, Any]) -> bool:
@@ -279,8 +295,15 @@ def to_tool_calls(calls: Sequence[Mapping[str, Any]]) -> list[ToolCall]:
 
 
 def call_args(call: Mapping[str, Any]) -> dict[str, Any] | str:
-    """A LangChain tool call's arguments as a `ToolCall` holds them."""
+    """A LangChain tool call's arguments as a `ToolCall` holds them. Arguments nested deeper
+    than `MAX_ARGUMENT_DEPTH` are refused, as `from_openai_messages` refuses them: the judge's
+    prompt, the audit record and the records kept in the graph's state are each written by a
+    walk that recurses, and past a few hundred levels one of them raised RecursionError out of
+    the agent with the call undecided."""
     args = call.get("args")
+    if isinstance(args, (dict, list)) and nesting_depth(args, MAX_ARGUMENT_DEPTH) > MAX_ARGUMENT_DEPTH:
+        name = call.get("name")
+        raise TrajectoryError(None, f"the arguments of tool call {name!r} are nested more than {MAX_ARGUMENT_DEPTH} deep")
     if not isinstance(args, (dict, str)):
         args = {} if args is None else str(args)
     return args
@@ -412,7 +435,7 @@ def _step_key(message: BaseMessage) -> tuple[Any, ...] | None:
     if isinstance(message, AIMessage):
         try:
             calls = _CALLS_KEY.encode(message.tool_calls)
-        except (TypeError, ValueError):  # arguments that are not JSON: converted as they are
+        except (TypeError, ValueError, RecursionError):  # not JSON, or too deep to write: converted as they are
             return None
         return ("assistant", content, calls)
     if isinstance(message, ToolMessage):
