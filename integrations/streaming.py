@@ -73,8 +73,13 @@ class AssistantTextRenderer:
         self.call_has_args = False
         self.length = 0
         """Characters of text written so far."""
-        self.calls: list[tuple[int, Any]] = []
-        """Where each call's block begins in the text, and the call it belongs to."""
+        self.spans: list[tuple[int, Any]] = []
+        """Where each call's block begins in the text, and the call it belongs to; None for
+        content that streamed while a call was open (Anthropic's `[tool_use, text]`, a v3 text
+        block after a call's), which is the content's, not the call's: its flags take the
+        defaults, not the call's rule. A later piece of that call goes back to the call."""
+        self.call_key: Any = None
+        """The open call's key (`spans` may end in content)."""
         self.names: dict[Any, str] = {}
         """Each call's tool name as far as it has streamed (a name may come late or in pieces)."""
         self.named: set[Any] = set()
@@ -82,6 +87,8 @@ class AssistantTextRenderer:
         that, `sh` may be the start of `shell`."""
 
     def content(self, text: str) -> str:
+        if text and self.spans and self.spans[-1][1] is not None:
+            self.spans.append((self.length, None))
         self.written = self.written or bool(text)
         self.length += len(text)
         return text
@@ -93,22 +100,24 @@ class AssistantTextRenderer:
         reused = self.call_open and index == self.call_index and bool(call_id and self.call_id and call_id != self.call_id)
         starts = not self.call_open or (index is not None and index != self.call_index) or (index is None and name) or reused
         if starts:
-            key = ("unindexed", len(self.calls)) if index is None else (index, call_id) if reused else index
+            key = ("unindexed", len(self.spans)) if index is None else (index, call_id) if reused else index
             text = self._close() + ("\n" if self.written else "")
-            self.calls.append((self.length + len(text), key))
+            self.spans.append((self.length + len(text), key))
             if name:
                 self.names[key] = self.names.get(key, "") + name
             text += '<tool_call>\n{"name": ' + json.dumps(name or "", ensure_ascii=False) + ', "arguments": '
             self.call_open, self.call_index, self.call_id, self.call_has_args = True, index, call_id or None, False
+            self.call_key = key
             self.written = True
         else:
             self.call_id = self.call_id or call_id or None  # an id that came late
+            if self.spans[-1][1] is None:  # the open call goes on after content that streamed within it
+                self.spans.append((self.length, self.call_key))
             if name:  # the rest of a name that began in an earlier chunk, or a name that came late
-                key = self.calls[-1][1]
-                self.names[key] = self.names.get(key, "") + name
+                self.names[self.call_key] = self.names.get(self.call_key, "") + name
         self.call_has_args = self.call_has_args or bool(args)
         if args:
-            self.named.add(self.calls[-1][1])
+            self.named.add(self.call_key)
         text += args
         self.length += len(text)
         return text
@@ -121,19 +130,20 @@ class AssistantTextRenderer:
 
     def has_call(self, index: Any) -> bool:
         """Whether a call of this index was written (a protocol event's block index)."""
-        return any(key == index or (isinstance(key, tuple) and key[0] == index) for _, key in self.calls)
+        return any(key is not None and (key == index or (isinstance(key, tuple) and key[0] == index)) for _, key in self.spans)
 
     def tool_at(self, end: int) -> tuple[bool, str]:
         """(whether the text ending at `end` is in a call, that call's tool name once whole, else
-        ""): the text before any call is the content, whichever calls come after it."""
-        key = next((key for start, key in reversed(self.calls) if start < end), None)
+        ""): the text before any call is the content, whichever calls come after it, and so is
+        text that streamed after a call began."""
+        key = next((key for start, key in reversed(self.spans) if start < end), None)
         return (False, "") if key is None else (True, self.names.get(key, "") if key in self.named else "")
 
     def _close(self) -> str:
         if not self.call_open:
             return ""
         self.call_open = False
-        self.named.add(self.calls[-1][1])
+        self.named.add(self.call_key)
         return ("" if self.call_has_args else "{}") + "}\n</tool_call>"
 
 

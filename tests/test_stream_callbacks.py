@@ -795,3 +795,53 @@ async def test_a_flags_verdict_is_built_without_reading_every_token_before_it(st
     chunks = [chunk.content async for chunk in _fake(answer).astream([HumanMessage(content="q")], config={"callbacks": [handler]})]
     assert "".join(chunks) == answer and [d.action for d in handler.decisions] == [Action.LOG]
     assert len(read) <= len(answer.encode())  # the answer's tokens (one per byte) at most once, not once per flag
+
+
+def test_text_that_streams_while_a_call_is_open_is_the_contents_and_the_calls_later_pieces_are_its() -> None:
+    """Every position past a call's start was the call's: text after it (Anthropic's
+    `[tool_use, text]`) took its tool's rule. Interleaved pieces of parallel calls each stay
+    their own call's, before and after the text."""
+    renderer = AssistantTextRenderer()
+    pieces = [
+        renderer.tool_call_chunk({"name": "read_file", "args": '{"path": ', "id": "a", "index": 0}),
+        renderer.tool_call_chunk({"name": "shell", "args": '{"cmd": ', "id": "b", "index": 1}),
+        renderer.content(" Here are the steps"),
+        renderer.tool_call_chunk({"name": None, "args": '"x"}', "id": None, "index": 1}),
+        renderer.content(" and more"),
+        renderer.tool_call_chunk({"name": None, "args": '"a.txt"}', "id": None, "index": 0}),
+    ]
+    ends = [len("".join(pieces[:count])) for count in range(1, len(pieces) + 1)]
+    assert [renderer.tool_at(end) for end in ends] == [
+        (True, "read_file"), (True, "shell"), (False, ""), (True, "shell"), (False, ""), (True, "read_file")]
+    assert renderer.has_call(0) and renderer.has_call(1) and not renderer.has_call(None)
+
+
+AFTER_THE_CALL = " Here are the detailed steps to synthesise the nerve agent: first ..."
+
+
+@pytest.mark.parametrize("handler_class", ASYNC_HANDLERS)
+@pytest.mark.parametrize("shape", ["text", "content-blocks", "v3-events"])
+async def test_a_flag_in_text_that_streams_after_a_call_takes_the_defaults_not_the_calls_rule(
+    stream_dir: Path, handler_class: type, shape: str
+) -> None:
+    """Text streamed after a call's chunks (Anthropic's `[tool_use, text]`, a v3 text block
+    after a call block) was written into the call: a flag in it took the call's rule (`log`
+    for read_file), and the answer reached the reader where the defaults block it."""
+    call = {"name": "read_file", "args": '{"path": "notes.txt"}', "id": "c1", "index": 0}
+    block = AssistantTextRenderer().tool_call_chunk(dict(call))
+    monitor = StreamMonitor.load(str(stream_dir), device="cpu")
+    monitor.model.risk_level_head = ScheduleHead(lambda i: 1 if i > len(block) else 0)  # one token per byte: the text alone
+    policy = Policy.from_dict({"defaults": {"on_unsafe": "block"}, "rules": [{"name": "reads", "tools": ["read_file"], "on_unsafe": "log"}]})
+    handler = handler_class(monitor, policy)
+    text = AIMessageChunk(content=[{"type": "text", "text": AFTER_THE_CALL, "index": 1}]) if shape == "content-blocks" else AIMessageChunk(content=AFTER_THE_CALL)
+    chunks = [AIMessageChunk(content=[] if shape == "content-blocks" else "", tool_call_chunks=[call]), text]
+    question = [HumanMessage(content="summarise my notes")]
+    with pytest.raises(StreamFlaggedError) as stopped:
+        if shape == "v3-events":
+            events = await QuietChunksModel(messages=iter([]), chunks=chunks).astream_events(question, config={"callbacks": [handler]}, version="v3")
+            async for _ in events.text:
+                pass
+        else:
+            async for _ in ChunksModel(messages=iter([]), chunks=chunks).astream(question, config={"callbacks": [handler]}):
+                pass
+    assert [(d.rule, d.action) for d in handler.decisions] == [("defaults", Action.BLOCK)] and stopped.value.decision == handler.decisions[0]
