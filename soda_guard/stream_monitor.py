@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Sequence
@@ -33,6 +34,7 @@ from soda_guard.chat_tokens import encode_chat, special_token_strings, tokenize
 from soda_guard.engine.kv import KVCache
 from soda_guard.engine.qwen3_step import LeanQwen3
 from soda_guard.judges.base import render_assistant, tool_result_text
+from soda_guard.judges.confusables import STREAM_SAFE_RUN
 from soda_guard.judges.context import escape_token_text
 from soda_guard.judges.qwen3guard_gen import wrap_tool_response
 from soda_guard.judges.stream import QUERY_CATEGORIES, RESPONSE_CATEGORIES, Qwen3GuardStream
@@ -144,8 +146,9 @@ class TextTokenBuffer:
             # of a rare merge across that point that tokenising it whole would make
             hold = max(hold, next((i for i, (_, end) in enumerate(offsets) if end > limit), len(ids)) - 1)
         # never inside a character: NFC writes some as two words (U+0958 as U+0915 U+093C), and
-        # the character's first word fed now would be fed again with the rest, still pending
-        while hold and offsets[hold - 1][1] > offsets[hold][0]:
+        # the character's first word fed now would be fed again with the rest, still pending;
+        # nor before a mark, which normalising reads with the characters before it
+        while hold and (offsets[hold - 1][1] > offsets[hold][0] or _read_with_before(self.pending, offsets[hold][0])):
             hold -= 1
         if hold == 0:
             return []
@@ -182,6 +185,24 @@ class TextTokenBuffer:
                     longest = size
                     break
         return longest
+
+
+def _read_with_before(text: str, at: int) -> bool:
+    """Whether normalising may read `text[at]` with the characters before it, so that text cut
+    right before it would tokenise otherwise than whole: NFC composes a mark with what precedes
+    it (U+0344 is U+0308 U+0301, and `a` U+0308 is `ä`: cut there, the held U+0344 stayed two
+    marks) and sorts a run of marks (U+0F73 U+0F73 is U+0F71 U+0F71 U+0F72 U+0F72: cut there,
+    a mark was lost). A character whose decomposition begins with a mark (NFKD, as a tokenizer
+    may compose NFKC) goes with the character before it, but a run of more than
+    `STREAM_SAFE_RUN` (Unicode's stream-safe limit, which no writing reaches) may be cut, its
+    marks then read in another order: held whole, its text would reach the reader unjudged."""
+    if text[at] < "\u0300" or not _begins_with_mark(text[at]):
+        return False
+    return at < STREAM_SAFE_RUN or not all(_begins_with_mark(char) for char in text[at - STREAM_SAFE_RUN:at])
+
+
+def _begins_with_mark(char: str) -> bool:
+    return unicodedata.combining(unicodedata.normalize("NFKD", char)[0]) > 0
 
 
 def _added_token_strings(tokenizer: Any) -> list[str]:

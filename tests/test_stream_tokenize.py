@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from soda_guard.judges.confusables import STREAM_SAFE_RUN
 from soda_guard.stream_monitor import HELD_MAX_TOKENS, TextTokenBuffer
 from soda_guard.testing import byte_tokenizer, composing, load_test_tokenizer
 
@@ -19,6 +20,11 @@ TEXTS = [
     "   leading\r\n\r\n spaces   and trailing   ",
     "a<tool_",
 ]
+MARKS = "Voila\u0344 tout, \u0f73\u0f73\u0f73 and o\u0344\u0301\u0344x \u0f73\u0f75 ok"
+"""Characters normalising reads with the one before them: U+0344 is U+0308 U+0301, whose first
+composes with the character before it (`a` U+0308 is `ä`); U+0F73 is U+0F71 U+0F72, and a run of
+them has its marks sorted (U+0F71 U+0F71 U+0F72 U+0F72). Whole, no prefix of the text is what
+a prefix of its tokens decodes to, so it is not among `TEXTS`, whose tokens' ends are checked."""
 
 
 def _chunked(tokenizer, text: str, rng: random.Random) -> list[int]:
@@ -33,7 +39,7 @@ def _chunked(tokenizer, text: str, rng: random.Random) -> list[int]:
 def _check(tokenizer) -> None:
     """Exactly the whole text's tokens where every word fits what a stream holds back; the
     same text (fed on sooner) where one does not."""
-    for text in TEXTS:
+    for text in [*TEXTS, MARKS]:
         whole = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         encoding = tokenizer(text, add_special_tokens=False, split_special_tokens=True)
         longest = max(encoding.word_ids().count(word) for word in set(encoding.word_ids()))
@@ -118,6 +124,31 @@ def test_a_character_the_tokenizer_splits_into_two_words_is_fed_once(kind: str, 
     whole = tokenizer(RECOMPOSED, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     for seed in range(40):
         assert _chunked(tokenizer, RECOMPOSED, random.Random(seed)) == whole, seed
+
+
+@pytest.mark.parametrize("kind", NFC_TOKENIZERS)
+def test_a_mark_normalising_reads_with_the_character_before_it_is_never_cut_from_it(kind: str, request: pytest.FixtureRequest) -> None:
+    """A cut right before U+0344 fed `ä` (with U+0344's first mark) and held U+0344, whose
+    two marks were then fed again; one inside a run of U+0F73 lost a mark the sort had moved."""
+    tokenizer = _tokenizer(kind, request)
+    whole = tokenizer(MARKS, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    for seed in range(40):
+        assert _chunked(tokenizer, MARKS, random.Random(seed)) == whole, seed
+    for cut in range(1, len(MARKS)):
+        buffer = TextTokenBuffer(tokenizer)
+        assert buffer.push(MARKS[:cut]) + buffer.push(MARKS[cut:]) + buffer.finish() == whole, cut
+
+
+@pytest.mark.parametrize("kind", NFC_TOKENIZERS)
+def test_a_run_of_marks_longer_than_any_writing_is_fed_as_it_streams(kind: str, request: pytest.FixtureRequest) -> None:
+    """A mark is held with the character before it, but a run longer than Unicode's
+    stream-safe limit (zalgo text) would hold all of it, unjudged, until it ends."""
+    tokenizer = _tokenizer(kind, request)
+    text = "Zalgo " + "\u0301" * 40 * STREAM_SAFE_RUN
+    buffer = TextTokenBuffer(tokenizer)
+    fed = [token for start in range(0, len(text), 5) for token in buffer.push(text[start:start + 5])]
+    assert len(tokenizer.decode(fed)) > len(text) - 2 * STREAM_SAFE_RUN  # before the run ends
+    assert tokenizer.decode(fed + buffer.finish()) == tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 @pytest.mark.parametrize("kind", NFC_TOKENIZERS)
