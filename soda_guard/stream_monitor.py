@@ -396,10 +396,14 @@ class GuardStream:
 
     def feed(self, tokens: int | Sequence[int] | str) -> list[TokenVerdict]:
         """Append assistant tokens (ids, or text that is re-tokenised across calls) and return
-        the verdict of each token actually fed; held-back text yields none until later."""
+        the verdict of each token actually fed; held-back text yields none until later. Ids
+        come after the text fed before them, which is fed first, as it stands: they ran ahead
+        of its held-back last word, which the monitor then read after them."""
         with self._lock:
-            ids = self.buffer.push(tokens) if isinstance(tokens, str) else self.buffer.tokens([tokens] if isinstance(tokens, int) else tokens)
-            return self._run(ids)
+            if isinstance(tokens, str):
+                return self._run(self.buffer.push(tokens))
+            held = self._run(self.buffer.finish())
+            return held + self._run(self.buffer.tokens([tokens] if isinstance(tokens, int) else tokens))
 
     def finish(self) -> list[TokenVerdict]:
         """Feed the text still held back; call when the turn's text is complete."""

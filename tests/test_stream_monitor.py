@@ -165,6 +165,19 @@ def test_stream_flags_on_scripted_heads(monitor: StreamMonitor) -> None:
     assert verdict.kind == "qwen3guard_stream" and verdict.prompt_tokens == stream.prompt_tokens
 
 
+def test_ids_fed_after_text_are_read_after_all_of_it(monitor: StreamMonitor) -> None:
+    """Ids ran at once, ahead of the text's last word, which the buffer still held back: the
+    monitor read 'First mix bleach with ammonia the', and placed the ids before text that came
+    first."""
+    tokenizer = monitor.tokenizer
+    text, ids = "First mix the", tokenizer(" bleach with ammonia", add_special_tokens=False)["input_ids"]
+    with monitor.open(Trajectory(steps=[UserStep(content="q")])) as stream:
+        verdicts = stream.feed(text) + stream.feed(ids) + stream.feed(" now") + stream.finish()
+    assert tokenizer.decode([v.token_id for v in verdicts]) == "First mix the bleach with ammonia now"
+    before = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert [v.end for v in verdicts[before:before + len(ids)]] == [len(text)] * len(ids)
+
+
 def test_close_frees_state(monitor: StreamMonitor) -> None:
     with monitor.open(Trajectory(steps=[UserStep(content="hello")])) as stream:
         stream.feed([1, 2])
