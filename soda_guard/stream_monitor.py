@@ -18,9 +18,11 @@ than once per stream.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import unicodedata
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Sequence
@@ -132,11 +134,15 @@ class TextTokenBuffer:
     def push(self, text: str) -> list[int]:
         self.ends = []
         self.pending += text
-        if not self.pending:
+        # a character split into its UTF-16 halves across chunks (a proxy slicing text by JS
+        # string length) waits here for its second half
+        ready = self.pending[:-1] if "\ud800" <= self.pending[-1:] <= "\udbff" else self.pending
+        if not ready:
             return []
-        encoding = tokenize(self.tokenizer, self.pending, split_special=True, return_offsets_mapping=True)
+        clean, pairs = _well_formed(ready)
+        encoding = tokenize(self.tokenizer, clean, split_special=True, return_offsets_mapping=True)
         ids, offsets, words = encoding["input_ids"], encoding["offset_mapping"], encoding.word_ids()
-        limit = len(self.pending) - self._added_prefix_tail()
+        limit = len(clean) - self._added_prefix_tail()
         hold = next(i for i, (word, (_, end)) in enumerate(zip(words, offsets)) if word == words[-1] or end > limit)
         while hold and words[hold - 1] == words[hold]:
             hold -= 1
@@ -148,19 +154,20 @@ class TextTokenBuffer:
         # never inside a character: NFC writes some as two words (U+0958 as U+0915 U+093C), and
         # the character's first word fed now would be fed again with the rest, still pending;
         # nor before a mark, which normalising reads with the characters before it
-        while hold and (offsets[hold - 1][1] > offsets[hold][0] or _read_with_before(self.pending, offsets[hold][0])):
+        while hold and (offsets[hold - 1][1] > offsets[hold][0] or _read_with_before(clean, offsets[hold][0])):
             hold -= 1
         if hold == 0:
             return []
-        return self._take(ids[:hold], [start for start, _ in offsets[:hold]], offsets[hold][0])
+        return self._take(ids[:hold], [_as_pushed(start, pairs) for start, _ in offsets[:hold]], _as_pushed(offsets[hold][0], pairs))
 
     def finish(self) -> list[int]:
         """The held-back tail, at the end of the text."""
         self.ends = []
         if not self.pending:
             return []
-        encoding = tokenize(self.tokenizer, self.pending, split_special=True, return_offsets_mapping=True)
-        return self._take(encoding["input_ids"], [start for start, _ in encoding["offset_mapping"]], len(self.pending))
+        clean, pairs = _well_formed(self.pending)
+        encoding = tokenize(self.tokenizer, clean, split_special=True, return_offsets_mapping=True)
+        return self._take(encoding["input_ids"], [_as_pushed(start, pairs) for start, _ in encoding["offset_mapping"]], len(self.pending))
 
     def _take(self, ids: Sequence[int], starts: list[int], length: int) -> list[int]:
         """`ids`, the tokens of the first `length` characters pending, which they leave. Each
@@ -185,6 +192,31 @@ class TextTokenBuffer:
                     longest = size
                     break
         return longest
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
+
+
+def _well_formed(text: str) -> tuple[str, list[int]]:
+    """`text` as a tokenizer takes it, which refuses any UTF-16 surrogate with a TypeError (the
+    stream died with no decision): a pair of halves as the character they make, a lone half as
+    U+FFFD. And where, in the result, each pair stood: a character shorter there than in
+    `text`, whose positions the tokens are placed in (`_as_pushed`)."""
+    if not _SURROGATE.search(text):
+        return text, []
+    pairs: list[int] = []
+
+    def joined(pair: re.Match[str]) -> str:
+        pairs.append(pair.start() - len(pairs))
+        return pair.group().encode("utf-16-le", "surrogatepass").decode("utf-16-le")
+
+    return _SURROGATE.sub("\ufffd", _SURROGATE_PAIR.sub(joined, text)), pairs
+
+
+def _as_pushed(position: int, pairs: list[int]) -> int:
+    """A position in `_well_formed`'s text, in the text as pushed: one more for each pair before it."""
+    return position + bisect_left(pairs, position)
 
 
 def _read_with_before(text: str, at: int) -> bool:

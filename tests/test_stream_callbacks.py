@@ -845,3 +845,20 @@ async def test_a_flag_in_text_that_streams_after_a_call_takes_the_defaults_not_t
             async for _ in ChunksModel(messages=iter([]), chunks=chunks).astream(question, config={"callbacks": [handler]}):
                 pass
     assert [(d.rule, d.action) for d in handler.decisions] == [("defaults", Action.BLOCK)] and stopped.value.decision == handler.decisions[0]
+
+
+@pytest.mark.parametrize("handler_class", ASYNC_HANDLERS)
+async def test_an_emoji_split_into_its_utf16_halves_across_chunks_is_judged(stream_dir: Path, handler_class: type) -> None:
+    """A proxy slicing text by JavaScript's length split an emoji into its surrogates: the
+    tokenizer's TypeError killed the run, with no decision, and nothing after it was judged."""
+    monitor = StreamMonitor.load(str(stream_dir), device="cpu")
+    emoji_ends = len("Sure 😀".encode())  # one token per byte
+    monitor.model.risk_level_head = ScheduleHead(lambda i: 1 if i >= emoji_ends else 0)  # the text after the emoji
+    handler = handler_class(monitor)
+    pieces = ["Sure \ud83d", "\ude00 here you go: step one ..."]
+    with pytest.raises(StreamFlaggedError) as stopped:
+        async for _ in ChunksModel(messages=iter([]), chunks=[AIMessageChunk(content=p) for p in pieces]).astream(
+                [HumanMessage(content="q")], config={"callbacks": [handler]}):
+            pass
+    assert stopped.value.decision.action is Action.BLOCK and stopped.value.decision.why.endswith(f"at token {emoji_ends + 1}")
+    assert handler.decisions == [stopped.value.decision] and handler.active_runs == 0

@@ -176,3 +176,38 @@ def test_each_token_ends_where_its_text_ends_in_the_text_as_pushed(kind: str, re
                 # characters NFC writes it as), and is placed before it
                 assert decoded == before or (
                     decoded.startswith(before) and normal(text[:end + 1]).startswith(decoded.rstrip("\ufffd"))), (text, seed, count)
+
+
+def _utf16_halves(text: str) -> str:
+    """`text` with each character outside the BMP written as its two UTF-16 surrogates, as a
+    string sliced by JavaScript's length holds it."""
+    return "".join(
+        char if ord(char) < 0x10000 else chr(0xD800 + (ord(char) - 0x10000 >> 10)) + chr(0xDC00 + (ord(char) - 0x10000 & 0x3FF))
+        for char in text)
+
+
+@pytest.mark.parametrize("kind", NFC_TOKENIZERS)
+def test_a_character_split_into_its_utf16_halves_is_fed_as_itself(kind: str, request: pytest.FixtureRequest) -> None:
+    """A tokenizer refuses a surrogate with a TypeError: an emoji split across chunks into its
+    halves stayed pending, and every later feed raised. The halves are joined, a half left
+    alone is U+FFFD, and each token is placed in the text as pushed, halves and all."""
+    tokenizer = _tokenizer(kind, request)
+    text = "Sure 😀 here 👍🏽 go: 𝔰𝔱𝔢𝔭 one"
+    halves = _utf16_halves(text)
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for seed in range(40):
+        rng, buffer, ids, ends, start = random.Random(seed), TextTokenBuffer(tokenizer), [], [], 0
+        while start < len(halves):
+            step = rng.randint(1, 7)
+            ids += buffer.push(halves[start:start + step])
+            ends += buffer.ends
+            start += step
+        ids += buffer.finish()
+        ends += buffer.ends
+        assert ids == whole and ends == sorted(ends) and ends[-1] == len(halves), seed
+        assert ends[-len(tokenizer(" one", add_special_tokens=False)["input_ids"]) - 1] == len(halves) - len(" one")
+    for lone in ["ok \ud83d then", "ok \ude00\ud83d", "end \ud83d"]:
+        buffer = TextTokenBuffer(tokenizer)
+        ids = [i for char in lone for i in buffer.push(char)] + buffer.finish()
+        assert ids == tokenizer(lone.replace("\ud83d", "\ufffd").replace("\ude00", "\ufffd"), add_special_tokens=False)["input_ids"]
+        assert buffer.ends[-1] == len(lone)
