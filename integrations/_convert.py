@@ -67,7 +67,7 @@ def block_text(block: Any) -> str:
     if kind == "text" and isinstance(block.get("text"), str):
         return block["text"]
     label = f"[{kind if isinstance(kind, str) else 'block'}]"
-    if kind in _CALL_BLOCKS:
+    if isinstance(kind, str) and kind in _CALL_BLOCKS:  # a `type` a tool wrote as a dict is no call
         return label
     pieces = _text_pieces(block)
     return " ".join([label, "\n".join(pieces)]) if pieces else label

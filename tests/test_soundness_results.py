@@ -127,6 +127,7 @@ BLOCKS = {
     "non_standard": {"type": "non_standard", "value": {"body": INJECTION}},
     "unknown": {"type": "mystery_widget", "payload": {"summary": INJECTION}},
     "reasoning": {"type": "reasoning", "reasoning": INJECTION},
+    "type-not-a-word": {"type": {"kind": "tool_call"}, "note": INJECTION},  # a tool's own dicts: raised TypeError
 }
 
 
