@@ -275,7 +275,10 @@ def encode_stream_prompt(tokenizer: Any, trajectory: Trajectory) -> PromptTokens
     user_index = trajectory.latest_user_index()
     if user_index is None:
         raise ValueError("Qwen3Guard-Stream needs a user message before the response it moderates")
-    messages = conversation_messages(trajectory)
+    # a lone surrogate (a JSON escape in a user's or a tool's text) the tokenizer refuses with a
+    # TypeError: the stream could not be opened, and no decision was taken
+    messages = [{**message, "content": _well_formed(message["content"])[0]} if isinstance(message.get("content"), str) else message
+                for message in conversation_messages(trajectory)]
     marker = "SODAGUARDSTREAMEND"
     rendered = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": marker}], tokenize=False,
                                              add_generation_prompt=False, enable_thinking=False)

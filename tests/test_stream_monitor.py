@@ -433,3 +433,11 @@ def test_out_of_vocabulary_ids_fail_only_the_caller(monitor: StreamMonitor) -> N
         stream.feed([5, 10**9])
     stream.feed([5])
     _assert_same(_trace(stream), _alone(monitor, "hi", [[5]]))
+
+
+def test_a_conversation_holding_a_lone_surrogate_is_monitored(monitor: StreamMonitor) -> None:
+    """A JSON escape in a user's or a tool's text can spell a lone surrogate, which the tokenizer
+    refuses: opening the stream raised TypeError, and the response went unmonitored."""
+    stream = monitor.open(Trajectory(steps=[UserStep(content="look at this \ud83d file"), ToolStep(tool_call_id="t", content="\udc00 data")]))
+    assert stream.query is not None
+    assert stream.feed("fine") or stream.finish()
