@@ -55,9 +55,10 @@ class Judge(http.server.BaseHTTPRequestHandler):
         self._send({"object": "list", "data": [{"id": "soda-judge", "object": "model"}]})
 
     def do_POST(self):
-        self.rfile.read(int(self.headers["content-length"]))
+        asked = json.loads(self.rfile.read(int(self.headers["content-length"])))
         choice = {"index": 0, "message": {"role": "assistant", "content": REPLY}, "finish_reason": "stop"}
-        self._send({"object": "chat.completion", "choices": [choice], "usage": {"prompt_tokens": 1, "completion_tokens": 9}})
+        self._send({"object": "chat.completion", "model": asked["model"], "choices": [choice],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 9}})
 
 server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Judge)
 open("port", "w").write(str(server.server_address[1]))
