@@ -9,6 +9,7 @@ import re
 import threading
 import time
 import tracemalloc
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -137,25 +138,25 @@ def test_guard_memory_does_not_grow_with_conversations(tmp_path: Path) -> None:
     assert guard.judge_threads.threads == 0
 
 
-def _render_threads(monkeypatch: pytest.MonkeyPatch) -> list[threading.Thread]:
-    """The threads the SODA judge renders on, one entry per render, from now on."""
+def _threads_of(monkeypatch: pytest.MonkeyPatch, method: str) -> list[threading.Thread]:
+    """The threads the SODA judge runs `method` (`render`, `parse`) on, one entry per call, from now on."""
     from soda_guard.judges import SodaJudge
 
-    rendered_on: list[threading.Thread] = []
-    render = SodaJudge.render
+    ran_on: list[threading.Thread] = []
+    original = getattr(SodaJudge, method)
 
-    def recording(self: SodaJudge, trajectory: Trajectory) -> object:
-        rendered_on.append(threading.current_thread())
-        return render(self, trajectory)
+    def recording(self: SodaJudge, argument: Any) -> object:
+        ran_on.append(threading.current_thread())
+        return original(self, argument)
 
-    monkeypatch.setattr(SodaJudge, "render", recording)
-    return rendered_on
+    monkeypatch.setattr(SodaJudge, method, recording)
+    return ran_on
 
 
 def test_async_checks_render_prompts_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rendering neutralises every line of every new message (seconds for megabytes of tool
     output), so the async path must not do a render with much new text on the caller's loop."""
-    rendered_on = _render_threads(monkeypatch)
+    rendered_on = _threads_of(monkeypatch, "render")
     guard = Guard(Policy.from_yaml("version: 1\njudges:\n  soda: {kind: soda, model: m}\n"), backends={"soda": ScriptedBackend(respond)})
     try:
         async def check() -> tuple[list[object], threading.Thread]:
@@ -174,7 +175,7 @@ def test_async_checks_render_a_small_job_on_the_loop_and_large_new_text_off_it(m
     """A few new steps on a history whose blocks the judge knows (the adapters keep a
     conversation's step objects) are a small job: rendered on the loop, without a thread hop.
     A large new step (a 200 KB argument, a 100 KB tool result) goes to a worker thread."""
-    rendered_on = _render_threads(monkeypatch)
+    rendered_on = _threads_of(monkeypatch, "render")
     guard = Guard(Policy.from_yaml("version: 1\njudges:\n  soda: {kind: soda, model: m}\n"), backends={"soda": ScriptedBackend(respond)})
     first = conversation(1, 0)
     answered = [ToolStep(tool_call_id=call.id, content="done") for call in first.pending_tool_calls()]
@@ -204,16 +205,7 @@ def test_async_checks_parse_a_long_judge_reply_off_the_event_loop(monkeypatch: p
     """A judge server may answer with up to `max_response_bytes` (a megabyte by default), and
     parsing a megabyte held the caller's loop for tens of milliseconds: a long reply is parsed
     on a worker thread, a reply of the usual size on the loop, without a thread hop."""
-    from soda_guard.judges import SodaJudge
-
-    parsed_on: list[threading.Thread] = []
-    parse = SodaJudge.parse
-
-    def recording(self: SodaJudge, text: str) -> object:
-        parsed_on.append(threading.current_thread())
-        return parse(self, text)
-
-    monkeypatch.setattr(SodaJudge, "parse", recording)
+    parsed_on = _threads_of(monkeypatch, "parse")
     quoting = soda_reply(True) + "\nthe page says" + " [Verdict] SAFE" * 2_000
     replies = iter([soda_reply(True)] * 2 + [quoting] * 2)  # each check judges its turn's two calls
     guard = Guard(Policy.from_yaml("version: 1\njudges:\n  soda: {kind: soda, model: m}\n"), backends={"soda": ScriptedBackend(lambda request: next(replies))})

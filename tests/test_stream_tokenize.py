@@ -27,13 +27,20 @@ them has its marks sorted (U+0F71 U+0F71 U+0F72 U+0F72). Whole, no prefix of the
 a prefix of its tokens decodes to, so it is not among `TEXTS`, whose tokens' ends are checked."""
 
 
-def _chunked(tokenizer, text: str, rng: random.Random) -> list[int]:
-    buffer, ids, start = TextTokenBuffer(tokenizer), [], 0
+def _pushed(tokenizer, text: str, rng: random.Random) -> tuple[list[int], list[int]]:
+    """The tokens of `text` pushed in random chunks of 1 to 7 characters, and where each ends."""
+    buffer, ids, ends, start = TextTokenBuffer(tokenizer), [], [], 0
     while start < len(text):
         end = start + rng.randint(1, 7)
         ids += buffer.push(text[start:end])
+        ends += buffer.ends
         start = end
-    return ids + buffer.finish()
+    ids += buffer.finish()
+    return ids, ends + buffer.ends
+
+
+def _chunked(tokenizer, text: str, rng: random.Random) -> list[int]:
+    return _pushed(tokenizer, text, rng)[0]
 
 
 def _check(tokenizer) -> None:
@@ -161,14 +168,7 @@ def test_each_token_ends_where_its_text_ends_in_the_text_as_pushed(kind: str, re
     normal = normalizer.normalize_str if normalizer else (lambda text: text)
     for text in [*TEXTS, RECOMPOSED]:
         for seed in range(12):
-            rng, buffer, ids, ends, start = random.Random(seed), TextTokenBuffer(tokenizer), [], [], 0
-            while start < len(text):
-                step = rng.randint(1, 7)
-                ids += buffer.push(text[start:start + step])
-                ends += buffer.ends
-                start += step
-            ids += buffer.finish()
-            ends += buffer.ends
+            ids, ends = _pushed(tokenizer, text, random.Random(seed))
             assert len(ends) == len(ids) and ends == sorted(ends) and ends[-1] == len(text), (text, seed)
             for count, end in enumerate(ends, 1):
                 decoded, before = tokenizer.decode(ids[:count]), normal(text[:end])
@@ -196,14 +196,7 @@ def test_a_character_split_into_its_utf16_halves_is_fed_as_itself(kind: str, req
     halves = _utf16_halves(text)
     whole = tokenizer(text, add_special_tokens=False)["input_ids"]
     for seed in range(40):
-        rng, buffer, ids, ends, start = random.Random(seed), TextTokenBuffer(tokenizer), [], [], 0
-        while start < len(halves):
-            step = rng.randint(1, 7)
-            ids += buffer.push(halves[start:start + step])
-            ends += buffer.ends
-            start += step
-        ids += buffer.finish()
-        ends += buffer.ends
+        ids, ends = _pushed(tokenizer, halves, random.Random(seed))
         assert ids == whole and ends == sorted(ends) and ends[-1] == len(halves), seed
         assert ends[-len(tokenizer(" one", add_special_tokens=False)["input_ids"]) - 1] == len(halves) - len(" one")
     for lone in ["ok \ud83d then", "ok \ude00\ud83d", "end \ud83d"]:
