@@ -9,8 +9,8 @@ import re
 import threading
 import time
 import tracemalloc
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pytest
 
