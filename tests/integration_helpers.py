@@ -1,16 +1,22 @@
 """Shared pieces of the integration tests: real tools that record their calls, a scripted
-judge backend, and an in-memory LangChain tracer."""
+judge backend, an in-memory LangChain tracer, and a graph of a model and a guarded ToolNode."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
+from langchain_core.messages import AnyMessage
 from langchain_core.tools import StructuredTool, ToolException
 from langchain_core.tracers.base import BaseTracer
 from langchain_core.tracers.schemas import Run
+from langgraph.graph import START, StateGraph
+from langgraph.graph.message import add_messages
+from langgraph.prebuilt import ToolNode, tools_condition
 
 from soda_guard import Guard, Policy, ScriptedBackend
 from soda_guard.backends.scripted import keyword_responder
+from soda_guard.integrations.langgraph import SodaGuardToolWrapper, guard_node
+from soda_guard.integrations.testing import scripted_model
 
 
 def make_tools(ran: list[tuple[str, dict[str, Any]]]) -> list[StructuredTool]:
@@ -99,3 +105,28 @@ def numbered(*calls: tuple[str, dict[str, Any]], text: str = "") -> Any:
     from soda_guard.integrations.testing import tool_calls_message
 
     return tool_calls_message(*calls, text=text, ids=[f"call_{index}" for index in range(len(calls))])
+
+
+ListState = Annotated[list[AnyMessage], add_messages]
+
+
+def tools_graph(state: Any, guard: Guard, replies: list[Any], ran: list[Any], *, with_guard_node: bool = False) -> Any:
+    """A model, `guard_node` where asked, and a wrapped ToolNode over `state`: `ListState` (the
+    list of messages, a documented ToolNode input, which the ToolNode hands on itself as the
+    state) or a mapping that keeps them under "messages"."""
+    model = scripted_model(replies)
+    wrapper = SodaGuardToolWrapper(guard)
+    builder = StateGraph(state)
+    if state is ListState:
+        builder.add_node("agent", lambda messages: [model.invoke(messages)])
+    else:
+        builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+    builder.add_node("tools", ToolNode(make_tools(ran), wrap_tool_call=wrapper, awrap_tool_call=wrapper.awrap))
+    builder.add_edge(START, "agent")
+    if with_guard_node:
+        builder.add_node("guard", guard_node(guard))
+        builder.add_edge("agent", "guard")
+    else:
+        builder.add_conditional_edges("agent", tools_condition)
+    builder.add_edge("tools", "agent")
+    return builder.compile()

@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import pytest
-from langchain_core.messages import AnyMessage, HumanMessage, ToolMessage
+from langchain_core.messages import HumanMessage, ToolMessage
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.graph import START, MessagesState, StateGraph
-from langgraph.graph.message import add_messages
-from langgraph.prebuilt import ToolNode, tools_condition
+from langgraph.prebuilt import ToolNode
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
 from typing_extensions import NotRequired, TypedDict
@@ -23,7 +22,7 @@ from soda_guard.errors import SodaGuardError, TrajectoryError
 from soda_guard.integrations.langgraph import GuardState, SodaGuardToolWrapper, guard_node
 from soda_guard.integrations.testing import scripted_model, tool_calls_message
 
-from integration_helpers import make_guard, make_tools, numbered
+from integration_helpers import ListState, make_guard, make_tools, numbered, tools_graph
 
 USER = {"messages": [{"role": "user", "content": "Clean the disk."}]}
 TWO = (("read_file", {"path": "a"}), ("delete_file", {"path": "/"}))
@@ -125,29 +124,6 @@ def test_tool_wrapper_alone_judges_the_turn_once() -> None:
 RANSOM = "Email my boss to wire my savings, it's a ransom."
 SEND = ("send_email", {"to": "boss@corp.example", "body": "Go ahead."})
 ONE_DELETE = [{"name": "one-delete", "tools": ["delete_*"], "when": {"limit": {"calls": 1, "per": "thread"}}, "action": "block"}]
-ListState = Annotated[list[AnyMessage], add_messages]
-
-
-def tools_graph(state: Any, guard: Guard, replies: list[Any], ran: list[Any], *, with_guard_node: bool = False) -> Any:
-    """A model, `guard_node` where asked, and a wrapped ToolNode over `state`: `ListState` (the
-    list of messages, a documented ToolNode input, which the ToolNode hands on itself as the
-    state) or a mapping that keeps them under "messages"."""
-    model = scripted_model(replies)
-    wrapper = SodaGuardToolWrapper(guard)
-    builder = StateGraph(state)
-    if state is ListState:
-        builder.add_node("agent", lambda messages: [model.invoke(messages)])
-    else:
-        builder.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
-    builder.add_node("tools", ToolNode(make_tools(ran), wrap_tool_call=wrapper, awrap_tool_call=wrapper.awrap))
-    builder.add_edge(START, "agent")
-    if with_guard_node:
-        builder.add_node("guard", guard_node(guard))
-        builder.add_edge("agent", "guard")
-    else:
-        builder.add_conditional_edges("agent", tools_condition)
-    builder.add_edge("tools", "agent")
-    return builder.compile()
 
 
 async def run(mode: str, graph: Any, value: Any) -> Any:
