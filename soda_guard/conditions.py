@@ -36,7 +36,7 @@ from pydantic import (
     model_validator,
 )
 
-from soda_guard.converters import Ancestors
+from soda_guard.converters import scalars
 from soda_guard.mcp.annotations import AnnotationCondition
 from soda_guard.mcp.jsonrpc import parse as parse_json
 from soda_guard.patterns import checked_pattern, compile_pattern, found
@@ -481,21 +481,8 @@ class SharedRuns:
 
 
 def _strings(value: Any) -> list[str]:
-    """Every scalar inside a value, as text, in order: an argument may nest what it carries.
-    Walked with an explicit stack: arguments some hundreds of levels deep (valid JSON, which
-    `Guard` and the MCP proxy take as it comes) exhausted a recursive walk, and the check raised
-    RecursionError with the call undecided."""
-    texts: list[str] = []
-    pending: list[tuple[Any, int]] = [(value, 0)]
-    ancestors = Ancestors()
-    while pending:
-        item, depth = pending.pop()
-        if isinstance(item, (dict, list)):
-            if ancestors.enter(item, depth):
-                pending += [(child, depth + 1) for child in reversed(item.values() if isinstance(item, dict) else item)]
-        else:
-            texts.append(item if isinstance(item, str) else json.dumps(item))
-    return texts
+    """Every scalar inside a value, as text, in order: an argument may nest what it carries."""
+    return [item if isinstance(item, str) else json.dumps(item) for item in scalars(value)]
 
 
 class After(RootModel[Annotated[list[StrictStr], Field(min_length=1)]]):

@@ -160,6 +160,28 @@ class Ancestors:
         return True
 
 
+def scalars(value: Any, *, keys: bool = False) -> list[Any]:
+    """Every value inside `value` that is no dict or list, in order, and with `keys` each dict
+    key (as text) before its value. Walked with an explicit stack: arguments some hundreds of
+    levels deep (valid JSON, which `Guard`, a tool and the MCP proxy take as it comes) exhausted
+    a recursive walk, and the check raised RecursionError with the call undecided."""
+    found: list[Any] = []
+    pending: list[tuple[Any, int]] = [(value, 0)]
+    ancestors = Ancestors()
+    while pending:
+        item, depth = pending.pop()
+        if not isinstance(item, (dict, list)):
+            found.append(item)
+        elif ancestors.enter(item, depth):
+            if isinstance(item, list):
+                pending += [(child, depth + 1) for child in reversed(item)]
+            elif keys:
+                pending += reversed([(part, depth + 1) for key, child in item.items() for part in (str(key), child)])
+            else:
+                pending += [(child, depth + 1) for child in reversed(item.values())]
+    return found
+
+
 def nesting_depth(value: Any, limit: int) -> int:
     """Nesting depth of lists and dicts, counted without recursion, stopping past `limit`."""
     deepest = 0

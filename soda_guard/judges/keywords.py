@@ -12,7 +12,7 @@ from typing import Sequence
 
 import regex
 
-from soda_guard.converters import Ancestors
+from soda_guard.converters import scalars
 from soda_guard.judges.base import JSON_TEXT
 from soda_guard.offload import off_loop
 from soda_guard.patterns import compile_pattern, found
@@ -155,18 +155,5 @@ def _as_read(args: object) -> object:
 
 
 def _strings(value: object) -> list[str]:
-    """The keys and strings inside a call's arguments, as the tool reads them. Walked with an
-    explicit stack: arguments nested past Python's recursion limit (valid JSON, which a tool
-    parses) raised RecursionError in the screen instead of screening them."""
-    texts: list[str] = []
-    pending: list[tuple[object, int]] = [(value, 0)]
-    ancestors = Ancestors()
-    while pending:
-        item, depth = pending.pop()
-        if isinstance(item, str):
-            texts.append(item)
-        elif isinstance(item, dict) and ancestors.enter(item, depth):
-            pending += reversed([(part, depth + 1) for key, child in item.items() for part in (str(key), child)])
-        elif isinstance(item, list) and ancestors.enter(item, depth):
-            pending += [(child, depth + 1) for child in reversed(item)]
-    return texts
+    """The keys and strings inside a call's arguments, as the tool reads them."""
+    return [item for item in scalars(value, keys=True) if isinstance(item, str)]
