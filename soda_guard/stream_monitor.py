@@ -21,7 +21,6 @@ from __future__ import annotations
 import re
 import threading
 import time
-import unicodedata
 from bisect import bisect_left
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -36,7 +35,7 @@ from soda_guard.chat_tokens import encode_chat, special_token_strings, tokenize
 from soda_guard.engine.kv import KVCache
 from soda_guard.engine.qwen3_step import LeanQwen3
 from soda_guard.judges.base import render_assistant, tool_result_text
-from soda_guard.judges.confusables import STREAM_SAFE_RUN
+from soda_guard.judges.confusables import STREAM_SAFE_RUN, begins_with_mark, build_tables
 from soda_guard.judges.context import escape_token_text
 from soda_guard.judges.qwen3guard_gen import wrap_tool_response
 from soda_guard.judges.stream import QUERY_CATEGORIES, RESPONSE_CATEGORIES, Qwen3GuardStream
@@ -228,13 +227,9 @@ def _read_with_before(text: str, at: int) -> bool:
     may compose NFKC) goes with the character before it, but a run of more than
     `STREAM_SAFE_RUN` (Unicode's stream-safe limit, which no writing reaches) may be cut, its
     marks then read in another order: held whole, its text would reach the reader unjudged."""
-    if text[at] < "\u0300" or not _begins_with_mark(text[at]):
+    if text[at] < "\u0300" or not begins_with_mark(text[at]):
         return False
-    return at < STREAM_SAFE_RUN or not all(_begins_with_mark(char) for char in text[at - STREAM_SAFE_RUN:at])
-
-
-def _begins_with_mark(char: str) -> bool:
-    return unicodedata.combining(unicodedata.normalize("NFKD", char)[0]) > 0
+    return at < STREAM_SAFE_RUN or not all(begins_with_mark(char) for char in text[at - STREAM_SAFE_RUN:at])
 
 
 def _added_token_strings(tokenizer: Any) -> list[str]:
@@ -523,6 +518,7 @@ class StreamMonitor:
         self.model_name = self.model_name or str(getattr(self.model, "name_or_path", "qwen3guard-stream"))
         self.forward = LeanQwen3(self.model.model)
         self.batcher = StepBatcher(self.forward, self.step_timeout_s)
+        build_tables()  # which characters a chunk of text is never cut before (`_read_with_before`), now, not in a stream
 
     def hidden(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Final hidden states [new, hidden] of `ids` ([new]) continuing `cache`, computed in a

@@ -53,15 +53,33 @@ _ASTRAL = re.compile("[\U00010000-\U0010ffff]")
 
 
 @functools.cache
-def _non_starters() -> re.Pattern[str]:
-    """`STREAM_SAFE_RUN` characters in a row each of whose compatibility decomposition begins
-    with a combining mark (canonical combining class above 0) that `strip_invisible` leaves:
-    spacing marks such as U+302E and U+1B44, and letters that decompose to a mark (U+FF9E)."""
+def _non_starter() -> str:
+    """The class of characters whose compatibility decomposition begins with a combining mark
+    (canonical combining class above 0): marks themselves, spacing marks such as U+302E and
+    U+1B44, and letters that decompose to a mark (U+FF9E). Normalising reads each with the
+    characters before it."""
     points = [
         cp for plane in _LETTER_PLANES for cp in plane
         if unicodedata.combining(unicodedata.normalize("NFKD", chr(cp))[:1] or " ")
     ]
-    return re.compile(f"(?:[{_character_class(points)}]){{{STREAM_SAFE_RUN}}}")
+    return f"[{_character_class(points)}]"
+
+
+@functools.cache
+def _non_starters() -> re.Pattern[str]:
+    """`STREAM_SAFE_RUN` non-starters in a row."""
+    return re.compile(f"(?:{_non_starter()}){{{STREAM_SAFE_RUN}}}")
+
+
+@functools.cache
+def _one_non_starter() -> re.Pattern[str]:
+    return re.compile(_non_starter())
+
+
+def begins_with_mark(char: str) -> bool:
+    """Whether normalising reads `char` with the characters before it: its compatibility
+    decomposition begins with a combining mark."""
+    return _one_non_starter().match(char) is not None
 
 
 STREAM_SAFE_RUN = 30
@@ -77,6 +95,7 @@ def build_tables() -> None:
     _invisible()
     _folding()
     _non_starters()
+    _one_non_starter()
 
 
 _CONTROLS = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f]+")
