@@ -158,7 +158,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = device
         # the engine's own Qwen3 step where it reproduces the model, else the model's forward
-        self.forward: Any = qwen3_step.LeanQwen3(model) if qwen3_step.supports(model) else ModelStep(model)
+        self.forward: Any = qwen3_step.LeanQwen3(model, compiled=compile_decode) if qwen3_step.supports(model) else ModelStep(model)
         self.cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self.stop_at_verdict = stop_at_verdict
         self.verdict_only = verdict_only

@@ -4,12 +4,12 @@ step, over key/value buffers the engine owns (`kv`), without `transformers`' per
 On CPU with a small judge, the decorated `forward` (output capture, config merging, mask
 building, keyword plumbing through every layer) and even plain `nn.Module` calls cost more than
 the arithmetic of one token (benchmarks/RESULTS.md). `LeanQwen3` holds the model's own weights
-and runs the arithmetic of `Qwen3Model.forward` with SDPA attention as functional ops. The
-decode step takes the same SDPA call as the model for the same mask, so its logits are the
-model's bit for bit; so does prefill, except a float32 prefill on CPU on top of a prefix, which
-computes the same softmax faster (see `_prefill_attend`), equal to float rounding
-(tests/test_engine_backend.py checks both against the model). `supports` says when the model
-is one this reproduces; the engine refuses any other.
+and runs the arithmetic of `Qwen3Model.forward` with SDPA attention as functional ops, the same
+calls as the model for the same mask, so its logits are the model's bit for bit, except in
+float32 on CPU, where two steps compute the same values faster, equal to float rounding: the
+prefill on top of a prefix (see `_prefill_attend`) and the decode step's matrix products (see
+`row_products`). tests/test_engine_backend.py checks both against the model. `supports` says
+when the model is one this reproduces; the engine refuses any other.
 """
 
 from __future__ import annotations
@@ -72,6 +72,44 @@ def _linear(module: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return module.weight, module.bias
 
 
+Product = Callable[..., torch.Tensor]
+"""(input, weight, bias=None) → input @ weight.T + bias, as `F.linear`."""
+
+
+def row_products(weight: torch.Tensor) -> Product:
+    """The product the decode step runs its few rows through, for a model whose weights are
+    like `weight`.
+
+    A decode step multiplies one row per judgment by every weight of the model: it reads each
+    weight from memory once and does little arithmetic with it, so its time is the speed it
+    streams the weights at. In float32 on CPU `F.linear` sends such a product to MKL's
+    matrix-vector kernel, which runs on one thread (and on AMD processors, MKL's generic code):
+    on the 2-core development machine it read the benchmark judge's weights at 11 GB/s of the
+    memory's 27, and a Qwen3-4B MLP weight at 17. oneDNN's kernel for the same product (the op
+    `torch.compile` itself emits for a CPU linear, taking the weight as it is, no copy) uses the
+    intra-op threads: 1.2 to 3 times as fast for 1 to 16 rows (benchmarks/RESULTS.md, round 20).
+    It sums in another order, so a decode step's logits equal the model's to float rounding
+    (1e-6 here), as a prefill on a prefix already does; a warmed and a cold judgment decode
+    alike, so warming still changes no verdict. Anywhere else, or where this torch has no such
+    op or it does not answer as `F.linear` does, `F.linear` itself."""
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or op is None or not torch.backends.mkldnn.is_available():
+        return F.linear
+
+    def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return op(x, weight, bias, "none", [], None)
+
+    with torch.inference_mode():
+        probe, rows = torch.linspace(-1.0, 1.0, weight.shape[1])[None, None], weight[:16]
+        try:
+            answered = product(probe, rows)
+        except RuntimeError:
+            return F.linear
+        if not torch.allclose(answered, F.linear(probe, rows), rtol=1e-4, atol=1e-5):
+            return F.linear
+    return product
+
+
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """(query, key, value) → attention output [batch, heads, new tokens, head_dim]."""
 
@@ -90,7 +128,10 @@ class LeanQwen3:
     stream monitor: gathering the weights is itself a few hundred attribute lookups. `model` is
     a `Qwen3ForCausalLM` (logits) or a bare `Qwen3Model` backbone (hidden states only)."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, *, compiled: bool = False) -> None:
+        """`compiled`: its decode step is to be traced by `torch.compile`, which picks the
+        products' kernels itself (and takes oneDNN's op only over weights it holds as
+        constants), so the step multiplies with `F.linear`."""
         if not supports(model):
             raise ValueError(f"the in-process engine runs Qwen3 models (full attention, SiLU), not {type(model).__name__}")
         inner, config = (model.model, model.config) if isinstance(model, Qwen3ForCausalLM) else (model, model.config)
@@ -99,6 +140,7 @@ class LeanQwen3:
         self.final_norm = inner.norm.weight
         self.lm_head = model.lm_head.weight if isinstance(model, Qwen3ForCausalLM) else None
         self.eps = config.rms_norm_eps
+        self.row_product = F.linear if compiled else row_products(self.embed)
         self.layer_count = config.num_hidden_layers
         self.kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -128,9 +170,12 @@ class LeanQwen3:
         return KVCache.empty(self.layer_count, batch, self.kv_heads, capacity, self.head_dim,
                              dtype=self.embed.dtype, device=self.embed.device, growable=growable)
 
-    def _hidden(self, tokens: torch.Tensor, positions: torch.Tensor, attend: LayerAttend, stop: Stop | None = None) -> torch.Tensor:
+    def _hidden(
+        self, tokens: torch.Tensor, positions: torch.Tensor, attend: LayerAttend, stop: Stop | None = None, product: Product = F.linear
+    ) -> torch.Tensor:
         """Final hidden states [batch, new, hidden] of `tokens` ([batch, new]) before the final
-        norm; `attend` stores their keys and values wherever their rows' caches are. `stop`
+        norm; `attend` stores their keys and values wherever their rows' caches are, and every
+        weight is applied with `product`. `stop`
         is asked before each layer after the first: a long prefill nobody waits for any more
         ends within a layer's work, not a whole forward's."""
         batch, new = tokens.shape
@@ -148,23 +193,24 @@ class LeanQwen3:
             normed = _norm(hidden, layer.input_norm, eps)
             # query and key heads side by side, normed and rotated in one pass: each head's norm
             # reads only its own row, so the values are the model's two separate calls' exactly
-            both = torch.cat((F.linear(normed, *layer.q).view(shape), F.linear(normed, *layer.k).view(shape)), 2)
+            both = torch.cat((product(normed, *layer.q).view(shape), product(normed, *layer.k).view(shape)), 2)
             both = _norm(both, layer.qk_norm, eps)
             both = (both * cos + both.roll(half, -1) * sin).transpose(1, 2)
             query, key = both[:, :heads], both[:, heads:]
-            value = F.linear(normed, *layer.v).view(shape).transpose(1, 2)
+            value = product(normed, *layer.v).view(shape).transpose(1, 2)
             out = attend(index, query, key, value).transpose(1, 2).reshape(batch, new, -1)
-            hidden = hidden + F.linear(out, *layer.o)
+            hidden = hidden + product(out, *layer.o)
             normed = _norm(hidden, layer.post_norm, eps)
-            hidden = hidden + F.linear(F.silu(F.linear(normed, layer.gate)) * F.linear(normed, layer.up), layer.down)
+            hidden = hidden + product(F.silu(product(normed, layer.gate)) * product(normed, layer.up), layer.down)
         return hidden
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _logits(self, hidden: torch.Tensor, product: Product = F.linear) -> torch.Tensor:
         assert self.lm_head is not None, "a bare backbone has no logits"
-        return F.linear(_norm(hidden, self.final_norm, self.eps), self.lm_head)
+        return product(_norm(hidden, self.final_norm, self.eps), self.lm_head)
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, kv: KVCache, mask: torch.Tensor | None) -> torch.Tensor:
-        """Logits [batch, vocab] for one new token per row, bit for bit the model's. `tokens` and
+        """Logits [batch, vocab] for one new token per row, the model's (to float rounding where
+        `row_product` is not `F.linear`). `tokens` and
         `positions` are [batch, 1]; `mask` is the 2-D padding mask over cache plus new token, or
         None when no row is padded (then SDPA runs unmasked, as `transformers` does for an
         all-ones mask)."""
@@ -182,7 +228,8 @@ class LeanQwen3:
             out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attend_mask, scale=scale)
             return out.reshape(batch, -1, 1, value.shape[-1])
 
-        return self._logits(self._hidden(tokens, positions, _cached(kv, attend))[:, -1])
+        product = self.row_product
+        return self._logits(self._hidden(tokens, positions, _cached(kv, attend), product=product)[:, -1], product)
 
     def prefill(self, tokens: torch.Tensor, kv: KVCache, stop: Stop | None = None) -> torch.Tensor:
         """Logits [1, vocab] after `tokens` ([1, new]) that continue the `kv.length` tokens
