@@ -6,14 +6,20 @@ Both runs have judged the conversation's earlier turn already (its prompt is in 
 cache, as in a real agent loop); then a long tool result arrives. Without warming the judgment
 prefills the tool result and the action; with warming (done while the model "thinks", waited
 for here so the measurement starts when the model has answered) only the action. A small random
-Qwen3 on CPU (4 layers, hidden 512, byte tokenizer), greedy, 24 new tokens (a SODA reason and verdict are
-about that long); runs alternate cold and warm, each on a fresh conversation, and the median is
+Qwen3 on CPU (4 layers, hidden 512, byte tokens by default), greedy, 24 new tokens (a SODA reason
+and verdict are about that long in Qwen3's tokens); runs alternate cold and warm, each on a fresh conversation, and the median is
 printed with the ratio warm/cold and the tokens each judgment had to prefill.
 
 The last two columns are the floor no warm-up can go under: the same judgment asked of the
 backend again once its whole prompt is cached (one token to prefill, then the 24 steps that
 write the verdict), and that floor over cold. What warming leaves above the floor is the
 action and the prompt's closing lines, which come with the model's response.
+
+`--tokenizer qwen3-cut` counts tokens as the SODA judge does: Qwen3's own tokenizer cut to its
+first 2,000 merges (`soda_guard.testing.cut_tokenizer`, from the shared fixture), so a tool
+result of 2,000 tokens is about 2,600 bytes of it and the action and closing lines are 85 tokens,
+not 219 (Qwen3 itself: 63); byte tokens understate what warming saves, since the action is the
+part it cannot remove. The model is the same but for its 2,282-row output layer.
 
 `--device cuda` (what `benchmarks/gpu.sh` runs) judges with a random model of Qwen3-4B's shape
 in bfloat16 and, where the shared fixture is present, the real Qwen3 tokenizer: on a GPU the 24
@@ -24,6 +30,7 @@ Then a judgment of one conversation arriving while the judge prefills a warm-up 
 against a warm-up prefilled in one piece (as before it was cut), alternating.
 
     python benchmarks/bench_warmup.py [--repeat 3] [--sizes 500,2000,8000] [--behind 8000] [--device cpu|cuda]
+                                      [--tokenizer bytes|qwen3-cut]
 """
 
 from __future__ import annotations
@@ -39,10 +46,12 @@ from transformers import Qwen3ForCausalLM
 from soda_guard import Guard, Policy, from_openai_messages
 from soda_guard.backends.transformers_backend import TransformersBackend
 from soda_guard.bench.judging import build_model
-from soda_guard.testing import load_test_tokenizer, shared_tokenizer_dir, tiny_qwen3_config
+from soda_guard.testing import cut_tokenizer, load_test_tokenizer, shared_tokenizer_dir, tiny_qwen3_config
 from soda_guard.trajectory import AssistantStep, ToolCall, Trajectory
 
 SIZES = (500, 2000, 8000)
+CUT_MERGES = 2000
+"""Qwen3's merges `--tokenizer qwen3-cut` keeps."""
 ARRIVAL_S = 0.05
 """How long into the other conversation's warm-up the judgment arrives (`--behind`)."""
 
@@ -74,9 +83,10 @@ def main() -> None:
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="last tool results in tokens, comma-separated")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--behind", type=int, default=8000, help="tool result of the warm-up another judgment arrives behind, in tokens (0: skip)")
+    parser.add_argument("--tokenizer", choices=("bytes", "qwen3-cut"), default="bytes", help="on CPU: byte tokens, or Qwen3's cut to its first merges")
     arguments = parser.parse_args()
     repeat = arguments.repeat
-    model, tokenizer = _model(arguments.device)
+    model, tokenizer = _model(arguments.device, arguments.tokenizer)
     backend = TransformersBackend.from_model(model, tokenizer, model_id="tiny-bench", ignore_eos=True, max_wait_ms=0.0)
     policy = Policy.from_dict({"judges": {"soda": {"kind": "soda", "model": "tiny-bench", "max_new_tokens": 24}}, "defaults": {"timeout_s": 120}})
     guard = Guard(policy, backends={"soda": backend})
@@ -157,14 +167,20 @@ def _behind_a_warm_up(guard: Guard, backend: TransformersBackend, tokenizer: Any
     backend.engine.warm_up_chunk_tokens = chunk
 
 
-def _model(device: str) -> tuple[Any, Any]:
+def _model(device: str, kind: str = "bytes") -> tuple[Any, Any]:
     if device == "cuda":
         model, tokenizer, name = build_model(torch.device("cuda"), real_tokenizer=shared_tokenizer_dir() is not None)
         print(f"{torch.cuda.get_device_name()}: {name}")
         return model, tokenizer
     torch.manual_seed(0)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    tokenizer = load_test_tokenizer()  # bytes: a small vocabulary, so the output layer does not hide the prefill
+    if kind == "bytes":
+        tokenizer = load_test_tokenizer()  # bytes: a small vocabulary, so the output layer does not hide the prefill
+    else:
+        folder = shared_tokenizer_dir()
+        if folder is None:
+            raise SystemExit("--tokenizer qwen3-cut needs the Qwen3 tokenizer fixture (../shared/fixtures/qwen3-tokenizer)")
+        tokenizer = cut_tokenizer(folder, CUT_MERGES)
     config = tiny_qwen3_config(len(tokenizer), hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8, head_dim=64)
     return Qwen3ForCausalLM(config).eval(), tokenizer
 

@@ -56,6 +56,38 @@ def byte_tokenizer() -> Any:
     return tokenizer
 
 
+def cut_tokenizer(tokenizer_dir: str | Path, merges: int) -> Any:
+    """The byte-level BPE tokenizer at `tokenizer_dir` (Qwen3's) keeping only its first `merges`
+    merges, and its special tokens renumbered after them: it splits text as Qwen3 does, into
+    about as many tokens (a benchmark's tool call and closing lines: 85 at 2,000 merges, where
+    Qwen3 writes 63 and the byte tokenizer 219), with a vocabulary a tiny model's output layer
+    holds in the proportion a real judge's does (2,282 rows at 2,000 merges). For benchmarks
+    whose figures are counted in tokens."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(tokenizer_dir)
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    model = spec["model"]
+    kept = model["merges"][:merges]
+    # ids must follow the merges (256 byte symbols, then one token per merge, in order) for the
+    # first ids to be exactly the first merges' tokens
+    if model.get("type") != "BPE" or any(model["vocab"].get("".join(pair)) != 256 + index for index, pair in enumerate(kept)):
+        raise ValueError(f"{folder}: not a byte-level BPE whose token ids follow its merges")
+    model["vocab"] = {token: index for token, index in model["vocab"].items() if index < 256 + len(kept)}
+    model["merges"] = kept
+    for offset, added in enumerate(spec["added_tokens"]):
+        added["id"] = 256 + len(kept) + offset
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    tokenizer.chat_template = config.get("chat_template") or CHATML_TEMPLATE
+    return tokenizer
+
+
 def composing(tokenizer: Any) -> Any:
     """`tokenizer`, composing its text (NFC) before it splits it, as Qwen3's does: what its
     tokens decode to is then not, character for character, the text it was given (`e` + U+0301
