@@ -76,6 +76,13 @@ Product = Callable[..., torch.Tensor]
 """(input, weight, bias=None) → input @ weight.T + bias, as `F.linear`."""
 
 
+ONEDNN_MIN_WEIGHT = 1 << 18
+"""Elements of a weight (1 MiB in float32) from which a decode step multiplies by it with
+oneDNN (`row_products`): a product over a weight that size streams it from memory, where
+oneDNN is ahead; over a smaller one, held in cache, the call costs more than the arithmetic,
+and oneDNN's call costs ~15 µs where MKL's costs 2 to 6 (benchmarks/RESULTS.md, round 20)."""
+
+
 def row_products(weight: torch.Tensor) -> Product:
     """The product the decode step runs its few rows through, for a model whose weights are
     like `weight`.
@@ -87,22 +94,25 @@ def row_products(weight: torch.Tensor) -> Product:
     on the 2-core development machine it read the benchmark judge's weights at 11 GB/s of the
     memory's 27, and a Qwen3-4B MLP weight at 17. oneDNN's kernel for the same product (the op
     `torch.compile` itself emits for a CPU linear, taking the weight as it is, no copy) uses the
-    intra-op threads: 1.2 to 3 times as fast for 1 to 16 rows (benchmarks/RESULTS.md, round 20).
-    It sums in another order, so a decode step's logits equal the model's to float rounding
-    (1e-6 here), as a prefill on a prefix already does; a warmed and a cold judgment decode
-    alike, so warming still changes no verdict. Anywhere else, or where this torch has no such
-    op or it does not answer as `F.linear` does, `F.linear` itself."""
+    intra-op threads: 1.2 to 3 times as fast for 1 to 16 rows, over weights of
+    `ONEDNN_MIN_WEIGHT` elements and more (smaller ones keep `F.linear`). It sums in another
+    order, so a decode step's logits equal the model's to float rounding (1e-6 here), as a
+    prefill on a prefix already does; a warmed and a cold judgment decode alike, so warming
+    still changes no verdict. Anywhere else, or where this torch has no such op or it does not
+    answer as `F.linear` does, `F.linear` itself."""
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or op is None or not torch.backends.mkldnn.is_available():
         return F.linear
 
     def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if weight.numel() < ONEDNN_MIN_WEIGHT:
+            return F.linear(x, weight, bias)
         return op(x, weight, bias, "none", [], None)
 
     with torch.inference_mode():
         probe, rows = torch.linspace(-1.0, 1.0, weight.shape[1])[None, None], weight[:16]
         try:
-            answered = product(probe, rows)
+            answered = op(probe, rows, None, "none", [], None)
         except RuntimeError:
             return F.linear
         if not torch.allclose(answered, F.linear(probe, rows), rtol=1e-4, atol=1e-5):
