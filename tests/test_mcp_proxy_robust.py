@@ -135,6 +135,26 @@ async def test_arguments_holding_a_lone_surrogate_are_refused_not_forwarded(raw)
     assert await client.ran() == []
 
 
+async def test_arguments_nested_past_the_adapters_limit_are_refused_not_forwarded(raw):
+    """The LangChain adapters refuse arguments past `MAX_ARGUMENT_DEPTH`; the proxy judged them
+    up to the JSON parser's own limit (~990), and its audit, unable to write such a call, fell
+    back to a block no record held."""
+    from soda_guard.converters import MAX_ARGUMENT_DEPTH
+
+    client = await raw()
+    deep: Any = "notes.txt"
+    for _ in range(MAX_ARGUMENT_DEPTH):
+        deep = [deep]
+    await client.send(client.call("delete_file", {"path": deep}))
+    answer = await client.receive()
+    assert answer["error"]["code"] == -32602 and f"nested more than {MAX_ARGUMENT_DEPTH} deep" in answer["error"]["message"]
+    assert await client.ran() == []
+    for _ in range(MAX_ARGUMENT_DEPTH // 2):  # shallower: judged and forwarded (the MCP SDK parses 200 levels of a message)
+        deep = deep[0]
+    await client.send(client.call("read_file", {"path": deep}))
+    assert "Input should be a valid string" in json.dumps(await client.receive())
+
+
 async def test_huge_arguments_are_judged_and_oversized_messages_refused(raw):
     client = await raw(None, "--max-message-bytes", str(4 << 20))
     await client.send(client.call("delete_file", {"path": "x" * (2 << 20)}))

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from soda_guard.converters import base64_text, from_openai_messages, has_lone_surrogate, text_media
+from soda_guard.converters import MAX_ARGUMENT_DEPTH, base64_text, from_openai_messages, has_lone_surrogate, nesting_depth, text_media
 from soda_guard.errors import SodaGuardError
 from soda_guard.guard import Guard
 from soda_guard.mcp.annotations import from_wire
@@ -68,6 +68,10 @@ class ProxySession:
             raise ContextError("tools/call params.arguments must be an object")
         if arguments and has_lone_surrogate(arguments):
             raise ContextError("tools/call params.arguments hold a lone surrogate (\\ud800-\\udfff alone), which is no text")
+        if arguments and nesting_depth(arguments, MAX_ARGUMENT_DEPTH) > MAX_ARGUMENT_DEPTH:
+            # the adapters' limit (`converters.call_args`): past it no decision holding the call
+            # can be written, and a block no audit record holds is a verdict lost
+            raise ContextError(f"tools/call params.arguments are nested more than {MAX_ARGUMENT_DEPTH} deep")
         meta = params.get("_meta")
         if meta is not None and not isinstance(meta, Mapping):
             raise ContextError("tools/call params._meta must be an object")
