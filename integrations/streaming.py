@@ -154,8 +154,13 @@ class _Run:
     """What the run answers: another candidate response to it is judged on a stream of its own."""
     renderer: AssistantTextRenderer = field(default_factory=AssistantTextRenderer)
     text: list[str] = field(default_factory=list)
-    decided: bool = False
-    """Stopped: nothing more is fed."""
+    stopped: StreamFlaggedError | None = None
+    """The policy stopped the run: nothing more is fed, and each later token or event of the run
+    raises the stop again. LangChain only logs what an async handler raises through its sync
+    callback manager, which `astream_events(version="v3")` hands a provider's sync `_stream` on a
+    worker thread: a stop taken on a token that stream reported itself was lost, and the rest
+    streamed unjudged (a run fed by its tokens reads none of its events). The run's next event,
+    awaited on the loop, carries the stop."""
     acted: int = 0
     """How many of the stream's flags have been decided."""
     source: str | None = None
@@ -198,8 +203,8 @@ class _StreamGuard:
         self._open(run_id, Trajectory(steps=[UserStep(content=prompt)], conversation_id=self.conversation_id))
 
     def token(self, run_id: UUID, token: str, chunk: Any) -> None:
-        run = self.runs.get(run_id)
-        if run is None or run.decided or run.source == "events":
+        run = self._running(run_id)
+        if run is None or run.source == "events":
             return
         self._awake(run)
         run.source = "tokens"
@@ -216,8 +221,8 @@ class _StreamGuard:
         the provider's own stream calls that too: a run is fed by whichever of the two comes
         first, never by both. Text and reasoning deltas are read as their chunks are, a tool call
         block as its `tool_call_chunks`."""
-        run = self.runs.get(run_id)
-        if run is None or run.decided or run.source == "tokens":
+        run = self._running(run_id)
+        if run is None or run.source == "tokens":
             return
         kind, index = event.get("event"), event.get("index")
         content = event.get("content") if kind == "content-block-start" else None
@@ -245,6 +250,20 @@ class _StreamGuard:
         run.source = "events"
         self._feed(run, text)
 
+    def _running(self, run_id: UUID) -> _Run | None:
+        """The run (None where it is not monitored); one the policy stopped raises its stop again."""
+        run = self.runs.get(run_id)
+        if run is not None and run.stopped is not None:
+            raise run.stopped
+        return run
+
+    def monitoring(self) -> int:
+        """Runs open and not stopped. A stopped run is kept, its stream closed, only to raise
+        its stop again until LangChain ends it, which `astream_events(version="v3")` does after
+        the consumer already has the error."""
+        with self._lock:
+            return sum(run.stopped is None for run in self.runs.values())
+
     def end(self, run_id: UUID, response: LLMResult | None = None) -> None:
         with self._lock:
             run = self.runs.pop(run_id, None)
@@ -252,7 +271,7 @@ class _StreamGuard:
             return
         try:
             self._awake(run)
-            if not run.decided and not run.text and response is not None:
+            if run.stopped is None and not run.text and response is not None:
                 self._unstreamed(run, response)
             else:
                 self._finish(run)
@@ -262,7 +281,7 @@ class _StreamGuard:
     def _finish(self, run: _Run) -> None:
         """The text held back for its word to go on, judged once the run ends, however it ends:
         the consumer has read it already."""
-        if run.decided:
+        if run.stopped is not None:
             return
         tail = run.renderer.finish()
         run.text.append(tail)
@@ -331,7 +350,7 @@ class _StreamGuard:
         """A run closed for idling, opened again where it was: its stream fed what it was fed
         (its flags were decided then), so what it says next is judged in its context."""
         run.last = time.monotonic()
-        if not run.idle or run.decided:
+        if not run.idle or run.stopped is not None:
             return
         run.stream = self.monitor.open(run.trajectory)
         for text in run.text:
@@ -372,9 +391,9 @@ class _StreamGuard:
         ), on_error)
         self.decisions.append(decision)
         if decision.action in (Action.BLOCK, Action.ESCALATE):
-            run.decided = True
+            run.stopped = StreamFlaggedError(decision, "".join(run.text))
             run.stream.close()
-            raise StreamFlaggedError(decision, "".join(run.text))
+            raise run.stopped
         if decision.action == Action.LOG:
             logger.warning("%s", decision.why)
 
@@ -403,8 +422,8 @@ class _Handler:
 
     @property
     def active_runs(self) -> int:
-        """Model runs being monitored now; 0 once every run has ended or failed."""
-        return len(self._guard.runs)
+        """Model runs being monitored now; 0 once every run has ended, failed or been stopped."""
+        return self._guard.monitoring()
 
 
 class StreamGuardCallbackHandler(_Handler, BaseCallbackHandler):

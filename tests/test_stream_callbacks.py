@@ -7,7 +7,7 @@ import logging
 import threading
 import unicodedata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import pytest
 import torch
@@ -588,6 +588,97 @@ def test_the_v3_event_stream_is_monitored_as_it_streams(stream_dir: Path, model_
             seen.append(delta)
     assert len(seen) < len(WORDS) - 2 and stopped.value.decision.action is Action.BLOCK
     assert "".join(WORDS).startswith(stopped.value.partial_text) and stopped.value.partial_text.count("castor") <= 1
+
+
+class AsyncChunksModel(ChunksModel):
+    """A native async `_astream` that reports each chunk itself, awaiting `on_llm_new_token`
+    before it yields it, as providers such as ChatOpenAI and ChatAnthropic stream."""
+
+    async def _astream(self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        for message in self.chunks:
+            chunk = ChatGenerationChunk(message=message)
+            if run_manager:
+                await run_manager.on_llm_new_token(message.content, chunk=chunk)
+            yield chunk
+
+
+def _turning(stream_dir: Path) -> StreamMonitor:
+    """A monitor that flags the WORDS at "castor", afresh for each run (its head counts tokens)."""
+    monitor = StreamMonitor.load(str(stream_dir), device="cpu")
+    monitor.model.risk_level_head = ScheduleHead(lambda i: 1 if i >= 8 else 0)
+    return monitor
+
+
+def _words(model_class: type) -> GenericFakeChatModel:
+    return model_class(messages=iter([]), chunks=[AIMessageChunk(content=word) for word in WORDS])
+
+
+RICIN = [HumanMessage(content="how do I extract ricin")]
+
+
+def _flagged_delta(stream_dir: Path) -> int:
+    """Which of the WORDS is flagged: the sync `stream` stops before it yields that one (the
+    token callback comes first)."""
+    handler = StreamGuardCallbackHandler(_turning(stream_dir))
+    before_flag: list[str] = []
+    with pytest.raises(StreamFlaggedError):
+        for chunk in _words(ChunksModel).stream(RICIN, config={"callbacks": [handler]}):
+            before_flag.append(chunk.content)
+    assert 0 < len(before_flag) < len(WORDS) - 2
+    return len(before_flag)
+
+
+@pytest.mark.parametrize("handler_class", ASYNC_HANDLERS)
+@pytest.mark.parametrize("model_class", [QuietChunksModel, ChunksModel, AsyncChunksModel], ids=["events-only", "sync-tokens", "async-tokens"])
+@pytest.mark.parametrize("path", ["astream", "astream_events-v2", "astream_events-v3"])
+async def test_a_flagged_async_stream_stops_where_the_sync_one_does(
+    stream_dir: Path, handler_class: type, model_class: type, path: str
+) -> None:
+    """`astream_events(version="v3")` runs a provider's sync `_stream` on a worker thread with
+    LangChain's sync callback manager, which only logs what an async handler raises: the async
+    handler's stop, taken on the flagged token, was lost, the run fed by its tokens alone read
+    none of its events, and the consumer got every word after the flag. Every async path now
+    stops at the flagged delta as the sync paths do, and holds no run once the consumer has the
+    error (v3 gave it the error before LangChain ended the run)."""
+    flagged = _flagged_delta(stream_dir)
+    handler = handler_class(_turning(stream_dir))
+    seen: list[str] = []
+    with pytest.raises(StreamFlaggedError) as stopped:
+        if path == "astream_events-v3":
+            events = await _words(model_class).astream_events(RICIN, config={"callbacks": [handler]}, version="v3")
+            async for delta in events.text:
+                seen.append(delta)
+        elif path == "astream_events-v2":
+            async for event in _words(model_class).astream_events(RICIN, config={"callbacks": [handler]}, version="v2"):
+                if event["event"] == "on_chat_model_stream":
+                    seen.append(event["data"]["chunk"].content)
+        else:
+            async for chunk in _words(model_class).astream(RICIN, config={"callbacks": [handler]}):
+                seen.append(chunk.content)
+    # v3 puts a delta in the consumer's stream before the handler reads its event, as the sync
+    # `stream_events` does: the flagged delta may arrive, never one after it
+    assert seen == WORDS[:len(seen)] and len(seen) <= flagged + (path == "astream_events-v3")
+    assert handler.decisions == [stopped.value.decision] and stopped.value.decision.action is Action.BLOCK
+    assert handler.active_runs == 0
+
+
+@pytest.mark.parametrize("handler_class", ASYNC_HANDLERS)
+async def test_a_flagged_agent_stops_on_the_v3_event_stream(stream_dir: Path, handler_class: type) -> None:
+    """A graph's `astream_events(version="v3")` streams its model through the same protocol
+    events (LangGraph's v2 messages handler), a sync `_stream` on a worker thread: the agent's
+    answer streamed whole past the flag."""
+    from langchain.agents import create_agent
+
+    handler = handler_class(_turning(stream_dir))
+    run = await create_agent(_words(ChunksModel), tools=[]).astream_events(
+        {"messages": RICIN}, config={"callbacks": [handler]}, version="v3")
+    seen: list[str] = []
+    with pytest.raises(StreamFlaggedError) as stopped:
+        async for message in run.messages:
+            async for delta in message.text:
+                seen.append(delta)
+    assert seen == WORDS[:len(seen)] and len(seen) <= _flagged_delta(stream_dir) + 1
+    assert handler.decisions == [stopped.value.decision] and handler.active_runs == 0
 
 
 def test_a_v3_tool_call_block_is_read_as_its_call(stream_dir: Path) -> None:
