@@ -10,6 +10,7 @@ judges every tool run nested inside it before that tool's body starts.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import uuid
 from collections.abc import Mapping
@@ -94,7 +95,10 @@ class _Gate(AsyncCallbackHandler):
     children still inherit): LangChain awaits an inline async handler in the caller's task,
     where it runs a sync one on an executor thread, two thread hops for every tool call. It
     judges what `_Nested` would of a tool started on the sealed run's own callbacks (a tool
-    that hands the config it was given to another tool) and lets the sealed run itself pass."""
+    that hands the config it was given to another tool) and lets the sealed run itself pass.
+    A sync callback manager built from that config runs this coroutine on a loop of its own,
+    after the event, and only logs what it raises: on any loop but the sealed run's,
+    `_SyncGate` judges and this passes (only the sealed run's loop writes `passed`)."""
 
     raise_error = True
     run_inline = True
@@ -103,6 +107,11 @@ class _Gate(AsyncCallbackHandler):
     def __init__(self, nested: _Nested, acheck: Callable[[ToolCall], Any]) -> None:
         self.nested = nested
         self.acheck = acheck
+        self.loop = asyncio.get_running_loop()
+        self.passed: Any = _NONE
+        """The event (its `serialized`, one object per event) this gate let through last,
+        read by `_SyncGate` right after it on the same event, so that it is judged once."""
+        self.sync = _SyncGate(self)
 
     async def on_tool_start(
         self,
@@ -113,9 +122,44 @@ class _Gate(AsyncCallbackHandler):
         inputs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        if asyncio.get_running_loop() is not self.loop:
+            return
         call = self.nested.started(serialized, input_str, run_id, inputs, kwargs)
         if call is not None:
             self.nested.decided(await self.acheck(call))
+        self.passed = serialized
+
+
+class _SyncGate(BaseCallbackHandler):
+    """`_Gate`'s twin among the sealed run's own handlers, for a sync callback manager built
+    from the config the tool's body was handed (a sync `invoke` of another tool, on the loop
+    or on a thread): it judges there and raises before the nested tool's body starts, which
+    `_Gate`'s coroutine cannot. On the async manager it runs inline right after `_Gate`, with
+    no await between, and passes the event `_Gate` judged (a constant cost per event)."""
+
+    raise_error = True
+    run_inline = True
+    ignore_llm = ignore_retry = ignore_retriever = ignore_chat_model = ignore_custom_event = ignore_chain = True
+
+    def __init__(self, gate: _Gate) -> None:
+        self.gate = gate
+
+    def on_tool_start(
+        self,
+        serialized: dict[str, Any],
+        input_str: str,
+        *,
+        run_id: uuid.UUID,
+        inputs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if self.gate.passed is serialized:
+            self.gate.passed = _NONE
+            return
+        self.gate.nested.on_tool_start(serialized, input_str, run_id=run_id, inputs=inputs, **kwargs)
+
+
+_NONE = object()
 
 
 class SealedTool:
@@ -187,7 +231,8 @@ class SealedTool:
 
     def _config(self, config: Any, handler: _Nested, gate: _Gate | None = None) -> dict[str, Any]:
         """The tool's config with `handler` on its callbacks, inherited by every run inside
-        it; with `gate`, the sealed run's own events go to `gate` instead of `handler`."""
+        it; with `gate`, the sealed run's own events go to `gate` (and its sync twin, next to
+        it) instead of `handler`."""
         config = dict(config or {})
         callbacks = config.get("callbacks")
         if isinstance(callbacks, BaseCallbackManager):
@@ -198,6 +243,7 @@ class SealedTool:
             manager.add_handler(handler, inherit=True)
         else:
             manager.add_handler(gate, inherit=False)
+            manager.add_handler(gate.sync, inherit=False)
             manager.inheritable_handlers.append(handler)
         return {**config, "callbacks": manager, "run_id": handler.outer_run}
 
