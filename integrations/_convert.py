@@ -751,6 +751,19 @@ def started_tool(serialized: Mapping[str, Any] | None, input_str: str, inputs: A
     return name, cleaned(parsed if isinstance(parsed, dict) else input_str, "tool input")
 
 
+def injected_left_out(asked: Any, started: Any, digest: str) -> bool:
+    """Whether a started tool's `inputs` (`started`, whose `args_digest` is `digest`) are the
+    model's arguments `asked` less some keys: LangChain leaves the values of `InjectedToolArg`
+    parameters out of `inputs`, yet a tool run on the model's call as written is handed the
+    model's values for them (a ToolNode strips them first; a callback cannot tell which)."""
+    return (
+        isinstance(asked, dict)
+        and isinstance(started, dict)
+        and started.keys() < asked.keys()
+        and args_digest({key: asked[key] for key in started}) == digest
+    )
+
+
 def refusal_text(name: str, why: str) -> str:
     return (
         f"soda-guard refused to run the tool call `{name}`: {why}. "

@@ -42,6 +42,7 @@ from soda_guard.verdict import Decision
 from soda_guard.integrations._convert import (
     STATE_KEY,
     error_text,
+    injected_left_out,
     refusal_text,
     result_text,
     started_tool,
@@ -331,14 +332,33 @@ class ToolResultBlocked(SodaGuardError):
         super().__init__(f"soda-guard withheld the result of `{name}` ({decision.action.value}): {decision.why}")
 
 
+MAX_OPEN_TURNS = 16
+"""Model turns per conversation whose calls have not all started that the callback handler
+keeps; past it the oldest is dropped, and a call of it that starts later is judged on its own."""
+
+
+@dataclass
+class _Turn:
+    """A model turn that asked for tools, kept until each of its calls has started: a call is
+    judged in the conversation its turn was made in, whatever other model runs (a router, a
+    node that describes the plan, a run beside it on the same handler) the app makes before
+    its tools start."""
+
+    trajectory: Trajectory
+    turn_id: str
+    waiting: list[ToolCall]
+    """Its calls that have not started yet, each let through once."""
+    decisions: dict[CallBinding, Decision] = field(default_factory=dict)
+
+
 @dataclass
 class _Scope:
     """One conversation the handler follows: the outer one, or that of a model run inside a
-    tool (a summariser, a sub-agent), each with its own trajectory and its own turn."""
+    tool (a summariser, a sub-agent), each with its own trajectory and its own turns."""
 
     trajectory: Trajectory
     prefix: str = ""
-    turn: dict[CallBinding, Decision] = field(default_factory=dict)
+    turns: list[_Turn] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -348,6 +368,8 @@ class _ToolRun:
     """The tool run whose nested conversation the call belongs to (None: the outer one)."""
     recorded: bool
     """Whether its result joins that conversation (a call of it, or of no model turn at all)."""
+    turn: _Turn | None = None
+    """The model turn that asked for the call, whose conversation its result joins."""
 
 
 class SodaGuardCallbackHandler(BaseCallbackHandler):
@@ -387,7 +409,8 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
         self.decisions: list[Decision] = []
         self._scopes: dict[UUID, _Scope] = {}
         self._parents: dict[UUID, UUID | None] = {}
-        self._model_runs: dict[UUID, UUID | None] = {}
+        self._model_runs: dict[UUID, tuple[UUID | None, Trajectory | None]] = {}
+        """Each running model's conversation (by the tool it is nested in) and its input."""
         self._tool_runs: dict[UUID, _ToolRun] = {}
         self._lock = threading.RLock()
 
@@ -438,8 +461,11 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
     ) -> None:
         """The model's input is the conversation so far: it replaces what was accumulated in
         its own conversation (the outer one, or the one nested in the tool it runs in), so a
-        trimmed or summarised history is judged as the model saw it. A new model call ends that
-        conversation's previous turn: its decisions can no longer be used.
+        trimmed or summarised history is judged as the model saw it. Turns whose calls have not
+        all started stay: a model run between a turn and its tools (a router, a node that tells
+        the user the plan) is not that turn's conversation, and the turn's calls are judged in
+        their own. The run keeps its input, so its answer joins the conversation it was given
+        even where another model starts before it ends (a handler shared by runs).
 
         A model that starts a run of its own (no parent) while a tool of the outer conversation
         is running was started inside that tool with the app's config rather than the tool's:
@@ -452,7 +478,7 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
             if parent_run_id is None:
                 running = [tool_run for tool_run, run in self._tool_runs.items() if run.scope is None]
                 key = running[-1] if running else None
-            self._model_runs[run_id] = key
+            self._model_runs[run_id] = (key, None)
             if not messages:
                 return
             fresh = to_trajectory(messages[0])
@@ -460,15 +486,17 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
                 self._scopes[key] = _Scope(self._root.trajectory.model_copy(update={"steps": []}), prefix=f"{key}")
             scope = self._scope(key)
             scope.trajectory = scope.trajectory.model_copy(update={"steps": fresh.steps})
-            scope.turn.clear()
+            self._model_runs[run_id] = (key, scope.trajectory)
             if key is None and scope.trajectory.conversation_id is not None and self.guard.warmable():
                 # the steps as they are now: the handler appends the model's answer to its list
                 self.guard.warm_up(scope.trajectory.model_copy(update={"steps": list(fresh.steps)}))
 
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
+        """An answer with tool calls opens a turn, judged when its first call starts; a side
+        model's answer with calls of its own is a turn of its conversation too."""
         with self._lock:
             self._parents.pop(run_id, None)
-            key = self._model_runs.pop(run_id, None)
+            key, trajectory = self._model_runs.pop(run_id, (None, None))
             scope = self._scopes.get(key) if key is not None else self._root
         generations = response.generations[0] if response.generations else []
         if scope is None or not generations or not isinstance(generations[0], ChatGeneration):
@@ -478,38 +506,51 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
             step = to_step(message)
             if step is not None:
                 with self._lock:
-                    scope.trajectory.append(step)
-                    scope.turn.clear()
+                    trajectory = scope.trajectory if trajectory is None else trajectory
+                    trajectory.append(step)
+                    if isinstance(step, AssistantStep) and step.tool_calls:
+                        place = f"{scope.prefix}#{len(trajectory.steps) - 1}"
+                        scope.turns.append(_Turn(trajectory, place, list(step.tool_calls)))
+                        del scope.turns[:-MAX_OPEN_TURNS]
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         with self._lock:
             self._parents.pop(run_id, None)
             self._model_runs.pop(run_id, None)
 
-    def _turn_id(self, scope: _Scope) -> str:
-        """The latest model turn of a conversation, by its place in it as this handler saw it."""
-        steps = scope.trajectory.steps
-        place = next((f"#{i}" for i in range(len(steps) - 1, -1, -1) if isinstance(steps[i], AssistantStep)), "#none")
-        return scope.prefix + place
-
     def _binding(self, call: ToolCall, turn: str) -> CallBinding:
         return CallBinding.of(
             thread_id=self._root.trajectory.conversation_id, turn_id=turn, call_id=call.id, tool=call.name, args=call.args
         )
 
-    def _match(
-        self, key: UUID | None, own: bool, name: str, args: Any, call_id: str | None, run_id: UUID
-    ) -> tuple[ToolCall, bool]:
-        """The call as it will run (these arguments, not necessarily the model's) and whether
-        it is one of the pending calls of conversation `key` (never, unless the call was made
-        in that conversation: `own`). `tool_call_id` reaches `on_tool_start` only from
-        langchain-core 1.8.2; without it the pending call with this name and arguments is it."""
-        args = args if isinstance(args, (dict, str)) else str(args)
-        running = {run.call.id for run in self._tool_runs.values() if run.scope == key}
-        for call in self._scope(key).trajectory.pending_tool_calls() if own else []:
-            if call.name == name and (call_id is None or call.id == call_id) and call.id not in running and args_digest(call.args) == args_digest(args):
-                return call, True
-        return ToolCall(id=call_id or str(run_id), name=name, args=args), False
+    def _match(self, scope: _Scope, name: str, args: Any, call_id: str | None) -> tuple[_Turn, ToolCall] | None:
+        """The waiting call of an open turn that this run is, latest turn first, as the model
+        asked for it. `tool_call_id` reaches `on_tool_start` only from langchain-core 1.8.2;
+        without it the waiting call with this name and arguments is it."""
+        digest: str | None = None
+        for turn in reversed(scope.turns):
+            for call in turn.waiting:
+                if call.name != name or (call_id is not None and call.id != call_id):
+                    continue
+                digest = digest or args_digest(args)
+                if args_digest(call.args) == digest or injected_left_out(call.args, args, digest):
+                    return turn, call
+        return None
+
+    def _context(self, scope: _Scope, call_id: str | None) -> Trajectory:
+        """Where a call that is no waiting call is judged: in the conversation of the open turn
+        that asked for a call of this id (its arguments changed since), else the latest one."""
+        for turn in reversed(scope.turns) if call_id is not None else ():
+            if any(call.id == call_id for call in turn.waiting):
+                return turn.trajectory
+        return scope.trajectory
+
+    def _judge(self, trajectory: Trajectory, calls: list[ToolCall]) -> list[Decision]:
+        carry_out = unasked if self.raise_error else None  # it can stop a run, never wait for a person
+        decisions = self.guard.check_tool_calls(with_calls(trajectory, calls), context=trajectory, carry_out=carry_out)
+        judged = [decision for decision in decisions if decision.tool_call is not None]
+        self.decisions.extend(judged)
+        return judged
 
     def on_tool_start(
         self,
@@ -521,11 +562,16 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
         inputs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        """Each decision lets one run of its exact call through, once: it is taken out of the
-        turn when used, and a call that matches no pending call (arguments changed since the
+        """Each decision lets one run of its exact call through, once: the call leaves its turn
+        when it starts, and a call that matches no waiting call (arguments changed since the
         model asked, a reused id, a tool run outside a model turn, a tool called by a tool) is
-        judged on its own."""
+        judged on its own. A call of a turn is judged with the turn's other waiting calls, in
+        the turn's conversation, and as the model asked for it: LangChain leaves the values of
+        `InjectedToolArg` parameters out of `inputs`, though a call run as the model wrote it
+        hands the tool the model's."""
         name, args = started_tool(serialized, input_str, inputs, kwargs)
+        args = args if isinstance(args, (dict, str)) else str(args)
+        call_id = kwargs.get("tool_call_id")
         with self._lock:
             self._parents[run_id] = parent_run_id
             key = self._enclosing_tool(parent_run_id)
@@ -533,18 +579,23 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
             while key is not None and key not in self._scopes:  # no model ran in that tool
                 key = self._tool_runs[key].scope
             scope = self._scope(key)
-            call, pending = self._match(key, own, name, args, kwargs.get("tool_call_id"), run_id)
-            self._tool_runs[run_id] = _ToolRun(call, key, recorded=own)
-            turn = self._turn_id(scope)
-            binding = self._binding(call, turn)
-            if binding not in scope.turn:
-                calls = [c for c in scope.trajectory.pending_tool_calls() if self._binding(c, turn) not in scope.turn] if pending else [call]
-                carry_out = unasked if self.raise_error else None  # it can stop a run, never wait for a person
-                for decision in self.guard.check_tool_calls(with_calls(scope.trajectory, calls), context=scope.trajectory, carry_out=carry_out):
-                    if decision.tool_call is not None:
-                        scope.turn.setdefault(self._binding(decision.tool_call, turn), decision)
-                        self.decisions.append(decision)
-            decision = scope.turn.pop(binding)
+            found = self._match(scope, name, args, call_id) if own else None
+            if found is None:
+                call = ToolCall(id=call_id or str(run_id), name=name, args=args)
+                self._tool_runs[run_id] = _ToolRun(call, key, recorded=own)
+                decision = self._judge(self._context(scope, call_id) if own else scope.trajectory, [call])[0]
+            else:
+                turn, call = found
+                self._tool_runs[run_id] = _ToolRun(call, key, recorded=True, turn=turn)
+                binding = self._binding(call, turn.turn_id)
+                if binding not in turn.decisions:
+                    calls = [c for c in turn.waiting if self._binding(c, turn.turn_id) not in turn.decisions]
+                    for judged in self._judge(turn.trajectory, calls):
+                        turn.decisions.setdefault(self._binding(judged.tool_call, turn.turn_id), judged)  # type: ignore[arg-type]
+                decision = turn.decisions.pop(binding)
+                turn.waiting.remove(call)
+                if not turn.waiting:
+                    scope.turns.remove(turn)
         if self.raise_error and not decision.allowed:
             self._tool_result(run_id, refusal_text(call.name, decision.why), is_error=True)
             raise ToolCallBlocked(decision)
@@ -566,8 +617,10 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
             run = self._tool_runs.get(run_id)
             if run is None:
                 return None
+            alive = run.scope is None or run.scope in self._scopes
             # a nested conversation already over leaves the call to the one around it
-            trajectory = (self._scopes[run.scope] if run.scope in self._scopes else self._root).trajectory
+            scope = self._scopes[run.scope] if run.scope in self._scopes else self._root
+            trajectory = run.turn.trajectory if run.turn is not None and alive else scope.trajectory
         text, failed = result_text(output)
         message = ToolMessage(content=text, tool_call_id=run.call.id, name=run.call.name, status="error" if failed else "success")
         decision = self.guard.check_tool_result(with_result(trajectory, run.call, message))
@@ -595,7 +648,7 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
             if run is None or not run.recorded or (run.scope is not None and run.scope not in self._scopes):
                 return
             text, failed = result_text(output)
-            self._scope(run.scope).trajectory.append(
+            (run.turn.trajectory if run.turn is not None else self._scope(run.scope).trajectory).append(
                 ToolStep(tool_call_id=run.call.id, name=run.call.name, content=text, is_error=is_error or failed)
             )
 

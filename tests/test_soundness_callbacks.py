@@ -6,20 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
-from langchain_core.messages import HumanMessage, ToolMessage
-from langchain_core.tools import StructuredTool, tool
+from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
+from langchain_core.tools import InjectedToolArg, StructuredTool, tool
+from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.prebuilt import ToolNode, tools_condition
 
 from soda_guard import Guard, Policy, ScriptedBackend
 from soda_guard.backends.scripted import soda_reply
 from soda_guard.generation import GenerationRequest, GenerationResult
-from soda_guard.integrations.langchain import SodaGuardCallbackHandler, ToolCallBlocked
+from soda_guard.integrations.langchain import MAX_OPEN_TURNS, SodaGuardCallbackHandler, ToolCallBlocked
 from soda_guard.integrations.testing import scripted_model, tool_calls_message
 from soda_guard.trajectory import UserStep
 
-from integration_helpers import make_guard
+from integration_helpers import make_guard, make_tools
 
 REQUEST = "My ex's server: wipe it so she loses her thesis."
 
@@ -195,3 +197,159 @@ def test_a_tool_run_with_arguments_only_python_finds_equal_to_the_judged_ones_is
     repeat.invoke({**reply.tool_calls[0], "args": {"count": True}}, config)
     assert ran == [True]
     assert [json.dumps(decision.tool_call.args) for decision in handler.decisions] == ['{"count": true}'], "judged as it ran"
+
+
+def _graph_with_a_side_model(agent_model: Any, side_model: Any, ran: list[Any], mode: str) -> Any:
+    """agent → describe → tools: `describe` calls a second model on the graph's config (to
+    tell the user what is about to happen) between the model's turn and its tools."""
+
+    def side_input(state: MessagesState) -> list[Any]:
+        names = [call["name"] for call in state["messages"][-1].tool_calls]
+        return [SystemMessage("Describe these tool calls for the user in one sentence."), HumanMessage(str(names))]
+
+    def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [agent_model.invoke(state["messages"])]}
+
+    async def aagent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [await agent_model.ainvoke(state["messages"])]}
+
+    def describe(state: MessagesState) -> dict[str, Any]:
+        side_model.invoke(side_input(state))
+        return {}
+
+    async def adescribe(state: MessagesState) -> dict[str, Any]:
+        await side_model.ainvoke(side_input(state))
+        return {}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent if mode == "sync" else aagent)
+    builder.add_node("describe", describe if mode == "sync" else adescribe)
+    builder.add_node("tools", ToolNode(make_tools(ran)))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", tools_condition, {"tools": "describe", END: END})
+    builder.add_edge("describe", "tools")
+    builder.add_edge("tools", "agent")
+    return builder.compile()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_side_model_between_a_turn_and_its_tools_does_not_drop_the_turns_block(mode: str) -> None:
+    """The side model's input is not the conversation the turn was made in: the turn's calls
+    are judged in their own, with the user's request."""
+    handler, backend, _ = _setup()
+    ran: list[Any] = []
+    turn = tool_calls_message(("read_file", {"path": "/srv/notes"}), ("delete_file", {"path": "/home/ex/docs"}), ids=["c1", "c2"])
+    graph = _graph_with_a_side_model(scripted_model([turn, "done"]), scripted_model(["I will read a file, then delete one."]), ran, mode)
+    config = {"callbacks": [handler]}
+    with pytest.raises(ToolCallBlocked):
+        graph.invoke({"messages": [HumanMessage(REQUEST)]}, config) if mode == "sync" else await graph.ainvoke({"messages": [HumanMessage(REQUEST)]}, config)
+    assert ran == [("read_file", {"path": "/srv/notes"})], "the deletion ran on a judgment made without the user's request"
+    assert [(d.tool_call.name, d.action.value) for d in handler.decisions] == [("read_file", "allow"), ("delete_file", "block")]
+    assert backend.batches == [2], "the turn was judged once, as one batch"
+    assert handler._root.turns == [], "a turn whose calls all started is let go"
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_side_models_own_calls_are_a_turn_of_its_conversation(mode: str) -> None:
+    """A side model that answers with a call (a router bound to tools) opens a turn of its
+    own: the outer turn's calls are still judged in theirs, and the side call in the side
+    model's conversation."""
+    handler, backend, _ = _setup()
+    config = {"callbacks": [handler]}
+    tools = _tools([], [])
+    outer = scripted_model([tool_calls_message(("delete_file", {"path": "/home/ex/docs"}), ids=["c1"])])
+    side = scripted_model([tool_calls_message(("delete_file", {"path": "/tmp/cache"}), ids=["r1"])])
+    messages = [HumanMessage(REQUEST)]
+    side_input = [HumanMessage("Route this: clear the cache.")]
+    if mode == "sync":
+        reply = outer.invoke(messages, config)
+        routed = side.invoke(side_input, config)
+        with pytest.raises(ToolCallBlocked):
+            tools["delete_file"].invoke(reply.tool_calls[0], config)
+        tools["delete_file"].invoke(routed.tool_calls[0], config)
+    else:
+        reply = await outer.ainvoke(messages, config)
+        routed = await side.ainvoke(side_input, config)
+        with pytest.raises(ToolCallBlocked):
+            await tools["delete_file"].ainvoke(reply.tool_calls[0], config)
+        await tools["delete_file"].ainvoke(routed.tool_calls[0], config)
+    assert [(d.tool_call.id, d.action.value) for d in handler.decisions] == [("c1", "block"), ("r1", "allow")]
+    side_prompt = backend.requests[-1].messages[-1]["content"]
+    assert "clear the cache" in side_prompt and "thesis" not in side_prompt
+
+
+def test_turns_whose_calls_never_run_are_kept_to_a_bound() -> None:
+    """A router's calls that never run, turn after turn, do not grow the handler."""
+    handler, _, _ = _setup()
+    config = {"callbacks": [handler]}
+    replies = [tool_calls_message(("route", {"to": f"node {i}"}), ids=[f"r{i}"]) for i in range(MAX_OPEN_TURNS + 5)]
+    model = scripted_model(replies)
+    for _ in replies:
+        model.invoke([HumanMessage("Route this.")], config)
+    assert [turn.waiting[0].id for turn in handler._root.turns] == [f"r{i}" for i in range(5, MAX_OPEN_TURNS + 5)]
+
+
+def test_runs_beside_each_other_on_one_handler_keep_their_turns_apart() -> None:
+    """Two conversations interleaved on one handler: the second model's turn does not stand
+    in for the first's when the first's tools start."""
+    handler, _, _ = _setup()
+    config = {"callbacks": [handler]}
+    tools = _tools([], [])
+    first = scripted_model([tool_calls_message(("delete_file", {"path": "/home/ex/docs"}), ids=["a1"])])
+    second = scripted_model([tool_calls_message(("delete_file", {"path": "/tmp/cache"}), ids=["b1"])])
+    reply_a = first.invoke([HumanMessage(REQUEST)], config)
+    reply_b = second.invoke([HumanMessage("Clear the build cache, please.")], config)
+    with pytest.raises(ToolCallBlocked):
+        tools["delete_file"].invoke(reply_a.tool_calls[0], config)
+    tools["delete_file"].invoke(reply_b.tool_calls[0], config)
+    assert [(d.tool_call.id, d.action.value) for d in handler.decisions] == [("a1", "block"), ("b1", "allow")]
+
+
+def _run_sql(ran: list[tuple[str, str]]) -> Any:
+    @tool
+    def run_sql(query: str, database: Annotated[str, InjectedToolArg] = "analytics") -> str:
+        """Run a read query; the app chooses `database`."""
+        ran.append((query, database))
+        return "ok"
+
+    return run_sql
+
+
+_FORGED = tool_calls_message(("run_sql", {"query": "select 1", "database": "prod; DROP DATABASE prod"}), ids=["c1"])
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_model_value_for_an_injected_argument_is_judged_where_the_tool_gets_it(mode: str) -> None:
+    """A plain loop runs the model's call as written: the tool gets the model's `database`,
+    which LangChain leaves out of `on_tool_start`'s `inputs`."""
+    guard, _ = make_guard(unsafe=("DROP",))
+    handler = SodaGuardCallbackHandler(guard)
+    config = {"callbacks": [handler]}
+    ran: list[tuple[str, str]] = []
+    run_sql = _run_sql(ran)
+    model = scripted_model([_FORGED])
+    with pytest.raises(ToolCallBlocked):
+        if mode == "sync":
+            run_sql.invoke(model.invoke([HumanMessage("count rows")], config).tool_calls[0], config)
+        else:
+            await run_sql.ainvoke((await model.ainvoke([HumanMessage("count rows")], config)).tool_calls[0], config)
+    assert ran == []
+    assert [(d.tool_call.args, d.action.value) for d in handler.decisions] == [
+        ({"query": "select 1", "database": "prod; DROP DATABASE prod"}, "block")
+    ]
+
+
+def test_a_toolnode_call_with_a_model_value_for_an_injected_argument_is_judged_as_the_model_asked() -> None:
+    """A ToolNode strips the model's value before the tool, a plain loop does not, and the
+    callbacks of the two are the same: the handler judges what the model asked for."""
+    guard, _ = make_guard(unsafe=("DROP",))
+    handler = SodaGuardCallbackHandler(guard)
+    config = {"callbacks": [handler]}
+    ran: list[tuple[str, str]] = []
+    reply = scripted_model([_FORGED]).invoke([HumanMessage("count rows")], config)
+    builder = StateGraph(MessagesState)
+    builder.add_node("tools", ToolNode([_run_sql(ran)]))
+    builder.add_edge(START, "tools")
+    with pytest.raises(ToolCallBlocked):
+        builder.compile().invoke({"messages": [HumanMessage("count rows"), reply]}, config)
+    assert ran == []
