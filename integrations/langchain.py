@@ -376,7 +376,9 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
     """Rebuilds the trajectory from callback events of any runnable and judges each tool call
     as it starts. With `raise_error=True` (the default) a call the policy does not let run
     raises `ToolCallBlocked` before the tool body runs; with `raise_error=False` it only records
-    (`decisions`). One handler follows one conversation: use a handler per thread.
+    (`decisions`). One handler follows one conversation: use a handler per thread. A model
+    turn's calls are judged in the conversation that turn was made in, even where another model
+    runs before they start (a router, a node that describes the plan).
 
     Callbacks propagate into child runs, so a chat model that runs inside a tool (a summariser,
     a sub-agent) reaches this handler too. Parent run ids tell such a nested conversation apart:
