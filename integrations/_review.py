@@ -177,6 +177,9 @@ def parse_answer(answer: Any, records: Sequence[CallRecord], policy: Policy) -> 
             f"answer with an HITLResponse, {{\"decisions\": [...]}}, one decision per action request "
             f"({len(records)} here), not {answer!r}"
         )
+    extra = sorted(str(key) for key in answer if key != "decisions")
+    if extra:  # `{"decisions": [approve], "type": "reject"}` says two things: neither is taken
+        raise ValueError(f"an HITLResponse holds `decisions` only; it also held {extra}, which would be ignored")
     decisions = answer["decisions"]
     if not isinstance(decisions, list) or len(decisions) != len(records):
         count = len(decisions) if isinstance(decisions, list) else type(decisions).__name__

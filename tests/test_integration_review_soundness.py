@@ -112,6 +112,21 @@ async def test_an_answer_sent_to_continue_a_breakpoint_stays_refused(path: str) 
 
 
 @pytest.mark.parametrize("path", GRAPH_PATHS)
+async def test_an_answer_that_says_two_things_is_refused_not_read_as_one(path: str) -> None:
+    """`{"decisions": [approve], "type": "reject"}`: the extra key was ignored and the call ran on
+    the approval, though the reviewer's answer also says reject; it is asked again instead."""
+    guard, sink = escalating_guard()
+    ran: list[Any] = []
+    graph = graph_for(path, guard, [turn(("send_email", {"to": "a@x.org"}), ids=["e"]), "done"], ran)
+    assert (await drive(path, graph, USER))["__interrupt__"]
+    again = await drive(path, graph, Command(resume={**APPROVE, "type": "reject"}))
+    assert ran == [] and "held ['type']" in again["__interrupt__"][0].value["error"]
+    await drive(path, graph, Command(resume=APPROVE))
+    assert len(ran) == 1
+    assert [d.review.type for d in refused_answers(sink)] == ["approve"]
+
+
+@pytest.mark.parametrize("path", GRAPH_PATHS)
 async def test_an_answer_that_names_its_call_applies_to_that_call_only(path: str) -> None:
     """The question publishes each call's `tool_call_id` and `decision_id`; answers naming them
     were still paired by place: the same approval sent twice approved the next turn's unseen
