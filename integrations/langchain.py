@@ -14,8 +14,9 @@ import functools
 import importlib.util
 import inspect
 import threading
-from dataclasses import dataclass, field
+from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Generator
 from uuid import UUID
 
@@ -334,7 +335,13 @@ class ToolResultBlocked(SodaGuardError):
 
 MAX_OPEN_TURNS = 16
 """Model turns per conversation whose calls have not all started that the callback handler
-keeps; past it the oldest is dropped, and a call of it that starts later is judged on its own."""
+matches starting tools against; past it the oldest is no longer matched, and a call of it that
+starts later is judged on its own, in its turn's conversation while `RECENT_TURNS` holds it."""
+RECENT_TURNS = 256
+"""Model turns per conversation whose conversation the callback handler keeps for calls that
+no waiting call matches: a call started again (a retry after a block), one whose turn left
+`MAX_OPEN_TURNS`, one whose arguments changed. Each is judged in the conversation of the turn
+that asked for it, never in whichever model ran last (a router, another run on the handler)."""
 
 
 @dataclass
@@ -346,6 +353,7 @@ class _Turn:
 
     trajectory: Trajectory
     turn_id: str
+    calls: tuple[ToolCall, ...]
     waiting: list[ToolCall]
     """Its calls that have not started yet, each let through once."""
     decisions: dict[CallBinding, Decision] = field(default_factory=dict)
@@ -359,6 +367,8 @@ class _Scope:
     trajectory: Trajectory
     prefix: str = ""
     turns: list[_Turn] = field(default_factory=list)
+    """Turns whose calls have not all started (at most `MAX_OPEN_TURNS`)."""
+    recent: deque[_Turn] = field(default_factory=lambda: deque(maxlen=RECENT_TURNS))
 
 
 @dataclass(frozen=True)
@@ -512,8 +522,10 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
                     trajectory.append(step)
                     if isinstance(step, AssistantStep) and step.tool_calls:
                         place = f"{scope.prefix}#{len(trajectory.steps) - 1}"
-                        scope.turns.append(_Turn(trajectory, place, list(step.tool_calls)))
+                        turn = _Turn(trajectory, place, tuple(step.tool_calls), list(step.tool_calls))
+                        scope.turns.append(turn)
                         del scope.turns[:-MAX_OPEN_TURNS]
+                        scope.recent.append(turn)
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         with self._lock:
@@ -525,25 +537,35 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
             thread_id=self._root.trajectory.conversation_id, turn_id=turn, call_id=call.id, tool=call.name, args=call.args
         )
 
-    def _match(self, scope: _Scope, name: str, args: Any, call_id: str | None) -> tuple[_Turn, ToolCall] | None:
-        """The waiting call of an open turn that this run is, latest turn first, as the model
-        asked for it. `tool_call_id` reaches `on_tool_start` only from langchain-core 1.8.2;
-        without it the waiting call with this name and arguments is it."""
-        digest: str | None = None
+    @staticmethod
+    def _asked(calls: Any, name: str, args: Any, call_id: str | None, digest: str) -> list[ToolCall]:
+        """Those of `calls` that this run may be, as the model asked for them: by
+        `tool_call_id` (from langchain-core 1.8.2), else by name and arguments; LangChain leaves
+        `InjectedToolArg` values out of `inputs`, so without an id a run may be more than one."""
+        return [
+            call for call in calls
+            if call.name == name and (call_id is None or call.id == call_id)
+            and (args_digest(call.args) == digest or injected_left_out(call.args, args, digest))
+        ]
+
+    def _match(self, scope: _Scope, name: str, args: Any, call_id: str | None) -> tuple[_Turn, list[ToolCall]] | None:
+        """The waiting calls of the latest open turn that this run may be."""
+        digest = args_digest(args)
         for turn in reversed(scope.turns):
-            for call in turn.waiting:
-                if call.name != name or (call_id is not None and call.id != call_id):
-                    continue
-                digest = digest or args_digest(args)
-                if args_digest(call.args) == digest or injected_left_out(call.args, args, digest):
-                    return turn, call
+            candidates = self._asked(turn.waiting, name, args, call_id, digest)
+            if candidates:
+                return turn, candidates
         return None
 
-    def _context(self, scope: _Scope, call_id: str | None) -> Trajectory:
-        """Where a call that is no waiting call is judged: in the conversation of the open turn
-        that asked for a call of this id (its arguments changed since), else the latest one."""
-        for turn in reversed(scope.turns) if call_id is not None else ():
-            if any(call.id == call_id for call in turn.waiting):
+    def _context(self, scope: _Scope, name: str, args: Any, call_id: str | None) -> Trajectory:
+        """Where a call that is no waiting call is judged: in the conversation of the latest
+        turn that asked for a call of this id (its arguments changed since, or started again),
+        or without an id for this call, else the latest one (a tool no model turn asked for)."""
+        digest = args_digest(args)
+        for turn in reversed(scope.recent):
+            if call_id is not None and any(call.id == call_id for call in turn.calls):
+                return turn.trajectory
+            if call_id is None and self._asked(turn.calls, name, args, None, digest):
                 return turn.trajectory
         return scope.trajectory
 
@@ -585,17 +607,22 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
             if found is None:
                 call = ToolCall(id=call_id or str(run_id), name=name, args=args)
                 self._tool_runs[run_id] = _ToolRun(call, key, recorded=own)
-                decision = self._judge(self._context(scope, call_id) if own else scope.trajectory, [call])[0]
+                decision = self._judge(self._context(scope, name, args, call_id) if own else scope.trajectory, [call])[0]
             else:
-                turn, call = found
-                self._tool_runs[run_id] = _ToolRun(call, key, recorded=True, turn=turn)
-                binding = self._binding(call, turn.turn_id)
-                if binding not in turn.decisions:
+                turn, candidates = found
+                if any(self._binding(c, turn.turn_id) not in turn.decisions for c in candidates):
                     calls = [c for c in turn.waiting if self._binding(c, turn.turn_id) not in turn.decisions]
                     for judged in self._judge(turn.trajectory, calls):
                         turn.decisions.setdefault(self._binding(judged.tool_call, turn.turn_id), judged)  # type: ignore[arg-type]
-                decision = turn.decisions.pop(binding)
-                turn.waiting.remove(call)
+                # runs that more than one waiting call may be (no id, an injected value left out
+                # of `inputs`) each take the strictest of their decisions, and the least strict
+                # call leaves the turn: whichever of them starts, none runs on another's allow
+                ranked = sorted(candidates, key=lambda c: turn.decisions[self._binding(c, turn.turn_id)].allowed)
+                call, spent = ranked[0], ranked[-1]
+                decision = turn.decisions[self._binding(call, turn.turn_id)]
+                del turn.decisions[self._binding(spent, turn.turn_id)]
+                self._tool_runs[run_id] = _ToolRun(call, key, recorded=True, turn=turn)
+                turn.waiting.remove(spent)
                 if not turn.waiting:
                     scope.turns.remove(turn)
         if self.raise_error and not decision.allowed:

@@ -13,6 +13,7 @@ from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import InjectedToolArg, StructuredTool, tool
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode, tools_condition
+from langgraph.types import RetryPolicy
 
 from soda_guard import Guard, Policy, ScriptedBackend
 from soda_guard.backends.scripted import soda_reply
@@ -199,7 +200,7 @@ def test_a_tool_run_with_arguments_only_python_finds_equal_to_the_judged_ones_is
     assert [json.dumps(decision.tool_call.args) for decision in handler.decisions] == ['{"count": true}'], "judged as it ran"
 
 
-def _graph_with_a_side_model(agent_model: Any, side_model: Any, ran: list[Any], mode: str) -> Any:
+def _graph_with_a_side_model(agent_model: Any, side_model: Any, ran: list[Any], mode: str, retry: RetryPolicy | None = None) -> Any:
     """agent → describe → tools: `describe` calls a second model on the graph's config (to
     tell the user what is about to happen) between the model's turn and its tools."""
 
@@ -224,7 +225,7 @@ def _graph_with_a_side_model(agent_model: Any, side_model: Any, ran: list[Any], 
     builder = StateGraph(MessagesState)
     builder.add_node("agent", agent if mode == "sync" else aagent)
     builder.add_node("describe", describe if mode == "sync" else adescribe)
-    builder.add_node("tools", ToolNode(make_tools(ran)))
+    builder.add_node("tools", ToolNode(make_tools(ran)), retry_policy=retry)
     builder.add_edge(START, "agent")
     builder.add_conditional_edges("agent", tools_condition, {"tools": "describe", END: END})
     builder.add_edge("describe", "tools")
@@ -353,3 +354,56 @@ def test_a_toolnode_call_with_a_model_value_for_an_injected_argument_is_judged_a
     with pytest.raises(ToolCallBlocked):
         builder.compile().invoke({"messages": [HumanMessage("count rows"), reply]}, config)
     assert ran == []
+
+
+def test_a_call_started_again_after_a_block_is_judged_in_its_turns_conversation() -> None:
+    """A tools node retried after the block (LangGraph's default `RetryPolicy` retries
+    `ToolCallBlocked`): the second start of the call matched no waiting call and was judged in
+    the latest model's input, a side model's, without the user's request, and ran."""
+    handler, _, _ = _setup()
+    ran: list[Any] = []
+    turn = tool_calls_message(("delete_file", {"path": "/home/ex/docs"}), ids=["c1"])
+    retry = RetryPolicy(max_attempts=2, initial_interval=0.01)
+    graph = _graph_with_a_side_model(scripted_model([turn, "done"]), scripted_model(["I will delete a file."]), ran, "sync", retry)
+    with pytest.raises(ToolCallBlocked):
+        graph.invoke({"messages": [HumanMessage(REQUEST)]}, {"callbacks": [handler]})
+    assert ran == []
+    assert [(d.tool_call.id, d.action.value) for d in handler.decisions] == [("c1", "block"), ("c1", "block")]
+
+
+def test_a_turn_past_the_open_bound_is_judged_in_its_own_conversation() -> None:
+    """`MAX_OPEN_TURNS` router turns between the user's turn and its tool pushed that turn out,
+    and its call was judged in the router's conversation: allowed."""
+    handler, backend, _ = _setup()
+    config = {"callbacks": [handler]}
+    ran: list[str] = []
+    tools = _tools(ran, [])
+    reply = scripted_model([tool_calls_message(("delete_file", {"path": "/home/ex/docs"}), ids=["c1"])]).invoke([HumanMessage(REQUEST)], config)
+    router = scripted_model([tool_calls_message(("route", {"to": "tools"}), ids=[f"r{i}"]) for i in range(MAX_OPEN_TURNS)])
+    for _ in range(MAX_OPEN_TURNS):
+        router.invoke([HumanMessage("Pick the next node.")], config)
+    assert all(turn.calls[0].id != "c1" for turn in handler._root.turns)
+    with pytest.raises(ToolCallBlocked):
+        tools["delete_file"].invoke(reply.tool_calls[0], config)
+    assert ran == [] and "thesis" in backend.requests[-1].messages[-1]["content"]
+
+
+@pytest.mark.parametrize("order", ["listed", "reversed"])
+def test_runs_that_may_be_more_than_one_call_take_the_strictest_decision(order: str) -> None:
+    """Run by their arguments alone (no id), a forged call's start reports the same `inputs`
+    as its benign sibling's (LangChain leaves the injected value out): it took the sibling's
+    allow when it ran first. Each such start takes the strictest decision of the calls it may be
+    (the benign one is refused too: by what the callbacks say, the two cannot be told apart)."""
+    guard, _ = make_guard(unsafe=("DROP",))
+    handler = SodaGuardCallbackHandler(guard)
+    config = {"callbacks": [handler]}
+    ran: list[tuple[str, str]] = []
+    run_sql = _run_sql(ran)
+    reply = scripted_model([tool_calls_message(
+        ("run_sql", {"query": "select 1"}), ("run_sql", {"query": "select 1", "database": "prod; DROP DATABASE prod"}), ids=["y", "x"],
+    )]).invoke([HumanMessage("count rows")], config)
+    calls = reply.tool_calls if order == "listed" else reply.tool_calls[::-1]
+    for call in calls:
+        with pytest.raises(ToolCallBlocked):
+            run_sql.invoke(call["args"], config)
+    assert ("select 1", "prod; DROP DATABASE prod") not in ran and ran == []
