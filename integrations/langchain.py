@@ -340,11 +340,48 @@ starts later is judged on its own, in its turn's conversation while `RECENT_TURN
 RECENT_TURNS = 256
 """Model turns per conversation whose conversation the callback handler keeps for calls that
 no waiting call matches: a call started again (a retry after a block), one whose turn left
-`MAX_OPEN_TURNS`, one whose arguments changed. Each is judged in the conversation of the turn
-that asked for it, never in whichever model ran last (a router, another run on the handler)."""
+`MAX_OPEN_TURNS`, one whose arguments changed. Each is judged in the conversation of every
+kept turn that asked for a call of its id (or, where none did, of its name), and takes the
+strictest of those decisions: a router or side model that reused the id, or ran last, does not
+stand in for the user's turn."""
 
 
-@dataclass
+CONTEXTS = 4
+"""Kept turns at most, the latest that asked for a starting run's call, whose conversations or
+decisions a run that no single waiting call settles is decided by."""
+
+
+class _Recent:
+    """The latest `RECENT_TURNS` turns of a conversation, found by the ids and the names of
+    their calls (a lookup per tool start, not a walk over every turn)."""
+
+    def __init__(self) -> None:
+        self._turns: deque[_Turn] = deque()
+        self._by: dict[tuple[str, str], list[_Turn]] = {}
+
+    def add(self, turn: _Turn) -> None:
+        self._turns.append(turn)
+        for key in self._keys(turn):
+            self._by.setdefault(key, []).append(turn)
+        if len(self._turns) > RECENT_TURNS:
+            old = self._turns.popleft()
+            for key in self._keys(old):
+                held = self._by[key]
+                held.remove(old)
+                if not held:
+                    del self._by[key]
+
+    def asking(self, name: str, call_id: str | None) -> list[_Turn]:
+        """The turns that asked for a call of this id, else for a call of this name."""
+        by_id = self._by.get(("id", call_id), []) if call_id is not None else []
+        return list(by_id or self._by.get(("name", name), []))
+
+    @staticmethod
+    def _keys(turn: _Turn) -> set[tuple[str, str]]:
+        return {("id", call.id) for call in turn.calls} | {("name", call.name) for call in turn.calls}
+
+
+@dataclass(eq=False)
 class _Turn:
     """A model turn that asked for tools, kept until each of its calls has started: a call is
     judged in the conversation its turn was made in, whatever other model runs (a router, a
@@ -357,6 +394,9 @@ class _Turn:
     waiting: list[ToolCall]
     """Its calls that have not started yet, each let through once."""
     decisions: dict[CallBinding, Decision] = field(default_factory=dict)
+    spent: dict[CallBinding, Decision] = field(default_factory=dict)
+    """The decisions of its calls that have started: a later run of the same call (a retry)
+    takes its decision too where a newer turn that asked for that call is waiting."""
 
 
 @dataclass
@@ -368,7 +408,7 @@ class _Scope:
     prefix: str = ""
     turns: list[_Turn] = field(default_factory=list)
     """Turns whose calls have not all started (at most `MAX_OPEN_TURNS`)."""
-    recent: deque[_Turn] = field(default_factory=lambda: deque(maxlen=RECENT_TURNS))
+    recent: _Recent = field(default_factory=_Recent)
 
 
 @dataclass(frozen=True)
@@ -525,7 +565,7 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
                         turn = _Turn(trajectory, place, tuple(step.tool_calls), list(step.tool_calls))
                         scope.turns.append(turn)
                         del scope.turns[:-MAX_OPEN_TURNS]
-                        scope.recent.append(turn)
+                        scope.recent.add(turn)
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         with self._lock:
@@ -548,26 +588,47 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
             and (args_digest(call.args) == digest or injected_left_out(call.args, args, digest))
         ]
 
-    def _match(self, scope: _Scope, name: str, args: Any, call_id: str | None) -> tuple[_Turn, list[ToolCall]] | None:
-        """The waiting calls of the latest open turn that this run may be."""
-        digest = args_digest(args)
-        for turn in reversed(scope.turns):
-            candidates = self._asked(turn.waiting, name, args, call_id, digest)
-            if candidates:
-                return turn, candidates
-        return None
+    def _decide(
+        self, scope: _Scope, own: bool, name: str, args: Any, call_id: str | None, run_id: UUID
+    ) -> tuple[Decision, ToolCall, _Turn | None]:
+        """The decision a starting run takes, the call it is recorded as, and its turn.
 
-    def _context(self, scope: _Scope, name: str, args: Any, call_id: str | None) -> Trajectory:
-        """Where a call that is no waiting call is judged: in the conversation of the latest
-        turn that asked for a call of this id (its arguments changed since, or started again),
-        or without an id for this call, else the latest one (a tool no model turn asked for)."""
+        A run that waiting calls of open turns may be takes the strictest of their decisions
+        (each judged with its turn's other waiting calls, in its turn's conversation; a side
+        model that asked for the same call is one more of them, and a run that may be more
+        than one call never runs on another's allow) and of the latest `CONTEXTS` turns whose
+        same call started already (a retry), and the least strict waiting call leaves its turn.
+        Any other run of its own conversation (started again after a block, its arguments
+        changed, its turn no longer open) is judged alone in the conversations of the latest
+        `CONTEXTS` kept turns that asked for a call of its id (else of its name), those that
+        asked for exactly this call if any, and takes the strictest. A run no turn asked for (a
+        tool called by a tool, by the app) is judged alone in the conversation as it stands."""
+        started = ToolCall(id=call_id or str(run_id), name=name, args=args)
+        if not own:
+            return self._judge(scope.trajectory, [started])[0], started, None
         digest = args_digest(args)
-        for turn in reversed(scope.recent):
-            if call_id is not None and any(call.id == call_id for call in turn.calls):
-                return turn.trajectory
-            if call_id is None and self._asked(turn.calls, name, args, None, digest):
-                return turn.trajectory
-        return scope.trajectory
+        waiting = [(turn, call) for turn in scope.turns for call in self._asked(turn.waiting, name, args, call_id, digest)]
+        for turn in dict.fromkeys(turn for turn, call in waiting if self._binding(call, turn.turn_id) not in turn.decisions):
+            unjudged = [c for c in turn.waiting if self._binding(c, turn.turn_id) not in turn.decisions]
+            for made in self._judge(turn.trajectory, unjudged):
+                turn.decisions.setdefault(self._binding(made.tool_call, turn.turn_id), made)  # type: ignore[arg-type]
+        nearby = scope.recent.asking(name, call_id)[-CONTEXTS:]
+        exact = [(turn, self._asked(turn.calls, name, args, call_id, digest)) for turn in nearby]
+        exact = [(turn, calls) for turn, calls in exact if calls]
+        if waiting:
+            ranked = sorted(waiting, key=lambda pair: pair[0].decisions[self._binding(pair[1], pair[0].turn_id)].allowed)
+            (turn, call), (spent_turn, spent) = ranked[0], ranked[-1]
+            made = [turn.decisions[self._binding(call, turn.turn_id)]]
+            made += [t.spent[b] for t, calls in exact for c in calls if (b := self._binding(c, t.turn_id)) in t.spent]
+            binding = self._binding(spent, spent_turn.turn_id)
+            spent_turn.spent[binding] = spent_turn.decisions.pop(binding)
+            spent_turn.waiting.remove(spent)
+            if not spent_turn.waiting:
+                scope.turns.remove(spent_turn)
+            return min(made, key=lambda decision: decision.allowed), spent, spent_turn
+        contexts = [turn.trajectory for turn, _ in exact] or [turn.trajectory for turn in nearby] or [scope.trajectory]
+        decisions = [self._judge(trajectory, [started])[0] for trajectory in contexts]
+        return min(decisions, key=lambda made: made.allowed), started, None
 
     def _judge(self, trajectory: Trajectory, calls: list[ToolCall]) -> list[Decision]:
         carry_out = unasked if self.raise_error else None  # it can stop a run, never wait for a person
@@ -603,28 +664,8 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
             while key is not None and key not in self._scopes:  # no model ran in that tool
                 key = self._tool_runs[key].scope
             scope = self._scope(key)
-            found = self._match(scope, name, args, call_id) if own else None
-            if found is None:
-                call = ToolCall(id=call_id or str(run_id), name=name, args=args)
-                self._tool_runs[run_id] = _ToolRun(call, key, recorded=own)
-                decision = self._judge(self._context(scope, name, args, call_id) if own else scope.trajectory, [call])[0]
-            else:
-                turn, candidates = found
-                if any(self._binding(c, turn.turn_id) not in turn.decisions for c in candidates):
-                    calls = [c for c in turn.waiting if self._binding(c, turn.turn_id) not in turn.decisions]
-                    for judged in self._judge(turn.trajectory, calls):
-                        turn.decisions.setdefault(self._binding(judged.tool_call, turn.turn_id), judged)  # type: ignore[arg-type]
-                # runs that more than one waiting call may be (no id, an injected value left out
-                # of `inputs`) each take the strictest of their decisions, and the least strict
-                # call leaves the turn: whichever of them starts, none runs on another's allow
-                ranked = sorted(candidates, key=lambda c: turn.decisions[self._binding(c, turn.turn_id)].allowed)
-                call, spent = ranked[0], ranked[-1]
-                decision = turn.decisions[self._binding(call, turn.turn_id)]
-                del turn.decisions[self._binding(spent, turn.turn_id)]
-                self._tool_runs[run_id] = _ToolRun(call, key, recorded=True, turn=turn)
-                turn.waiting.remove(spent)
-                if not turn.waiting:
-                    scope.turns.remove(turn)
+            decision, call, turn = self._decide(scope, own, name, args, call_id, run_id)
+            self._tool_runs[run_id] = _ToolRun(call, key, recorded=own, turn=turn)
         if self.raise_error and not decision.allowed:
             self._tool_result(run_id, refusal_text(call.name, decision.why), is_error=True)
             raise ToolCallBlocked(decision)

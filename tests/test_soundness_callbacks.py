@@ -407,3 +407,64 @@ def test_runs_that_may_be_more_than_one_call_take_the_strictest_decision(order: 
         with pytest.raises(ToolCallBlocked):
             run_sql.invoke(call["args"], config)
     assert ("select 1", "prod; DROP DATABASE prod") not in ran and ran == []
+
+
+_DELETE = ("delete_file", {"path": "/home/ex/docs"})
+_SIDE_TURNS: dict[str, tuple[Any, str]] = {
+    # what a side model (a planner bound to the same tools, ids numbered per turn) asked for
+    "its own call under the same id": (("route", {"to": "tools"}), "c1"),
+    "the same call under the same id": (_DELETE, "c1"),
+    "the same call under its own id": (_DELETE, "s1"),
+}
+
+
+@pytest.mark.parametrize("side", list(_SIDE_TURNS))
+@pytest.mark.parametrize("by", ["call", "arguments"])
+@pytest.mark.parametrize("retry", ["first start", "started again"])
+def test_a_side_turn_that_asked_for_the_same_call_or_id_does_not_decide_for_the_users(side: str, by: str, retry: str) -> None:
+    """A side model's turn after the user's (or between a block and its retry) asked for the
+    same call, or for another under the same id: the run was matched to the newest turn, or
+    judged in its conversation, without the user's request, and the deletion ran."""
+    handler, _, ran = _setup()
+    config = {"callbacks": [handler]}
+    tools = _tools(ran, [])
+    call = scripted_model([tool_calls_message(_DELETE, ids=["c1"])]).invoke([HumanMessage(REQUEST)], config).tool_calls[0]
+    run = call if by == "call" else call["args"]
+    if retry == "started again":
+        with pytest.raises(ToolCallBlocked):
+            tools["delete_file"].invoke(run, config)
+    asked, call_id = _SIDE_TURNS[side]
+    scripted_model([tool_calls_message(asked, ids=[call_id])]).invoke(
+        [SystemMessage("Describe the plan for the user."), HumanMessage("delete_file")], config
+    )
+    with pytest.raises(ToolCallBlocked):
+        tools["delete_file"].invoke(run, config)
+    assert ran == []
+
+
+def test_a_forged_injected_value_takes_no_allow_from_a_side_turns_benign_call() -> None:
+    """Run by its arguments, the user's turn's forged call starts as the benign call a later
+    side turn asked for (LangChain leaves the injected value out): it took that allow."""
+    guard, _ = make_guard(unsafe=("DROP",))
+    handler = SodaGuardCallbackHandler(guard)
+    config = {"callbacks": [handler]}
+    ran: list[tuple[str, str]] = []
+    run_sql = _run_sql(ran)
+    reply = scripted_model([_FORGED]).invoke([HumanMessage("count rows")], config)
+    scripted_model([tool_calls_message(("run_sql", {"query": "select 1"}), ids=["s"])]).invoke([SystemMessage("Plan a check query.")], config)
+    with pytest.raises(ToolCallBlocked):
+        run_sql.invoke(reply.tool_calls[0]["args"], config)
+    assert ran == []
+
+
+def test_a_run_whose_arguments_no_turn_asked_for_is_judged_in_the_turns_that_asked_for_its_tool() -> None:
+    """Without an id and with arguments changed, a run matched no turn and was judged in the
+    latest model's input: a side model's, without the user's request."""
+    handler, _, ran = _setup()
+    config = {"callbacks": [handler]}
+    tools = _tools(ran, [])
+    scripted_model([tool_calls_message(_DELETE, ids=["c1"])]).invoke([HumanMessage(REQUEST)], config)
+    scripted_model([tool_calls_message(("route", {"to": "tools"}), ids=["s1"])]).invoke([HumanMessage("Pick the next node.")], config)
+    with pytest.raises(ToolCallBlocked):
+        tools["delete_file"].invoke({"path": "/home/ex/docs/"}, config)
+    assert ran == []
