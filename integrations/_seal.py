@@ -43,14 +43,18 @@ class NestedCallStopped(SodaGuardError):
         super().__init__(f"soda-guard stopped `{name}`, run inside `{outer}` ({decision.action.value}): {decision.why}")
 
 
-class _Nested(BaseCallbackHandler):
-    """Judges each tool run that starts inside the sealed tool's run (the sealed run itself
-    excepted). `raise_error` makes LangChain raise the refusal where the nested tool starts,
-    before its body; LangChain runs this sync handler off the event loop on async paths."""
+class _ToolRunsOnly:
+    """What the seal's handlers share: `raise_error` makes LangChain raise a refusal where the
+    nested tool starts, before its body, and only tool runs are dispatched to them (their
+    events go by `ignore_agent`)."""
 
     raise_error = True
-    # only tool runs are read here (their events go by `ignore_agent`): nothing else is dispatched
     ignore_llm = ignore_retry = ignore_retriever = ignore_chat_model = ignore_custom_event = ignore_chain = True
+
+
+class _Nested(_ToolRunsOnly, BaseCallbackHandler):
+    """Judges each tool run that starts inside the sealed tool's run (the sealed run itself
+    excepted). LangChain runs this sync handler off the event loop on async paths."""
 
     def __init__(self, outer_run: uuid.UUID, outer: str, check: Check, sealed: Callable[[str, Any], bool]) -> None:
         self.outer_run = outer_run
@@ -90,7 +94,7 @@ class _Nested(BaseCallbackHandler):
             self.decided(self.check(call))
 
 
-class _Gate(AsyncCallbackHandler):
+class _Gate(_ToolRunsOnly, AsyncCallbackHandler):
     """The sealed run's own handler on the async path, in place of `_Nested` (which its
     children still inherit): LangChain awaits an inline async handler in the caller's task,
     where it runs a sync one on an executor thread, two thread hops for every tool call. It
@@ -100,9 +104,7 @@ class _Gate(AsyncCallbackHandler):
     after the event, and only logs what it raises: on any loop but the sealed run's,
     `_SyncGate` judges and this passes (only the sealed run's loop writes `passed`)."""
 
-    raise_error = True
     run_inline = True
-    ignore_llm = ignore_retry = ignore_retriever = ignore_chat_model = ignore_custom_event = ignore_chain = True
 
     def __init__(self, nested: _Nested, acheck: Callable[[ToolCall], Any]) -> None:
         self.nested = nested
@@ -130,16 +132,14 @@ class _Gate(AsyncCallbackHandler):
         self.passed = serialized
 
 
-class _SyncGate(BaseCallbackHandler):
+class _SyncGate(_ToolRunsOnly, BaseCallbackHandler):
     """`_Gate`'s twin among the sealed run's own handlers, for a sync callback manager built
     from the config the tool's body was handed (a sync `invoke` of another tool, on the loop
     or on a thread): it judges there and raises before the nested tool's body starts, which
     `_Gate`'s coroutine cannot. On the async manager it runs inline right after `_Gate`, with
     no await between, and passes the event `_Gate` judged (a constant cost per event)."""
 
-    raise_error = True
     run_inline = True
-    ignore_llm = ignore_retry = ignore_retriever = ignore_chat_model = ignore_custom_event = ignore_chain = True
 
     def __init__(self, gate: _Gate) -> None:
         self.gate = gate
