@@ -340,12 +340,10 @@ starts later is judged on its own, in its turn's conversation while `RECENT_TURN
 RECENT_TURNS = 256
 """Model turns per conversation whose conversation the callback handler keeps for calls that
 no waiting call matches: a call started again (a retry after a block), one whose turn left
-`MAX_OPEN_TURNS`, one whose arguments changed. Each is judged in the conversation of every
-kept turn that asked for a call of its id (or, where none did, of its name), and takes the
-strictest of those decisions: a router or side model that reused the id, or ran last, does not
-stand in for the user's turn."""
-
-
+`MAX_OPEN_TURNS`, one whose arguments changed. Each is judged in the conversations of the
+latest `CONTEXTS` kept turns that asked for it (`_decide`), and takes the strictest of those
+decisions: a router or side model that reused the id, or ran last, does not stand in for the
+user's turn."""
 CONTEXTS = 4
 """Kept turns at most, the latest that asked for a starting run's call, whose conversations or
 decisions a run that no single waiting call settles is decided by."""
@@ -372,9 +370,9 @@ class _Recent:
                     del self._by[key]
 
     def asking(self, name: str, call_id: str | None) -> list[_Turn]:
-        """The turns that asked for a call of this id, else for a call of this name."""
+        """The latest `CONTEXTS` turns that asked for a call of this id, else of this name."""
         by_id = self._by.get(("id", call_id), []) if call_id is not None else []
-        return list(by_id or self._by.get(("name", name), []))
+        return (by_id or self._by.get(("name", name), []))[-CONTEXTS:]
 
     @staticmethod
     def _keys(turn: _Turn) -> set[tuple[str, str]]:
@@ -397,6 +395,8 @@ class _Turn:
     spent: dict[CallBinding, Decision] = field(default_factory=dict)
     """The decisions of its calls that have started: a later run of the same call (a retry)
     takes its decision too where a newer turn that asked for that call is waiting."""
+    keys: dict[int, CallBinding] = field(default_factory=dict)
+    """Each of its calls' binding (by the call's identity), made once: it digests the arguments."""
 
 
 @dataclass
@@ -572,6 +572,13 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
             self._parents.pop(run_id, None)
             self._model_runs.pop(run_id, None)
 
+    def _key(self, turn: _Turn, call: ToolCall) -> CallBinding:
+        """`call`'s binding in `turn` (one of its calls), made once per call."""
+        key = turn.keys.get(id(call))
+        if key is None:
+            key = turn.keys[id(call)] = self._binding(call, turn.turn_id)
+        return key
+
     def _binding(self, call: ToolCall, turn: str) -> CallBinding:
         return CallBinding.of(
             thread_id=self._root.trajectory.conversation_id, turn_id=turn, call_id=call.id, tool=call.name, args=call.args
@@ -608,19 +615,19 @@ class SodaGuardCallbackHandler(BaseCallbackHandler):
             return self._judge(scope.trajectory, [started])[0], started, None
         digest = args_digest(args)
         waiting = [(turn, call) for turn in scope.turns for call in self._asked(turn.waiting, name, args, call_id, digest)]
-        for turn in dict.fromkeys(turn for turn, call in waiting if self._binding(call, turn.turn_id) not in turn.decisions):
-            unjudged = [c for c in turn.waiting if self._binding(c, turn.turn_id) not in turn.decisions]
+        for turn in dict.fromkeys(turn for turn, call in waiting if self._key(turn, call) not in turn.decisions):
+            unjudged = [c for c in turn.waiting if self._key(turn, c) not in turn.decisions]
             for made in self._judge(turn.trajectory, unjudged):
                 turn.decisions.setdefault(self._binding(made.tool_call, turn.turn_id), made)  # type: ignore[arg-type]
-        nearby = scope.recent.asking(name, call_id)[-CONTEXTS:]
+        nearby = scope.recent.asking(name, call_id)
         exact = [(turn, self._asked(turn.calls, name, args, call_id, digest)) for turn in nearby]
         exact = [(turn, calls) for turn, calls in exact if calls]
         if waiting:
-            ranked = sorted(waiting, key=lambda pair: pair[0].decisions[self._binding(pair[1], pair[0].turn_id)].allowed)
+            ranked = sorted(waiting, key=lambda pair: pair[0].decisions[self._key(*pair)].allowed)
             (turn, call), (spent_turn, spent) = ranked[0], ranked[-1]
-            made = [turn.decisions[self._binding(call, turn.turn_id)]]
-            made += [t.spent[b] for t, calls in exact for c in calls if (b := self._binding(c, t.turn_id)) in t.spent]
-            binding = self._binding(spent, spent_turn.turn_id)
+            made = [turn.decisions[self._key(turn, call)]]
+            made += [t.spent[b] for t, calls in exact for c in calls if (b := self._key(t, c)) in t.spent]
+            binding = self._key(spent_turn, spent)
             spent_turn.spent[binding] = spent_turn.decisions.pop(binding)
             spent_turn.waiting.remove(spent)
             if not spent_turn.waiting:
